@@ -1,0 +1,70 @@
+#pragma once
+/// \file detail/parallel.hpp
+/// The only place in moet with `#pragma omp`. Every parallel loop splits its work into tasks
+/// whose boundaries do not depend on the thread count, so results are bit-identical for any
+/// number of threads. Inside a region each thread limits its own nested thread count to 1, so
+/// Eigen products called from a task never start threads of their own.
+///
+/// Task bodies must not throw: check arguments before the region, collect failures in flags.
+
+#include <algorithm>
+
+#include "moet/config.hpp"
+#include "moet/tensor.hpp"
+
+namespace moet::detail {
+
+/// The calling thread's id inside a moet parallel region (0 outside one).
+inline int thread_id() {
+#if MOET_HAS_OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+/// Upper bound on `thread_id() + 1` for the next region: size per-thread scratch with it.
+inline int max_threads() { return num_threads(); }
+
+/// Calls `task(i)` for every `i` in `[0, num_tasks)`, spread dynamically over the threads.
+/// Tasks run in parallel only when there are at least two of them.
+template <class Task>
+void parallel_for(Index num_tasks, Task&& task) {
+  if (num_tasks <= 0) return;
+#if MOET_HAS_OPENMP
+  if (num_tasks > 1 && omp_get_max_threads() > 1 && !omp_in_parallel()) {
+#pragma omp parallel
+    {
+      omp_set_num_threads(1);  // this thread's nested regions (Eigen's) stay serial
+#pragma omp for schedule(dynamic, 1)
+      for (Index i = 0; i < num_tasks; ++i) task(i);
+    }
+    return;
+  }
+  // Serial: still inside a one-thread region so that Eigen sees a single thread.
+  if (!omp_in_parallel()) {
+#pragma omp parallel num_threads(1)
+    {
+      omp_set_num_threads(1);
+      for (Index i = 0; i < num_tasks; ++i) task(i);
+    }
+    return;
+  }
+#endif
+  for (Index i = 0; i < num_tasks; ++i) task(i);
+}
+
+/// Splits `[0, n)` into blocks of `block` items (the last one shorter) and calls
+/// `body(begin, end)` for each block in parallel. The split depends only on `n` and `block`.
+template <class Body>
+void parallel_blocks(Index n, Index block, Body&& body) {
+  if (n <= 0) return;
+  block = std::max<Index>(block, 1);
+  const Index num_blocks = (n + block - 1) / block;
+  parallel_for(num_blocks, [&](Index b) {
+    const Index begin = b * block;
+    body(begin, std::min(n, begin + block));
+  });
+}
+
+}  // namespace moet::detail

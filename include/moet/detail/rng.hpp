@@ -32,7 +32,8 @@ inline double uniform01(std::uint64_t bits) {
 
 /// Uniform integer in [0, n) (Lemire's multiply-shift; bias below 2^-32 for n < 2^32).
 inline std::uint64_t uniform_below(std::uint64_t bits, std::uint64_t n) {
-  return static_cast<std::uint64_t>((static_cast<unsigned __int128>(bits) * n) >> 64);
+  __extension__ using Wide = unsigned __int128;  // GCC/Clang extension: silences -Wpedantic
+  return static_cast<std::uint64_t>((static_cast<Wide>(bits) * n) >> 64);
 }
 
 /// Standard normal from a key (Box-Muller on two derived uniforms).

@@ -1,0 +1,163 @@
+#pragma once
+/// \file gates/top_p.hpp
+/// `TopPGate`: top-p (nucleus) routing, "Harder Tasks Need More Experts" (Huang et al., ACL
+/// 2024, arXiv 2403.07652).
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "moet/context.hpp"
+#include "moet/detail/parallel.hpp"
+#include "moet/detail/select.hpp"
+#include "moet/detail/softmax_router.hpp"
+#include "moet/errors.hpp"
+#include "moet/routing.hpp"
+#include "moet/tensor.hpp"
+
+namespace moet {
+
+namespace detail {
+
+/// How many experts top-p keeps, given the `n` probabilities `values` and their descending
+/// order `order` (ids, best first): sorted position `j` (0-based) is kept iff the inclusive
+/// cumulative sum of the sorted values up to position `j - 1` is `<= p` (`inclusive = false`,
+/// the original's strict `c > p` stop) or `< p` (`inclusive = true`, the `c >= p` variant),
+/// the empty prefix summing to 0; so the expert that crosses `p` is kept, and so is the first
+/// expert. When no prefix passes `p`, all `n` are kept. The cumulative sum runs sequentially in
+/// `S`, so rounding decides the boundary cases exactly as a sequential float32 `cumsum` does.
+template <class S>
+Index top_p_count(const S* values, const std::int32_t* order, Index n, S p, bool inclusive) {
+  S cumsum = S(0);
+  for (Index j = 0; j < n; ++j) {
+    const bool stop = inclusive ? !(cumsum < p) : cumsum > p;
+    if (stop) return j;
+    cumsum += values[order[j]];
+  }
+  return n;
+}
+
+}  // namespace detail
+
+/// Top-p routing: each token takes the most probable experts until their cumulative
+/// probability exceeds `p` (Huang et al. 2024, "Harder Tasks Need More Experts: Dynamic Routing
+/// in MoE Models"; the original `top_p_sampling_batched_all_sequence` applied to `P`).
+///
+/// `P = softmax(x W_r)` in `S` (fp32 for float); the experts are sorted by descending `P` (ties
+/// to the lower id) and sorted position `j` is kept iff the cumulative sum `c_{j-1} <= p`
+/// (`c_0 = 0`; strict variant, the original's `cumsum > p`), or `c_{j-1} < p` with
+/// `inclusive = true` (the `>=` variant of some write-ups). The expert that crosses `p` is
+/// included; if no prefix exceeds `p`, every expert is kept. The cumulative sum and the
+/// comparison run in `S` against `p` rounded to `S`, so fp32 edge cases match the original:
+/// `P = [0.4, 0.4, 0.2]` with `p = 0.4` keeps 2 experts (`0.4f > 0.4f` is false); a uniform `P`
+/// keeps `ceil(p E)` experts except where `p E` is (in floating point) an integer, where the
+/// strict rule keeps one more; and `p = 1` keeps every expert unless the fp32 cumulative sum
+/// overshoots 1 before the last one (the fp32 softmax of `log [0.5, 0.3, 0.2]` and a very
+/// negative logit is `[0.50000006, 0.3, 0.20000002, 0]`, whose sum passes 1 after three experts,
+/// so 3 are kept).
+///
+/// Weights are the raw `P_e` (not renormalised), as in the original combine. There is no
+/// capacity and no dropping; `max_k` (an extension, off by default) caps the experts per token
+/// after the top-p rule. `p` must lie in `(0, 1]`: the original's `p = 0` (which means top-1)
+/// is rejected as a likely mistake; use `TopKGate` with `k = 1`.
+///
+/// \tparam S scalar of the router, the probabilities and the combine weights.
+///
+/// ```cpp
+/// moet::TopPGate<float> gate({.model_dim = 512, .num_experts = 16, .p = 0.4});
+/// ```
+template <class S>
+class TopPGate {
+ public:
+  using Scalar = S;
+
+  /// Construction options (validated by the constructor).
+  struct Options {
+    /// Columns of `x`; >= 1.
+    Index model_dim = 0;
+    /// Number of experts `E`; >= 1.
+    Index num_experts = 0;
+    /// Cumulative-probability threshold, in `(0, 1]`; 0.4 is the original's default.
+    double p = 0.4;
+    /// Stop at `c >= p` instead of the original's `c > p`.
+    bool inclusive = false;
+    /// At most this many experts per token; 0 = no cap (the original), else in
+    /// `[1, num_experts]`.
+    Index max_k = 0;
+    /// Seed of the router initialisation.
+    std::uint64_t init_seed = 0;
+  };
+
+  /// Validates `options` (throws `Error`) and initialises `W_r` normal with standard deviation
+  /// `1 / sqrt(model_dim)` from `init_seed`.
+  explicit TopPGate(const Options& options)
+      : options_(validated(options)),
+        router_(options_.model_dim, options_.num_experts, options_.init_seed) {}
+
+  Index num_experts() const { return options_.num_experts; }
+  Index model_dim() const { return options_.model_dim; }
+  const Options& options() const { return options_; }
+  /// Router weights `W_r` `(model_dim, num_experts)`.
+  const RowMatrix<S>& router() const { return router_.weights(); }
+  RowMatrix<S>& router() { return router_.weights(); }
+
+  /// Routes the rows of `x` `(num_tokens, model_dim)` into `out`. Throws `Error` when `x` has
+  /// the wrong width or a NaN/Inf, or when a router logit is not finite.
+  void route(const ConstRows<S>& x, const RouteContext& ctx, Routing<S>& out) const {
+    static_cast<void>(ctx);  // top-p uses no context
+    detail::check_gate_input(kOp, x, options_.model_dim);
+    const Index num_tokens = x.rows();
+    const Index num_experts = options_.num_experts;
+    // Per-token sort order (num_tokens, num_experts), sized before the parallel regions.
+    std::int32_t* order = out.scratch_ids.data(num_tokens * num_experts);
+    const auto probs = router_.probabilities(kOp, x, out);  // (num_tokens, num_experts)
+    if (num_tokens == 0) return;
+
+    const auto p = static_cast<S>(options_.p);
+    const Index max_k = options_.max_k == 0 ? num_experts : options_.max_k;
+    const auto counts = out.counts();
+    detail::parallel_blocks(num_tokens, detail::kGateTokenBlock, [&](Index begin, Index end) {
+      for (Index t = begin; t < end; ++t) {
+        const S* row = probs.data() + t * num_experts;
+        std::int32_t* row_order = order + t * num_experts;
+        detail::sort_descending(row, num_experts, row_order);
+        const Index kept = detail::top_p_count(row, row_order, num_experts, p, options_.inclusive);
+        counts[static_cast<std::size_t>(t)] = std::min(kept, max_k);
+      }
+    });
+    out.commit_counts();
+    detail::parallel_blocks(num_tokens, detail::kGateTokenBlock, [&](Index begin, Index end) {
+      for (Index t = begin; t < end; ++t) {
+        const S* row = probs.data() + t * num_experts;
+        const std::int32_t* row_order = order + t * num_experts;
+        const auto experts = out.experts(t);
+        const auto weights = out.weights(t);
+        for (std::size_t j = 0; j < experts.size(); ++j) {
+          experts[j] = row_order[j];
+          weights[j] = row[row_order[j]];
+        }
+      }
+    });
+  }
+
+ private:
+  static constexpr const char* kOp = "TopPGate";
+
+  static Options validated(const Options& o) {
+    detail::require(o.model_dim >= 1, kOp, "model_dim must be >= 1, got ", o.model_dim);
+    detail::require(o.num_experts >= 1, kOp, "num_experts must be >= 1, got ", o.num_experts);
+    detail::require(o.num_experts <= std::numeric_limits<std::int32_t>::max(), kOp,
+                    "num_experts must fit in int32, got ", o.num_experts);
+    detail::require(o.p > 0.0 && o.p <= 1.0, kOp, "p must be in (0, 1], got ", o.p);
+    detail::require(o.max_k >= 0 && o.max_k <= o.num_experts, kOp,
+                    "max_k must be 0 (no cap) or in [1, num_experts = ", o.num_experts, "], got ",
+                    o.max_k);
+    return o;
+  }
+
+  Options options_;
+  detail::SoftmaxRouter<S> router_;
+};
+
+}  // namespace moet

@@ -1,11 +1,30 @@
 #pragma once
 /// \file moet.hpp
 /// The umbrella header: everything a user of moet needs.
+///
+/// ```cpp
+/// #include <moet/moet.hpp>
+/// moet::MoELayer layer(moet::TopPGate<float>({.model_dim = 512, .num_experts = 16, .p = 0.4}),
+///                      moet::SwiGluExperts<float>({.model_dim = 512, .hidden_dim = 1024,
+///                                                  .num_experts = 16}));
+/// moet::RowMatrix<float> y = layer.forward(x);  // x: (num_tokens, 512)
+/// ```
 
 #include "moet/concepts.hpp"
 #include "moet/config.hpp"
 #include "moet/context.hpp"
+#include "moet/dispatch/grouped.hpp"
+#include "moet/dispatch/reference.hpp"
 #include "moet/errors.hpp"
+#include "moet/experts/activations.hpp"
+#include "moet/experts/ffn.hpp"
+#include "moet/experts/glu.hpp"
+#include "moet/gates/importance.hpp"
+#include "moet/gates/stochastic.hpp"
+#include "moet/gates/top_any.hpp"
+#include "moet/gates/top_k.hpp"
+#include "moet/gates/top_p.hpp"
+#include "moet/layer.hpp"
 #include "moet/routing.hpp"
 #include "moet/stats.hpp"
 #include "moet/tensor.hpp"

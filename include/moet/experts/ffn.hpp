@@ -1,0 +1,205 @@
+#pragma once
+/// \file experts/ffn.hpp
+/// `FfnExperts`: a bank of classic two-layer feed-forward experts with biases (the Transformer
+/// FFN of fairseq, GShard, Switch and THOR).
+
+#include <cstdint>
+
+#include "moet/detail/buffer.hpp"
+#include "moet/detail/gather_scatter.hpp"
+#include "moet/detail/rng.hpp"
+#include "moet/errors.hpp"
+#include "moet/experts/activations.hpp"
+#include "moet/tensor.hpp"
+
+namespace moet {
+
+/// A bank of `num_experts` two-layer feed-forward experts:
+/// ```
+/// E_e(x) = Act(x W1_e + b1_e) W2_e + b2_e
+/// ```
+/// with `W1_e` `(model_dim, hidden_dim)`, `b1_e` `(hidden_dim)`, `W2_e` `(hidden_dim, model_dim)`
+/// and `b2_e` `(model_dim)`. This is fairseq's `TransformerEncoderLayer` FFN that THOR's
+/// experts use (`fc1`, activation, `fc2`, both with bias). `Options::bias = false` drops the
+/// biases (Switch Transformer's experts).
+///
+/// Weights are stacked, one contiguous row-major matrix per kind: `W1` `(num_experts *
+/// model_dim, hidden_dim)`, `W2` `(num_experts * hidden_dim, model_dim)`, `b1`
+/// `(num_experts, hidden_dim)`, `b2` `(num_experts, model_dim)`; `in_weights(e)`, `in_bias(e)`,
+/// `out_weights(e)` and `out_bias(e)` are expert `e`'s views.
+///
+/// Initialisation (deterministic in `Options::init_seed`): weights normal with standard
+/// deviation `1 / sqrt(fan_in)` (`model_dim` for `W1`, `hidden_dim` for `W2`), biases 0 (as
+/// fairseq initialises `nn.Linear` biases in its Transformer).
+///
+/// `forward` is `const` and keeps its intermediates in the caller's `Scratch`; a warmed-up
+/// scratch does not allocate again (Eigen's product may still heap-allocate packing buffers
+/// for large blocks, see `GluExperts`).
+///
+/// \tparam S scalar type (float or double).
+/// \tparam Act hidden activation policy (see activations.hpp); `Gelu` by default (THOR).
+///
+/// ```cpp
+/// moet::FfnExperts<float> experts({.model_dim = 512, .hidden_dim = 2048, .num_experts = 4});
+/// ```
+template <class S, class Act = Gelu>
+class FfnExperts {
+ public:
+  using Scalar = S;
+  using Activation = Act;
+  /// A bias row viewed in place.
+  using BiasMap = Eigen::Map<Eigen::Matrix<S, 1, Eigen::Dynamic>>;
+  /// A bias row viewed in place, read-only.
+  using ConstBiasMap = Eigen::Map<const Eigen::Matrix<S, 1, Eigen::Dynamic>>;
+
+  /// Construction options.
+  struct Options {
+    /// Width of a token, `d` (>= 1).
+    Index model_dim = 0;
+    /// Width of the hidden layer, `f` (>= 1).
+    Index hidden_dim = 0;
+    /// Experts in the bank (>= 1).
+    Index num_experts = 0;
+    /// Whether the two layers have biases `b1`, `b2`.
+    bool bias = true;
+    /// Seed of the weight initialisation.
+    std::uint64_t init_seed = 0;
+  };
+
+  /// Per-thread workspace of `forward`: the `(n, hidden_dim)` hidden activations.
+  struct Scratch {
+    detail::Buffer<S> hidden;
+  };
+
+  /// Builds the bank and initialises its weights. Throws `moet::Error` unless `model_dim`,
+  /// `hidden_dim` and `num_experts` are >= 1.
+  explicit FfnExperts(const Options& options) : options_(options) {
+    detail::require(
+        options_.model_dim >= 1 && options_.hidden_dim >= 1 && options_.num_experts >= 1, kOp,
+        "model_dim, hidden_dim and num_experts must be >= 1, got (", options_.model_dim, ", ",
+        options_.hidden_dim, ", ", options_.num_experts, ")");
+    const Index d = options_.model_dim;
+    const Index f = options_.hidden_dim;
+    const Index n = options_.num_experts;
+    w1_.resize(n * d, f);  // (num_experts * model_dim, hidden_dim)
+    w2_.resize(n * f, d);  // (num_experts * hidden_dim, model_dim)
+    detail::fill_normal_fan_in(w1_, d, detail::hash_key(options_.init_seed, 0x666331U));
+    detail::fill_normal_fan_in(w2_, f, detail::hash_key(options_.init_seed, 0x666332U));
+    b1_ = RowMatrix<S>::Zero(options_.bias ? n : 0, f);  // (num_experts, hidden_dim)
+    b2_ = RowMatrix<S>::Zero(options_.bias ? n : 0, d);  // (num_experts, model_dim)
+  }
+
+  /// Experts in the bank.
+  Index num_experts() const { return options_.num_experts; }
+  /// Width of a token, `d`.
+  Index model_dim() const { return options_.model_dim; }
+  /// Width of the hidden layer, `f`.
+  Index hidden_dim() const { return options_.hidden_dim; }
+  /// Whether the layers have biases.
+  bool has_bias() const { return options_.bias; }
+  /// The options the bank was built with.
+  const Options& options() const { return options_; }
+  /// Parameters of one expert: `2 * model_dim * hidden_dim`, plus `hidden_dim + model_dim`
+  /// with biases.
+  Index params_per_expert() const {
+    const Index d = options_.model_dim;
+    const Index f = options_.hidden_dim;
+    return 2 * d * f + (options_.bias ? d + f : 0);
+  }
+  /// FLOPs of one expert on one token: the two products, `2 * 2 * model_dim * hidden_dim`
+  /// (the `O(hidden_dim)` bias adds and activation are not counted).
+  double flops_per_token() const {
+    return 4.0 * static_cast<double>(options_.model_dim) * static_cast<double>(options_.hidden_dim);
+  }
+
+  /// Expert `e`'s first-layer weights `W1_e` `(model_dim, hidden_dim)`, a view into the stack.
+  Eigen::Map<const RowMatrix<S>> in_weights(Index e) const {
+    return weights_block(w1_, e, model_dim());
+  }
+  Eigen::Map<RowMatrix<S>> in_weights(Index e) { return weights_block(w1_, e, model_dim()); }
+  /// Expert `e`'s second-layer weights `W2_e` `(hidden_dim, model_dim)`.
+  Eigen::Map<const RowMatrix<S>> out_weights(Index e) const {
+    return weights_block(w2_, e, hidden_dim());
+  }
+  Eigen::Map<RowMatrix<S>> out_weights(Index e) { return weights_block(w2_, e, hidden_dim()); }
+  /// Expert `e`'s first-layer bias `b1_e` `(1, hidden_dim)`. Only with `has_bias()`.
+  ConstBiasMap in_bias(Index e) const { return bias_row<ConstBiasMap>(b1_, e); }
+  BiasMap in_bias(Index e) { return bias_row<BiasMap>(b1_, e); }
+  /// Expert `e`'s second-layer bias `b2_e` `(1, model_dim)`. Only with `has_bias()`.
+  ConstBiasMap out_bias(Index e) const { return bias_row<ConstBiasMap>(b2_, e); }
+  BiasMap out_bias(Index e) { return bias_row<BiasMap>(b2_, e); }
+
+  /// The stacked first-layer weights `(num_experts * model_dim, hidden_dim)`. The non-const
+  /// accessors let training update the parameters in place; keep the shapes.
+  const RowMatrix<S>& in_weights_stack() const { return w1_; }
+  RowMatrix<S>& in_weights_stack() { return w1_; }
+  /// The stacked second-layer weights `(num_experts * hidden_dim, model_dim)`.
+  const RowMatrix<S>& out_weights_stack() const { return w2_; }
+  RowMatrix<S>& out_weights_stack() { return w2_; }
+  /// The stacked first-layer biases `(num_experts, hidden_dim)`; `(0, hidden_dim)` without bias.
+  const RowMatrix<S>& in_bias_stack() const { return b1_; }
+  RowMatrix<S>& in_bias_stack() { return b1_; }
+  /// The stacked second-layer biases `(num_experts, model_dim)`; `(0, model_dim)` without bias.
+  const RowMatrix<S>& out_bias_stack() const { return b2_; }
+  RowMatrix<S>& out_bias_stack() { return b2_; }
+
+  /// Grows `scratch` for blocks of up to `max_rows` rows, so that `forward` on such blocks
+  /// does not allocate. Optional: `forward` grows the scratch itself when needed.
+  void reserve(Scratch& scratch, Index max_rows) const {
+    detail::reserve_aligned(scratch.hidden, max_rows, hidden_dim());
+  }
+
+  /// Writes expert `e` applied to every row of `in` `(n, model_dim)` into `out`
+  /// `(n, model_dim)`. Preconditions (the dispatchers check them before calling; asserted in
+  /// debug builds): `0 <= e < num_experts()`, the shapes above, `out` does not overlap `in`.
+  void forward(Index e, const ConstRows<S>& in, Rows<S> out, Scratch& scratch) const {
+    MOET_ASSERT(e >= 0 && e < num_experts(), "expert id out of range");
+    MOET_ASSERT(in.cols() == model_dim() && out.cols() == model_dim() && out.rows() == in.rows(),
+                "FfnExperts::forward shape mismatch");
+    const Index n = in.rows();
+    if (n == 0) return;
+    auto h = detail::aligned_matrix(scratch.hidden, n, hidden_dim());  // (n, hidden_dim)
+    h.noalias() = in * in_weights(e);
+    if (options_.bias) h.rowwise() += in_bias(e);
+    apply_activation<Act>(h);
+    out.noalias() = h * out_weights(e);
+    if (options_.bias) out.rowwise() += out_bias(e);
+  }
+
+ private:
+  static constexpr const char* kOp = "FfnExperts";
+
+  // Expert e's `(rows, stack.cols())` block of a stacked weight matrix.
+  static Eigen::Map<const RowMatrix<S>> weights_block(const RowMatrix<S>& stack, Index e,
+                                                      Index rows) {
+    MOET_ASSERT(e >= 0 && (e + 1) * rows <= stack.rows(), "expert id out of range");
+    return Eigen::Map<const RowMatrix<S>>(stack.data() + e * rows * stack.cols(), rows,
+                                          stack.cols());
+  }
+  static Eigen::Map<RowMatrix<S>> weights_block(RowMatrix<S>& stack, Index e, Index rows) {
+    MOET_ASSERT(e >= 0 && (e + 1) * rows <= stack.rows(), "expert id out of range");
+    return Eigen::Map<RowMatrix<S>>(stack.data() + e * rows * stack.cols(), rows, stack.cols());
+  }
+  // Row e of a stacked bias matrix.
+  template <class Map, class M>
+  static Map bias_row(M& stack, Index e) {
+    MOET_ASSERT(e >= 0 && e < stack.rows(), "no bias for this expert (bias = false?)");
+    return Map(stack.data() + e * stack.cols(), stack.cols());
+  }
+
+  Options options_;
+  RowMatrix<S> w1_;  // (num_experts * model_dim, hidden_dim)
+  RowMatrix<S> w2_;  // (num_experts * hidden_dim, model_dim)
+  RowMatrix<S> b1_;  // (num_experts, hidden_dim), or (0, hidden_dim) without bias
+  RowMatrix<S> b2_;  // (num_experts, model_dim), or (0, model_dim) without bias
+};
+
+/// ReLU FFN experts (the original Transformer / Switch FFN).
+template <class S>
+using ReluFfnExperts = FfnExperts<S, Relu>;
+
+/// GELU FFN experts (fairseq's `--activation-fn gelu`, THOR).
+template <class S>
+using GeluFfnExperts = FfnExperts<S, Gelu>;
+
+}  // namespace moet

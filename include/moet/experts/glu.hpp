@@ -1,0 +1,182 @@
+#pragma once
+/// \file experts/glu.hpp
+/// `GluExperts`: a bank of gated-linear-unit feed-forward experts (SwiGLU, GeGLU), the expert of
+/// ALGORITHMS.md section 0.
+
+#include <cstdint>
+
+#include "moet/detail/buffer.hpp"
+#include "moet/detail/gather_scatter.hpp"
+#include "moet/detail/rng.hpp"
+#include "moet/errors.hpp"
+#include "moet/experts/activations.hpp"
+#include "moet/tensor.hpp"
+
+namespace moet {
+
+/// A bank of `num_experts` gated-linear-unit experts (Shazeer, "GLU Variants Improve
+/// Transformer", 2020):
+/// ```
+/// E_e(x) = (Act(x Wg_e) ⊙ (x Wu_e)) Wd_e
+/// ```
+/// with `Wg_e, Wu_e` `(model_dim, hidden_dim)` and `Wd_e` `(hidden_dim, model_dim)`, no biases.
+/// `Act = Silu` gives SwiGLU (Mixtral, DeepSeek, Qwen-MoE), `Act = Gelu` GeGLU.
+///
+/// The weights are stacked, one contiguous row-major matrix per kind: gate and up weights
+/// `(num_experts * model_dim, hidden_dim)`, down weights `(num_experts * hidden_dim, model_dim)`;
+/// expert `e`'s matrices are the row blocks returned by `gate_weights(e)`, `up_weights(e)` and
+/// `down_weights(e)`.
+///
+/// Initialisation (deterministic in `Options::init_seed`): every weight is normal with
+/// standard deviation `1 / sqrt(fan_in)` (`model_dim` for gate and up, `hidden_dim` for down),
+/// each kind drawn from its own `detail::Rng` stream.
+///
+/// `forward` is `const` and keeps its intermediates in the caller's `Scratch`, so one bank
+/// serves any number of threads, each with its own scratch. A warmed-up scratch does not
+/// allocate again for blocks up to the largest it has seen. Eigen's matrix product itself
+/// heap-allocates its packing buffers when they exceed its stack limit (large blocks times
+/// large dims); a later dedicated kernel removes that.
+///
+/// \tparam S scalar type (float or double).
+/// \tparam Act gate activation policy (see activations.hpp).
+///
+/// ```cpp
+/// moet::SwiGluExperts<float> experts({.model_dim = 512, .hidden_dim = 1024, .num_experts = 8});
+/// ```
+template <class S, class Act = Silu>
+class GluExperts {
+ public:
+  using Scalar = S;
+  using Activation = Act;
+
+  /// Construction options.
+  struct Options {
+    /// Width of a token, `d` (>= 1).
+    Index model_dim = 0;
+    /// Width of the hidden layer, `f` (>= 1).
+    Index hidden_dim = 0;
+    /// Experts in the bank (>= 1).
+    Index num_experts = 0;
+    /// Seed of the weight initialisation.
+    std::uint64_t init_seed = 0;
+  };
+
+  /// Per-thread workspace of `forward`: the `(n, hidden_dim)` gate and up activations.
+  struct Scratch {
+    detail::Buffer<S> gate;
+    detail::Buffer<S> up;
+  };
+
+  /// Builds the bank and initialises its weights. Throws `moet::Error` unless `model_dim`,
+  /// `hidden_dim` and `num_experts` are >= 1.
+  explicit GluExperts(const Options& options) : options_(options) {
+    detail::require(
+        options_.model_dim >= 1 && options_.hidden_dim >= 1 && options_.num_experts >= 1, kOp,
+        "model_dim, hidden_dim and num_experts must be >= 1, got (", options_.model_dim, ", ",
+        options_.hidden_dim, ", ", options_.num_experts, ")");
+    const Index d = options_.model_dim;
+    const Index f = options_.hidden_dim;
+    const Index n = options_.num_experts;
+    gate_.resize(n * d, f);  // (num_experts * model_dim, hidden_dim)
+    up_.resize(n * d, f);    // (num_experts * model_dim, hidden_dim)
+    down_.resize(n * f, d);  // (num_experts * hidden_dim, model_dim)
+    detail::fill_normal_fan_in(gate_, d, detail::hash_key(options_.init_seed, 0x676174U));
+    detail::fill_normal_fan_in(up_, d, detail::hash_key(options_.init_seed, 0x7570U));
+    detail::fill_normal_fan_in(down_, f, detail::hash_key(options_.init_seed, 0x646f776eU));
+  }
+
+  /// Experts in the bank.
+  Index num_experts() const { return options_.num_experts; }
+  /// Width of a token, `d`.
+  Index model_dim() const { return options_.model_dim; }
+  /// Width of the hidden layer, `f`.
+  Index hidden_dim() const { return options_.hidden_dim; }
+  /// The options the bank was built with.
+  const Options& options() const { return options_; }
+  /// Parameters of one expert: `3 * model_dim * hidden_dim`.
+  Index params_per_expert() const { return 3 * options_.model_dim * options_.hidden_dim; }
+  /// FLOPs of one expert on one token: the three products, `2 * 3 * model_dim * hidden_dim`
+  /// (the `O(hidden_dim)` activation and elementwise product are not counted).
+  double flops_per_token() const {
+    return 6.0 * static_cast<double>(options_.model_dim) * static_cast<double>(options_.hidden_dim);
+  }
+
+  /// Expert `e`'s gate weights `Wg_e` `(model_dim, hidden_dim)`, a view into the stack.
+  Eigen::Map<const RowMatrix<S>> gate_weights(Index e) const {
+    return block(gate_, e, model_dim());
+  }
+  Eigen::Map<RowMatrix<S>> gate_weights(Index e) { return block(gate_, e, model_dim()); }
+  /// Expert `e`'s up weights `Wu_e` `(model_dim, hidden_dim)`.
+  Eigen::Map<const RowMatrix<S>> up_weights(Index e) const { return block(up_, e, model_dim()); }
+  Eigen::Map<RowMatrix<S>> up_weights(Index e) { return block(up_, e, model_dim()); }
+  /// Expert `e`'s down weights `Wd_e` `(hidden_dim, model_dim)`.
+  Eigen::Map<const RowMatrix<S>> down_weights(Index e) const {
+    return block(down_, e, hidden_dim());
+  }
+  Eigen::Map<RowMatrix<S>> down_weights(Index e) { return block(down_, e, hidden_dim()); }
+
+  /// The stacked gate weights `(num_experts * model_dim, hidden_dim)`. The non-const
+  /// accessors let training update the weights in place; keep the shapes.
+  const RowMatrix<S>& gate_stack() const { return gate_; }
+  RowMatrix<S>& gate_stack() { return gate_; }
+  /// The stacked up weights `(num_experts * model_dim, hidden_dim)`.
+  const RowMatrix<S>& up_stack() const { return up_; }
+  RowMatrix<S>& up_stack() { return up_; }
+  /// The stacked down weights `(num_experts * hidden_dim, model_dim)`.
+  const RowMatrix<S>& down_stack() const { return down_; }
+  RowMatrix<S>& down_stack() { return down_; }
+
+  /// Grows `scratch` for blocks of up to `max_rows` rows, so that `forward` on such blocks
+  /// does not allocate. Optional: `forward` grows the scratch itself when needed.
+  void reserve(Scratch& scratch, Index max_rows) const {
+    detail::reserve_aligned(scratch.gate, max_rows, hidden_dim());
+    detail::reserve_aligned(scratch.up, max_rows, hidden_dim());
+  }
+
+  /// Writes expert `e` applied to every row of `in` `(n, model_dim)` into `out`
+  /// `(n, model_dim)`. Preconditions (the dispatchers check them before calling; asserted in
+  /// debug builds): `0 <= e < num_experts()`, the shapes above, `out` does not overlap `in`.
+  void forward(Index e, const ConstRows<S>& in, Rows<S> out, Scratch& scratch) const {
+    MOET_ASSERT(e >= 0 && e < num_experts(), "expert id out of range");
+    MOET_ASSERT(in.cols() == model_dim() && out.cols() == model_dim() && out.rows() == in.rows(),
+                "GluExperts::forward shape mismatch");
+    const Index n = in.rows();
+    if (n == 0) return;
+    auto g = detail::aligned_matrix(scratch.gate, n, hidden_dim());  // (n, hidden_dim)
+    auto u = detail::aligned_matrix(scratch.up, n, hidden_dim());    // (n, hidden_dim)
+    g.noalias() = in * gate_weights(e);
+    u.noalias() = in * up_weights(e);
+    apply_activation<Act>(g);
+    g.array() *= u.array();  // Act(x Wg) ⊙ (x Wu)
+    out.noalias() = g * down_weights(e);
+  }
+
+ private:
+  static constexpr const char* kOp = "GluExperts";
+
+  // Expert e's `(rows, stack.cols())` block of a stacked weight matrix.
+  static Eigen::Map<const RowMatrix<S>> block(const RowMatrix<S>& stack, Index e, Index rows) {
+    MOET_ASSERT(e >= 0 && (e + 1) * rows <= stack.rows(), "expert id out of range");
+    return Eigen::Map<const RowMatrix<S>>(stack.data() + e * rows * stack.cols(), rows,
+                                          stack.cols());
+  }
+  static Eigen::Map<RowMatrix<S>> block(RowMatrix<S>& stack, Index e, Index rows) {
+    MOET_ASSERT(e >= 0 && (e + 1) * rows <= stack.rows(), "expert id out of range");
+    return Eigen::Map<RowMatrix<S>>(stack.data() + e * rows * stack.cols(), rows, stack.cols());
+  }
+
+  Options options_;
+  RowMatrix<S> gate_;  // (num_experts * model_dim, hidden_dim)
+  RowMatrix<S> up_;    // (num_experts * model_dim, hidden_dim)
+  RowMatrix<S> down_;  // (num_experts * hidden_dim, model_dim)
+};
+
+/// SwiGLU experts: `GluExperts` with the SiLU gate.
+template <class S>
+using SwiGluExperts = GluExperts<S, Silu>;
+
+/// GeGLU experts: `GluExperts` with the exact GELU gate.
+template <class S>
+using GeGluExperts = GluExperts<S, Gelu>;
+
+}  // namespace moet

@@ -33,7 +33,7 @@ void parallel_for(Index num_tasks, Task&& task) {
   if (num_tasks <= 0) return;
 #if MOET_HAS_OPENMP
   if (num_tasks > 1 && omp_get_max_threads() > 1 && !omp_in_parallel()) {
-#pragma omp parallel
+#pragma omp parallel default(none) shared(num_tasks, task)
     {
       omp_set_num_threads(1);  // this thread's nested regions (Eigen's) stay serial
 #pragma omp for schedule(dynamic, 1)
@@ -43,7 +43,7 @@ void parallel_for(Index num_tasks, Task&& task) {
   }
   // Serial: still inside a one-thread region so that Eigen sees a single thread.
   if (!omp_in_parallel()) {
-#pragma omp parallel num_threads(1)
+#pragma omp parallel num_threads(1) default(none) shared(num_tasks, task)
     {
       omp_set_num_threads(1);
       for (Index i = 0; i < num_tasks; ++i) task(i);

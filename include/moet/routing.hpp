@@ -56,9 +56,13 @@ class Routing {
     return {offsets_.data() + 1, static_cast<std::size_t>(num_tokens_)};
   }
 
-  /// Turns the counts into offsets and sizes `experts()` and `weights()`.
+  /// Turns the counts into offsets and sizes `experts()` and `weights()`. Throws `moet::Error`
+  /// when a count is negative (the plan must then be `reset`).
   void commit_counts() {
     for (Index t = 0; t < num_tokens_; ++t) {
+      const Index count = offsets_[static_cast<std::size_t>(t + 1)];
+      detail::require(count >= 0, "Routing::commit_counts", "counts must be >= 0, got ", count,
+                      " for token ", t);
       offsets_[static_cast<std::size_t>(t + 1)] += offsets_[static_cast<std::size_t>(t)];
     }
     num_assignments_ = offsets_[static_cast<std::size_t>(num_tokens_)];
@@ -153,7 +157,8 @@ class Routing {
 /// assignment `a` back to its expert-major entry. Reusable: storage only grows.
 class ExpertMajor {
  public:
-  /// Rebuilds the view from `routing` (a stable counting sort by expert, O(assignments)).
+  /// Rebuilds the view from `routing` (a stable counting sort by expert, O(assignments)). Throws
+  /// `moet::Error` when an expert id is outside `[0, routing.num_experts())`.
   template <class S>
   void build(const Routing<S>& routing) {
     const auto num_experts = static_cast<std::size_t>(routing.num_experts());
@@ -166,7 +171,12 @@ class ExpertMajor {
       position_.resize(num_assignments);
     }
     const auto experts = routing.experts();
-    for (const std::int32_t e : experts) ++offsets_[static_cast<std::size_t>(e) + 1];
+    for (std::size_t a = 0; a < num_assignments; ++a) {
+      const std::int32_t e = experts[a];
+      detail::require(e >= 0 && static_cast<std::size_t>(e) < num_experts, "ExpertMajor::build",
+                      "expert id ", e, " at assignment ", a, " is outside [0, ", num_experts, ")");
+      ++offsets_[static_cast<std::size_t>(e) + 1];
+    }
     for (std::size_t e = 0; e < num_experts; ++e) offsets_[e + 1] += offsets_[e];
     cursor_.assign(offsets_.begin(), offsets_.end() - 1);
     const auto offsets = routing.offsets();

@@ -229,6 +229,8 @@ class ImportanceGate {
   /// length of the groups (sequences) normalised together.
   Index token_importance(const RouteContext& ctx, Index num_tokens, const std::uint8_t* valid,
                          S* imp) const {
+    detail::require(ctx.sequence_length >= 0, kOp, "ctx.sequence_length must be >= 0, got ",
+                    ctx.sequence_length);
     if (!ctx.importance.empty()) {
       detail::require(static_cast<Index>(ctx.importance.size()) == num_tokens, kOp,
                       "ctx.importance must have one entry per token (", num_tokens, "), got ",

@@ -261,9 +261,11 @@ class TopAnyGate {
     S* const threshold = norm_w + emax;  // (max_experts)
     const S tau = temperature_;
     const S* const mask = mask_.data();
+    S max_norm_w = kNormEps;  // largest active embedding norm
     for (Index e = 0; e < emax; ++e) {
       norm_w[e] = std::max(embeddings_.col(e).norm(), kNormEps);
       threshold[e] = sigmoid(tau * thresholds_[e]);
+      if (mask[e] != S(0)) max_norm_w = std::max(max_norm_w, norm_w[e]);
     }
 
     // Raw dot products x W, turned in place into the scores s.
@@ -282,6 +284,8 @@ class TopAnyGate {
       Index max_k = 0;
       for (Index t = begin; t < end; ++t) {
         const S norm_x = std::max(x.row(t).norm(), kNormEps);
+        // An overflowing norm product would silently turn the cosines into 0: flag it.
+        bad = bad || !std::isfinite(norm_x * max_norm_w);
         S* const s = &scores(t, 0);
         Index k = 0;
         for (Index e = 0; e < emax; ++e) {
@@ -303,8 +307,8 @@ class TopAnyGate {
     Index batch_max_k = 0;
     for (Index b = 0; b < num_blocks; ++b) {
       detail::require(block_bad[b] == 0, kOp,
-                      "scores must be finite (a token norm overflowed), got a non-finite score "
-                      "in tokens [",
+                      "scores must be finite (a token or gate embedding norm overflowed), got a "
+                      "non-finite score in tokens [",
                       b * kTokenBlock, ", ", std::min(num_tokens, (b + 1) * kTokenBlock), ")");
       batch_max_k = std::max<Index>(batch_max_k, block_max_k[b]);
     }

@@ -37,7 +37,12 @@ inline Index expert_capacity(Index num_tokens, Index num_experts, double capacit
       static_cast<float>(static_cast<double>(num_tokens) / static_cast<double>(num_experts));
   const auto factor = static_cast<float>(capacity_factor * static_cast<double>(k));
   const float capacity = std::ceil(ratio * factor);
-  return std::max(static_cast<Index>(capacity), min_capacity);
+  // Beyond 2^62 a capacity never binds (an expert gets each token at most once); clamping there
+  // keeps a huge capacity_factor (whose fp32 product may be +Inf) from overflowing the conversion.
+  constexpr float kMaxCapacity = 0x1p62f;
+  const Index bounded =
+      capacity < kMaxCapacity ? static_cast<Index>(capacity) : static_cast<Index>(kMaxCapacity);
+  return std::max(bounded, min_capacity);
 }
 
 }  // namespace detail

@@ -1,0 +1,532 @@
+// The packed GEMM and fused GLU kernels (detail/gemm.hpp) against naive double-precision
+// products, row-independence (bit-identical rows), packing, edge shapes, and the vectorised
+// SiLU's error bound (detail/simd.hpp).
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <catch2/catch.hpp>
+
+#include "moet/detail/buffer.hpp"
+#include "moet/detail/gemm.hpp"
+#include "moet/detail/simd.hpp"
+#include "moet/errors.hpp"
+#include "moet/experts/activations.hpp"
+#include "moet/tensor.hpp"
+
+namespace {
+
+using moet::Index;
+using moet::RowMatrix;
+using moet::detail::KernelPath;
+
+using Matrix = RowMatrix<float>;
+using MatrixD = RowMatrix<double>;
+
+Matrix random_matrix(Index rows, Index cols, std::uint32_t seed) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  Matrix m(rows, cols);
+  for (Index i = 0; i < rows; ++i) {
+    for (Index j = 0; j < cols; ++j) m(i, j) = normal(gen);
+  }
+  return m;
+}
+
+// Written out independently of activations.hpp and simd.hpp.
+double silu_ref(double v) { return v / (1.0 + std::exp(-v)); }
+double gelu_ref(double v) { return 0.5 * v * (1.0 + std::erf(v / std::sqrt(2.0))); }
+
+// Naive (n, K) x (K, N) in double.
+MatrixD naive_product(const Matrix& a, const Matrix& b) {
+  MatrixD c = MatrixD::Zero(a.rows(), b.cols());
+  for (Index i = 0; i < a.rows(); ++i) {
+    for (Index j = 0; j < b.cols(); ++j) {
+      double sum = 0.0;
+      for (Index k = 0; k < a.cols(); ++k) {
+        sum += static_cast<double>(a(i, k)) * static_cast<double>(b(k, j));
+      }
+      c(i, j) = sum;
+    }
+  }
+  return c;
+}
+
+std::vector<double> row_norms(const Matrix& a) {
+  std::vector<double> out(static_cast<std::size_t>(a.rows()));
+  for (Index i = 0; i < a.rows(); ++i)
+    out[static_cast<std::size_t>(i)] = a.row(i).cast<double>().norm();
+  return out;
+}
+std::vector<double> col_norms(const Matrix& b) {
+  std::vector<double> out(static_cast<std::size_t>(b.cols()));
+  for (Index j = 0; j < b.cols(); ++j)
+    out[static_cast<std::size_t>(j)] = b.col(j).cast<double>().norm();
+  return out;
+}
+
+// Largest |got - want| / (||a_i|| ||b_j||) over the matrix (0 when everything matches).
+double scaled_error(const Matrix& got, const MatrixD& want, const Matrix& a, const Matrix& b) {
+  const auto ra = row_norms(a);
+  const auto cb = col_norms(b);
+  double worst = 0.0;
+  for (Index i = 0; i < got.rows(); ++i) {
+    for (Index j = 0; j < got.cols(); ++j) {
+      const double scale =
+          ra[static_cast<std::size_t>(i)] * cb[static_cast<std::size_t>(j)] + 1e-30;
+      worst = std::max(worst, std::abs(static_cast<double>(got(i, j)) - want(i, j)) / scale);
+    }
+  }
+  return worst;
+}
+
+bool bit_identical(const Matrix& x, const Matrix& y) {
+  if (x.rows() != y.rows() || x.cols() != y.cols()) return false;
+  for (Index i = 0; i < x.rows(); ++i) {
+    for (Index j = 0; j < x.cols(); ++j) {
+      if (std::bit_cast<std::uint32_t>(x(i, j)) != std::bit_cast<std::uint32_t>(y(i, j))) {
+        return false;
+      }
+    }
+  }
+  return true;
+}
+
+const char* path_name(KernelPath path) {
+  return path == KernelPath::kBest ? moet::detail::kSimdName : "portable";
+}
+
+// Naive H = Act(A Wg) * (A Wu) in double, and a per-entry error budget: the products may be
+// off by 1e-5 ||a_i|| ||w_j|| each (the GEMM bound), |Act'| <= 1.1 for SiLU and 1.13 for GELU,
+// plus 1e-6 relative for the activation itself.
+template <class ActRef>
+double glu_error_ratio(const Matrix& h, const Matrix& a, const Matrix& wg, const Matrix& wu,
+                       ActRef act) {
+  const MatrixD g = naive_product(a, wg);
+  const MatrixD u = naive_product(a, wu);
+  const auto ra = row_norms(a);
+  const auto cg = col_norms(wg);
+  const auto cu = col_norms(wu);
+  double worst = 0.0;
+  for (Index i = 0; i < h.rows(); ++i) {
+    for (Index j = 0; j < h.cols(); ++j) {
+      const double want = act(g(i, j)) * u(i, j);
+      const double eg = 1e-5 * ra[static_cast<std::size_t>(i)] * cg[static_cast<std::size_t>(j)];
+      const double eu = 1e-5 * ra[static_cast<std::size_t>(i)] * cu[static_cast<std::size_t>(j)];
+      const double budget = 1.2 * eg * (std::abs(u(i, j)) + eu) + std::abs(act(g(i, j))) * eu +
+                            1e-6 * std::abs(want) + 1e-30;
+      worst = std::max(worst, std::abs(static_cast<double>(h(i, j)) - want) / budget);
+    }
+  }
+  return worst;  // <= 1 passes
+}
+
+const std::vector<Index> kRows = {0, 1, 2, 3, 5, 7, 8, 9, 13, 64, 100, 257};
+const std::vector<Index> kInner = {1, 3, 17, 256, 300, 520};
+const std::vector<Index> kCols = {1, 15, 16, 17, 100};
+
+}  // namespace
+
+TEST_CASE("gemm_packed equals a double-precision product for every shape", "[gemm]") {
+  const KernelPath path = GENERATE(KernelPath::kBest, KernelPath::kPortable);
+  moet::detail::Buffer<float> scratch;
+  std::uint32_t seed = 1;
+  for (const Index k : kInner) {
+    for (const Index n_cols : kCols) {
+      const Matrix b = random_matrix(k, n_cols, seed++);
+      const moet::detail::PackedMatrix<float> packed(b);
+      for (const Index n : kRows) {
+        INFO(path_name(path) << " n=" << n << " K=" << k << " N=" << n_cols);
+        const Matrix a = random_matrix(n, k, seed++);
+        Matrix c = Matrix::Constant(n, n_cols, std::numeric_limits<float>::quiet_NaN());
+        moet::detail::gemm_packed(a, packed, c, false, scratch, path);
+        CHECK(scaled_error(c, naive_product(a, b), a, b) <= 1e-5);
+      }
+    }
+  }
+}
+
+TEST_CASE("gemm_packed with accumulate adds A B to C", "[gemm]") {
+  const KernelPath path = GENERATE(KernelPath::kBest, KernelPath::kPortable);
+  moet::detail::Buffer<float> scratch;
+  std::uint32_t seed = 100;
+  for (const Index k : {1, 17, 300}) {
+    for (const Index n_cols : {15, 16, 100}) {
+      const Matrix b = random_matrix(k, n_cols, seed++);
+      const moet::detail::PackedMatrix<float> packed(b);
+      for (const Index n : {1, 3, 8, 13, 100}) {
+        INFO(path_name(path) << " n=" << n << " K=" << k << " N=" << n_cols);
+        const Matrix a = random_matrix(n, k, seed++);
+        const Matrix c0 = random_matrix(n, n_cols, seed++);
+        Matrix c = c0;
+        moet::detail::gemm_packed(a, packed, c, true, scratch, path);
+        const MatrixD want = c0.cast<double>() + naive_product(a, b);
+        // The old C adds at most |c0| to the sum: widen the budget by it.
+        double worst = 0.0;
+        const auto ra = row_norms(a);
+        const auto cb = col_norms(b);
+        for (Index i = 0; i < n; ++i) {
+          for (Index j = 0; j < n_cols; ++j) {
+            const double budget =
+                1e-5 * (ra[static_cast<std::size_t>(i)] * cb[static_cast<std::size_t>(j)] +
+                        std::abs(c0(i, j)));
+            worst = std::max(worst, std::abs(static_cast<double>(c(i, j)) - want(i, j)) / budget);
+          }
+        }
+        CHECK(worst <= 1.0);
+      }
+    }
+  }
+}
+
+TEST_CASE("glu_packed with SiLU equals a double-precision SwiGLU", "[gemm][glu]") {
+  const KernelPath path = GENERATE(KernelPath::kBest, KernelPath::kPortable);
+  moet::detail::Buffer<float> scratch;
+  std::uint32_t seed = 300;
+  for (const Index k : kInner) {
+    for (const Index f : kCols) {
+      const Matrix wg = random_matrix(k, f, seed++);
+      const Matrix wu = random_matrix(k, f, seed++);
+      const moet::detail::PackedGluMatrix<float> packed(wg, wu);
+      for (const Index n : kRows) {
+        INFO(path_name(path) << " n=" << n << " K=" << k << " F=" << f);
+        const Matrix a = random_matrix(n, k, seed++);
+        Matrix h = Matrix::Constant(n, f, std::numeric_limits<float>::quiet_NaN());
+        moet::detail::glu_packed<moet::Silu>(a, packed, h, scratch, path);
+        CHECK(glu_error_ratio(h, a, wg, wu, silu_ref) <= 1.0);
+      }
+    }
+  }
+}
+
+TEST_CASE("glu_packed applies any activation policy, here exact GELU", "[gemm][glu]") {
+  const KernelPath path = GENERATE(KernelPath::kBest, KernelPath::kPortable);
+  moet::detail::Buffer<float> scratch;
+  std::uint32_t seed = 700;
+  for (const Index k : {3, 300}) {
+    for (const Index f : {15, 17, 100}) {
+      const Matrix wg = random_matrix(k, f, seed++);
+      const Matrix wu = random_matrix(k, f, seed++);
+      const moet::detail::PackedGluMatrix<float> packed(wg, wu);
+      for (const Index n : {1, 2, 7, 13, 64}) {
+        INFO(path_name(path) << " n=" << n << " K=" << k << " F=" << f);
+        const Matrix a = random_matrix(n, k, seed++);
+        Matrix h(n, f);
+        moet::detail::glu_packed<moet::Gelu>(a, packed, h, scratch, path);
+        CHECK(glu_error_ratio(h, a, wg, wu, gelu_ref) <= 1.0);
+      }
+    }
+  }
+}
+
+TEST_CASE("A row's result is bit-identical alone and inside any block of rows",
+          "[gemm][determinism]") {
+  const KernelPath path = GENERATE(KernelPath::kBest, KernelPath::kPortable);
+  const std::uint32_t seed = GENERATE(1u, 2u);
+  const Index k = 520;       // three K blocks, the last one partial
+  const Index n_cols = 100;  // a partial last panel
+  const Index n = 257;
+  const Matrix a = random_matrix(n, k, seed);
+  const Matrix b = random_matrix(k, n_cols, seed + 10);
+  const Matrix wu = random_matrix(k, n_cols, seed + 20);
+  const moet::detail::PackedMatrix<float> packed(b);
+  const moet::detail::PackedGluMatrix<float> packed_glu(b, wu);
+  moet::detail::Buffer<float> scratch;
+  INFO(path_name(path));
+
+  Matrix full(n, n_cols);
+  Matrix full_glu(n, n_cols);
+  moet::detail::gemm_packed(a, packed, full, false, scratch, path);
+  moet::detail::glu_packed<moet::Silu>(a, packed_glu, full_glu, scratch, path);
+
+  // Every row alone (the few-row path).
+  for (Index i = 0; i < n; ++i) {
+    Matrix one(1, n_cols);
+    Matrix one_glu(1, n_cols);
+    moet::detail::gemm_packed(a.row(i), packed, one, false, scratch, path);
+    moet::detail::glu_packed<moet::Silu>(a.row(i), packed_glu, one_glu, scratch, path);
+    INFO("row " << i);
+    REQUIRE(bit_identical(one, full.row(i)));
+    REQUIRE(bit_identical(one_glu, full_glu.row(i)));
+  }
+  // Contiguous sub-blocks of every size class, at offsets that shift the row grouping.
+  for (const Index m : {2, 3, 5, 6, 7, 8, 9, 13, 31, 64, 150}) {
+    for (const Index start : {Index{0}, Index{1}, Index{5}, n - m}) {
+      Matrix part(m, n_cols);
+      Matrix part_glu(m, n_cols);
+      moet::detail::gemm_packed(a.middleRows(start, m), packed, part, false, scratch, path);
+      moet::detail::glu_packed<moet::Silu>(a.middleRows(start, m), packed_glu, part_glu, scratch,
+                                           path);
+      INFO("rows [" << start << ", " << start + m << ")");
+      REQUIRE(bit_identical(part, full.middleRows(start, m)));
+      REQUIRE(bit_identical(part_glu, full_glu.middleRows(start, m)));
+    }
+  }
+  // Rows gathered in a scrambled order, next to different neighbours.
+  std::vector<Index> order(static_cast<std::size_t>(n));
+  for (Index i = 0; i < n; ++i) order[static_cast<std::size_t>(i)] = (i * 37 + 11) % n;
+  Matrix scrambled(n, k);
+  for (Index i = 0; i < n; ++i) scrambled.row(i) = a.row(order[static_cast<std::size_t>(i)]);
+  Matrix out(n, n_cols);
+  moet::detail::gemm_packed(scrambled, packed, out, false, scratch, path);
+  for (Index i = 0; i < n; ++i) {
+    REQUIRE(bit_identical(out.row(i), full.row(order[static_cast<std::size_t>(i)])));
+  }
+}
+
+TEST_CASE("Few-row calls with a very long inner dimension block K and stay exact",
+          "[gemm][determinism]") {
+  // 7 and 8 rows form two row groups; past kGemmFewRowsKc the few-row path blocks K.
+  const KernelPath path = GENERATE(KernelPath::kBest, KernelPath::kPortable);
+  const Index k = moet::detail::kGemmFewRowsKc + 37;
+  const Index n_cols = 40;  // a partial last panel on every instruction set
+  const Matrix b = random_matrix(k, n_cols, 21);
+  const Matrix wu = random_matrix(k, n_cols, 22);
+  const moet::detail::PackedMatrix<float> packed(b);
+  const moet::detail::PackedGluMatrix<float> packed_glu(b, wu);
+  moet::detail::Buffer<float> scratch;
+  for (const Index n : {1, 6, 7, 8, 9}) {
+    INFO(path_name(path) << " n=" << n);
+    const Matrix a = random_matrix(n, k, static_cast<std::uint32_t>(30 + n));
+    const Matrix c0 = random_matrix(n, n_cols, 40);
+    Matrix c(n, n_cols);
+    Matrix c_acc = c0;
+    Matrix h(n, n_cols);
+    moet::detail::gemm_packed(a, packed, c, false, scratch, path);
+    moet::detail::gemm_packed(a, packed, c_acc, true, scratch, path);
+    moet::detail::glu_packed<moet::Silu>(a, packed_glu, h, scratch, path);
+    CHECK(scaled_error(c, naive_product(a, b), a, b) <= 1e-5);
+    CHECK(scaled_error(Matrix(c_acc - c0), naive_product(a, b), a, b) <= 1e-4);
+    CHECK(glu_error_ratio(h, a, b, wu, silu_ref) <= 1.0);
+    for (Index i = 0; i < n; ++i) {
+      Matrix one(1, n_cols);
+      Matrix one_acc = c0.row(i);
+      Matrix one_glu(1, n_cols);
+      moet::detail::gemm_packed(a.row(i), packed, one, false, scratch, path);
+      moet::detail::gemm_packed(a.row(i), packed, one_acc, true, scratch, path);
+      moet::detail::glu_packed<moet::Silu>(a.row(i), packed_glu, one_glu, scratch, path);
+      REQUIRE(bit_identical(one, c.row(i)));
+      REQUIRE(bit_identical(one_acc, c_acc.row(i)));
+      REQUIRE(bit_identical(one_glu, h.row(i)));
+    }
+  }
+}
+
+TEST_CASE("Accumulate mode is bit-identical for a row alone and inside a block",
+          "[gemm][determinism]") {
+  const KernelPath path = GENERATE(KernelPath::kBest, KernelPath::kPortable);
+  const Matrix a = random_matrix(40, 300, 5);
+  const Matrix b = random_matrix(300, 33, 6);
+  const Matrix c0 = random_matrix(40, 33, 7);
+  const moet::detail::PackedMatrix<float> packed(b);
+  moet::detail::Buffer<float> scratch;
+  Matrix full = c0;
+  moet::detail::gemm_packed(a, packed, full, true, scratch, path);
+  for (Index i = 0; i < a.rows(); ++i) {
+    Matrix one = c0.row(i);
+    moet::detail::gemm_packed(a.row(i), packed, one, true, scratch, path);
+    REQUIRE(bit_identical(one, full.row(i)));
+  }
+}
+
+TEST_CASE("Packing reads strided views and products write strided views", "[gemm][pack]") {
+  const KernelPath path = GENERATE(KernelPath::kBest, KernelPath::kPortable);
+  const Matrix big_b = random_matrix(320, 140, 11);
+  const auto b_view = big_b.block(7, 9, 300, 100);  // outer stride 140
+  const Matrix b = b_view;
+  const moet::detail::PackedMatrix<float> packed(b_view);
+  REQUIRE(packed.rows() == 300);
+  REQUIRE(packed.cols() == 100);
+  REQUIRE(packed.num_panels() == (100 + moet::detail::kGemmNr - 1) / moet::detail::kGemmNr);
+  REQUIRE(reinterpret_cast<std::uintptr_t>(packed.data()) % 64 == 0);
+  for (Index k = 0; k < b.rows(); ++k) {
+    for (Index j = 0; j < b.cols(); ++j) REQUIRE(packed.packed_coeff(k, j) == b(k, j));
+  }
+
+  const Matrix big_a = random_matrix(60, 310, 12);
+  const auto a_view = big_a.block(3, 4, 50, 300);  // outer stride 310
+  const Matrix a = a_view;
+  Matrix big_c = Matrix::Constant(55, 120, -7.0f);
+  auto c_view = big_c.block(2, 5, 50, 100);  // outer stride 120
+  moet::detail::Buffer<float> scratch;
+  moet::detail::gemm_packed(a_view, packed, c_view, false, scratch, path);
+  CHECK(scaled_error(Matrix(c_view), naive_product(a, b), a, b) <= 1e-5);
+  // Nothing outside the view was written.
+  Matrix outside = big_c;
+  outside.block(2, 5, 50, 100).setConstant(-7.0f);
+  CHECK((outside.array() == -7.0f).all());
+
+  // The same for the fused product: gate and up taken from strided views.
+  const Matrix big_u = random_matrix(320, 140, 13);
+  const auto u_view = big_u.block(1, 2, 300, 100);
+  const moet::detail::PackedGluMatrix<float> packed_glu(b_view, u_view);
+  Matrix big_h = Matrix::Constant(50, 130, -7.0f);
+  auto h_view = big_h.block(0, 30, 50, 100);
+  moet::detail::glu_packed<moet::Silu>(a_view, packed_glu, h_view, scratch, path);
+  CHECK(glu_error_ratio(Matrix(h_view), a, b, Matrix(u_view), silu_ref) <= 1.0);
+  CHECK((big_h.leftCols(30).array() == -7.0f).all());
+
+  // A copy of a packed matrix multiplies the same.
+  // NOLINTNEXTLINE(performance-unnecessary-copy-initialization): the copy is under test
+  const moet::detail::PackedMatrix<float> copy = packed;
+  Matrix c1(50, 100);
+  Matrix c2(50, 100);
+  moet::detail::gemm_packed(a, packed, c1, false, scratch, path);
+  moet::detail::gemm_packed(a, copy, c2, false, scratch, path);
+  CHECK(bit_identical(c1, c2));
+}
+
+TEST_CASE("Empty shapes: no rows, no columns, no inner dimension", "[gemm][edge]") {
+  const KernelPath path = GENERATE(KernelPath::kBest, KernelPath::kPortable);
+  moet::detail::Buffer<float> scratch;
+  // K = 0: the product is zero; accumulate leaves C alone; H = silu(0) * 0 = 0.
+  const moet::detail::PackedMatrix<float> empty_k(Matrix(0, 20));
+  const Matrix a(5, 0);
+  Matrix c = Matrix::Constant(5, 20, 3.0f);
+  moet::detail::gemm_packed(a, empty_k, c, true, scratch, path);
+  CHECK((c.array() == 3.0f).all());
+  moet::detail::gemm_packed(a, empty_k, c, false, scratch, path);
+  CHECK((c.array() == 0.0f).all());
+  const moet::detail::PackedGluMatrix<float> empty_glu(Matrix(0, 20), Matrix(0, 20));
+  Matrix h = Matrix::Constant(5, 20, 3.0f);
+  moet::detail::glu_packed<moet::Silu>(a, empty_glu, h, scratch, path);
+  CHECK((h.array() == 0.0f).all());
+  // N = 0 and n = 0.
+  const moet::detail::PackedMatrix<float> no_cols(Matrix(8, 0));
+  Matrix c0(4, 0);
+  moet::detail::gemm_packed(random_matrix(4, 8, 1), no_cols, c0, false, scratch, path);
+  const moet::detail::PackedMatrix<float> b(random_matrix(8, 3, 2));
+  Matrix none(0, 3);
+  moet::detail::gemm_packed(Matrix(0, 8), b, none, false, scratch, path);
+  CHECK(none.size() == 0);
+}
+
+TEST_CASE("Bad shapes and overlapping views throw moet::Error", "[gemm][errors]") {
+  moet::detail::Buffer<float> scratch;
+  const moet::detail::PackedMatrix<float> b(random_matrix(8, 5, 1));
+  Matrix c(3, 5);
+  CHECK_THROWS_AS(moet::detail::gemm_packed(random_matrix(3, 7, 2), b, c, false, scratch),
+                  moet::Error);
+  Matrix wrong(3, 6);
+  CHECK_THROWS_WITH(moet::detail::gemm_packed(random_matrix(3, 8, 2), b, wrong, false, scratch),
+                    Catch::Contains("[moet::gemm_packed]") && Catch::Contains("(3, 5)"));
+  Matrix shared = random_matrix(3, 13, 3);
+  CHECK_THROWS_AS(
+      moet::detail::gemm_packed(shared.leftCols(8), b, shared.rightCols(5), false, scratch),
+      moet::Error);
+  CHECK_THROWS_AS(moet::detail::PackedGluMatrix<float>(Matrix(8, 5), Matrix(8, 6)), moet::Error);
+  const moet::detail::PackedGluMatrix<float> w(random_matrix(8, 5, 4), random_matrix(8, 5, 5));
+  Matrix h(3, 4);
+  CHECK_THROWS_WITH(moet::detail::glu_packed(random_matrix(3, 8, 6), w, h, scratch),
+                    Catch::Contains("[moet::glu_packed]"));
+}
+
+TEST_CASE("A reserved scratch does not grow for blocks up to the reserved size", "[gemm][alloc]") {
+  const Index k = 520;
+  const Matrix wg = random_matrix(k, 40, 1);
+  const moet::detail::PackedMatrix<float> b(wg);
+  const moet::detail::PackedGluMatrix<float> w(wg, random_matrix(k, 40, 2));
+  moet::detail::Buffer<float> scratch;
+  moet::detail::reserve_packed_scratch(scratch, 300, k);
+  const Index reserved = scratch.capacity();
+  for (const Index n : {1, 5, 6, 7, 12, 13, 100, 299, 300}) {
+    const Matrix a = random_matrix(n, k, 3);
+    Matrix c(n, 40);
+    moet::detail::gemm_packed(a, b, c, false, scratch);
+    moet::detail::glu_packed(a, w, c, scratch);
+    moet::detail::gemm_packed(a, b, c, false, scratch, KernelPath::kPortable);
+    moet::detail::glu_packed(a, w, c, scratch, KernelPath::kPortable);
+    CHECK(scratch.capacity() == reserved);
+  }
+}
+
+namespace {
+
+// Checks silu_array on `xs` against the double-precision SiLU: relative error <= 1e-6 where
+// x >= -87 and silu(x) is a normal float, one subnormal ulp where it is subnormal, absolute
+// error <= 1.5e-36 for x < -87. Returns the worst relative error seen.
+double check_silu(const std::vector<float>& xs) {
+  std::vector<float> ys(xs.size());
+  moet::detail::silu_array(xs.data(), ys.data(), static_cast<Index>(xs.size()));
+  double worst = 0.0;
+  for (std::size_t i = 0; i < xs.size(); ++i) {
+    const double x = xs[i];
+    const double want = silu_ref(x);
+    const double got = ys[i];
+    if (x >= -87.0 && std::abs(want) >= std::numeric_limits<float>::min()) {
+      const double rel = std::abs(got - want) / std::abs(want);
+      if (!(rel <= 1e-6)) {
+        INFO("x = " << x << " got " << got << " want " << want);
+        REQUIRE(rel <= 1e-6);
+      }
+      worst = std::max(worst, rel);
+    } else {
+      // Subnormal results (tiny |x|) carry no relative precision: one subnormal ulp, 2^-149.
+      // Below -87 the kernels return -0 for a true value under 87 exp(-87).
+      const double bound = x >= -87.0 ? std::numeric_limits<float>::denorm_min() : 1.5e-36;
+      if (!(std::abs(got - want) <= bound)) {
+        INFO("x = " << x << " got " << got << " want " << want);
+        REQUIRE(std::abs(got - want) <= bound);
+      }
+    }
+  }
+  return worst;
+}
+
+// Checks every `step`-th float (by bit pattern) of [lo, 0] and [0, hi], a chunk at a time.
+double check_silu_grid(float lo, float hi, std::uint32_t step) {
+  double worst = 0.0;
+  std::vector<float> chunk;
+  const auto flush = [&] {
+    worst = std::max(worst, check_silu(chunk));
+    chunk.clear();
+  };
+  // Negative floats: the bit pattern grows with the magnitude.
+  const std::uint32_t neg_end = std::bit_cast<std::uint32_t>(lo);
+  for (std::uint64_t bits = std::bit_cast<std::uint32_t>(-0.0f); bits <= neg_end; bits += step) {
+    chunk.push_back(std::bit_cast<float>(static_cast<std::uint32_t>(bits)));
+    if (chunk.size() == (1u << 20)) flush();
+  }
+  const std::uint32_t pos_end = std::bit_cast<std::uint32_t>(hi);
+  for (std::uint64_t bits = 0; bits <= pos_end; bits += step) {
+    chunk.push_back(std::bit_cast<float>(static_cast<std::uint32_t>(bits)));
+    if (chunk.size() == (1u << 20)) flush();
+  }
+  flush();
+  return worst;
+}
+
+}  // namespace
+
+TEST_CASE("The kernels' SiLU is within 1e-6 relative of a double-precision SiLU", "[simd][silu]") {
+  INFO(moet::detail::kSimdName);
+  const double worst = check_silu_grid(-120.0f, 120.0f, 977);
+  // Around the places where the evaluation changes branch.
+  std::vector<float> special;
+  for (float x : {0.0f, -0.0f, 1e-30f, -1e-30f, 1e-7f, -1e-7f, 0.5f, -0.5f, 0.34657f, -0.34657f,
+                  -86.999f, -87.0f, -87.001f, 87.0f, 88.8f, 1e30f, -1e30f}) {
+    special.push_back(x);
+  }
+  check_silu(special);
+  WARN("worst relative error of silu_array (" << moet::detail::kSimdName << "): " << worst);
+  CHECK(worst <= 1e-6);
+  // Non-finite inputs behave like Silu::apply.
+  std::vector<float> odd = {std::numeric_limits<float>::infinity(),
+                            -std::numeric_limits<float>::infinity(),
+                            std::numeric_limits<float>::quiet_NaN()};
+  std::vector<float> out(odd.size());
+  moet::detail::silu_array(odd.data(), out.data(), 3);
+  CHECK(out[0] == std::numeric_limits<float>::infinity());
+  CHECK(std::isnan(out[1]) == std::isnan(moet::Silu::apply(odd[1])));
+  CHECK(std::isnan(out[2]));
+}
+
+TEST_CASE("The kernels' SiLU bound holds for every float in [-90, 90]", "[simd][silu][.slow]") {
+  const double worst = check_silu_grid(-90.0f, 90.0f, 1);
+  WARN("worst relative error over every float: " << worst);
+  CHECK(worst <= 1e-6);
+}

@@ -1,0 +1,206 @@
+// Optimisers and gradient utilities (train/optim.hpp) against hand-computed steps and an
+// independent scalar reference.
+
+#include <catch2/catch.hpp>
+#include <cmath>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "moet/errors.hpp"
+#include "moet/train/optim.hpp"
+
+namespace {
+
+using moet::Index;
+using moet::ParamMap;
+using moet::RowMatrix;
+
+// A module with two parameter tensors, a (2, 3) matrix and a (1, 4) vector.
+struct TwoTensors {
+  RowMatrix<double> w = RowMatrix<double>::Zero(2, 3);
+  RowMatrix<double> b = RowMatrix<double>::Zero(1, 4);
+  RowMatrix<double> gw = RowMatrix<double>::Zero(2, 3);
+  RowMatrix<double> gb = RowMatrix<double>::Zero(1, 4);
+  int changed = 0;
+  bool grow = false;  // visit a third tensor (to test the shape checks)
+  RowMatrix<double> extra = RowMatrix<double>::Zero(1, 1);
+  RowMatrix<double> gextra = RowMatrix<double>::Zero(1, 1);
+
+  void zero_grad() {
+    gw.setZero();
+    gb.setZero();
+  }
+  template <class F>
+  void visit_parameters(F&& f) {
+    f("w", ParamMap<double>(w.data(), w.rows(), w.cols()),
+      ParamMap<double>(gw.data(), gw.rows(), gw.cols()));
+    f("b", ParamMap<double>(b.data(), b.rows(), b.cols()),
+      ParamMap<double>(gb.data(), gb.rows(), gb.cols()));
+    if (grow) {
+      f("extra", ParamMap<double>(extra.data(), 1, 1), ParamMap<double>(gextra.data(), 1, 1));
+    }
+  }
+  void parameters_changed() { ++changed; }
+};
+
+// One parameter, one gradient: the scalar case used for hand computations.
+struct Scalar1 {
+  double p = 1.0;
+  double g = 0.0;
+  void zero_grad() { g = 0.0; }
+  template <class F>
+  void visit_parameters(F&& f) {
+    f("p", ParamMap<double>(&p, 1, 1), ParamMap<double>(&g, 1, 1));
+  }
+};
+
+}  // namespace
+
+TEST_CASE("Sgd with momentum matches a hand-computed two-step trajectory", "[train][optim]") {
+  // p0 = 1, constant gradient 2, lr 0.1, momentum 0.9:
+  // v1 = 2, p1 = 1 - 0.2 = 0.8; v2 = 0.9 * 2 + 2 = 3.8, p2 = 0.8 - 0.38 = 0.42.
+  Scalar1 m;
+  moet::Sgd<double> opt({.lr = 0.1, .momentum = 0.9});
+  m.g = 2.0;
+  opt.step(m);
+  CHECK(m.p == Approx(0.8).epsilon(1e-15));
+  opt.step(m);
+  CHECK(m.p == Approx(0.42).epsilon(1e-14));
+  CHECK(opt.steps() == 2);
+}
+
+TEST_CASE("Sgd Nesterov and coupled weight decay follow PyTorch's formulas", "[train][optim]") {
+  SECTION("nesterov: d = g + mu v") {
+    // v1 = 2, d = 2 + 0.9 * 2 = 3.8, p1 = 1 - 0.38 = 0.62.
+    Scalar1 m;
+    moet::Sgd<double> opt({.lr = 0.1, .momentum = 0.9, .nesterov = true});
+    m.g = 2.0;
+    opt.step(m);
+    CHECK(m.p == Approx(0.62).epsilon(1e-14));
+  }
+  SECTION("weight decay is added to the gradient") {
+    // g' = 2 + 0.5 * 1 = 2.5, p1 = 1 - 0.25 = 0.75.
+    Scalar1 m;
+    moet::Sgd<double> opt({.lr = 0.1, .weight_decay = 0.5});
+    m.g = 2.0;
+    opt.step(m);
+    CHECK(m.p == Approx(0.75).epsilon(1e-15));
+  }
+}
+
+TEST_CASE("AdamW matches an independent scalar reference over several steps", "[train][optim]") {
+  const double lr = 0.05, b1 = 0.8, b2 = 0.95, eps = 1e-6, wd = 0.1;
+  TwoTensors m;
+  for (Index i = 0; i < m.w.size(); ++i) m.w.data()[i] = 0.3 * static_cast<double>(i) - 0.7;
+  for (Index i = 0; i < m.b.size(); ++i) m.b.data()[i] = 1.0 - 0.4 * static_cast<double>(i);
+  // Reference state, flattened in visiting order.
+  std::vector<double> p, mm, vv;
+  for (Index i = 0; i < m.w.size(); ++i) p.push_back(m.w.data()[i]);
+  for (Index i = 0; i < m.b.size(); ++i) p.push_back(m.b.data()[i]);
+  mm.assign(p.size(), 0.0);
+  vv.assign(p.size(), 0.0);
+
+  moet::AdamW<double> opt({.lr = lr, .beta1 = b1, .beta2 = b2, .eps = eps, .weight_decay = wd});
+  for (int step = 1; step <= 5; ++step) {
+    // Gradient of 0.5 * sum (p - c)^2 with c = 0.25 * index, plus a step-dependent wiggle.
+    std::vector<double> g(p.size());
+    for (std::size_t i = 0; i < p.size(); ++i) {
+      g[i] = p[i] - 0.25 * static_cast<double>(i) + 0.01 * step;
+    }
+    for (Index i = 0; i < m.w.size(); ++i) m.gw.data()[i] = g[static_cast<std::size_t>(i)];
+    for (Index i = 0; i < m.b.size(); ++i) {
+      m.gb.data()[i] = g[static_cast<std::size_t>(m.w.size() + i)];
+    }
+    opt.step(m);
+    for (std::size_t i = 0; i < p.size(); ++i) {
+      p[i] -= lr * wd * p[i];
+      mm[i] = b1 * mm[i] + (1 - b1) * g[i];
+      vv[i] = b2 * vv[i] + (1 - b2) * g[i] * g[i];
+      const double mhat = mm[i] / (1 - std::pow(b1, step));
+      const double vhat = vv[i] / (1 - std::pow(b2, step));
+      p[i] -= lr * mhat / (std::sqrt(vhat) + eps);
+    }
+    for (Index i = 0; i < m.w.size(); ++i) {
+      CHECK(m.w.data()[i] == Approx(p[static_cast<std::size_t>(i)]).epsilon(1e-12));
+    }
+    for (Index i = 0; i < m.b.size(); ++i) {
+      CHECK(m.b.data()[i] == Approx(p[static_cast<std::size_t>(m.w.size() + i)]).epsilon(1e-12));
+    }
+  }
+  CHECK(m.changed == 5);  // the parameters_changed hook ran after every step
+}
+
+TEST_CASE("AdamW's first step moves each parameter by lr against its gradient's sign",
+          "[train][optim]") {
+  // With zero decay, m1 / (1 - b1) = g and v1 / (1 - b2) = g^2: the step is lr * g / (|g| + eps).
+  Scalar1 m;
+  moet::AdamW<double> opt({.lr = 0.01, .eps = 1e-12, .weight_decay = 0.0});
+  m.g = -3.0;
+  opt.step(m);
+  CHECK(m.p == Approx(1.01).epsilon(1e-12));
+}
+
+TEST_CASE("AdamW minimises a quadratic", "[train][optim]") {
+  TwoTensors m;
+  moet::AdamW<double> opt({.lr = 0.05, .weight_decay = 0.0});
+  for (int step = 0; step < 600; ++step) {
+    m.zero_grad();
+    for (Index i = 0; i < m.w.size(); ++i) m.gw.data()[i] = m.w.data()[i] - 2.0;
+    for (Index i = 0; i < m.b.size(); ++i) m.gb.data()[i] = m.b.data()[i] + 1.0;
+    opt.step(m);
+  }
+  CHECK((m.w.array() - 2.0).abs().maxCoeff() < 1e-3);
+  CHECK((m.b.array() + 1.0).abs().maxCoeff() < 1e-3);
+}
+
+TEST_CASE("grad_norm and clip_grad_norm use the global L2 norm", "[train][optim]") {
+  TwoTensors m;
+  m.gw(0, 0) = 3.0;
+  m.gb(0, 3) = 4.0;
+  CHECK(moet::grad_norm<double>(m) == Approx(5.0));
+  CHECK(moet::clip_grad_norm<double>(m, 10.0) == Approx(5.0));
+  CHECK(m.gw(0, 0) == 3.0);  // below the bound: untouched
+  CHECK(moet::clip_grad_norm<double>(m, 1.0) == Approx(5.0));
+  CHECK(m.gw(0, 0) == Approx(0.6));
+  CHECK(m.gb(0, 3) == Approx(0.8));
+  CHECK(moet::grad_norm<double>(m) == Approx(1.0));
+}
+
+TEST_CASE("Optimisers reject bad options and a module whose parameters changed",
+          "[train][optim][errors]") {
+  using Catch::Matchers::Contains;
+  CHECK_THROWS_WITH(moet::Sgd<double>({.lr = 0.0}), Contains("[moet::Sgd] lr must be positive"));
+  CHECK_THROWS_WITH(moet::Sgd<double>({.lr = 0.1, .momentum = 1.0}),
+                    Contains("momentum must be in [0, 1), got 1"));
+  CHECK_THROWS_WITH(moet::Sgd<double>({.lr = 0.1, .nesterov = true}),
+                    Contains("nesterov needs momentum > 0"));
+  CHECK_THROWS_WITH(moet::AdamW<double>({.beta2 = 1.0}),
+                    Contains("[moet::AdamW] beta2 must be in [0, 1), got 1"));
+  CHECK_THROWS_WITH(moet::AdamW<double>({.eps = 0.0}), Contains("eps must be positive"));
+  CHECK_THROWS_WITH(moet::AdamW<double>({.weight_decay = -1.0}),
+                    Contains("weight_decay must be >= 0"));
+  {
+    TwoTensors m;
+    CHECK_THROWS_WITH(moet::clip_grad_norm<double>(m, 0.0), Contains("[moet::clip_grad_norm]"));
+    m.gw(1, 1) = std::nan("");
+    CHECK_THROWS_WITH(moet::clip_grad_norm<double>(m, 1.0), Contains("NaN or Inf"));
+  }
+  {
+    TwoTensors m;
+    moet::AdamW<double> opt({});
+    opt.step(m);
+    m.grow = true;
+    CHECK_THROWS_WITH(opt.step(m), Contains("[moet::AdamW] the module now visits more parameter "
+                                            "tensors (3) than at the first step (2)"));
+  }
+  {
+    TwoTensors m;
+    moet::Sgd<double> opt({.lr = 0.1, .momentum = 0.5});
+    opt.step(m);
+    m.b.resize(1, 5);
+    m.gb.setZero(1, 5);
+    CHECK_THROWS_WITH(opt.step(m),
+                      Contains("parameter 'b' changed shape from (1, 4) to (1, 5)"));
+  }
+}

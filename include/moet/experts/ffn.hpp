@@ -11,6 +11,7 @@
 #include "moet/errors.hpp"
 #include "moet/experts/activations.hpp"
 #include "moet/tensor.hpp"
+#include "moet/train/grad.hpp"
 
 namespace moet {
 
@@ -166,6 +167,113 @@ class FfnExperts {
     if (options_.bias) out.rowwise() += out_bias(e);
   }
 
+  // --- training (train/grad.hpp's `TrainableExperts`) --------------------------------------
+
+  /// Scalars `forward_train` keeps per routed row: the pre-activation `x W1_e + b1_e`,
+  /// `hidden_dim`.
+  Index cache_width() const { return options_.hidden_dim; }
+
+  /// `forward`, plus the row cache `cache` `(n, hidden_dim)` = `in W1_e + b1_e`. Same
+  /// preconditions as `forward`, and `cache` has `in.rows()` rows and overlaps neither.
+  void forward_train(Index e, const ConstRows<S>& in, Rows<S> out, Rows<S> cache,
+                     Scratch& scratch) const {
+    MOET_ASSERT(e >= 0 && e < num_experts(), "expert id out of range");
+    MOET_ASSERT(in.cols() == model_dim() && out.cols() == model_dim() && out.rows() == in.rows(),
+                "FfnExperts::forward_train shape mismatch");
+    MOET_ASSERT(cache.rows() == in.rows() && cache.cols() == cache_width(),
+                "FfnExperts::forward_train cache shape mismatch");
+    const Index n = in.rows();
+    if (n == 0) return;
+    cache.noalias() = in * in_weights(e);
+    if (options_.bias) cache.rowwise() += in_bias(e);
+    auto h = detail::aligned_matrix(scratch.hidden, n, hidden_dim());  // (n, hidden_dim)
+    activate(cache, h);
+    out.noalias() = h * out_weights(e);
+    if (options_.bias) out.rowwise() += out_bias(e);
+  }
+
+  /// Backward of expert `e` on `n` rows: `in` `(n, model_dim)` and `cache` `(n, hidden_dim)`
+  /// from `forward_train`, `dout` = dL/dout `(n, model_dim)`. With `a` the cached
+  /// pre-activation, `h = Act(a)`, `da = (dout W2_e^T) ⊙ Act'(a)`: accumulates
+  /// `dW2_e += h^T dout`, `db2_e += sum of dout's rows`, `dW1_e += in^T da`,
+  /// `db1_e += sum of da's rows` and **writes** `din = da W1_e^T` `(n, model_dim)`. Reuses
+  /// `scratch`'s `(n, hidden_dim)` buffer. Allocates the gradients on first use (call
+  /// `zero_grad()` first when calls for different experts run concurrently). Deterministic.
+  void backward(Index e, const ConstRows<S>& in, const ConstRows<S>& cache,
+                const ConstRows<S>& dout, Rows<S> din, Scratch& scratch) {
+    MOET_ASSERT(e >= 0 && e < num_experts(), "expert id out of range");
+    MOET_ASSERT(in.cols() == model_dim() && cache.rows() == in.rows() &&
+                    cache.cols() == cache_width() && dout.rows() == in.rows() &&
+                    dout.cols() == model_dim() && din.rows() == in.rows() &&
+                    din.cols() == model_dim(),
+                "FfnExperts::backward shape mismatch");
+    ensure_grad();
+    const Index n = in.rows();
+    const Index f = hidden_dim();
+    if (n == 0) return;
+    auto h = detail::aligned_matrix(scratch.hidden, n, f);  // (n, hidden_dim): h, then da
+    activate(cache, h);
+    weights_block(w2_grad_, e, f).noalias() += h.transpose() * dout;  // (hidden_dim, model_dim)
+    h.noalias() = dout * out_weights(e).transpose();                   // dh (n, hidden_dim)
+    for (Index r = 0; r < n; ++r) {
+      for (Index j = 0; j < f; ++j) h(r, j) *= Act::template derivative<S>(cache(r, j));  // da
+    }
+    weights_block(w1_grad_, e, model_dim()).noalias() += in.transpose() * h;
+    if (options_.bias) {
+      // Column sums in row order (a fixed order, the same bits every run).
+      for (Index r = 0; r < n; ++r) {
+        b1_grad_.row(e) += h.row(r);
+        b2_grad_.row(e) += dout.row(r);
+      }
+    }
+    din.noalias() = h * in_weights(e).transpose();
+  }
+
+  /// Sets every gradient to zero (allocating them on first use).
+  void zero_grad() {
+    ensure_grad();
+    w1_grad_.setZero();
+    w2_grad_.setZero();
+    b1_grad_.setZero();
+    b2_grad_.setZero();
+  }
+
+  /// Allocates the gradients (zero) if they are not yet; a no-op afterwards.
+  void ensure_grad() {
+    if (w1_grad_.rows() != w1_.rows()) w1_grad_ = RowMatrix<S>::Zero(w1_.rows(), w1_.cols());
+    if (w2_grad_.rows() != w2_.rows()) w2_grad_ = RowMatrix<S>::Zero(w2_.rows(), w2_.cols());
+    if (b1_grad_.rows() != b1_.rows() || b1_grad_.cols() != b1_.cols()) {
+      b1_grad_ = RowMatrix<S>::Zero(b1_.rows(), b1_.cols());
+    }
+    if (b2_grad_.rows() != b2_.rows() || b2_grad_.cols() != b2_.cols()) {
+      b2_grad_ = RowMatrix<S>::Zero(b2_.rows(), b2_.cols());
+    }
+  }
+
+  /// Calls `f(name, value, grad)` for the stacked parameters, in this order: `in_weight`
+  /// `(num_experts * model_dim, hidden_dim)`, `in_bias` `(num_experts, hidden_dim)`,
+  /// `out_weight` `(num_experts * hidden_dim, model_dim)`, `out_bias` `(num_experts,
+  /// model_dim)`; the biases only with `has_bias()`. Allocates the gradients on first use.
+  template <class F>
+  void visit_parameters(F&& f) {
+    ensure_grad();
+    const auto visit = [&](const char* name, RowMatrix<S>& value, RowMatrix<S>& grad) {
+      f(name, ParamMap<S>(value.data(), value.rows(), value.cols()),
+        ParamMap<S>(grad.data(), grad.rows(), grad.cols()));
+    };
+    visit("in_weight", w1_, w1_grad_);
+    if (options_.bias) visit("in_bias", b1_, b1_grad_);
+    visit("out_weight", w2_, w2_grad_);
+    if (options_.bias) visit("out_bias", b2_, b2_grad_);
+  }
+
+  /// The accumulated gradients, shaped like the stacks (empty before the first `zero_grad`,
+  /// `backward` or `visit_parameters`).
+  const RowMatrix<S>& in_weights_grad() const { return w1_grad_; }
+  const RowMatrix<S>& out_weights_grad() const { return w2_grad_; }
+  const RowMatrix<S>& in_bias_grad() const { return b1_grad_; }
+  const RowMatrix<S>& out_bias_grad() const { return b2_grad_; }
+
  private:
   static constexpr const char* kOp = "FfnExperts";
 
@@ -192,6 +300,19 @@ class FfnExperts {
   RowMatrix<S> w2_;  // (num_experts * hidden_dim, model_dim)
   RowMatrix<S> b1_;  // (num_experts, hidden_dim), or (0, hidden_dim) without bias
   RowMatrix<S> b2_;  // (num_experts, model_dim), or (0, model_dim) without bias
+  // Training: the gradients (lazily allocated, the parameters' shapes).
+  RowMatrix<S> w1_grad_;
+  RowMatrix<S> w2_grad_;
+  RowMatrix<S> b1_grad_;
+  RowMatrix<S> b2_grad_;
+
+  // h = Act(a) from the cached pre-activations `a` `(n, hidden_dim)`, one scalar at a time.
+  template <class Cache, class H>
+  static void activate(const Cache& cache, H& h) {
+    for (Index r = 0; r < h.rows(); ++r) {
+      for (Index j = 0; j < h.cols(); ++j) h(r, j) = Act::template apply<S>(cache(r, j));
+    }
+  }
 };
 
 /// ReLU FFN experts (the original Transformer / Switch FFN).

@@ -11,6 +11,7 @@
 #include "moet/errors.hpp"
 #include "moet/experts/activations.hpp"
 #include "moet/tensor.hpp"
+#include "moet/train/grad.hpp"
 
 namespace moet {
 
@@ -151,6 +152,109 @@ class GluExperts {
     out.noalias() = g * down_weights(e);
   }
 
+  // --- training (train/grad.hpp's `TrainableExperts`) --------------------------------------
+
+  /// Scalars `forward_train` keeps per routed row: the pre-activations `x Wg_e` and `x Wu_e`,
+  /// `2 * hidden_dim` (the hidden product `Act(x Wg) ⊙ (x Wu)` is recomputed by `backward`
+  /// rather than stored).
+  Index cache_width() const { return 2 * options_.hidden_dim; }
+
+  /// `forward`, plus the row cache `cache` `(n, cache_width())`: columns `[0, hidden_dim)`
+  /// hold `in Wg_e`, columns `[hidden_dim, 2 hidden_dim)` hold `in Wu_e`. Uses Eigen's
+  /// products (not the inference kernel). Same preconditions as `forward`, and `cache` has
+  /// `in.rows()` rows and does not overlap `in` or `out`.
+  void forward_train(Index e, const ConstRows<S>& in, Rows<S> out, Rows<S> cache,
+                     Scratch& scratch) const {
+    MOET_ASSERT(e >= 0 && e < num_experts(), "expert id out of range");
+    MOET_ASSERT(in.cols() == model_dim() && out.cols() == model_dim() && out.rows() == in.rows(),
+                "GluExperts::forward_train shape mismatch");
+    MOET_ASSERT(cache.rows() == in.rows() && cache.cols() == cache_width(),
+                "GluExperts::forward_train cache shape mismatch");
+    const Index n = in.rows();
+    const Index f = hidden_dim();
+    if (n == 0) return;
+    cache.leftCols(f).noalias() = in * gate_weights(e);
+    cache.rightCols(f).noalias() = in * up_weights(e);
+    auto h = detail::aligned_matrix(scratch.gate, n, f);  // (n, hidden_dim)
+    glu_hidden(cache, h);
+    out.noalias() = h * down_weights(e);
+  }
+
+  /// Backward of expert `e` on `n` rows: `in` `(n, model_dim)` and `cache` `(n, cache_width())`
+  /// as given to / written by `forward_train`, `dout` = dL/dout `(n, model_dim)`. Accumulates
+  /// `dWd_e += h^T dout`, `dWg_e += in^T dg`, `dWu_e += in^T du` (with `h = Act(g) ⊙ u`,
+  /// `dh = dout Wd_e^T`, `dg = dh ⊙ u ⊙ Act'(g)`, `du = dh ⊙ Act(g)`) and **writes**
+  /// `din = dg Wg_e^T + du Wu_e^T` `(n, model_dim)`. Reuses `scratch`'s two `(n, hidden_dim)`
+  /// buffers. Allocates the gradients on first use (call `zero_grad()` first when calls for
+  /// different experts run concurrently). Deterministic: each product's result depends only
+  /// on its operands' shapes and values.
+  void backward(Index e, const ConstRows<S>& in, const ConstRows<S>& cache,
+                const ConstRows<S>& dout, Rows<S> din, Scratch& scratch) {
+    MOET_ASSERT(e >= 0 && e < num_experts(), "expert id out of range");
+    MOET_ASSERT(in.cols() == model_dim() && cache.rows() == in.rows() &&
+                    cache.cols() == cache_width() && dout.rows() == in.rows() &&
+                    dout.cols() == model_dim() && din.rows() == in.rows() &&
+                    din.cols() == model_dim(),
+                "GluExperts::backward shape mismatch");
+    ensure_grad();
+    const Index n = in.rows();
+    const Index f = hidden_dim();
+    if (n == 0) return;
+    auto a = detail::aligned_matrix(scratch.gate, n, f);  // (n, hidden_dim): h, then dg
+    auto b = detail::aligned_matrix(scratch.up, n, f);    // (n, hidden_dim): dh, then du
+    glu_hidden(cache, a);
+    block(down_grad_, e, f).noalias() += a.transpose() * dout;  // (hidden_dim, model_dim)
+    b.noalias() = dout * down_weights(e).transpose();            // dh (n, hidden_dim)
+    for (Index r = 0; r < n; ++r) {
+      for (Index j = 0; j < f; ++j) {
+        const S g = cache(r, j);
+        const S u = cache(r, f + j);
+        const S dh = b(r, j);
+        a(r, j) = dh * u * Act::template derivative<S>(g);  // dg
+        b(r, j) = dh * Act::template apply<S>(g);           // du
+      }
+    }
+    block(gate_grad_, e, model_dim()).noalias() += in.transpose() * a;  // (model_dim, hidden_dim)
+    block(up_grad_, e, model_dim()).noalias() += in.transpose() * b;    // (model_dim, hidden_dim)
+    din.noalias() = a * gate_weights(e).transpose();
+    din.noalias() += b * up_weights(e).transpose();
+  }
+
+  /// Sets every weight gradient to zero (allocating them on first use).
+  void zero_grad() {
+    ensure_grad();
+    gate_grad_.setZero();
+    up_grad_.setZero();
+    down_grad_.setZero();
+  }
+
+  /// Allocates the gradients (zero) if they are not yet; a no-op afterwards.
+  void ensure_grad() {
+    if (gate_grad_.rows() != gate_.rows()) gate_grad_ = RowMatrix<S>::Zero(gate_.rows(), gate_.cols());
+    if (up_grad_.rows() != up_.rows()) up_grad_ = RowMatrix<S>::Zero(up_.rows(), up_.cols());
+    if (down_grad_.rows() != down_.rows()) down_grad_ = RowMatrix<S>::Zero(down_.rows(), down_.cols());
+  }
+
+  /// Calls `f(name, value, grad)` for the stacked weights, in this order: `gate`
+  /// `(num_experts * model_dim, hidden_dim)`, `up` (same shape), `down` `(num_experts *
+  /// hidden_dim, model_dim)`. Allocates the gradients on first use.
+  template <class F>
+  void visit_parameters(F&& f) {
+    ensure_grad();
+    f("gate", ParamMap<S>(gate_.data(), gate_.rows(), gate_.cols()),
+      ParamMap<S>(gate_grad_.data(), gate_grad_.rows(), gate_grad_.cols()));
+    f("up", ParamMap<S>(up_.data(), up_.rows(), up_.cols()),
+      ParamMap<S>(up_grad_.data(), up_grad_.rows(), up_grad_.cols()));
+    f("down", ParamMap<S>(down_.data(), down_.rows(), down_.cols()),
+      ParamMap<S>(down_grad_.data(), down_grad_.rows(), down_grad_.cols()));
+  }
+
+  /// The accumulated gradients, shaped like the stacks (empty before the first `zero_grad`,
+  /// `backward` or `visit_parameters`).
+  const RowMatrix<S>& gate_grad() const { return gate_grad_; }
+  const RowMatrix<S>& up_grad() const { return up_grad_; }
+  const RowMatrix<S>& down_grad() const { return down_grad_; }
+
  private:
   static constexpr const char* kOp = "GluExperts";
 
@@ -169,6 +273,20 @@ class GluExperts {
   RowMatrix<S> gate_;  // (num_experts * model_dim, hidden_dim)
   RowMatrix<S> up_;    // (num_experts * model_dim, hidden_dim)
   RowMatrix<S> down_;  // (num_experts * hidden_dim, model_dim)
+  // Training: the gradients (lazily allocated, the stacks' shapes).
+  RowMatrix<S> gate_grad_;
+  RowMatrix<S> up_grad_;
+  RowMatrix<S> down_grad_;
+
+  // h = Act(g) ⊙ u from a cache `(n, 2 hidden_dim)` = [g | u] into `h` `(n, hidden_dim)`,
+  // one scalar at a time (bit-identical wherever the rows sit).
+  template <class Cache, class H>
+  void glu_hidden(const Cache& cache, H& h) const {
+    const Index f = hidden_dim();
+    for (Index r = 0; r < h.rows(); ++r) {
+      for (Index j = 0; j < f; ++j) h(r, j) = Act::template apply<S>(cache(r, j)) * cache(r, f + j);
+    }
+  }
 };
 
 /// SwiGLU experts: `GluExperts` with the SiLU gate.

@@ -1,0 +1,241 @@
+// Expert-bank training: forward_train equals forward and caches the pre-activations, backward's
+// weight and input gradients equal central finite differences in double (every expert kind),
+// gradients accumulate, din is written, visit_parameters names every tensor.
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <catch2/catch.hpp>
+
+#include "moet/experts/activations.hpp"
+#include "moet/experts/ffn.hpp"
+#include "moet/experts/glu.hpp"
+#include "moet/tensor.hpp"
+#include "moet/train/grad.hpp"
+
+namespace {
+
+using moet::Index;
+using moet::RowMatrix;
+
+static_assert(moet::TrainableExperts<moet::SwiGluExperts<float>>);
+static_assert(moet::TrainableExperts<moet::GeGluExperts<double>>);
+static_assert(moet::TrainableExperts<moet::GeluFfnExperts<float>>);
+static_assert(moet::TrainableExperts<moet::ReluFfnExperts<double>>);
+
+RowMatrix<double> random_rows(Index rows, Index cols, std::uint32_t seed) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  RowMatrix<double> m(rows, cols);
+  for (Index i = 0; i < m.size(); ++i) m.data()[i] = normal(gen);
+  return m;
+}
+
+// A parameter tensor as the bank visits it: where its values live and a copy of its gradient.
+struct Tensor {
+  std::string name;
+  double* value = nullptr;
+  RowMatrix<double> grad;
+};
+
+template <class Bank>
+std::vector<Tensor> collect(Bank& bank) {
+  std::vector<Tensor> out;
+  bank.visit_parameters(
+      [&](std::string_view name, moet::ParamMap<double> value, moet::ParamMap<double> grad) {
+        REQUIRE(value.rows() == grad.rows());
+        REQUIRE(value.cols() == grad.cols());
+        out.push_back(Tensor{std::string(name), value.data(), grad});
+      });
+  return out;
+}
+
+// fd ~ analytic: Frobenius-relative <= 1e-4 and every entry within 1e-4 (|fd| + rms(fd)).
+void check_gradient(const RowMatrix<double>& analytic, const RowMatrix<double>& fd,
+                    const std::string& what) {
+  INFO(what);
+  REQUIRE(analytic.rows() == fd.rows());
+  REQUIRE(analytic.cols() == fd.cols());
+  REQUIRE(fd.norm() > 0.0);
+  CHECK((analytic - fd).norm() <= 1e-4 * fd.norm());
+  const double rms = fd.norm() / std::sqrt(static_cast<double>(fd.size()));
+  int bad = 0;
+  for (Index i = 0; i < fd.size(); ++i) {
+    const double want = fd.data()[i];
+    if (!(std::abs(analytic.data()[i] - want) <= 1e-4 * (std::abs(want) + rms))) ++bad;
+  }
+  CHECK(bad == 0);
+}
+
+// Loss L = sum(R ⊙ E_e(in)) through the inference `forward` (an independent path).
+template <class Bank>
+double loss(const Bank& bank, Index e, const RowMatrix<double>& in, const RowMatrix<double>& r) {
+  typename Bank::Scratch scratch;
+  RowMatrix<double> out(in.rows(), in.cols());
+  bank.forward(e, in, out, scratch);
+  return (out.array() * r.array()).sum();
+}
+
+template <class Bank>
+void check_expert_gradients(Bank bank, const std::string& kind) {
+  INFO(kind);
+  constexpr double kEps = 1e-6;
+  constexpr Index kRows = 5;
+  constexpr Index kExpert = 1;
+  const Index d = bank.model_dim();
+  const RowMatrix<double> in = random_rows(kRows, d, 11);
+  const RowMatrix<double> r = random_rows(kRows, d, 12);
+
+  typename Bank::Scratch scratch;
+  RowMatrix<double> out(kRows, d);
+  RowMatrix<double> cache(kRows, bank.cache_width());
+  RowMatrix<double> din = RowMatrix<double>::Constant(kRows, d, 123.0);  // must be overwritten
+  bank.forward_train(kExpert, in, out, cache, scratch);
+  RowMatrix<double> want(kRows, d);
+  bank.forward(kExpert, in, want, scratch);
+  CHECK((out - want).norm() <= 1e-12 * want.norm());
+
+  bank.zero_grad();
+  bank.backward(kExpert, in, cache, r, din, scratch);
+
+  // Input gradient.
+  RowMatrix<double> fd_in(kRows, d);
+  for (Index i = 0; i < in.size(); ++i) {
+    RowMatrix<double> plus = in;
+    RowMatrix<double> minus = in;
+    plus.data()[i] += kEps;
+    minus.data()[i] -= kEps;
+    fd_in.data()[i] = (loss(bank, kExpert, plus, r) - loss(bank, kExpert, minus, r)) / (2 * kEps);
+  }
+  check_gradient(din, fd_in, kind + " din");
+
+  // Every parameter tensor, every entry (other experts' entries have gradient 0 both ways).
+  for (Tensor& tensor : collect(bank)) {
+    RowMatrix<double> fd(tensor.grad.rows(), tensor.grad.cols());
+    for (Index i = 0; i < fd.size(); ++i) {
+      const double saved = tensor.value[i];
+      tensor.value[i] = saved + kEps;
+      const double up = loss(bank, kExpert, in, r);
+      tensor.value[i] = saved - kEps;
+      const double down = loss(bank, kExpert, in, r);
+      tensor.value[i] = saved;
+      fd.data()[i] = (up - down) / (2 * kEps);
+    }
+    check_gradient(tensor.grad, fd, kind + " " + tensor.name);
+  }
+
+  // A second backward accumulates: every gradient doubles (to rounding: the products add into
+  // the gradient); din is written again.
+  const std::vector<Tensor> once = collect(bank);
+  din.setConstant(-7.0);
+  bank.backward(kExpert, in, cache, r, din, scratch);
+  CHECK((din - fd_in).norm() <= 1e-4 * fd_in.norm());
+  const std::vector<Tensor> twice = collect(bank);
+  REQUIRE(once.size() == twice.size());
+  for (std::size_t i = 0; i < once.size(); ++i) {
+    INFO(once[i].name);
+    CHECK((twice[i].grad - 2.0 * once[i].grad).norm() <= 1e-12 * once[i].grad.norm());
+  }
+
+  // zero_grad clears; an empty block is a no-op.
+  bank.zero_grad();
+  RowMatrix<double> none_in(0, d), none_cache(0, bank.cache_width()), none_out(0, d);
+  bank.backward(kExpert, none_in, none_cache, none_out, none_out, scratch);
+  for (const Tensor& tensor : collect(bank)) CHECK(tensor.grad.isZero(0.0));
+}
+
+constexpr Index kDim = 6;
+constexpr Index kHidden = 7;
+constexpr Index kExperts = 3;
+
+}  // namespace
+
+TEST_CASE("SwiGLU expert gradients equal finite differences", "[experts][grad][glu]") {
+  check_expert_gradients(moet::SwiGluExperts<double>({.model_dim = kDim, .hidden_dim = kHidden,
+                                                      .num_experts = kExperts, .init_seed = 3}),
+                         "swiglu");
+}
+
+TEST_CASE("GeGLU expert gradients equal finite differences", "[experts][grad][glu]") {
+  check_expert_gradients(moet::GeGluExperts<double>({.model_dim = kDim, .hidden_dim = kHidden,
+                                                     .num_experts = kExperts, .init_seed = 4}),
+                         "geglu");
+  check_expert_gradients(
+      moet::GluExperts<double, moet::GeluTanh>(
+          {.model_dim = kDim, .hidden_dim = kHidden, .num_experts = kExperts, .init_seed = 5}),
+      "geglu-tanh");
+}
+
+TEST_CASE("FFN expert gradients equal finite differences", "[experts][grad][ffn]") {
+  // Non-zero biases, so their gradients and the pre-activation shift are exercised.
+  auto with_biases = [](auto bank) {
+    bank.in_bias_stack() = random_rows(kExperts, kHidden, 21);
+    bank.out_bias_stack() = random_rows(kExperts, kDim, 22);
+    return bank;
+  };
+  check_expert_gradients(with_biases(moet::GeluFfnExperts<double>(
+                             {.model_dim = kDim, .hidden_dim = kHidden, .num_experts = kExperts,
+                              .init_seed = 6})),
+                         "ffn-gelu");
+  check_expert_gradients(with_biases(moet::ReluFfnExperts<double>(
+                             {.model_dim = kDim, .hidden_dim = kHidden, .num_experts = kExperts,
+                              .init_seed = 7})),
+                         "ffn-relu");
+  check_expert_gradients(
+      moet::GeluFfnExperts<double>({.model_dim = kDim, .hidden_dim = kHidden,
+                                    .num_experts = kExperts, .bias = false, .init_seed = 8}),
+      "ffn-gelu-no-bias");
+}
+
+TEST_CASE("forward_train caches the pre-activations", "[experts][grad]") {
+  const RowMatrix<double> in = random_rows(4, kDim, 31);
+  moet::SwiGluExperts<double> glu(
+      {.model_dim = kDim, .hidden_dim = kHidden, .num_experts = kExperts, .init_seed = 9});
+  moet::SwiGluExperts<double>::Scratch glu_scratch;
+  RowMatrix<double> out(4, kDim), cache(4, glu.cache_width());
+  CHECK(glu.cache_width() == 2 * kHidden);
+  glu.forward_train(2, in, out, cache, glu_scratch);
+  CHECK((cache.leftCols(kHidden) - in * glu.gate_weights(2)).norm() <= 1e-12);
+  CHECK((cache.rightCols(kHidden) - in * glu.up_weights(2)).norm() <= 1e-12);
+
+  moet::GeluFfnExperts<double> ffn(
+      {.model_dim = kDim, .hidden_dim = kHidden, .num_experts = kExperts, .init_seed = 10});
+  ffn.in_bias_stack() = random_rows(kExperts, kHidden, 32);
+  moet::GeluFfnExperts<double>::Scratch ffn_scratch;
+  RowMatrix<double> ffn_cache(4, ffn.cache_width());
+  CHECK(ffn.cache_width() == kHidden);
+  ffn.forward_train(0, in, out, ffn_cache, ffn_scratch);
+  const RowMatrix<double> pre = (in * ffn.in_weights(0)).rowwise() + ffn.in_bias(0);
+  CHECK((ffn_cache - pre).norm() <= 1e-12);
+}
+
+TEST_CASE("Expert banks visit their parameters by name, in a fixed order", "[experts][grad]") {
+  moet::SwiGluExperts<float> glu({.model_dim = 4, .hidden_dim = 5, .num_experts = 2});
+  std::vector<std::string> names;
+  std::vector<Index> rows;
+  glu.visit_parameters([&](std::string_view name, moet::ParamMap<float> value,
+                           moet::ParamMap<float> grad) {
+    names.emplace_back(name);
+    rows.push_back(value.rows());
+    CHECK(grad.isZero(0.0f));  // allocated zero on first visit
+  });
+  CHECK(names == std::vector<std::string>{"gate", "up", "down"});
+  CHECK(rows == std::vector<Index>{8, 8, 10});
+
+  names.clear();
+  moet::GeluFfnExperts<float> ffn({.model_dim = 4, .hidden_dim = 5, .num_experts = 2});
+  ffn.visit_parameters([&](std::string_view name, moet::ParamMap<float>, moet::ParamMap<float>) {
+    names.emplace_back(name);
+  });
+  CHECK(names == std::vector<std::string>{"in_weight", "in_bias", "out_weight", "out_bias"});
+
+  names.clear();
+  moet::GeluFfnExperts<float> bare(
+      {.model_dim = 4, .hidden_dim = 5, .num_experts = 2, .bias = false});
+  bare.visit_parameters([&](std::string_view name, moet::ParamMap<float>, moet::ParamMap<float>) {
+    names.emplace_back(name);
+  });
+  CHECK(names == std::vector<std::string>{"in_weight", "out_weight"});
+}

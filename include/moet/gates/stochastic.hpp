@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <span>
 
 #include "moet/context.hpp"
 #include "moet/detail/parallel.hpp"
@@ -14,6 +15,7 @@
 #include "moet/errors.hpp"
 #include "moet/routing.hpp"
 #include "moet/tensor.hpp"
+#include "moet/train/grad.hpp"
 
 namespace moet {
 
@@ -58,6 +60,8 @@ template <class S>
 class StochasticGate {
  public:
   using Scalar = S;
+  /// The gate has no scores and no losses: its backward takes no loss-gradient inputs.
+  using LossGrad = NoLossGrad;
 
   /// Construction options.
   struct Options {
@@ -156,6 +160,35 @@ class StochasticGate {
       }
     });
   }
+
+  // --- training (train/grad.hpp's `TrainableGate`) -----------------------------------------
+
+  /// Backward of `route`: THOR's gate has no parameters and its choice does not depend on
+  /// `x` (ALGORITHMS.md 4.2), so nothing is accumulated and nothing is added to `dx`. Checks
+  /// the shapes: `x` `(num_tokens, model_dim)`, `routing` over `x.rows()` tokens, `d_weights`
+  /// one value per assignment, `dx` `x`'s shape; throws `moet::Error` naming `StochasticGate`
+  /// otherwise.
+  void backward(const ConstRows<S>& x, const RouteContext& /*ctx*/, const Routing<S>& routing,
+                std::span<const S> d_weights, const LossGrad& /*loss_grad*/,
+                Rows<S> dx) const {
+    detail::require(x.cols() == model_dim(), kOp, "x must have model_dim = ", model_dim(),
+                    " columns, got ", x.cols());
+    detail::require(routing.num_tokens() == x.rows(), kOp, "the routing plan has ",
+                    routing.num_tokens(), " tokens but x has ", x.rows(), " rows");
+    detail::require(static_cast<Index>(d_weights.size()) == routing.num_assignments(), kOp,
+                    "d_weights must hold one value per assignment (", routing.num_assignments(),
+                    "), got ", d_weights.size());
+    detail::require(dx.rows() == x.rows() && dx.cols() == x.cols(), kOp,
+                    "dx must have x's shape (", x.rows(), ", ", x.cols(), "), got (", dx.rows(),
+                    ", ", dx.cols(), ")");
+  }
+
+  /// No gradients to clear.
+  void zero_grad() {}
+
+  /// No parameters: `f` is never called.
+  template <class F>
+  void visit_parameters(F&& /*f*/) {}
 
  private:
   static constexpr const char* kOp = "StochasticGate";

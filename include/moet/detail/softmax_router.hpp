@@ -4,10 +4,17 @@
 /// weights `W_r` `(model_dim, num_experts)`, their deterministic initialisation, the input
 /// checks, and `P = softmax(x W_r)` written into `Routing::probs_mut()`. Each gate only adds its
 /// own selection rule on top.
+///
+/// Backward (shared by the three gates): per-token row kernels turn dL/dw (combine weights) and
+/// dL/dP into dL/dz through the softmax, then `linear_backward` accumulates `dW += x^T dz` and
+/// adds `dx += dz W^T`. Every split is fixed (token blocks for `dx`, model-dim column blocks for
+/// `dW`, each block reducing over all tokens in one product), so the bits do not depend on the
+/// thread count.
 
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <span>
 
 #include "moet/detail/parallel.hpp"
 #include "moet/detail/rng.hpp"
@@ -15,12 +22,18 @@
 #include "moet/errors.hpp"
 #include "moet/routing.hpp"
 #include "moet/tensor.hpp"
+#include "moet/train/grad.hpp"
 
 namespace moet::detail {
 
 /// Tokens per routing task in the gates' per-token passes. Fixed (not derived from the thread
 /// count) so that the task split, and therefore every result, is the same for any thread count.
 inline constexpr Index kGateTokenBlock = 64;
+
+/// Rows of `W` (columns of `x`) per weight-gradient task: each task computes
+/// `dW[c0:c1, :] += x[:, c0:c1]^T dz` over all tokens in one product, so the reduction over
+/// tokens never depends on the thread count.
+inline constexpr Index kGradColumnBlock = 16;
 
 /// A normal `(rows, cols)` matrix with standard deviation `1 / sqrt(rows)`, drawn row-major from
 /// `Rng(seed)`: the router initialisation every softmax gate uses (fan-in scaling, so the logits
@@ -50,6 +63,108 @@ void check_gate_input(const char* op, const ConstRows<S>& x, Index model_dim) {
   }
 }
 
+/// Numerically stable logistic sigmoid `1 / (1 + exp(-v))` (the derivative of softplus).
+template <class S>
+S sigmoid(S v) {
+  if (v >= S(0)) return S(1) / (S(1) + std::exp(-v));
+  const S ev = std::exp(v);
+  return ev / (S(1) + ev);
+}
+
+/// Softmax backward of one row: `dz[0..n) += p * (g - <p, g>)`, where `p = softmax(z)` and
+/// `g = dL/dp`.
+template <class S>
+void softmax_backward_row(const S* p, const S* g, Index n, S* dz) {
+  S dot = S(0);
+  for (Index e = 0; e < n; ++e) dot += p[e] * g[e];
+  for (Index e = 0; e < n; ++e) dz[e] += p[e] * (g[e] - dot);
+}
+
+/// Adds into `dz[0..n)` dL/ds for one token whose combine weights come from `q = softmax(s)`:
+/// slot `j` goes to expert `experts[j]` with weight `q_e` (`renormalize = false`) or
+/// `q_e / sum_{slots} q` (`renormalize = true`), and `dw[j]` is dL/dw of that slot.
+/// - raw: `dL/dq_e = dw_j` on the selected experts, then the softmax backward:
+///   `dz_e += q_e (dL/dq_e - sum_j q_{e_j} dw_j)` for every `e`;
+/// - renormalised: the weights are a softmax over the selected scores, so
+///   `dz_{e_j} += w_j (dw_j - sum_i w_i dw_i)` on the selected experts only, 0 elsewhere; a
+///   sum of exactly 0 (weights 0, constant) contributes nothing.
+template <class S>
+void combine_weights_backward_row(const S* q, Index n, std::span<const std::int32_t> experts,
+                                  std::span<const S> dw, bool renormalize, S* dz) {
+  if (experts.empty()) return;
+  if (!renormalize) {
+    S dot = S(0);
+    for (std::size_t j = 0; j < experts.size(); ++j) dot += q[experts[j]] * dw[j];
+    for (Index e = 0; e < n; ++e) dz[e] -= q[e] * dot;
+    for (std::size_t j = 0; j < experts.size(); ++j) dz[experts[j]] += q[experts[j]] * dw[j];
+    return;
+  }
+  S sum = S(0);
+  for (const std::int32_t e : experts) sum += q[e];
+  if (!(sum > S(0))) return;
+  S dot = S(0);
+  for (std::size_t j = 0; j < experts.size(); ++j) dot += q[experts[j]] / sum * dw[j];
+  for (std::size_t j = 0; j < experts.size(); ++j) {
+    dz[experts[j]] += q[experts[j]] / sum * (dw[j] - dot);
+  }
+}
+
+/// Backward of the linear map `z = x W`: accumulates `dw += x^T dz` and adds `dx += dz W^T`.
+/// Shapes: x (num_tokens, model_dim), w and dw (model_dim, num_experts), dz (num_tokens,
+/// num_experts), dx (num_tokens, model_dim). Deterministic for any thread count: `dw` in fixed
+/// blocks of `kGradColumnBlock` rows, each reducing over all tokens in one product; `dx` in
+/// fixed token blocks.
+template <class S>
+void linear_backward(const ConstRows<S>& x, const RowMatrix<S>& w, const ConstRows<S>& dz,
+                     RowMatrix<S>& dw, Rows<S> dx) {
+  if (x.rows() == 0) return;
+  parallel_blocks(x.cols(), kGradColumnBlock, [&](Index begin, Index end) {
+    dw.middleRows(begin, end - begin).noalias() +=
+        x.middleCols(begin, end - begin).transpose() * dz;
+  });
+  parallel_blocks(x.rows(), kRouterRowBlock, [&](Index begin, Index end) {
+    dx.middleRows(begin, end - begin).noalias() += dz.middleRows(begin, end - begin) * w.transpose();
+  });
+}
+
+/// The argument checks of a softmax gate's `backward` (`op` names it in the `Error`): `x`
+/// `(num_tokens, model_dim)` finite; `routing` from a `route` call on this `x` by a gate with
+/// `num_experts` experts (same token and expert counts, probabilities `(num_tokens,
+/// num_experts)`, expert ids in range); `d_weights` one value per assignment; `d_probs` and
+/// `d_logits` empty or `num_tokens * num_experts`; `dx` `(num_tokens, model_dim)`.
+template <class S>
+void check_softmax_backward(const char* op, const ConstRows<S>& x, Index model_dim,
+                            Index num_experts, const Routing<S>& routing,
+                            std::span<const S> d_weights, const SoftmaxLossGrad<S>& loss_grad,
+                            const Rows<S>& dx) {
+  check_gate_input(op, x, model_dim);
+  const Index num_tokens = x.rows();
+  require(routing.num_tokens() == num_tokens && routing.num_experts() == num_experts, op,
+          "routing must come from this gate's route on this x: it has ", routing.num_tokens(),
+          " tokens and ", routing.num_experts(), " experts, x has ", num_tokens,
+          " rows and the gate ", num_experts, " experts");
+  require(routing.probs().rows() == num_tokens && routing.probs().cols() == num_experts, op,
+          "routing.probs() must be (", num_tokens, ", ", num_experts, "), got (",
+          routing.probs().rows(), ", ", routing.probs().cols(), ")");
+  require(static_cast<Index>(d_weights.size()) == routing.num_assignments(), op,
+          "d_weights must have one entry per assignment (", routing.num_assignments(), "), got ",
+          d_weights.size());
+  const Index size = num_tokens * num_experts;
+  require(loss_grad.d_probs.empty() || static_cast<Index>(loss_grad.d_probs.size()) == size, op,
+          "loss_grad.d_probs must be empty or num_tokens * num_experts = ", num_tokens, " * ",
+          num_experts, " = ", size, " values, got ", loss_grad.d_probs.size());
+  require(loss_grad.d_logits.empty() || static_cast<Index>(loss_grad.d_logits.size()) == size,
+          op, "loss_grad.d_logits must be empty or num_tokens * num_experts = ", num_tokens,
+          " * ", num_experts, " = ", size, " values, got ", loss_grad.d_logits.size());
+  require(dx.rows() == num_tokens && dx.cols() == model_dim, op, "dx must be (", num_tokens,
+          ", ", model_dim, ") like x, got (", dx.rows(), ", ", dx.cols(), ")");
+  const auto experts = routing.experts();
+  for (std::size_t a = 0; a < experts.size(); ++a) {
+    require(experts[a] >= 0 && experts[a] < num_experts, op, "routing expert id ", experts[a],
+            " at assignment ", a, " is outside [0, ", num_experts, ")");
+  }
+}
+
 /// The linear softmax router `P = softmax(x W_r)`, computed in `S` (fp32 for a float gate,
 /// as DeepSpeed routes).
 template <class S>
@@ -62,6 +177,31 @@ class SoftmaxRouter {
   /// The router weights `(model_dim, num_experts)`.
   const RowMatrix<S>& weights() const { return weights_; }
   RowMatrix<S>& weights() { return weights_; }
+
+  /// The gradient of `W_r` `(model_dim, num_experts)`; `(0, 0)` until the first `zero_grad()`
+  /// or backward.
+  const RowMatrix<S>& grad() const { return grad_; }
+  /// Allocates the gradient (zero) on first use and returns it.
+  RowMatrix<S>& grad() {
+    if (grad_.rows() != weights_.rows() || grad_.cols() != weights_.cols()) {
+      grad_.setZero(weights_.rows(), weights_.cols());
+    }
+    return grad_;
+  }
+  /// Sets the gradient to zero (allocating it on first use).
+  void zero_grad() { grad_.setZero(weights_.rows(), weights_.cols()); }
+
+  /// Writes the logits `z = x W_r` `(num_tokens, num_experts)` into `z`, with the same product
+  /// (the same bits) as `probabilities`.
+  template <class Out>
+  void logits(const ConstRows<S>& x, Out&& z) const {
+    router_product(x, weights_, z);
+  }
+
+  /// Accumulates `dW_r += x^T dz` and adds `dx += dz W_r^T` (see `linear_backward`).
+  void backward_logits(const ConstRows<S>& x, const ConstRows<S>& dz, Rows<S> dx) {
+    linear_backward<S>(x, weights_, dz, grad(), dx);
+  }
 
   /// Resets `out` to `(x.rows(), num_experts)` and writes `P = softmax(x W_r)` into
   /// `out.probs_mut()`, in parallel over fixed token blocks; sets `probs_are_distribution`.
@@ -116,6 +256,7 @@ class SoftmaxRouter {
 
  private:
   RowMatrix<S> weights_;  // (model_dim, num_experts)
+  RowMatrix<S> grad_;     // (model_dim, num_experts), or (0, 0) before the first use
 };
 
 }  // namespace moet::detail

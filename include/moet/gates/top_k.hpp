@@ -8,8 +8,11 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <span>
+#include <string_view>
 
 #include "moet/context.hpp"
+#include "moet/detail/buffer.hpp"
 #include "moet/detail/parallel.hpp"
 #include "moet/detail/rng.hpp"
 #include "moet/detail/select.hpp"
@@ -17,6 +20,7 @@
 #include "moet/errors.hpp"
 #include "moet/routing.hpp"
 #include "moet/tensor.hpp"
+#include "moet/train/grad.hpp"
 
 namespace moet {
 
@@ -82,6 +86,21 @@ inline Index expert_capacity(Index num_tokens, Index num_experts, double capacit
 /// Note that DeepSpeed's top-2 samples its second expert with Gumbel noise; this gate takes the
 /// deterministic second-best, as GShard's formula and Mixtral do.
 ///
+/// **Gradient** (`backward`, ALGORITHMS.md §5.1-5.2). The selection (top-k, slot order, capacity
+/// drops) is held fixed; only the weights of the plan's surviving assignments are
+/// differentiated, from the scores they were computed from:
+/// - without noise, `w = P_e` (`dL/dP_e += dL/dw`) or `w = P_e / sum_{survivors} P` (a softmax
+///   over the survivors' logits: `dz_e += w_e (dw_e - sum_j w_j dw_j)` on the survivors), then
+///   through `P = softmax(z)`, `z = x W_r`;
+/// - noisy, in training: the weights come from `Q = softmax(H)`, `H = z + eps * softplus(n)`,
+///   `n = x W_noise`, with `eps` recomputed from `(ctx.seed, ctx.step, token, expert)` exactly
+///   as `route` drew it; `dL/dH` reaches `z` (identity) and `n` (`eps * sigmoid(n)`), so both
+///   `W_r` and `W_noise` get gradients. `loss_grad.d_probs` is on the clean `P` (as
+///   `Routing::probs()`), so it reaches `W_r` only;
+/// - `loss_grad.d_logits` (router z-loss) is added to dL/dz as given.
+/// Dropped assignments get no gradient (they are not in the plan). `visit_parameters` visits
+/// `router.weight` and, when `noisy`, `router.noise_weight`.
+///
 /// \tparam S scalar of the router, the probabilities and the combine weights (routing runs in
 ///   fp32 for a float model, as DeepSpeed does).
 ///
@@ -93,6 +112,8 @@ template <class S>
 class TopKGate {
  public:
   using Scalar = S;
+  /// Loss-gradient inputs of `backward`: dL/dP (clean probabilities) and dL/dz (logits).
+  using LossGrad = SoftmaxLossGrad<S>;
 
   /// Construction options (validated by the constructor).
   struct Options {
@@ -155,6 +176,117 @@ class TopKGate {
   const RowMatrix<S>& noise_router() const { return noise_weights_; }
   RowMatrix<S>& noise_router() { return noise_weights_; }
 
+  /// Gradient of `W_r` `(model_dim, num_experts)`; `(0, 0)` before the first `zero_grad()` or
+  /// `backward`.
+  const RowMatrix<S>& router_grad() const { return router_.grad(); }
+  /// Gradient of `W_noise` `(model_dim, num_experts)`; `(0, 0)` unless `noisy` and used.
+  const RowMatrix<S>& noise_router_grad() const { return noise_grad_; }
+
+  /// Writes the router logits `z = x W_r` `(num_tokens, num_experts)` into `z` (the input of
+  /// `router_z_loss`), with the same bits as `route` computes them. Throws `Error` on a bad `x`
+  /// or a `z` of the wrong shape.
+  void logits(const ConstRows<S>& x, Rows<S> z) const {
+    detail::check_gate_input(kOp, x, options_.model_dim);
+    detail::require(z.rows() == x.rows() && z.cols() == options_.num_experts, kOp,
+                    "z must be (", x.rows(), ", ", options_.num_experts, "), got (", z.rows(),
+                    ", ", z.cols(), ")");
+    router_.logits(x, z);
+  }
+
+  /// Sets every gradient to zero (allocating them on first use).
+  void zero_grad() {
+    router_.zero_grad();
+    if (options_.noisy) noise_grad_.setZero(options_.model_dim, options_.num_experts);
+  }
+
+  /// Calls `f(name, value, grad)` for `router.weight` and, when `noisy`, `router.noise_weight`
+  /// (each `(model_dim, num_experts)`), allocating the gradients on first use.
+  template <class F>
+  void visit_parameters(F&& f) {
+    RowMatrix<S>& grad = router_.grad();
+    RowMatrix<S>& w = router_.weights();
+    f(std::string_view("router.weight"), ParamMap<S>(w.data(), w.rows(), w.cols()),
+      ParamMap<S>(grad.data(), grad.rows(), grad.cols()));
+    if (options_.noisy) {
+      ensure_noise_grad();
+      f(std::string_view("router.noise_weight"),
+        ParamMap<S>(noise_weights_.data(), noise_weights_.rows(), noise_weights_.cols()),
+        ParamMap<S>(noise_grad_.data(), noise_grad_.rows(), noise_grad_.cols()));
+    }
+  }
+
+  /// Backward of `route(x, ctx, routing)` (see the class notes for the gradient treatment):
+  /// `x` and `ctx` are those of the `route` call, `d_weights` holds dL/dw per assignment
+  /// (routing order, `routing.num_assignments()` values), `loss_grad` the optional dL/dP and
+  /// dL/dz `(num_tokens * num_experts)` each. Accumulates into the gradients of `W_r` (and
+  /// `W_noise`) and adds dL/dx into `dx` `(num_tokens, model_dim)`. The same bits for any thread
+  /// count. Throws `Error` naming `TopKGate::backward` on any size mismatch or a plan that is not
+  /// from this gate and this `x`.
+  void backward(const ConstRows<S>& x, const RouteContext& ctx, const Routing<S>& routing,
+                std::span<const S> d_weights, const LossGrad& loss_grad, Rows<S> dx) {
+    detail::check_softmax_backward(kBackwardOp, x, options_.model_dim, options_.num_experts,
+                                   routing, d_weights, loss_grad, dx);
+    router_.grad();  // allocates the gradient, even for an empty batch
+    const bool noisy = options_.noisy && ctx.training;
+    if (options_.noisy) ensure_noise_grad();
+    const Index num_tokens = x.rows();
+    const Index num_experts = options_.num_experts;
+    if (num_tokens == 0) return;
+
+    const std::size_t size = static_cast<std::size_t>(num_tokens * num_experts);
+    auto dz = dz_.matrix(num_tokens, num_experts);  // dL/dz (num_tokens, num_experts)
+    // Noisy: z, then Q = softmax(H) over it; n, then dL/dn over it (each (num_tokens, E)).
+    Eigen::Map<RowMatrix<S>> q(noisy ? q_.data(static_cast<Index>(size)) : nullptr,
+                               noisy ? num_tokens : 0, num_experts);
+    Eigen::Map<RowMatrix<S>> dn(noisy ? dn_.data(static_cast<Index>(size)) : nullptr,
+                                noisy ? num_tokens : 0, num_experts);
+    if (noisy) {
+      router_.logits(x, q);
+      detail::router_product(x, noise_weights_, dn);
+    }
+    const auto probs = routing.probs();  // (num_tokens, num_experts)
+    const auto offsets = routing.offsets();
+    const S* d_probs = loss_grad.d_probs.empty() ? nullptr : loss_grad.d_probs.data();
+    const S* d_logits = loss_grad.d_logits.empty() ? nullptr : loss_grad.d_logits.data();
+    detail::parallel_blocks(num_tokens, detail::kGateTokenBlock, [&](Index begin, Index end) {
+      for (Index t = begin; t < end; ++t) {
+        S* dz_row = dz.data() + t * num_experts;
+        std::fill(dz_row, dz_row + num_experts, S(0));
+        const S* p = probs.data() + t * num_experts;
+        const auto a0 = static_cast<std::size_t>(offsets[static_cast<std::size_t>(t)]);
+        const auto dw = d_weights.subspan(a0, static_cast<std::size_t>(routing.k(t)));
+        if (!noisy) {
+          detail::combine_weights_backward_row(p, num_experts, routing.experts(t), dw,
+                                               options_.renormalize, dz_row);
+        } else {
+          // H exactly as route computes it, then Q = softmax(H), in place of z.
+          S* h = q.data() + t * num_experts;
+          S* n = dn.data() + t * num_experts;
+          for (Index e = 0; e < num_experts; ++e) {
+            h[e] = h[e] + noise_eps(ctx, t, e) * detail::softplus(n[e]);
+          }
+          detail::softmax_row(h, num_experts);
+          // dL/dH (still alone in dz_row) reaches z as is and n as dL/dH * eps * sigmoid(n).
+          detail::combine_weights_backward_row(static_cast<const S*>(h), num_experts,
+                                               routing.experts(t), dw, options_.renormalize,
+                                               dz_row);
+          for (Index e = 0; e < num_experts; ++e) {
+            n[e] = dz_row[e] * noise_eps(ctx, t, e) * detail::sigmoid(n[e]);
+          }
+        }
+        if (d_probs != nullptr) {
+          detail::softmax_backward_row(p, d_probs + t * num_experts, num_experts, dz_row);
+        }
+        if (d_logits != nullptr) {
+          const S* g = d_logits + t * num_experts;
+          for (Index e = 0; e < num_experts; ++e) dz_row[e] += g[e];
+        }
+      }
+    });
+    router_.backward_logits(x, dz, dx);
+    if (noisy) detail::linear_backward<S>(x, noise_weights_, dn, noise_grad_, dx);
+  }
+
   /// The expert capacity for a batch of `num_tokens` tokens; `num_tokens` (no limit: an expert
   /// gets each token at most once) when dropless.
   Index capacity(Index num_tokens) const {
@@ -186,9 +318,7 @@ class TopKGate {
       S* h = noisy_scores + t * num_experts;
       bool ok = true;
       for (Index e = 0; e < num_experts; ++e) {
-        const auto eps = static_cast<S>(detail::normal(detail::hash_key(
-            ctx.seed, ctx.step, static_cast<std::uint64_t>(t), static_cast<std::uint64_t>(e))));
-        h[e] = logits[e] + eps * detail::softplus(h[e]);
+        h[e] = logits[e] + noise_eps(ctx, t, e) * detail::softplus(h[e]);
         ok = ok && std::isfinite(h[e]);
       }
       return ok;
@@ -260,6 +390,19 @@ class TopKGate {
 
  private:
   static constexpr const char* kOp = "TopKGate";
+  static constexpr const char* kBackwardOp = "TopKGate::backward";
+
+  /// The noise draw of token `t`, expert `e` (shared by `route` and `backward`).
+  static S noise_eps(const RouteContext& ctx, Index t, Index e) {
+    return static_cast<S>(detail::normal(detail::hash_key(
+        ctx.seed, ctx.step, static_cast<std::uint64_t>(t), static_cast<std::uint64_t>(e))));
+  }
+
+  void ensure_noise_grad() {
+    if (noise_grad_.rows() != options_.model_dim || noise_grad_.cols() != options_.num_experts) {
+      noise_grad_.setZero(options_.model_dim, options_.num_experts);
+    }
+  }
 
   static Options validated(const Options& o) {
     detail::require(o.model_dim >= 1, kOp, "model_dim must be >= 1, got ", o.model_dim);
@@ -279,6 +422,11 @@ class TopKGate {
   Options options_;
   detail::SoftmaxRouter<S> router_;
   RowMatrix<S> noise_weights_;  // (model_dim, num_experts), or (0, 0) unless noisy
+  RowMatrix<S> noise_grad_;     // gradient of noise_weights_, allocated on first use
+  // Backward scratch (grow-only): dL/dz, noisy scores softmax(H), noise logits then dL/dn.
+  detail::Buffer<S> dz_;
+  detail::Buffer<S> q_;
+  detail::Buffer<S> dn_;
 };
 
 }  // namespace moet

@@ -1,0 +1,273 @@
+// Backward of the softmax-router gates (TopKGate, TopPGate, ImportanceGate): finite differences
+// in double against the gates' own forward, determinism at 1 and 2 threads, bad input.
+//
+// The oracle: a scalar loss L = sum_a c_a w_a + sum_{t,e} r_{t,e} P_{t,e} + sum_{t,e} s_{t,e}
+// z_{t,e} of the forward plan (w: combine weights, P: clean probabilities, z = x W_r computed
+// here by naive loops), with fixed random c, r, s. Central differences of L in every router
+// weight, noise weight and input entry, with the selection checked to be unchanged at every
+// perturbed point, against backward(x, ctx, plan, c, {r, s}, dx).
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <random>
+#include <span>
+#include <vector>
+
+#include "moet/config.hpp"
+#include "moet/gates/importance.hpp"
+#include "moet/gates/top_k.hpp"
+#include "moet/gates/top_p.hpp"
+#include "moet/train/grad.hpp"
+
+namespace {
+
+using moet::Index;
+using moet::RowMatrix;
+using Catch::Matchers::Contains;
+
+static_assert(moet::TrainableGate<moet::TopKGate<float>>, "TopKGate<float> is trainable");
+static_assert(moet::TrainableGate<moet::TopKGate<double>>, "TopKGate<double> is trainable");
+
+template <class S>
+RowMatrix<S> random_matrix(Index rows, Index cols, std::uint32_t seed, double scale = 1.0) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<double> dist(0.0, scale);
+  RowMatrix<S> m(rows, cols);
+  for (Index i = 0; i < rows; ++i) {
+    for (Index j = 0; j < cols; ++j) m(i, j) = static_cast<S>(dist(gen));
+  }
+  return m;
+}
+
+template <class S>
+std::vector<S> random_vector(std::size_t n, std::uint32_t seed) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<double> dist(0.0, 1.0);
+  std::vector<S> v(n);
+  for (auto& x : v) x = static_cast<S>(dist(gen));
+  return v;
+}
+
+template <class S>
+std::span<const S> span_of(const RowMatrix<S>& m) {
+  return {m.data(), static_cast<std::size_t>(m.size())};
+}
+
+// The fixed random coefficients of the test loss.
+struct Coeffs {
+  std::vector<double> c;  // per assignment
+  RowMatrix<double> r;    // (T, E) on P, or empty
+  RowMatrix<double> s;    // (T, E) on z, or empty
+};
+
+// z = x W in double, naive loops.
+RowMatrix<double> naive_logits(const RowMatrix<double>& x, const RowMatrix<double>& w) {
+  RowMatrix<double> z = RowMatrix<double>::Zero(x.rows(), w.cols());
+  for (Index t = 0; t < x.rows(); ++t) {
+    for (Index e = 0; e < w.cols(); ++e) {
+      for (Index i = 0; i < x.cols(); ++i) z(t, e) += x(t, i) * w(i, e);
+    }
+  }
+  return z;
+}
+
+bool same_selection(const moet::Routing<double>& a, const moet::Routing<double>& b) {
+  if (a.num_assignments() != b.num_assignments()) return false;
+  for (Index t = 0; t <= a.num_tokens(); ++t) {
+    if (a.offsets()[static_cast<std::size_t>(t)] != b.offsets()[static_cast<std::size_t>(t)]) {
+      return false;
+    }
+  }
+  for (std::size_t i = 0; i < a.experts().size(); ++i) {
+    if (a.experts()[i] != b.experts()[i]) return false;
+  }
+  return true;
+}
+
+// The test loss at the gate's current parameters and x; checks the selection equals `ref`.
+template <class G>
+double test_loss(const G& gate, const RowMatrix<double>& x, const moet::RouteContext& ctx,
+                 const moet::Routing<double>& ref, const Coeffs& k) {
+  moet::Routing<double> plan;
+  gate.route(x, ctx, plan);
+  REQUIRE(same_selection(plan, ref));  // the test point is away from selection boundaries
+  double loss = 0.0;
+  for (std::size_t a = 0; a < plan.weights().size(); ++a) loss += k.c[a] * plan.weights()[a];
+  if (k.r.size() > 0) loss += (k.r.array() * plan.probs().array()).sum();
+  if (k.s.size() > 0) loss += (k.s.array() * naive_logits(x, gate.router()).array()).sum();
+  return loss;
+}
+
+// Central differences of f over every entry of m (restored afterwards).
+RowMatrix<double> central_diff(RowMatrix<double>& m, const std::function<double()>& f) {
+  const double h = 1e-6;
+  RowMatrix<double> g(m.rows(), m.cols());
+  for (Index i = 0; i < m.rows(); ++i) {
+    for (Index j = 0; j < m.cols(); ++j) {
+      const double saved = m(i, j);
+      m(i, j) = saved + h;
+      const double up = f();
+      m(i, j) = saved - h;
+      const double down = f();
+      m(i, j) = saved;
+      g(i, j) = (up - down) / (2.0 * h);
+    }
+  }
+  return g;
+}
+
+double rel_error(const RowMatrix<double>& a, const RowMatrix<double>& ref) {
+  return (a - ref).norm() / std::max(ref.norm(), 1e-300);
+}
+
+// Checks the gate's backward against finite differences of `test_loss` at (gate, x, ctx).
+// `noise` is the gate's W_noise or null.
+template <class G>
+void check_gradients(G& gate, RowMatrix<double> x, const moet::RouteContext& ctx, bool use_r,
+                     bool use_s, RowMatrix<double>* noise = nullptr,
+                     const RowMatrix<double>* noise_grad = nullptr) {
+  moet::Routing<double> plan;
+  gate.route(x, ctx, plan);
+  const Index num_tokens = x.rows();
+  const Index num_experts = gate.num_experts();
+  Coeffs k;
+  k.c = random_vector<double>(static_cast<std::size_t>(plan.num_assignments()), 101);
+  if (use_r) k.r = random_matrix<double>(num_tokens, num_experts, 102);
+  if (use_s) k.s = random_matrix<double>(num_tokens, num_experts, 103);
+
+  gate.zero_grad();
+  RowMatrix<double> dx = RowMatrix<double>::Zero(num_tokens, x.cols());
+  moet::SoftmaxLossGrad<double> lg;
+  if (use_r) lg.d_probs = span_of(k.r);
+  if (use_s) lg.d_logits = span_of(k.s);
+  gate.backward(x, ctx, plan, std::span<const double>(k.c), lg, dx);
+
+  const auto f = [&] { return test_loss(gate, x, ctx, plan, k); };
+  const RowMatrix<double> fd_w = central_diff(gate.router(), f);
+  const RowMatrix<double> fd_x = central_diff(x, f);
+  INFO("dW_r rel error " << rel_error(gate.router_grad(), fd_w) << ", dx rel error "
+                         << rel_error(dx, fd_x));
+  CHECK(fd_w.norm() > 1e-3);
+  CHECK(rel_error(gate.router_grad(), fd_w) <= 1e-4);
+  CHECK(rel_error(dx, fd_x) <= 1e-4);
+  if (noise != nullptr) {
+    const RowMatrix<double> fd_n = central_diff(*noise, f);
+    INFO("dW_noise rel error " << rel_error(*noise_grad, fd_n));
+    CHECK(fd_n.norm() > 1e-3);
+    CHECK(rel_error(*noise_grad, fd_n) <= 1e-4);
+  }
+
+  // Accumulation: a second backward adds the same gradients again.
+  const RowMatrix<double> once = gate.router_grad();
+  RowMatrix<double> dx2 = dx;
+  gate.backward(x, ctx, plan, std::span<const double>(k.c), lg, dx2);
+  CHECK((gate.router_grad() - 2.0 * once).norm() <= 1e-12 * once.norm());
+  CHECK((dx2 - 2.0 * dx).norm() <= 1e-12 * dx.norm());
+}
+
+constexpr Index kDim = 5;
+constexpr Index kTokens = 14;
+constexpr Index kExperts = 6;
+
+}  // namespace
+
+TEST_CASE("TopKGate backward matches finite differences (Switch, GShard, capacity)",
+          "[train][grad][gate][top_k]") {
+  const RowMatrix<double> x = random_matrix<double>(kTokens, kDim, 7);
+  SECTION("Switch top-1, raw P") {
+    moet::TopKGate<double> gate(moet::TopKGate<double>::switch_options(kDim, kExperts));
+    check_gradients(gate, x, {}, true, true);
+  }
+  SECTION("top-3 raw P, weights only") {
+    auto o = moet::TopKGate<double>::switch_options(kDim, kExperts);
+    o.k = 3;
+    moet::TopKGate<double> gate(o);
+    check_gradients(gate, x, {}, false, false);
+  }
+  SECTION("GShard top-2 renormalised, with d_probs and d_logits") {
+    moet::TopKGate<double> gate(moet::TopKGate<double>::gshard_options(kDim, kExperts));
+    check_gradients(gate, x, {}, true, true);
+  }
+  SECTION("top-2 renormalised with capacity drops") {
+    auto o = moet::TopKGate<double>::gshard_options(kDim, kExperts);
+    o.capacity_factor = 1.0;
+    o.min_capacity = 0;
+    moet::TopKGate<double> gate(o);
+    moet::Routing<double> plan;
+    gate.route(x, {}, plan);
+    REQUIRE(plan.dropped > 0);
+    check_gradients(gate, x, {}, true, false);
+  }
+  SECTION("top-2 raw P with capacity drops") {
+    auto o = moet::TopKGate<double>::switch_options(kDim, kExperts);
+    o.k = 2;
+    o.capacity_factor = 1.0;
+    o.min_capacity = 0;
+    moet::TopKGate<double> gate(o);
+    check_gradients(gate, x, {}, true, false);
+  }
+}
+
+TEST_CASE("Noisy TopKGate backward reaches W_r and W_noise through H",
+          "[train][grad][gate][top_k][noisy]") {
+  const RowMatrix<double> x = random_matrix<double>(kTokens, kDim, 8);
+  moet::RouteContext ctx;
+  ctx.training = true;
+  ctx.seed = 42;
+  ctx.step = 3;
+  const bool renormalize = GENERATE(true, false);
+  auto o = moet::TopKGate<double>::noisy_top_k_options(kDim, kExperts, 2);
+  o.renormalize = renormalize;
+  moet::TopKGate<double> gate(o);
+  gate.noise_router() = random_matrix<double>(kDim, kExperts, 9, 0.5);
+  check_gradients(gate, x, ctx, true, true, &gate.noise_router(), &gate.noise_router_grad());
+
+  SECTION("in inference the noise weights get no gradient") {
+    gate.zero_grad();
+    moet::Routing<double> plan;
+    gate.route(x, {}, plan);
+    RowMatrix<double> dx = RowMatrix<double>::Zero(kTokens, kDim);
+    const auto c = random_vector<double>(static_cast<std::size_t>(plan.num_assignments()), 5);
+    gate.backward(x, {}, plan, std::span<const double>(c), {}, dx);
+    CHECK(gate.noise_router_grad().norm() == 0.0);
+    CHECK(gate.router_grad().norm() > 0.0);
+  }
+}
+
+TEST_CASE("TopKGate visits router.weight and router.noise_weight", "[train][grad][gate][top_k]") {
+  moet::TopKGate<float> plain(moet::TopKGate<float>::mixtral_options(kDim, kExperts));
+  moet::TopKGate<float> noisy(moet::TopKGate<float>::noisy_top_k_options(kDim, kExperts, 2));
+  std::vector<std::string> names;
+  const auto visit = [&](std::string_view name, moet::ParamMap<float> value,
+                         moet::ParamMap<float> grad) {
+    names.emplace_back(name);
+    CHECK(value.rows() == kDim);
+    CHECK(value.cols() == kExperts);
+    CHECK(grad.rows() == kDim);
+    CHECK(grad.cols() == kExperts);
+    CHECK(grad.norm() == 0.0f);
+  };
+  plain.visit_parameters(visit);
+  CHECK(names == std::vector<std::string>{"router.weight"});
+  names.clear();
+  noisy.visit_parameters(visit);
+  CHECK(names == std::vector<std::string>{"router.weight", "router.noise_weight"});
+  // The visited maps alias the gate's own storage.
+  noisy.visit_parameters([](std::string_view, moet::ParamMap<float> value, moet::ParamMap<float>) {
+    value(0, 0) = 3.0f;
+  });
+  CHECK(noisy.router()(0, 0) == 3.0f);
+  CHECK(noisy.noise_router()(0, 0) == 3.0f);
+}
+
+TEST_CASE("TopKGate::logits equals x W_r", "[train][gate][top_k]") {
+  const RowMatrix<double> x = random_matrix<double>(kTokens, kDim, 10);
+  moet::TopKGate<double> gate(moet::TopKGate<double>::switch_options(kDim, kExperts));
+  RowMatrix<double> z(kTokens, kExperts);
+  gate.logits(x, z);
+  CHECK((z - naive_logits(x, gate.router())).norm() <= 1e-12);
+  RowMatrix<double> bad(kTokens, kExperts + 1);
+  CHECK_THROWS_WITH(gate.logits(x, bad), Contains("TopKGate") && Contains("z must be (14, 6)"));
+}

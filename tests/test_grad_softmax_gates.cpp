@@ -29,6 +29,12 @@ using Catch::Matchers::Contains;
 
 static_assert(moet::TrainableGate<moet::TopKGate<float>>, "TopKGate<float> is trainable");
 static_assert(moet::TrainableGate<moet::TopKGate<double>>, "TopKGate<double> is trainable");
+static_assert(moet::TrainableGate<moet::TopPGate<float>>, "TopPGate<float> is trainable");
+static_assert(moet::TrainableGate<moet::TopPGate<double>>, "TopPGate<double> is trainable");
+static_assert(moet::TrainableGate<moet::ImportanceGate<float>>,
+              "ImportanceGate<float> is trainable");
+static_assert(moet::TrainableGate<moet::ImportanceGate<double>>,
+              "ImportanceGate<double> is trainable");
 
 template <class S>
 RowMatrix<S> random_matrix(Index rows, Index cols, std::uint32_t seed, double scale = 1.0) {
@@ -270,4 +276,176 @@ TEST_CASE("TopKGate::logits equals x W_r", "[train][gate][top_k]") {
   CHECK((z - naive_logits(x, gate.router())).norm() <= 1e-12);
   RowMatrix<double> bad(kTokens, kExperts + 1);
   CHECK_THROWS_WITH(gate.logits(x, bad), Contains("TopKGate") && Contains("z must be (14, 6)"));
+}
+
+TEST_CASE("TopPGate backward matches finite differences with the kept set fixed",
+          "[train][grad][gate][top_p]") {
+  const RowMatrix<double> x = random_matrix<double>(kTokens, kDim, 11, 1.5);
+  const double p = GENERATE(0.4, 0.7);
+  moet::TopPGate<double> gate({.model_dim = kDim, .num_experts = kExperts, .p = p});
+  moet::Routing<double> plan;
+  gate.route(x, {}, plan);
+  REQUIRE(plan.mean_k() > 1.0);  // some tokens keep several experts
+  check_gradients(gate, x, {}, true, true);
+  SECTION("weights only") { check_gradients(gate, x, {}, false, false); }
+}
+
+TEST_CASE("ImportanceGate backward matches finite differences with importance detached",
+          "[train][grad][gate][importance]") {
+  const RowMatrix<double> x = random_matrix<double>(kTokens, kDim, 12);
+  std::vector<float> importance(static_cast<std::size_t>(kTokens));
+  std::mt19937 gen(13);
+  std::uniform_real_distribution<float> unit(0.05f, 1.0f);
+  for (auto& v : importance) v = unit(gen);
+  std::vector<std::uint8_t> valid(static_cast<std::size_t>(kTokens), 1);
+  valid[3] = 0;  // a pad: K = 0, gradient only through d_probs
+  moet::RouteContext ctx;
+  ctx.importance = importance;
+  ctx.valid = valid;
+  const bool renormalize = GENERATE(false, true);
+  moet::ImportanceGate<double> gate({.model_dim = kDim,
+                                     .num_experts = kExperts,
+                                     .k_min = 1,
+                                     .k_max = 4,
+                                     .renormalize = renormalize});
+  moet::Routing<double> plan;
+  gate.route(x, ctx, plan);
+  REQUIRE(plan.k(3) == 0);
+  check_gradients(gate, x, ctx, true, true);
+}
+
+namespace {
+
+// Backward of `gate` on a larger float batch (several token and column blocks) at `threads`.
+template <class G>
+void float_backward(G& gate, const moet::RouteContext& ctx, int threads,
+                    RowMatrix<float>& router_grad, RowMatrix<float>& dx) {
+  const Index num_tokens = 300;
+  const Index dim = gate.model_dim();
+  const RowMatrix<float> x = random_matrix<float>(num_tokens, dim, 21);
+  const int saved = moet::num_threads();
+  moet::set_num_threads(threads);
+  moet::Routing<float> plan;
+  gate.route(x, ctx, plan);
+  const auto c = random_vector<float>(static_cast<std::size_t>(plan.num_assignments()), 22);
+  const RowMatrix<float> r = random_matrix<float>(num_tokens, gate.num_experts(), 23);
+  const RowMatrix<float> s = random_matrix<float>(num_tokens, gate.num_experts(), 24);
+  gate.zero_grad();
+  dx = RowMatrix<float>::Zero(num_tokens, dim);
+  gate.backward(x, ctx, plan, std::span<const float>(c), {span_of(r), span_of(s)}, dx);
+  moet::set_num_threads(saved);
+  router_grad = gate.router_grad();
+}
+
+}  // namespace
+
+TEST_CASE("Softmax gate backward gives the same bits at 1 and 2 threads",
+          "[train][grad][gate][parallel]") {
+  constexpr Index dim = 40;
+  constexpr Index experts = 8;
+  RowMatrix<float> g1, g2, dx1, dx2;
+  SECTION("noisy TopKGate") {
+    moet::TopKGate<float> gate(moet::TopKGate<float>::noisy_top_k_options(dim, experts, 2));
+    gate.noise_router() = random_matrix<float>(dim, experts, 25, 0.3);
+    moet::RouteContext ctx;
+    ctx.training = true;
+    ctx.seed = 1;
+    float_backward(gate, ctx, 1, g1, dx1);
+    const RowMatrix<float> n1 = gate.noise_router_grad();
+    float_backward(gate, ctx, 2, g2, dx2);
+    CHECK(n1 == gate.noise_router_grad());
+    CHECK(n1.norm() > 0.0f);
+  }
+  SECTION("TopKGate with capacity") {
+    auto o = moet::TopKGate<float>::gshard_options(dim, experts);
+    o.capacity_factor = 1.0;
+    moet::TopKGate<float> gate(o);
+    float_backward(gate, {}, 1, g1, dx1);
+    float_backward(gate, {}, 2, g2, dx2);
+  }
+  SECTION("TopPGate") {
+    moet::TopPGate<float> gate({.model_dim = dim, .num_experts = experts, .p = 0.5});
+    float_backward(gate, {}, 1, g1, dx1);
+    float_backward(gate, {}, 2, g2, dx2);
+  }
+  SECTION("ImportanceGate") {
+    std::vector<float> importance(300);
+    for (std::size_t t = 0; t < importance.size(); ++t) {
+      importance[t] = static_cast<float>((t * 37) % 11) + 1.0f;
+    }
+    moet::RouteContext ctx;
+    ctx.importance = importance;
+    moet::ImportanceGate<float> gate({.model_dim = dim, .num_experts = experts, .k_max = 3});
+    float_backward(gate, ctx, 1, g1, dx1);
+    float_backward(gate, ctx, 2, g2, dx2);
+  }
+  CHECK(g1.norm() > 0.0f);
+  CHECK(dx1.norm() > 0.0f);
+  CHECK(g1 == g2);
+  CHECK(dx1 == dx2);
+}
+
+TEST_CASE("Softmax gate backward on an empty batch allocates the gradient and adds nothing",
+          "[train][grad][gate]") {
+  moet::TopKGate<double> gate(moet::TopKGate<double>::switch_options(kDim, kExperts));
+  const RowMatrix<double> x(0, kDim);
+  moet::Routing<double> plan;
+  gate.route(x, {}, plan);
+  RowMatrix<double> dx(0, kDim);
+  gate.backward(x, {}, plan, {}, {}, dx);
+  CHECK(gate.router_grad().rows() == kDim);
+  CHECK(gate.router_grad().norm() == 0.0);
+}
+
+TEST_CASE("Softmax gate backward rejects mismatched sizes and foreign plans",
+          "[train][grad][gate][bad_input]") {
+  const RowMatrix<double> x = random_matrix<double>(kTokens, kDim, 30);
+  moet::TopKGate<double> gate(moet::TopKGate<double>::gshard_options(kDim, kExperts));
+  moet::Routing<double> plan;
+  gate.route(x, {}, plan);
+  const std::vector<double> c(static_cast<std::size_t>(plan.num_assignments()), 1.0);
+  const std::span<const double> dw(c);
+  RowMatrix<double> dx = RowMatrix<double>::Zero(kTokens, kDim);
+  const std::vector<double> short_probs(static_cast<std::size_t>(kTokens * kExperts - 1), 0.0);
+
+  CHECK_THROWS_WITH(gate.backward(x, {}, plan, dw.first(5), {}, dx),
+                    Contains("TopKGate::backward") &&
+                        Contains("d_weights must have one entry per assignment (28), got 5"));
+  CHECK_THROWS_WITH(
+      gate.backward(x, {}, plan, dw, {.d_probs = short_probs}, dx),
+      Contains("TopKGate::backward") && Contains("d_probs must be empty or num_tokens * "
+                                                 "num_experts = 14 * 6 = 84 values, got 83"));
+  CHECK_THROWS_WITH(gate.backward(x, {}, plan, dw, {.d_logits = short_probs}, dx),
+                    Contains("d_logits must be empty or num_tokens * num_experts"));
+  RowMatrix<double> dx_bad(kTokens, kDim + 1);
+  CHECK_THROWS_WITH(gate.backward(x, {}, plan, dw, {}, dx_bad),
+                    Contains("TopKGate::backward") && Contains("dx must be (14, 5)"));
+  const RowMatrix<double> x_short = x.topRows(10);
+  RowMatrix<double> dx_short(10, kDim);
+  CHECK_THROWS_WITH(gate.backward(x_short, {}, plan, dw, {}, dx_short),
+                    Contains("TopKGate::backward") && Contains("it has 14 tokens and 6 experts") &&
+                        Contains("x has 10 rows"));
+  const RowMatrix<double> x_wide(kTokens, kDim + 2);
+  CHECK_THROWS_WITH(gate.backward(x_wide, {}, plan, dw, {}, dx),
+                    Contains("TopKGate::backward") && Contains("model_dim = 5"));
+
+  // A plan from a gate with another expert count.
+  moet::TopPGate<double> other({.model_dim = kDim, .num_experts = kExperts + 1});
+  moet::Routing<double> foreign;
+  other.route(x, {}, foreign);
+  const std::vector<double> cf(static_cast<std::size_t>(foreign.num_assignments()), 1.0);
+  moet::TopPGate<double> top_p({.model_dim = kDim, .num_experts = kExperts});
+  CHECK_THROWS_WITH(top_p.backward(x, {}, foreign, cf, {}, dx),
+                    Contains("TopPGate::backward") && Contains("7 experts") &&
+                        Contains("the gate 6 experts"));
+  // A plan without probabilities (hand-made).
+  moet::Routing<double> bare;
+  bare.reset(kTokens, kExperts);
+  bare.commit_counts();
+  moet::ImportanceGate<double> imp({.model_dim = kDim, .num_experts = kExperts});
+  CHECK_THROWS_WITH(imp.backward(x, {}, bare, {}, {}, dx),
+                    Contains("ImportanceGate::backward") &&
+                        Contains("routing.probs() must be (14, 6), got (0, 0)"));
+  // Nothing was accumulated by the failed calls.
+  CHECK(gate.router_grad().size() == 0);
 }

@@ -11,11 +11,14 @@
 /// `dW`, each block reducing over all tokens in one product), so the bits do not depend on the
 /// thread count.
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <span>
+#include <string_view>
 
+#include "moet/detail/buffer.hpp"
 #include "moet/detail/parallel.hpp"
 #include "moet/detail/rng.hpp"
 #include "moet/detail/select.hpp"
@@ -203,6 +206,53 @@ class SoftmaxRouter {
     linear_backward<S>(x, weights_, dz, grad(), dx);
   }
 
+  /// Backward of a plan whose weights come from the clean `P = routing.probs()`: slot weights
+  /// `P_e` or, with `renormalize`, `P_e / sum of P over the token's slots`. dL/dz per token is
+  /// the combine-weight part (`combine_weights_backward_row`), plus the softmax backward of
+  /// `loss_grad.d_probs`, plus `loss_grad.d_logits`; then `backward_logits`. Arguments must
+  /// have passed `check_softmax_backward`. Deterministic for any thread count.
+  void backward_plan(const ConstRows<S>& x, const Routing<S>& routing,
+                     std::span<const S> d_weights, bool renormalize,
+                     const SoftmaxLossGrad<S>& loss_grad, Rows<S> dx) {
+    grad();  // allocated even for an empty batch
+    const Index num_tokens = x.rows();
+    const Index num_experts = weights_.cols();
+    if (num_tokens == 0) return;
+    auto dz = dz_.matrix(num_tokens, num_experts);  // dL/dz (num_tokens, num_experts)
+    const auto probs = routing.probs();             // (num_tokens, num_experts)
+    const auto offsets = routing.offsets();
+    const S* d_probs = loss_grad.d_probs.empty() ? nullptr : loss_grad.d_probs.data();
+    const S* d_logits = loss_grad.d_logits.empty() ? nullptr : loss_grad.d_logits.data();
+    parallel_blocks(num_tokens, kGateTokenBlock, [&](Index begin, Index end) {
+      for (Index t = begin; t < end; ++t) {
+        S* dz_row = dz.data() + t * num_experts;
+        std::fill(dz_row, dz_row + num_experts, S(0));
+        const S* p = probs.data() + t * num_experts;
+        const auto a0 = static_cast<std::size_t>(offsets[static_cast<std::size_t>(t)]);
+        combine_weights_backward_row(p, num_experts, routing.experts(t),
+                                     d_weights.subspan(a0, static_cast<std::size_t>(routing.k(t))),
+                                     renormalize, dz_row);
+        if (d_probs != nullptr) {
+          softmax_backward_row(p, d_probs + t * num_experts, num_experts, dz_row);
+        }
+        if (d_logits != nullptr) {
+          const S* g = d_logits + t * num_experts;
+          for (Index e = 0; e < num_experts; ++e) dz_row[e] += g[e];
+        }
+      }
+    });
+    backward_logits(x, dz, dx);
+  }
+
+  /// Calls `f("router.weight", W_r, dW_r)` (allocating the gradient on first use).
+  template <class F>
+  void visit(F&& f) {
+    RowMatrix<S>& g = grad();
+    f(std::string_view("router.weight"), ParamMap<S>(weights_.data(), weights_.rows(),
+                                                     weights_.cols()),
+      ParamMap<S>(g.data(), g.rows(), g.cols()));
+  }
+
   /// Resets `out` to `(x.rows(), num_experts)` and writes `P = softmax(x W_r)` into
   /// `out.probs_mut()`, in parallel over fixed token blocks; sets `probs_are_distribution`.
   /// `x` must already have passed `check_gate_input`. `pre_softmax(t, logits)` runs on every
@@ -257,6 +307,7 @@ class SoftmaxRouter {
  private:
   RowMatrix<S> weights_;  // (model_dim, num_experts)
   RowMatrix<S> grad_;     // (model_dim, num_experts), or (0, 0) before the first use
+  Buffer<S> dz_;          // backward scratch: dL/dz (num_tokens, num_experts), grow-only
 };
 
 }  // namespace moet::detail

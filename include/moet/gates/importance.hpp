@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <span>
 
 #include "moet/context.hpp"
 #include "moet/detail/parallel.hpp"
@@ -16,6 +17,7 @@
 #include "moet/errors.hpp"
 #include "moet/routing.hpp"
 #include "moet/tensor.hpp"
+#include "moet/train/grad.hpp"
 
 namespace moet {
 
@@ -111,8 +113,12 @@ void experts_from_importance(const S* imp, const std::uint8_t* valid, Index n,
 ///   `Error` (not clamped).
 /// - **Experts and weights.** The top-`K` of `P`, best first, ties to the lower id; weights are
 ///   `P_e` (Switch convention), or `P_e / sum of the selected P` with `renormalize`. No capacity.
-/// - **Gradient.** Importance and `K` are detached (constants for training); only the weights
-///   `P` depend on the router.
+/// - **Gradient** (`backward`, ALGORITHMS.md §3). Importance and `K` are detached (constants
+///   for training; `backward` reads them from the plan and ignores `ctx`), and so is the
+///   selection; only the weights depend on the router: `w = P_e` (`dL/dP_e += dL/dw`) or, with
+///   `renormalize`, a softmax over the selected logits (`dz_e += w_e (dw_e - sum_j w_j dw_j)`),
+///   then through `P = softmax(x W_r)`. Pads (`K = 0`) get gradient only from
+///   `loss_grad.d_probs`. `visit_parameters` visits `router.weight`.
 ///
 /// \tparam S scalar of the router, the probabilities and the combine weights.
 ///
@@ -125,6 +131,8 @@ template <class S>
 class ImportanceGate {
  public:
   using Scalar = S;
+  /// Loss-gradient inputs of `backward`: dL/dP and dL/dz.
+  using LossGrad = SoftmaxLossGrad<S>;
 
   /// Construction options (validated by the constructor).
   struct Options {
@@ -159,6 +167,46 @@ class ImportanceGate {
   /// Router weights `W_r` `(model_dim, num_experts)`.
   const RowMatrix<S>& router() const { return router_.weights(); }
   RowMatrix<S>& router() { return router_.weights(); }
+
+  /// Gradient of `W_r` `(model_dim, num_experts)`; `(0, 0)` before the first `zero_grad()` or
+  /// `backward`.
+  const RowMatrix<S>& router_grad() const { return router_.grad(); }
+
+  /// Writes the router logits `z = x W_r` `(num_tokens, num_experts)` into `z` (the input of
+  /// `router_z_loss`), with the same bits as `route` computes them. Throws `Error` on a bad `x`
+  /// or a `z` of the wrong shape.
+  void logits(const ConstRows<S>& x, Rows<S> z) const {
+    detail::check_gate_input(kOp, x, options_.model_dim);
+    detail::require(z.rows() == x.rows() && z.cols() == options_.num_experts, kOp,
+                    "z must be (", x.rows(), ", ", options_.num_experts, "), got (", z.rows(),
+                    ", ", z.cols(), ")");
+    router_.logits(x, z);
+  }
+
+  /// Sets the router gradient to zero (allocating it on first use).
+  void zero_grad() { router_.zero_grad(); }
+
+  /// Calls `f(name, value, grad)` for `router.weight` `(model_dim, num_experts)`, allocating
+  /// the gradient on first use.
+  template <class F>
+  void visit_parameters(F&& f) {
+    router_.visit(f);
+  }
+
+  /// Backward of `route(x, ctx, routing)` (see the class notes for the gradient treatment):
+  /// `x` and `ctx` are those of the `route` call, `d_weights` holds dL/dw per assignment
+  /// (routing order, `routing.num_assignments()` values), `loss_grad` the optional dL/dP and
+  /// dL/dz `(num_tokens * num_experts)` each. Accumulates into the gradient of `W_r` and adds
+  /// dL/dx into `dx` `(num_tokens, model_dim)`. The same bits for any thread count. Throws
+  /// `Error` naming `ImportanceGate::backward` on any size mismatch or a plan that is not from this
+  /// gate and this `x`.
+  void backward(const ConstRows<S>& x, const RouteContext& ctx, const Routing<S>& routing,
+                std::span<const S> d_weights, const LossGrad& loss_grad, Rows<S> dx) {
+    static_cast<void>(ctx);  // importance and K are detached: the plan holds them
+    detail::check_softmax_backward(kBackwardOp, x, options_.model_dim, options_.num_experts,
+                                   routing, d_weights, loss_grad, dx);
+    router_.backward_plan(x, routing, d_weights, options_.renormalize, loss_grad, dx);
+  }
 
   /// Routes the rows of `x` `(num_tokens, model_dim)` into `out` using `ctx.importance` or
   /// `ctx.attention` (and `ctx.valid`). Throws `Error` on a bad `x`, a non-finite logit, missing
@@ -222,6 +270,7 @@ class ImportanceGate {
 
  private:
   static constexpr const char* kOp = "ImportanceGate";
+  static constexpr const char* kBackwardOp = "ImportanceGate::backward";
   /// Keys per attention-reduction task (fixed: thread-count independent).
   static constexpr Index kKeyBlock = 64;
 

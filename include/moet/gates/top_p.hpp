@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <span>
 
 #include "moet/context.hpp"
 #include "moet/detail/parallel.hpp"
@@ -15,6 +16,7 @@
 #include "moet/errors.hpp"
 #include "moet/routing.hpp"
 #include "moet/tensor.hpp"
+#include "moet/train/grad.hpp"
 
 namespace moet {
 
@@ -62,6 +64,13 @@ Index top_p_count(const S* values, const std::int32_t* order, Index n, S p, bool
 /// after the top-p rule. `p` must lie in `(0, 1]`: the original's `p = 0` (which means top-1)
 /// is rejected as a likely mistake; use `TopKGate` with `k = 1`.
 ///
+/// **Gradient** (`backward`, ALGORITHMS.md §2.3): the kept set (and so `k` per token) is held
+/// fixed, since the selection is piecewise constant; the weights are the raw `P_e`, so
+/// `dL/dP_e += dL/dw` on the kept experts, then through `P = softmax(z)`, `z = x W_r`, to `W_r`
+/// and `x`. `loss_grad.d_probs` (the entropy "dynamic" loss and load balance act on every
+/// expert's `P`) and `loss_grad.d_logits` (z-loss) are added. `visit_parameters` visits
+/// `router.weight`.
+///
 /// \tparam S scalar of the router, the probabilities and the combine weights.
 ///
 /// ```cpp
@@ -71,6 +80,8 @@ template <class S>
 class TopPGate {
  public:
   using Scalar = S;
+  /// Loss-gradient inputs of `backward`: dL/dP and dL/dz.
+  using LossGrad = SoftmaxLossGrad<S>;
 
   /// Construction options (validated by the constructor).
   struct Options {
@@ -101,6 +112,46 @@ class TopPGate {
   /// Router weights `W_r` `(model_dim, num_experts)`.
   const RowMatrix<S>& router() const { return router_.weights(); }
   RowMatrix<S>& router() { return router_.weights(); }
+
+  /// Gradient of `W_r` `(model_dim, num_experts)`; `(0, 0)` before the first `zero_grad()` or
+  /// `backward`.
+  const RowMatrix<S>& router_grad() const { return router_.grad(); }
+
+  /// Writes the router logits `z = x W_r` `(num_tokens, num_experts)` into `z` (the input of
+  /// `router_z_loss`), with the same bits as `route` computes them. Throws `Error` on a bad `x`
+  /// or a `z` of the wrong shape.
+  void logits(const ConstRows<S>& x, Rows<S> z) const {
+    detail::check_gate_input(kOp, x, options_.model_dim);
+    detail::require(z.rows() == x.rows() && z.cols() == options_.num_experts, kOp,
+                    "z must be (", x.rows(), ", ", options_.num_experts, "), got (", z.rows(),
+                    ", ", z.cols(), ")");
+    router_.logits(x, z);
+  }
+
+  /// Sets the router gradient to zero (allocating it on first use).
+  void zero_grad() { router_.zero_grad(); }
+
+  /// Calls `f(name, value, grad)` for `router.weight` `(model_dim, num_experts)`, allocating
+  /// the gradient on first use.
+  template <class F>
+  void visit_parameters(F&& f) {
+    router_.visit(f);
+  }
+
+  /// Backward of `route(x, ctx, routing)` (see the class notes for the gradient treatment):
+  /// `x` and `ctx` are those of the `route` call, `d_weights` holds dL/dw per assignment
+  /// (routing order, `routing.num_assignments()` values), `loss_grad` the optional dL/dP and
+  /// dL/dz `(num_tokens * num_experts)` each. Accumulates into the gradient of `W_r` and adds
+  /// dL/dx into `dx` `(num_tokens, model_dim)`. The same bits for any thread count. Throws
+  /// `Error` naming `TopPGate::backward` on any size mismatch or a plan that is not from this
+  /// gate and this `x`.
+  void backward(const ConstRows<S>& x, const RouteContext& ctx, const Routing<S>& routing,
+                std::span<const S> d_weights, const LossGrad& loss_grad, Rows<S> dx) {
+    static_cast<void>(ctx);  // the selection is held fixed; no random draws
+    detail::check_softmax_backward(kBackwardOp, x, options_.model_dim, options_.num_experts,
+                                   routing, d_weights, loss_grad, dx);
+    router_.backward_plan(x, routing, d_weights, false, loss_grad, dx);
+  }
 
   /// Routes the rows of `x` `(num_tokens, model_dim)` into `out`. Throws `Error` when `x` has
   /// the wrong width or a NaN/Inf, or when a router logit is not finite.
@@ -143,6 +194,7 @@ class TopPGate {
 
  private:
   static constexpr const char* kOp = "TopPGate";
+  static constexpr const char* kBackwardOp = "TopPGate::backward";
 
   static Options validated(const Options& o) {
     detail::require(o.model_dim >= 1, kOp, "model_dim must be >= 1, got ", o.model_dim);

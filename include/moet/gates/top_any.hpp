@@ -9,6 +9,9 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <span>
+#include <string_view>
+#include <vector>
 
 #include <Eigen/Core>
 #include <Eigen/QR>
@@ -20,20 +23,57 @@
 #include "moet/errors.hpp"
 #include "moet/routing.hpp"
 #include "moet/tensor.hpp"
+#include "moet/train/grad.hpp"
 
 namespace moet {
 
 /// Which DynMoE implementation `TopAnyGate` follows where the two public ones differ
-/// (ALGORITHMS.md 1.9). In the forward pass they differ only in the eval fallback weight; the
-/// weight gradient and the auxiliary loss set (a later training feature) differ too.
+/// (ALGORITHMS.md 1.9): the eval fallback weight, the combine-weight gradient (1.3) and the
+/// auxiliary loss set of `top_any_aux_loss` (1.5).
 enum class TopAnyVariant {
   /// The DeepSpeed-0.9.5 copy (recommended by the DynMoE README): a token that activates no
-  /// expert in eval goes to its best expert with weight 1.
+  /// expert in eval goes to its best expert with weight 1; the weight `a / k` is differentiated
+  /// with `k` held constant; the auxiliary loss has all four terms.
   kDeepSpeed,
   /// The Tutel copy (`EMoE/tutel`, GLUE and vision experiments): the fallback weight is the raw
   /// sigmoid score `s[t, e]` of the chosen expert when no token of the batch activates two or
-  /// more experts, and 1 otherwise.
+  /// more experts, and 1 otherwise; the weight `a / sum(a)` is differentiated through its
+  /// denominator when some token of the batch activates two or more experts; the auxiliary
+  /// loss is diversity + simplicity only.
   kTutel,
+};
+
+/// When `TopAnyGate` runs DynMoE's adaptive process (ALGORITHMS.md 1.6).
+enum class TopAnySchedule {
+  /// DeepSpeed's cycle over the gate's counter `n` of training forwards (counted by
+  /// `on_training_forward`, read before the forward): begin recording when
+  /// `n % period == 0 && (n / period) % 3 == 1`, update the experts after the forward when
+  /// `n % period == 0 && (n / period) % 3 == 2` (`period` = `Options::schedule_period`, 300 in
+  /// DeepSpeed). With 300: record forwards 300..600 inclusive (301 calls), update after 600,
+  /// again 1200..1500, and so on.
+  kDeepSpeedCycle,
+  /// Only explicit `begin_recording()` / `update_experts()` calls (Tutel's GLUE script style,
+  /// where the caller knows the epoch length).
+  kManual,
+};
+
+/// Loss-gradient input of `TopAnyGate::backward` besides the combine-weight gradient.
+/// `d_gates` is empty (no such loss) or holds `num_tokens * max_experts` values, row-major:
+/// dL/da for the 0/1 straight-through gate matrix `a` of ALGORITHMS.md 1.2 (the load-balance
+/// and efficiency terms enter here; `top_any_aux_loss` in train/top_any_losses.hpp fills it).
+/// Only entries of activated (token, expert) pairs pass a gradient (`relu'` is 0 elsewhere),
+/// and eval-fallback entries pass none (the fallback one-hot is a constant).
+template <class S>
+struct TopAnyLossGrad {
+  std::span<const S> d_gates{};
+};
+
+/// What one `TopAnyGate::update_experts()` did.
+struct TopAnyExpertUpdate {
+  /// Slots switched off (they were active and received no token while recording).
+  Index removed = 0;
+  /// The slot switched on, or -1 when none was added.
+  Index added = -1;
 };
 
 namespace detail {
@@ -90,12 +130,14 @@ RowMatrix<S> orthogonal_gate_embeddings(Index model_dim, Index max_experts, std:
 /// runs over all slots, which differs only when an active score underflows to 0). With no
 /// active slot at all, every token is routed nowhere, in eval too.
 ///
-/// Not here yet (a later issue): the straight-through backward, the auxiliary losses, the
-/// routing records and the adaptive add/remove of experts (ALGORITHMS.md 1.3-1.6), and the
-/// Tutel `gated_multi_gate_t` variant's trainable temperature (`tau = exp(min(log_t, log 100))`,
-/// starting at 10). The state above is laid out for them: `gate_embeddings()`, `thresholds()`
-/// and `set_temperature()` are what training updates, `set_expert_active()` what the adaptive
-/// process switches.
+/// Training (ALGORITHMS.md 1.3, 1.6): `backward` is the straight-through gradient (see its
+/// comment), with the parameters `embeddings` (`W`) and `thresholds` (`theta`) visited by
+/// `visit_parameters`; the auxiliary losses live in train/top_any_losses.hpp; the adaptive
+/// process (records, remove-then-add, schedules) is `on_training_forward`, `begin_recording`
+/// and `update_experts`. The mask is not a parameter. Not offered: the Tutel
+/// `gated_multi_gate_t` variant's trainable temperature (`tau = exp(min(log_t, log 100))`,
+/// starting at 10); `set_temperature()` sets a fixed `tau`, and `backward` treats it as a
+/// constant.
 ///
 /// \tparam S scalar type (float or double); routing runs in `S`.
 ///
@@ -121,7 +163,17 @@ class TopAnyGate {
     S temperature = S(1);
     /// Seed of the orthogonal gate embedding initialisation.
     std::uint64_t init_seed = 0;
+    /// When the adaptive process runs. The default is DeepSpeed's cycle, DynMoE's recommended
+    /// implementation: a layer that calls `on_training_forward` every training forward then
+    /// auto-tunes its expert count as DynMoE does, with no extra calls. `kManual` leaves it to
+    /// explicit `begin_recording()` / `update_experts()` calls.
+    TopAnySchedule schedule = TopAnySchedule::kDeepSpeedCycle;
+    /// The cycle's period in training forwards (>= 1); 300 in DeepSpeed.
+    std::int64_t schedule_period = 300;
   };
+
+  /// Loss-gradient input of `backward` (the auxiliary losses' dL/da).
+  using LossGrad = TopAnyLossGrad<S>;
 
   /// Norm floor of `F.normalize` (PyTorch's default `eps`), applied to tokens and embeddings.
   static constexpr S kNormEps = S(1e-12);
@@ -145,6 +197,8 @@ class TopAnyGate {
     detail::require(options_.max_experts <= std::numeric_limits<std::int32_t>::max(), kOp,
                     "max_experts must fit a 32-bit expert id, got ", options_.max_experts);
     check_temperature(options_.temperature);
+    detail::require(options_.schedule_period >= 1, kOp, "schedule_period must be >= 1, got ",
+                    options_.schedule_period);
     const Index emax = options_.max_experts;
     temperature_ = options_.temperature;
     embeddings_ =
@@ -152,6 +206,8 @@ class TopAnyGate {
     thresholds_ = Vector<S>::Zero(emax);
     mask_ = Vector<S>::Zero(emax);
     mask_.head(options_.num_experts).setOnes();
+    record_tokens_.assign(static_cast<std::size_t>(emax), 0);
+    record_unrouted_ = Vector<S>::Zero(options_.model_dim);
   }
 
   /// Expert slots, `max_experts` (the expert bank's size). See `num_active()`.
@@ -346,6 +402,303 @@ class TopAnyGate {
     });
   }
 
+  // ---------------------------------------------------------------------------------------
+  // Training: straight-through backward and parameters.
+
+  /// Straight-through backward (ALGORITHMS.md 1.2-1.3). `x`, `ctx` and `routing` are those of
+  /// the `route` call (the plan's `probs()` holds the scores `s` it used, so nothing else is
+  /// cached); `d_weights` is dL/dw per assignment (routing order); `loss_grad.d_gates` is
+  /// empty or dL/da `(num_tokens, max_experts)` row-major from the auxiliary losses.
+  /// Accumulates into `gate_embeddings_grad()` and `thresholds_grad()` and adds dL/dx into `dx`
+  /// `(num_tokens, model_dim)`.
+  ///
+  /// The surrogate differentiated, per token `t` with activated set `S_t`, `k = |S_t|`:
+  /// ```
+  /// a[t,e] = r + stopgrad(sign(r) - r),  r = relu(s[t,e] - sigmoid(tau theta_e))   (da/dr = 1)
+  /// kDeepSpeed:   w[t,e] = a[t,e] / k      (k a constant)
+  /// kTutel:       w[t,e] = a[t,e] / sum_j a[t,j]  when some token of the batch has k >= 2,
+  ///               else w = a (no division; the same gradient as kDeepSpeed, k <= 1)
+  /// dL/da[t,e] = (weight part) + d_gates[t,e];   dL/dr = dL/da on activated pairs, 0 elsewhere
+  /// dL/dtheta_e = -tau sigmoid'(tau theta_e) sum_t dL/dr[t,e]
+  /// dL/dcos[t,e] = tau s (1 - s) dL/dr[t,e], then through both F.normalize (eps 1e-12) to x, W
+  /// ```
+  /// so only activated pairs pass gradient to `W`, `theta` and `x`; tokens that activated
+  /// nothing (training) pass nothing; inactive slots get nothing. Eval-fallback assignments
+  /// (a token with no activated expert, routed to its best one when `!ctx.training`) pass
+  /// nothing for `kDeepSpeed` (weight 1, a constant) and, for `kTutel` when the weight is the
+  /// raw score `s`, dL/ds = dL/dw through the sigmoid and cosine (the threshold is not
+  /// involved). `tau` is a constant.
+  ///
+  /// The gate's `W` and `theta` must be those the plan was routed with; the only allowed
+  /// change is an expert update by `on_training_forward` (it touches only slots that are not
+  /// in the plan). Parallel over tokens (for `dx`) and over slots (for `W`, `theta`), each
+  /// value summed in a fixed order: the same bits for any thread count.
+  ///
+  /// Throws `moet::Error` when a shape or size does not match (`x` `(T, model_dim)`,
+  /// `routing` over `T` tokens and `max_experts` experts with `(T, max_experts)` scores,
+  /// `d_weights` one per assignment, `d_gates` empty or `T * max_experts`, `dx`
+  /// `(T, model_dim)`), or when the plan does not match the gate (an expert id out of range, or
+  /// an assignment that did not fire and is not an eval fallback); nothing is changed then.
+  void backward(const ConstRows<S>& x, const RouteContext& ctx, const Routing<S>& routing,
+                std::span<const S> d_weights, const LossGrad& loss_grad, Rows<S> dx) {
+    static constexpr const char* op = "TopAnyGate::backward";
+    const Index d = model_dim();
+    const Index emax = max_experts();
+    const Index num_tokens = x.rows();
+    check_plan(op, x, routing);
+    detail::require(static_cast<Index>(d_weights.size()) == routing.num_assignments(), op,
+                    "d_weights must have one entry per assignment (", routing.num_assignments(),
+                    "), got ", d_weights.size());
+    const std::span<const S> d_gates = loss_grad.d_gates;
+    detail::require(d_gates.empty() || static_cast<Index>(d_gates.size()) == num_tokens * emax,
+                    op, "d_gates must be empty or have num_tokens * max_experts = ",
+                    num_tokens * emax, " entries, got ", d_gates.size());
+    detail::require(dx.rows() == num_tokens && dx.cols() == d, op, "dx must be (", num_tokens,
+                    ", ", d, "), got (", dx.rows(), ", ", dx.cols(), ")");
+    const S tau = temperature_;
+    S* const threshold = slot_thresholds();
+    const auto scores = routing.probs();  // (num_tokens, max_experts)
+    Index batch_max_k = 0;
+    for (Index t = 0; t < num_tokens; ++t) {
+      const Index k = routing.k(t);
+      batch_max_k = std::max(batch_max_k, k);
+      const auto experts = routing.experts(t);
+      for (Index j = 0; j < k; ++j) {
+        const Index e = experts[static_cast<std::size_t>(j)];
+        const bool fired = scores(t, e) > threshold[e];
+        detail::require(fired || (!ctx.training && k == 1), op,
+                        "the plan does not match the gate: token ", t, " goes to expert ", e,
+                        " whose score ", scores(t, e), " does not beat its threshold ",
+                        threshold[e], (ctx.training ? " (a training plan has no fallback)" : ""));
+      }
+    }
+    ensure_grads();
+    if (num_tokens == 0) return;
+
+    // Per-slot constants: raw column norms of W and the normalised columns, transposed so that
+    // each is contiguous.
+    S* const raw_norm_w = threshold + emax;  // (max_experts)
+    auto slot_rows = wn_scratch_.matrix(2 * emax, d);
+    auto wn_t = slot_rows.topRows(emax);  // (max_experts, model_dim): Wn transposed
+    for (Index e = 0; e < emax; ++e) {
+      raw_norm_w[e] = embeddings_.col(e).norm();
+      wn_t.row(e) = embeddings_.col(e).transpose() / std::max(raw_norm_w[e], kNormEps);
+    }
+    const bool divide = options_.variant == TopAnyVariant::kTutel && batch_max_k >= 2;
+    const bool raw_fallback = options_.variant == TopAnyVariant::kTutel && batch_max_k < 2;
+
+    // Pass 1, over token blocks: dL/dcos and dL/dr per (token, slot), and dx.
+    S* const token_data = token_scratch_.data(2 * num_tokens * emax + num_tokens);
+    Eigen::Map<RowMatrix<S>> d_cos(token_data, num_tokens, emax);                    // (T, Emax)
+    Eigen::Map<RowMatrix<S>> d_r(token_data + num_tokens * emax, num_tokens, emax);  // (T, Emax)
+    S* const inv_norm_x = token_data + 2 * num_tokens * emax;                       // (T)
+    detail::parallel_blocks(num_tokens, kTokenBlock, [&](Index begin, Index end) {
+      for (Index t = begin; t < end; ++t) {
+        d_cos.row(t).setZero();
+        d_r.row(t).setZero();
+        const S raw_norm_x = x.row(t).norm();
+        const S norm_x = std::max(raw_norm_x, kNormEps);
+        inv_norm_x[t] = S(1) / norm_x;
+        const Index k = routing.k(t);
+        if (k == 0) continue;
+        const auto experts = routing.experts(t);
+        const auto first = static_cast<std::size_t>(routing.offsets()[static_cast<std::size_t>(t)]);
+        const S inv_k = S(1) / static_cast<S>(k);
+        S sum_g = S(0);
+        for (Index j = 0; j < k; ++j) sum_g += d_weights[first + static_cast<std::size_t>(j)];
+        S projection = S(0);  // sum_e dL/dcos[t,e] cos[t,e] = u . (dL/du)
+        bool any = false;
+        for (Index j = 0; j < k; ++j) {
+          const Index e = experts[static_cast<std::size_t>(j)];
+          const S g = d_weights[first + static_cast<std::size_t>(j)];
+          const S s = scores(t, e);
+          S dcos = S(0);
+          if (s > threshold[e]) {
+            S da = divide ? g * inv_k - sum_g * inv_k * inv_k : g * inv_k;
+            if (!d_gates.empty()) da += d_gates[static_cast<std::size_t>(t * emax + e)];
+            d_r(t, e) = da;
+            dcos = tau * s * (S(1) - s) * da;
+          } else if (raw_fallback) {
+            dcos = tau * s * (S(1) - s) * g;  // Tutel eval fallback weight w = s
+          }
+          d_cos(t, e) = dcos;
+          if (dcos == S(0)) continue;
+          any = true;
+          dx.row(t) += (dcos / norm_x) * wn_t.row(e);
+          projection += dcos * (x.row(t).dot(wn_t.row(e)) / norm_x);
+        }
+        // d(x / ||x||)/dx = (I - u u^T) / ||x||; below the floor, x / eps has derivative I / eps.
+        if (any && raw_norm_x > kNormEps) {
+          dx.row(t) -= (projection / (norm_x * norm_x)) * x.row(t);
+        }
+      }
+    });
+
+    // Pass 2, over slots: dL/dWn_e = sum_t dL/dcos[t,e] x_t / ||x_t|| in token order, then
+    // through the column normalisation; dL/dtheta_e from sum_t dL/dr[t,e].
+    auto g_wn_t = slot_rows.bottomRows(emax);  // (max_experts, model_dim): dL/dWn transposed
+    detail::parallel_for(emax, [&](Index e) {
+      auto acc = g_wn_t.row(e);
+      acc.setZero();
+      S sum_r = S(0);
+      bool any = false;
+      for (Index t = 0; t < num_tokens; ++t) {
+        sum_r += d_r(t, e);
+        const S c = d_cos(t, e);
+        if (c == S(0)) continue;
+        acc += (c * inv_norm_x[t]) * x.row(t);
+        any = true;
+      }
+      const S thr = threshold[e];
+      grad_thresholds_[e] += -tau * thr * (S(1) - thr) * sum_r;
+      if (!any) return;
+      if (raw_norm_w[e] > kNormEps) {
+        const S along = acc.dot(wn_t.row(e));
+        grad_embeddings_.col(e) += ((acc - along * wn_t.row(e)) / raw_norm_w[e]).transpose();
+      } else {
+        grad_embeddings_.col(e) += (acc / kNormEps).transpose();
+      }
+    });
+  }
+
+  /// Sets the gradients to zero (allocating them on the first call).
+  void zero_grad() {
+    ensure_grads();
+    grad_embeddings_.setZero();
+    grad_thresholds_.setZero();
+  }
+
+  /// dL/dW `(model_dim, max_experts)`; `(0, 0)` before the first `zero_grad` or `backward`.
+  /// The non-const overload allocates (zero) first; the auxiliary losses add into it.
+  const RowMatrix<S>& gate_embeddings_grad() const { return grad_embeddings_; }
+  RowMatrix<S>& gate_embeddings_grad() {
+    ensure_grads();
+    return grad_embeddings_;
+  }
+  /// dL/dtheta `(max_experts)`; empty before the first `zero_grad` or `backward`. The
+  /// non-const overload allocates (zero) first.
+  const Vector<S>& thresholds_grad() const { return grad_thresholds_; }
+  Vector<S>& thresholds_grad() {
+    ensure_grads();
+    return grad_thresholds_;
+  }
+
+  /// Calls `f(name, value, grad)` for `embeddings` (`W`, `(model_dim, max_experts)`) and
+  /// `thresholds` (`theta`, `(1, max_experts)`), in that order (train/grad.hpp). The expert
+  /// mask is not a parameter. Allocates the gradients on first use.
+  template <class F>
+  void visit_parameters(F&& f) {
+    ensure_grads();
+    const Index d = model_dim();
+    const Index emax = max_experts();
+    f(std::string_view("embeddings"), ParamMap<S>(embeddings_.data(), d, emax),
+      ParamMap<S>(grad_embeddings_.data(), d, emax));
+    f(std::string_view("thresholds"), ParamMap<S>(thresholds_.data(), 1, emax),
+      ParamMap<S>(grad_thresholds_.data(), 1, emax));
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // The adaptive process (ALGORITHMS.md 1.6).
+
+  /// The hook a layer calls after routing in every training forward, with the gate input `x`
+  /// `(num_tokens, model_dim)` and the plan `route` made. In order: under
+  /// `TopAnySchedule::kDeepSpeedCycle`, begins recording when the counter `n =
+  /// training_forwards()` says so; while recording, adds the plan to the records
+  /// (`R_E[e] += tokens routed to e`, `R_S += x_t` for every token routed nowhere); under the
+  /// cycle, updates the experts (`update_experts()`) when `n` says so; then counts the forward
+  /// (`++n`). Under `kManual` it only records (when recording) and counts.
+  ///
+  /// Throws `moet::Error`, changing nothing, when the shapes do not match (`x` `(T,
+  /// model_dim)`, `routing` over `T` tokens and `max_experts` experts with `(T, max_experts)`
+  /// scores), when an expert id is out of range, or when the plan is an eval plan (a token
+  /// routed by the eval fallback to an expert that did not fire): eval forwards never record.
+  void on_training_forward(const ConstRows<S>& x, const Routing<S>& routing) {
+    static constexpr const char* op = "TopAnyGate::on_training_forward";
+    check_plan(op, x, routing);
+    const S* const threshold = slot_thresholds();
+    const auto scores = routing.probs();
+    for (Index t = 0; t < routing.num_tokens(); ++t) {
+      for (const auto e : routing.experts(t)) {
+        detail::require(scores(t, e) > threshold[e], op, "token ", t, " goes to expert ", e,
+                        " whose score ", scores(t, e), " does not beat its threshold ",
+                        threshold[e],
+                        ": an eval-mode plan (fallback); call this for training forwards only");
+      }
+    }
+    const std::int64_t n = forwards_;
+    const std::int64_t period = options_.schedule_period;
+    const bool cycle = options_.schedule == TopAnySchedule::kDeepSpeedCycle && n % period == 0;
+    if (cycle && (n / period) % 3 == 1) begin_recording();
+    if (recording_) {
+      for (Index t = 0; t < routing.num_tokens(); ++t) {
+        if (routing.k(t) == 0) record_unrouted_ += x.row(t).transpose();
+        for (const auto e : routing.experts(t)) ++record_tokens_[static_cast<std::size_t>(e)];
+      }
+    }
+    if (cycle && (n / period) % 3 == 2 && recording_) update_experts();
+    ++forwards_;
+  }
+
+  /// Resets the records and starts recording (DynMoE's start flag).
+  void begin_recording() {
+    std::fill(record_tokens_.begin(), record_tokens_.end(), Index{0});
+    record_unrouted_.setZero();
+    recording_ = true;
+  }
+
+  /// DynMoE's expert update (ALGORITHMS.md 1.6), remove first, then add; stops recording.
+  /// Remove: every active slot that received no token while recording is switched off (its
+  /// `W` column, threshold and the expert bank's weights stay as they are). Add: when
+  /// `||R_S||_2 > 0` (the norm, where DeepSpeed tests `sum_i R_S[i] != 0`: a sum that cancels
+  /// to 0 would skip a real add) and some slot is inactive, the lowest inactive slot `j` is
+  /// switched on with `W[:, j] = R_S / ||R_S||_2` and `theta_j = 0`; at most one slot per
+  /// update, never more than `max_experts` in all. The gate does not own the expert weights:
+  /// the new slot reuses whatever weights the bank holds for slot `j` (possibly those of an
+  /// expert removed in this very update), as DynMoE does. Optimiser state (momenta) for the
+  /// slot's `W` column and threshold is not reset. A non-finite `R_S` (a float sum that
+  /// overflowed) adds nothing. Throws `moet::Error` when not recording.
+  TopAnyExpertUpdate update_experts() {
+    detail::require(recording_, "TopAnyGate::update_experts",
+                    "no recording to update from: call begin_recording() first (recording ",
+                    "stops at every update), training forwards counted so far: ", forwards_);
+    TopAnyExpertUpdate result;
+    const Index emax = max_experts();
+    for (Index e = 0; e < emax; ++e) {
+      if (mask_[e] != S(0) && record_tokens_[static_cast<std::size_t>(e)] == 0) {
+        mask_[e] = S(0);
+        ++result.removed;
+      }
+    }
+    const S norm = record_unrouted_.stableNorm();
+    if (norm > S(0) && std::isfinite(norm) && detail::all_finite(record_unrouted_)) {
+      for (Index j = 0; j < emax; ++j) {
+        if (mask_[j] != S(0)) continue;
+        mask_[j] = S(1);
+        embeddings_.col(j) = record_unrouted_ / norm;
+        thresholds_[j] = S(0);
+        result.added = j;
+        break;
+      }
+    }
+    recording_ = false;
+    return result;
+  }
+
+  /// True between `begin_recording()` (or the cycle's begin) and the next update.
+  bool recording() const { return recording_; }
+  /// `R_E` `(max_experts)`: tokens routed to each slot since recording began.
+  std::span<const Index> recorded_tokens() const { return record_tokens_; }
+  /// `R_S` `(model_dim)`: the sum of the raw inputs of tokens routed nowhere since recording
+  /// began.
+  const Vector<S>& recorded_unrouted() const { return record_unrouted_; }
+  /// The counter `n` of training forwards seen by `on_training_forward`.
+  std::int64_t training_forwards() const { return forwards_; }
+  /// Sets the counter (to resume a run); throws `moet::Error` unless `n >= 0`.
+  void set_training_forwards(std::int64_t n) {
+    detail::require(n >= 0, kOp, "training forward count must be >= 0, got ", n);
+    forwards_ = n;
+  }
+
  private:
   static constexpr const char* kOp = "TopAnyGate";
 
@@ -356,11 +709,63 @@ class TopAnyGate {
                     "temperature must be finite and > 0, got ", tau);
   }
 
+  /// Checks what `backward` and `on_training_forward` share: `x`, the plan and the state.
+  void check_plan(const char* op, const ConstRows<S>& x, const Routing<S>& routing) const {
+    const Index d = model_dim();
+    const Index emax = max_experts();
+    detail::require(x.cols() == d, op, "x must have model_dim = ", d, " columns, got ", x.cols());
+    detail::require(routing.num_tokens() == x.rows(), op, "the plan has ", routing.num_tokens(),
+                    " tokens but x has ", x.rows(), " rows");
+    detail::require(routing.num_experts() == emax, op, "the plan must be over max_experts = ",
+                    emax, " experts, got ", routing.num_experts());
+    detail::require(routing.probs().rows() == x.rows() && routing.probs().cols() == emax, op,
+                    "the plan's scores must be (", x.rows(), ", ", emax,
+                    ") as route writes them, got (", routing.probs().rows(), ", ",
+                    routing.probs().cols(), ")");
+    detail::require(embeddings_.rows() == d && embeddings_.cols() == emax, op,
+                    "gate embeddings must be (", d, ", ", emax, "), got (", embeddings_.rows(),
+                    ", ", embeddings_.cols(), ")");
+    detail::require(thresholds_.size() == emax, op, "thresholds must have ", emax,
+                    " entries, got ", thresholds_.size());
+    for (const auto e : routing.experts()) {
+      detail::require(e >= 0 && e < emax, op, "expert id must be in [0, ", emax, "), got ", e);
+    }
+  }
+
+  /// The fire thresholds `sigmoid(tau theta_e)`, computed exactly as `route` does, in the
+  /// first `max_experts` entries of a slot scratch of `2 * max_experts`.
+  S* slot_thresholds() {
+    const Index emax = max_experts();
+    S* const threshold = slot_scratch_.data(2 * emax);
+    for (Index e = 0; e < emax; ++e) threshold[e] = sigmoid(temperature_ * thresholds_[e]);
+    return threshold;
+  }
+
+  void ensure_grads() {
+    const Index d = model_dim();
+    const Index emax = max_experts();
+    if (grad_embeddings_.rows() != d || grad_embeddings_.cols() != emax) {
+      grad_embeddings_ = RowMatrix<S>::Zero(d, emax);
+    }
+    if (grad_thresholds_.size() != emax) grad_thresholds_ = Vector<S>::Zero(emax);
+  }
+
   Options options_;
   S temperature_ = S(1);
   RowMatrix<S> embeddings_;  // (model_dim, max_experts)
   Vector<S> thresholds_;     // (max_experts)
   Vector<S> mask_;           // (max_experts), 0 or 1
+  // Training state: gradients (allocated lazily) and backward scratch.
+  RowMatrix<S> grad_embeddings_;   // (model_dim, max_experts)
+  Vector<S> grad_thresholds_;      // (max_experts)
+  detail::Buffer<S> slot_scratch_;   // (2 * max_experts)
+  detail::Buffer<S> wn_scratch_;     // (2 * max_experts, model_dim)
+  detail::Buffer<S> token_scratch_;  // (2 * num_tokens * max_experts + num_tokens)
+  // Adaptive process (ALGORITHMS.md 1.6).
+  std::vector<Index> record_tokens_;  // R_E (max_experts)
+  Vector<S> record_unrouted_;         // R_S (model_dim)
+  bool recording_ = false;
+  std::int64_t forwards_ = 0;  // training forwards counted by on_training_forward
 };
 
 }  // namespace moet

@@ -1,0 +1,463 @@
+// TopAnyGate backward (ALGORITHMS.md 1.2-1.3): the straight-through surrogate, checked by
+// finite differences in double, plus bit-identity across thread counts and bad input.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include <catch2/catch.hpp>
+
+#include "moet/config.hpp"
+#include "moet/detail/rng.hpp"
+#include "moet/gates/top_any.hpp"
+#include "moet/train/grad.hpp"
+
+static_assert(moet::TrainableGate<moet::TopAnyGate<float>>, "TopAnyGate<float> is trainable");
+static_assert(moet::TrainableGate<moet::TopAnyGate<double>>, "TopAnyGate<double> is trainable");
+
+namespace {
+
+using moet::Index;
+using Mat = moet::RowMatrix<double>;
+using Vec = moet::Vector<double>;
+
+Mat random_matrix(Index rows, Index cols, std::uint64_t seed, double scale = 1.0) {
+  moet::detail::Rng rng(seed);
+  Mat m(rows, cols);
+  for (Index i = 0; i < rows; ++i) {
+    for (Index j = 0; j < cols; ++j) m(i, j) = scale * rng.normal();
+  }
+  return m;
+}
+
+double sigmoid(double z) { return 1.0 / (1.0 + std::exp(-z)); }
+
+// The documented surrogate, written independently with plain loops in double. The selection
+// (`a0`, `k0`, whether Tutel divides, the fallback tokens) is frozen at the base point; `a`
+// follows ST: a = r + (a0 - r0), so da/dr = 1.
+struct Surrogate {
+  moet::TopAnyVariant variant = moet::TopAnyVariant::kDeepSpeed;
+  bool training = true;
+  double tau = 1.0;
+  Vec mask;
+  Mat g;  // dL/dw scattered to (T, Emax), nonzero only on the plan's assignments
+  Mat c;  // dL/da (T, Emax)
+  // Frozen at the base point:
+  Mat a0, r0;
+  std::vector<int> k0;
+  std::vector<int> fallback;  // the eval fallback expert, or -1
+  bool divide = false;
+  bool raw_fallback = false;
+
+  struct Scores {
+    Mat s, r;
+  };
+  Scores scores(const Mat& x, const Mat& w, const Vec& theta) const {
+    const Index num_tokens = x.rows(), d = x.cols(), emax = w.cols();
+    Scores out{Mat::Zero(num_tokens, emax), Mat::Zero(num_tokens, emax)};
+    for (Index t = 0; t < num_tokens; ++t) {
+      double xx = 0.0;
+      for (Index i = 0; i < d; ++i) xx += x(t, i) * x(t, i);
+      for (Index e = 0; e < emax; ++e) {
+        double dot = 0.0, ww = 0.0;
+        for (Index i = 0; i < d; ++i) {
+          dot += x(t, i) * w(i, e);
+          ww += w(i, e) * w(i, e);
+        }
+        const double cos = dot / (std::max(std::sqrt(xx), 1e-12) * std::max(std::sqrt(ww), 1e-12));
+        out.s(t, e) = sigmoid(tau * cos) * mask[e];
+        out.r(t, e) = std::max(out.s(t, e) - sigmoid(tau * theta[e]), 0.0);
+      }
+    }
+    return out;
+  }
+
+  void freeze(const Mat& x, const Mat& w, const Vec& theta) {
+    const auto sc = scores(x, w, theta);
+    r0 = sc.r;
+    a0 = Mat::Zero(r0.rows(), r0.cols());
+    k0.assign(static_cast<std::size_t>(r0.rows()), 0);
+    fallback.assign(static_cast<std::size_t>(r0.rows()), -1);
+    int max_k = 0;
+    for (Index t = 0; t < r0.rows(); ++t) {
+      for (Index e = 0; e < r0.cols(); ++e) {
+        if (r0(t, e) > 0.0) {
+          a0(t, e) = 1.0;
+          ++k0[static_cast<std::size_t>(t)];
+        }
+      }
+      if (k0[static_cast<std::size_t>(t)] == 0 && !training) {
+        int best = -1;
+        for (Index e = 0; e < r0.cols(); ++e) {
+          if (mask[e] != 0.0 && (best < 0 || sc.s(t, e) > sc.s(t, best))) best = int(e);
+        }
+        fallback[static_cast<std::size_t>(t)] = best;
+      }
+      max_k = std::max(max_k, std::max(k0[static_cast<std::size_t>(t)], 1));
+    }
+    divide = variant == moet::TopAnyVariant::kTutel && max_k >= 2;
+    raw_fallback = variant == moet::TopAnyVariant::kTutel && max_k < 2;
+  }
+
+  double loss(const Mat& x, const Mat& w, const Vec& theta) const {
+    const auto sc = scores(x, w, theta);
+    double total = 0.0;
+    for (Index t = 0; t < x.rows(); ++t) {
+      const auto ts = static_cast<std::size_t>(t);
+      std::vector<double> a(static_cast<std::size_t>(w.cols()));
+      double sum_a = 0.0;
+      for (Index e = 0; e < w.cols(); ++e) {
+        a[static_cast<std::size_t>(e)] = sc.r(t, e) + (a0(t, e) - r0(t, e));
+        sum_a += a[static_cast<std::size_t>(e)];
+      }
+      for (Index e = 0; e < w.cols(); ++e) {
+        const double ae = a[static_cast<std::size_t>(e)];
+        if (k0[ts] > 0 && a0(t, e) > 0.0) {
+          const double weight = divide ? ae / sum_a : ae / double(k0[ts]);
+          total += g(t, e) * weight;
+        }
+        total += c(t, e) * ae;
+      }
+      if (fallback[ts] >= 0) {
+        const double weight = raw_fallback ? sc.s(t, fallback[ts]) : 1.0;
+        total += g(t, fallback[ts]) * weight;
+      }
+    }
+    return total;
+  }
+};
+
+struct Case {
+  Mat x;
+  Mat w;
+  Vec theta;
+  Vec mask;
+};
+
+// Smallest |s - sigmoid(tau theta)| over active pairs: the selection must not flip under FD.
+double margin(const Surrogate& sur, const Case& c) {
+  const auto sc = sur.scores(c.x, c.w, c.theta);
+  double m = 1e300;
+  for (Index t = 0; t < c.x.rows(); ++t) {
+    for (Index e = 0; e < c.w.cols(); ++e) {
+      if (c.mask[e] == 0.0) continue;
+      m = std::min(m, std::abs(sc.s(t, e) - sigmoid(sur.tau * c.theta[e])));
+    }
+  }
+  return m;
+}
+
+struct Grads {
+  Mat dw;
+  Vec dtheta;
+  Mat dx;
+};
+
+Grads finite_differences(const Surrogate& sur, const Case& c) {
+  const double h = 1e-6;
+  Grads fd{Mat::Zero(c.w.rows(), c.w.cols()), Vec::Zero(c.theta.size()),
+           Mat::Zero(c.x.rows(), c.x.cols())};
+  auto central = [&](double& p, auto&& eval) {
+    const double saved = p;
+    p = saved + h;
+    const double up = eval();
+    p = saved - h;
+    const double down = eval();
+    p = saved;
+    return (up - down) / (2.0 * h);
+  };
+  Case v = c;
+  auto eval = [&] { return sur.loss(v.x, v.w, v.theta); };
+  for (Index i = 0; i < v.w.rows(); ++i) {
+    for (Index e = 0; e < v.w.cols(); ++e) fd.dw(i, e) = central(v.w(i, e), eval);
+  }
+  for (Index e = 0; e < v.theta.size(); ++e) fd.dtheta[e] = central(v.theta[e], eval);
+  for (Index t = 0; t < v.x.rows(); ++t) {
+    for (Index i = 0; i < v.x.cols(); ++i) fd.dx(t, i) = central(v.x(t, i), eval);
+  }
+  return fd;
+}
+
+void check_close(const Mat& got, const Mat& want, const std::string& what) {
+  INFO(what);
+  REQUIRE(got.rows() == want.rows());
+  REQUIRE(got.cols() == want.cols());
+  const double scale = std::max(want.cwiseAbs().maxCoeff(), 1e-3);
+  for (Index i = 0; i < got.rows(); ++i) {
+    for (Index j = 0; j < got.cols(); ++j) {
+      INFO("entry (" << i << ", " << j << "): " << got(i, j) << " vs FD " << want(i, j));
+      CHECK(std::abs(got(i, j) - want(i, j)) <= 1e-6 * scale + 1e-4 * std::abs(want(i, j)));
+    }
+  }
+}
+
+// Runs route + backward on `c` and compares with FD of the surrogate. Returns the plan's
+// largest k so callers can assert which branch they covered.
+Index check_against_surrogate(moet::TopAnyVariant variant, bool training, double tau,
+                              const Case& c, std::uint64_t seed, bool with_d_gates) {
+  moet::TopAnyGate<double> gate({.model_dim = c.w.rows(),
+                                 .num_experts = 1,
+                                 .max_experts = c.w.cols(),
+                                 .variant = variant,
+                                 .temperature = tau});
+  gate.set_gate_embeddings(c.w);
+  gate.set_thresholds(c.theta);
+  gate.set_expert_mask(c.mask);
+  moet::RouteContext ctx;
+  ctx.training = training;
+  moet::Routing<double> plan;
+  gate.route(c.x, ctx, plan);
+
+  Surrogate sur;
+  sur.variant = variant;
+  sur.training = training;
+  sur.tau = tau;
+  sur.mask = c.mask;
+  const Index num_tokens = c.x.rows(), emax = c.w.cols();
+  REQUIRE(margin(sur, c) > 1e-4);
+  const Mat g_dense = random_matrix(num_tokens, emax, seed + 100);
+  sur.g = Mat::Zero(num_tokens, emax);
+  std::vector<double> d_weights;
+  Index max_k = 0;
+  for (Index t = 0; t < num_tokens; ++t) {
+    max_k = std::max(max_k, plan.k(t));
+    for (const auto e : plan.experts(t)) {
+      d_weights.push_back(g_dense(t, e));
+      sur.g(t, e) = g_dense(t, e);
+    }
+  }
+  sur.c = with_d_gates ? random_matrix(num_tokens, emax, seed + 200) : Mat::Zero(num_tokens, emax);
+  sur.freeze(c.x, c.w, c.theta);
+  const std::vector<double> d_gates(sur.c.data(), sur.c.data() + sur.c.size());
+
+  gate.zero_grad();
+  Mat dx = Mat::Constant(num_tokens, c.x.cols(), 0.25);  // backward adds into dx
+  moet::TopAnyLossGrad<double> loss_grad;
+  if (with_d_gates) loss_grad.d_gates = d_gates;
+  gate.backward(c.x, ctx, plan, d_weights, loss_grad, dx);
+  dx.array() -= 0.25;
+
+  const Grads fd = finite_differences(sur, c);
+  check_close(gate.gate_embeddings_grad(), fd.dw, "dL/dW");
+  check_close(gate.thresholds_grad().transpose(), fd.dtheta.transpose(), "dL/dtheta");
+  check_close(dx, fd.dx, "dL/dx");
+
+  // A second backward accumulates: the gradients double.
+  const Mat dw_once = gate.gate_embeddings_grad();
+  gate.backward(c.x, ctx, plan, d_weights, loss_grad, dx);
+  CHECK((gate.gate_embeddings_grad() - 2.0 * dw_once).cwiseAbs().maxCoeff() <=
+        1e-12 * (1.0 + dw_once.cwiseAbs().maxCoeff()));
+  return max_k;
+}
+
+Case random_case(std::uint64_t seed, Index num_tokens, Index d, Index emax, double theta_scale) {
+  Case c;
+  c.x = random_matrix(num_tokens, d, seed);
+  c.w = random_matrix(d, emax, seed + 1, 0.7);  // column norms away from 1
+  c.theta = random_matrix(emax, 1, seed + 2, theta_scale);
+  c.mask = Vec::Ones(emax);
+  c.mask[emax - 2] = 0.0;  // one inactive slot
+  return c;
+}
+
+// The first seed from `seed` whose case keeps every score at least 1e-4 away from its
+// threshold (so FD does not flip the selection).
+Case well_separated_case(std::uint64_t seed, Index num_tokens, Index d, Index emax,
+                         double theta_scale, double tau, const Vec* theta = nullptr) {
+  Surrogate probe;
+  probe.tau = tau;
+  for (std::uint64_t s = seed;; s += 7) {
+    Case c = random_case(s, num_tokens, d, emax, theta_scale);
+    if (theta != nullptr) c.theta = *theta;
+    probe.mask = c.mask;
+    if (margin(probe, c) > 1e-3) return c;
+  }
+}
+
+}  // namespace
+
+TEST_CASE("TopAnyGate backward equals finite differences of the straight-through surrogate",
+          "[gate][top_any][grad]") {
+  const auto variant = GENERATE(moet::TopAnyVariant::kDeepSpeed, moet::TopAnyVariant::kTutel);
+  const double tau = GENERATE(1.0, 2.5);
+  const bool with_d_gates = GENERATE(false, true);
+  const std::uint64_t seed = 11;
+  const Case c = well_separated_case(seed, 9, 6, 5, 0.3, tau);
+  const Index max_k = check_against_surrogate(variant, true, tau, c, seed, with_d_gates);
+  CHECK(max_k >= 2);  // Tutel divides through sum(a) here
+}
+
+TEST_CASE("TopAnyGate backward: Tutel without a k >= 2 token does not divide",
+          "[gate][top_any][grad]") {
+  // Every slot but 0 has a threshold no cosine can beat (cos <= 1 < 1.5), so k <= 1 throughout.
+  const bool training = GENERATE(true, false);
+  const Vec theta = (Vec(4) << -0.1, 1.5, 1.5, 1.5).finished();
+  const Case c = well_separated_case(21, 8, 5, 4, 0.2, 1.0, &theta);
+  const Index max_k =
+      check_against_surrogate(moet::TopAnyVariant::kTutel, training, 1.0, c, 21, true);
+  CHECK(max_k == 1);
+}
+
+TEST_CASE("TopAnyGate backward in eval: fallback tokens pass the variant's gradient",
+          "[gate][top_any][grad]") {
+  // High thresholds on most slots: some tokens fire nothing and take the eval fallback.
+  const auto variant = GENERATE(moet::TopAnyVariant::kDeepSpeed, moet::TopAnyVariant::kTutel);
+  const bool single = GENERATE(true, false);  // no token with k >= 2 (Tutel raw weight) or some
+  const Vec theta = single ? (Vec(4) << 0.4, 1.5, 1.5, 1.5).finished()
+                           : (Vec(4) << 0.3, 0.6, 1.5, 0.2).finished();
+  const Case c = well_separated_case(31, 16, 5, 4, 0.2, 1.0, &theta);
+  moet::TopAnyGate<double> probe({.model_dim = 5, .num_experts = 4, .max_experts = 4});
+  probe.set_gate_embeddings(c.w);
+  probe.set_thresholds(c.theta);
+  probe.set_expert_mask(c.mask);
+  moet::Routing<double> train_plan;
+  moet::RouteContext train_ctx;
+  train_ctx.training = true;
+  probe.route(c.x, train_ctx, train_plan);
+  Index dropped = 0;
+  for (Index t = 0; t < c.x.rows(); ++t) dropped += train_plan.k(t) == 0 ? 1 : 0;
+  REQUIRE(dropped > 0);  // the fallback is exercised
+  const Index max_k = check_against_surrogate(variant, false, 1.0, c, 31, true);
+  CHECK((max_k == 1) == single);
+}
+
+TEST_CASE("TopAnyGate backward passes nothing for dropped tokens and inactive slots",
+          "[gate][top_any][grad]") {
+  moet::TopAnyGate<double> gate({.model_dim = 3, .num_experts = 2, .max_experts = 3});
+  Mat w(3, 3);
+  w << 1, 0, 0,  //
+      0, 1, 0,   //
+      0, 0, 1;
+  gate.set_gate_embeddings(w);
+  gate.set_thresholds((Vec(3) << 0.5, 0.5, -2.0).finished());
+  Mat x(2, 3);
+  x << 1, 0.1, 0.2,  // cos 0.97 with slot 0: fires slot 0 only
+      -1, -1, 1;     // cos < 0.5 everywhere active: dropped; slot 2 (inactive) would fire
+  moet::RouteContext ctx;
+  ctx.training = true;
+  moet::Routing<double> plan;
+  gate.route(x, ctx, plan);
+  REQUIRE(plan.k(0) == 1);
+  REQUIRE(plan.k(1) == 0);
+  const std::vector<double> d_weights{1.0};
+  const std::vector<double> d_gates(6, 1.0);
+  Mat dx = Mat::Zero(2, 3);
+  gate.backward(x, ctx, plan, d_weights, {d_gates}, dx);
+  CHECK(dx.row(1).isZero(0.0));
+  CHECK(gate.gate_embeddings_grad().col(1).isZero(0.0));
+  CHECK(gate.gate_embeddings_grad().col(2).isZero(0.0));
+  CHECK(gate.thresholds_grad()[1] == 0.0);
+  CHECK(gate.thresholds_grad()[2] == 0.0);
+  CHECK(gate.thresholds_grad()[0] < 0.0);  // raising theta_0 lowers r, with dL/da = 2 > 0
+  CHECK_FALSE(dx.row(0).isZero(0.0));
+}
+
+TEST_CASE("TopAnyGate visits embeddings and thresholds with their gradients",
+          "[gate][top_any][grad]") {
+  moet::TopAnyGate<float> gate({.model_dim = 4, .num_experts = 2, .max_experts = 3});
+  CHECK(std::as_const(gate).gate_embeddings_grad().size() == 0);  // lazily allocated
+  std::vector<std::string> names;
+  gate.visit_parameters([&](std::string_view name, moet::ParamMap<float> value,
+                            moet::ParamMap<float> grad) {
+    names.emplace_back(name);
+    CHECK(value.rows() == grad.rows());
+    CHECK(value.cols() == grad.cols());
+    CHECK(grad.isZero(0.0f));
+    value(0, 1) = 0.5f;  // aliases the gate's state
+  });
+  REQUIRE(names == std::vector<std::string>{"embeddings", "thresholds"});
+  CHECK(gate.gate_embeddings()(0, 1) == 0.5f);
+  CHECK(gate.thresholds()[1] == 0.5f);
+  CHECK(gate.gate_embeddings_grad().rows() == 4);
+  CHECK(gate.gate_embeddings_grad().cols() == 3);
+  CHECK(gate.thresholds_grad().size() == 3);
+}
+
+TEST_CASE("TopAnyGate backward is bit-identical with 1 and 2 threads",
+          "[gate][top_any][grad][parallel]") {
+  const auto variant = GENERATE(moet::TopAnyVariant::kDeepSpeed, moet::TopAnyVariant::kTutel);
+  const Index num_tokens = 1300, d = 24, emax = 12;
+  moet::TopAnyGate<float> gate(
+      {.model_dim = d, .num_experts = 10, .max_experts = emax, .variant = variant});
+  gate.thresholds().setConstant(0.1f);
+  const moet::RowMatrix<float> x = random_matrix(num_tokens, d, 5).cast<float>();
+  moet::RouteContext ctx;
+  ctx.training = true;
+  moet::Routing<float> plan;
+  gate.route(x, ctx, plan);
+  REQUIRE(plan.num_assignments() > num_tokens);
+  const Mat g = random_matrix(plan.num_assignments(), 1, 6);
+  std::vector<float> d_weights(static_cast<std::size_t>(plan.num_assignments()));
+  for (std::size_t a = 0; a < d_weights.size(); ++a) d_weights[a] = float(g(Index(a), 0));
+  const moet::RowMatrix<float> c = random_matrix(num_tokens, emax, 7).cast<float>();
+  const std::vector<float> d_gates(c.data(), c.data() + c.size());
+  const int saved = moet::num_threads();
+  auto run = [&](int threads) {
+    moet::set_num_threads(threads);
+    gate.zero_grad();
+    moet::RowMatrix<float> dx = moet::RowMatrix<float>::Zero(num_tokens, d);
+    gate.backward(x, ctx, plan, d_weights, {d_gates}, dx);
+    return std::make_tuple(dx, gate.gate_embeddings_grad(), gate.thresholds_grad());
+  };
+  const auto one = run(1);
+  const auto two = run(2);
+  moet::set_num_threads(saved);
+  CHECK(std::get<0>(one) == std::get<0>(two));
+  CHECK(std::get<1>(one) == std::get<1>(two));
+  CHECK(std::get<2>(one) == std::get<2>(two));
+  CHECK_FALSE(std::get<1>(one).isZero(0.0f));
+}
+
+TEST_CASE("TopAnyGate backward rejects mismatched input", "[gate][top_any][grad][errors]") {
+  using Catch::Contains;
+  moet::TopAnyGate<float> gate({.model_dim = 4, .num_experts = 3, .max_experts = 3});
+  const moet::RowMatrix<float> x = random_matrix(5, 4, 9).cast<float>();
+  moet::RouteContext ctx;
+  ctx.training = true;
+  moet::Routing<float> plan;
+  gate.route(x, ctx, plan);
+  REQUIRE(plan.num_assignments() > 0);
+  const auto n = static_cast<std::size_t>(plan.num_assignments());
+  std::vector<float> d_weights(n, 1.0f);
+  std::vector<float> d_gates(15, 1.0f);
+  moet::RowMatrix<float> dx = moet::RowMatrix<float>::Zero(5, 4);
+  const moet::TopAnyLossGrad<float> none;
+
+  const std::vector<float> short_weights(n - 1, 1.0f);
+  CHECK_THROWS_WITH(gate.backward(x, ctx, plan, short_weights, none, dx),
+                    Contains("[moet::TopAnyGate::backward]") && Contains("d_weights") &&
+                        Contains("(" + std::to_string(n) + "), got " + std::to_string(n - 1)));
+  const std::vector<float> bad_gates(14, 1.0f);
+  CHECK_THROWS_WITH(gate.backward(x, ctx, plan, d_weights, {bad_gates}, dx),
+                    Contains("d_gates") && Contains("= 15") && Contains("got 14"));
+  moet::RowMatrix<float> bad_dx = moet::RowMatrix<float>::Zero(5, 3);
+  CHECK_THROWS_WITH(gate.backward(x, ctx, plan, d_weights, none, bad_dx),
+                    Contains("dx must be (5, 4), got (5, 3)"));
+  const moet::RowMatrix<float> fewer = x.topRows(4);
+  CHECK_THROWS_WITH(gate.backward(fewer, ctx, plan, d_weights, none, dx),
+                    Contains("the plan has 5 tokens but x has 4 rows"));
+  const moet::RowMatrix<float> wide = moet::RowMatrix<float>::Ones(5, 6);
+  CHECK_THROWS_WITH(gate.backward(wide, ctx, plan, d_weights, none, dx),
+                    Contains("model_dim = 4") && Contains("got 6"));
+  moet::Routing<float> other;
+  other.reset(5, 2);
+  other.commit_counts();
+  CHECK_THROWS_WITH(gate.backward(x, ctx, other, {}, none, dx),
+                    Contains("max_experts = 3") && Contains("got 2"));
+  moet::Routing<float> no_scores;
+  no_scores.reset(5, 3);
+  no_scores.commit_counts();
+  CHECK_THROWS_WITH(gate.backward(x, ctx, no_scores, {}, none, dx),
+                    Contains("scores must be (5, 3)") && Contains("got (0, 0)"));
+
+  // A plan that no longer matches the gate: raise every threshold after routing.
+  gate.zero_grad();
+  gate.thresholds().setConstant(5.0f);
+  CHECK_THROWS_WITH(gate.backward(x, ctx, plan, d_weights, none, dx),
+                    Contains("does not match the gate") && Contains("training plan"));
+  CHECK(dx.isZero(0.0f));  // nothing was changed
+  CHECK(gate.gate_embeddings_grad().isZero(0.0f));
+}

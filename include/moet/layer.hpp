@@ -4,6 +4,9 @@
 /// check the input, route, dispatch, add the shared experts, keep the routing statistics.
 
 #include <optional>
+#include <span>
+#include <string>
+#include <string_view>
 #include <type_traits>
 #include <utility>
 
@@ -16,8 +19,37 @@
 #include "moet/routing.hpp"
 #include "moet/stats.hpp"
 #include "moet/tensor.hpp"
+#include "moet/train/grad.hpp"
+#include "moet/train/optim.hpp"
 
 namespace moet {
+
+namespace detail {
+/// The loss-gradient input type of gate `G`'s backward (`NoLossGrad` when it declares none).
+template <class G>
+struct LossGradOf {
+  using type = NoLossGrad;
+};
+template <class G>
+requires requires { typename G::LossGrad; }
+struct LossGradOf<G> {
+  using type = typename G::LossGrad;
+};
+}  // namespace detail
+
+/// A dispatcher that can train: `forward_train(experts, x, routing, y, ws)` keeps the expert
+/// outputs and caches in `ws`, `backward(experts, x, routing, dy, ws, d_weights, dx)` fills the
+/// combine-weight gradients, accumulates the experts' gradients and writes dL/dx (see
+/// `GroupedDispatch`).
+template <class D, class X>
+concept TrainingDispatcher =
+    TrainableExperts<X> &&
+    requires(const D& d, X& mx, const X& x, const ConstRows<typename X::Scalar>& in,
+             const Routing<typename X::Scalar>& routing, Rows<typename X::Scalar> rows,
+             typename D::template Workspace<X>& ws, std::span<typename X::Scalar> d_weights) {
+      d.forward_train(x, in, routing, rows, ws);
+      d.backward(mx, in, routing, in, ws, d_weights, rows);
+    };
 
 /// A Mixture-of-Experts layer:
 /// ```
@@ -69,7 +101,15 @@ class MoELayer {
     DenseWorkspace<X> shared;
     /// The statistics of the last call.
     RoutingStats stats;
+    /// Training only: dL/d(combine weight) of every assignment, routing order.
+    detail::Buffer<Scalar> d_weights;
+    /// Training only: tokens of the last `forward_train` on this workspace, -1 when the last
+    /// call was a plain `forward` (or none): `backward` needs a `forward_train` before it.
+    Index train_tokens = -1;
   };
+
+  /// The loss-gradient inputs of the gate's backward (`NoLossGrad` for gates without).
+  using LossGrad = typename detail::LossGradOf<G>::type;
 
   /// A layer with routed experts only. Throws `moet::Error` when the gate and the experts
   /// disagree on `num_experts` or `model_dim`.
@@ -105,6 +145,7 @@ class MoELayer {
     detail::require(!detail::storage_overlaps(x, y), kOp, "y must not overlap x");
     detail::require(detail::all_finite(x), kOp, "x (", x.rows(), ", ", x.cols(),
                     ") must be finite, found a NaN or Inf");
+    ws.train_tokens = -1;  // the training state of this workspace is overwritten
     gate_.route(x, ctx, ws.routing);
     dispatch_.run(experts_, x, ws.routing, y, ws.dispatch);
     if (shared_) {
@@ -123,6 +164,128 @@ class MoELayer {
     RowMatrix<Scalar> y(x.rows(), x.cols());  // (num_tokens, model_dim)
     forward(x, y, ctx, workspace_);
     return y;
+  }
+
+  // --- training ---------------------------------------------------------------------------
+
+  /// Training forward: `forward`, plus everything `backward` needs, kept in `ws` (see the
+  /// memory notes under "Training" in the class comment). After routing, calls the gate's
+  /// `on_training_forward(x, ws.routing)` hook when it has one (DynMoE's recording and
+  /// schedule), whatever `ctx.training` says; pass `ctx.training = true` for training-mode
+  /// routing (noise, THOR's draw, DynMoE's token dropping). Not `const` (the hook may change the
+  /// gate) and not for concurrent use on one layer. Throws like `forward`.
+  const RoutingStats& forward_train(const ConstRows<Scalar>& x, Rows<Scalar> y,
+                                    const RouteContext& ctx, Workspace& ws)
+  requires TrainableExperts<X>
+  {
+    static_assert(TrainingDispatcher<D, X>,
+                  "MoELayer training needs a dispatcher with forward_train and backward "
+                  "(GroupedDispatch)");
+    detail::require(x.cols() == model_dim(), kOp, "x must have model_dim = ", model_dim(),
+                    " columns, got (", x.rows(), ", ", x.cols(), ")");
+    detail::require(y.rows() == x.rows() && y.cols() == x.cols(), kOp, "y must have x's shape (",
+                    x.rows(), ", ", x.cols(), "), got (", y.rows(), ", ", y.cols(), ")");
+    detail::require(!detail::storage_overlaps(x, y), kOp, "y must not overlap x");
+    detail::require(detail::all_finite(x), kOp, "x (", x.rows(), ", ", x.cols(),
+                    ") must be finite, found a NaN or Inf");
+    ws.train_tokens = -1;
+    gate_.route(x, ctx, ws.routing);
+    if constexpr (requires { gate_.on_training_forward(x, ws.routing); }) {
+      gate_.on_training_forward(x, ws.routing);
+    }
+    dispatch_.forward_train(experts_, x, ws.routing, y, ws.dispatch);
+    if (shared_) add_dense_experts_train(*shared_, x, y, ws.shared);
+    compute_stats(ws.routing, ws.stats);
+    ws.train_tokens = x.rows();
+    return ws.stats;
+  }
+
+  /// Backward of the `forward_train` that filled `ws` (same `x` and `ctx`, nothing else run on
+  /// `ws` in between), given `dy` = dL/dy `(num_tokens, model_dim)` and the gate's
+  /// loss-gradient inputs `loss_grad` (auxiliary losses; default none). **Writes** `dx` =
+  /// dL/dx `(num_tokens, model_dim)` and **accumulates** the gradients of the gate, the routed
+  /// and the shared experts (call `zero_grad()` between steps):
+  /// ```
+  /// d_weights[a] = dy_t · E_{e_a}(x_t)                       (every assignment a of token t)
+  /// dx_t  = sum over t's slots, in slot order, of dE_{e_a}/dx^T (w_a dy_t)
+  ///       + gate.backward(x, ctx, routing, d_weights, loss_grad)    (router path, adds)
+  ///       + sum over shared experts s of dS_s/dx^T dy_t             (weight 1, every token)
+  /// ```
+  /// A token routed nowhere (dropped, `k = 0`) gets only the router and shared-expert terms;
+  /// an expert with no tokens gets no gradient. Deterministic: the same bits for any thread
+  /// count (see `GroupedDispatch::backward`). May be called again on the same `ws` (each call
+  /// accumulates once more). Throws `moet::Error` naming `MoELayer` when no `forward_train` of
+  /// `x.rows()` tokens filled `ws`, or `x`, `dy`, `dx` have the wrong shapes or `dx` overlaps
+  /// `x` or `dy`; the gate may throw for its own inputs.
+  void backward(const ConstRows<Scalar>& x, const ConstRows<Scalar>& dy, const RouteContext& ctx,
+                Workspace& ws, Rows<Scalar> dx, const LossGrad& loss_grad = {})
+  requires TrainableGate<G> && TrainableExperts<X>
+  {
+    detail::require(x.cols() == model_dim(), kOp, "x must have model_dim = ", model_dim(),
+                    " columns, got (", x.rows(), ", ", x.cols(), ")");
+    detail::require(ws.train_tokens >= 0 && ws.train_tokens == x.rows(), kOp,
+                    "backward needs a forward_train of the same x on this workspace first (it saw ",
+                    ws.train_tokens, " tokens, x has ", x.rows(), ")");
+    detail::require(dy.rows() == x.rows() && dy.cols() == x.cols(), kOp,
+                    "dy must have x's shape (", x.rows(), ", ", x.cols(), "), got (", dy.rows(),
+                    ", ", dy.cols(), ")");
+    detail::require(dx.rows() == x.rows() && dx.cols() == x.cols(), kOp,
+                    "dx must have x's shape (", x.rows(), ", ", x.cols(), "), got (", dx.rows(),
+                    ", ", dx.cols(), ")");
+    detail::require(!detail::storage_overlaps(x, dx) && !detail::storage_overlaps(dy, dx), kOp,
+                    "dx must not overlap x or dy");
+    if (x.rows() == 0) return;
+    const auto num_assignments = static_cast<std::size_t>(ws.routing.num_assignments());
+    std::span<Scalar> d_weights(ws.d_weights.data(static_cast<Index>(num_assignments)),
+                                num_assignments);
+    dispatch_.backward(experts_, x, ws.routing, dy, ws.dispatch, d_weights, dx);
+    gate_.backward(x, ctx, ws.routing, std::span<const Scalar>(d_weights), loss_grad, dx);
+    if (shared_) backward_dense_experts(*shared_, x, dy, dx, ws.shared);
+  }
+
+  /// The combine-weight gradients of the last `backward` on `ws` (one per assignment, routing
+  /// order).
+  std::span<const Scalar> weight_grads(const Workspace& ws) const {
+    return {ws.d_weights.data(), static_cast<std::size_t>(ws.routing.num_assignments())};
+  }
+
+  /// Sets every gradient (gate, routed experts, shared experts) to zero, allocating them on
+  /// first use.
+  void zero_grad()
+  requires TrainableGate<G> && TrainableExperts<X>
+  {
+    gate_.zero_grad();
+    experts_.zero_grad();
+    if (shared_) shared_->zero_grad();
+  }
+
+  /// Calls `f(name, value, grad)` for every parameter tensor: the gate's (names prefixed
+  /// `gate.`), the routed experts' (`experts.`), then the shared experts' (`shared.`), each in
+  /// its own fixed order (train/grad.hpp). For the optimisers in train/optim.hpp.
+  template <class F>
+  void visit_parameters(F&& f)
+  requires TrainableGate<G> && TrainableExperts<X>
+  {
+    std::string name;
+    const auto prefixed = [&](std::string_view prefix) {
+      return [&f, &name, prefix](std::string_view part, ParamMap<Scalar> value,
+                                 ParamMap<Scalar> grad) {
+        name.assign(prefix);
+        name.append(part);
+        f(std::string_view(name), value, grad);
+      };
+    };
+    gate_.visit_parameters(prefixed("gate."));
+    experts_.visit_parameters(prefixed("experts."));
+    if (shared_) shared_->visit_parameters(prefixed("shared."));
+  }
+
+  /// Tells the gate and the expert banks that their parameters changed in place (the
+  /// optimisers call this after a step), for parts that keep derived copies.
+  void parameters_changed() {
+    detail::notify_parameters_changed(gate_);
+    detail::notify_parameters_changed(experts_);
+    if (shared_) detail::notify_parameters_changed(*shared_);
   }
 
   /// The statistics of the last convenience `forward(x, ctx)` (empty before the first).

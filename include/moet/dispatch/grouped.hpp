@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <span>
 #include <vector>
 
 #include "moet/concepts.hpp"
@@ -15,6 +16,7 @@
 #include "moet/errors.hpp"
 #include "moet/routing.hpp"
 #include "moet/tensor.hpp"
+#include "moet/train/grad.hpp"
 
 namespace moet {
 
@@ -78,6 +80,14 @@ class GroupedDispatch {
     Index num_tasks = 0;
     /// Per-thread expert scratch and gather buffers, indexed by `detail::thread_id()`.
     std::vector<detail::ExpertThreadScratch<X>> threads;
+    /// Training only (`forward_train`): every assignment's expert cache, expert-major
+    /// `(num_assignments, experts.cache_width())`; `expert_out` is kept for `backward`.
+    detail::Buffer<typename X::Scalar> cache;
+    /// Training only (`backward`): every assignment's dL/d(expert input), expert-major
+    /// `(num_assignments, model_dim)`.
+    detail::Buffer<typename X::Scalar> expert_din;
+    /// Training only: the experts with at least one assignment (one backward task each).
+    std::vector<std::int32_t> active;
   };
 
   /// Default options (128-row blocks).
@@ -167,7 +177,214 @@ class GroupedDispatch {
     });
   }
 
+  // --- training -------------------------------------------------------------------------
+
+  /// `run`, keeping what `backward` needs in `ws`: every assignment's expert output
+  /// (`ws.expert_out`) and expert cache (`ws.cache`, `experts.cache_width()` scalars per
+  /// assignment), both expert-major. Same tasks, same combine and same checks as `run`
+  /// (errors name `GroupedDispatch`); the experts run `forward_train` instead of `forward`.
+  ///
+  /// \tparam X a trainable expert bank (`TrainableExperts` concept).
+  template <TrainableExperts X>
+  void forward_train(const X& experts, const ConstRows<typename X::Scalar>& x,
+                     const Routing<typename X::Scalar>& routing, Rows<typename X::Scalar> y,
+                     Workspace<X>& ws) const {
+    detail::check_dispatch("GroupedDispatch", experts, x, routing, y);
+    const Index num_tokens = x.rows();
+    const Index model_dim = x.cols();
+    if (num_tokens == 0) return;
+    const Index max_rows = plan_tasks(routing, ws);
+    detail::prepare_thread_scratch(experts, ws.threads, max_rows, /*gather=*/true,
+                                   /*output=*/false);
+    auto out = detail::aligned_matrix(ws.expert_out, routing.num_assignments(),
+                                      model_dim);  // (num_assignments, model_dim)
+    auto cache = detail::aligned_matrix(ws.cache, routing.num_assignments(),
+                                        experts.cache_width());  // (num_assignments, cache_width)
+    const auto tokens = ws.view.tokens();
+    detail::parallel_for(ws.num_tasks, [&](Index i) {
+      const Task& task = ws.tasks[static_cast<std::size_t>(i)];
+      auto& scratch = ws.threads[static_cast<std::size_t>(detail::thread_id())];
+      const Index n = task.end - task.begin;
+      auto in = detail::aligned_matrix(scratch.rows_in, n, model_dim);  // (n, model_dim)
+      detail::gather_rows(
+          x, tokens.subspan(static_cast<std::size_t>(task.begin), static_cast<std::size_t>(n)), in);
+      experts.forward_train(task.expert, in, out.middleRows(task.begin, n),
+                            cache.middleRows(task.begin, n), scratch.expert);
+    });
+    combine(routing, ws.view, out, y);
+  }
+
+  /// Backward of `forward_train` (same `experts`, `x`, `routing` and `ws`, nothing run on `ws`
+  /// in between), given `dy` = dL/dy `(num_tokens, model_dim)`:
+  ///
+  /// 1. writes `d_weights[a] = dy_t · out_a` for every assignment `a` (routing order), the
+  ///    gradient of the combine weights (a scalar loop: the same bits wherever the rows sit);
+  /// 2. runs one task per expert with tokens: over the expert's rows in blocks of
+  ///    `block_rows`, **in order**, gathers `x` and `dout = w_a dy_t` and calls
+  ///    `experts.backward` (accumulating the expert's weight gradients, writing the rows'
+  ///    input gradients). One task per expert makes every expert's gradient sum run in a
+  ///    fixed order, so the weight gradients are bit-identical for any thread count; the price
+  ///    is parallelism bounded by the number of experts with tokens;
+  /// 3. **writes** `dx_t = sum over t's slots, in slot order, of din_a` (0 for `k = 0`).
+  ///
+  /// Throws `moet::Error` naming `GroupedDispatch` when the shapes disagree (`dy`, `dx` of `x`'s
+  /// shape, `d_weights` one per assignment), `dx` overlaps `x` or `dy`, or `ws` does not hold
+  /// a `forward_train` of this plan.
+  template <TrainableExperts X>
+  void backward(X& experts, const ConstRows<typename X::Scalar>& x,
+                const Routing<typename X::Scalar>& routing,
+                const ConstRows<typename X::Scalar>& dy, Workspace<X>& ws,
+                std::span<typename X::Scalar> d_weights, Rows<typename X::Scalar> dx) const {
+    using S = typename X::Scalar;
+    constexpr const char* kOp = "GroupedDispatch";
+    detail::check_dispatch(kOp, experts, x, routing, dx);
+    detail::require(dy.rows() == x.rows() && dy.cols() == x.cols(), kOp,
+                    "dy must have x's shape (", x.rows(), ", ", x.cols(), "), got (", dy.rows(),
+                    ", ", dy.cols(), ")");
+    detail::require(!detail::storage_overlaps(dy, dx), kOp, "dx must not overlap dy");
+    detail::require(static_cast<Index>(d_weights.size()) == routing.num_assignments(), kOp,
+                    "d_weights must hold one value per assignment (", routing.num_assignments(),
+                    "), got ", d_weights.size());
+    const Index num_tokens = x.rows();
+    const Index model_dim = x.cols();
+    if (num_tokens == 0) return;
+    const Index num_assignments = routing.num_assignments();
+    detail::require(ws.view.num_experts() == routing.num_experts() &&
+                        static_cast<Index>(ws.view.tokens().size()) == num_assignments &&
+                        ws.expert_out.capacity() >= num_assignments * model_dim &&
+                        ws.cache.capacity() >= num_assignments * experts.cache_width(),
+                    kOp, "backward needs the workspace of a forward_train of this plan");
+    // Views of the buffers forward_train wrote (aligned_matrix finds the same offset again:
+    // the buffers have not grown since).
+    auto out = detail::aligned_matrix(ws.expert_out, num_assignments, model_dim);
+    auto cache = detail::aligned_matrix(ws.cache, num_assignments, experts.cache_width());
+    auto din = detail::aligned_matrix(ws.expert_din, num_assignments, model_dim);
+
+    // 1. Combine-weight gradients, token-major.
+    const auto position = ws.view.position();
+    const auto weights = routing.weights();
+    const auto token_offsets = routing.offsets();
+    detail::parallel_blocks(num_tokens, kCombineBlock, [&](Index begin, Index end) {
+      for (Index t = begin; t < end; ++t) {
+        for (Index a = token_offsets[static_cast<std::size_t>(t)];
+             a < token_offsets[static_cast<std::size_t>(t + 1)]; ++a) {
+          const S* o = out.row(position[static_cast<std::size_t>(a)]).data();
+          S dot = S(0);
+          for (Index c = 0; c < model_dim; ++c) dot += dy(t, c) * o[c];
+          d_weights[static_cast<std::size_t>(a)] = dot;
+        }
+      }
+    });
+
+    // 2. One task per expert with tokens, its blocks in order.
+    ws.active.clear();
+    Index max_rows = 0;
+    for (Index e = 0; e < ws.view.num_experts(); ++e) {
+      if (ws.view.load(e) > 0) {
+        ws.active.push_back(static_cast<std::int32_t>(e));
+        max_rows = std::max(max_rows, std::min(ws.view.load(e), options_.block_rows));
+      }
+    }
+    detail::prepare_thread_scratch(experts, ws.threads, max_rows, /*gather=*/true,
+                                   /*output=*/true);
+    if constexpr (requires { experts.ensure_grad(); }) experts.ensure_grad();
+    const auto offsets = ws.view.offsets();
+    const auto tokens = ws.view.tokens();
+    const auto assignments = ws.view.assignments();
+    const Index block = options_.block_rows;
+    detail::parallel_for(static_cast<Index>(ws.active.size()), [&](Index i) {
+      const std::int32_t e = ws.active[static_cast<std::size_t>(i)];
+      auto& scratch = ws.threads[static_cast<std::size_t>(detail::thread_id())];
+      const Index end = offsets[static_cast<std::size_t>(e) + 1];
+      for (Index begin = offsets[static_cast<std::size_t>(e)]; begin < end; begin += block) {
+        const Index n = std::min(block, end - begin);
+        auto in = detail::aligned_matrix(scratch.rows_in, n, model_dim);     // (n, model_dim)
+        auto dout = detail::aligned_matrix(scratch.rows_out, n, model_dim);  // (n, model_dim)
+        for (Index r = 0; r < n; ++r) {
+          const auto j = static_cast<std::size_t>(begin + r);
+          in.row(r) = x.row(tokens[j]);
+          dout.row(r) = weights[static_cast<std::size_t>(assignments[j])] * dy.row(tokens[j]);
+        }
+        experts.backward(e, in, cache.middleRows(begin, n), dout, din.middleRows(begin, n),
+                         scratch.expert);
+      }
+    });
+
+    // 3. Input gradients per token, in slot order.
+    combine_rows(routing, ws.view, din, dx);
+  }
+
  private:
+  // Fills ws.view and ws.tasks for `routing` (as `run` does); returns the largest task's rows.
+  template <class X>
+  Index plan_tasks(const Routing<typename X::Scalar>& routing, Workspace<X>& ws) const {
+    ws.view.build(routing);
+    const Index block = options_.block_rows;
+    Index num_tasks = 0;
+    for (Index e = 0; e < ws.view.num_experts(); ++e) {
+      num_tasks += (ws.view.load(e) + block - 1) / block;
+    }
+    if (ws.tasks.size() < static_cast<std::size_t>(num_tasks)) {
+      ws.tasks.resize(static_cast<std::size_t>(num_tasks));
+    }
+    ws.num_tasks = num_tasks;
+    const auto offsets = ws.view.offsets();
+    std::size_t next = 0;
+    Index max_rows = 0;
+    for (Index e = 0; e < ws.view.num_experts(); ++e) {
+      const Index end = offsets[static_cast<std::size_t>(e + 1)];
+      for (Index begin = offsets[static_cast<std::size_t>(e)]; begin < end; begin += block) {
+        const Index task_end = std::min(begin + block, end);
+        ws.tasks[next++] = Task{static_cast<std::int32_t>(e), begin, task_end};
+        max_rows = std::max(max_rows, task_end - begin);
+      }
+    }
+    return max_rows;
+  }
+
+  // y_t = sum over t's slots of w_a * out[position(a)], slot order (as `run` step 3).
+  template <class S, class Out>
+  static void combine(const Routing<S>& routing, const ExpertMajor& view, const Out& out,
+                      Rows<S> y) {
+    const auto position = view.position();
+    const auto weights = routing.weights();
+    const auto token_offsets = routing.offsets();
+    detail::parallel_blocks(routing.num_tokens(), kCombineBlock, [&](Index begin, Index end) {
+      for (Index t = begin; t < end; ++t) {
+        const auto first = static_cast<std::size_t>(token_offsets[static_cast<std::size_t>(t)]);
+        const auto last = static_cast<std::size_t>(token_offsets[static_cast<std::size_t>(t + 1)]);
+        if (first == last) {
+          y.row(t).setZero();
+          continue;
+        }
+        y.row(t) = weights[first] * out.row(position[first]);
+        for (std::size_t a = first + 1; a < last; ++a) {
+          y.row(t) += weights[a] * out.row(position[a]);
+        }
+      }
+    });
+  }
+
+  // y_t = sum over t's slots of rows[position(a)] (unweighted), slot order.
+  template <class S, class In>
+  static void combine_rows(const Routing<S>& routing, const ExpertMajor& view, const In& rows,
+                           Rows<S> y) {
+    const auto position = view.position();
+    const auto token_offsets = routing.offsets();
+    detail::parallel_blocks(routing.num_tokens(), kCombineBlock, [&](Index begin, Index end) {
+      for (Index t = begin; t < end; ++t) {
+        const auto first = static_cast<std::size_t>(token_offsets[static_cast<std::size_t>(t)]);
+        const auto last = static_cast<std::size_t>(token_offsets[static_cast<std::size_t>(t + 1)]);
+        if (first == last) {
+          y.row(t).setZero();
+          continue;
+        }
+        y.row(t) = rows.row(position[first]);
+        for (std::size_t a = first + 1; a < last; ++a) y.row(t) += rows.row(position[a]);
+      }
+    });
+  }
+
   Options options_{};
 };
 
@@ -176,6 +393,13 @@ class GroupedDispatch {
 template <class X>
 struct DenseWorkspace {
   std::vector<detail::ExpertThreadScratch<X>> threads;
+  /// Training only: every expert's cache on every token, `(num_experts * num_tokens,
+  /// cache_width)` (expert `e`'s rows first at `e * num_tokens`).
+  detail::Buffer<typename X::Scalar> cache;
+  /// Training only: every expert's dL/dx, `(num_experts * num_tokens, model_dim)`.
+  detail::Buffer<typename X::Scalar> din;
+  /// Training only: tokens of the last `forward_train_dense_experts` (-1 before the first).
+  Index train_tokens = -1;
 };
 
 /// Rows per `add_dense_expert` task (fixed, independent of the thread count).
@@ -212,6 +436,90 @@ void add_dense_expert(const X& experts, Index e, typename X::Scalar weight,
     auto out = detail::aligned_matrix(scratch.rows_out, n, model_dim);  // (n, model_dim)
     experts.forward(e, x.middleRows(begin, n), out, scratch.expert);
     y.middleRows(begin, n) += weight * out;
+  });
+}
+
+/// Training: adds every expert of `experts` applied to every row of `x`, weight 1, into `y`
+/// (`y[t] += sum_e E_e(x[t])`, the shared experts of a layer) and keeps their caches in
+/// `ws.cache` for `backward_dense_experts`. Experts in id order, each parallel over fixed
+/// row blocks of `kDenseRowBlock` (bit-identical for any thread count). Throws `moet::Error`
+/// naming `add_dense_experts_train` when the shapes disagree or `y` overlaps `x`.
+template <TrainableExperts X>
+void add_dense_experts_train(const X& experts, const ConstRows<typename X::Scalar>& x,
+                             Rows<typename X::Scalar> y, DenseWorkspace<X>& ws) {
+  constexpr const char* kOp = "add_dense_experts_train";
+  detail::require(x.cols() == experts.model_dim(), kOp,
+                  "x must have model_dim = ", experts.model_dim(), " columns, got (", x.rows(),
+                  ", ", x.cols(), ")");
+  detail::require(y.rows() == x.rows() && y.cols() == x.cols(), kOp, "y must have x's shape (",
+                  x.rows(), ", ", x.cols(), "), got (", y.rows(), ", ", y.cols(), ")");
+  detail::require(!detail::storage_overlaps(x, y), kOp, "y must not overlap x");
+  const Index num_tokens = x.rows();
+  const Index model_dim = x.cols();
+  ws.train_tokens = num_tokens;
+  if (num_tokens == 0) return;
+  detail::prepare_thread_scratch(experts, ws.threads, std::min(kDenseRowBlock, num_tokens),
+                                 /*gather=*/false, /*output=*/true);
+  auto cache = detail::aligned_matrix(ws.cache, experts.num_experts() * num_tokens,
+                                      experts.cache_width());  // (num_experts * T, cache_width)
+  for (Index e = 0; e < experts.num_experts(); ++e) {
+    detail::parallel_blocks(num_tokens, kDenseRowBlock, [&](Index begin, Index end) {
+      auto& scratch = ws.threads[static_cast<std::size_t>(detail::thread_id())];
+      const Index n = end - begin;
+      auto out = detail::aligned_matrix(scratch.rows_out, n, model_dim);  // (n, model_dim)
+      experts.forward_train(e, x.middleRows(begin, n), out,
+                            cache.middleRows(e * num_tokens + begin, n), scratch.expert);
+      y.middleRows(begin, n) += out;
+    });
+  }
+}
+
+/// Backward of `add_dense_experts_train` (same `experts`, `x` and `ws`): accumulates every
+/// expert's weight gradients for `dL/dy = dy` `(num_tokens, model_dim)` and **adds** dL/dx into
+/// `dx` `(num_tokens, model_dim)`. One task per expert over its row blocks in order (weight
+/// gradients bit-identical for any thread count), each writing its own dL/dx rows, then
+/// `dx += sum_e din_e` in expert order per token block. Throws `moet::Error` naming
+/// `backward_dense_experts` when the shapes disagree, `dx` overlaps `x` or `dy`, or `ws` holds
+/// no `add_dense_experts_train` of `x.rows()` tokens.
+template <TrainableExperts X>
+void backward_dense_experts(X& experts, const ConstRows<typename X::Scalar>& x,
+                            const ConstRows<typename X::Scalar>& dy, Rows<typename X::Scalar> dx,
+                            DenseWorkspace<X>& ws) {
+  constexpr const char* kOp = "backward_dense_experts";
+  detail::require(x.cols() == experts.model_dim(), kOp,
+                  "x must have model_dim = ", experts.model_dim(), " columns, got (", x.rows(),
+                  ", ", x.cols(), ")");
+  detail::require(dy.rows() == x.rows() && dy.cols() == x.cols() && dx.rows() == x.rows() &&
+                      dx.cols() == x.cols(),
+                  kOp, "dy and dx must have x's shape (", x.rows(), ", ", x.cols(), "), got (",
+                  dy.rows(), ", ", dy.cols(), ") and (", dx.rows(), ", ", dx.cols(), ")");
+  detail::require(!detail::storage_overlaps(x, dx) && !detail::storage_overlaps(dy, dx), kOp,
+                  "dx must not overlap x or dy");
+  detail::require(ws.train_tokens == x.rows(), kOp,
+                  "backward needs an add_dense_experts_train of the same x first (it saw ",
+                  ws.train_tokens, " tokens, x has ", x.rows(), ")");
+  const Index num_tokens = x.rows();
+  const Index model_dim = x.cols();
+  const Index num_experts = experts.num_experts();
+  if (num_tokens == 0) return;
+  detail::prepare_thread_scratch(experts, ws.threads, std::min(kDenseRowBlock, num_tokens),
+                                 /*gather=*/false, /*output=*/false);
+  if constexpr (requires { experts.ensure_grad(); }) experts.ensure_grad();
+  auto cache = detail::aligned_matrix(ws.cache, num_experts * num_tokens, experts.cache_width());
+  auto din = detail::aligned_matrix(ws.din, num_experts * num_tokens, model_dim);
+  detail::parallel_for(num_experts, [&](Index e) {
+    auto& scratch = ws.threads[static_cast<std::size_t>(detail::thread_id())];
+    for (Index begin = 0; begin < num_tokens; begin += kDenseRowBlock) {
+      const Index n = std::min(kDenseRowBlock, num_tokens - begin);
+      experts.backward(e, x.middleRows(begin, n), cache.middleRows(e * num_tokens + begin, n),
+                       dy.middleRows(begin, n), din.middleRows(e * num_tokens + begin, n),
+                       scratch.expert);
+    }
+  });
+  detail::parallel_blocks(num_tokens, kDenseRowBlock, [&](Index begin, Index end) {
+    for (Index e = 0; e < num_experts; ++e) {
+      dx.middleRows(begin, end - begin) += din.middleRows(e * num_tokens + begin, end - begin);
+    }
   });
 }
 

@@ -16,6 +16,12 @@ namespace moet::detail {
 /// Rows per router-product task: fixed so the split never depends on the thread count.
 inline constexpr Index kRouterRowBlock = 64;
 
+/// Numerically stable `log(1 + exp(v))`.
+template <class S>
+S softplus(S v) {
+  return std::max(v, S(0)) + std::log1p(std::exp(-std::abs(v)));
+}
+
 /// In-place softmax of `n` values (max-subtracted; a row of equal values gives 1/n each).
 template <class S>
 void softmax_row(S* row, Index n) {

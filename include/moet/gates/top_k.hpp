@@ -26,12 +26,6 @@ namespace moet {
 
 namespace detail {
 
-/// Numerically stable `log(1 + exp(v))`.
-template <class S>
-S softplus(S v) {
-  return std::max(v, S(0)) + std::log1p(std::exp(-std::abs(v)));
-}
-
 /// DeepSpeed's expert capacity `max(ceil(T / E * capacity_factor * k), min_capacity)`, with the
 /// product evaluated in fp32 as DeepSpeed does (`T / E` is a Python float rounded to fp32 when
 /// it meets the fp32 tensor `capacity_factor * k`).
@@ -191,6 +185,46 @@ class TopKGate {
                     "z must be (", x.rows(), ", ", options_.num_experts, "), got (", z.rows(),
                     ", ", z.cols(), ")");
     router_.logits(x, z);
+  }
+
+  /// Writes the noise logits `n = x W_noise` and the draws `eps` (each `(num_tokens,
+  /// num_experts)`) that `route(x, ctx, ...)` uses in training, so that
+  /// `H = z + eps * softplus(n)` (the inputs of `noisy_load_loss`). Throws `Error` unless the
+  /// gate is `noisy`, or on a bad `x` or output shape.
+  void noise_logits(const ConstRows<S>& x, const RouteContext& ctx, Rows<S> n,
+                    Rows<S> eps) const {
+    detail::require(options_.noisy, kOp, "noise_logits needs a noisy gate");
+    detail::check_gate_input(kOp, x, options_.model_dim);
+    detail::require(n.rows() == x.rows() && n.cols() == options_.num_experts &&
+                        eps.rows() == x.rows() && eps.cols() == options_.num_experts,
+                    kOp, "n and eps must be (", x.rows(), ", ", options_.num_experts,
+                    "), got (", n.rows(), ", ", n.cols(), ") and (", eps.rows(), ", ",
+                    eps.cols(), ")");
+    detail::router_product(x, noise_weights_, n);
+    for (Index t = 0; t < x.rows(); ++t) {
+      for (Index e = 0; e < options_.num_experts; ++e) eps(t, e) = noise_eps(ctx, t, e);
+    }
+  }
+
+  /// Backward of `n = x W_noise` for a loss on the noise logits (`noisy_load_loss`):
+  /// accumulates `dW_noise += x^T d_noise_logits` and adds `dx += d_noise_logits W_noise^T`.
+  /// Shapes: `x` `(num_tokens, model_dim)`, `d_noise_logits` `(num_tokens, num_experts)`, `dx`
+  /// like `x`. Throws `Error` naming `TopKGate::backward_noise_logits` unless the gate is
+  /// `noisy` and the shapes match.
+  void backward_noise_logits(const ConstRows<S>& x, const ConstRows<S>& d_noise_logits,
+                             Rows<S> dx) {
+    constexpr const char* op = "TopKGate::backward_noise_logits";
+    detail::require(options_.noisy, op, "needs a noisy gate");
+    detail::check_gate_input(op, x, options_.model_dim);
+    detail::require(d_noise_logits.rows() == x.rows() &&
+                        d_noise_logits.cols() == options_.num_experts,
+                    op, "d_noise_logits must be (", x.rows(), ", ", options_.num_experts,
+                    "), got (", d_noise_logits.rows(), ", ", d_noise_logits.cols(), ")");
+    detail::require(dx.rows() == x.rows() && dx.cols() == options_.model_dim, op,
+                    "dx must be (", x.rows(), ", ", options_.model_dim, ") like x, got (",
+                    dx.rows(), ", ", dx.cols(), ")");
+    ensure_noise_grad();
+    detail::linear_backward<S>(x, noise_weights_, d_noise_logits, noise_grad_, dx);
   }
 
   /// Sets every gradient to zero (allocating them on first use).

@@ -19,8 +19,10 @@
 #include "moet/errors.hpp"
 #include "moet/experts/ffn.hpp"
 #include "moet/experts/glu.hpp"
+#include "moet/gates/importance.hpp"
 #include "moet/gates/stochastic.hpp"
 #include "moet/gates/top_k.hpp"
+#include "moet/gates/top_p.hpp"
 #include "moet/layer.hpp"
 #include "moet/routing.hpp"
 #include "moet/train/grad.hpp"
@@ -280,6 +282,28 @@ TEST_CASE("Layer gradients equal finite differences: TopKGate with dropped token
   REQUIRE(plan.dropped > 0);  // some tokens have k = 0
   moet::MoELayer layer(gate, glu(kExperts, 16), kSmallBlocks);
   check_layer_gradients(layer, x, {}, {}, "switch with capacity");
+}
+
+TEST_CASE("Layer gradients equal finite differences: TopPGate", "[layer][grad][top_p]") {
+  const RowMatrix<double> x = random_rows<double>(kTokens, kDim, 80);
+  moet::MoELayer layer(
+      moet::TopPGate<double>({.model_dim = kDim, .num_experts = kExperts, .p = 0.5,
+                              .init_seed = 81}),
+      glu(kExperts, 82), glu(1, 83), kSmallBlocks);
+  check_layer_gradients(layer, x, {}, {}, "top-p");
+}
+
+TEST_CASE("Layer gradients equal finite differences: ImportanceGate", "[layer][grad][importance]") {
+  const RowMatrix<double> x = random_rows<double>(kTokens, kDim, 84);
+  std::vector<float> importance;
+  for (Index t = 0; t < kTokens; ++t) importance.push_back(static_cast<float>((t * 7) % 5) + 0.5F);
+  moet::RouteContext ctx;
+  ctx.importance = importance;
+  moet::MoELayer layer(
+      moet::ImportanceGate<double>({.model_dim = kDim, .num_experts = kExperts, .k_min = 1,
+                                    .k_max = 3, .init_seed = 85}),
+      glu(kExperts, 86), kSmallBlocks);
+  check_layer_gradients(layer, x, ctx, ctx, "importance");
 }
 
 TEST_CASE("Layer gradients equal finite differences: StochasticGate in training",

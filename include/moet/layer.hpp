@@ -66,6 +66,33 @@ concept TrainingDispatcher =
 /// its own workspace. The convenience `forward(x, ctx)` uses an internal workspace instead
 /// (not thread-safe) and keeps the last `stats()`.
 ///
+/// **Training** (train/grad.hpp's conventions; needs `TrainableGate<G>`, `TrainableExperts<X>`
+/// and a training dispatcher, i.e. `GroupedDispatch`):
+/// ```cpp
+/// layer.zero_grad();
+/// layer.forward_train(x, y, ctx, ws);              // keeps the activations backward needs
+/// layer.backward(x, dy, ctx, ws, dx, loss_grad);   // writes dx, accumulates every gradient
+/// opt.step(layer);                                 // visit_parameters + parameters_changed
+/// ```
+/// Gradient flow: `dy` reaches every assignment `a` of token `t` twice, as the combine-weight
+/// gradient `d_weights[a] = dy_t · E_{e_a}(x_t)` (handed to the gate's backward, which turns
+/// it, plus its auxiliary-loss inputs `loss_grad`, into router-parameter gradients and a dL/dx
+/// term through the scores) and as `w_a dy_t` into expert `e_a`'s backward (weight gradients,
+/// and dL/dx through the expert). The shared experts get `dy_t` itself on every token. The
+/// selection is held fixed (each gate documents its surrogate, e.g. straight-through for
+/// `TopAnyGate`); a dropped token (`k = 0`) passes gradient only through the router and the
+/// shared experts; an idle expert gets no gradient.
+///
+/// Memory kept by `forward_train` in the `Workspace`, in scalars per token (`mean_k` routed
+/// experts per token, `d = model_dim`, `c = experts.cache_width()`, e.g. `2 * hidden_dim` for
+/// GLU experts and `hidden_dim` for FFN experts, `n_s` shared experts):
+/// `mean_k * (d + c)` (every assignment's expert output and cache) `+ n_s * c` (the shared
+/// experts' caches) plus the routing plan (`mean_k` ids and weights, the gate's
+/// `num_experts` probabilities). `backward` adds `mean_k * (d + 1)` (per-assignment input and
+/// weight gradients) `+ n_s * d`, and per-thread scratch of `block_rows` rows. The input `x` is
+/// not copied: pass the same `x` to `backward`. For S2 (d = 1024, f = 3584, SwiGLU, top-2)
+/// that is `2 * (1024 + 7168) = 16384` floats (64 KiB) per token from `forward_train`.
+///
 /// \tparam G the gate (`Gate` concept).
 /// \tparam X the expert bank (`Experts` concept), same `Scalar` as the gate.
 /// \tparam D the dispatcher (`Dispatcher<D, X>`), `GroupedDispatch` by default.

@@ -14,6 +14,7 @@
 #include "moet/detail/rng.hpp"
 #include "moet/gates/top_any.hpp"
 #include "moet/train/grad.hpp"
+#include "moet/train/top_any_losses.hpp"
 
 static_assert(moet::TrainableGate<moet::TopAnyGate<float>>, "TopAnyGate<float> is trainable");
 static_assert(moet::TrainableGate<moet::TopAnyGate<double>>, "TopAnyGate<double> is trainable");
@@ -460,4 +461,217 @@ TEST_CASE("TopAnyGate backward rejects mismatched input", "[gate][top_any][grad]
                     Contains("does not match the gate") && Contains("training plan"));
   CHECK(dx.isZero(0.0f));  // nothing was changed
   CHECK(gate.gate_embeddings_grad().isZero(0.0f));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Auxiliary losses (ALGORITHMS.md 1.5), against naive double formulas.
+
+namespace {
+
+double naive_diversity(const Mat& w, const Vec& mask) {
+  double sum = 0.0;
+  for (Index i = 0; i < w.cols(); ++i) {
+    for (Index j = 0; j < w.cols(); ++j) {
+      if (mask[i] == 0.0 || mask[j] == 0.0) continue;
+      double dot = 0.0, ii = 0.0, jj = 0.0;
+      for (Index r = 0; r < w.rows(); ++r) {
+        dot += w(r, i) * w(r, j);
+        ii += w(r, i) * w(r, i);
+        jj += w(r, j) * w(r, j);
+      }
+      const double c = dot / (std::max(std::sqrt(ii), 1e-12) * std::max(std::sqrt(jj), 1e-12));
+      const double m = c - (i == j ? 1.0 : 0.0);
+      sum += m * m;
+    }
+  }
+  return std::sqrt(sum);
+}
+
+double naive_simplicity(const Mat& w) {
+  double sum = 0.0;
+  for (Index e = 0; e < w.cols(); ++e) {
+    double ee = 0.0;
+    for (Index r = 0; r < w.rows(); ++r) ee += w(r, e) * w(r, e);
+    sum += std::sqrt(ee);
+  }
+  return sum / double(w.cols());
+}
+
+// Load balance + efficiency as a function of a real-valued gate matrix `a`; the routed set N
+// and ce come from the frozen 0/1 matrix `sel` (no gradient through them).
+double naive_load_balance(const Mat& a, const Mat& sel) {
+  const Index num_tokens = a.rows(), emax = a.cols();
+  std::vector<double> me(static_cast<std::size_t>(emax), 0.0), ce(me);
+  int routed = 0;
+  for (Index t = 0; t < num_tokens; ++t) {
+    double sel_sum = 0.0, a_sum = 0.0;
+    for (Index e = 0; e < emax; ++e) {
+      sel_sum += sel(t, e);
+      a_sum += a(t, e);
+    }
+    if (sel_sum == 0.0) continue;
+    ++routed;
+    for (Index e = 0; e < emax; ++e) {
+      me[static_cast<std::size_t>(e)] += a(t, e) / a_sum;
+      ce[static_cast<std::size_t>(e)] += sel(t, e);
+    }
+  }
+  if (routed == 0) return 0.0;
+  double lb = 0.0;
+  for (std::size_t e = 0; e < me.size(); ++e) lb += (me[e] / routed) * (ce[e] / routed);
+  return double(emax) * lb;
+}
+
+double naive_efficiency(const Mat& a) { return a.size() == 0 ? 0.0 : a.sum() / double(a.size()); }
+
+Mat plan_matrix(const moet::Routing<double>& plan) {
+  Mat a = Mat::Zero(plan.num_tokens(), plan.num_experts());
+  for (Index t = 0; t < plan.num_tokens(); ++t) {
+    for (const auto e : plan.experts(t)) a(t, e) = 1.0;
+  }
+  return a;
+}
+
+}  // namespace
+
+TEST_CASE("DynMoE aux losses match hand-computed values", "[loss][top_any]") {
+  // W columns (1, 0) and (1, 1): Wn^T Wn - I has 1/sqrt2 off the diagonal, so diversity is
+  // sqrt(2 * 1/2) = 1 and simplicity (1 + sqrt2) / 2. Token 0 -> {0}, token 1 -> {0, 1}:
+  // N = 2, ce = (1, 1/2), me = (3/4, 1/4), load balance 2 * (3/4 + 1/8) = 7/4, efficiency 3/4.
+  moet::TopAnyGate<double> gate({.model_dim = 2, .num_experts = 2});
+  gate.set_gate_embeddings((Mat(2, 2) << 1, 1, 0, 1).finished());
+  gate.set_thresholds((Vec(2) << 0.5, 0.1).finished());
+  // Slot e fires iff cos > theta_e (tau = 1). Token 0 (1, -0.95): cos 0.725 with slot 0 (fires),
+  // 0.026 with slot 1 (does not). Token 1 (1, 0.9): cos 0.743 and 0.999 (both fire).
+  Mat x(2, 2);
+  x << 1, -0.95,  //
+      1, 0.9;
+  moet::RouteContext ctx;
+  ctx.training = true;
+  moet::Routing<double> plan;
+  gate.route(x, ctx, plan);
+  REQUIRE(plan.k(0) == 1);
+  REQUIRE(plan.k(1) == 2);
+  std::vector<double> d_gates(4, 0.0);
+  const auto loss = moet::top_any_aux_loss(gate, plan, std::span<double>(d_gates),
+                                           {.coefficient = 1.0});
+  CHECK(loss.diversity == Approx(1.0).epsilon(1e-12));
+  CHECK(loss.simplicity == Approx((1.0 + std::sqrt(2.0)) / 2.0).epsilon(1e-12));
+  CHECK(loss.load_balance == Approx(1.75).epsilon(1e-12));
+  CHECK(loss.efficiency == Approx(0.75).epsilon(1e-12));
+  CHECK(loss.value == Approx(1.0 + (1.0 + std::sqrt(2.0)) / 2.0 + 1.75 + 0.75).epsilon(1e-12));
+}
+
+TEST_CASE("DynMoE aux loss gradients equal finite differences of naive formulas",
+          "[loss][top_any][grad]") {
+  const auto variant = GENERATE(moet::TopAnyVariant::kDeepSpeed, moet::TopAnyVariant::kTutel);
+  const bool training = GENERATE(true, false);
+  const Index num_tokens = 12, d = 5, emax = 5;
+  const double coef = 0.37;
+  moet::TopAnyGate<double> gate(
+      {.model_dim = d, .num_experts = 4, .max_experts = emax, .variant = variant});
+  const Mat w = random_matrix(d, emax, 3, 0.8);
+  gate.set_gate_embeddings(w);
+  gate.set_thresholds((Vec(emax) << 0.2, 0.5, -0.1, 0.4, 0.0).finished());
+  gate.set_expert_mask((Vec(emax) << 1, 0, 1, 1, 1).finished());  // slot 1 inactive
+  const Mat x = random_matrix(num_tokens, d, 4);
+  moet::RouteContext ctx;
+  ctx.training = training;
+  moet::Routing<double> plan;
+  gate.route(x, ctx, plan);
+  const Mat sel = plan_matrix(plan);
+  REQUIRE(sel.sum() > 0.0);
+
+  gate.zero_grad();
+  std::vector<double> d_gates(static_cast<std::size_t>(num_tokens * emax), 0.5);  // adds
+  const auto loss =
+      moet::top_any_aux_loss(gate, plan, std::span<double>(d_gates), {.coefficient = coef});
+  const Vec& mask = gate.expert_mask();
+  CHECK(loss.diversity == Approx(naive_diversity(w, mask)).epsilon(1e-12));
+  CHECK(loss.simplicity == Approx(naive_simplicity(w)).epsilon(1e-12));
+  CHECK(loss.load_balance == Approx(naive_load_balance(sel, sel)).epsilon(1e-12));
+  CHECK(loss.efficiency == Approx(naive_efficiency(sel)).epsilon(1e-12));
+  const bool ds = variant == moet::TopAnyVariant::kDeepSpeed;
+  const double l_aux = naive_diversity(w, mask) + naive_simplicity(w) +
+                       (ds ? naive_load_balance(sel, sel) + naive_efficiency(sel) : 0.0);
+  CHECK(loss.value == Approx(coef * l_aux).epsilon(1e-12));
+
+  const double h = 1e-6;
+  // dW: diversity + simplicity (never the routing terms; those go through d_gates).
+  Mat fd_w(d, emax);
+  Mat wv = w;
+  for (Index i = 0; i < d; ++i) {
+    for (Index e = 0; e < emax; ++e) {
+      const double saved = wv(i, e);
+      wv(i, e) = saved + h;
+      const double up = naive_diversity(wv, mask) + naive_simplicity(wv);
+      wv(i, e) = saved - h;
+      const double down = naive_diversity(wv, mask) + naive_simplicity(wv);
+      wv(i, e) = saved;
+      fd_w(i, e) = coef * (up - down) / (2.0 * h);
+    }
+  }
+  check_close(gate.gate_embeddings_grad(), fd_w, "d(diversity + simplicity)/dW");
+  CHECK(gate.thresholds_grad().isZero(0.0));
+
+  // d_gates: d(load balance + efficiency)/da for DeepSpeed, untouched for Tutel.
+  Mat fd_a = Mat::Zero(num_tokens, emax);
+  if (ds) {
+    Mat av = sel;
+    for (Index t = 0; t < num_tokens; ++t) {
+      for (Index e = 0; e < emax; ++e) {
+        const double saved = av(t, e);
+        av(t, e) = saved + h;
+        const double up = naive_load_balance(av, sel) + naive_efficiency(av);
+        av(t, e) = saved - h;
+        const double down = naive_load_balance(av, sel) + naive_efficiency(av);
+        av(t, e) = saved;
+        fd_a(t, e) = coef * (up - down) / (2.0 * h);
+      }
+    }
+  }
+  Mat got_a = Eigen::Map<const Mat>(d_gates.data(), num_tokens, emax);
+  got_a.array() -= 0.5;
+  check_close(got_a, fd_a, "d(load balance + efficiency)/da");
+}
+
+TEST_CASE("DynMoE aux loss with every token dropped has load balance 0",
+          "[loss][top_any][edge]") {
+  moet::TopAnyGate<double> gate({.model_dim = 3, .num_experts = 3});
+  gate.thresholds().setConstant(4.0);
+  const Mat x = random_matrix(4, 3, 8);
+  moet::RouteContext ctx;
+  ctx.training = true;
+  moet::Routing<double> plan;
+  gate.route(x, ctx, plan);
+  REQUIRE(plan.num_assignments() == 0);
+  std::vector<double> d_gates(12, 0.0);
+  const auto loss =
+      moet::top_any_aux_loss(gate, plan, std::span<double>(d_gates), {.coefficient = 1.0});
+  CHECK(loss.load_balance == 0.0);
+  CHECK(loss.efficiency == 0.0);
+  for (const double g : d_gates) CHECK(g == Approx(1.0 / 12.0).epsilon(1e-12));  // efficiency
+}
+
+TEST_CASE("DynMoE aux loss rejects bad input", "[loss][top_any][errors]") {
+  using Catch::Contains;
+  moet::TopAnyGate<float> gate({.model_dim = 4, .num_experts = 3});
+  const moet::RowMatrix<float> x = random_matrix(5, 4, 9).cast<float>();
+  moet::Routing<float> plan;
+  gate.route(x, moet::RouteContext{}, plan);
+  std::vector<float> d_gates(14, 0.0f);
+  CHECK_THROWS_WITH(moet::top_any_aux_loss(gate, plan, std::span<float>(d_gates)),
+                    Contains("[moet::top_any_aux_loss]") && Contains("= 15") &&
+                        Contains("got 14"));
+  CHECK_NOTHROW(moet::top_any_aux_loss(gate, plan, std::span<float>(),
+                                       {.accumulate_grad = false}));
+  d_gates.resize(15);
+  CHECK_THROWS_WITH(
+      moet::top_any_aux_loss(gate, plan, std::span<float>(d_gates), {.coefficient = -1.0f}),
+      Contains("coefficient") && Contains("got -1"));
+  moet::Routing<float> other;
+  other.reset(5, 2);
+  other.commit_counts();
+  CHECK_THROWS_WITH(moet::top_any_aux_loss(gate, other, std::span<float>(d_gates)),
+                    Contains("max_experts = 3") && Contains("got 2"));
 }

@@ -165,3 +165,39 @@ TEST_CASE("The installed Debian data sets load with their documented shapes", "[
     WARN("fortunes is not installed; skipped");
   }
 }
+
+TEST_CASE("CharVocab maps bytes to dense ids and back, with 0 for unseen bytes", "[examples]") {
+  const examples::CharVocab vocab("hello, world");
+  CHECK(vocab.size() == 10);  // 9 distinct bytes + unknown
+  const std::vector<int> ids = vocab.encode("hold!");
+  REQUIRE(ids.size() == 5);
+  CHECK(ids[4] == 0);  // '!' never seen
+  std::string back;
+  for (const int id : ids) back += vocab.decode(id);
+  CHECK(back == "hold?");
+  // Ids follow byte order: ' ' < ',' < 'd' < 'e' ...
+  CHECK(vocab.encode(" ")[0] == 1);
+  CHECK(vocab.encode(",")[0] == 2);
+}
+
+TEST_CASE("sample_windows draws deterministic shifted windows", "[examples]") {
+  std::vector<int> ids(50);
+  for (int i = 0; i < 50; ++i) ids[std::size_t(i)] = i;
+  const examples::CharBatch a = examples::sample_windows(ids, 3, 8, 1, 0);
+  const examples::CharBatch again = examples::sample_windows(ids, 3, 8, 1, 0);
+  const examples::CharBatch next = examples::sample_windows(ids, 3, 8, 1, 1);
+  REQUIRE(a.inputs.size() == 24);
+  CHECK(a.inputs == again.inputs);
+  CHECK(a.inputs != next.inputs);
+  for (std::size_t b = 0; b < 3; ++b) {
+    for (std::size_t i = 0; i < 8; ++i) {
+      CHECK(a.targets[b * 8 + i] == a.inputs[b * 8 + i] + 1);  // the next id in the text
+      if (i > 0) CHECK(a.inputs[b * 8 + i] == a.inputs[b * 8 + i - 1] + 1);
+    }
+    CHECK(a.targets[b * 8 + 7] <= 49);
+  }
+  CHECK_THROWS_WITH(examples::sample_windows(ids, 1, 50, 1, 0),
+                    Contains("too short for windows of 51"));
+  CHECK_THROWS_WITH(examples::sample_windows(ids, 0, 5, 1, 0),
+                    Contains("batch and len must be >= 1, got 0, 5"));
+}

@@ -214,4 +214,66 @@ inline TextCorpus load_fortunes(const std::string& dir = kFortunesDir,
   return out;
 }
 
+/// A character vocabulary: the sorted distinct bytes of a training text, plus id 0 for any byte
+/// it never saw.
+struct CharVocab {
+  std::vector<char> chars;  // id - 1 -> byte
+  int ids[256] = {};        // byte -> id (0 = unknown)
+
+  explicit CharVocab(const std::string& text) {
+    bool seen[256] = {};
+    for (const char c : text) seen[static_cast<unsigned char>(c)] = true;
+    for (int b = 0; b < 256; ++b) {
+      if (seen[b]) {
+        chars.push_back(static_cast<char>(b));
+        ids[b] = static_cast<int>(chars.size());
+      }
+    }
+  }
+  /// Ids including the unknown id 0.
+  int size() const { return static_cast<int>(chars.size()) + 1; }
+  /// The ids of `text`'s bytes.
+  std::vector<int> encode(const std::string& text) const {
+    std::vector<int> out;
+    out.reserve(text.size());
+    for (const char c : text) out.push_back(ids[static_cast<unsigned char>(c)]);
+    return out;
+  }
+  /// The byte of `id` (`?` for the unknown id).
+  char decode(int id) const {
+    return id >= 1 && id <= static_cast<int>(chars.size()) ? chars[static_cast<std::size_t>(id - 1)]
+                                                           : '?';
+  }
+};
+
+/// A batch of next-character windows: `inputs[b * len + i]` is followed by
+/// `targets[b * len + i]` in the text.
+struct CharBatch {
+  std::vector<int> inputs;
+  std::vector<int> targets;
+};
+
+/// `batch` windows of `len + 1` consecutive ids starting at offsets drawn uniformly from
+/// `rng`-style key `(seed, step)` (deterministic), as inputs and shifted targets. Throws
+/// `moet::Error` naming `sample_windows` when the text is not longer than `len` or a size is < 1.
+inline CharBatch sample_windows(const std::vector<int>& ids, std::int64_t batch, std::int64_t len,
+                                std::uint64_t seed, std::uint64_t step) {
+  constexpr const char* kOp = "sample_windows";
+  moet::detail::require(batch >= 1 && len >= 1, kOp, "batch and len must be >= 1, got ", batch,
+                        ", ", len);
+  moet::detail::require(static_cast<std::int64_t>(ids.size()) > len, kOp, "text of ",
+                        ids.size(), " ids is too short for windows of ", len + 1);
+  const auto starts = static_cast<std::uint64_t>(static_cast<std::int64_t>(ids.size()) - len);
+  CharBatch out;
+  for (std::int64_t b = 0; b < batch; ++b) {
+    const std::uint64_t key = moet::detail::hash_key(seed, step, static_cast<std::uint64_t>(b));
+    const std::uint64_t start = key % starts;
+    for (std::int64_t i = 0; i < len; ++i) {
+      out.inputs.push_back(ids[start + static_cast<std::uint64_t>(i)]);
+      out.targets.push_back(ids[start + static_cast<std::uint64_t>(i) + 1]);
+    }
+  }
+  return out;
+}
+
 }  // namespace examples

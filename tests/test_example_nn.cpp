@@ -92,8 +92,9 @@ TEST_CASE("CausalSelfAttention matches a naive loop, is causal, and its backward
           "[examples][grad]") {
   constexpr Index kBatch = 2, kLen = 4, kDim = 6, kHeads = 2;
   examples::CausalSelfAttention<double> att(kDim, kHeads, 3);
+  examples::CausalSelfAttention<double>::Cache cache;
   M x = examples::normal_matrix<double>(kBatch * kLen, kDim, 1.0, 10);
-  const M y = att.forward(x, kBatch, kLen);
+  const M y = att.forward(x, kBatch, kLen, cache);
 
   // Naive oracle: per sequence and head, explicit softmax over the visible keys.
   const M q = x * att.wq.w, k = x * att.wk.w, v = x * att.wv.w;
@@ -123,15 +124,16 @@ TEST_CASE("CausalSelfAttention matches a naive loop, is causal, and its backward
   // Causality: changing the last token of sequence 0 leaves its earlier outputs alone.
   M x2 = x;
   x2.row(kLen - 1).array() += 1.0;
-  const M y2 = att.forward(x2, kBatch, kLen);
+  const M y2 = att.forward(x2, kBatch, kLen, cache);
   CHECK((y2.topRows(kLen - 1) - y.topRows(kLen - 1)).norm() == 0.0);
   CHECK((y2.row(kLen - 1) - y.row(kLen - 1)).norm() > 0.0);
 
   const M r = examples::normal_matrix<double>(kBatch * kLen, kDim, 1.0, 11);
-  att.forward(x, kBatch, kLen);
+  att.forward(x, kBatch, kLen, cache);
   att.zero_grad();
-  const M dx = att.backward(x, r);
-  auto loss = [&] { return project(att.forward(x, kBatch, kLen), r); };
+  const M dx = att.backward(x, r, cache);
+  examples::CausalSelfAttention<double>::Cache scratch;
+  auto loss = [&] { return project(att.forward(x, kBatch, kLen, scratch), r); };
   CHECK(rel_error(dx, numeric_grad(x, loss)) < 1e-6);
   const M dq = att.wq.dw, dk = att.wk.dw, dv = att.wv.dw, dout = att.wo.dw;
   CHECK(rel_error(dq, numeric_grad(att.wq.w, loss)) < 1e-6);
@@ -142,9 +144,10 @@ TEST_CASE("CausalSelfAttention matches a naive loop, is causal, and its backward
 
 TEST_CASE("CausalSelfAttention exposes row-stochastic causal probabilities", "[examples]") {
   examples::CausalSelfAttention<float> att(8, 2, 4);
+  examples::CausalSelfAttention<float>::Cache cache;
   const RowMatrix<float> x = examples::normal_matrix<float>(6, 8, 1.0, 12);
-  att.forward(x, 2, 3);
-  const moet::AttentionView a = att.attention();
+  att.forward(x, 2, 3, cache);
+  const moet::AttentionView a = cache.attention();
   REQUIRE(a.batch == 2);
   REQUIRE(a.heads == 2);
   REQUIRE(a.seq_len == 3);
@@ -159,7 +162,7 @@ TEST_CASE("CausalSelfAttention exposes row-stochastic causal probabilities", "[e
     }
     CHECK(sum == Approx(1.0).epsilon(1e-6));
   }
-  CHECK_THROWS_WITH(att.forward(x, 4, 2), Catch::Matchers::Contains("expected batch * seq_len"));
+  CHECK_THROWS_WITH(att.forward(x, 4, 2, cache), Catch::Matchers::Contains("expected batch * seq_len"));
 }
 
 TEST_CASE("softmax_cross_entropy matches its definition and finite differences",

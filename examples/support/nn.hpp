@@ -8,11 +8,12 @@
 /// - `RmsNorm`: `y = x / sqrt(mean(x^2) + eps) * g` (Zhang & Sennrich 2019);
 /// - `Embedding`: a lookup table;
 /// - `CausalSelfAttention`: multi-head causal softmax attention over `[batch, seq_len]` token
-///   rows, which also exposes its attention probabilities as a `moet::AttentionView` for
+///   rows, whose cache exposes the attention probabilities as a `moet::AttentionView` for
 ///   `ImportanceGate`;
 /// - `softmax_cross_entropy`: the mean loss over rows and its gradient.
 ///
-/// Plain serial Eigen code written for clarity; tests/test_example_nn.cpp checks every backward
+/// Plain Eigen code written for clarity (attention runs one task per sequence and head on moet's
+/// thread pool); tests/test_example_nn.cpp checks every backward
 /// against finite differences. Not part of the moet library (no API promise).
 
 #include <algorithm>
@@ -165,9 +166,28 @@ struct Embedding {
 /// Multi-head causal self-attention over tokens laid out `[batch, seq_len]` row-major:
 /// `q, k, v = x Wq, x Wk, x Wv`; per sequence and head `A = softmax(q k^T / sqrt(d_head))` with
 /// keys `j > i` masked; `o = A v`; `y = o Wo`. `forward` keeps what `backward` needs (q, k, v,
-/// A, o); `attention()` views `A` as `[batch, heads, seq_len, seq_len]` for `ImportanceGate`.
+/// A, o) in the caller's `Cache` (so two passes, as in THOR, keep two caches);
+/// `Cache::attention()` views `A` as `[batch, heads, seq_len, seq_len]` for `ImportanceGate`.
 template <class S>
 struct CausalSelfAttention {
+  /// One forward's activations.
+  struct Cache {
+    Index batch = 0, seq_len = 0, heads = 1;
+    RowMatrix<S> q, k, v, o;
+    std::vector<S> probs;  // [batch, heads, seq_len, seq_len]
+
+    S* prob(Index b, Index h) { return probs.data() + ((b * heads + h) * seq_len) * seq_len; }
+    const S* prob(Index b, Index h) const {
+      return probs.data() + ((b * heads + h) * seq_len) * seq_len;
+    }
+    /// The attention probabilities (float models only: `AttentionView` holds floats).
+    moet::AttentionView attention() const {
+      static_assert(std::is_same_v<S, float>, "AttentionView holds float probabilities");
+      return {.data = probs.data(), .batch = batch, .heads = heads, .seq_len = seq_len,
+              .causal = true};
+    }
+  };
+
   Index heads = 1;
   Linear<S> wq, wk, wv, wo;
 
@@ -182,86 +202,60 @@ struct CausalSelfAttention {
                           "model_dim ", d, " must be a positive multiple of heads ", num_heads);
   }
 
-  /// `x` `(batch * seq_len, d)` -> `(batch * seq_len, d)`.
-  RowMatrix<S> forward(const RowMatrix<S>& x, Index batch, Index seq_len) {
-    moet::detail::require(x.rows() == batch * seq_len, "CausalSelfAttention",
-                          "x has ", x.rows(), " rows, expected batch * seq_len = ", batch, " * ",
-                          seq_len);
-    batch_ = batch;
-    seq_len_ = seq_len;
-    q_ = wq.forward(x);
-    k_ = wk.forward(x);
-    v_ = wv.forward(x);
+  /// `x` `(batch * seq_len, d)` -> `(batch * seq_len, d)`; fills `c`.
+  RowMatrix<S> forward(const RowMatrix<S>& x, Index batch, Index seq_len, Cache& c) const {
+    moet::detail::require(x.rows() == batch * seq_len, "CausalSelfAttention", "x has ", x.rows(),
+                          " rows, expected batch * seq_len = ", batch, " * ", seq_len);
+    c.batch = batch;
+    c.seq_len = seq_len;
+    c.heads = heads;
+    c.q = wq.forward(x);
+    c.k = wk.forward(x);
+    c.v = wv.forward(x);
     const Index dh = x.cols() / heads;
     const S scale = static_cast<S>(1.0 / std::sqrt(static_cast<double>(dh)));
-    probs_.assign(static_cast<std::size_t>(batch * heads * seq_len * seq_len), S(0));
-    o_.setZero(x.rows(), x.cols());
-    for (Index b = 0; b < batch; ++b) {
-      for (Index h = 0; h < heads; ++h) {
-        S* a = prob(b, h);
-        for (Index i = 0; i < seq_len; ++i) {
-          const Index ti = b * seq_len + i;
-          S max = -std::numeric_limits<S>::infinity();
-          for (Index j = 0; j <= i; ++j) {
-            const Index tj = b * seq_len + j;
-            a[i * seq_len + j] = scale * q_.row(ti).segment(h * dh, dh).dot(k_.row(tj).segment(h * dh, dh));
-            max = std::max(max, a[i * seq_len + j]);
-          }
-          S sum = 0;
-          for (Index j = 0; j <= i; ++j) sum += (a[i * seq_len + j] = std::exp(a[i * seq_len + j] - max));
-          for (Index j = 0; j <= i; ++j) {
-            a[i * seq_len + j] /= sum;
-            o_.row(ti).segment(h * dh, dh) += a[i * seq_len + j] * v_.row(b * seq_len + j).segment(h * dh, dh);
-          }
-        }
+    c.probs.assign(static_cast<std::size_t>(batch * heads * seq_len * seq_len), S(0));
+    c.o.resize(x.rows(), x.cols());
+    // One task per (sequence, head): each writes its own probabilities and its own block of o.
+    moet::detail::parallel_for(batch * heads, [&](Index task) {
+      const Index b = task / heads, h = task % heads, r = b * seq_len, col = h * dh;
+      Eigen::Map<RowMatrix<S>> a(c.prob(b, h), seq_len, seq_len);
+      a.noalias() = scale * c.q.block(r, col, seq_len, dh) * c.k.block(r, col, seq_len, dh).transpose();
+      for (Index i = 0; i < seq_len; ++i) {  // causal softmax of row i over keys j <= i
+        auto row = a.row(i).head(i + 1);
+        row = (row.array() - row.maxCoeff()).exp();
+        row /= row.sum();
+        a.row(i).tail(seq_len - i - 1).setZero();
       }
-    }
-    return wo.forward(o_);
+      c.o.block(r, col, seq_len, dh).noalias() = a * c.v.block(r, col, seq_len, dh);
+    });
+    return wo.forward(c.o);
   }
 
-  /// dL/dx for `dy` `(batch * seq_len, d)`; accumulates the four projections' gradients.
-  RowMatrix<S> backward(const RowMatrix<S>& x, const RowMatrix<S>& dy) {
-    const RowMatrix<S> d_o = wo.backward(o_, dy);
-    const Index dh = x.cols() / heads;
+  /// dL/dx for `dy` `(batch * seq_len, d)` of the forward that filled `c`; accumulates the four
+  /// projections' gradients.
+  RowMatrix<S> backward(const RowMatrix<S>& x, const RowMatrix<S>& dy, const Cache& c) {
+    const RowMatrix<S> d_o = wo.backward(c.o, dy);
+    const Index dh = x.cols() / heads, len = c.seq_len;
     const S scale = static_cast<S>(1.0 / std::sqrt(static_cast<double>(dh)));
-    RowMatrix<S> dq = RowMatrix<S>::Zero(x.rows(), x.cols());
-    RowMatrix<S> dk = RowMatrix<S>::Zero(x.rows(), x.cols());
-    RowMatrix<S> dv = RowMatrix<S>::Zero(x.rows(), x.cols());
-    std::vector<S> da(static_cast<std::size_t>(seq_len_));
-    for (Index b = 0; b < batch_; ++b) {
-      for (Index h = 0; h < heads; ++h) {
-        const S* a = prob(b, h);
-        for (Index i = 0; i < seq_len_; ++i) {
-          const Index ti = b * seq_len_ + i;
-          const auto doi = d_o.row(ti).segment(h * dh, dh);
-          S dot = 0;  // sum_j dA_ij A_ij
-          for (Index j = 0; j <= i; ++j) {
-            const Index tj = b * seq_len_ + j;
-            da[static_cast<std::size_t>(j)] = doi.dot(v_.row(tj).segment(h * dh, dh));
-            dot += da[static_cast<std::size_t>(j)] * a[i * seq_len_ + j];
-            dv.row(tj).segment(h * dh, dh) += a[i * seq_len_ + j] * doi;
-          }
-          for (Index j = 0; j <= i; ++j) {
-            const Index tj = b * seq_len_ + j;
-            const S ds = a[i * seq_len_ + j] * (da[static_cast<std::size_t>(j)] - dot) * scale;
-            dq.row(ti).segment(h * dh, dh) += ds * k_.row(tj).segment(h * dh, dh);
-            dk.row(tj).segment(h * dh, dh) += ds * q_.row(ti).segment(h * dh, dh);
-          }
-        }
+    RowMatrix<S> dq(x.rows(), x.cols()), dk(x.rows(), x.cols()), dv(x.rows(), x.cols());
+    moet::detail::parallel_for(c.batch * heads, [&](Index task) {
+      const Index b = task / heads, h = task % heads, r = b * len, col = h * dh;
+      const Eigen::Map<const RowMatrix<S>> a(c.prob(b, h), len, len);
+      const auto d_ob = d_o.block(r, col, len, dh);
+      RowMatrix<S> ds = d_ob * c.v.block(r, col, len, dh).transpose();  // dL/dA (len, len)
+      for (Index i = 0; i < len; ++i) {  // softmax backward: A (dA - <dA, A>), masked entries 0
+        const S dot = ds.row(i).dot(a.row(i));
+        ds.row(i) = (a.row(i).array() * (ds.row(i).array() - dot) * scale).matrix();
       }
-    }
+      dv.block(r, col, len, dh).noalias() = a.transpose() * d_ob;
+      dq.block(r, col, len, dh).noalias() = ds * c.k.block(r, col, len, dh);
+      dk.block(r, col, len, dh).noalias() = ds.transpose() * c.q.block(r, col, len, dh);
+    });
     RowMatrix<S> dx = wq.backward(x, dq);
     dx += wk.backward(x, dk);
     dx += wv.backward(x, dv);
     return dx;
-  }
-
-  /// The attention probabilities of the last `forward`, `[batch, heads, seq_len, seq_len]`
-  /// (float models only: `AttentionView` holds floats).
-  moet::AttentionView attention() const {
-    static_assert(std::is_same_v<S, float>, "AttentionView holds float probabilities");
-    return {.data = probs_.data(), .batch = batch_, .heads = heads, .seq_len = seq_len_,
-            .causal = true};
   }
 
   void zero_grad() {
@@ -278,19 +272,6 @@ struct CausalSelfAttention {
     wv.visit_parameters(f, p + "v.");
     wo.visit_parameters(f, p + "o.");
   }
-
- private:
-  S* prob(Index b, Index h) {
-    return probs_.data() + ((b * heads + h) * seq_len_) * seq_len_;
-  }
-  const S* prob(Index b, Index h) const {
-    return probs_.data() + ((b * heads + h) * seq_len_) * seq_len_;
-  }
-
-  Index batch_ = 0;
-  Index seq_len_ = 0;
-  RowMatrix<S> q_, k_, v_, o_;
-  std::vector<S> probs_;
 };
 
 /// Mean softmax cross-entropy (nats) of `logits` `(n, classes)` against `labels`; writes

@@ -1,0 +1,182 @@
+// What this shows: a character-level language model (embedding, causal self-attention,
+// RMSNorm, MoE FFN, output head) trained on the fortunes corpus (Debian package fortunes) once
+// per router, comparing validation bits per character against the experts each token used.
+// The importance gate (DA-MoE) reads the model's real attention probabilities; THOR trains with
+// its consistency loss between two stochastic passes. Writes results.md and SVG plots.
+// What to copy: the model (support/char_lm.hpp), the training step in train(), and
+// bits_per_char() for evaluation.
+//
+//   example_06_char_lm [--routers top_k:k=1,top_k:k=2,top_p:p=0.4,top_any,
+//                       importance:k_max=4,stochastic] [--steps 300] [--batch 16] [--len 64]
+//                      [--seed 1] [--out char_lm]
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include <moet/moet.hpp>
+#include <moet/train/losses.hpp>
+#include <moet/train/optim.hpp>
+#include <moet/train/thor.hpp>
+
+#include "support/char_lm.hpp"
+#include "support/data.hpp"
+#include "support/progress.hpp"
+#include "support/report.hpp"
+#include "support/routers.hpp"
+
+namespace {
+
+using S = float;
+using examples::Index;
+using examples::RowMatrix;
+
+struct Config {
+  std::string routers = "top_k:k=1,top_k:k=2,top_p:p=0.4,top_any,importance:k_max=4,stochastic";
+  long steps = 300, batch = 16, len = 64, eval_windows = 64;
+  std::uint64_t seed = 1;
+  std::string out = "char_lm";
+};
+
+struct Result {
+  std::string router;
+  double bpc = 0, train_bpc = 0, ms_per_step = 0, activated_params = 0;
+  std::vector<double> mean_k;  // per block, on the validation windows
+  examples::Series curve;      // training bits per character (EMA) over steps
+};
+
+constexpr double kLn2 = 0.6931471805599453;
+
+// Validation bits per character on fixed windows, inference routing; fills the mean k per block.
+template <class Model>
+double bits_per_char(Model& model, const Config& cfg, const std::vector<int>& val,
+                     std::vector<double>& mean_k) {
+  typename Model::Pass pass;
+  const examples::CharBatch w = examples::sample_windows(val, cfg.eval_windows, cfg.len, 999, 0);
+  const RowMatrix<S>& logits = model.forward(w.inputs, cfg.eval_windows, cfg.len, {}, pass);
+  mean_k.clear();
+  for (const auto& ws : pass.ws) mean_k.push_back(ws.stats.mean_k);
+  return examples::softmax_cross_entropy<S>(logits, w.targets, nullptr) / kLn2;
+}
+
+template <class Gate, class MakeGate>
+Result train(const Config& cfg, const std::string& spec, MakeGate&& make_gate,
+             examples::CharLmShape shape, const std::vector<int>& tr, const std::vector<int>& val) {
+  constexpr bool kThor = std::is_same_v<Gate, moet::StochasticGate<S>>;
+  using Model = examples::MoeCharLm<Gate>;
+  Model model(shape, make_gate, cfg.seed);
+  moet::AdamW<S> opt({.lr = 3e-3, .weight_decay = 0.0});
+  typename Model::Pass pass[2];
+  RowMatrix<S> d0, d1;
+  Result r;
+  r.router = spec;
+  const double tokens = double(cfg.batch * cfg.len);
+  examples::Progress bar(spec, cfg.steps);
+  double ema = 0;
+  for (long step = 0; step < cfg.steps; ++step) {
+    const examples::CharBatch b = examples::sample_windows(tr, cfg.batch, cfg.len, cfg.seed, std::uint64_t(step));
+    moet::RouteContext ctx{.training = true, .seed = cfg.seed, .step = std::uint64_t(step)};
+    model.zero_grad();
+    double loss = 0;
+    if constexpr (kThor) {  // two stochastic passes + consistency (ALGORITHMS.md 4.2)
+      for (int p = 0; p < 2; ++p) {
+        model.forward(b.inputs, cfg.batch, cfg.len, moet::thor_pass_context(ctx, p), pass[p]);
+      }
+      loss = 0.5 * (examples::softmax_cross_entropy(pass[0].logits, b.targets, &d0) +
+                    examples::softmax_cross_entropy(pass[1].logits, b.targets, &d1));
+      moet::consistency_loss<S>(pass[0].logits, pass[1].logits, d0, d1, {.alpha = 1.0 / tokens});
+      model.backward(pass[0], d0);
+      model.backward(pass[1], d1);
+    } else {
+      model.forward(b.inputs, cfg.batch, cfg.len, ctx, pass[0]);
+      loss = examples::softmax_cross_entropy(pass[0].logits, b.targets, &d0);
+      model.backward(pass[0], d0);
+    }
+    opt.step(model);
+    const double bpc = loss / kLn2;
+    ema = step == 0 ? bpc : 0.95 * ema + 0.05 * bpc;
+    bar.update(step + 1, ema);
+    if (step % 5 == 0) r.curve.points.emplace_back(double(step), ema);
+  }
+  bar.finish();
+  r.ms_per_step = 1e3 * bar.elapsed() / double(cfg.steps);
+  r.train_bpc = ema;
+  r.bpc = bits_per_char(model, cfg, val, r.mean_k);
+  for (int l = 0; l < shape.blocks; ++l) {
+    r.activated_params += r.mean_k[std::size_t(l)] * double(model.layer(l).experts().params_per_expert());
+  }
+  std::printf("%-20s validation %.3f bits/char  mean k", spec.c_str(), r.bpc);
+  for (const double k : r.mean_k) std::printf(" %.2f", k);
+  std::printf("  %.0f ms/step\n", r.ms_per_step);
+  return r;
+}
+
+void write_report(const Config& cfg, const std::vector<Result>& results) {
+  std::filesystem::create_directories(cfg.out);
+  std::ofstream md(cfg.out + "/results.md");
+  md << "| router | validation bits/char | mean k per block | activated expert params / token | "
+        "ms / step | final train bits/char |\n|---|---|---|---|---|---|\n";
+  std::vector<examples::Series> curves, points;
+  char cell[128];
+  for (const Result& r : results) {
+    std::string k;
+    for (const double v : r.mean_k) {
+      std::snprintf(cell, sizeof cell, "%s%.2f", k.empty() ? "" : " / ", v);
+      k += cell;
+    }
+    std::snprintf(cell, sizeof cell, " | %.0f | %.0f | %.3f |\n", r.activated_params,
+                  r.ms_per_step, r.train_bpc);
+    md << "| `" << r.router << "` | " << std::to_string(r.bpc).substr(0, 5) << " | " << k << cell;
+    double mean_k = 0;
+    for (const double v : r.mean_k) mean_k += v / double(r.mean_k.size());
+    curves.push_back({r.router, r.curve.points});
+    points.push_back({r.router, {{mean_k, r.bpc}}});
+  }
+  examples::save_line_chart(cfg.out + "/loss.svg", "Training bits per character (EMA)", "step",
+                            "bits / char", curves);
+  examples::save_scatter_chart(cfg.out + "/bpc_vs_k.svg", "Validation bits per character against "
+                               "mean experts per token", "mean k (over blocks)", "bits / char", points);
+  std::printf("wrote %s/results.md and SVG plots\n", cfg.out.c_str());
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Config cfg;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string flag = argv[i], v = argv[i + 1];
+    if (flag == "--routers") cfg.routers = v;
+    else if (flag == "--steps") cfg.steps = std::stol(v);
+    else if (flag == "--batch") cfg.batch = std::stol(v);
+    else if (flag == "--len") cfg.len = std::stol(v);
+    else if (flag == "--seed") cfg.seed = std::stoull(v);
+    else if (flag == "--out") cfg.out = v;
+    else { std::fprintf(stderr, "unknown option %s\n", flag.c_str()); return 2; }
+  }
+  if (!std::filesystem::is_directory(examples::kFortunesDir)) {
+    std::fprintf(stderr, "the fortunes package is not installed (apt-get install it); skipped\n");
+    return 77;  // ctest's skip code
+  }
+  const examples::TextCorpus corpus = examples::load_fortunes();
+  const examples::CharVocab vocab(corpus.train);
+  const std::vector<int> tr = vocab.encode(corpus.train), val = vocab.encode(corpus.validation);
+  std::printf("fortunes: %ld fortunes, %zu training and %zu validation characters, vocabulary %d\n",
+              long(corpus.num_fortunes), tr.size(), val.size(), vocab.size());
+  examples::CharLmShape shape;
+  shape.vocab = vocab.size();
+  std::vector<Result> results;
+  for (std::size_t b = 0, e; b <= cfg.routers.size(); b = e + 1) {
+    e = cfg.routers.find(',', b);
+    if (e == std::string::npos) e = cfg.routers.size();
+    if (e == b) continue;
+    const std::string spec = cfg.routers.substr(b, e - b);
+    results.push_back(examples::with_router(spec, shape.model_dim, shape.experts, cfg.seed, 50,
+                                            [&](auto gate_type, auto make_gate) {
+      return train<typename decltype(gate_type)::type>(cfg, spec, make_gate, shape, tr, val);
+    }));
+  }
+  write_report(cfg, results);
+  return 0;
+}

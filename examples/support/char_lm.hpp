@@ -1,0 +1,172 @@
+#pragma once
+/// \file examples/support/char_lm.hpp
+/// The character-level language model of example 06: a small pre-norm transformer whose FFNs
+/// are MoE layers, generic in the gate:
+/// ```
+/// h_0 = Embed(ids)                                          ids: [batch, seq_len]
+/// m_b = h_b + Attn_b(RmsNorm(h_b))                          causal multi-head attention
+/// h_{b+1} = m_b + MoE_b(RmsNorm(m_b))                       for every block b
+/// logits = RmsNorm(h_B) W_out + b_out                       (batch * seq_len, vocab)
+/// ```
+/// Each MoE layer's `RouteContext` carries the attention probabilities of its own block's
+/// attention sublayer (what `ImportanceGate` reads, ALGORITHMS.md §3) and the sequence length.
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <moet/moet.hpp>
+
+#include "aux_loss.hpp"
+#include "nn.hpp"
+
+namespace examples {
+
+/// Sizes of the language model (`vocab` from the corpus).
+struct CharLmShape {
+  Index vocab = 0, model_dim = 64, heads = 4, hidden_dim = 128, experts = 8, blocks = 2;
+};
+
+template <class Gate>
+class MoeCharLm {
+ public:
+  using S = float;
+  using Layer = moet::MoELayer<Gate, moet::SwiGluExperts<S>>;
+  using Attention = CausalSelfAttention<S>;
+
+  /// One forward pass's activations (a THOR step keeps two).
+  struct Pass {
+    moet::RouteContext ctx;
+    std::vector<int> ids;
+    std::vector<RowMatrix<S>> h, n1, m, n2, y;
+    std::vector<typename Attention::Cache> att;
+    std::vector<typename Layer::Workspace> ws;
+    RowMatrix<S> final_norm, logits;
+  };
+
+  template <class MakeGate>
+  MoeCharLm(const CharLmShape& shape, MakeGate&& make_gate, std::uint64_t seed)
+      : shape_(shape),
+        embed_(shape.vocab, shape.model_dim, 1.0, seed),
+        final_norm_(shape.model_dim),
+        head_(shape.model_dim, shape.vocab, seed + 1) {
+    for (int b = 0; b < shape.blocks; ++b) {
+      const auto ub = static_cast<std::uint64_t>(b);
+      norm1_.emplace_back(shape.model_dim);
+      norm2_.emplace_back(shape.model_dim);
+      attention_.emplace_back(shape.model_dim, shape.heads, seed + 10 + ub);
+      Gate gate = make_gate(b);
+      const Index e = gate.num_experts();
+      layers_.emplace_back(std::move(gate),
+                           moet::SwiGluExperts<S>({.model_dim = shape.model_dim,
+                                                   .hidden_dim = shape.hidden_dim,
+                                                   .num_experts = e,
+                                                   .init_seed = seed + 20 + ub}));
+    }
+  }
+
+  /// Logits `(batch * seq_len, vocab)` of `ids` laid out `[batch, seq_len]`; keeps what
+  /// `backward` needs in `p`. `ctx.training` selects training-mode routing and the layers'
+  /// training forward.
+  const RowMatrix<S>& forward(const std::vector<int>& ids, Index batch, Index seq_len,
+                              const moet::RouteContext& ctx, Pass& p) {
+    const auto blocks = static_cast<std::size_t>(shape_.blocks);
+    p.ctx = ctx;
+    p.ids = ids;
+    p.h.resize(blocks + 1);
+    p.n1.resize(blocks);
+    p.m.resize(blocks);
+    p.n2.resize(blocks);
+    p.y.resize(blocks);
+    p.att.resize(blocks);
+    p.ws.resize(blocks);
+    p.h[0] = embed_.forward(ids);
+    for (std::size_t b = 0; b < blocks; ++b) {
+      p.n1[b] = norm1_[b].forward(p.h[b]);
+      p.m[b] = p.h[b] + attention_[b].forward(p.n1[b], batch, seq_len, p.att[b]);
+      p.n2[b] = norm2_[b].forward(p.m[b]);
+      p.y[b].resize(p.n2[b].rows(), p.n2[b].cols());
+      const moet::RouteContext c = block_context(p, b);
+      if (ctx.training) {
+        layers_[b].forward_train(p.n2[b], p.y[b], c, p.ws[b]);
+      } else {
+        layers_[b].forward(p.n2[b], p.y[b], c, p.ws[b]);
+      }
+      p.h[b + 1] = p.m[b] + p.y[b];
+    }
+    p.final_norm = final_norm_.forward(p.h[blocks]);
+    p.logits = head_.forward(p.final_norm);
+    return p.logits;
+  }
+
+  /// Backward of `p` given dL/dlogits; adds every MoE layer's auxiliary loss (the sum of their
+  /// values is returned) and accumulates every gradient.
+  double backward(Pass& p, const RowMatrix<S>& d_logits) {
+    const auto blocks = static_cast<std::size_t>(shape_.blocks);
+    double aux = 0.0;
+    RowMatrix<S> dh = final_norm_.backward(p.h[blocks], head_.backward(p.final_norm, d_logits));
+    RowMatrix<S> dn(dh.rows(), dh.cols());
+    for (std::size_t b = blocks; b-- > 0;) {
+      const moet::RouteContext c = block_context(p, b);
+      aux += backward_with_aux_loss(layers_[b], p.ws[b], d_aux_, [&](const auto& loss_grad) {
+        layers_[b].backward(p.n2[b], dh, c, p.ws[b], dn, loss_grad);
+      });
+      dh += norm2_[b].backward(p.m[b], dn);  // dL/dm
+      dh += norm1_[b].backward(p.h[b], attention_[b].backward(p.n1[b], dh, p.att[b]));
+    }
+    embed_.backward(p.ids, dh);
+    return aux;
+  }
+
+  Layer& layer(int b) { return layers_[static_cast<std::size_t>(b)]; }
+  const CharLmShape& shape() const { return shape_; }
+
+  void zero_grad() {
+    embed_.zero_grad();
+    final_norm_.zero_grad();
+    head_.zero_grad();
+    for (std::size_t b = 0; b < layers_.size(); ++b) {
+      norm1_[b].zero_grad();
+      norm2_[b].zero_grad();
+      attention_[b].zero_grad();
+      layers_[b].zero_grad();
+    }
+  }
+  template <class F>
+  void visit_parameters(F&& f) {
+    embed_.visit_parameters(f, "embed.");
+    for (std::size_t b = 0; b < layers_.size(); ++b) {
+      const std::string p = "block" + std::to_string(b) + ".";
+      norm1_[b].visit_parameters(f, p + "norm1.");
+      attention_[b].visit_parameters(f, p + "attn.");
+      norm2_[b].visit_parameters(f, p + "norm2.");
+      layers_[b].visit_parameters([&](std::string_view name, auto value, auto grad) {
+        f(std::string_view(p + "moe." + std::string(name)), value, grad);
+      });
+    }
+    final_norm_.visit_parameters(f, "final_norm.");
+    head_.visit_parameters(f, "head.");
+  }
+  void parameters_changed() {
+    for (auto& l : layers_) l.parameters_changed();
+  }
+
+ private:
+  static moet::RouteContext block_context(const Pass& p, std::size_t b) {
+    moet::RouteContext c = p.ctx;
+    c.attention = p.att[b].attention();  // this block's attention, for ImportanceGate
+    c.sequence_length = p.att[b].seq_len;
+    return c;
+  }
+
+  CharLmShape shape_;
+  Embedding<S> embed_;
+  std::vector<RmsNorm<S>> norm1_, norm2_;
+  std::vector<Attention> attention_;
+  std::vector<Layer> layers_;
+  RmsNorm<S> final_norm_;
+  Linear<S> head_;
+  RowMatrix<S> d_aux_;
+};
+
+}  // namespace examples

@@ -239,3 +239,15 @@ TEST_CASE("Expert banks visit their parameters by name, in a fixed order", "[exp
   });
   CHECK(names == std::vector<std::string>{"in_weight", "out_weight"});
 }
+
+TEMPLATE_TEST_CASE("activation_value_and_derivative equals apply and derivative",
+                   "[experts][activations][grad]", moet::Silu, moet::Gelu, moet::GeluTanh,
+                   moet::Relu) {
+  for (float v = -30.0F; v <= 30.0F; v += 0.37F) {
+    float value = 0.0F;
+    float slope = 0.0F;
+    moet::activation_value_and_derivative<TestType>(v, value, slope);
+    CHECK(value == TestType::apply(v));
+    CHECK(slope == TestType::derivative(v));
+  }
+}

@@ -210,8 +210,11 @@ class GluExperts {
         const S g = cache(r, j);
         const S u = cache(r, f + j);
         const S dh = b(r, j);
-        a(r, j) = dh * u * Act::template derivative<S>(g);  // dg
-        b(r, j) = dh * Act::template apply<S>(g);           // du
+        S act = S(0);
+        S slope = S(0);
+        activation_value_and_derivative<Act>(g, act, slope);
+        a(r, j) = dh * u * slope;  // dg
+        b(r, j) = dh * act;        // du
       }
     }
     block(gate_grad_, e, model_dim()).noalias() += in.transpose() * a;  // (model_dim, hidden_dim)

@@ -198,12 +198,14 @@ void check_close(const Mat& got, const Mat& want, const std::string& what) {
 // Runs route + backward on `c` and compares with FD of the surrogate. Returns the plan's
 // largest k so callers can assert which branch they covered.
 Index check_against_surrogate(moet::TopAnyVariant variant, bool training, double tau,
-                              const Case& c, std::uint64_t seed, bool with_d_gates) {
+                              const Case& c, std::uint64_t seed, bool with_d_gates,
+                              bool trainable_temperature = false) {
   moet::TopAnyGate<double> gate({.model_dim = c.w.rows(),
                                  .num_experts = 1,
                                  .max_experts = c.w.cols(),
                                  .variant = variant,
-                                 .temperature = tau});
+                                 .temperature = tau,
+                                 .trainable_temperature = trainable_temperature});
   gate.set_gate_embeddings(c.w);
   gate.set_thresholds(c.theta);
   gate.set_expert_mask(c.mask);
@@ -215,7 +217,7 @@ Index check_against_surrogate(moet::TopAnyVariant variant, bool training, double
   Surrogate sur;
   sur.variant = variant;
   sur.training = training;
-  sur.tau = tau;
+  sur.tau = gate.temperature();  // tau, or exp(min(log tau, log 100)) when trainable
   sur.mask = c.mask;
   const Index num_tokens = c.x.rows(), emax = c.w.cols();
   REQUIRE(margin(sur, c) > 1e-4);
@@ -245,6 +247,21 @@ Index check_against_surrogate(moet::TopAnyVariant variant, bool training, double
   check_close(gate.gate_embeddings_grad(), fd.dw, "dL/dW");
   check_close(gate.thresholds_grad().transpose(), fd.dtheta.transpose(), "dL/dtheta");
   check_close(dx, fd.dx, "dL/dx");
+  if (trainable_temperature) {
+    // FD in log_t, with tau = exp(min(log_t, log 100)).
+    const double h = 1e-6, log_t = std::log(tau);
+    Surrogate up = sur, down = sur;
+    up.tau = std::exp(std::min(log_t + h, std::log(100.0)));
+    down.tau = std::exp(std::min(log_t - h, std::log(100.0)));
+    const double fd_log_t =
+        (up.loss(c.x, c.w, c.theta) - down.loss(c.x, c.w, c.theta)) / (2.0 * h);
+    INFO("dL/dlog_t " << gate.log_temperature_grad() << " vs FD " << fd_log_t);
+    CHECK(std::abs(gate.log_temperature_grad() - fd_log_t) <=
+          1e-6 * std::max(std::abs(fd_log_t), 1e-3));
+    if (log_t < std::log(100.0)) CHECK(fd_log_t != 0.0);
+  } else {
+    CHECK(gate.log_temperature_grad() == 0.0);
+  }
 
   // A second backward accumulates: the gradients double.
   const Mat dw_once = gate.gate_embeddings_grad();
@@ -289,6 +306,27 @@ TEST_CASE("TopAnyGate backward equals finite differences of the straight-through
   const Case c = well_separated_case(seed, 9, 6, 5, 0.3, tau);
   const Index max_k = check_against_surrogate(variant, true, tau, c, seed, with_d_gates);
   CHECK(max_k >= 2);  // Tutel divides through sum(a) here
+}
+
+TEST_CASE("TopAnyGate backward with a trainable temperature equals FD in log_t",
+          "[gate][top_any][grad][temperature]") {
+  const auto variant = GENERATE(moet::TopAnyVariant::kDeepSpeed, moet::TopAnyVariant::kTutel);
+  const bool training = GENERATE(true, false);
+  const double tau = 2.5;
+  const Case c = well_separated_case(41, 9, 6, 5, 0.3, tau);
+  check_against_surrogate(variant, training, tau, c, 41, true, true);
+}
+
+TEST_CASE("TopAnyGate trainable temperature is clamped at 100 and passes no gradient above",
+          "[gate][top_any][grad][temperature]") {
+  moet::TopAnyGate<double> gate({.model_dim = 4,
+                                 .num_experts = 3,
+                                 .temperature = 150.0,
+                                 .trainable_temperature = true});
+  CHECK(gate.temperature() == Approx(100.0).epsilon(1e-12));
+  CHECK(gate.log_temperature() == Approx(std::log(150.0)).epsilon(1e-12));
+  const Case c = well_separated_case(43, 6, 4, 3, 0.01, 100.0);
+  check_against_surrogate(moet::TopAnyVariant::kDeepSpeed, true, 150.0, c, 43, true, true);
 }
 
 TEST_CASE("TopAnyGate backward: Tutel without a k >= 2 token does not divide",
@@ -375,6 +413,22 @@ TEST_CASE("TopAnyGate visits embeddings and thresholds with their gradients",
   CHECK(gate.gate_embeddings_grad().rows() == 4);
   CHECK(gate.gate_embeddings_grad().cols() == 3);
   CHECK(gate.thresholds_grad().size() == 3);
+
+  moet::TopAnyGate<float> trained(
+      {.model_dim = 4, .num_experts = 2, .temperature = 10.0f, .trainable_temperature = true});
+  names.clear();
+  trained.visit_parameters([&](std::string_view name, moet::ParamMap<float> value,
+                               moet::ParamMap<float>) {
+    names.emplace_back(name);
+    if (name == "log_temperature") {
+      CHECK(value.rows() == 1);
+      CHECK(value.cols() == 1);
+      CHECK(value(0, 0) == Approx(std::log(10.0f)));
+      value(0, 0) = std::log(3.0f);  // an optimiser step changes tau
+    }
+  });
+  REQUIRE(names == std::vector<std::string>{"embeddings", "thresholds", "log_temperature"});
+  CHECK(trained.temperature() == Approx(3.0f));
 }
 
 TEST_CASE("TopAnyGate backward is bit-identical with 1 and 2 threads",

@@ -271,6 +271,12 @@ Index check_against_surrogate(moet::TopAnyVariant variant, bool training, double
   return max_k;
 }
 
+moet::RouteContext training_ctx() {
+  moet::RouteContext ctx;
+  ctx.training = true;
+  return ctx;
+}
+
 Case random_case(std::uint64_t seed, Index num_tokens, Index d, Index emax, double theta_scale) {
   Case c;
   c.x = random_matrix(num_tokens, d, seed);
@@ -728,4 +734,70 @@ TEST_CASE("DynMoE aux loss rejects bad input", "[loss][top_any][errors]") {
   other.commit_counts();
   CHECK_THROWS_WITH(moet::top_any_aux_loss(gate, other, std::span<float>(d_gates)),
                     Contains("max_experts = 3") && Contains("got 2"));
+}
+
+TEST_CASE("DynMoE aux loss fed through backward equals FD of the whole surrogate",
+          "[loss][top_any][grad]") {
+  // total = sum g w + coef (diversity + simplicity + load balance + efficiency), with a on the
+  // straight-through path (a = r + stopgrad(sign(r) - r)); N and ce frozen (no gradient).
+  const double coef = 0.5;
+  const Case c = well_separated_case(51, 10, 5, 5, 0.3, 1.0);
+  moet::TopAnyGate<double> gate({.model_dim = 5, .num_experts = 5});
+  gate.set_gate_embeddings(c.w);
+  gate.set_thresholds(c.theta);
+  gate.set_expert_mask(c.mask);
+  moet::Routing<double> plan;
+  gate.route(c.x, training_ctx(), plan);
+  const Mat sel = plan_matrix(plan);
+  Surrogate sur;
+  sur.tau = 1.0;
+  sur.mask = c.mask;
+  sur.g = Mat::Zero(10, 5);
+  sur.c = Mat::Zero(10, 5);
+  const Mat g_dense = random_matrix(10, 5, 52);
+  std::vector<double> d_weights;
+  for (Index t = 0; t < 10; ++t) {
+    for (const auto e : plan.experts(t)) {
+      d_weights.push_back(g_dense(t, e));
+      sur.g(t, e) = g_dense(t, e);
+    }
+  }
+  sur.freeze(c.x, c.w, c.theta);
+  auto total = [&](const Mat& x, const Mat& w, const Vec& theta) {
+    const auto sc = sur.scores(x, w, theta);
+    const Mat a = sc.r + (sur.a0 - sur.r0);
+    return sur.loss(x, w, theta) +
+           coef * (naive_diversity(w, c.mask) + naive_simplicity(w) + naive_load_balance(a, sel) +
+                   naive_efficiency(a));
+  };
+
+  gate.zero_grad();
+  std::vector<double> d_gates(50, 0.0);
+  moet::top_any_aux_loss(gate, plan, std::span<double>(d_gates), {.coefficient = coef});
+  Mat dx = Mat::Zero(10, 5);
+  gate.backward(c.x, training_ctx(), plan, d_weights, {d_gates}, dx);
+
+  const double h = 1e-6;
+  Case v = c;
+  auto central = [&](double& p) {
+    const double saved = p;
+    p = saved + h;
+    const double up = total(v.x, v.w, v.theta);
+    p = saved - h;
+    const double down = total(v.x, v.w, v.theta);
+    p = saved;
+    return (up - down) / (2.0 * h);
+  };
+  Mat fd_w(5, 5), fd_x(10, 5);
+  Vec fd_theta(5);
+  for (Index i = 0; i < 5; ++i) {
+    for (Index e = 0; e < 5; ++e) fd_w(i, e) = central(v.w(i, e));
+  }
+  for (Index e = 0; e < 5; ++e) fd_theta[e] = central(v.theta[e]);
+  for (Index t = 0; t < 10; ++t) {
+    for (Index i = 0; i < 5; ++i) fd_x(t, i) = central(v.x(t, i));
+  }
+  check_close(gate.gate_embeddings_grad(), fd_w, "dL/dW");
+  check_close(gate.thresholds_grad().transpose(), fd_theta.transpose(), "dL/dtheta");
+  check_close(dx, fd_x, "dL/dx");
 }

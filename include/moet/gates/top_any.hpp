@@ -106,7 +106,8 @@ RowMatrix<S> orthogonal_gate_embeddings(Index model_dim, Index max_experts, std:
 
 }  // namespace detail
 
-/// DynMoE top-any gate (Guo et al., ICLR 2025, arXiv 2405.14297), forward pass.
+/// DynMoE top-any gate (Guo et al., ICLR 2025, arXiv 2405.14297): forward, straight-through
+/// backward and the adaptive expert count.
 ///
 /// State (ALGORITHMS.md 1.1): gate embeddings `W` `(model_dim, max_experts)`, one column per
 /// expert slot; thresholds `theta` `(max_experts)`, initially 0; the 0/1 expert mask `m`

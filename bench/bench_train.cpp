@@ -3,16 +3,20 @@
 //   BM_Forward          inference forward (the reference time)
 //   BM_ForwardTrain     forward_train (forward + the cache backward needs)
 //   BM_ForwardBackward  forward_train + backward (no zero_grad, no optimiser step); its
-//                       `x_forward` counter is its time divided by the forward's time, measured
-//                       in the same process on the same layer (issue 3's target: <= 3.2 at
-//                       T = 512 on S2)
+//                       `x_forward` counter is its time divided by the forward's time (minima
+//                       over interleaved runs in the same process, same layer and batch;
+//                       `x_forward_cpu` the same in thread CPU time at 1 thread). Issue 3's
+//                       target: <= 3.2 at T = 512 on S2.
 //   BM_TrainStep        zero_grad + forward_train + backward + AdamW step
 //
 //   OMP_NUM_THREADS=1 ./bench_train --benchmark_filter=d:1024
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
+#include <ctime>
+#include <utility>
 
 #include "moet/config.hpp"
 #include "moet/detail/rng.hpp"
@@ -89,27 +93,48 @@ void BM_ForwardTrain(benchmark::State& state) {
   add_counters(state, s);
 }
 
+// Wall and calling-thread CPU seconds of `f()`.
+template <class F>
+std::pair<double, double> timed(F&& f) {
+  using Clock = std::chrono::steady_clock;
+  timespec c0{};
+  timespec c1{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c0);
+  const auto t0 = Clock::now();
+  f();
+  const double wall = std::chrono::duration<double>(Clock::now() - t0).count();
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c1);
+  const double cpu = static_cast<double>(c1.tv_sec - c0.tv_sec) +
+                     1e-9 * static_cast<double>(c1.tv_nsec - c0.tv_nsec);
+  return {wall, cpu};
+}
+
 void BM_ForwardBackward(benchmark::State& state) {
   Setup s = make(state);
-  using Clock = std::chrono::steady_clock;
-  // The forward time of this very layer and batch, as the ratio's denominator.
-  s.forward();
-  constexpr int kForwardRuns = 3;
-  const auto f0 = Clock::now();
-  for (int i = 0; i < kForwardRuns; ++i) s.forward();
-  const double forward_s =
-      std::chrono::duration<double>(Clock::now() - f0).count() / kForwardRuns;
+  s.forward();  // warm-up: workspaces sized
   s.layer.zero_grad();
   s.forward_backward();  // warm-up: training buffers and gradients allocated
-  double step_s = 0.0;
+  // The ratio's numerator and denominator are minima over interleaved runs (a forward, then a
+  // forward + backward, per iteration), which is robust to other load on the machine.
+  double forward_wall = 1e300;
+  double forward_cpu = 1e300;
+  double step_wall = 1e300;
+  double step_cpu = 1e300;
   for (auto _ : state) {
-    const auto t0 = Clock::now();
-    s.forward_backward();
-    step_s += std::chrono::duration<double>(Clock::now() - t0).count();
+    state.PauseTiming();
+    const auto [fw, fc] = timed([&] { s.forward(); });
+    forward_wall = std::min(forward_wall, fw);
+    forward_cpu = std::min(forward_cpu, fc);
+    state.ResumeTiming();
+    const auto [sw, sc] = timed([&] { s.forward_backward(); });
+    step_wall = std::min(step_wall, sw);
+    step_cpu = std::min(step_cpu, sc);
     benchmark::DoNotOptimize(s.dx.data());
   }
   add_counters(state, s);
-  state.counters["x_forward"] = step_s / static_cast<double>(state.iterations()) / forward_s;
+  state.counters["x_forward"] = step_wall / forward_wall;
+  // CPU time of the calling thread: meaningful at 1 thread only (OMP_NUM_THREADS=1).
+  if (moet::num_threads() == 1) state.counters["x_forward_cpu"] = step_cpu / forward_cpu;
 }
 
 void BM_TrainStep(benchmark::State& state) {

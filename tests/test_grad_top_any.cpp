@@ -801,3 +801,19 @@ TEST_CASE("DynMoE aux loss fed through backward equals FD of the whole surrogate
   check_close(gate.thresholds_grad().transpose(), fd_theta.transpose(), "dL/dtheta");
   check_close(dx, fd_x, "dL/dx");
 }
+
+TEST_CASE("TopAnyGate backward and aux loss accept an empty batch", "[gate][top_any][edge]") {
+  moet::TopAnyGate<float> gate({.model_dim = 4, .num_experts = 2, .max_experts = 3});
+  const moet::RowMatrix<float> x(0, 4);
+  moet::Routing<float> plan;
+  gate.route(x, training_ctx(), plan);
+  moet::RowMatrix<float> dx(0, 4);
+  gate.zero_grad();
+  gate.backward(x, training_ctx(), plan, {}, {}, dx);
+  CHECK(gate.thresholds_grad().isZero(0.0f));
+  const auto loss = moet::top_any_aux_loss(gate, plan, std::span<float>());
+  CHECK(loss.load_balance == 0.0f);
+  CHECK(loss.efficiency == 0.0f);
+  gate.on_training_forward(x, plan);
+  CHECK(gate.training_forwards() == 1);
+}

@@ -761,7 +761,10 @@ class TopAnyGate {
                     " tokens but x has ", x.rows(), " rows");
     detail::require(routing.num_experts() == emax, op, "the plan must be over max_experts = ",
                     emax, " experts, got ", routing.num_experts());
-    detail::require(routing.probs().rows() == x.rows() && routing.probs().cols() == emax, op,
+    // route leaves the scores (0, 0) for an empty batch.
+    const bool scores_ok = x.rows() == 0 || (routing.probs().rows() == x.rows() &&
+                                             routing.probs().cols() == emax);
+    detail::require(scores_ok, op,
                     "the plan's scores must be (", x.rows(), ", ", emax,
                     ") as route writes them, got (", routing.probs().rows(), ", ",
                     routing.probs().cols(), ")");

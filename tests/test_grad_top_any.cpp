@@ -197,8 +197,8 @@ void check_close(const Mat& got, const Mat& want, const std::string& what) {
 
 // Runs route + backward on `c` and compares with FD of the surrogate. Returns the plan's
 // largest k so callers can assert which branch they covered.
-Index check_against_surrogate(moet::TopAnyVariant variant, bool training, double tau,
-                              const Case& c, std::uint64_t seed, bool with_d_gates,
+Index check_against_surrogate(moet::TopAnyVariant variant, bool training, double tau, const Case& c,
+                              std::uint64_t seed, bool with_d_gates,
                               bool trainable_temperature = false) {
   moet::TopAnyGate<double> gate({.model_dim = c.w.rows(),
                                  .num_experts = 1,
@@ -253,8 +253,7 @@ Index check_against_surrogate(moet::TopAnyVariant variant, bool training, double
     Surrogate up = sur, down = sur;
     up.tau = std::exp(std::min(log_t + h, std::log(100.0)));
     down.tau = std::exp(std::min(log_t - h, std::log(100.0)));
-    const double fd_log_t =
-        (up.loss(c.x, c.w, c.theta) - down.loss(c.x, c.w, c.theta)) / (2.0 * h);
+    const double fd_log_t = (up.loss(c.x, c.w, c.theta) - down.loss(c.x, c.w, c.theta)) / (2.0 * h);
     INFO("dL/dlog_t " << gate.log_temperature_grad() << " vs FD " << fd_log_t);
     CHECK(std::abs(gate.log_temperature_grad() - fd_log_t) <=
           1e-6 * std::max(std::abs(fd_log_t), 1e-3));
@@ -325,10 +324,8 @@ TEST_CASE("TopAnyGate backward with a trainable temperature equals FD in log_t",
 
 TEST_CASE("TopAnyGate trainable temperature is clamped at 100 and passes no gradient above",
           "[gate][top_any][grad][temperature]") {
-  moet::TopAnyGate<double> gate({.model_dim = 4,
-                                 .num_experts = 3,
-                                 .temperature = 150.0,
-                                 .trainable_temperature = true});
+  moet::TopAnyGate<double> gate(
+      {.model_dim = 4, .num_experts = 3, .temperature = 150.0, .trainable_temperature = true});
   CHECK(gate.temperature() == Approx(100.0).epsilon(1e-12));
   CHECK(gate.log_temperature() == Approx(std::log(150.0)).epsilon(1e-12));
   const Case c = well_separated_case(43, 6, 4, 3, 0.01, 100.0);
@@ -405,14 +402,14 @@ TEST_CASE("TopAnyGate visits embeddings and thresholds with their gradients",
   moet::TopAnyGate<float> gate({.model_dim = 4, .num_experts = 2, .max_experts = 3});
   CHECK(std::as_const(gate).gate_embeddings_grad().size() == 0);  // lazily allocated
   std::vector<std::string> names;
-  gate.visit_parameters([&](std::string_view name, moet::ParamMap<float> value,
-                            moet::ParamMap<float> grad) {
-    names.emplace_back(name);
-    CHECK(value.rows() == grad.rows());
-    CHECK(value.cols() == grad.cols());
-    CHECK(grad.isZero(0.0f));
-    value(0, 1) = 0.5f;  // aliases the gate's state
-  });
+  gate.visit_parameters(
+      [&](std::string_view name, moet::ParamMap<float> value, moet::ParamMap<float> grad) {
+        names.emplace_back(name);
+        CHECK(value.rows() == grad.rows());
+        CHECK(value.cols() == grad.cols());
+        CHECK(grad.isZero(0.0f));
+        value(0, 1) = 0.5f;  // aliases the gate's state
+      });
   REQUIRE(names == std::vector<std::string>{"embeddings", "thresholds"});
   CHECK(gate.gate_embeddings()(0, 1) == 0.5f);
   CHECK(gate.thresholds()[1] == 0.5f);
@@ -423,16 +420,16 @@ TEST_CASE("TopAnyGate visits embeddings and thresholds with their gradients",
   moet::TopAnyGate<float> trained(
       {.model_dim = 4, .num_experts = 2, .temperature = 10.0f, .trainable_temperature = true});
   names.clear();
-  trained.visit_parameters([&](std::string_view name, moet::ParamMap<float> value,
-                               moet::ParamMap<float>) {
-    names.emplace_back(name);
-    if (name == "log_temperature") {
-      CHECK(value.rows() == 1);
-      CHECK(value.cols() == 1);
-      CHECK(value(0, 0) == Approx(std::log(10.0f)));
-      value(0, 0) = std::log(3.0f);  // an optimiser step changes tau
-    }
-  });
+  trained.visit_parameters(
+      [&](std::string_view name, moet::ParamMap<float> value, moet::ParamMap<float>) {
+        names.emplace_back(name);
+        if (name == "log_temperature") {
+          CHECK(value.rows() == 1);
+          CHECK(value.cols() == 1);
+          CHECK(value(0, 0) == Approx(std::log(10.0f)));
+          value(0, 0) = std::log(3.0f);  // an optimiser step changes tau
+        }
+      });
   REQUIRE(names == std::vector<std::string>{"embeddings", "thresholds", "log_temperature"});
   CHECK(trained.temperature() == Approx(3.0f));
 }
@@ -613,8 +610,8 @@ TEST_CASE("DynMoE aux losses match hand-computed values", "[loss][top_any]") {
   REQUIRE(plan.k(0) == 1);
   REQUIRE(plan.k(1) == 2);
   std::vector<double> d_gates(4, 0.0);
-  const auto loss = moet::top_any_aux_loss(gate, plan, std::span<double>(d_gates),
-                                           {.coefficient = 1.0});
+  const auto loss =
+      moet::top_any_aux_loss(gate, plan, std::span<double>(d_gates), {.coefficient = 1.0});
   CHECK(loss.diversity == Approx(1.0).epsilon(1e-12));
   CHECK(loss.simplicity == Approx((1.0 + std::sqrt(2.0)) / 2.0).epsilon(1e-12));
   CHECK(loss.load_balance == Approx(1.75).epsilon(1e-12));
@@ -695,8 +692,7 @@ TEST_CASE("DynMoE aux loss gradients equal finite differences of naive formulas"
   check_close(got_a, fd_a, "d(load balance + efficiency)/da");
 }
 
-TEST_CASE("DynMoE aux loss with every token dropped has load balance 0",
-          "[loss][top_any][edge]") {
+TEST_CASE("DynMoE aux loss with every token dropped has load balance 0", "[loss][top_any][edge]") {
   moet::TopAnyGate<double> gate({.model_dim = 3, .num_experts = 3});
   gate.thresholds().setConstant(4.0);
   const Mat x = random_matrix(4, 3, 8);
@@ -721,10 +717,8 @@ TEST_CASE("DynMoE aux loss rejects bad input", "[loss][top_any][errors]") {
   gate.route(x, moet::RouteContext{}, plan);
   std::vector<float> d_gates(14, 0.0f);
   CHECK_THROWS_WITH(moet::top_any_aux_loss(gate, plan, std::span<float>(d_gates)),
-                    Contains("[moet::top_any_aux_loss]") && Contains("= 15") &&
-                        Contains("got 14"));
-  CHECK_NOTHROW(moet::top_any_aux_loss(gate, plan, std::span<float>(),
-                                       {.accumulate_grad = false}));
+                    Contains("[moet::top_any_aux_loss]") && Contains("= 15") && Contains("got 14"));
+  CHECK_NOTHROW(moet::top_any_aux_loss(gate, plan, std::span<float>(), {.accumulate_grad = false}));
   d_gates.resize(15);
   CHECK_THROWS_WITH(
       moet::top_any_aux_loss(gate, plan, std::span<float>(d_gates), {.coefficient = -1.0f}),
@@ -766,9 +760,8 @@ TEST_CASE("DynMoE aux loss fed through backward equals FD of the whole surrogate
   auto total = [&](const Mat& x, const Mat& w, const Vec& theta) {
     const auto sc = sur.scores(x, w, theta);
     const Mat a = sc.r + (sur.a0 - sur.r0);
-    return sur.loss(x, w, theta) +
-           coef * (naive_diversity(w, c.mask) + naive_simplicity(w) + naive_load_balance(a, sel) +
-                   naive_efficiency(a));
+    return sur.loss(x, w, theta) + coef * (naive_diversity(w, c.mask) + naive_simplicity(w) +
+                                           naive_load_balance(a, sel) + naive_efficiency(a));
   };
 
   gate.zero_grad();

@@ -108,9 +108,9 @@ TEST_CASE("TopAnyGate adds at most one expert per update", "[gate][top_any][adap
 
   // Every live slot busy and one still free: the next update again adds exactly one (slot 3).
   Mat y(4, 3);
-  y << 1, 0, 0,  //
-      0, 1, 0,   //
-      0, 0, 1,   //
+  y << 1, 0, 0,    //
+      0, 1, 0,     //
+      0, 0, 1,     //
       -1, -1, -1;  // dropped
   gate.begin_recording();
   train_forward(gate, y, plan);
@@ -123,9 +123,9 @@ TEST_CASE("TopAnyGate adds at most one expert per update", "[gate][top_any][adap
 TEST_CASE("TopAnyGate update never exceeds max_experts", "[gate][top_any][adaptive]") {
   Gate gate = axis_gate(4);  // every slot active
   Mat x(4, 3);
-  x << 1, 0, 0,  //
-      0, 1, 0,   //  fires slots 1 and 3 (cos 0.707)
-      0, 0, 1,   //
+  x << 1, 0, 0,    //
+      0, 1, 0,     //  fires slots 1 and 3 (cos 0.707)
+      0, 0, 1,     //
       -1, -1, -1;  // dropped: R_S != 0 but no free slot
   moet::Routing<double> plan;
   gate.begin_recording();
@@ -314,12 +314,12 @@ TEST_CASE("TopAnyGate records and updates the same at 1 and 2 threads",
 
 TEST_CASE("TopAnyGate adaptive process rejects bad input", "[gate][top_any][adaptive][errors]") {
   using Catch::Contains;
-  CHECK_THROWS_WITH(Gate({.model_dim = 2, .num_experts = 2, .schedule_period = 0}),
-                    Contains("[moet::TopAnyGate]") && Contains("schedule_period") &&
-                        Contains("got 0"));
+  CHECK_THROWS_WITH(
+      Gate({.model_dim = 2, .num_experts = 2, .schedule_period = 0}),
+      Contains("[moet::TopAnyGate]") && Contains("schedule_period") && Contains("got 0"));
   Gate gate = axis_gate();
-  CHECK_THROWS_WITH(gate.update_experts(), Contains("[moet::TopAnyGate::update_experts]") &&
-                                               Contains("begin_recording"));
+  CHECK_THROWS_WITH(gate.update_experts(),
+                    Contains("[moet::TopAnyGate::update_experts]") && Contains("begin_recording"));
   const Mat x = Mat::Ones(2, 3);
   moet::Routing<double> plan;
   gate.route(x, training(), plan);

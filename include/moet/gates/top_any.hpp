@@ -472,11 +472,11 @@ class TopAnyGate {
                     "d_weights must have one entry per assignment (", routing.num_assignments(),
                     "), got ", d_weights.size());
     const std::span<const S> d_gates = loss_grad.d_gates;
-    detail::require(d_gates.empty() || static_cast<Index>(d_gates.size()) == num_tokens * emax,
-                    op, "d_gates must be empty or have num_tokens * max_experts = ",
-                    num_tokens * emax, " entries, got ", d_gates.size());
-    detail::require(dx.rows() == num_tokens && dx.cols() == d, op, "dx must be (", num_tokens,
-                    ", ", d, "), got (", dx.rows(), ", ", dx.cols(), ")");
+    detail::require(d_gates.empty() || static_cast<Index>(d_gates.size()) == num_tokens * emax, op,
+                    "d_gates must be empty or have num_tokens * max_experts = ", num_tokens * emax,
+                    " entries, got ", d_gates.size());
+    detail::require(dx.rows() == num_tokens && dx.cols() == d, op, "dx must be (", num_tokens, ", ",
+                    d, "), got (", dx.rows(), ", ", dx.cols(), ")");
     const S tau = temperature();
     S* const threshold = slot_thresholds();
     const auto scores = routing.probs();  // (num_tokens, max_experts)
@@ -499,7 +499,7 @@ class TopAnyGate {
 
     // Per-slot constants: raw column norms of W and the normalised columns, transposed so that
     // each is contiguous.
-    S* const raw_norm_w = threshold + emax;     // (max_experts)
+    S* const raw_norm_w = threshold + emax;      // (max_experts)
     S* const slot_d_tau = threshold + 2 * emax;  // (max_experts): dL/dtau through theta
     auto slot_rows = wn_scratch_.matrix(2 * emax, d);
     auto wn_t = slot_rows.topRows(emax);  // (max_experts, model_dim): Wn transposed
@@ -515,7 +515,7 @@ class TopAnyGate {
     S* const token_data = token_scratch_.data(2 * num_tokens * emax + num_tokens + num_blocks);
     Eigen::Map<RowMatrix<S>> d_cos(token_data, num_tokens, emax);                    // (T, Emax)
     Eigen::Map<RowMatrix<S>> d_r(token_data + num_tokens * emax, num_tokens, emax);  // (T, Emax)
-    S* const inv_norm_x = token_data + 2 * num_tokens * emax;                       // (T)
+    S* const inv_norm_x = token_data + 2 * num_tokens * emax;                        // (T)
     S* const block_d_tau = inv_norm_x + num_tokens;  // (num_blocks): dL/dtau through s
     detail::parallel_blocks(num_tokens, kTokenBlock, [&](Index begin, Index end) {
       S d_tau = S(0);  // sum_t,e dL/ds s (1 - s) cos = sum_t projection_t / tau
@@ -648,8 +648,11 @@ class TopAnyGate {
   /// `TopAnySchedule::kDeepSpeedCycle`, begins recording when the counter `n =
   /// training_forwards()` says so; while recording, adds the plan to the records
   /// (`R_E[e] += tokens routed to e`, `R_S += x_t` for every token routed nowhere); under the
-  /// cycle, updates the experts (`update_experts()`) when `n` says so; then counts the forward
-  /// (`++n`). Under `kManual` it only records (when recording) and counts.
+  /// cycle, updates the experts (`update_experts()`) when `n` says so and a recording is still
+  /// open (an explicit `update_experts()` earlier in the window closes it); then counts the
+  /// forward (`++n`). Under `kManual` it only records (when recording) and counts. The update
+  /// touches only slots that are not in this forward's plan (idle or inactive ones), so the
+  /// plan stays valid for `backward`; the auxiliary loss computed after it sees the new mask.
   ///
   /// Throws `moet::Error`, changing nothing, when the shapes do not match (`x` `(T,
   /// model_dim)`, `routing` over `T` tokens and `max_experts` experts with `(T, max_experts)`
@@ -759,20 +762,19 @@ class TopAnyGate {
     detail::require(x.cols() == d, op, "x must have model_dim = ", d, " columns, got ", x.cols());
     detail::require(routing.num_tokens() == x.rows(), op, "the plan has ", routing.num_tokens(),
                     " tokens but x has ", x.rows(), " rows");
-    detail::require(routing.num_experts() == emax, op, "the plan must be over max_experts = ",
-                    emax, " experts, got ", routing.num_experts());
+    detail::require(routing.num_experts() == emax, op, "the plan must be over max_experts = ", emax,
+                    " experts, got ", routing.num_experts());
     // route leaves the scores (0, 0) for an empty batch.
-    const bool scores_ok = x.rows() == 0 || (routing.probs().rows() == x.rows() &&
-                                             routing.probs().cols() == emax);
-    detail::require(scores_ok, op,
-                    "the plan's scores must be (", x.rows(), ", ", emax,
+    const bool scores_ok =
+        x.rows() == 0 || (routing.probs().rows() == x.rows() && routing.probs().cols() == emax);
+    detail::require(scores_ok, op, "the plan's scores must be (", x.rows(), ", ", emax,
                     ") as route writes them, got (", routing.probs().rows(), ", ",
                     routing.probs().cols(), ")");
     detail::require(embeddings_.rows() == d && embeddings_.cols() == emax, op,
                     "gate embeddings must be (", d, ", ", emax, "), got (", embeddings_.rows(),
                     ", ", embeddings_.cols(), ")");
-    detail::require(thresholds_.size() == emax, op, "thresholds must have ", emax,
-                    " entries, got ", thresholds_.size());
+    detail::require(thresholds_.size() == emax, op, "thresholds must have ", emax, " entries, got ",
+                    thresholds_.size());
     for (const auto e : routing.experts()) {
       detail::require(e >= 0 && e < emax, op, "expert id must be in [0, ", emax, "), got ", e);
     }
@@ -800,12 +802,12 @@ class TopAnyGate {
   Options options_;
   S temperature_ = S(1);      // the fixed tau
   S log_temperature_ = S(0);  // log_t, the parameter with trainable_temperature
-  RowMatrix<S> embeddings_;  // (model_dim, max_experts)
-  Vector<S> thresholds_;     // (max_experts)
-  Vector<S> mask_;           // (max_experts), 0 or 1
+  RowMatrix<S> embeddings_;   // (model_dim, max_experts)
+  Vector<S> thresholds_;      // (max_experts)
+  Vector<S> mask_;            // (max_experts), 0 or 1
   // Training state: gradients (allocated lazily) and backward scratch.
-  RowMatrix<S> grad_embeddings_;   // (model_dim, max_experts)
-  Vector<S> grad_thresholds_;      // (max_experts)
+  RowMatrix<S> grad_embeddings_;  // (model_dim, max_experts)
+  Vector<S> grad_thresholds_;     // (max_experts)
   S grad_log_temperature_ = S(0);
   detail::Buffer<S> slot_scratch_;   // (3 * max_experts)
   detail::Buffer<S> wn_scratch_;     // (2 * max_experts, model_dim)

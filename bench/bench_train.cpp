@@ -10,13 +10,13 @@
 //   BM_TrainStep        zero_grad + forward_train + backward + AdamW step
 //
 //   OMP_NUM_THREADS=1 ./bench_train --benchmark_filter=d:1024
-#include <benchmark/benchmark.h>
-
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <ctime>
 #include <utility>
+
+#include <benchmark/benchmark.h>
 
 #include "moet/config.hpp"
 #include "moet/detail/rng.hpp"
@@ -62,9 +62,8 @@ struct Setup {
 
 void add_counters(benchmark::State& state, const Setup& s) {
   const double tokens = static_cast<double>(s.x.rows());
-  state.counters["tokens/s"] =
-      benchmark::Counter(tokens * static_cast<double>(state.iterations()),
-                         benchmark::Counter::kIsRate);
+  state.counters["tokens/s"] = benchmark::Counter(tokens * static_cast<double>(state.iterations()),
+                                                  benchmark::Counter::kIsRate);
   state.counters["mean_k"] = s.ws.routing.mean_k();
   state.counters["threads"] = moet::num_threads();
 }

@@ -6,16 +6,17 @@
 // model's logits are `x + MoE(x)` (a residual block), trained with softmax cross-entropy (mean
 // over tokens, the oracle written here independently of the library) and AdamW, full batch.
 
-#include <catch2/catch.hpp>
 #include <cmath>
 #include <vector>
+
+#include <catch2/catch.hpp>
 
 #include "moet/config.hpp"
 #include "moet/moet.hpp"
 #include "moet/train/losses.hpp"
 #include "moet/train/optim.hpp"
-#include "moet/train/top_any_losses.hpp"
 #include "moet/train/thor.hpp"
+#include "moet/train/top_any_losses.hpp"
 
 namespace {
 
@@ -81,8 +82,8 @@ double cross_entropy(const RowMatrix<S>& logits, const std::vector<int>& label,
 }
 
 moet::SwiGluExperts<S> experts() {
-  return moet::SwiGluExperts<S>({.model_dim = kDim, .hidden_dim = kHidden,
-                                 .num_experts = kExperts, .init_seed = 11});
+  return moet::SwiGluExperts<S>(
+      {.model_dim = kDim, .hidden_dim = kHidden, .num_experts = kExperts, .init_seed = 11});
 }
 
 // Evaluation loss (inference mode) of the residual classifier.
@@ -131,7 +132,8 @@ Run train(Layer layer, const Task& task, AuxLoss&& aux) {
 struct SoftmaxAux {
   RowMatrix<S> d_probs;
   moet::SoftmaxLossGrad<S> view() const {
-    return {.d_probs = std::span<const S>(d_probs.data(), static_cast<std::size_t>(d_probs.size()))};
+    return {.d_probs =
+                std::span<const S>(d_probs.data(), static_cast<std::size_t>(d_probs.size()))};
   }
 };
 template <class Layer>
@@ -159,8 +161,8 @@ struct TopAnyAux {
 template <class Layer>
 TopAnyAux dynmoe_aux(Layer& layer, typename Layer::Workspace& ws) {
   TopAnyAux aux;
-  aux.d_gates.assign(
-      static_cast<std::size_t>(ws.routing.num_tokens() * layer.gate().max_experts()), S(0));
+  aux.d_gates.assign(static_cast<std::size_t>(ws.routing.num_tokens() * layer.gate().max_experts()),
+                     S(0));
   moet::top_any_aux_loss<S>(layer.gate(), ws.routing, aux.d_gates);
   return aux;
 }
@@ -245,8 +247,8 @@ TEST_CASE("A THOR classifier learns the clustered task with its consistency loss
     dc0.setZero();
     dc1.setZero();
     // Summed over tokens in THOR; scaled to the mean here like the cross-entropy.
-    consistency = moet::consistency_loss<S>(logits0, logits1, dc0, dc1,
-                                            {.alpha = 1.0 / double(kTokens)});
+    consistency =
+        moet::consistency_loss<S>(logits0, logits1, dc0, dc1, {.alpha = 1.0 / double(kTokens)});
     d0 += dc0;
     d1 += dc1;
     layer.zero_grad();

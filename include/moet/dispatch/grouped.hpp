@@ -232,15 +232,14 @@ class GroupedDispatch {
   /// a `forward_train` of this plan.
   template <TrainableExperts X>
   void backward(X& experts, const ConstRows<typename X::Scalar>& x,
-                const Routing<typename X::Scalar>& routing,
-                const ConstRows<typename X::Scalar>& dy, Workspace<X>& ws,
-                std::span<typename X::Scalar> d_weights, Rows<typename X::Scalar> dx) const {
+                const Routing<typename X::Scalar>& routing, const ConstRows<typename X::Scalar>& dy,
+                Workspace<X>& ws, std::span<typename X::Scalar> d_weights,
+                Rows<typename X::Scalar> dx) const {
     using S = typename X::Scalar;
     constexpr const char* kOp = "GroupedDispatch";
     detail::check_dispatch(kOp, experts, x, routing, dx);
-    detail::require(dy.rows() == x.rows() && dy.cols() == x.cols(), kOp,
-                    "dy must have x's shape (", x.rows(), ", ", x.cols(), "), got (", dy.rows(),
-                    ", ", dy.cols(), ")");
+    detail::require(dy.rows() == x.rows() && dy.cols() == x.cols(), kOp, "dy must have x's shape (",
+                    x.rows(), ", ", x.cols(), "), got (", dy.rows(), ", ", dy.cols(), ")");
     detail::require(!detail::storage_overlaps(dy, dx), kOp, "dx must not overlap dy");
     detail::require(static_cast<Index>(d_weights.size()) == routing.num_assignments(), kOp,
                     "d_weights must hold one value per assignment (", routing.num_assignments(),

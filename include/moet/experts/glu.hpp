@@ -204,7 +204,7 @@ class GluExperts {
     auto b = detail::aligned_matrix(scratch.up, n, f);    // (n, hidden_dim): dh, then du
     glu_hidden(cache, a);
     block(down_grad_, e, f).noalias() += a.transpose() * dout;  // (hidden_dim, model_dim)
-    b.noalias() = dout * down_weights(e).transpose();            // dh (n, hidden_dim)
+    b.noalias() = dout * down_weights(e).transpose();           // dh (n, hidden_dim)
     for (Index r = 0; r < n; ++r) {
       for (Index j = 0; j < f; ++j) {
         const S g = cache(r, j);
@@ -233,9 +233,11 @@ class GluExperts {
 
   /// Allocates the gradients (zero) if they are not yet; a no-op afterwards.
   void ensure_grad() {
-    if (gate_grad_.rows() != gate_.rows()) gate_grad_ = RowMatrix<S>::Zero(gate_.rows(), gate_.cols());
+    if (gate_grad_.rows() != gate_.rows())
+      gate_grad_ = RowMatrix<S>::Zero(gate_.rows(), gate_.cols());
     if (up_grad_.rows() != up_.rows()) up_grad_ = RowMatrix<S>::Zero(up_.rows(), up_.cols());
-    if (down_grad_.rows() != down_.rows()) down_grad_ = RowMatrix<S>::Zero(down_.rows(), down_.cols());
+    if (down_grad_.rows() != down_.rows())
+      down_grad_ = RowMatrix<S>::Zero(down_.rows(), down_.cols());
   }
 
   /// Calls `f(name, value, grad)` for the stacked weights, in this order: `gate`

@@ -42,6 +42,12 @@ namespace moet {
 /// After a warm-up call, calls whose plan has no more assignments and no larger blocks do not
 /// allocate (except inside Eigen's product for large shapes; see `GluExperts`).
 ///
+/// Training: `forward_train` is `run` keeping every assignment's expert output and expert
+/// cache in the workspace; `backward` computes the combine-weight gradients, runs the experts'
+/// backward (one task per expert with tokens, its blocks in order: deterministic weight
+/// gradients, parallel over experts) and combines the input gradients per token in slot
+/// order. `add_dense_experts_train` / `backward_dense_experts` do the same for shared experts.
+///
 /// ```cpp
 /// moet::GroupedDispatch dispatch;
 /// moet::GroupedDispatch::Workspace<decltype(experts)> ws;

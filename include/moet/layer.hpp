@@ -257,7 +257,8 @@ class MoELayer {
                     x.rows(), ", ", x.cols(), "), got (", dx.rows(), ", ", dx.cols(), ")");
     detail::require(!detail::storage_overlaps(x, dx) && !detail::storage_overlaps(dy, dx), kOp,
                     "dx must not overlap x or dy");
-    if (x.rows() == 0) return;
+    // An empty batch still reaches every part (each checks its inputs and allocates its
+    // gradients), and changes nothing.
     const auto num_assignments = static_cast<std::size_t>(ws.routing.num_assignments());
     std::span<Scalar> d_weights(ws.d_weights.data(static_cast<Index>(num_assignments)),
                                 num_assignments);

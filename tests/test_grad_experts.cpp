@@ -153,15 +153,17 @@ constexpr Index kExperts = 3;
 }  // namespace
 
 TEST_CASE("SwiGLU expert gradients equal finite differences", "[experts][grad][glu]") {
-  check_expert_gradients(moet::SwiGluExperts<double>({.model_dim = kDim, .hidden_dim = kHidden,
-                                                      .num_experts = kExperts, .init_seed = 3}),
-                         "swiglu");
+  check_expert_gradients(
+      moet::SwiGluExperts<double>(
+          {.model_dim = kDim, .hidden_dim = kHidden, .num_experts = kExperts, .init_seed = 3}),
+      "swiglu");
 }
 
 TEST_CASE("GeGLU expert gradients equal finite differences", "[experts][grad][glu]") {
-  check_expert_gradients(moet::GeGluExperts<double>({.model_dim = kDim, .hidden_dim = kHidden,
-                                                     .num_experts = kExperts, .init_seed = 4}),
-                         "geglu");
+  check_expert_gradients(
+      moet::GeGluExperts<double>(
+          {.model_dim = kDim, .hidden_dim = kHidden, .num_experts = kExperts, .init_seed = 4}),
+      "geglu");
   check_expert_gradients(
       moet::GluExperts<double, moet::GeluTanh>(
           {.model_dim = kDim, .hidden_dim = kHidden, .num_experts = kExperts, .init_seed = 5}),
@@ -175,18 +177,20 @@ TEST_CASE("FFN expert gradients equal finite differences", "[experts][grad][ffn]
     bank.out_bias_stack() = random_rows(kExperts, kDim, 22);
     return bank;
   };
-  check_expert_gradients(with_biases(moet::GeluFfnExperts<double>(
-                             {.model_dim = kDim, .hidden_dim = kHidden, .num_experts = kExperts,
-                              .init_seed = 6})),
-                         "ffn-gelu");
-  check_expert_gradients(with_biases(moet::ReluFfnExperts<double>(
-                             {.model_dim = kDim, .hidden_dim = kHidden, .num_experts = kExperts,
-                              .init_seed = 7})),
-                         "ffn-relu");
   check_expert_gradients(
-      moet::GeluFfnExperts<double>({.model_dim = kDim, .hidden_dim = kHidden,
-                                    .num_experts = kExperts, .bias = false, .init_seed = 8}),
-      "ffn-gelu-no-bias");
+      with_biases(moet::GeluFfnExperts<double>(
+          {.model_dim = kDim, .hidden_dim = kHidden, .num_experts = kExperts, .init_seed = 6})),
+      "ffn-gelu");
+  check_expert_gradients(
+      with_biases(moet::ReluFfnExperts<double>(
+          {.model_dim = kDim, .hidden_dim = kHidden, .num_experts = kExperts, .init_seed = 7})),
+      "ffn-relu");
+  check_expert_gradients(moet::GeluFfnExperts<double>({.model_dim = kDim,
+                                                       .hidden_dim = kHidden,
+                                                       .num_experts = kExperts,
+                                                       .bias = false,
+                                                       .init_seed = 8}),
+                         "ffn-gelu-no-bias");
 }
 
 TEST_CASE("forward_train caches the pre-activations", "[experts][grad]") {
@@ -215,12 +219,12 @@ TEST_CASE("Expert banks visit their parameters by name, in a fixed order", "[exp
   moet::SwiGluExperts<float> glu({.model_dim = 4, .hidden_dim = 5, .num_experts = 2});
   std::vector<std::string> names;
   std::vector<Index> rows;
-  glu.visit_parameters([&](std::string_view name, moet::ParamMap<float> value,
-                           moet::ParamMap<float> grad) {
-    names.emplace_back(name);
-    rows.push_back(value.rows());
-    CHECK(grad.isZero(0.0f));  // allocated zero on first visit
-  });
+  glu.visit_parameters(
+      [&](std::string_view name, moet::ParamMap<float> value, moet::ParamMap<float> grad) {
+        names.emplace_back(name);
+        rows.push_back(value.rows());
+        CHECK(grad.isZero(0.0f));  // allocated zero on first visit
+      });
   CHECK(names == std::vector<std::string>{"gate", "up", "down"});
   CHECK(rows == std::vector<Index>{8, 8, 10});
 
@@ -238,4 +242,16 @@ TEST_CASE("Expert banks visit their parameters by name, in a fixed order", "[exp
     names.emplace_back(name);
   });
   CHECK(names == std::vector<std::string>{"in_weight", "out_weight"});
+}
+
+TEMPLATE_TEST_CASE("activation_value_and_derivative equals apply and derivative",
+                   "[experts][activations][grad]", moet::Silu, moet::Gelu, moet::GeluTanh,
+                   moet::Relu) {
+  for (float v = -30.0F; v <= 30.0F; v += 0.37F) {
+    float value = 0.0F;
+    float slope = 0.0F;
+    moet::activation_value_and_derivative<TestType>(v, value, slope);
+    CHECK(value == TestType::apply(v));
+    CHECK(slope == TestType::derivative(v));
+  }
 }

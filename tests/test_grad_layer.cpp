@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <random>
 #include <string>
 #include <string_view>
@@ -76,8 +77,9 @@ struct TableGate {
       if (e != 1) usable.push_back(e);
     }
     for (Index t = 0; t < num_tokens; ++t) {
-      out.counts()[static_cast<std::size_t>(t)] = static_cast<Index>(moet::detail::uniform_below(
-          hash_key(seed, static_cast<std::uint64_t>(t), 1), std::min<std::uint64_t>(4, usable.size() + 1)));
+      out.counts()[static_cast<std::size_t>(t)] = static_cast<Index>(
+          moet::detail::uniform_below(hash_key(seed, static_cast<std::uint64_t>(t), 1),
+                                      std::min<std::uint64_t>(4, usable.size() + 1)));
     }
     out.commit_counts();
     REQUIRE(out.num_assignments() <= kMaxAssignments);
@@ -87,8 +89,9 @@ struct TableGate {
       const auto weights = out.weights(t);
       const auto first = static_cast<Index>(out.offsets()[static_cast<std::size_t>(t)]);
       for (std::size_t j = 0; j < ids.size(); ++j) {
-        const auto pick = j + moet::detail::uniform_below(
-                                  hash_key(seed, static_cast<std::uint64_t>(t), 2, j), pool.size() - j);
+        const auto pick =
+            j + moet::detail::uniform_below(hash_key(seed, static_cast<std::uint64_t>(t), 2, j),
+                                            pool.size() - j);
         std::swap(pool[j], pool[pick]);
         ids[j] = pool[j];
         weights[j] = sigmoid(x.row(t).dot(v.row(first + static_cast<Index>(j))));
@@ -194,8 +197,8 @@ void check_layer_gradients(Layer layer, const RowMatrix<double>& x, const moet::
     RowMatrix<double> minus = x;
     plus.data()[i] += kEps;
     minus.data()[i] -= kEps;
-    fd_x.data()[i] = (layer_loss(layer, plus, r, fd_ctx) - layer_loss(layer, minus, r, fd_ctx)) /
-                     (2 * kEps);
+    fd_x.data()[i] =
+        (layer_loss(layer, plus, r, fd_ctx) - layer_loss(layer, minus, r, fd_ctx)) / (2 * kEps);
   }
   check_gradient(dx, fd_x, what + " dx");
 
@@ -221,8 +224,8 @@ constexpr Index kTokens = 12;
 
 using Glu = moet::SwiGluExperts<double>;
 Glu glu(Index num_experts, std::uint64_t seed) {
-  return Glu({.model_dim = kDim, .hidden_dim = kHidden, .num_experts = num_experts,
-              .init_seed = seed});
+  return Glu(
+      {.model_dim = kDim, .hidden_dim = kHidden, .num_experts = num_experts, .init_seed = seed});
 }
 // Three-row blocks: every busy expert's backward runs over several blocks.
 const moet::GroupedDispatch kSmallBlocks({.block_rows = 3});
@@ -230,7 +233,8 @@ const moet::GroupedDispatch kSmallBlocks({.block_rows = 3});
 template <class S>
 bool bit_identical(const RowMatrix<S>& a, const RowMatrix<S>& b) {
   return a.rows() == b.rows() && a.cols() == b.cols() &&
-         (a.size() == 0 || std::memcmp(a.data(), b.data(), sizeof(S) * static_cast<std::size_t>(a.size())) == 0);
+         (a.size() == 0 ||
+          std::memcmp(a.data(), b.data(), sizeof(S) * static_cast<std::size_t>(a.size())) == 0);
 }
 
 struct ThreadGuard {
@@ -286,10 +290,9 @@ TEST_CASE("Layer gradients equal finite differences: TopKGate with dropped token
 
 TEST_CASE("Layer gradients equal finite differences: TopPGate", "[layer][grad][top_p]") {
   const RowMatrix<double> x = random_rows<double>(kTokens, kDim, 80);
-  moet::MoELayer layer(
-      moet::TopPGate<double>({.model_dim = kDim, .num_experts = kExperts, .p = 0.5,
-                              .init_seed = 81}),
-      glu(kExperts, 82), glu(1, 83), kSmallBlocks);
+  moet::MoELayer layer(moet::TopPGate<double>(
+                           {.model_dim = kDim, .num_experts = kExperts, .p = 0.5, .init_seed = 81}),
+                       glu(kExperts, 82), glu(1, 83), kSmallBlocks);
   check_layer_gradients(layer, x, {}, {}, "top-p");
 }
 
@@ -300,8 +303,8 @@ TEST_CASE("Layer gradients equal finite differences: ImportanceGate", "[layer][g
   moet::RouteContext ctx;
   ctx.importance = importance;
   moet::MoELayer layer(
-      moet::ImportanceGate<double>({.model_dim = kDim, .num_experts = kExperts, .k_min = 1,
-                                    .k_max = 3, .init_seed = 85}),
+      moet::ImportanceGate<double>(
+          {.model_dim = kDim, .num_experts = kExperts, .k_min = 1, .k_max = 3, .init_seed = 85}),
       glu(kExperts, 86), kSmallBlocks);
   check_layer_gradients(layer, x, ctx, ctx, "importance");
 }
@@ -450,8 +453,10 @@ TEST_CASE("Layer backward is bit-identical for 1 and 2 threads", "[layer][grad][
   options.init_seed = 52;
   const moet::MoELayer layer(
       moet::TopKGate<S>(options),
-      moet::SwiGluExperts<S>({.model_dim = kD, .hidden_dim = 48, .num_experts = 8, .init_seed = 53}),
-      moet::SwiGluExperts<S>({.model_dim = kD, .hidden_dim = 48, .num_experts = 2, .init_seed = 54}),
+      moet::SwiGluExperts<S>(
+          {.model_dim = kD, .hidden_dim = 48, .num_experts = 8, .init_seed = 53}),
+      moet::SwiGluExperts<S>(
+          {.model_dim = kD, .hidden_dim = 48, .num_experts = 2, .init_seed = 54}),
       moet::GroupedDispatch({.block_rows = 16}));
   auto run = [&](int threads) {
     moet::set_num_threads(threads);
@@ -520,12 +525,42 @@ TEST_CASE("StochasticGate backward adds nothing and checks shapes", "[gate][stoc
   gate.backward(x, ctx, plan, dw, {}, dx);
   CHECK((dx.array() == 2.0).all());
   int visited = 0;
-  gate.visit_parameters([&](std::string_view, moet::ParamMap<double>, moet::ParamMap<double>) {
-    ++visited;
-  });
+  gate.visit_parameters(
+      [&](std::string_view, moet::ParamMap<double>, moet::ParamMap<double>) { ++visited; });
   CHECK(visited == 0);
   CHECK_THROWS_WITH(gate.backward(x, ctx, plan, std::span<const double>(dw).first(4), {}, dx),
                     Contains("StochasticGate") && Contains("one value per assignment"));
   RowMatrix<double> bad(5, kDim + 1);
   CHECK_THROWS_WITH(gate.backward(x, ctx, plan, dw, {}, bad), Contains("dx must have x's shape"));
+}
+
+TEST_CASE("A copied training workspace gives the same backward", "[layer][grad]") {
+  using S = float;
+  const RowMatrix<S> x = random_rows<S>(70, 16, 90);
+  const RowMatrix<S> dy = random_rows<S>(70, 16, 91);
+  auto options = moet::TopKGate<S>::mixtral_options(16, 4);
+  options.init_seed = 92;
+  const moet::MoELayer layer(
+      moet::TopKGate<S>(options),
+      moet::SwiGluExperts<S>({.model_dim = 16, .hidden_dim = 20, .num_experts = 4}),
+      moet::SwiGluExperts<S>({.model_dim = 16, .hidden_dim = 12, .num_experts = 1}),
+      moet::GroupedDispatch({.block_rows = 8}));
+  auto a = layer;
+  auto b = layer;
+  decltype(a)::Workspace ws;
+  RowMatrix<S> y(70, 16), dx_a(70, 16), dx_b(70, 16);
+  a.zero_grad();
+  b.zero_grad();
+  a.forward_train(x, y, {}, ws);
+  const auto copy = std::make_unique<decltype(a)::Workspace>(ws);  // new storage addresses
+  a.backward(x, dy, {}, ws, dx_a);
+  b.backward(x, dy, {}, *copy, dx_b);
+  CHECK(bit_identical(dx_a, dx_b));
+  std::vector<RowMatrix<S>> ga, gb;
+  a.visit_parameters(
+      [&](std::string_view, moet::ParamMap<S>, moet::ParamMap<S> g) { ga.emplace_back(g); });
+  b.visit_parameters(
+      [&](std::string_view, moet::ParamMap<S>, moet::ParamMap<S> g) { gb.emplace_back(g); });
+  REQUIRE(ga.size() == gb.size());
+  for (std::size_t i = 0; i < ga.size(); ++i) CHECK(bit_identical(ga[i], gb[i]));
 }

@@ -6,14 +6,14 @@
 // here by naive loops), with fixed random c, r, s. Central differences of L in every router
 // weight, noise weight and input entry, with the selection checked to be unchanged at every
 // perturbed point, against backward(x, ctx, plan, c, {r, s}, dx).
-#include <catch2/catch.hpp>
-
 #include <cmath>
 #include <cstdint>
 #include <functional>
 #include <random>
 #include <span>
 #include <vector>
+
+#include <catch2/catch.hpp>
 
 #include "moet/config.hpp"
 #include "moet/gates/importance.hpp"
@@ -23,9 +23,9 @@
 
 namespace {
 
+using Catch::Matchers::Contains;
 using moet::Index;
 using moet::RowMatrix;
-using Catch::Matchers::Contains;
 
 static_assert(moet::TrainableGate<moet::TopKGate<float>>, "TopKGate<float> is trainable");
 static_assert(moet::TrainableGate<moet::TopKGate<double>>, "TopKGate<double> is trainable");
@@ -435,9 +435,9 @@ TEST_CASE("Softmax gate backward rejects mismatched sizes and foreign plans",
   other.route(x, {}, foreign);
   const std::vector<double> cf(static_cast<std::size_t>(foreign.num_assignments()), 1.0);
   moet::TopPGate<double> top_p({.model_dim = kDim, .num_experts = kExperts});
-  CHECK_THROWS_WITH(top_p.backward(x, {}, foreign, cf, {}, dx),
-                    Contains("TopPGate::backward") && Contains("7 experts") &&
-                        Contains("the gate 6 experts"));
+  CHECK_THROWS_WITH(top_p.backward(x, {}, foreign, cf, {}, dx), Contains("TopPGate::backward") &&
+                                                                    Contains("7 experts") &&
+                                                                    Contains("the gate 6 experts"));
   // A plan without probabilities (hand-made).
   moet::Routing<double> bare;
   bare.reset(kTokens, kExperts);

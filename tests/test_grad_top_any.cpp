@@ -197,13 +197,15 @@ void check_close(const Mat& got, const Mat& want, const std::string& what) {
 
 // Runs route + backward on `c` and compares with FD of the surrogate. Returns the plan's
 // largest k so callers can assert which branch they covered.
-Index check_against_surrogate(moet::TopAnyVariant variant, bool training, double tau,
-                              const Case& c, std::uint64_t seed, bool with_d_gates) {
+Index check_against_surrogate(moet::TopAnyVariant variant, bool training, double tau, const Case& c,
+                              std::uint64_t seed, bool with_d_gates,
+                              bool trainable_temperature = false) {
   moet::TopAnyGate<double> gate({.model_dim = c.w.rows(),
                                  .num_experts = 1,
                                  .max_experts = c.w.cols(),
                                  .variant = variant,
-                                 .temperature = tau});
+                                 .temperature = tau,
+                                 .trainable_temperature = trainable_temperature});
   gate.set_gate_embeddings(c.w);
   gate.set_thresholds(c.theta);
   gate.set_expert_mask(c.mask);
@@ -215,7 +217,7 @@ Index check_against_surrogate(moet::TopAnyVariant variant, bool training, double
   Surrogate sur;
   sur.variant = variant;
   sur.training = training;
-  sur.tau = tau;
+  sur.tau = gate.temperature();  // tau, or exp(min(log tau, log 100)) when trainable
   sur.mask = c.mask;
   const Index num_tokens = c.x.rows(), emax = c.w.cols();
   REQUIRE(margin(sur, c) > 1e-4);
@@ -245,6 +247,20 @@ Index check_against_surrogate(moet::TopAnyVariant variant, bool training, double
   check_close(gate.gate_embeddings_grad(), fd.dw, "dL/dW");
   check_close(gate.thresholds_grad().transpose(), fd.dtheta.transpose(), "dL/dtheta");
   check_close(dx, fd.dx, "dL/dx");
+  if (trainable_temperature) {
+    // FD in log_t, with tau = exp(min(log_t, log 100)).
+    const double h = 1e-6, log_t = std::log(tau);
+    Surrogate up = sur, down = sur;
+    up.tau = std::exp(std::min(log_t + h, std::log(100.0)));
+    down.tau = std::exp(std::min(log_t - h, std::log(100.0)));
+    const double fd_log_t = (up.loss(c.x, c.w, c.theta) - down.loss(c.x, c.w, c.theta)) / (2.0 * h);
+    INFO("dL/dlog_t " << gate.log_temperature_grad() << " vs FD " << fd_log_t);
+    CHECK(std::abs(gate.log_temperature_grad() - fd_log_t) <=
+          1e-6 * std::max(std::abs(fd_log_t), 1e-3));
+    if (log_t < std::log(100.0)) CHECK(fd_log_t != 0.0);
+  } else {
+    CHECK(gate.log_temperature_grad() == 0.0);
+  }
 
   // A second backward accumulates: the gradients double.
   const Mat dw_once = gate.gate_embeddings_grad();
@@ -252,6 +268,12 @@ Index check_against_surrogate(moet::TopAnyVariant variant, bool training, double
   CHECK((gate.gate_embeddings_grad() - 2.0 * dw_once).cwiseAbs().maxCoeff() <=
         1e-12 * (1.0 + dw_once.cwiseAbs().maxCoeff()));
   return max_k;
+}
+
+moet::RouteContext training_ctx() {
+  moet::RouteContext ctx;
+  ctx.training = true;
+  return ctx;
 }
 
 Case random_case(std::uint64_t seed, Index num_tokens, Index d, Index emax, double theta_scale) {
@@ -289,6 +311,25 @@ TEST_CASE("TopAnyGate backward equals finite differences of the straight-through
   const Case c = well_separated_case(seed, 9, 6, 5, 0.3, tau);
   const Index max_k = check_against_surrogate(variant, true, tau, c, seed, with_d_gates);
   CHECK(max_k >= 2);  // Tutel divides through sum(a) here
+}
+
+TEST_CASE("TopAnyGate backward with a trainable temperature equals FD in log_t",
+          "[gate][top_any][grad][temperature]") {
+  const auto variant = GENERATE(moet::TopAnyVariant::kDeepSpeed, moet::TopAnyVariant::kTutel);
+  const bool training = GENERATE(true, false);
+  const double tau = 2.5;
+  const Case c = well_separated_case(41, 9, 6, 5, 0.3, tau);
+  check_against_surrogate(variant, training, tau, c, 41, true, true);
+}
+
+TEST_CASE("TopAnyGate trainable temperature is clamped at 100 and passes no gradient above",
+          "[gate][top_any][grad][temperature]") {
+  moet::TopAnyGate<double> gate(
+      {.model_dim = 4, .num_experts = 3, .temperature = 150.0, .trainable_temperature = true});
+  CHECK(gate.temperature() == Approx(100.0).epsilon(1e-12));
+  CHECK(gate.log_temperature() == Approx(std::log(150.0)).epsilon(1e-12));
+  const Case c = well_separated_case(43, 6, 4, 3, 0.01, 100.0);
+  check_against_surrogate(moet::TopAnyVariant::kDeepSpeed, true, 150.0, c, 43, true, true);
 }
 
 TEST_CASE("TopAnyGate backward: Tutel without a k >= 2 token does not divide",
@@ -361,20 +402,36 @@ TEST_CASE("TopAnyGate visits embeddings and thresholds with their gradients",
   moet::TopAnyGate<float> gate({.model_dim = 4, .num_experts = 2, .max_experts = 3});
   CHECK(std::as_const(gate).gate_embeddings_grad().size() == 0);  // lazily allocated
   std::vector<std::string> names;
-  gate.visit_parameters([&](std::string_view name, moet::ParamMap<float> value,
-                            moet::ParamMap<float> grad) {
-    names.emplace_back(name);
-    CHECK(value.rows() == grad.rows());
-    CHECK(value.cols() == grad.cols());
-    CHECK(grad.isZero(0.0f));
-    value(0, 1) = 0.5f;  // aliases the gate's state
-  });
+  gate.visit_parameters(
+      [&](std::string_view name, moet::ParamMap<float> value, moet::ParamMap<float> grad) {
+        names.emplace_back(name);
+        CHECK(value.rows() == grad.rows());
+        CHECK(value.cols() == grad.cols());
+        CHECK(grad.isZero(0.0f));
+        value(0, 1) = 0.5f;  // aliases the gate's state
+      });
   REQUIRE(names == std::vector<std::string>{"embeddings", "thresholds"});
   CHECK(gate.gate_embeddings()(0, 1) == 0.5f);
   CHECK(gate.thresholds()[1] == 0.5f);
   CHECK(gate.gate_embeddings_grad().rows() == 4);
   CHECK(gate.gate_embeddings_grad().cols() == 3);
   CHECK(gate.thresholds_grad().size() == 3);
+
+  moet::TopAnyGate<float> trained(
+      {.model_dim = 4, .num_experts = 2, .temperature = 10.0f, .trainable_temperature = true});
+  names.clear();
+  trained.visit_parameters(
+      [&](std::string_view name, moet::ParamMap<float> value, moet::ParamMap<float>) {
+        names.emplace_back(name);
+        if (name == "log_temperature") {
+          CHECK(value.rows() == 1);
+          CHECK(value.cols() == 1);
+          CHECK(value(0, 0) == Approx(std::log(10.0f)));
+          value(0, 0) = std::log(3.0f);  // an optimiser step changes tau
+        }
+      });
+  REQUIRE(names == std::vector<std::string>{"embeddings", "thresholds", "log_temperature"});
+  CHECK(trained.temperature() == Approx(3.0f));
 }
 
 TEST_CASE("TopAnyGate backward is bit-identical with 1 and 2 threads",
@@ -553,8 +610,8 @@ TEST_CASE("DynMoE aux losses match hand-computed values", "[loss][top_any]") {
   REQUIRE(plan.k(0) == 1);
   REQUIRE(plan.k(1) == 2);
   std::vector<double> d_gates(4, 0.0);
-  const auto loss = moet::top_any_aux_loss(gate, plan, std::span<double>(d_gates),
-                                           {.coefficient = 1.0});
+  const auto loss =
+      moet::top_any_aux_loss(gate, plan, std::span<double>(d_gates), {.coefficient = 1.0});
   CHECK(loss.diversity == Approx(1.0).epsilon(1e-12));
   CHECK(loss.simplicity == Approx((1.0 + std::sqrt(2.0)) / 2.0).epsilon(1e-12));
   CHECK(loss.load_balance == Approx(1.75).epsilon(1e-12));
@@ -635,8 +692,7 @@ TEST_CASE("DynMoE aux loss gradients equal finite differences of naive formulas"
   check_close(got_a, fd_a, "d(load balance + efficiency)/da");
 }
 
-TEST_CASE("DynMoE aux loss with every token dropped has load balance 0",
-          "[loss][top_any][edge]") {
+TEST_CASE("DynMoE aux loss with every token dropped has load balance 0", "[loss][top_any][edge]") {
   moet::TopAnyGate<double> gate({.model_dim = 3, .num_experts = 3});
   gate.thresholds().setConstant(4.0);
   const Mat x = random_matrix(4, 3, 8);
@@ -661,10 +717,8 @@ TEST_CASE("DynMoE aux loss rejects bad input", "[loss][top_any][errors]") {
   gate.route(x, moet::RouteContext{}, plan);
   std::vector<float> d_gates(14, 0.0f);
   CHECK_THROWS_WITH(moet::top_any_aux_loss(gate, plan, std::span<float>(d_gates)),
-                    Contains("[moet::top_any_aux_loss]") && Contains("= 15") &&
-                        Contains("got 14"));
-  CHECK_NOTHROW(moet::top_any_aux_loss(gate, plan, std::span<float>(),
-                                       {.accumulate_grad = false}));
+                    Contains("[moet::top_any_aux_loss]") && Contains("= 15") && Contains("got 14"));
+  CHECK_NOTHROW(moet::top_any_aux_loss(gate, plan, std::span<float>(), {.accumulate_grad = false}));
   d_gates.resize(15);
   CHECK_THROWS_WITH(
       moet::top_any_aux_loss(gate, plan, std::span<float>(d_gates), {.coefficient = -1.0f}),
@@ -674,4 +728,85 @@ TEST_CASE("DynMoE aux loss rejects bad input", "[loss][top_any][errors]") {
   other.commit_counts();
   CHECK_THROWS_WITH(moet::top_any_aux_loss(gate, other, std::span<float>(d_gates)),
                     Contains("max_experts = 3") && Contains("got 2"));
+}
+
+TEST_CASE("DynMoE aux loss fed through backward equals FD of the whole surrogate",
+          "[loss][top_any][grad]") {
+  // total = sum g w + coef (diversity + simplicity + load balance + efficiency), with a on the
+  // straight-through path (a = r + stopgrad(sign(r) - r)); N and ce frozen (no gradient).
+  const double coef = 0.5;
+  const Case c = well_separated_case(51, 10, 5, 5, 0.3, 1.0);
+  moet::TopAnyGate<double> gate({.model_dim = 5, .num_experts = 5});
+  gate.set_gate_embeddings(c.w);
+  gate.set_thresholds(c.theta);
+  gate.set_expert_mask(c.mask);
+  moet::Routing<double> plan;
+  gate.route(c.x, training_ctx(), plan);
+  const Mat sel = plan_matrix(plan);
+  Surrogate sur;
+  sur.tau = 1.0;
+  sur.mask = c.mask;
+  sur.g = Mat::Zero(10, 5);
+  sur.c = Mat::Zero(10, 5);
+  const Mat g_dense = random_matrix(10, 5, 52);
+  std::vector<double> d_weights;
+  for (Index t = 0; t < 10; ++t) {
+    for (const auto e : plan.experts(t)) {
+      d_weights.push_back(g_dense(t, e));
+      sur.g(t, e) = g_dense(t, e);
+    }
+  }
+  sur.freeze(c.x, c.w, c.theta);
+  auto total = [&](const Mat& x, const Mat& w, const Vec& theta) {
+    const auto sc = sur.scores(x, w, theta);
+    const Mat a = sc.r + (sur.a0 - sur.r0);
+    return sur.loss(x, w, theta) + coef * (naive_diversity(w, c.mask) + naive_simplicity(w) +
+                                           naive_load_balance(a, sel) + naive_efficiency(a));
+  };
+
+  gate.zero_grad();
+  std::vector<double> d_gates(50, 0.0);
+  moet::top_any_aux_loss(gate, plan, std::span<double>(d_gates), {.coefficient = coef});
+  Mat dx = Mat::Zero(10, 5);
+  gate.backward(c.x, training_ctx(), plan, d_weights, {d_gates}, dx);
+
+  const double h = 1e-6;
+  Case v = c;
+  auto central = [&](double& p) {
+    const double saved = p;
+    p = saved + h;
+    const double up = total(v.x, v.w, v.theta);
+    p = saved - h;
+    const double down = total(v.x, v.w, v.theta);
+    p = saved;
+    return (up - down) / (2.0 * h);
+  };
+  Mat fd_w(5, 5), fd_x(10, 5);
+  Vec fd_theta(5);
+  for (Index i = 0; i < 5; ++i) {
+    for (Index e = 0; e < 5; ++e) fd_w(i, e) = central(v.w(i, e));
+  }
+  for (Index e = 0; e < 5; ++e) fd_theta[e] = central(v.theta[e]);
+  for (Index t = 0; t < 10; ++t) {
+    for (Index i = 0; i < 5; ++i) fd_x(t, i) = central(v.x(t, i));
+  }
+  check_close(gate.gate_embeddings_grad(), fd_w, "dL/dW");
+  check_close(gate.thresholds_grad().transpose(), fd_theta.transpose(), "dL/dtheta");
+  check_close(dx, fd_x, "dL/dx");
+}
+
+TEST_CASE("TopAnyGate backward and aux loss accept an empty batch", "[gate][top_any][edge]") {
+  moet::TopAnyGate<float> gate({.model_dim = 4, .num_experts = 2, .max_experts = 3});
+  const moet::RowMatrix<float> x(0, 4);
+  moet::Routing<float> plan;
+  gate.route(x, training_ctx(), plan);
+  moet::RowMatrix<float> dx(0, 4);
+  gate.zero_grad();
+  gate.backward(x, training_ctx(), plan, {}, {}, dx);
+  CHECK(gate.thresholds_grad().isZero(0.0f));
+  const auto loss = moet::top_any_aux_loss(gate, plan, std::span<float>());
+  CHECK(loss.load_balance == 0.0f);
+  CHECK(loss.efficiency == 0.0f);
+  gate.on_training_forward(x, plan);
+  CHECK(gate.training_forwards() == 1);
 }

@@ -1,8 +1,6 @@
 // Auxiliary losses (train/losses.hpp): each value against a naive double formula written here,
 // each gradient against central finite differences in double, plus the noisy top-k losses
 // chained through TopKGate's backward, thread-count independence and bad input.
-#include <catch2/catch.hpp>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -11,6 +9,8 @@
 #include <span>
 #include <vector>
 
+#include <catch2/catch.hpp>
+
 #include "moet/config.hpp"
 #include "moet/gates/top_k.hpp"
 #include "moet/gates/top_p.hpp"
@@ -18,9 +18,9 @@
 
 namespace {
 
+using Catch::Matchers::Contains;
 using moet::Index;
 using moet::RowMatrix;
-using Catch::Matchers::Contains;
 using M = RowMatrix<double>;
 
 M random_matrix(Index rows, Index cols, std::uint32_t seed, double scale = 1.0) {
@@ -129,8 +129,7 @@ TEST_CASE("load_balance_loss matches the Switch formula and its gradient",
   // And the library's own value moves as the naive one does (f held fixed at the test point).
   pm(0, 0) += 1e-3;
   M scratch = M::Zero(kTokens, kExperts);
-  CHECK(moet::load_balance_loss<double>(plan, scratch, opts) ==
-        Approx(naive(pm)).epsilon(1e-12));
+  CHECK(moet::load_balance_loss<double>(plan, scratch, opts) == Approx(naive(pm)).epsilon(1e-12));
 }
 
 TEST_CASE("load_balance_loss is alpha for a uniform router with balanced top-1",
@@ -146,7 +145,8 @@ TEST_CASE("load_balance_loss is alpha for a uniform router with balanced top-1",
   }
   RowMatrix<float> d(4, 4);
   d.setZero();
-  const double v = moet::load_balance_loss<float>(plan, d, moet::LoadBalanceOptions::switch_options());
+  const double v =
+      moet::load_balance_loss<float>(plan, d, moet::LoadBalanceOptions::switch_options());
   CHECK(v == Approx(1e-2).epsilon(1e-5));
   CHECK(moet::LoadBalanceOptions::mixtral_options().alpha == 0.02);
 }
@@ -314,9 +314,9 @@ TEST_CASE("Noisy top-k losses chain through TopKGate backward to W_r and W_noise
   gate.route(x, ctx, plan);
   gate.zero_grad();
   M dx = M::Zero(kTokens, kDim);
-  gate.backward(x, ctx, plan, std::span<const double>(dw),
-                {.d_logits = std::span<const double>(dz.data(), static_cast<std::size_t>(dz.size()))},
-                dx);
+  gate.backward(
+      x, ctx, plan, std::span<const double>(dw),
+      {.d_logits = std::span<const double>(dz.data(), static_cast<std::size_t>(dz.size()))}, dx);
   gate.backward_noise_logits(x, dn, dx);
   const auto f = [&] { return total(nullptr, nullptr, nullptr); };
   const M fd_w = central_diff(gate.router(), f);
@@ -418,8 +418,9 @@ TEST_CASE("Losses reject mismatched shapes and bad values", "[train][loss][bad_i
   gate.route(x, {}, plan);
   M wrong(kTokens, kExperts + 1);
   M right = M::Zero(kTokens, kExperts);
-  CHECK_THROWS_WITH(moet::load_balance_loss<double>(plan, wrong),
-                    Contains("load_balance_loss") && Contains("d_probs must be (20, 5), got (20, 6)"));
+  CHECK_THROWS_WITH(
+      moet::load_balance_loss<double>(plan, wrong),
+      Contains("load_balance_loss") && Contains("d_probs must be (20, 5), got (20, 6)"));
   std::vector<std::uint8_t> short_valid(3, 1);
   CHECK_THROWS_WITH(moet::load_balance_loss<double>(plan, right, {.valid = short_valid}),
                     Contains("valid must be empty or have one entry per token (20), got 3"));
@@ -436,17 +437,21 @@ TEST_CASE("Losses reject mismatched shapes and bad values", "[train][loss][bad_i
                     Contains("logits must be finite") && Contains("at (3, 1)"));
   M not_prob = right;
   not_prob(0, 0) = 1.5;
-  CHECK_THROWS_WITH(moet::router_entropy_loss<double>(not_prob, right),
-                    Contains("router_entropy_loss") && Contains("probs must be in [0, 1], got 1.5"));
+  CHECK_THROWS_WITH(
+      moet::router_entropy_loss<double>(not_prob, right),
+      Contains("router_entropy_loss") && Contains("probs must be in [0, 1], got 1.5"));
   std::vector<double> dw(3);
-  CHECK_THROWS_WITH(moet::importance_loss<double>(plan, dw),
-                    Contains("importance_loss") && Contains("d_weights must have one entry per assignment"));
-  CHECK_THROWS_WITH(moet::noisy_load_loss<double>(right, right, right, right, right, {.k = 6}),
-                    Contains("noisy_load_loss") && Contains("k must be in [1, num_experts = 5], got 6"));
+  CHECK_THROWS_WITH(
+      moet::importance_loss<double>(plan, dw),
+      Contains("importance_loss") && Contains("d_weights must have one entry per assignment"));
+  CHECK_THROWS_WITH(
+      moet::noisy_load_loss<double>(right, right, right, right, right, {.k = 6}),
+      Contains("noisy_load_loss") && Contains("k must be in [1, num_experts = 5], got 6"));
   CHECK_THROWS_WITH(moet::noisy_load_loss<double>(right, wrong, right, right, right, {}),
                     Contains("noise_logits must be (20, 5), got (20, 6)"));
-  CHECK_THROWS_WITH(moet::consistency_loss<double>(right, wrong, right, right),
-                    Contains("consistency_loss") && Contains("logits1 must be (20, 5), got (20, 6)"));
+  CHECK_THROWS_WITH(
+      moet::consistency_loss<double>(right, wrong, right, right),
+      Contains("consistency_loss") && Contains("logits1 must be (20, 5), got (20, 6)"));
   CHECK_THROWS_WITH(moet::consistency_loss<double>(right, right, right, wrong),
                     Contains("d1 must be (20, 5)"));
   CHECK_THROWS_WITH(moet::consistency_loss<double>(inf, right, right, right),

@@ -37,8 +37,8 @@ RowMatrix<S> random_rows(Index rows, Index cols, std::uint32_t seed) {
 
 Layer make_layer() {
   return Layer(moet::StochasticGate<S>({.model_dim = kDim, .num_experts = kExperts, .stream = 3}),
-               moet::GeluFfnExperts<S>({.model_dim = kDim, .hidden_dim = 12,
-                                        .num_experts = kExperts, .init_seed = 5}));
+               moet::GeluFfnExperts<S>(
+                   {.model_dim = kDim, .hidden_dim = 12, .num_experts = kExperts, .init_seed = 5}));
 }
 
 bool bit_identical(const RowMatrix<S>& a, const RowMatrix<S>& b) {
@@ -93,8 +93,8 @@ TEST_CASE("ThorStep runs two passes with different draws", "[thor]") {
   thor.forward(layer, x, ctx);
   for (int pass = 0; pass < 2; ++pass) {
     INFO("pass " << pass);
-    const std::int32_t want = layer.gate().training_expert(ctx.seed, 2 * ctx.step +
-                                                                         static_cast<std::uint64_t>(pass));
+    const std::int32_t want =
+        layer.gate().training_expert(ctx.seed, 2 * ctx.step + static_cast<std::uint64_t>(pass));
     const auto& plan = thor.routing(pass);
     REQUIRE(plan.num_assignments() == kTokens);
     for (const std::int32_t e : plan.experts()) CHECK(e == want);

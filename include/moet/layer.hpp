@@ -42,14 +42,13 @@ struct LossGradOf<G> {
 /// combine-weight gradients, accumulates the experts' gradients and writes dL/dx (see
 /// `GroupedDispatch`).
 template <class D, class X>
-concept TrainingDispatcher =
-    TrainableExperts<X> &&
+concept TrainingDispatcher = TrainableExperts<X> &&
     requires(const D& d, X& mx, const X& x, const ConstRows<typename X::Scalar>& in,
              const Routing<typename X::Scalar>& routing, Rows<typename X::Scalar> rows,
              typename D::template Workspace<X>& ws, std::span<typename X::Scalar> d_weights) {
-      d.forward_train(x, in, routing, rows, ws);
-      d.backward(mx, in, routing, in, ws, d_weights, rows);
-    };
+  d.forward_train(x, in, routing, rows, ws);
+  d.backward(mx, in, routing, in, ws, d_weights, rows);
+};
 
 /// A Mixture-of-Experts layer:
 /// ```
@@ -158,13 +157,14 @@ class MoELayer {
 
   /// Runs the layer on `x` `(num_tokens, model_dim)` and writes `y` `(num_tokens, model_dim)`
   /// (every row; `y` must not overlap `x`). Returns the routing statistics, a reference to
-  /// `ws.stats` (valid until the workspace's next use; nothing is copied or allocated). Throws `moet::Error` naming `MoELayer` when `x` has the wrong width, `y` the
-  /// wrong shape, or `x` holds a NaN or Inf; the gate and dispatcher may throw for their own
-  /// inputs (`RouteContext` contents). An empty batch is a no-op with empty statistics.
+  /// `ws.stats` (valid until the workspace's next use; nothing is copied or allocated). Throws
+  /// `moet::Error` naming `MoELayer` when `x` has the wrong width, `y` the wrong shape, or `x`
+  /// holds a NaN or Inf; the gate and dispatcher may throw for their own inputs (`RouteContext`
+  /// contents). An empty batch is a no-op with empty statistics.
   ///
   /// Thread-safe: concurrent calls with different workspaces are fine.
-  const RoutingStats& forward(const ConstRows<Scalar>& x, Rows<Scalar> y,
-                              const RouteContext& ctx, Workspace& ws) const {
+  const RoutingStats& forward(const ConstRows<Scalar>& x, Rows<Scalar> y, const RouteContext& ctx,
+                              Workspace& ws) const {
     detail::require(x.cols() == model_dim(), kOp, "x must have model_dim = ", model_dim(),
                     " columns, got (", x.rows(), ", ", x.cols(), ")");
     detail::require(y.rows() == x.rows() && y.cols() == x.cols(), kOp, "y must have x's shape (",
@@ -202,9 +202,8 @@ class MoELayer {
   /// routing (noise, THOR's draw, DynMoE's token dropping). Not `const` (the hook may change the
   /// gate) and not for concurrent use on one layer. Throws like `forward`.
   const RoutingStats& forward_train(const ConstRows<Scalar>& x, Rows<Scalar> y,
-                                    const RouteContext& ctx, Workspace& ws)
-  requires TrainableExperts<X>
-  {
+                                    const RouteContext& ctx,
+                                    Workspace& ws) requires TrainableExperts<X> {
     static_assert(TrainingDispatcher<D, X>,
                   "MoELayer training needs a dispatcher with forward_train and backward "
                   "(GroupedDispatch)");
@@ -245,23 +244,21 @@ class MoELayer {
   /// `x.rows()` tokens filled `ws`, or `x`, `dy`, `dx` have the wrong shapes or `dx` overlaps
   /// `x` or `dy`; the gate may throw for its own inputs.
   void backward(const ConstRows<Scalar>& x, const ConstRows<Scalar>& dy, const RouteContext& ctx,
-                Workspace& ws, Rows<Scalar> dx, const LossGrad& loss_grad = {})
-  requires TrainableGate<G> && TrainableExperts<X>
-  {
+                Workspace& ws, Rows<Scalar> dx,
+                const LossGrad& loss_grad = {}) requires TrainableGate<G> && TrainableExperts<X> {
     detail::require(x.cols() == model_dim(), kOp, "x must have model_dim = ", model_dim(),
                     " columns, got (", x.rows(), ", ", x.cols(), ")");
     detail::require(ws.train_tokens >= 0 && ws.train_tokens == x.rows(), kOp,
                     "backward needs a forward_train of the same x on this workspace first (it saw ",
                     ws.train_tokens, " tokens, x has ", x.rows(), ")");
-    detail::require(dy.rows() == x.rows() && dy.cols() == x.cols(), kOp,
-                    "dy must have x's shape (", x.rows(), ", ", x.cols(), "), got (", dy.rows(),
-                    ", ", dy.cols(), ")");
-    detail::require(dx.rows() == x.rows() && dx.cols() == x.cols(), kOp,
-                    "dx must have x's shape (", x.rows(), ", ", x.cols(), "), got (", dx.rows(),
-                    ", ", dx.cols(), ")");
+    detail::require(dy.rows() == x.rows() && dy.cols() == x.cols(), kOp, "dy must have x's shape (",
+                    x.rows(), ", ", x.cols(), "), got (", dy.rows(), ", ", dy.cols(), ")");
+    detail::require(dx.rows() == x.rows() && dx.cols() == x.cols(), kOp, "dx must have x's shape (",
+                    x.rows(), ", ", x.cols(), "), got (", dx.rows(), ", ", dx.cols(), ")");
     detail::require(!detail::storage_overlaps(x, dx) && !detail::storage_overlaps(dy, dx), kOp,
                     "dx must not overlap x or dy");
-    if (x.rows() == 0) return;
+    // An empty batch still reaches every part (each checks its inputs and allocates its
+    // gradients), and changes nothing.
     const auto num_assignments = static_cast<std::size_t>(ws.routing.num_assignments());
     std::span<Scalar> d_weights(ws.d_weights.data(static_cast<Index>(num_assignments)),
                                 num_assignments);
@@ -278,9 +275,7 @@ class MoELayer {
 
   /// Sets every gradient (gate, routed experts, shared experts) to zero, allocating them on
   /// first use.
-  void zero_grad()
-  requires TrainableGate<G> && TrainableExperts<X>
-  {
+  void zero_grad() requires TrainableGate<G> && TrainableExperts<X> {
     gate_.zero_grad();
     experts_.zero_grad();
     if (shared_) shared_->zero_grad();
@@ -290,9 +285,7 @@ class MoELayer {
   /// `gate.`), the routed experts' (`experts.`), then the shared experts' (`shared.`), each in
   /// its own fixed order (train/grad.hpp). For the optimisers in train/optim.hpp.
   template <class F>
-  void visit_parameters(F&& f)
-  requires TrainableGate<G> && TrainableExperts<X>
-  {
+  void visit_parameters(F&& f) requires TrainableGate<G> && TrainableExperts<X> {
     std::string name;
     const auto prefixed = [&](std::string_view prefix) {
       return [&f, &name, prefix](std::string_view part, ParamMap<Scalar> value,

@@ -126,7 +126,8 @@ void linear_backward(const ConstRows<S>& x, const RowMatrix<S>& w, const ConstRo
         x.middleCols(begin, end - begin).transpose() * dz;
   });
   parallel_blocks(x.rows(), kRouterRowBlock, [&](Index begin, Index end) {
-    dx.middleRows(begin, end - begin).noalias() += dz.middleRows(begin, end - begin) * w.transpose();
+    dx.middleRows(begin, end - begin).noalias() +=
+        dz.middleRows(begin, end - begin) * w.transpose();
   });
 }
 
@@ -156,11 +157,11 @@ void check_softmax_backward(const char* op, const ConstRows<S>& x, Index model_d
   require(loss_grad.d_probs.empty() || static_cast<Index>(loss_grad.d_probs.size()) == size, op,
           "loss_grad.d_probs must be empty or num_tokens * num_experts = ", num_tokens, " * ",
           num_experts, " = ", size, " values, got ", loss_grad.d_probs.size());
-  require(loss_grad.d_logits.empty() || static_cast<Index>(loss_grad.d_logits.size()) == size,
-          op, "loss_grad.d_logits must be empty or num_tokens * num_experts = ", num_tokens,
-          " * ", num_experts, " = ", size, " values, got ", loss_grad.d_logits.size());
-  require(dx.rows() == num_tokens && dx.cols() == model_dim, op, "dx must be (", num_tokens,
-          ", ", model_dim, ") like x, got (", dx.rows(), ", ", dx.cols(), ")");
+  require(loss_grad.d_logits.empty() || static_cast<Index>(loss_grad.d_logits.size()) == size, op,
+          "loss_grad.d_logits must be empty or num_tokens * num_experts = ", num_tokens, " * ",
+          num_experts, " = ", size, " values, got ", loss_grad.d_logits.size());
+  require(dx.rows() == num_tokens && dx.cols() == model_dim, op, "dx must be (", num_tokens, ", ",
+          model_dim, ") like x, got (", dx.rows(), ", ", dx.cols(), ")");
   const auto experts = routing.experts();
   for (std::size_t a = 0; a < experts.size(); ++a) {
     require(experts[a] >= 0 && experts[a] < num_experts, op, "routing expert id ", experts[a],
@@ -211,9 +212,8 @@ class SoftmaxRouter {
   /// the combine-weight part (`combine_weights_backward_row`), plus the softmax backward of
   /// `loss_grad.d_probs`, plus `loss_grad.d_logits`; then `backward_logits`. Arguments must
   /// have passed `check_softmax_backward`. Deterministic for any thread count.
-  void backward_plan(const ConstRows<S>& x, const Routing<S>& routing,
-                     std::span<const S> d_weights, bool renormalize,
-                     const SoftmaxLossGrad<S>& loss_grad, Rows<S> dx) {
+  void backward_plan(const ConstRows<S>& x, const Routing<S>& routing, std::span<const S> d_weights,
+                     bool renormalize, const SoftmaxLossGrad<S>& loss_grad, Rows<S> dx) {
     grad();  // allocated even for an empty batch
     const Index num_tokens = x.rows();
     const Index num_experts = weights_.cols();
@@ -248,8 +248,8 @@ class SoftmaxRouter {
   template <class F>
   void visit(F&& f) {
     RowMatrix<S>& g = grad();
-    f(std::string_view("router.weight"), ParamMap<S>(weights_.data(), weights_.rows(),
-                                                     weights_.cols()),
+    f(std::string_view("router.weight"),
+      ParamMap<S>(weights_.data(), weights_.rows(), weights_.cols()),
       ParamMap<S>(g.data(), g.rows(), g.cols()));
   }
 
@@ -292,8 +292,9 @@ class SoftmaxRouter {
                " (x too large, or non-finite router weights)");
         }
       }
-      fail(op, "router logits must be finite, got NaN or Inf (x too large, or non-finite "
-               "router weights)");
+      fail(op,
+           "router logits must be finite, got NaN or Inf (x too large, or non-finite "
+           "router weights)");
     }
     return probs;
   }

@@ -42,6 +42,12 @@ namespace moet {
 /// After a warm-up call, calls whose plan has no more assignments and no larger blocks do not
 /// allocate (except inside Eigen's product for large shapes; see `GluExperts`).
 ///
+/// Training: `forward_train` is `run` keeping every assignment's expert output and expert
+/// cache in the workspace; `backward` computes the combine-weight gradients, runs the experts'
+/// backward (one task per expert with tokens, its blocks in order: deterministic weight
+/// gradients, parallel over experts) and combines the input gradients per token in slot
+/// order. `add_dense_experts_train` / `backward_dense_experts` do the same for shared experts.
+///
 /// ```cpp
 /// moet::GroupedDispatch dispatch;
 /// moet::GroupedDispatch::Workspace<decltype(experts)> ws;
@@ -196,10 +202,10 @@ class GroupedDispatch {
     const Index max_rows = plan_tasks(routing, ws);
     detail::prepare_thread_scratch(experts, ws.threads, max_rows, /*gather=*/true,
                                    /*output=*/false);
-    auto out = detail::aligned_matrix(ws.expert_out, routing.num_assignments(),
-                                      model_dim);  // (num_assignments, model_dim)
-    auto cache = detail::aligned_matrix(ws.cache, routing.num_assignments(),
-                                        experts.cache_width());  // (num_assignments, cache_width)
+    auto out = ws.expert_out.matrix(routing.num_assignments(),
+                                    model_dim);  // (num_assignments, model_dim)
+    auto cache = ws.cache.matrix(routing.num_assignments(),
+                                 experts.cache_width());  // (num_assignments, cache_width)
     const auto tokens = ws.view.tokens();
     detail::parallel_for(ws.num_tasks, [&](Index i) {
       const Task& task = ws.tasks[static_cast<std::size_t>(i)];
@@ -232,15 +238,14 @@ class GroupedDispatch {
   /// a `forward_train` of this plan.
   template <TrainableExperts X>
   void backward(X& experts, const ConstRows<typename X::Scalar>& x,
-                const Routing<typename X::Scalar>& routing,
-                const ConstRows<typename X::Scalar>& dy, Workspace<X>& ws,
-                std::span<typename X::Scalar> d_weights, Rows<typename X::Scalar> dx) const {
+                const Routing<typename X::Scalar>& routing, const ConstRows<typename X::Scalar>& dy,
+                Workspace<X>& ws, std::span<typename X::Scalar> d_weights,
+                Rows<typename X::Scalar> dx) const {
     using S = typename X::Scalar;
     constexpr const char* kOp = "GroupedDispatch";
     detail::check_dispatch(kOp, experts, x, routing, dx);
-    detail::require(dy.rows() == x.rows() && dy.cols() == x.cols(), kOp,
-                    "dy must have x's shape (", x.rows(), ", ", x.cols(), "), got (", dy.rows(),
-                    ", ", dy.cols(), ")");
+    detail::require(dy.rows() == x.rows() && dy.cols() == x.cols(), kOp, "dy must have x's shape (",
+                    x.rows(), ", ", x.cols(), "), got (", dy.rows(), ", ", dy.cols(), ")");
     detail::require(!detail::storage_overlaps(dy, dx), kOp, "dx must not overlap dy");
     detail::require(static_cast<Index>(d_weights.size()) == routing.num_assignments(), kOp,
                     "d_weights must hold one value per assignment (", routing.num_assignments(),
@@ -254,10 +259,10 @@ class GroupedDispatch {
                         ws.expert_out.capacity() >= num_assignments * model_dim &&
                         ws.cache.capacity() >= num_assignments * experts.cache_width(),
                     kOp, "backward needs the workspace of a forward_train of this plan");
-    // Views of the buffers forward_train wrote (aligned_matrix finds the same offset again:
-    // the buffers have not grown since).
-    auto out = detail::aligned_matrix(ws.expert_out, num_assignments, model_dim);
-    auto cache = detail::aligned_matrix(ws.cache, num_assignments, experts.cache_width());
+    // Views of the buffers forward_train wrote. They start at offset 0 (not `aligned_matrix`,
+    // whose offset depends on the storage address): a copied workspace reads the same rows.
+    auto out = ws.expert_out.matrix(num_assignments, model_dim);
+    auto cache = ws.cache.matrix(num_assignments, experts.cache_width());
     auto din = detail::aligned_matrix(ws.expert_din, num_assignments, model_dim);
 
     // 1. Combine-weight gradients, token-major.
@@ -460,8 +465,8 @@ void add_dense_experts_train(const X& experts, const ConstRows<typename X::Scala
   if (num_tokens == 0) return;
   detail::prepare_thread_scratch(experts, ws.threads, std::min(kDenseRowBlock, num_tokens),
                                  /*gather=*/false, /*output=*/true);
-  auto cache = detail::aligned_matrix(ws.cache, experts.num_experts() * num_tokens,
-                                      experts.cache_width());  // (num_experts * T, cache_width)
+  auto cache = ws.cache.matrix(experts.num_experts() * num_tokens,
+                               experts.cache_width());  // (num_experts * T, cache_width)
   for (Index e = 0; e < experts.num_experts(); ++e) {
     detail::parallel_blocks(num_tokens, kDenseRowBlock, [&](Index begin, Index end) {
       auto& scratch = ws.threads[static_cast<std::size_t>(detail::thread_id())];
@@ -505,7 +510,7 @@ void backward_dense_experts(X& experts, const ConstRows<typename X::Scalar>& x,
   detail::prepare_thread_scratch(experts, ws.threads, std::min(kDenseRowBlock, num_tokens),
                                  /*gather=*/false, /*output=*/false);
   if constexpr (requires { experts.ensure_grad(); }) experts.ensure_grad();
-  auto cache = detail::aligned_matrix(ws.cache, num_experts * num_tokens, experts.cache_width());
+  auto cache = ws.cache.matrix(num_experts * num_tokens, experts.cache_width());
   auto din = detail::aligned_matrix(ws.din, num_experts * num_tokens, model_dim);
   detail::parallel_for(num_experts, [&](Index e) {
     auto& scratch = ws.threads[static_cast<std::size_t>(detail::thread_id())];

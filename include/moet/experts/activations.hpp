@@ -34,6 +34,13 @@ struct Silu {
     const S s = sigmoid(x);
     return s * (S(1) + x * (S(1) - s));
   }
+  /// `apply(x)` and `derivative(x)` from one sigmoid (the same bits as the two calls).
+  template <class S>
+  static void value_and_derivative(S x, S& value, S& slope) {
+    const S s = sigmoid(x);
+    value = x * s;
+    slope = s * (S(1) + x * (S(1) - s));
+  }
 };
 
 /// GELU, exact form: `gelu(x) = x * Phi(x) = 0.5 x (1 + erf(x / sqrt(2)))`, `Phi` the standard
@@ -98,6 +105,19 @@ struct Relu {
     return x > S(0) ? S(1) : S(0);
   }
 };
+
+/// Writes `Act::apply(x)` and `Act::derivative(x)` into `value` and `slope`, through
+/// `Act::value_and_derivative` when the policy has it (sharing work such as SiLU's sigmoid),
+/// else through the two functions. For the expert banks' backward.
+template <class Act, class S>
+void activation_value_and_derivative(S x, S& value, S& slope) {
+  if constexpr (requires { Act::template value_and_derivative<S>(x, value, slope); }) {
+    Act::template value_and_derivative<S>(x, value, slope);
+  } else {
+    value = Act::template apply<S>(x);
+    slope = Act::template derivative<S>(x);
+  }
+}
 
 /// Applies `Act` to every entry of `m` in place (`m` an Eigen matrix, map, block or `Ref`).
 ///

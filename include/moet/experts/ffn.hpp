@@ -214,7 +214,7 @@ class FfnExperts {
     auto h = detail::aligned_matrix(scratch.hidden, n, f);  // (n, hidden_dim): h, then da
     activate(cache, h);
     weights_block(w2_grad_, e, f).noalias() += h.transpose() * dout;  // (hidden_dim, model_dim)
-    h.noalias() = dout * out_weights(e).transpose();                   // dh (n, hidden_dim)
+    h.noalias() = dout * out_weights(e).transpose();                  // dh (n, hidden_dim)
     for (Index r = 0; r < n; ++r) {
       for (Index j = 0; j < f; ++j) h(r, j) *= Act::template derivative<S>(cache(r, j));  // da
     }

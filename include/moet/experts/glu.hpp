@@ -4,6 +4,7 @@
 /// ALGORITHMS.md section 0.
 
 #include <cstdint>
+#include <type_traits>
 
 #include "moet/detail/buffer.hpp"
 #include "moet/detail/gather_scatter.hpp"
@@ -202,16 +203,38 @@ class GluExperts {
     if (n == 0) return;
     auto a = detail::aligned_matrix(scratch.gate, n, f);  // (n, hidden_dim): h, then dg
     auto b = detail::aligned_matrix(scratch.up, n, f);    // (n, hidden_dim): dh, then du
-    glu_hidden(cache, a);
-    block(down_grad_, e, f).noalias() += a.transpose() * dout;  // (hidden_dim, model_dim)
-    b.noalias() = dout * down_weights(e).transpose();            // dh (n, hidden_dim)
-    for (Index r = 0; r < n; ++r) {
-      for (Index j = 0; j < f; ++j) {
-        const S g = cache(r, j);
-        const S u = cache(r, f + j);
-        const S dh = b(r, j);
-        a(r, j) = dh * u * Act::template derivative<S>(g);  // dg
-        b(r, j) = dh * Act::template apply<S>(g);           // du
+    if constexpr (std::is_same_v<Act, Silu>) {
+      // SiLU: one vectorised sigmoid pass, kept in `a`; h, Act(g) and Act'(g) follow from it.
+      const auto g = cache.leftCols(f).array();
+      const auto u = cache.rightCols(f).array();
+      a.array() = (S(1) + (-g).exp()).inverse();                  // s = sigmoid(g)
+      b.array() = a.array() * (g * u);                            // h = s g u, as forward_train
+      block(down_grad_, e, f).noalias() += b.transpose() * dout;  // (hidden_dim, model_dim)
+      b.noalias() = dout * down_weights(e).transpose();           // dh (n, hidden_dim)
+      for (Index r = 0; r < n; ++r) {
+        for (Index j = 0; j < f; ++j) {
+          const S sg = a(r, j);
+          const S gv = cache(r, j);
+          const S dh = b(r, j);
+          a(r, j) = dh * cache(r, f + j) * (sg * (S(1) + gv * (S(1) - sg)));  // dg
+          b(r, j) = dh * (gv * sg);                                           // du
+        }
+      }
+    } else {
+      glu_hidden(cache, a);
+      block(down_grad_, e, f).noalias() += a.transpose() * dout;  // (hidden_dim, model_dim)
+      b.noalias() = dout * down_weights(e).transpose();           // dh (n, hidden_dim)
+      for (Index r = 0; r < n; ++r) {
+        for (Index j = 0; j < f; ++j) {
+          const S g = cache(r, j);
+          const S u = cache(r, f + j);
+          const S dh = b(r, j);
+          S act = S(0);
+          S slope = S(0);
+          activation_value_and_derivative<Act>(g, act, slope);
+          a(r, j) = dh * u * slope;  // dg
+          b(r, j) = dh * act;        // du
+        }
       }
     }
     block(gate_grad_, e, model_dim()).noalias() += in.transpose() * a;  // (model_dim, hidden_dim)
@@ -230,9 +253,11 @@ class GluExperts {
 
   /// Allocates the gradients (zero) if they are not yet; a no-op afterwards.
   void ensure_grad() {
-    if (gate_grad_.rows() != gate_.rows()) gate_grad_ = RowMatrix<S>::Zero(gate_.rows(), gate_.cols());
+    if (gate_grad_.rows() != gate_.rows())
+      gate_grad_ = RowMatrix<S>::Zero(gate_.rows(), gate_.cols());
     if (up_grad_.rows() != up_.rows()) up_grad_ = RowMatrix<S>::Zero(up_.rows(), up_.cols());
-    if (down_grad_.rows() != down_.rows()) down_grad_ = RowMatrix<S>::Zero(down_.rows(), down_.cols());
+    if (down_grad_.rows() != down_.rows())
+      down_grad_ = RowMatrix<S>::Zero(down_.rows(), down_.cols());
   }
 
   /// Calls `f(name, value, grad)` for the stacked weights, in this order: `gate`
@@ -279,10 +304,17 @@ class GluExperts {
   RowMatrix<S> down_grad_;
 
   // h = Act(g) ⊙ u from a cache `(n, 2 hidden_dim)` = [g | u] into `h` `(n, hidden_dim)`,
-  // one scalar at a time (bit-identical wherever the rows sit).
+  // one scalar at a time, except for SiLU: `sigmoid(g) * (g * u)` with Eigen's vectorised
+  // `exp` (the same bits for the same rows at the same buffer offsets, which the dispatchers
+  // fix independently of the thread count; within rounding of the scalar `forward`).
   template <class Cache, class H>
   void glu_hidden(const Cache& cache, H& h) const {
     const Index f = hidden_dim();
+    if constexpr (std::is_same_v<Act, Silu>) {
+      const auto g = cache.leftCols(f).array();
+      h.array() = (S(1) + (-g).exp()).inverse() * (g * cache.rightCols(f).array());
+      return;
+    }
     for (Index r = 0; r < h.rows(); ++r) {
       for (Index j = 0; j < f; ++j) h(r, j) = Act::template apply<S>(cache(r, j)) * cache(r, f + j);
     }

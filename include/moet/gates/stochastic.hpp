@@ -169,8 +169,7 @@ class StochasticGate {
   /// one value per assignment, `dx` `x`'s shape; throws `moet::Error` naming `StochasticGate`
   /// otherwise.
   void backward(const ConstRows<S>& x, const RouteContext& /*ctx*/, const Routing<S>& routing,
-                std::span<const S> d_weights, const LossGrad& /*loss_grad*/,
-                Rows<S> dx) const {
+                std::span<const S> d_weights, const LossGrad& /*loss_grad*/, Rows<S> dx) const {
     detail::require(x.cols() == model_dim(), kOp, "x must have model_dim = ", model_dim(),
                     " columns, got ", x.cols());
     detail::require(routing.num_tokens() == x.rows(), kOp, "the routing plan has ",
@@ -178,9 +177,8 @@ class StochasticGate {
     detail::require(static_cast<Index>(d_weights.size()) == routing.num_assignments(), kOp,
                     "d_weights must hold one value per assignment (", routing.num_assignments(),
                     "), got ", d_weights.size());
-    detail::require(dx.rows() == x.rows() && dx.cols() == x.cols(), kOp,
-                    "dx must have x's shape (", x.rows(), ", ", x.cols(), "), got (", dx.rows(),
-                    ", ", dx.cols(), ")");
+    detail::require(dx.rows() == x.rows() && dx.cols() == x.cols(), kOp, "dx must have x's shape (",
+                    x.rows(), ", ", x.cols(), "), got (", dx.rows(), ", ", dx.cols(), ")");
   }
 
   /// No gradients to clear.

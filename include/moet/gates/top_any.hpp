@@ -106,7 +106,8 @@ RowMatrix<S> orthogonal_gate_embeddings(Index model_dim, Index max_experts, std:
 
 }  // namespace detail
 
-/// DynMoE top-any gate (Guo et al., ICLR 2025, arXiv 2405.14297), forward pass.
+/// DynMoE top-any gate (Guo et al., ICLR 2025, arXiv 2405.14297): forward, straight-through
+/// backward and the adaptive expert count.
 ///
 /// State (ALGORITHMS.md 1.1): gate embeddings `W` `(model_dim, max_experts)`, one column per
 /// expert slot; thresholds `theta` `(max_experts)`, initially 0; the 0/1 expert mask `m`
@@ -134,10 +135,11 @@ RowMatrix<S> orthogonal_gate_embeddings(Index model_dim, Index max_experts, std:
 /// comment), with the parameters `embeddings` (`W`) and `thresholds` (`theta`) visited by
 /// `visit_parameters`; the auxiliary losses live in train/top_any_losses.hpp; the adaptive
 /// process (records, remove-then-add, schedules) is `on_training_forward`, `begin_recording`
-/// and `update_experts`. The mask is not a parameter. Not offered: the Tutel
-/// `gated_multi_gate_t` variant's trainable temperature (`tau = exp(min(log_t, log 100))`,
-/// starting at 10); `set_temperature()` sets a fixed `tau`, and `backward` treats it as a
-/// constant.
+/// and `update_experts`. The mask is not a parameter. The Tutel `gated_multi_gate_t`
+/// variant's trainable temperature is `Options::trainable_temperature`: the parameter is
+/// `log_t` (visited as `log_temperature`, `(1, 1)`) and `tau = exp(min(log_t, log 100))`; build
+/// it with `temperature = 10` to start as Tutel does (`init_t = 0.1`). Otherwise `tau` is a
+/// constant (DeepSpeed, Tutel `gated_multi_gate`).
 ///
 /// \tparam S scalar type (float or double); routing runs in `S`.
 ///
@@ -159,8 +161,12 @@ class TopAnyGate {
     Index max_experts = 0;
     /// Which implementation's eval fallback weight to follow.
     TopAnyVariant variant = TopAnyVariant::kDeepSpeed;
-    /// Logit scale `tau`, finite and > 0. 1 in DeepSpeed and Tutel `gated_multi_gate`.
+    /// Logit scale `tau`, finite and > 0. 1 in DeepSpeed and Tutel `gated_multi_gate`; the
+    /// initial value when `trainable_temperature`.
     S temperature = S(1);
+    /// Train `tau` as Tutel `gated_multi_gate_t` does: the parameter is `log_t = log(tau)`,
+    /// and `tau = exp(min(log_t, log 100))` (so no gradient reaches `log_t` above the clamp).
+    bool trainable_temperature = false;
     /// Seed of the orthogonal gate embedding initialisation.
     std::uint64_t init_seed = 0;
     /// When the adaptive process runs. The default is DeepSpeed's cycle, DynMoE's recommended
@@ -179,6 +185,8 @@ class TopAnyGate {
   static constexpr S kNormEps = S(1e-12);
   /// Tokens per routing task: fixed, so the split never depends on the thread count.
   static constexpr Index kTokenBlock = 256;
+  /// Clamp of the trainable temperature: `tau <= 100` (`log(1 / 0.01)` in Tutel).
+  static constexpr S kLogMaxTemperature = S(4.605170185988091368);
 
   /// Builds the gate and initialises its state (ALGORITHMS.md 1.1). Throws `moet::Error` when
   /// `model_dim < 1`, `num_experts < 1`, `num_experts > max_experts` (when `max_experts != 0`)
@@ -201,6 +209,7 @@ class TopAnyGate {
                     options_.schedule_period);
     const Index emax = options_.max_experts;
     temperature_ = options_.temperature;
+    log_temperature_ = std::log(options_.temperature);
     embeddings_ =
         detail::orthogonal_gate_embeddings<S>(options_.model_dim, emax, options_.init_seed);
     thresholds_ = Vector<S>::Zero(emax);
@@ -276,14 +285,23 @@ class TopAnyGate {
     mask_[e] = active ? S(1) : S(0);
   }
 
-  /// The logit scale `tau`.
-  S temperature() const { return temperature_; }
-  /// Sets `tau` (for the trainable-temperature variant); throws `moet::Error` unless it is
-  /// finite and > 0.
+  /// The logit scale `tau` in use: the fixed one, or `exp(min(log_t, log 100))` with
+  /// `trainable_temperature`.
+  S temperature() const {
+    if (!options_.trainable_temperature) return temperature_;
+    return std::exp(std::min(log_temperature_, kLogMaxTemperature));
+  }
+  /// Sets `tau` (with `trainable_temperature`, sets `log_t = log(tau)`); throws `moet::Error`
+  /// unless it is finite and > 0.
   void set_temperature(S tau) {
     check_temperature(tau);
     temperature_ = tau;
+    log_temperature_ = std::log(tau);
   }
+  /// The trainable parameter `log_t` (meaningful with `trainable_temperature`).
+  S log_temperature() const { return log_temperature_; }
+  /// dL/dlog_t (0 unless `trainable_temperature`).
+  S log_temperature_grad() const { return grad_log_temperature_; }
 
   /// Routes the rows of `x` `(num_tokens, model_dim)` into `out` (see the class comment).
   /// Fills `out.probs_mut()` with the masked sigmoid scores `s` `(num_tokens, max_experts)`
@@ -303,6 +321,10 @@ class TopAnyGate {
     detail::require(detail::all_finite(embeddings_), kOp, "gate embeddings must be finite");
     detail::require(detail::all_finite(thresholds_), kOp, "thresholds must be finite");
     detail::require(detail::all_finite(x), kOp, "x must be finite (found NaN or Inf)");
+    const S tau = temperature();
+    detail::require(std::isfinite(tau) && tau > S(0), kOp,
+                    "temperature must be finite and > 0, got ", tau, " (log_temperature ",
+                    log_temperature_, ")");
 
     const Index num_tokens = x.rows();
     const Index num_active_slots = num_active();
@@ -315,7 +337,6 @@ class TopAnyGate {
     auto slot = out.scratch_values.vector(2 * emax);
     S* const norm_w = slot.data();       // (max_experts)
     S* const threshold = norm_w + emax;  // (max_experts)
-    const S tau = temperature_;
     const S* const mask = mask_.data();
     S max_norm_w = kNormEps;  // largest active embedding norm
     for (Index e = 0; e < emax; ++e) {
@@ -427,7 +448,8 @@ class TopAnyGate {
   /// (a token with no activated expert, routed to its best one when `!ctx.training`) pass
   /// nothing for `kDeepSpeed` (weight 1, a constant) and, for `kTutel` when the weight is the
   /// raw score `s`, dL/ds = dL/dw through the sigmoid and cosine (the threshold is not
-  /// involved). `tau` is a constant.
+  /// involved). `tau` is a constant unless `trainable_temperature`; then, with `z = tau cos` and
+  /// `tau theta` both depending on it, `dL/dlog_t = tau dL/dtau` below the clamp (0 above).
   ///
   /// The gate's `W` and `theta` must be those the plan was routed with; the only allowed
   /// change is an expert update by `on_training_forward` (it touches only slots that are not
@@ -450,12 +472,12 @@ class TopAnyGate {
                     "d_weights must have one entry per assignment (", routing.num_assignments(),
                     "), got ", d_weights.size());
     const std::span<const S> d_gates = loss_grad.d_gates;
-    detail::require(d_gates.empty() || static_cast<Index>(d_gates.size()) == num_tokens * emax,
-                    op, "d_gates must be empty or have num_tokens * max_experts = ",
-                    num_tokens * emax, " entries, got ", d_gates.size());
-    detail::require(dx.rows() == num_tokens && dx.cols() == d, op, "dx must be (", num_tokens,
-                    ", ", d, "), got (", dx.rows(), ", ", dx.cols(), ")");
-    const S tau = temperature_;
+    detail::require(d_gates.empty() || static_cast<Index>(d_gates.size()) == num_tokens * emax, op,
+                    "d_gates must be empty or have num_tokens * max_experts = ", num_tokens * emax,
+                    " entries, got ", d_gates.size());
+    detail::require(dx.rows() == num_tokens && dx.cols() == d, op, "dx must be (", num_tokens, ", ",
+                    d, "), got (", dx.rows(), ", ", dx.cols(), ")");
+    const S tau = temperature();
     S* const threshold = slot_thresholds();
     const auto scores = routing.probs();  // (num_tokens, max_experts)
     Index batch_max_k = 0;
@@ -477,7 +499,8 @@ class TopAnyGate {
 
     // Per-slot constants: raw column norms of W and the normalised columns, transposed so that
     // each is contiguous.
-    S* const raw_norm_w = threshold + emax;  // (max_experts)
+    S* const raw_norm_w = threshold + emax;      // (max_experts)
+    S* const slot_d_tau = threshold + 2 * emax;  // (max_experts): dL/dtau through theta
     auto slot_rows = wn_scratch_.matrix(2 * emax, d);
     auto wn_t = slot_rows.topRows(emax);  // (max_experts, model_dim): Wn transposed
     for (Index e = 0; e < emax; ++e) {
@@ -488,11 +511,14 @@ class TopAnyGate {
     const bool raw_fallback = options_.variant == TopAnyVariant::kTutel && batch_max_k < 2;
 
     // Pass 1, over token blocks: dL/dcos and dL/dr per (token, slot), and dx.
-    S* const token_data = token_scratch_.data(2 * num_tokens * emax + num_tokens);
+    const Index num_blocks = (num_tokens + kTokenBlock - 1) / kTokenBlock;
+    S* const token_data = token_scratch_.data(2 * num_tokens * emax + num_tokens + num_blocks);
     Eigen::Map<RowMatrix<S>> d_cos(token_data, num_tokens, emax);                    // (T, Emax)
     Eigen::Map<RowMatrix<S>> d_r(token_data + num_tokens * emax, num_tokens, emax);  // (T, Emax)
-    S* const inv_norm_x = token_data + 2 * num_tokens * emax;                       // (T)
+    S* const inv_norm_x = token_data + 2 * num_tokens * emax;                        // (T)
+    S* const block_d_tau = inv_norm_x + num_tokens;  // (num_blocks): dL/dtau through s
     detail::parallel_blocks(num_tokens, kTokenBlock, [&](Index begin, Index end) {
+      S d_tau = S(0);  // sum_t,e dL/ds s (1 - s) cos = sum_t projection_t / tau
       for (Index t = begin; t < end; ++t) {
         d_cos.row(t).setZero();
         d_r.row(t).setZero();
@@ -531,7 +557,9 @@ class TopAnyGate {
         if (any && raw_norm_x > kNormEps) {
           dx.row(t) -= (projection / (norm_x * norm_x)) * x.row(t);
         }
+        d_tau += projection / tau;
       }
+      block_d_tau[begin / kTokenBlock] = d_tau;
     });
 
     // Pass 2, over slots: dL/dWn_e = sum_t dL/dcos[t,e] x_t / ||x_t|| in token order, then
@@ -551,6 +579,7 @@ class TopAnyGate {
       }
       const S thr = threshold[e];
       grad_thresholds_[e] += -tau * thr * (S(1) - thr) * sum_r;
+      slot_d_tau[e] = -thr * (S(1) - thr) * thresholds_[e] * sum_r;
       if (!any) return;
       if (raw_norm_w[e] > kNormEps) {
         const S along = acc.dot(wn_t.row(e));
@@ -559,6 +588,14 @@ class TopAnyGate {
         grad_embeddings_.col(e) += (acc / kNormEps).transpose();
       }
     });
+
+    // dL/dlog_t = tau dL/dtau below the clamp, summed in block and slot order.
+    if (options_.trainable_temperature && log_temperature_ < kLogMaxTemperature) {
+      S d_tau = S(0);
+      for (Index b = 0; b < num_blocks; ++b) d_tau += block_d_tau[b];
+      for (Index e = 0; e < emax; ++e) d_tau += slot_d_tau[e];
+      grad_log_temperature_ += tau * d_tau;
+    }
   }
 
   /// Sets the gradients to zero (allocating them on the first call).
@@ -566,6 +603,7 @@ class TopAnyGate {
     ensure_grads();
     grad_embeddings_.setZero();
     grad_thresholds_.setZero();
+    grad_log_temperature_ = S(0);
   }
 
   /// dL/dW `(model_dim, max_experts)`; `(0, 0)` before the first `zero_grad` or `backward`.
@@ -583,9 +621,10 @@ class TopAnyGate {
     return grad_thresholds_;
   }
 
-  /// Calls `f(name, value, grad)` for `embeddings` (`W`, `(model_dim, max_experts)`) and
-  /// `thresholds` (`theta`, `(1, max_experts)`), in that order (train/grad.hpp). The expert
-  /// mask is not a parameter. Allocates the gradients on first use.
+  /// Calls `f(name, value, grad)` for `embeddings` (`W`, `(model_dim, max_experts)`),
+  /// `thresholds` (`theta`, `(1, max_experts)`) and, with `trainable_temperature`,
+  /// `log_temperature` (`log_t`, `(1, 1)`), in that order (train/grad.hpp). The expert mask is
+  /// not a parameter. Allocates the gradients on first use.
   template <class F>
   void visit_parameters(F&& f) {
     ensure_grads();
@@ -595,6 +634,10 @@ class TopAnyGate {
       ParamMap<S>(grad_embeddings_.data(), d, emax));
     f(std::string_view("thresholds"), ParamMap<S>(thresholds_.data(), 1, emax),
       ParamMap<S>(grad_thresholds_.data(), 1, emax));
+    if (options_.trainable_temperature) {
+      f(std::string_view("log_temperature"), ParamMap<S>(&log_temperature_, 1, 1),
+        ParamMap<S>(&grad_log_temperature_, 1, 1));
+    }
   }
 
   // ---------------------------------------------------------------------------------------
@@ -605,8 +648,11 @@ class TopAnyGate {
   /// `TopAnySchedule::kDeepSpeedCycle`, begins recording when the counter `n =
   /// training_forwards()` says so; while recording, adds the plan to the records
   /// (`R_E[e] += tokens routed to e`, `R_S += x_t` for every token routed nowhere); under the
-  /// cycle, updates the experts (`update_experts()`) when `n` says so; then counts the forward
-  /// (`++n`). Under `kManual` it only records (when recording) and counts.
+  /// cycle, updates the experts (`update_experts()`) when `n` says so and a recording is still
+  /// open (an explicit `update_experts()` earlier in the window closes it); then counts the
+  /// forward (`++n`). Under `kManual` it only records (when recording) and counts. The update
+  /// touches only slots that are not in this forward's plan (idle or inactive ones), so the
+  /// plan stays valid for `backward`; the auxiliary loss computed after it sees the new mask.
   ///
   /// Throws `moet::Error`, changing nothing, when the shapes do not match (`x` `(T,
   /// model_dim)`, `routing` over `T` tokens and `max_experts` experts with `(T, max_experts)`
@@ -716,28 +762,31 @@ class TopAnyGate {
     detail::require(x.cols() == d, op, "x must have model_dim = ", d, " columns, got ", x.cols());
     detail::require(routing.num_tokens() == x.rows(), op, "the plan has ", routing.num_tokens(),
                     " tokens but x has ", x.rows(), " rows");
-    detail::require(routing.num_experts() == emax, op, "the plan must be over max_experts = ",
-                    emax, " experts, got ", routing.num_experts());
-    detail::require(routing.probs().rows() == x.rows() && routing.probs().cols() == emax, op,
-                    "the plan's scores must be (", x.rows(), ", ", emax,
+    detail::require(routing.num_experts() == emax, op, "the plan must be over max_experts = ", emax,
+                    " experts, got ", routing.num_experts());
+    // route leaves the scores (0, 0) for an empty batch.
+    const bool scores_ok =
+        x.rows() == 0 || (routing.probs().rows() == x.rows() && routing.probs().cols() == emax);
+    detail::require(scores_ok, op, "the plan's scores must be (", x.rows(), ", ", emax,
                     ") as route writes them, got (", routing.probs().rows(), ", ",
                     routing.probs().cols(), ")");
     detail::require(embeddings_.rows() == d && embeddings_.cols() == emax, op,
                     "gate embeddings must be (", d, ", ", emax, "), got (", embeddings_.rows(),
                     ", ", embeddings_.cols(), ")");
-    detail::require(thresholds_.size() == emax, op, "thresholds must have ", emax,
-                    " entries, got ", thresholds_.size());
+    detail::require(thresholds_.size() == emax, op, "thresholds must have ", emax, " entries, got ",
+                    thresholds_.size());
     for (const auto e : routing.experts()) {
       detail::require(e >= 0 && e < emax, op, "expert id must be in [0, ", emax, "), got ", e);
     }
   }
 
   /// The fire thresholds `sigmoid(tau theta_e)`, computed exactly as `route` does, in the
-  /// first `max_experts` entries of a slot scratch of `2 * max_experts`.
+  /// first `max_experts` entries of a slot scratch of `3 * max_experts`.
   S* slot_thresholds() {
     const Index emax = max_experts();
-    S* const threshold = slot_scratch_.data(2 * emax);
-    for (Index e = 0; e < emax; ++e) threshold[e] = sigmoid(temperature_ * thresholds_[e]);
+    S* const threshold = slot_scratch_.data(3 * emax);
+    const S tau = temperature();
+    for (Index e = 0; e < emax; ++e) threshold[e] = sigmoid(tau * thresholds_[e]);
     return threshold;
   }
 
@@ -751,16 +800,18 @@ class TopAnyGate {
   }
 
   Options options_;
-  S temperature_ = S(1);
-  RowMatrix<S> embeddings_;  // (model_dim, max_experts)
-  Vector<S> thresholds_;     // (max_experts)
-  Vector<S> mask_;           // (max_experts), 0 or 1
+  S temperature_ = S(1);      // the fixed tau
+  S log_temperature_ = S(0);  // log_t, the parameter with trainable_temperature
+  RowMatrix<S> embeddings_;   // (model_dim, max_experts)
+  Vector<S> thresholds_;      // (max_experts)
+  Vector<S> mask_;            // (max_experts), 0 or 1
   // Training state: gradients (allocated lazily) and backward scratch.
-  RowMatrix<S> grad_embeddings_;   // (model_dim, max_experts)
-  Vector<S> grad_thresholds_;      // (max_experts)
-  detail::Buffer<S> slot_scratch_;   // (2 * max_experts)
+  RowMatrix<S> grad_embeddings_;  // (model_dim, max_experts)
+  Vector<S> grad_thresholds_;     // (max_experts)
+  S grad_log_temperature_ = S(0);
+  detail::Buffer<S> slot_scratch_;   // (3 * max_experts)
   detail::Buffer<S> wn_scratch_;     // (2 * max_experts, model_dim)
-  detail::Buffer<S> token_scratch_;  // (2 * num_tokens * max_experts + num_tokens)
+  detail::Buffer<S> token_scratch_;  // (2 T max_experts + T + token blocks)
   // Adaptive process (ALGORITHMS.md 1.6).
   std::vector<Index> record_tokens_;  // R_E (max_experts)
   Vector<S> record_unrouted_;         // R_S (model_dim)

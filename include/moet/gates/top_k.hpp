@@ -29,8 +29,8 @@ namespace detail {
 /// DeepSpeed's expert capacity `max(ceil(T / E * capacity_factor * k), min_capacity)`, with the
 /// product evaluated in fp32 as DeepSpeed does (`T / E` is a Python float rounded to fp32 when
 /// it meets the fp32 tensor `capacity_factor * k`).
-inline Index expert_capacity(Index num_tokens, Index num_experts, double capacity_factor,
-                             Index k, Index min_capacity) {
+inline Index expert_capacity(Index num_tokens, Index num_experts, double capacity_factor, Index k,
+                             Index min_capacity) {
   const auto ratio =
       static_cast<float>(static_cast<double>(num_tokens) / static_cast<double>(num_experts));
   const auto factor = static_cast<float>(capacity_factor * static_cast<double>(k));
@@ -181,9 +181,9 @@ class TopKGate {
   /// or a `z` of the wrong shape.
   void logits(const ConstRows<S>& x, Rows<S> z) const {
     detail::check_gate_input(kOp, x, options_.model_dim);
-    detail::require(z.rows() == x.rows() && z.cols() == options_.num_experts, kOp,
-                    "z must be (", x.rows(), ", ", options_.num_experts, "), got (", z.rows(),
-                    ", ", z.cols(), ")");
+    detail::require(z.rows() == x.rows() && z.cols() == options_.num_experts, kOp, "z must be (",
+                    x.rows(), ", ", options_.num_experts, "), got (", z.rows(), ", ", z.cols(),
+                    ")");
     router_.logits(x, z);
   }
 
@@ -191,15 +191,13 @@ class TopKGate {
   /// num_experts)`) that `route(x, ctx, ...)` uses in training, so that
   /// `H = z + eps * softplus(n)` (the inputs of `noisy_load_loss`). Throws `Error` unless the
   /// gate is `noisy`, or on a bad `x` or output shape.
-  void noise_logits(const ConstRows<S>& x, const RouteContext& ctx, Rows<S> n,
-                    Rows<S> eps) const {
+  void noise_logits(const ConstRows<S>& x, const RouteContext& ctx, Rows<S> n, Rows<S> eps) const {
     detail::require(options_.noisy, kOp, "noise_logits needs a noisy gate");
     detail::check_gate_input(kOp, x, options_.model_dim);
     detail::require(n.rows() == x.rows() && n.cols() == options_.num_experts &&
                         eps.rows() == x.rows() && eps.cols() == options_.num_experts,
-                    kOp, "n and eps must be (", x.rows(), ", ", options_.num_experts,
-                    "), got (", n.rows(), ", ", n.cols(), ") and (", eps.rows(), ", ",
-                    eps.cols(), ")");
+                    kOp, "n and eps must be (", x.rows(), ", ", options_.num_experts, "), got (",
+                    n.rows(), ", ", n.cols(), ") and (", eps.rows(), ", ", eps.cols(), ")");
     detail::router_product(x, noise_weights_, n);
     for (Index t = 0; t < x.rows(); ++t) {
       for (Index e = 0; e < options_.num_experts; ++e) eps(t, e) = noise_eps(ctx, t, e);
@@ -216,13 +214,13 @@ class TopKGate {
     constexpr const char* op = "TopKGate::backward_noise_logits";
     detail::require(options_.noisy, op, "needs a noisy gate");
     detail::check_gate_input(op, x, options_.model_dim);
-    detail::require(d_noise_logits.rows() == x.rows() &&
-                        d_noise_logits.cols() == options_.num_experts,
-                    op, "d_noise_logits must be (", x.rows(), ", ", options_.num_experts,
-                    "), got (", d_noise_logits.rows(), ", ", d_noise_logits.cols(), ")");
-    detail::require(dx.rows() == x.rows() && dx.cols() == options_.model_dim, op,
-                    "dx must be (", x.rows(), ", ", options_.model_dim, ") like x, got (",
-                    dx.rows(), ", ", dx.cols(), ")");
+    detail::require(
+        d_noise_logits.rows() == x.rows() && d_noise_logits.cols() == options_.num_experts, op,
+        "d_noise_logits must be (", x.rows(), ", ", options_.num_experts, "), got (",
+        d_noise_logits.rows(), ", ", d_noise_logits.cols(), ")");
+    detail::require(dx.rows() == x.rows() && dx.cols() == options_.model_dim, op, "dx must be (",
+                    x.rows(), ", ", options_.model_dim, ") like x, got (", dx.rows(), ", ",
+                    dx.cols(), ")");
     ensure_noise_grad();
     detail::linear_backward<S>(x, noise_weights_, d_noise_logits, noise_grad_, dx);
   }
@@ -260,25 +258,25 @@ class TopKGate {
                 std::span<const S> d_weights, const LossGrad& loss_grad, Rows<S> dx) {
     detail::check_softmax_backward(kBackwardOp, x, options_.model_dim, options_.num_experts,
                                    routing, d_weights, loss_grad, dx);
-    router_.grad();  // allocates the gradient, even for an empty batch
     const bool noisy = options_.noisy && ctx.training;
     if (options_.noisy) ensure_noise_grad();
+    if (!noisy) {
+      router_.backward_plan(x, routing, d_weights, options_.renormalize, loss_grad, dx);
+      return;
+    }
+    router_.grad();  // allocates the gradient, even for an empty batch
     const Index num_tokens = x.rows();
     const Index num_experts = options_.num_experts;
     if (num_tokens == 0) return;
 
-    const std::size_t size = static_cast<std::size_t>(num_tokens * num_experts);
-    auto dz = dz_.matrix(num_tokens, num_experts);  // dL/dz (num_tokens, num_experts)
-    // Noisy: z, then Q = softmax(H) over it; n, then dL/dn over it (each (num_tokens, E)).
-    Eigen::Map<RowMatrix<S>> q(noisy ? q_.data(static_cast<Index>(size)) : nullptr,
-                               noisy ? num_tokens : 0, num_experts);
-    Eigen::Map<RowMatrix<S>> dn(noisy ? dn_.data(static_cast<Index>(size)) : nullptr,
-                                noisy ? num_tokens : 0, num_experts);
-    if (noisy) {
-      router_.logits(x, q);
-      detail::router_product(x, noise_weights_, dn);
-    }
-    const auto probs = routing.probs();  // (num_tokens, num_experts)
+    // dL/dz; z, then Q = softmax(H) over it; n, then dL/dn over it (each (num_tokens, E)).
+    const Index size = num_tokens * num_experts;
+    Eigen::Map<RowMatrix<S>> dz(dz_.data(size), num_tokens, num_experts);
+    Eigen::Map<RowMatrix<S>> q(q_.data(size), num_tokens, num_experts);
+    Eigen::Map<RowMatrix<S>> dn(dn_.data(size), num_tokens, num_experts);
+    router_.logits(x, q);
+    detail::router_product(x, noise_weights_, dn);
+    const auto probs = routing.probs();  // clean P (num_tokens, num_experts)
     const auto offsets = routing.offsets();
     const S* d_probs = loss_grad.d_probs.empty() ? nullptr : loss_grad.d_probs.data();
     const S* d_logits = loss_grad.d_logits.empty() ? nullptr : loss_grad.d_logits.data();
@@ -286,30 +284,24 @@ class TopKGate {
       for (Index t = begin; t < end; ++t) {
         S* dz_row = dz.data() + t * num_experts;
         std::fill(dz_row, dz_row + num_experts, S(0));
-        const S* p = probs.data() + t * num_experts;
         const auto a0 = static_cast<std::size_t>(offsets[static_cast<std::size_t>(t)]);
         const auto dw = d_weights.subspan(a0, static_cast<std::size_t>(routing.k(t)));
-        if (!noisy) {
-          detail::combine_weights_backward_row(p, num_experts, routing.experts(t), dw,
-                                               options_.renormalize, dz_row);
-        } else {
-          // H exactly as route computes it, then Q = softmax(H), in place of z.
-          S* h = q.data() + t * num_experts;
-          S* n = dn.data() + t * num_experts;
-          for (Index e = 0; e < num_experts; ++e) {
-            h[e] = h[e] + noise_eps(ctx, t, e) * detail::softplus(n[e]);
-          }
-          detail::softmax_row(h, num_experts);
-          // dL/dH (still alone in dz_row) reaches z as is and n as dL/dH * eps * sigmoid(n).
-          detail::combine_weights_backward_row(static_cast<const S*>(h), num_experts,
-                                               routing.experts(t), dw, options_.renormalize,
-                                               dz_row);
-          for (Index e = 0; e < num_experts; ++e) {
-            n[e] = dz_row[e] * noise_eps(ctx, t, e) * detail::sigmoid(n[e]);
-          }
+        // H exactly as route computes it, then Q = softmax(H), in place of z.
+        S* h = q.data() + t * num_experts;
+        S* n = dn.data() + t * num_experts;
+        for (Index e = 0; e < num_experts; ++e) {
+          h[e] = h[e] + noise_eps(ctx, t, e) * detail::softplus(n[e]);
+        }
+        detail::softmax_row(h, num_experts);
+        // dL/dH (still alone in dz_row) reaches z as is and n as dL/dH * eps * sigmoid(n).
+        detail::combine_weights_backward_row(static_cast<const S*>(h), num_experts,
+                                             routing.experts(t), dw, options_.renormalize, dz_row);
+        for (Index e = 0; e < num_experts; ++e) {
+          n[e] = dz_row[e] * noise_eps(ctx, t, e) * detail::sigmoid(n[e]);
         }
         if (d_probs != nullptr) {
-          detail::softmax_backward_row(p, d_probs + t * num_experts, num_experts, dz_row);
+          detail::softmax_backward_row(probs.data() + t * num_experts, d_probs + t * num_experts,
+                                       num_experts, dz_row);
         }
         if (d_logits != nullptr) {
           const S* g = d_logits + t * num_experts;
@@ -318,7 +310,7 @@ class TopKGate {
       }
     });
     router_.backward_logits(x, dz, dx);
-    if (noisy) detail::linear_backward<S>(x, noise_weights_, dn, noise_grad_, dx);
+    detail::linear_backward<S>(x, noise_weights_, dn, noise_grad_, dx);
   }
 
   /// The expert capacity for a batch of `num_tokens` tokens; `num_tokens` (no limit: an expert
@@ -443,13 +435,12 @@ class TopKGate {
     detail::require(o.num_experts >= 1, kOp, "num_experts must be >= 1, got ", o.num_experts);
     detail::require(o.num_experts <= std::numeric_limits<std::int32_t>::max(), kOp,
                     "num_experts must fit in int32, got ", o.num_experts);
-    detail::require(o.k >= 1 && o.k <= o.num_experts, kOp, "k must be in [1, num_experts = ",
-                    o.num_experts, "], got ", o.k);
+    detail::require(o.k >= 1 && o.k <= o.num_experts, kOp,
+                    "k must be in [1, num_experts = ", o.num_experts, "], got ", o.k);
     detail::require(std::isfinite(o.capacity_factor) && o.capacity_factor >= 0.0, kOp,
                     "capacity_factor must be finite and >= 0 (0 = dropless), got ",
                     o.capacity_factor);
-    detail::require(o.min_capacity >= 0, kOp, "min_capacity must be >= 0, got ",
-                    o.min_capacity);
+    detail::require(o.min_capacity >= 0, kOp, "min_capacity must be >= 0, got ", o.min_capacity);
     return o;
   }
 
@@ -457,7 +448,8 @@ class TopKGate {
   detail::SoftmaxRouter<S> router_;
   RowMatrix<S> noise_weights_;  // (model_dim, num_experts), or (0, 0) unless noisy
   RowMatrix<S> noise_grad_;     // gradient of noise_weights_, allocated on first use
-  // Backward scratch (grow-only): dL/dz, noisy scores softmax(H), noise logits then dL/dn.
+  // Noisy backward scratch (grow-only): dL/dz, noisy scores softmax(H), noise logits then
+  // dL/dn.
   detail::Buffer<S> dz_;
   detail::Buffer<S> q_;
   detail::Buffer<S> dn_;

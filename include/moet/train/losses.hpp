@@ -7,25 +7,27 @@
 /// §5 (baselines). DynMoE's losses live in train/top_any_losses.hpp.
 ///
 /// Where the gradient goes (see train/grad.hpp, `SoftmaxLossGrad`):
-/// | loss                  | input                       | gradient into                       |
-/// |-----------------------|-----------------------------|-------------------------------------|
-/// | `load_balance_loss`   | `Routing` (plan + `probs()`) | `d_probs` (T, E) -> `d_probs`      |
-/// | `router_z_loss`       | logits `z` (T, E)           | `d_logits` (T, E) -> `d_logits`     |
-/// | `router_entropy_loss` | probabilities `P` (T, E)    | `d_probs` (T, E) -> `d_probs`       |
-/// | `importance_loss`     | `Routing` (combine weights) | `d_weights` (assignments)           |
-/// | `noisy_load_loss`     | `z`, `n`, `eps` (T, E) each | `d_logits` and `d_noise_logits`     |
-/// | `consistency_loss`    | two logits matrices (T, V)  | `d0`, `d1` (T, V), e.g. dL/dy       |
+/// | loss                  | input                        | adds into, then pass as            |
+/// |-----------------------|------------------------------|------------------------------------|
+/// | `load_balance_loss`   | `Routing` (plan, `probs()`)  | `d_probs` (T, E): `d_probs`        |
+/// | `router_z_loss`       | logits `z` (T, E)            | `d_logits` (T, E): `d_logits`      |
+/// | `router_entropy_loss` | probabilities `P` (T, E)     | `d_probs` (T, E): `d_probs`        |
+/// | `importance_loss`     | `Routing` (combine weights)  | `d_weights` (assignments)          |
+/// | `noisy_load_loss`     | `z`, `n`, `eps` (T, E) each  | `d_logits`; `d_noise_logits`       |
+/// | `consistency_loss`    | two logits matrices (T, V)   | `d0`, `d1` (T, V), e.g. dL/dy     |
 ///
 /// Token means divide by the number of valid tokens: `valid` (one byte per token, 0 = pad) is
 /// optional in every option struct that has it; pads contribute nothing and get no gradient,
 /// and a batch with no valid token gives 0. All losses run serially in a fixed order except
 /// `consistency_loss` (fixed row blocks, partial sums added in block order): the same bits for
-/// any thread count.
+/// any thread count. Each call allocates a little scratch (`O(E)` values; `consistency_loss`
+/// `O(threads * V)`): these are per-step functions, not per-token kernels.
 ///
 /// ```cpp
 /// RowMatrix<float> d_probs = RowMatrix<float>::Zero(T, E);
-/// double lb = moet::load_balance_loss<float>(plan, d_probs, moet::LoadBalanceOptions::switch_options());
-/// gate.backward(x, ctx, plan, d_weights, {.d_probs = {d_probs.data(), size_t(T * E)}}, dx);
+/// const auto opts = moet::LoadBalanceOptions::switch_options();
+/// double lb = moet::load_balance_loss<float>(plan, d_probs, opts);
+/// gate.backward(x, ctx, plan, d_weights, {.d_probs = {d_probs.data(), std::size_t(T * E)}}, dx);
 /// ```
 
 #include <algorithm>
@@ -58,8 +60,7 @@ void require_shape(const char* op, const char* name, const M& m, Index rows, Ind
 inline Index count_valid(const char* op, std::span<const std::uint8_t> valid, Index num_tokens) {
   if (valid.empty()) return num_tokens;
   require(static_cast<Index>(valid.size()) == num_tokens, op,
-          "valid must be empty or have one entry per token (", num_tokens, "), got ",
-          valid.size());
+          "valid must be empty or have one entry per token (", num_tokens, "), got ", valid.size());
   Index n = 0;
   for (const std::uint8_t v : valid) n += v != 0 ? 1 : 0;
   return n;
@@ -75,8 +76,8 @@ void require_finite(const char* op, const char* name, const M& m) {
   if (all_finite(m)) return;
   for (Index t = 0; t < m.rows(); ++t) {
     for (Index e = 0; e < m.cols(); ++e) {
-      require(std::isfinite(m(t, e)), op, name, " must be finite, got ", m(t, e), " at (", t,
-              ", ", e, ")");
+      require(std::isfinite(m(t, e)), op, name, " must be finite, got ", m(t, e), " at (", t, ", ",
+              e, ")");
     }
   }
 }
@@ -174,8 +175,8 @@ double load_balance_loss(const Routing<S>& routing, Rows<S> d_probs,
                   static_cast<int>(options.count));
   const Index n_valid = detail::count_valid(op, options.valid, num_tokens);
   for (const std::int32_t e : routing.experts()) {
-    detail::require(e >= 0 && e < num_experts, op, "routing expert id ", e,
-                    " is outside [0, ", num_experts, ")");
+    detail::require(e >= 0 && e < num_experts, op, "routing expert id ", e, " is outside [0, ",
+                    num_experts, ")");
   }
   if (n_valid == 0 || num_experts == 0) return 0.0;
 
@@ -246,13 +247,13 @@ double router_z_loss(const ConstRows<S>& logits, Rows<S> d_logits,
     double max = static_cast<double>(logits(t, 0));
     for (Index e = 1; e < num_experts; ++e) max = std::max(max, static_cast<double>(logits(t, e)));
     double sum = 0.0;
-    for (Index e = 0; e < num_experts; ++e) sum += std::exp(static_cast<double>(logits(t, e)) - max);
+    for (Index e = 0; e < num_experts; ++e)
+      sum += std::exp(static_cast<double>(logits(t, e)) - max);
     const double lse = max + std::log(sum);
     loss += lse * lse;
     const double g = 2.0 * options.c_z * lse * inv;
     for (Index e = 0; e < num_experts; ++e) {
-      d_logits(t, e) +=
-          static_cast<S>(g * std::exp(static_cast<double>(logits(t, e)) - max) / sum);
+      d_logits(t, e) += static_cast<S>(g * std::exp(static_cast<double>(logits(t, e)) - max) / sum);
     }
   }
   return options.c_z * loss * inv;
@@ -287,8 +288,8 @@ double router_entropy_loss(const ConstRows<S>& probs, Rows<S> d_probs,
   for (Index t = 0; t < num_tokens; ++t) {
     for (Index e = 0; e < num_experts; ++e) {
       const S p = probs(t, e);
-      detail::require(p >= S(0) && p <= S(1), op, "probs must be in [0, 1], got ", p, " at (",
-                      t, ", ", e, ")");
+      detail::require(p >= S(0) && p <= S(1), op, "probs must be in [0, 1], got ", p, " at (", t,
+                      ", ", e, ")");
     }
   }
   if (n_valid == 0) return 0.0;
@@ -425,7 +426,9 @@ double noisy_load_loss(const ConstRows<S>& logits, const ConstRows<S>& noise_log
       const std::int32_t j = order[static_cast<std::size_t>(pos)];
       owner[ue] = j;
       const double sd = softplus(static_cast<double>(noise_logits(t, e)));
-      u[ue] = (static_cast<double>(logits(t, e)) - static_cast<double>(h[static_cast<std::size_t>(j)])) / sd;
+      u[ue] = (static_cast<double>(logits(t, e)) -
+               static_cast<double>(h[static_cast<std::size_t>(j)])) /
+              sd;
     }
   };
   for (Index t = 0; t < num_tokens; ++t) {
@@ -503,8 +506,8 @@ double consistency_loss(const ConstRows<S>& logits0, const ConstRows<S>& logits1
   // Per-thread row work arrays, allocated before the region: log p, log q, p, q (cols each).
   std::vector<double> work(static_cast<std::size_t>(detail::max_threads() * 4 * cols));
   detail::parallel_for(num_blocks, [&](Index b) {
-    double* lp = work.data() + static_cast<std::size_t>(detail::thread_id()) *
-                                   static_cast<std::size_t>(4 * cols);
+    double* lp = work.data() +
+                 static_cast<std::size_t>(detail::thread_id()) * static_cast<std::size_t>(4 * cols);
     double* lq = lp + cols;
     double* p = lq + cols;
     double* q = p + cols;

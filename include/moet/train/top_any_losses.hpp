@@ -96,8 +96,8 @@ TopAnyAuxLoss<S> top_any_aux_loss(TopAnyGate<S>& gate, const Routing<S>& routing
   detail::require(routing.num_experts() == emax, op, "the plan must be over max_experts = ", emax,
                   " experts, got ", routing.num_experts());
   const auto& w = gate.gate_embeddings();  // (model_dim, max_experts)
-  detail::require(w.rows() == d && w.cols() == emax, op, "gate embeddings must be (", d, ", ",
-                  emax, "), got (", w.rows(), ", ", w.cols(), ")");
+  detail::require(w.rows() == d && w.cols() == emax, op, "gate embeddings must be (", d, ", ", emax,
+                  "), got (", w.rows(), ", ", w.cols(), ")");
   const bool routing_terms = gate.variant() == TopAnyVariant::kDeepSpeed;
   const bool need_d_gates = options.accumulate_grad && routing_terms;
   detail::require(!need_d_gates || static_cast<Index>(d_gates.size()) == num_tokens * emax, op,
@@ -133,9 +133,9 @@ TopAnyAuxLoss<S> top_any_aux_loss(TopAnyGate<S>& gate, const Routing<S>& routing
   out.simplicity = sum_norm / static_cast<S>(emax);
 
   // Load balance and efficiency, from the plan.
-  Index routed = 0;                         // |N|
-  Vector<S> ce = Vector<S>::Zero(emax);     // tokens of N per expert, then their mean
-  Vector<S> me = Vector<S>::Zero(emax);     // sum of q per expert, then the mean
+  Index routed = 0;                      // |N|
+  Vector<S> ce = Vector<S>::Zero(emax);  // tokens of N per expert, then their mean
+  Vector<S> me = Vector<S>::Zero(emax);  // sum of q per expert, then the mean
   for (Index t = 0; t < num_tokens; ++t) {
     const Index k = routing.k(t);
     if (k == 0) continue;

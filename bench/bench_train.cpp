@@ -1,0 +1,169 @@
+// bench_train: the cost of training a MoE layer against inference. Per shape (d_model, d_ff, T),
+// SwiGLU experts, E = 8, top-2 (Mixtral) routing, float:
+//   BM_Forward          inference forward (the reference time)
+//   BM_ForwardTrain     forward_train (forward + the cache backward needs)
+//   BM_ForwardBackward  forward_train + backward (no zero_grad, no optimiser step); its
+//                       `x_forward` counter is its time divided by the forward's time (minima
+//                       over interleaved runs in the same process, same layer and batch;
+//                       `x_forward_cpu` the same in thread CPU time at 1 thread). Issue 3's
+//                       target: <= 3.2 at T = 512 on S2.
+//   BM_TrainStep        zero_grad + forward_train + backward + AdamW step
+//
+//   OMP_NUM_THREADS=1 ./bench_train --benchmark_filter=d:1024
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <ctime>
+#include <utility>
+
+#include <benchmark/benchmark.h>
+
+#include "moet/config.hpp"
+#include "moet/detail/rng.hpp"
+#include "moet/experts/glu.hpp"
+#include "moet/gates/top_k.hpp"
+#include "moet/layer.hpp"
+#include "moet/train/optim.hpp"
+
+namespace {
+
+using moet::Index;
+using moet::RowMatrix;
+using S = float;
+using Layer = moet::MoELayer<moet::TopKGate<S>, moet::SwiGluExperts<S>>;
+constexpr Index kExperts = 8;
+
+struct Setup {
+  Layer layer;
+  RowMatrix<S> x;
+  RowMatrix<S> dy;
+  RowMatrix<S> y;
+  RowMatrix<S> dx;
+  Layer::Workspace ws;
+
+  Setup(Index d, Index f, Index tokens)
+      : layer(moet::TopKGate<S>(moet::TopKGate<S>::mixtral_options(d, kExperts)),
+              moet::SwiGluExperts<S>(
+                  {.model_dim = d, .hidden_dim = f, .num_experts = kExperts, .init_seed = 1})),
+        x(tokens, d),
+        dy(tokens, d),
+        y(tokens, d),
+        dx(tokens, d) {
+    moet::detail::Rng rng(7);
+    for (Index i = 0; i < x.size(); ++i) x.data()[i] = static_cast<S>(rng.normal());
+    for (Index i = 0; i < dy.size(); ++i) dy.data()[i] = static_cast<S>(1e-3 * rng.normal());
+  }
+  void forward() { layer.forward(x, y, {}, ws); }
+  void forward_backward() {
+    layer.forward_train(x, y, {}, ws);
+    layer.backward(x, dy, {}, ws, dx);
+  }
+};
+
+void add_counters(benchmark::State& state, const Setup& s) {
+  const double tokens = static_cast<double>(s.x.rows());
+  state.counters["tokens/s"] = benchmark::Counter(tokens * static_cast<double>(state.iterations()),
+                                                  benchmark::Counter::kIsRate);
+  state.counters["mean_k"] = s.ws.routing.mean_k();
+  state.counters["threads"] = moet::num_threads();
+}
+
+Setup make(const benchmark::State& state) {
+  return Setup(state.range(0), state.range(1), state.range(2));
+}
+
+void BM_Forward(benchmark::State& state) {
+  Setup s = make(state);
+  s.forward();  // warm-up: workspaces sized
+  for (auto _ : state) {
+    s.forward();
+    benchmark::DoNotOptimize(s.y.data());
+  }
+  add_counters(state, s);
+}
+
+void BM_ForwardTrain(benchmark::State& state) {
+  Setup s = make(state);
+  s.layer.forward_train(s.x, s.y, {}, s.ws);
+  for (auto _ : state) {
+    s.layer.forward_train(s.x, s.y, {}, s.ws);
+    benchmark::DoNotOptimize(s.y.data());
+  }
+  add_counters(state, s);
+}
+
+// Wall and calling-thread CPU seconds of `f()`.
+template <class F>
+std::pair<double, double> timed(F&& f) {
+  using Clock = std::chrono::steady_clock;
+  timespec c0{};
+  timespec c1{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c0);
+  const auto t0 = Clock::now();
+  f();
+  const double wall = std::chrono::duration<double>(Clock::now() - t0).count();
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c1);
+  const double cpu = static_cast<double>(c1.tv_sec - c0.tv_sec) +
+                     1e-9 * static_cast<double>(c1.tv_nsec - c0.tv_nsec);
+  return {wall, cpu};
+}
+
+void BM_ForwardBackward(benchmark::State& state) {
+  Setup s = make(state);
+  s.forward();  // warm-up: workspaces sized
+  s.layer.zero_grad();
+  s.forward_backward();  // warm-up: training buffers and gradients allocated
+  // The ratio's numerator and denominator are minima over interleaved runs (a forward, then a
+  // forward + backward, per iteration), which is robust to other load on the machine.
+  double forward_wall = 1e300;
+  double forward_cpu = 1e300;
+  double step_wall = 1e300;
+  double step_cpu = 1e300;
+  for (auto _ : state) {
+    state.PauseTiming();
+    const auto [fw, fc] = timed([&] { s.forward(); });
+    forward_wall = std::min(forward_wall, fw);
+    forward_cpu = std::min(forward_cpu, fc);
+    state.ResumeTiming();
+    const auto [sw, sc] = timed([&] { s.forward_backward(); });
+    step_wall = std::min(step_wall, sw);
+    step_cpu = std::min(step_cpu, sc);
+    benchmark::DoNotOptimize(s.dx.data());
+  }
+  add_counters(state, s);
+  state.counters["x_forward"] = step_wall / forward_wall;
+  // CPU time of the calling thread: meaningful at 1 thread only (OMP_NUM_THREADS=1).
+  if (moet::num_threads() == 1) state.counters["x_forward_cpu"] = step_cpu / forward_cpu;
+}
+
+void BM_TrainStep(benchmark::State& state) {
+  Setup s = make(state);
+  moet::AdamW<S> opt({.lr = 1e-5});
+  s.layer.zero_grad();
+  s.forward_backward();
+  for (auto _ : state) {
+    s.layer.zero_grad();
+    s.forward_backward();
+    opt.step(s.layer);
+    benchmark::DoNotOptimize(s.dx.data());
+  }
+  add_counters(state, s);
+}
+
+// S2 (d_model 1024, d_ff 3584) at T = 512, and a tiny shape for the ctest smoke run.
+void shapes(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"d", "f", "T"});
+  b->Args({1024, 3584, 512});
+  b->Args({32, 64, 17});
+  b->UseRealTime();
+  b->Unit(benchmark::kMillisecond);
+}
+
+BENCHMARK(BM_Forward)->Apply(shapes);
+BENCHMARK(BM_ForwardTrain)->Apply(shapes);
+BENCHMARK(BM_ForwardBackward)->Apply(shapes);
+BENCHMARK(BM_TrainStep)->Apply(shapes);
+
+}  // namespace
+
+BENCHMARK_MAIN();

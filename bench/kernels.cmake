@@ -13,7 +13,7 @@ find_package(benchmark REQUIRED)
 find_package(OpenBLAS CONFIG QUIET)
 
 add_executable(bench_kernels "${CMAKE_CURRENT_LIST_DIR}/bench_kernels.cpp")
-target_link_libraries(bench_kernels PRIVATE moet::moet moet::native moet_dev benchmark::benchmark)
+target_link_libraries(bench_kernels PRIVATE moet::moet moet_bench_native moet_dev benchmark::benchmark)
 target_compile_options(bench_kernels PRIVATE -O3)
 if(OpenBLAS_FOUND AND OpenBLAS_LIBRARIES)
   target_include_directories(bench_kernels SYSTEM PRIVATE ${OpenBLAS_INCLUDE_DIRS})
@@ -34,7 +34,7 @@ if(TARGET moet_catch_main)
   find_package(Catch2 2.13 REQUIRED)  # imported targets are directory-scoped: find it here too
   add_executable(test_gemm_native "${CMAKE_CURRENT_LIST_DIR}/../tests/test_gemm.cpp"
     $<TARGET_OBJECTS:moet_catch_main>)
-  target_link_libraries(test_gemm_native PRIVATE moet::moet moet::native moet_dev Catch2::Catch2)
+  target_link_libraries(test_gemm_native PRIVATE moet::moet moet_bench_native moet_dev Catch2::Catch2)
   add_test(NAME test_gemm_native COMMAND test_gemm_native --order rand --rng-seed 7 "~[.slow]")
   set_tests_properties(test_gemm_native PROPERTIES LABELS unit TIMEOUT 600)
 endif()

@@ -6,8 +6,9 @@
 # Run single-threaded, OpenBLAS included (the environment may force an OpenBLAS core type):
 #   env -u OPENBLAS_CORETYPE OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 ./bench_kernels
 #
-# Also defines test_gemm_native (when moet's tests are built): tests/test_gemm.cpp compiled
-# with moet::native, so that ctest covers the SIMD kernels and not only the portable ones.
+# Also defines test_gemm_native and test_experts_packed_native (when moet's tests are built):
+# tests/test_gemm.cpp and tests/test_experts_packed.cpp compiled with moet::native, so that
+# ctest covers the SIMD kernels and not only the portable ones.
 
 find_package(benchmark REQUIRED)
 find_package(OpenBLAS CONFIG QUIET)
@@ -37,4 +38,12 @@ if(TARGET moet_catch_main)
   target_link_libraries(test_gemm_native PRIVATE moet::moet moet_bench_native moet_dev Catch2::Catch2)
   add_test(NAME test_gemm_native COMMAND test_gemm_native --order rand --rng-seed 7 "~[.slow]")
   set_tests_properties(test_gemm_native PROPERTIES LABELS unit TIMEOUT 600)
+  # The packed expert banks through the dispatchers and the layer, on the SIMD kernels.
+  add_executable(test_experts_packed_native
+    "${CMAKE_CURRENT_LIST_DIR}/../tests/test_experts_packed.cpp" $<TARGET_OBJECTS:moet_catch_main>)
+  target_link_libraries(test_experts_packed_native PRIVATE
+    moet::moet moet_bench_native moet_dev Catch2::Catch2)
+  add_test(NAME test_experts_packed_native
+    COMMAND test_experts_packed_native --order rand --rng-seed 7 "~[.slow]")
+  set_tests_properties(test_experts_packed_native PROPERTIES LABELS unit TIMEOUT 600)
 endif()

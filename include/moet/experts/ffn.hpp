@@ -267,6 +267,8 @@ class FfnExperts {
   // pack_weights): W1 (model_dim, hidden_dim), W2 (hidden_dim, model_dim).
   std::vector<detail::PackedMatrix<float>> packed_w1_;
   std::vector<detail::PackedMatrix<float>> packed_w2_;
+  // False after any non-const weight access until parameters_changed(). Members that hand out
+  // the stacks for writing (parameter visitors) must clear it too.
   bool packed_current_ = false;
 };
 

@@ -55,6 +55,10 @@ namespace moet {
 /// kernels: take the view again (or call `parameters_changed()` after writing). Double banks and
 /// `pack_weights = false` always use the Eigen products.
 ///
+/// The packed layout depends on the instruction set the including translation unit is compiled
+/// for (detail/simd.hpp): compile every translation unit that shares a float bank with the same
+/// `-march` (a bank packed by a portable TU and run by an AVX-512 TU would compute garbage).
+///
 /// \tparam S scalar type (float or double).
 /// \tparam Act gate activation policy (see activations.hpp).
 ///
@@ -254,6 +258,8 @@ class GluExperts {
   // pack_weights): gate and up (model_dim, hidden_dim) each, down (hidden_dim, model_dim).
   std::vector<detail::PackedGluMatrix<float>> packed_gate_up_;
   std::vector<detail::PackedMatrix<float>> packed_down_;
+  // False after any non-const weight access until parameters_changed(). Members that hand out
+  // the stacks for writing (parameter visitors) must clear it too.
   bool packed_current_ = false;
 };
 

@@ -598,8 +598,22 @@ void write_svg(const std::string& path, const Config& c, const std::vector<Row>&
                           .x_label = "mean k (experts per token)",
                           .y_label = "tokens/s",
                           .log_y = log_y});
+  // Marker shape: the token count's place in --tokens; filled for the first thread count, hollow
+  // (white, outlined in the gate's colour) for the others.
+  auto index_of = [](const auto& list, const auto& v) {
+    return static_cast<int>(std::find(list.begin(), list.end(), v) - list.begin());
+  };
+  std::vector<int> thread_counts;
+  for (const auto& [t, th] : series) {
+    if (std::find(thread_counts.begin(), thread_counts.end(), th) == thread_counts.end()) {
+      thread_counts.push_back(th);
+    }
+    static_cast<void>(t);
+  }
   for (std::size_t s = 0; s < series.size(); ++s) {
     const auto [tokens, threads] = series[s];
+    const int shape = index_of(c.tokens, tokens);
+    const bool hollow = index_of(thread_counts, threads) > 0;
     double top2 = 0;
     double k_right = 0;
     for (const Row& r : rows) {
@@ -619,19 +633,21 @@ void write_svg(const std::string& path, const Config& c, const std::vector<Row>&
       if (r.tokens != tokens || r.threads != threads) continue;
       const auto it = colour.find(label(r));
       const char* col = palette(it == colour.end() ? 0 : it->second);
-      svg.marker(left.px(r.mean_k), left.py(r.tokens_per_s), 10, static_cast<int>(s), col);
+      svg.marker(left.px(r.mean_k), left.py(r.tokens_per_s), 10, shape, hollow ? "#fff" : col,
+                 hollow ? col : "#333");
     }
     if (s < ceilings.size() && ceilings[s].second > 0) {
       const double cx = left.px(2.0), cy = left.py(ceilings[s].second);
       svg.line(cx - 7, cy, cx + 7, cy, "#000", 2.5);
       char ceil_tag[48];
-      std::snprintf(ceil_tag, sizeof ceil_tag, "ceiling T=%ld", static_cast<long>(tokens));
-      svg.text(cx + 9, cy + 4, ceil_tag, 10, "start", "#000");
+      std::snprintf(ceil_tag, sizeof ceil_tag, "ceiling T=%ld/%d", static_cast<long>(tokens),
+                    threads);
+      svg.text(cx + 9 + (hollow ? 70 : 0), cy + 4, ceil_tag, 10, "start", "#000");
     }
     char tag[64];
     std::snprintf(tag, sizeof tag, "T=%ld, %d thread(s)", static_cast<long>(tokens), threads);
     const double legend_y = 468 + 14 * static_cast<double>(s);
-    svg.marker(90, legend_y - 4, 9, static_cast<int>(s), "#fff");
+    svg.marker(90, legend_y - 4, 9, shape, hollow ? "#fff" : "#888", "#333");
     svg.text(100, legend_y, tag, 11, "start", "#333");
     static_cast<void>(k_right);
   }

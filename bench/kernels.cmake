@@ -6,14 +6,15 @@
 # Run single-threaded, OpenBLAS included (the environment may force an OpenBLAS core type):
 #   env -u OPENBLAS_CORETYPE OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 ./bench_kernels
 #
-# Also defines test_gemm_native (when moet's tests are built): tests/test_gemm.cpp compiled
-# with moet::native, so that ctest covers the SIMD kernels and not only the portable ones.
+# Also defines test_gemm_native and test_experts_packed_native (when moet's tests are built):
+# tests/test_gemm.cpp and tests/test_experts_packed.cpp compiled with moet::native, so that
+# ctest covers the SIMD kernels and not only the portable ones.
 
 find_package(benchmark REQUIRED)
 find_package(OpenBLAS CONFIG QUIET)
 
 add_executable(bench_kernels "${CMAKE_CURRENT_LIST_DIR}/bench_kernels.cpp")
-target_link_libraries(bench_kernels PRIVATE moet::moet moet::native moet_dev benchmark::benchmark)
+target_link_libraries(bench_kernels PRIVATE moet::moet moet_bench_native moet_dev benchmark::benchmark)
 target_compile_options(bench_kernels PRIVATE -O3)
 if(OpenBLAS_FOUND AND OpenBLAS_LIBRARIES)
   target_include_directories(bench_kernels SYSTEM PRIVATE ${OpenBLAS_INCLUDE_DIRS})
@@ -34,7 +35,15 @@ if(TARGET moet_catch_main)
   find_package(Catch2 2.13 REQUIRED)  # imported targets are directory-scoped: find it here too
   add_executable(test_gemm_native "${CMAKE_CURRENT_LIST_DIR}/../tests/test_gemm.cpp"
     $<TARGET_OBJECTS:moet_catch_main>)
-  target_link_libraries(test_gemm_native PRIVATE moet::moet moet::native moet_dev Catch2::Catch2)
+  target_link_libraries(test_gemm_native PRIVATE moet::moet moet_bench_native moet_dev Catch2::Catch2)
   add_test(NAME test_gemm_native COMMAND test_gemm_native --order rand --rng-seed 7 "~[.slow]")
   set_tests_properties(test_gemm_native PROPERTIES LABELS unit TIMEOUT 600)
+  # The packed expert banks through the dispatchers and the layer, on the SIMD kernels.
+  add_executable(test_experts_packed_native
+    "${CMAKE_CURRENT_LIST_DIR}/../tests/test_experts_packed.cpp" $<TARGET_OBJECTS:moet_catch_main>)
+  target_link_libraries(test_experts_packed_native PRIVATE
+    moet::moet moet_bench_native moet_dev Catch2::Catch2)
+  add_test(NAME test_experts_packed_native
+    COMMAND test_experts_packed_native --order rand --rng-seed 7 "~[.slow]")
+  set_tests_properties(test_experts_packed_native PROPERTIES LABELS unit TIMEOUT 600)
 endif()

@@ -88,9 +88,7 @@ void* operator new[](std::size_t size, std::align_val_t align, const std::nothro
 void operator delete(void* p, const std::nothrow_t&) noexcept { std::free(p); }
 void operator delete[](void* p, const std::nothrow_t&) noexcept { std::free(p); }
 void operator delete(void* p, std::align_val_t, const std::nothrow_t&) noexcept { std::free(p); }
-void operator delete[](void* p, std::align_val_t, const std::nothrow_t&) noexcept {
-  std::free(p);
-}
+void operator delete[](void* p, std::align_val_t, const std::nothrow_t&) noexcept { std::free(p); }
 void operator delete(void* p) noexcept { std::free(p); }
 void operator delete[](void* p) noexcept { std::free(p); }
 void operator delete(void* p, std::size_t) noexcept { std::free(p); }
@@ -151,13 +149,15 @@ moet::Routing<float> make_plan(Index num_tokens, Index num_experts, Index max_k,
 }
 
 template <class X>
-void check_dispatchers_do_not_allocate(const X& experts) {
+void check_dispatchers_do_not_allocate(const X& experts, Index num_tokens = 64,
+                                       Index block_rows = 16) {
   const Index d = experts.model_dim();
-  const auto x = random_rows<float>(64, d, 1u);
-  const auto warm_plan = make_plan(64, experts.num_experts(), 3, 1);
-  const auto plan = make_plan(64, experts.num_experts(), 2, 3);  // fewer assignments, other mix
-  moet::RowMatrix<float> y(64, d);
-  moet::GroupedDispatch grouped({.block_rows = 16});
+  const auto x = random_rows<float>(num_tokens, d, 1u);
+  const auto warm_plan = make_plan(num_tokens, experts.num_experts(), 3, 1);
+  // Fewer assignments, another mix.
+  const auto plan = make_plan(num_tokens, experts.num_experts(), 2, 3);
+  moet::RowMatrix<float> y(num_tokens, d);
+  moet::GroupedDispatch grouped({.block_rows = block_rows});
   moet::GroupedDispatch::Workspace<X> gws;
   moet::ReferenceDispatch::Workspace<X> rws;
   moet::DenseWorkspace<X> dws;
@@ -206,15 +206,16 @@ void check_layer_does_not_allocate(Gate gate, const moet::RouteContext& ctx) {
 
 }  // namespace
 
-TEST_CASE("A layer forward does not allocate after warm-up, for every gate",
-          "[no_alloc][layer]") {
+TEST_CASE("A layer forward does not allocate after warm-up, for every gate", "[no_alloc][layer]") {
   constexpr Index kDim = 16, kExperts = 6;
   const std::vector<float> importance(48, 0.5f);
   moet::RouteContext ctx;
   ctx.importance = importance;
   ctx.training = GENERATE(false, true);
-  check_layer_does_not_allocate(moet::TopKGate<float>({.model_dim = kDim, .num_experts = kExperts,
-                                                       .k = 2, .noisy = true,
+  check_layer_does_not_allocate(moet::TopKGate<float>({.model_dim = kDim,
+                                                       .num_experts = kExperts,
+                                                       .k = 2,
+                                                       .noisy = true,
                                                        .capacity_factor = 1.0}),
                                 ctx);
   check_layer_does_not_allocate(
@@ -245,6 +246,18 @@ TEST_CASE("The no-allocation checks detect allocations", "[no_alloc]") {
 TEST_CASE("Dispatchers do not allocate after warm-up with SwiGLU experts", "[no_alloc][dispatch]") {
   const moet::SwiGluExperts<float> experts({.model_dim = 16, .hidden_dim = 32, .num_experts = 4});
   check_dispatchers_do_not_allocate(experts);
+}
+
+TEST_CASE("Dispatchers do not allocate after warm-up with large packed experts",
+          "[no_alloc][dispatch][packed]") {
+  // Blocks of up to 128 rows by hidden_dim 640: Eigen's product would heap-allocate its
+  // packing buffers here; the packed kernels work in the reserved scratch.
+  const moet::SwiGluExperts<float> glu({.model_dim = 256, .hidden_dim = 640, .num_experts = 3});
+  REQUIRE(glu.uses_packed_kernels());
+  check_dispatchers_do_not_allocate(glu, 400, 128);
+  const moet::FfnExperts<float> ffn({.model_dim = 256, .hidden_dim = 640, .num_experts = 3});
+  REQUIRE(ffn.uses_packed_kernels());
+  check_dispatchers_do_not_allocate(ffn, 400, 128);
 }
 
 TEST_CASE("Dispatchers do not allocate after warm-up with FFN experts", "[no_alloc][dispatch]") {

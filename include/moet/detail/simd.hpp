@@ -8,13 +8,13 @@
 ///
 /// | build                                           | `kSimdName`  | vector      |
 /// |-------------------------------------------------|--------------|-------------|
-/// | `__AVX512F__` and `MOET_SIMD_ENABLE_AVX512`     | `"avx512f"`  | 16 floats   |
-/// | `__AVX2__` and `__FMA__`                        | `"avx2+fma"` | 8 floats    |
-/// | anything else, or `MOET_SIMD_DISABLE` defined   | `"portable"` | plain loops |
+/// | `__AVX512F__` (and no `MOET_SIMD_DISABLE_AVX512`) | `"avx512f"`  | 16 floats   |
+/// | `__AVX2__` and `__FMA__`                         | `"avx2+fma"` | 8 floats    |
+/// | anything else, or `MOET_SIMD_DISABLE` defined    | `"portable"` | plain loops |
 ///
-/// The AVX-512 kernels are opt-in (define `MOET_SIMD_ENABLE_AVX512`): they share all their code
-/// with the AVX2 kernels but have not been run on AVX-512 hardware by moet's tests yet. Without
-/// the macro an AVX-512 machine runs the AVX2 kernels.
+/// The AVX-512 and AVX2 kernels share all their code (the register wrappers below differ);
+/// tests/test_gemm.cpp runs on both (`test_gemm_native`). Define `MOET_SIMD_DISABLE_AVX512` to
+/// run the AVX2 kernels on an AVX-512 machine (e.g. to compare them).
 ///
 /// Everything whose layout depends on this choice lives in an inline namespace named after it
 /// (`simd_avx2`, ...), so translation units compiled for different instruction sets cannot
@@ -28,7 +28,7 @@
 #include "moet/experts/activations.hpp"
 #include "moet/tensor.hpp"
 
-#if !defined(MOET_SIMD_DISABLE) && defined(MOET_SIMD_ENABLE_AVX512) && defined(__AVX512F__)
+#if !defined(MOET_SIMD_DISABLE) && !defined(MOET_SIMD_DISABLE_AVX512) && defined(__AVX512F__)
 #define MOET_SIMD_AVX512 1
 #define MOET_SIMD_AVX2 0
 #elif !defined(MOET_SIMD_DISABLE) && defined(__AVX2__) && defined(__FMA__)

@@ -40,7 +40,8 @@ namespace moet {
 /// block than alone).
 ///
 /// After a warm-up call, calls whose plan has no more assignments and no larger blocks do not
-/// allocate (except inside Eigen's product for large shapes; see `GluExperts`).
+/// allocate (float banks on their packed kernels never do; Eigen's product, used by double banks
+/// and by stale packed copies, may allocate for large shapes; see `GluExperts`).
 ///
 /// Training: `forward_train` is `run` keeping every assignment's expert output and expert
 /// cache in the workspace; `backward` computes the combine-weight gradients, runs the experts'

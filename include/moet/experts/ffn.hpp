@@ -3,10 +3,14 @@
 /// `FfnExperts`: a bank of classic two-layer feed-forward experts with biases (the Transformer
 /// FFN of fairseq, GShard, Switch and THOR).
 
+#include <algorithm>
 #include <cstdint>
+#include <type_traits>
+#include <vector>
 
 #include "moet/detail/buffer.hpp"
 #include "moet/detail/gather_scatter.hpp"
+#include "moet/detail/gemm.hpp"
 #include "moet/detail/rng.hpp"
 #include "moet/errors.hpp"
 #include "moet/experts/activations.hpp"
@@ -34,8 +38,13 @@ namespace moet {
 /// fairseq initialises `nn.Linear` biases in its Transformer).
 ///
 /// `forward` is `const` and keeps its intermediates in the caller's `Scratch`; a warmed-up
-/// scratch does not allocate again (Eigen's product may still heap-allocate packing buffers
-/// for large blocks, see `GluExperts`).
+/// scratch does not allocate again.
+///
+/// Packed kernels (float only, `Options::pack_weights`, on by default), exactly as in
+/// `GluExperts`: packed copies of `W1` and `W2` built at construction, `forward` runs
+/// `gemm_packed` for both products (bias and activation in between); every non-const weight
+/// accessor marks the copy stale (then `forward` uses Eigen's products) until
+/// `parameters_changed()` repacks. Biases are read in place and need no repacking.
 ///
 /// \tparam S scalar type (float or double).
 /// \tparam Act hidden activation policy (see activations.hpp); `Gelu` by default (THOR).
@@ -65,11 +74,15 @@ class FfnExperts {
     bool bias = true;
     /// Seed of the weight initialisation.
     std::uint64_t init_seed = 0;
+    /// Keep packed copies of the weights for the packed kernels (float banks only).
+    bool pack_weights = true;
   };
 
-  /// Per-thread workspace of `forward`: the `(n, hidden_dim)` hidden activations.
+  /// Per-thread workspace of `forward`: the `(n, hidden_dim)` hidden activations and the
+  /// packed kernels' workspace.
   struct Scratch {
     detail::Buffer<S> hidden;
+    detail::Buffer<float> kernel;
   };
 
   /// Builds the bank and initialises its weights. Throws `moet::Error` unless `model_dim`,
@@ -88,7 +101,29 @@ class FfnExperts {
     detail::fill_normal_fan_in(w2_, f, detail::hash_key(options_.init_seed, 0x666332U));
     b1_ = RowMatrix<S>::Zero(options_.bias ? n : 0, f);  // (num_experts, hidden_dim)
     b2_ = RowMatrix<S>::Zero(options_.bias ? n : 0, d);  // (num_experts, model_dim)
+    parameters_changed();
   }
+
+  /// Rebuilds the packed copies of `W1` and `W2` from the stacks and makes `forward` use the
+  /// packed kernels again (see the class comment). Call after writing weights in place; the
+  /// optimisers do. A no-op for double banks and with `pack_weights = false`.
+  void parameters_changed() {
+    if constexpr (kPackable) {
+      if (!options_.pack_weights) return;
+      const auto num = static_cast<std::size_t>(num_experts());
+      packed_w1_.resize(num);
+      packed_w2_.resize(num);
+      for (Index e = 0; e < num_experts(); ++e) {
+        packed_w1_[static_cast<std::size_t>(e)].pack(weights_block(w1_, e, model_dim()));
+        packed_w2_[static_cast<std::size_t>(e)].pack(weights_block(w2_, e, hidden_dim()));
+      }
+      packed_current_ = true;
+    }
+  }
+
+  /// True when `forward` runs the packed kernels: a float bank with `pack_weights` whose packed
+  /// copy is current (no non-const weight accessor called since the last `parameters_changed()`).
+  bool uses_packed_kernels() const { return packed_current_; }
 
   /// Experts in the bank.
   Index num_experts() const { return options_.num_experts; }
@@ -117,12 +152,19 @@ class FfnExperts {
   Eigen::Map<const RowMatrix<S>> in_weights(Index e) const {
     return weights_block(w1_, e, model_dim());
   }
-  Eigen::Map<RowMatrix<S>> in_weights(Index e) { return weights_block(w1_, e, model_dim()); }
+  /// (Non-const: marks the packed copy stale, see the class comment.)
+  Eigen::Map<RowMatrix<S>> in_weights(Index e) {
+    packed_current_ = false;
+    return weights_block(w1_, e, model_dim());
+  }
   /// Expert `e`'s second-layer weights `W2_e` `(hidden_dim, model_dim)`.
   Eigen::Map<const RowMatrix<S>> out_weights(Index e) const {
     return weights_block(w2_, e, hidden_dim());
   }
-  Eigen::Map<RowMatrix<S>> out_weights(Index e) { return weights_block(w2_, e, hidden_dim()); }
+  Eigen::Map<RowMatrix<S>> out_weights(Index e) {
+    packed_current_ = false;
+    return weights_block(w2_, e, hidden_dim());
+  }
   /// Expert `e`'s first-layer bias `b1_e` `(1, hidden_dim)`. Only with `has_bias()`.
   ConstBiasMap in_bias(Index e) const { return bias_row<ConstBiasMap>(b1_, e); }
   BiasMap in_bias(Index e) { return bias_row<BiasMap>(b1_, e); }
@@ -131,12 +173,19 @@ class FfnExperts {
   BiasMap out_bias(Index e) { return bias_row<BiasMap>(b2_, e); }
 
   /// The stacked first-layer weights `(num_experts * model_dim, hidden_dim)`. The non-const
-  /// accessors let training update the parameters in place; keep the shapes.
+  /// accessors let training update the parameters in place (keep the shapes); the weight ones
+  /// mark the packed copy stale until `parameters_changed()`.
   const RowMatrix<S>& in_weights_stack() const { return w1_; }
-  RowMatrix<S>& in_weights_stack() { return w1_; }
+  RowMatrix<S>& in_weights_stack() {
+    packed_current_ = false;
+    return w1_;
+  }
   /// The stacked second-layer weights `(num_experts * hidden_dim, model_dim)`.
   const RowMatrix<S>& out_weights_stack() const { return w2_; }
-  RowMatrix<S>& out_weights_stack() { return w2_; }
+  RowMatrix<S>& out_weights_stack() {
+    packed_current_ = false;
+    return w2_;
+  }
   /// The stacked first-layer biases `(num_experts, hidden_dim)`; `(0, hidden_dim)` without bias.
   const RowMatrix<S>& in_bias_stack() const { return b1_; }
   RowMatrix<S>& in_bias_stack() { return b1_; }
@@ -148,6 +197,12 @@ class FfnExperts {
   /// does not allocate. Optional: `forward` grows the scratch itself when needed.
   void reserve(Scratch& scratch, Index max_rows) const {
     detail::reserve_aligned(scratch.hidden, max_rows, hidden_dim());
+    if constexpr (kPackable) {
+      if (options_.pack_weights) {
+        detail::reserve_packed_scratch(scratch.kernel, max_rows,
+                                       std::max(model_dim(), hidden_dim()));
+      }
+    }
   }
 
   /// Writes expert `e` applied to every row of `in` `(n, model_dim)` into `out`
@@ -160,10 +215,25 @@ class FfnExperts {
     const Index n = in.rows();
     if (n == 0) return;
     auto h = detail::aligned_matrix(scratch.hidden, n, hidden_dim());  // (n, hidden_dim)
-    h.noalias() = in * in_weights(e);
+    bool packed = false;
+    if constexpr (kPackable) {
+      if (packed_current_) {
+        detail::gemm_packed(in, packed_w1_[static_cast<std::size_t>(e)], h,
+                            /*accumulate=*/false, scratch.kernel);
+        packed = true;
+      }
+    }
+    if (!packed) h.noalias() = in * in_weights(e);
     if (options_.bias) h.rowwise() += in_bias(e);
     apply_activation<Act>(h);
-    out.noalias() = h * out_weights(e);
+    if (packed) {
+      if constexpr (kPackable) {
+        detail::gemm_packed(h, packed_w2_[static_cast<std::size_t>(e)], out,
+                            /*accumulate=*/false, scratch.kernel);
+      }
+    } else {
+      out.noalias() = h * out_weights(e);
+    }
     if (options_.bias) out.rowwise() += out_bias(e);
   }
 
@@ -253,10 +323,12 @@ class FfnExperts {
   /// Calls `f(name, value, grad)` for the stacked parameters, in this order: `in_weight`
   /// `(num_experts * model_dim, hidden_dim)`, `in_bias` `(num_experts, hidden_dim)`,
   /// `out_weight` `(num_experts * hidden_dim, model_dim)`, `out_bias` `(num_experts,
-  /// model_dim)`; the biases only with `has_bias()`. Allocates the gradients on first use.
+  /// model_dim)`; the biases only with `has_bias()`. Allocates the gradients on first use. Marks
+  /// the packed copy stale, as `GluExperts::visit_parameters` does.
   template <class F>
   void visit_parameters(F&& f) {
     ensure_grad();
+    packed_current_ = false;  // the visitor may write the stacks: parameters_changed() repacks
     const auto visit = [&](const char* name, RowMatrix<S>& value, RowMatrix<S>& grad) {
       f(name, ParamMap<S>(value.data(), value.rows(), value.cols()),
         ParamMap<S>(grad.data(), grad.rows(), grad.cols()));
@@ -276,6 +348,7 @@ class FfnExperts {
 
  private:
   static constexpr const char* kOp = "FfnExperts";
+  static constexpr bool kPackable = std::is_same_v<S, float>;
 
   // Expert e's `(rows, stack.cols())` block of a stacked weight matrix.
   static Eigen::Map<const RowMatrix<S>> weights_block(const RowMatrix<S>& stack, Index e,
@@ -313,6 +386,13 @@ class FfnExperts {
       for (Index j = 0; j < h.cols(); ++j) h(r, j) = Act::template apply<S>(cache(r, j));
     }
   }
+  // Packed copies for the float kernels, one per expert (empty for double banks or without
+  // pack_weights): W1 (model_dim, hidden_dim), W2 (hidden_dim, model_dim).
+  std::vector<detail::PackedMatrix<float>> packed_w1_;
+  std::vector<detail::PackedMatrix<float>> packed_w2_;
+  // False after any non-const weight access until parameters_changed(). Members that hand out
+  // the stacks for writing (parameter visitors) must clear it too.
+  bool packed_current_ = false;
 };
 
 /// ReLU FFN experts (the original Transformer / Switch FFN).

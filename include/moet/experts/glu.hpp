@@ -3,11 +3,14 @@
 /// `GluExperts`: a bank of gated-linear-unit feed-forward experts (SwiGLU, GeGLU), the expert of
 /// ALGORITHMS.md section 0.
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 #include "moet/detail/buffer.hpp"
 #include "moet/detail/gather_scatter.hpp"
+#include "moet/detail/gemm.hpp"
 #include "moet/detail/rng.hpp"
 #include "moet/errors.hpp"
 #include "moet/experts/activations.hpp"
@@ -35,9 +38,27 @@ namespace moet {
 ///
 /// `forward` is `const` and keeps its intermediates in the caller's `Scratch`, so one bank
 /// serves any number of threads, each with its own scratch. A warmed-up scratch does not
-/// allocate again for blocks up to the largest it has seen. Eigen's matrix product itself
-/// heap-allocates its packing buffers when they exceed its stack limit (large blocks times
-/// large dims); a later dedicated kernel removes that.
+/// allocate again for blocks up to the largest it has seen.
+///
+/// Packed kernels (float only, `Options::pack_weights`, on by default): the bank also keeps
+/// every expert's weights packed for detail/gemm.hpp (gate and up interleaved for the fused
+/// `Act(x Wg) ⊙ (x Wu)` kernel, down in column panels), built at construction; this doubles the
+/// weight memory. `forward` then runs `glu_packed` and `gemm_packed` (AVX-512 or AVX2 when the
+/// including translation unit is compiled for them, portable loops otherwise), which never
+/// allocate and give each row bits independent of the other rows of the block.
+///
+/// Keeping the packed copy in step with the weights: every non-const weight accessor
+/// (`gate_weights(e)`, `gate_stack()`, ...) marks the packed copy stale, and while it is stale
+/// `forward` uses the plain Eigen products on the stacked weights (correct, slower, and Eigen may
+/// allocate packing buffers for large blocks). `parameters_changed()` repacks and makes the
+/// kernels current again; the optimisers of train/optim.hpp call it after each step. Writes
+/// through a view obtained *before* the last `parameters_changed()` are not seen by the packed
+/// kernels: take the view again (or call `parameters_changed()` after writing). Double banks and
+/// `pack_weights = false` always use the Eigen products.
+///
+/// The packed layout depends on the instruction set the including translation unit is compiled
+/// for (detail/simd.hpp): compile every translation unit that shares a float bank with the same
+/// `-march` (a bank packed by a portable TU and run by an AVX-512 TU would compute garbage).
 ///
 /// \tparam S scalar type (float or double).
 /// \tparam Act gate activation policy (see activations.hpp).
@@ -61,12 +82,16 @@ class GluExperts {
     Index num_experts = 0;
     /// Seed of the weight initialisation.
     std::uint64_t init_seed = 0;
+    /// Keep packed copies of the weights for the packed kernels (float banks only).
+    bool pack_weights = true;
   };
 
-  /// Per-thread workspace of `forward`: the `(n, hidden_dim)` gate and up activations.
+  /// Per-thread workspace of `forward`: the `(n, hidden_dim)` gate and up activations (the
+  /// packed path uses `gate` for the hidden activations) and the packed kernels' workspace.
   struct Scratch {
     detail::Buffer<S> gate;
     detail::Buffer<S> up;
+    detail::Buffer<float> kernel;
   };
 
   /// Builds the bank and initialises its weights. Throws `moet::Error` unless `model_dim`,
@@ -85,7 +110,30 @@ class GluExperts {
     detail::fill_normal_fan_in(gate_, d, detail::hash_key(options_.init_seed, 0x676174U));
     detail::fill_normal_fan_in(up_, d, detail::hash_key(options_.init_seed, 0x7570U));
     detail::fill_normal_fan_in(down_, f, detail::hash_key(options_.init_seed, 0x646f776eU));
+    parameters_changed();
   }
+
+  /// Rebuilds the packed copies of the weights from the stacks and makes `forward` use the
+  /// packed kernels again (see the class comment). Call after writing weights in place; the
+  /// optimisers do. A no-op for double banks and with `pack_weights = false`.
+  void parameters_changed() {
+    if constexpr (kPackable) {
+      if (!options_.pack_weights) return;
+      const auto num = static_cast<std::size_t>(num_experts());
+      packed_gate_up_.resize(num);
+      packed_down_.resize(num);
+      for (Index e = 0; e < num_experts(); ++e) {
+        packed_gate_up_[static_cast<std::size_t>(e)].pack(block(gate_, e, model_dim()),
+                                                          block(up_, e, model_dim()));
+        packed_down_[static_cast<std::size_t>(e)].pack(block(down_, e, hidden_dim()));
+      }
+      packed_current_ = true;
+    }
+  }
+
+  /// True when `forward` runs the packed kernels: a float bank with `pack_weights` whose packed
+  /// copy is current (no non-const weight accessor called since the last `parameters_changed()`).
+  bool uses_packed_kernels() const { return packed_current_; }
 
   /// Experts in the bank.
   Index num_experts() const { return options_.num_experts; }
@@ -107,32 +155,58 @@ class GluExperts {
   Eigen::Map<const RowMatrix<S>> gate_weights(Index e) const {
     return block(gate_, e, model_dim());
   }
-  Eigen::Map<RowMatrix<S>> gate_weights(Index e) { return block(gate_, e, model_dim()); }
+  /// (Non-const: marks the packed copy stale, see the class comment.)
+  Eigen::Map<RowMatrix<S>> gate_weights(Index e) {
+    packed_current_ = false;
+    return block(gate_, e, model_dim());
+  }
   /// Expert `e`'s up weights `Wu_e` `(model_dim, hidden_dim)`.
   Eigen::Map<const RowMatrix<S>> up_weights(Index e) const { return block(up_, e, model_dim()); }
-  Eigen::Map<RowMatrix<S>> up_weights(Index e) { return block(up_, e, model_dim()); }
+  Eigen::Map<RowMatrix<S>> up_weights(Index e) {
+    packed_current_ = false;
+    return block(up_, e, model_dim());
+  }
   /// Expert `e`'s down weights `Wd_e` `(hidden_dim, model_dim)`.
   Eigen::Map<const RowMatrix<S>> down_weights(Index e) const {
     return block(down_, e, hidden_dim());
   }
-  Eigen::Map<RowMatrix<S>> down_weights(Index e) { return block(down_, e, hidden_dim()); }
+  Eigen::Map<RowMatrix<S>> down_weights(Index e) {
+    packed_current_ = false;
+    return block(down_, e, hidden_dim());
+  }
 
   /// The stacked gate weights `(num_experts * model_dim, hidden_dim)`. The non-const
-  /// accessors let training update the weights in place; keep the shapes.
+  /// accessors let training update the weights in place (keep the shapes); they mark the
+  /// packed copy stale until `parameters_changed()`.
   const RowMatrix<S>& gate_stack() const { return gate_; }
-  RowMatrix<S>& gate_stack() { return gate_; }
+  RowMatrix<S>& gate_stack() {
+    packed_current_ = false;
+    return gate_;
+  }
   /// The stacked up weights `(num_experts * model_dim, hidden_dim)`.
   const RowMatrix<S>& up_stack() const { return up_; }
-  RowMatrix<S>& up_stack() { return up_; }
+  RowMatrix<S>& up_stack() {
+    packed_current_ = false;
+    return up_;
+  }
   /// The stacked down weights `(num_experts * hidden_dim, model_dim)`.
   const RowMatrix<S>& down_stack() const { return down_; }
-  RowMatrix<S>& down_stack() { return down_; }
+  RowMatrix<S>& down_stack() {
+    packed_current_ = false;
+    return down_;
+  }
 
   /// Grows `scratch` for blocks of up to `max_rows` rows, so that `forward` on such blocks
   /// does not allocate. Optional: `forward` grows the scratch itself when needed.
   void reserve(Scratch& scratch, Index max_rows) const {
     detail::reserve_aligned(scratch.gate, max_rows, hidden_dim());
     detail::reserve_aligned(scratch.up, max_rows, hidden_dim());
+    if constexpr (kPackable) {
+      if (options_.pack_weights) {
+        detail::reserve_packed_scratch(scratch.kernel, max_rows,
+                                       std::max(model_dim(), hidden_dim()));
+      }
+    }
   }
 
   /// Writes expert `e` applied to every row of `in` `(n, model_dim)` into `out`
@@ -144,6 +218,15 @@ class GluExperts {
                 "GluExperts::forward shape mismatch");
     const Index n = in.rows();
     if (n == 0) return;
+    if constexpr (kPackable) {
+      if (packed_current_) {
+        const auto slot = static_cast<std::size_t>(e);
+        auto h = detail::aligned_matrix(scratch.gate, n, hidden_dim());  // (n, hidden_dim)
+        detail::glu_packed<Act>(in, packed_gate_up_[slot], h, scratch.kernel);
+        detail::gemm_packed(h, packed_down_[slot], out, /*accumulate=*/false, scratch.kernel);
+        return;
+      }
+    }
     auto g = detail::aligned_matrix(scratch.gate, n, hidden_dim());  // (n, hidden_dim)
     auto u = detail::aligned_matrix(scratch.up, n, hidden_dim());    // (n, hidden_dim)
     g.noalias() = in * gate_weights(e);
@@ -262,10 +345,13 @@ class GluExperts {
 
   /// Calls `f(name, value, grad)` for the stacked weights, in this order: `gate`
   /// `(num_experts * model_dim, hidden_dim)`, `up` (same shape), `down` `(num_experts *
-  /// hidden_dim, model_dim)`. Allocates the gradients on first use.
+  /// hidden_dim, model_dim)`. Allocates the gradients on first use. Marks the packed copy stale
+  /// (the visitor may write the weights): `forward` runs the Eigen path until
+  /// `parameters_changed()` repacks (the optimisers call it after every step).
   template <class F>
   void visit_parameters(F&& f) {
     ensure_grad();
+    packed_current_ = false;  // the visitor may write the stacks: parameters_changed() repacks
     f("gate", ParamMap<S>(gate_.data(), gate_.rows(), gate_.cols()),
       ParamMap<S>(gate_grad_.data(), gate_grad_.rows(), gate_grad_.cols()));
     f("up", ParamMap<S>(up_.data(), up_.rows(), up_.cols()),
@@ -282,6 +368,7 @@ class GluExperts {
 
  private:
   static constexpr const char* kOp = "GluExperts";
+  static constexpr bool kPackable = std::is_same_v<S, float>;
 
   // Expert e's `(rows, stack.cols())` block of a stacked weight matrix.
   static Eigen::Map<const RowMatrix<S>> block(const RowMatrix<S>& stack, Index e, Index rows) {
@@ -298,6 +385,7 @@ class GluExperts {
   RowMatrix<S> gate_;  // (num_experts * model_dim, hidden_dim)
   RowMatrix<S> up_;    // (num_experts * model_dim, hidden_dim)
   RowMatrix<S> down_;  // (num_experts * hidden_dim, model_dim)
+<<<<<<< HEAD
   // Training: the gradients (lazily allocated, the stacks' shapes).
   RowMatrix<S> gate_grad_;
   RowMatrix<S> up_grad_;
@@ -319,6 +407,15 @@ class GluExperts {
       for (Index j = 0; j < f; ++j) h(r, j) = Act::template apply<S>(cache(r, j)) * cache(r, f + j);
     }
   }
+=======
+  // Packed copies for the float kernels, one per expert (empty for double banks or without
+  // pack_weights): gate and up (model_dim, hidden_dim) each, down (hidden_dim, model_dim).
+  std::vector<detail::PackedGluMatrix<float>> packed_gate_up_;
+  std::vector<detail::PackedMatrix<float>> packed_down_;
+  // False after any non-const weight access until parameters_changed(). Members that hand out
+  // the stacks for writing (parameter visitors) must clear it too.
+  bool packed_current_ = false;
+>>>>>>> kernels
 };
 
 /// SwiGLU experts: `GluExperts` with the SiLU gate.

@@ -88,7 +88,7 @@ step_tsan() {
 }
 
 step_fuzz() {
-  cmake --preset fuzz
+  cmake --preset fuzz -DMOET_FUZZ_SECONDS="$MOET_FUZZ_SECONDS"
   cmake --build --preset fuzz -j "$jobs"
   # Each fuzzer runs on one core for MOET_FUZZ_SECONDS; ctest runs one per core.
   ctest --preset fuzz -j "$jobs"

@@ -25,8 +25,9 @@
 #include <random>
 #include <span>
 #include <string>
-#include <unistd.h>
 #include <vector>
+
+#include <unistd.h>
 
 #include <moet/moet.hpp>
 
@@ -71,16 +72,26 @@ Config parse(int argc, char** argv) {
     const std::string flag = argv[i];
     if (i + 1 >= argc) usage(flag + " needs a value");
     const char* value = argv[++i];
-    if (flag == "--tokens") c.tokens = parse_index(flag, value, 1);
-    else if (flag == "--batch") c.batch = parse_index(flag, value, 4);
-    else if (flag == "--warmup") c.warmup = parse_index(flag, value, 1);
-    else if (flag == "--d-model") c.model_dim = parse_index(flag, value, 1);
-    else if (flag == "--d-ff") c.hidden_dim = parse_index(flag, value, 1);
-    else if (flag == "--experts") c.num_experts = parse_index(flag, value, 2);
-    else if (flag == "--threads") c.threads = static_cast<int>(parse_index(flag, value, 1));
-    else if (flag == "--tolerance-kib") c.tolerance_kib = parse_index(flag, value, 0);
-    else if (flag == "--gate") c.gate = value;
-    else usage("unknown option " + flag);
+    if (flag == "--tokens")
+      c.tokens = parse_index(flag, value, 1);
+    else if (flag == "--batch")
+      c.batch = parse_index(flag, value, 4);
+    else if (flag == "--warmup")
+      c.warmup = parse_index(flag, value, 1);
+    else if (flag == "--d-model")
+      c.model_dim = parse_index(flag, value, 1);
+    else if (flag == "--d-ff")
+      c.hidden_dim = parse_index(flag, value, 1);
+    else if (flag == "--experts")
+      c.num_experts = parse_index(flag, value, 2);
+    else if (flag == "--threads")
+      c.threads = static_cast<int>(parse_index(flag, value, 1));
+    else if (flag == "--tolerance-kib")
+      c.tolerance_kib = parse_index(flag, value, 0);
+    else if (flag == "--gate")
+      c.gate = value;
+    else
+      usage("unknown option " + flag);
   }
   return c;
 }
@@ -109,11 +120,10 @@ struct Result {
 template <class Gate>
 Result soak(const Config& c, Gate gate) {
   using Layer = moet::MoELayer<Gate, moet::SwiGluExperts<float>>;
-  const Layer layer(std::move(gate),
-                    moet::SwiGluExperts<float>({.model_dim = c.model_dim,
-                                                .hidden_dim = c.hidden_dim,
-                                                .num_experts = c.num_experts,
-                                                .init_seed = 2}));
+  const Layer layer(std::move(gate), moet::SwiGluExperts<float>({.model_dim = c.model_dim,
+                                                                 .hidden_dim = c.hidden_dim,
+                                                                 .num_experts = c.num_experts,
+                                                                 .init_seed = 2}));
   // A pool of 2 * batch tokens; batch b reads rows [offset, offset + n).
   const Index pool_rows = 2 * c.batch;
   moet::RowMatrix<float> pool(pool_rows, c.model_dim);
@@ -161,8 +171,9 @@ Result run(const Config& c) {
   const Index d = c.model_dim;
   const Index e = c.num_experts;
   if (c.gate == "top_k") {
-    return soak(c, moet::TopKGate<float>({.model_dim = d, .num_experts = e, .k = 2,
-                                          .renormalize = true, .noisy = true}));
+    return soak(
+        c, moet::TopKGate<float>(
+               {.model_dim = d, .num_experts = e, .k = 2, .renormalize = true, .noisy = true}));
   }
   if (c.gate == "top_p") {
     return soak(c, moet::TopPGate<float>({.model_dim = d, .num_experts = e, .p = 0.5}));
@@ -201,7 +212,7 @@ int main(int argc, char** argv) {
       static_cast<double>(r.tokens) / r.seconds, static_cast<long>(r.first_kib),
       static_cast<long>(c.warmup), static_cast<long>(r.warm_kib),
       static_cast<long>(r.peak_after_warm_kib), static_cast<long>(r.last_kib),
-      static_cast<long>(r.peak_kib), static_cast<long>(growth),
-      static_cast<long>(c.tolerance_kib), flat ? "flat" : "GROWS");
+      static_cast<long>(r.peak_kib), static_cast<long>(growth), static_cast<long>(c.tolerance_kib),
+      flat ? "flat" : "GROWS");
   return flat ? 0 : 1;
 }

@@ -96,8 +96,12 @@ void for_each_gate(std::uint64_t init_seed, F&& f) {
     TopKGate<float>({.model_dim = kModelDim, .num_experts = kExperts, .k = 1, .init_seed = s}),
     ContextSpec{});
   f(std::string("top-k renormalised with capacity"),
-    TopKGate<float>({.model_dim = kModelDim, .num_experts = kExperts, .k = 2,
-                     .renormalize = true, .capacity_factor = 0.75, .min_capacity = 1,
+    TopKGate<float>({.model_dim = kModelDim,
+                     .num_experts = kExperts,
+                     .k = 2,
+                     .renormalize = true,
+                     .capacity_factor = 0.75,
+                     .min_capacity = 1,
                      .init_seed = s}),
     ContextSpec{});
   {
@@ -116,31 +120,48 @@ void for_each_gate(std::uint64_t init_seed, F&& f) {
     TopPGate<float>({.model_dim = kModelDim, .num_experts = kExperts, .p = 0.6, .init_seed = s}),
     ContextSpec{});
   f(std::string("top-p inclusive, max_k 3"),
-    TopPGate<float>({.model_dim = kModelDim, .num_experts = kExperts, .p = 0.8,
-                     .inclusive = true, .max_k = 3, .init_seed = s}),
+    TopPGate<float>({.model_dim = kModelDim,
+                     .num_experts = kExperts,
+                     .p = 0.8,
+                     .inclusive = true,
+                     .max_k = 3,
+                     .init_seed = s}),
     ContextSpec{});
   {
-    TopAnyGate<float> gate({.model_dim = kModelDim, .num_experts = kExperts - 2,
-                            .max_experts = kExperts, .init_seed = s});
+    TopAnyGate<float> gate({.model_dim = kModelDim,
+                            .num_experts = kExperts - 2,
+                            .max_experts = kExperts,
+                            .init_seed = s});
     moet::Vector<float> theta(kExperts);
     theta << 0.1f, -0.05f, 0.2f, 0.0f, 0.3f, 0.0f;
     gate.set_thresholds(theta);
     f(std::string("top-any eval (DeepSpeed fallback)"), gate, ContextSpec{});
-    TopAnyGate<float> tutel({.model_dim = kModelDim, .num_experts = kExperts,
-                             .variant = moet::TopAnyVariant::kTutel, .temperature = 2.0f,
+    TopAnyGate<float> tutel({.model_dim = kModelDim,
+                             .num_experts = kExperts,
+                             .variant = moet::TopAnyVariant::kTutel,
+                             .temperature = 2.0f,
                              .init_seed = s + 1});
     f(std::string("top-any Tutel, training"), tutel, ContextSpec{.training = true});
     TopAnyGate<float> tutel_eval = tutel;
     f(std::string("top-any Tutel, eval"), tutel_eval, ContextSpec{});
   }
   f(std::string("importance from ctx.importance (min-max)"),
-    ImportanceGate<float>({.model_dim = kModelDim, .num_experts = kExperts, .k_min = 1,
-                           .k_max = 4, .norm = moet::ImportanceNorm::kMinMax, .init_seed = s}),
+    ImportanceGate<float>({.model_dim = kModelDim,
+                           .num_experts = kExperts,
+                           .k_min = 1,
+                           .k_max = 4,
+                           .norm = moet::ImportanceNorm::kMinMax,
+                           .init_seed = s}),
     ContextSpec{.importance = true, .sequences = true});
   f(std::string("importance from causal attention (budget)"),
-    ImportanceGate<float>({.model_dim = kModelDim, .num_experts = kExperts, .k_min = 1,
-                           .k_max = 3, .norm = moet::ImportanceNorm::kBudget, .k_avg = 2.0,
-                           .renormalize = true, .init_seed = s}),
+    ImportanceGate<float>({.model_dim = kModelDim,
+                           .num_experts = kExperts,
+                           .k_min = 1,
+                           .k_max = 3,
+                           .norm = moet::ImportanceNorm::kBudget,
+                           .k_avg = 2.0,
+                           .renormalize = true,
+                           .init_seed = s}),
     ContextSpec{.attention = true});
   f(std::string("stochastic, training"),
     StochasticGate<float>({.model_dim = kModelDim, .num_experts = kExperts, .stream = s}),
@@ -149,24 +170,30 @@ void for_each_gate(std::uint64_t init_seed, F&& f) {
     StochasticGate<float>({.model_dim = kModelDim, .num_experts = kExperts, .stream = s}),
     ContextSpec{});
   f(std::string("stochastic, per position"),
-    StochasticGate<float>({.model_dim = kModelDim, .num_experts = kExperts,
-                           .inference = StochasticInference::kPosition, .stream = s}),
+    StochasticGate<float>({.model_dim = kModelDim,
+                           .num_experts = kExperts,
+                           .inference = StochasticInference::kPosition,
+                           .stream = s}),
     ContextSpec{.sequences = true});
   f(std::string("stochastic, per sequence"),
-    StochasticGate<float>({.model_dim = kModelDim, .num_experts = kExperts,
-                           .inference = StochasticInference::kSequence, .stream = s}),
+    StochasticGate<float>({.model_dim = kModelDim,
+                           .num_experts = kExperts,
+                           .inference = StochasticInference::kSequence,
+                           .stream = s}),
     ContextSpec{.sequences = true});
   f(std::string("stochastic, ensemble"),
-    StochasticGate<float>({.model_dim = kModelDim, .num_experts = kExperts,
-                           .inference = StochasticInference::kEnsemble, .stream = s}),
+    StochasticGate<float>({.model_dim = kModelDim,
+                           .num_experts = kExperts,
+                           .inference = StochasticInference::kEnsemble,
+                           .stream = s}),
     ContextSpec{});
 }
 
 /// Bit-exact equality of two float matrices (shape and every bit, so -0 != 0 and NaN == NaN).
 inline bool bit_identical(const moet::RowMatrix<float>& a, const moet::RowMatrix<float>& b) {
   return a.rows() == b.rows() && a.cols() == b.cols() &&
-         (a.size() == 0 || std::memcmp(a.data(), b.data(),
-                                       static_cast<std::size_t>(a.size()) * sizeof(float)) == 0);
+         (a.size() == 0 ||
+          std::memcmp(a.data(), b.data(), static_cast<std::size_t>(a.size()) * sizeof(float)) == 0);
 }
 
 /// A routing plan copied out of a `Routing` (which is a reusable workspace).

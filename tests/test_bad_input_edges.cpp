@@ -62,8 +62,8 @@ std::vector<std::int32_t> iota_ids(std::int32_t n) {
 TEST_CASE("capacity_factor 0 is dropless even when every token prefers the same expert",
           "[bad_input][gate][top_k][capacity]") {
   const Index k = GENERATE(Index{1}, Index{2});
-  moet::TopKGate<float> gate({.model_dim = 3, .num_experts = 4, .k = k, .capacity_factor = 0.0,
-                              .min_capacity = 0});
+  moet::TopKGate<float> gate(
+      {.model_dim = 3, .num_experts = 4, .k = k, .capacity_factor = 0.0, .min_capacity = 0});
   // Positive tokens and a router whose column 0 sums them (the others are 0): expert 0 has the
   // largest logit for every token, so a capacity would have to drop.
   gate.router().setZero();
@@ -202,8 +202,8 @@ TEST_CASE("ImportanceGate with k_min = k_max gives every valid token exactly k",
           "[bad_input][gate][importance]") {
   const auto norm = GENERATE(moet::ImportanceNorm::kMax, moet::ImportanceNorm::kMinMax,
                              moet::ImportanceNorm::kBudget);
-  const moet::ImportanceGate<float> gate({.model_dim = 4, .num_experts = 6, .k_min = 2,
-                                          .k_max = 2, .norm = norm, .k_avg = 2.0});
+  const moet::ImportanceGate<float> gate(
+      {.model_dim = 4, .num_experts = 6, .k_min = 2, .k_max = 2, .norm = norm, .k_avg = 2.0});
   const RowMatrix<float> x = normal_matrix(8, 4, 6);
   const std::vector<float> imp = {0.0f, 9.0f, 0.1f, 3.0f, 0.0f, 1e-20f, 5.0f, 2.0f};
   const std::vector<std::uint8_t> valid = {1, 1, 0, 1, 1, 1, 1, 0};
@@ -222,13 +222,20 @@ TEST_CASE("ImportanceGate with constant importance gives k_max, or round(k_avg) 
   moet::RouteContext ctx;
   ctx.importance = imp;
   moet::Routing<float> out;
-  moet::ImportanceGate<float>({.model_dim = 4, .num_experts = 6, .k_min = 1, .k_max = 5,
+  moet::ImportanceGate<float>({.model_dim = 4,
+                               .num_experts = 6,
+                               .k_min = 1,
+                               .k_max = 5,
                                .norm = moet::ImportanceNorm::kMinMax})
       .route(x, ctx, out);
   for (Index t = 0; t < 5; ++t) CHECK(out.k(t) == 5);
   // round(2.5) = 3 (half away from zero).
-  moet::ImportanceGate<float>({.model_dim = 4, .num_experts = 6, .k_min = 1, .k_max = 5,
-                               .norm = moet::ImportanceNorm::kBudget, .k_avg = 2.5})
+  moet::ImportanceGate<float>({.model_dim = 4,
+                               .num_experts = 6,
+                               .k_min = 1,
+                               .k_max = 5,
+                               .norm = moet::ImportanceNorm::kBudget,
+                               .k_avg = 2.5})
       .route(x, ctx, out);
   for (Index t = 0; t < 5; ++t) CHECK(out.k(t) == 3);
 }
@@ -242,9 +249,8 @@ TEST_CASE("ImportanceGate rejects an attention view without data, heads or seque
   moet::RouteContext ctx;
   // A shape without data is "missing" (AttentionView::empty() looks at the pointer).
   ctx.attention = {nullptr, 2, 1, 3, false};
-  CHECK_MOET_ERROR(gate.route(x, ctx, out),
-                   Contains("[moet::ImportanceGate]") &&
-                       Contains("needs ctx.importance or ctx.attention"));
+  CHECK_MOET_ERROR(gate.route(x, ctx, out), Contains("[moet::ImportanceGate]") &&
+                                                Contains("needs ctx.importance or ctx.attention"));
   ctx.attention = {att.data(), 2, 0, 3, false};  // no heads
   CHECK_MOET_ERROR(gate.route(x, ctx, out), Contains("[moet::ImportanceGate]") &&
                                                 Contains("[2, 0, 3, 3]") &&
@@ -290,7 +296,8 @@ TEST_CASE("ImportanceGate with 4096 experts takes the top-K of the oracle softma
             z[static_cast<std::size_t>(out.experts(t)[j + 1])] - 1e-6);
     }
     // No expert outside the chosen K beats the K-th by more than rounding.
-    const double kth = z[static_cast<std::size_t>(out.experts(t)[static_cast<std::size_t>(want_k[t] - 1)])];
+    const double kth =
+        z[static_cast<std::size_t>(out.experts(t)[static_cast<std::size_t>(want_k[t] - 1)])];
     Index better = 0;
     for (Index e = 0; e < 4096; ++e) better += z[static_cast<std::size_t>(e)] > kth + 1e-6 ? 1 : 0;
     CHECK(better <= want_k[t] - 1);
@@ -305,22 +312,22 @@ TEST_CASE("StochasticGate's position and sequence modes at degenerate sizes",
   // token on one expert and kSequence draws per token.
   moet::RouteContext ctx;
   ctx.sequence_length = 1;
-  moet::StochasticGate<float>({.model_dim = 3, .num_experts = 50,
-                               .inference = moet::StochasticInference::kPosition})
+  moet::StochasticGate<float>(
+      {.model_dim = 3, .num_experts = 50, .inference = moet::StochasticInference::kPosition})
       .route(x, ctx, out);
   for (Index t = 1; t < 12; ++t) CHECK(out.experts(t)[0] == out.experts(0)[0]);
   // sequence_length = T (or 0): one sequence, so kSequence puts every token on one expert.
   for (const Index len : {Index{0}, Index{12}}) {
     ctx.sequence_length = len;
-    moet::StochasticGate<float>({.model_dim = 3, .num_experts = 50,
-                                 .inference = moet::StochasticInference::kSequence})
+    moet::StochasticGate<float>(
+        {.model_dim = 3, .num_experts = 50, .inference = moet::StochasticInference::kSequence})
         .route(x, ctx, out);
     for (Index t = 1; t < 12; ++t) CHECK(out.experts(t)[0] == out.experts(0)[0]);
   }
   // With one expert every mode is expert 0 with weight 1.
-  for (const auto mode : {moet::StochasticInference::kToken, moet::StochasticInference::kPosition,
-                          moet::StochasticInference::kSequence,
-                          moet::StochasticInference::kEnsemble}) {
+  for (const auto mode :
+       {moet::StochasticInference::kToken, moet::StochasticInference::kPosition,
+        moet::StochasticInference::kSequence, moet::StochasticInference::kEnsemble}) {
     moet::StochasticGate<float>({.model_dim = 3, .num_experts = 1, .inference = mode})
         .route(x, {}, out);
     for (Index t = 0; t < 12; ++t) {
@@ -333,9 +340,9 @@ TEST_CASE("StochasticGate's position and sequence modes at degenerate sizes",
 TEST_CASE("MoELayer on denormal input routes like a zero input and returns finite output",
           "[bad_input][layer]") {
   const Index d = 4;
-  moet::MoELayer layer(moet::TopKGate<float>({.model_dim = d, .num_experts = 3, .k = 2}),
-                       moet::SwiGluExperts<float>({.model_dim = d, .hidden_dim = 6,
-                                                   .num_experts = 3}));
+  moet::MoELayer layer(
+      moet::TopKGate<float>({.model_dim = d, .num_experts = 3, .k = 2}),
+      moet::SwiGluExperts<float>({.model_dim = d, .hidden_dim = 6, .num_experts = 3}));
   RowMatrix<float> x = RowMatrix<float>::Constant(5, d, std::numeric_limits<float>::denorm_min());
   const RowMatrix<float> y = layer.forward(x);
   CHECK(y.allFinite());

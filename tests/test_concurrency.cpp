@@ -11,10 +11,11 @@
 
 #include <catch2/catch.hpp>
 
-#include "gate_cases.hpp"
 #include "moet/dispatch/reference.hpp"
 #include "moet/experts/glu.hpp"
 #include "moet/layer.hpp"
+
+#include "gate_cases.hpp"
 
 namespace {
 
@@ -25,8 +26,10 @@ constexpr int kCallers = 4;
 constexpr int kRepeats = 2;
 
 moet::SwiGluExperts<float> experts(std::uint64_t seed) {
-  return moet::SwiGluExperts<float>({.model_dim = gate_cases::kModelDim, .hidden_dim = 20,
-                                     .num_experts = gate_cases::kExperts, .init_seed = seed});
+  return moet::SwiGluExperts<float>({.model_dim = gate_cases::kModelDim,
+                                     .hidden_dim = 20,
+                                     .num_experts = gate_cases::kExperts,
+                                     .init_seed = seed});
 }
 
 // Runs `layer` serially on every input, then from kCallers threads at once, and compares.
@@ -65,7 +68,8 @@ void check_concurrent(const Layer& layer, const gate_cases::ContextSpec& spec) {
   for (int i = 0; i < kCallers; ++i) {
     INFO("caller " << i);
     CHECK(mismatches[static_cast<std::size_t>(i)] == 0);
-    CHECK(bit_identical(concurrent[static_cast<std::size_t>(i)], serial[static_cast<std::size_t>(i)]));
+    CHECK(bit_identical(concurrent[static_cast<std::size_t>(i)],
+                        serial[static_cast<std::size_t>(i)]));
   }
 }
 
@@ -75,17 +79,17 @@ TEST_CASE("Concurrent const forward calls equal serial calls for every gate",
           "[concurrency][layer][parallel]") {
   const bool shared = GENERATE(false, true);
   INFO((shared ? "with" : "without") << " shared experts");
-  gate_cases::for_each_gate(61, [&](const std::string& name, const auto& gate,
-                                    const gate_cases::ContextSpec& spec) {
-    INFO(name);
-    using Gate = std::decay_t<decltype(gate)>;
-    using Layer = moet::MoELayer<Gate, moet::SwiGluExperts<float>>;
-    if (shared) {
-      check_concurrent(Layer(gate, experts(4), experts(5)), spec);
-    } else {
-      check_concurrent(Layer(gate, experts(4)), spec);
-    }
-  });
+  gate_cases::for_each_gate(
+      61, [&](const std::string& name, const auto& gate, const gate_cases::ContextSpec& spec) {
+        INFO(name);
+        using Gate = std::decay_t<decltype(gate)>;
+        using Layer = moet::MoELayer<Gate, moet::SwiGluExperts<float>>;
+        if (shared) {
+          check_concurrent(Layer(gate, experts(4), experts(5)), spec);
+        } else {
+          check_concurrent(Layer(gate, experts(4)), spec);
+        }
+      });
 }
 
 TEST_CASE("Concurrent const forward calls equal serial calls with the reference dispatch",

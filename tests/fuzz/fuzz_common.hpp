@@ -25,15 +25,14 @@ namespace moet_fuzz {
 using moet::Index;
 
 /// Aborts with a message when `cond` is false (a fuzzer finding).
-#define MOET_FUZZ_CHECK(cond, ...)                                             \
-  do {                                                                         \
-    if (!(cond)) {                                                             \
-      std::fprintf(stderr, "moet fuzz: check `%s` failed at %s:%d: ", #cond,   \
-                   __FILE__, __LINE__);                                        \
-      std::fprintf(stderr, __VA_ARGS__);                                       \
-      std::fprintf(stderr, "\n");                                              \
-      std::abort();                                                            \
-    }                                                                          \
+#define MOET_FUZZ_CHECK(cond, ...)                                                                \
+  do {                                                                                            \
+    if (!(cond)) {                                                                                \
+      std::fprintf(stderr, "moet fuzz: check `%s` failed at %s:%d: ", #cond, __FILE__, __LINE__); \
+      std::fprintf(stderr, __VA_ARGS__);                                                          \
+      std::fprintf(stderr, "\n");                                                                 \
+      std::abort();                                                                               \
+    }                                                                                             \
   } while (false)
 
 /// Reads the fuzzer's bytes front to back; past the end every read returns zeros, so any
@@ -70,16 +69,26 @@ class Bytes {
   float value() {
     const std::uint8_t kind = u8();
     switch (kind % 16) {
-      case 0: return 0.0f;
-      case 1: return -0.0f;
-      case 2: return 1.0f;
-      case 3: return std::numeric_limits<float>::quiet_NaN();
-      case 4: return std::numeric_limits<float>::infinity();
-      case 5: return -std::numeric_limits<float>::infinity();
-      case 6: return std::numeric_limits<float>::denorm_min() * static_cast<float>(u8() + 1);
-      case 7: return -std::numeric_limits<float>::denorm_min() * static_cast<float>(u8() + 1);
-      case 8: return std::numeric_limits<float>::max() * (flag() ? 1.0f : -1.0f);
-      case 9: return std::numeric_limits<float>::min() * (flag() ? 1.0f : -1.0f);
+      case 0:
+        return 0.0f;
+      case 1:
+        return -0.0f;
+      case 2:
+        return 1.0f;
+      case 3:
+        return std::numeric_limits<float>::quiet_NaN();
+      case 4:
+        return std::numeric_limits<float>::infinity();
+      case 5:
+        return -std::numeric_limits<float>::infinity();
+      case 6:
+        return std::numeric_limits<float>::denorm_min() * static_cast<float>(u8() + 1);
+      case 7:
+        return -std::numeric_limits<float>::denorm_min() * static_cast<float>(u8() + 1);
+      case 8:
+        return std::numeric_limits<float>::max() * (flag() ? 1.0f : -1.0f);
+      case 9:
+        return std::numeric_limits<float>::min() * (flag() ? 1.0f : -1.0f);
       case 10: {  // raw bits: anything at all
         const std::uint32_t bits = u32();
         float v = 0.0f;
@@ -148,22 +157,21 @@ inline void check_plan(const moet::Routing<float>& plan, Index num_tokens, Index
   for (Index t = 0; t < num_tokens; ++t) {
     const Index k = plan.k(t);
     MOET_FUZZ_CHECK(k >= 0, "offsets decrease at token %ld", static_cast<long>(t));
-    MOET_FUZZ_CHECK(k >= k_lo && k <= k_hi, "k(%ld) = %ld outside [%ld, %ld]",
-                    static_cast<long>(t), static_cast<long>(k), static_cast<long>(k_lo),
-                    static_cast<long>(k_hi));
+    MOET_FUZZ_CHECK(k >= k_lo && k <= k_hi, "k(%ld) = %ld outside [%ld, %ld]", static_cast<long>(t),
+                    static_cast<long>(k), static_cast<long>(k_lo), static_cast<long>(k_hi));
     const auto ids = plan.experts(t);
     const auto weights = plan.weights(t);
     for (std::size_t j = 0; j < ids.size(); ++j) {
       const std::int32_t e = ids[j];
       MOET_FUZZ_CHECK(e >= 0 && e < num_experts, "token %ld slot %zu: expert %d out of range",
                       static_cast<long>(t), j, e);
-      MOET_FUZZ_CHECK(seen[static_cast<std::size_t>(e)] == 0,
-                      "token %ld: expert %d chosen twice", static_cast<long>(t), e);
+      MOET_FUZZ_CHECK(seen[static_cast<std::size_t>(e)] == 0, "token %ld: expert %d chosen twice",
+                      static_cast<long>(t), e);
       seen[static_cast<std::size_t>(e)] = 1;
       const float w = weights[j];
       MOET_FUZZ_CHECK(std::isfinite(w) && w >= 0.0f && w <= 1.0f + 1e-5f,
-                      "token %ld slot %zu: weight %g not finite in [0, 1]", static_cast<long>(t),
-                      j, static_cast<double>(w));
+                      "token %ld slot %zu: weight %g not finite in [0, 1]", static_cast<long>(t), j,
+                      static_cast<double>(w));
     }
     for (const auto e : ids) seen[static_cast<std::size_t>(e)] = 0;
   }
@@ -176,9 +184,8 @@ inline void check_plan(const moet::Routing<float>& plan, Index num_tokens, Index
       double sum = 0.0;
       for (Index e = 0; e < num_experts; ++e) {
         const float p = probs(t, e);
-        MOET_FUZZ_CHECK(std::isfinite(p) && p >= 0.0f && p <= 1.0f + 1e-5f,
-                        "probs(%ld, %ld) = %g", static_cast<long>(t), static_cast<long>(e),
-                        static_cast<double>(p));
+        MOET_FUZZ_CHECK(std::isfinite(p) && p >= 0.0f && p <= 1.0f + 1e-5f, "probs(%ld, %ld) = %g",
+                        static_cast<long>(t), static_cast<long>(e), static_cast<double>(p));
         sum += static_cast<double>(p);
       }
       if (plan.probs_are_distribution) {
@@ -201,9 +208,8 @@ inline bool same_plan(const moet::Routing<float>& a, const moet::Routing<float>&
          eq_bits(a.offsets(), b.offsets()) && eq_bits(a.experts(), b.experts()) &&
          eq_bits(a.weights(), b.weights()) && a.dropped == b.dropped &&
          a.live_experts == b.live_experts && pa.rows() == pb.rows() && pa.cols() == pb.cols() &&
-         (pa.size() == 0 ||
-          std::memcmp(pa.data(), pb.data(), static_cast<std::size_t>(pa.size()) * sizeof(float)) ==
-              0);
+         (pa.size() == 0 || std::memcmp(pa.data(), pb.data(),
+                                        static_cast<std::size_t>(pa.size()) * sizeof(float)) == 0);
 }
 
 /// Whether this input also runs at 2 threads: a 2-thread region costs a thread hand-off, which

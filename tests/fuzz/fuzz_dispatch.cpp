@@ -12,10 +12,11 @@
 #include <cstdint>
 #include <cstring>
 
-#include "fuzz_common.hpp"
 #include "moet/dispatch/grouped.hpp"
 #include "moet/dispatch/reference.hpp"
 #include "moet/experts/glu.hpp"
+
+#include "fuzz_common.hpp"
 
 namespace {
 
@@ -48,8 +49,10 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   const Index hidden_dim = in.in_range(1, 8);
   const Index num_experts = in.in_range(1, 8);
   const Index num_tokens = in.in_range(0, 48);
-  const Experts experts({.model_dim = model_dim, .hidden_dim = hidden_dim,
-                         .num_experts = num_experts, .init_seed = in.u8()});
+  const Experts experts({.model_dim = model_dim,
+                         .hidden_dim = hidden_dim,
+                         .num_experts = num_experts,
+                         .init_seed = in.u8()});
   const moet::GroupedDispatch grouped(
       moet::GroupedDispatch::Options{.block_rows = in.flag() ? 128 : in.in_range(1, 9)});
 
@@ -98,12 +101,13 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   const bool threw3 = run(grouped, experts, x, plan, y3, reused);
   moet::set_num_threads(1);
   const bool threw1 = run(grouped, experts, x, plan, y1, ws1);
-  MOET_FUZZ_CHECK(ref_threw == !well_formed, "reference %s a %s plan", ref_threw ? "rejected" : "ran",
-                  well_formed ? "well-formed" : "malformed");
+  MOET_FUZZ_CHECK(ref_threw == !well_formed, "reference %s a %s plan",
+                  ref_threw ? "rejected" : "ran", well_formed ? "well-formed" : "malformed");
   MOET_FUZZ_CHECK(threw1 == ref_threw && threw2 == ref_threw && threw3 == ref_threw,
                   "grouped and reference disagree on throwing");
   if (ref_threw) return 0;
-  MOET_FUZZ_CHECK(bit_equal(y1, y2), "grouped differs between 1 and %d threads", two_threads ? 2 : 1);
+  MOET_FUZZ_CHECK(bit_equal(y1, y2), "grouped differs between 1 and %d threads",
+                  two_threads ? 2 : 1);
   MOET_FUZZ_CHECK(bit_equal(y2, y3), "grouped differs with a reused workspace");
 
   // Rounding tolerance per token: the size of what is summed.
@@ -118,14 +122,16 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
                static_cast<double>(row.cwiseAbs().maxCoeff());
     }
     for (Index c = 0; c < model_dim; ++c) {
-      const double diff = std::abs(static_cast<double>(y1(t, c)) - static_cast<double>(y_ref(t, c)));
+      const double diff =
+          std::abs(static_cast<double>(y1(t, c)) - static_cast<double>(y_ref(t, c)));
       MOET_FUZZ_CHECK(std::isfinite(y1(t, c)) && diff <= 1e-5 * (1.0 + scale),
                       "token %ld column %ld: grouped %g, reference %g (scale %g)",
                       static_cast<long>(t), static_cast<long>(c), static_cast<double>(y1(t, c)),
                       static_cast<double>(y_ref(t, c)), scale);
     }
     if (plan.experts(t).empty()) {
-      MOET_FUZZ_CHECK(y1.row(t).isZero(0.0f), "token %ld with k = 0 is not 0", static_cast<long>(t));
+      MOET_FUZZ_CHECK(y1.row(t).isZero(0.0f), "token %ld with k = 0 is not 0",
+                      static_cast<long>(t));
     }
   }
   return 0;

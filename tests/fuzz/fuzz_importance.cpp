@@ -11,8 +11,9 @@
 #include <limits>
 #include <vector>
 
-#include "fuzz_common.hpp"
 #include "moet/gates/importance.hpp"
+
+#include "fuzz_common.hpp"
 
 namespace {
 
@@ -21,10 +22,14 @@ using moet_fuzz::Bytes;
 
 double k_avg(Bytes& in) {
   switch (in.u8() % 6) {
-    case 0: return std::numeric_limits<double>::quiet_NaN();
-    case 1: return std::numeric_limits<double>::infinity();
-    case 2: return -1.0;
-    default: return static_cast<double>(in.u8()) / 16.0;
+    case 0:
+      return std::numeric_limits<double>::quiet_NaN();
+    case 1:
+      return std::numeric_limits<double>::infinity();
+    case 2:
+      return -1.0;
+    default:
+      return static_cast<double>(in.u8()) / 16.0;
   }
 }
 
@@ -77,7 +82,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   }
   if (in.flag()) {
     const Index n = in.flag() ? num_tokens : in.in_range(0, num_tokens + 1);
-    for (Index t = 0; t < n; ++t) valid.push_back(static_cast<std::uint8_t>(in.u8() % 3 == 0 ? 0 : 1));
+    for (Index t = 0; t < n; ++t)
+      valid.push_back(static_cast<std::uint8_t>(in.u8() % 3 == 0 ? 0 : 1));
     ctx.valid = valid;
   }
 

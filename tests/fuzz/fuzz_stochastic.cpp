@@ -8,8 +8,9 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "fuzz_common.hpp"
 #include "moet/gates/stochastic.hpp"
+
+#include "fuzz_common.hpp"
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   using moet::Index;
@@ -43,8 +44,10 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     }
     MOET_FUZZ_CHECK(well_formed, "a malformed call routed");
     const Index e_count = options.num_experts;
-    const bool ensemble = !ctx.training && options.inference == moet::StochasticInference::kEnsemble;
-    moet_fuzz::check_plan(plan, num_tokens, e_count, ensemble ? e_count : 1, ensemble ? e_count : 1);
+    const bool ensemble =
+        !ctx.training && options.inference == moet::StochasticInference::kEnsemble;
+    moet_fuzz::check_plan(plan, num_tokens, e_count, ensemble ? e_count : 1,
+                          ensemble ? e_count : 1);
     MOET_FUZZ_CHECK(plan.probs().size() == 0, "a stochastic plan has probabilities");
     const Index len = ctx.sequence_length == 0 ? num_tokens : ctx.sequence_length;
     for (Index t = 0; t < num_tokens; ++t) {

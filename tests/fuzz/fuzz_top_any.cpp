@@ -11,8 +11,9 @@
 #include <limits>
 #include <vector>
 
-#include "fuzz_common.hpp"
 #include "moet/gates/top_any.hpp"
+
+#include "fuzz_common.hpp"
 
 namespace {
 
@@ -21,13 +22,20 @@ using moet_fuzz::Bytes;
 
 float temperature(Bytes& in) {
   switch (in.u8() % 8) {
-    case 0: return 0.0f;
-    case 1: return -1.0f;
-    case 2: return std::numeric_limits<float>::infinity();
-    case 3: return std::numeric_limits<float>::quiet_NaN();
-    case 4: return 1e30f;
-    case 5: return 1e-30f;
-    default: return static_cast<float>(in.u8() + 1) / 16.0f;
+    case 0:
+      return 0.0f;
+    case 1:
+      return -1.0f;
+    case 2:
+      return std::numeric_limits<float>::infinity();
+    case 3:
+      return std::numeric_limits<float>::quiet_NaN();
+    case 4:
+      return 1e30f;
+    case 5:
+      return 1e-30f;
+    default:
+      return static_cast<float>(in.u8() + 1) / 16.0f;
   }
 }
 
@@ -103,14 +111,16 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     const auto scores = plan.probs();
     std::vector<float> fire(static_cast<std::size_t>(emax));  // sigmoid(tau theta), as the gate
     for (Index e = 0; e < emax; ++e) {
-      fire[static_cast<std::size_t>(e)] = 1.0f / (1.0f + std::exp(-(gate.temperature() * theta[e])));
+      fire[static_cast<std::size_t>(e)] =
+          1.0f / (1.0f + std::exp(-(gate.temperature() * theta[e])));
     }
     Index batch_max_k = 0;  // tokens that fire two or more decide the Tutel fallback weight
     for (Index t = 0; t < num_tokens; ++t) {
       Index fired = 0;
       for (Index e = 0; e < emax; ++e) {
         if (mask[e] == 0.0f) {
-          MOET_FUZZ_CHECK(scores(t, e) == 0.0f, "inactive slot %ld has a score", static_cast<long>(e));
+          MOET_FUZZ_CHECK(scores(t, e) == 0.0f, "inactive slot %ld has a score",
+                          static_cast<long>(e));
         }
         if (mask[e] != 0.0f && scores(t, e) > fire[static_cast<std::size_t>(e)]) {
           ++fired;
@@ -124,9 +134,10 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       Index fired = 0;
       for (Index e = 0; e < emax; ++e) {
         if (mask[e] != 0.0f && scores(t, e) > fire[static_cast<std::size_t>(e)]) {
-          MOET_FUZZ_CHECK(static_cast<std::size_t>(fired) < ids.size() && ids[static_cast<std::size_t>(fired)] == e,
-                          "token %ld: expert %ld fires but is not in its slot", static_cast<long>(t),
-                          static_cast<long>(e));
+          MOET_FUZZ_CHECK(static_cast<std::size_t>(fired) < ids.size() &&
+                              ids[static_cast<std::size_t>(fired)] == e,
+                          "token %ld: expert %ld fires but is not in its slot",
+                          static_cast<long>(t), static_cast<long>(e));
           ++fired;
         }
       }
@@ -144,9 +155,10 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         MOET_FUZZ_CHECK(mask[best] != 0.0f, "fallback to an inactive slot");
         for (Index e = 0; e < emax; ++e) {
           if (mask[e] == 0.0f) continue;
-          MOET_FUZZ_CHECK(scores(t, e) < scores(t, best) || (scores(t, e) == scores(t, best) && e >= best),
-                          "token %ld: fallback %d is not the first best active slot", static_cast<long>(t),
-                          best);
+          MOET_FUZZ_CHECK(
+              scores(t, e) < scores(t, best) || (scores(t, e) == scores(t, best) && e >= best),
+              "token %ld: fallback %d is not the first best active slot", static_cast<long>(t),
+              best);
         }
         const bool raw = options.variant == moet::TopAnyVariant::kTutel && batch_max_k < 2;
         MOET_FUZZ_CHECK(weights[0] == (raw ? scores(t, best) : 1.0f), "token %ld: fallback weight",

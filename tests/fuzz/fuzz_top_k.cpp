@@ -8,8 +8,9 @@
 #include <limits>
 #include <vector>
 
-#include "fuzz_common.hpp"
 #include "moet/gates/top_k.hpp"
+
+#include "fuzz_common.hpp"
 
 namespace {
 
@@ -18,14 +19,22 @@ using moet_fuzz::Bytes;
 
 double capacity_factor(Bytes& in) {
   switch (in.u8() % 8) {
-    case 0: return 0.0;  // dropless
-    case 1: return static_cast<double>(in.u8()) / 32.0;  // 0 .. 8, 0 included
-    case 2: return -1.0;
-    case 3: return std::numeric_limits<double>::quiet_NaN();
-    case 4: return std::numeric_limits<double>::infinity();
-    case 5: return 1e30;
-    case 6: return 1e-30;
-    default: return 0.25 * static_cast<double>(in.u8() % 8 + 1);
+    case 0:
+      return 0.0;  // dropless
+    case 1:
+      return static_cast<double>(in.u8()) / 32.0;  // 0 .. 8, 0 included
+    case 2:
+      return -1.0;
+    case 3:
+      return std::numeric_limits<double>::quiet_NaN();
+    case 4:
+      return std::numeric_limits<double>::infinity();
+    case 5:
+      return 1e30;
+    case 6:
+      return 1e-30;
+    default:
+      return 0.25 * static_cast<double>(in.u8() % 8 + 1);
   }
 }
 
@@ -73,15 +82,16 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     const bool capped = options.capacity_factor > 0.0;
     moet_fuzz::check_plan(plan, num_tokens, num_experts, capped ? 0 : k, k);
     MOET_FUZZ_CHECK(plan.num_assignments() + plan.dropped == num_tokens * k,
-                    "assignments %ld + dropped %ld != T * k", static_cast<long>(plan.num_assignments()),
-                    static_cast<long>(plan.dropped));
+                    "assignments %ld + dropped %ld != T * k",
+                    static_cast<long>(plan.num_assignments()), static_cast<long>(plan.dropped));
     if (capped && num_tokens > 0) {
       std::vector<Index> load(static_cast<std::size_t>(num_experts), 0);
       for (const auto e : plan.experts()) ++load[static_cast<std::size_t>(e)];
       const Index cap = gate.capacity(num_tokens);
       for (Index e = 0; e < num_experts; ++e) {
-        MOET_FUZZ_CHECK(load[static_cast<std::size_t>(e)] <= cap, "expert %ld load %ld > capacity %ld",
-                        static_cast<long>(e), static_cast<long>(load[static_cast<std::size_t>(e)]),
+        MOET_FUZZ_CHECK(load[static_cast<std::size_t>(e)] <= cap,
+                        "expert %ld load %ld > capacity %ld", static_cast<long>(e),
+                        static_cast<long>(load[static_cast<std::size_t>(e)]),
                         static_cast<long>(cap));
       }
     }
@@ -96,9 +106,11 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       std::size_t j = 0;
       float sum = 0.0f;
       for (Index r = 0; r < k && j < ids.size(); ++r) {
-        if (ids[j] == order[static_cast<std::size_t>(r)]) ++j;
-        else MOET_FUZZ_CHECK(capped, "token %ld slot %zu: expert %d, want %d", static_cast<long>(t), j,
-                             ids[j], order[static_cast<std::size_t>(r)]);
+        if (ids[j] == order[static_cast<std::size_t>(r)])
+          ++j;
+        else
+          MOET_FUZZ_CHECK(capped, "token %ld slot %zu: expert %d, want %d", static_cast<long>(t), j,
+                          ids[j], order[static_cast<std::size_t>(r)]);
       }
       MOET_FUZZ_CHECK(j == ids.size(), "token %ld: experts are not the top-k of P in order",
                       static_cast<long>(t));

@@ -8,8 +8,9 @@
 #include <cstdint>
 #include <limits>
 
-#include "fuzz_common.hpp"
 #include "moet/gates/top_p.hpp"
+
+#include "fuzz_common.hpp"
 
 namespace {
 
@@ -18,14 +19,22 @@ using moet_fuzz::Bytes;
 
 double top_p(Bytes& in) {
   switch (in.u8() % 10) {
-    case 0: return 1.0;
-    case 1: return 0.0;
-    case 2: return -0.5;
-    case 3: return 1.0000001;
-    case 4: return std::numeric_limits<double>::quiet_NaN();
-    case 5: return 1e-30;
-    case 6: return std::nextafter(1.0, 0.0);
-    default: return static_cast<double>(in.u8()) / 255.0;  // [0, 1] on a grid: ties with P
+    case 0:
+      return 1.0;
+    case 1:
+      return 0.0;
+    case 2:
+      return -0.5;
+    case 3:
+      return 1.0000001;
+    case 4:
+      return std::numeric_limits<double>::quiet_NaN();
+    case 5:
+      return 1e-30;
+    case 6:
+      return std::nextafter(1.0, 0.0);
+    default:
+      return static_cast<double>(in.u8()) / 255.0;  // [0, 1] on a grid: ties with P
   }
 }
 
@@ -78,8 +87,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         cumsum += probs(t, order[static_cast<std::size_t>(j)]);
       }
       want = std::min(want, cap);
-      MOET_FUZZ_CHECK(static_cast<Index>(ids.size()) == want, "token %ld keeps %zu experts, want %ld",
-                      static_cast<long>(t), ids.size(), static_cast<long>(want));
+      MOET_FUZZ_CHECK(static_cast<Index>(ids.size()) == want,
+                      "token %ld keeps %zu experts, want %ld", static_cast<long>(t), ids.size(),
+                      static_cast<long>(want));
       for (std::size_t j = 0; j < ids.size(); ++j) {
         MOET_FUZZ_CHECK(ids[j] == order[j], "token %ld slot %zu: expert %d, want %d",
                         static_cast<long>(t), j, ids[j], order[j]);

@@ -1,6 +1,7 @@
 #pragma once
 /// \file moet.hpp
-/// The umbrella header: everything a user of moet needs.
+/// The umbrella header: everything a user of moet needs, inference and training (losses,
+/// optimisers, THOR's two-pass step).
 ///
 /// ```cpp
 /// #include <moet/moet.hpp>
@@ -28,4 +29,9 @@
 #include "moet/routing.hpp"
 #include "moet/stats.hpp"
 #include "moet/tensor.hpp"
+#include "moet/train/grad.hpp"
+#include "moet/train/losses.hpp"
+#include "moet/train/optim.hpp"
+#include "moet/train/thor.hpp"
+#include "moet/train/top_any_losses.hpp"
 #include "moet/version.hpp"

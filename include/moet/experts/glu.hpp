@@ -385,7 +385,6 @@ class GluExperts {
   RowMatrix<S> gate_;  // (num_experts * model_dim, hidden_dim)
   RowMatrix<S> up_;    // (num_experts * model_dim, hidden_dim)
   RowMatrix<S> down_;  // (num_experts * hidden_dim, model_dim)
-<<<<<<< HEAD
   // Training: the gradients (lazily allocated, the stacks' shapes).
   RowMatrix<S> gate_grad_;
   RowMatrix<S> up_grad_;
@@ -407,7 +406,6 @@ class GluExperts {
       for (Index j = 0; j < f; ++j) h(r, j) = Act::template apply<S>(cache(r, j)) * cache(r, f + j);
     }
   }
-=======
   // Packed copies for the float kernels, one per expert (empty for double banks or without
   // pack_weights): gate and up (model_dim, hidden_dim) each, down (hidden_dim, model_dim).
   std::vector<detail::PackedGluMatrix<float>> packed_gate_up_;
@@ -415,7 +413,6 @@ class GluExperts {
   // False after any non-const weight access until parameters_changed(). Members that hand out
   // the stacks for writing (parameter visitors) must clear it too.
   bool packed_current_ = false;
->>>>>>> kernels
 };
 
 /// SwiGLU experts: `GluExperts` with the SiLU gate.

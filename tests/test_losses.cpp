@@ -326,6 +326,37 @@ TEST_CASE("Noisy top-k losses chain through TopKGate backward to W_r and W_noise
   CHECK(rel_error(gate.router_grad(), fd_w) <= 1e-4);
   CHECK(rel_error(gate.noise_router_grad(), fd_n) <= 1e-4);
   CHECK(fd_n.norm() > 1e-3);
+
+  // The same losses as SoftmaxLossGrad inputs (the way MoELayer::backward takes them): a zero
+  // task gradient plus loss_grad.d_weights and loss_grad.d_noise_logits give the same result.
+  const M grad_w = gate.router_grad(), grad_n = gate.noise_router_grad();
+  gate.zero_grad();
+  M dx2 = M::Zero(kTokens, kDim);
+  const std::vector<double> zero(dw.size(), 0.0);
+  gate.backward(x, ctx, plan, std::span<const double>(zero),
+                {.d_logits = std::span<const double>(dz.data(), static_cast<std::size_t>(dz.size())),
+                 .d_weights = std::span<const double>(dw),
+                 .d_noise_logits =
+                     std::span<const double>(dn.data(), static_cast<std::size_t>(dn.size()))},
+                dx2);
+  CHECK(rel_error(gate.router_grad(), grad_w) <= 1e-12);
+  CHECK(rel_error(gate.noise_router_grad(), grad_n) <= 1e-12);
+  CHECK(rel_error(dx2, dx) <= 1e-12);
+  // Sizes are checked, and only a noisy gate takes d_noise_logits.
+  CHECK_THROWS_WITH(gate.backward(x, ctx, plan, std::span<const double>(zero),
+                                  {.d_weights = std::span<const double>(dw).first(1)}, dx2),
+                    Catch::Matchers::Contains("loss_grad.d_weights must be empty or have one "
+                                              "entry per assignment"));
+  moet::TopKGate<double> plain(moet::TopKGate<double>::gshard_options(kDim, kExperts));
+  moet::Routing<double> plain_plan;
+  plain.route(x, {}, plain_plan);
+  const std::vector<double> plain_dw(static_cast<std::size_t>(plain_plan.num_assignments()), 0.0);
+  CHECK_THROWS_WITH(
+      plain.backward(x, {}, plain_plan, std::span<const double>(plain_dw),
+                     {.d_noise_logits =
+                          std::span<const double>(dn.data(), static_cast<std::size_t>(dn.size()))},
+                     dx2),
+      Catch::Matchers::Contains("loss_grad.d_noise_logits needs a noisy gate"));
 }
 
 namespace {

@@ -134,13 +134,15 @@ void linear_backward(const ConstRows<S>& x, const RowMatrix<S>& w, const ConstRo
 /// The argument checks of a softmax gate's `backward` (`op` names it in the `Error`): `x`
 /// `(num_tokens, model_dim)` finite; `routing` from a `route` call on this `x` by a gate with
 /// `num_experts` experts (same token and expert counts, probabilities `(num_tokens,
-/// num_experts)`, expert ids in range); `d_weights` one value per assignment; `d_probs` and
-/// `d_logits` empty or `num_tokens * num_experts`; `dx` `(num_tokens, model_dim)`.
+/// num_experts)`, expert ids in range); `d_weights` and `loss_grad.d_weights` (if any) one
+/// value per assignment; `d_probs`, `d_logits` and `d_noise_logits` empty or `num_tokens *
+/// num_experts`, and `d_noise_logits` empty unless `accepts_noise` (a noisy gate); `dx`
+/// `(num_tokens, model_dim)`.
 template <class S>
 void check_softmax_backward(const char* op, const ConstRows<S>& x, Index model_dim,
                             Index num_experts, const Routing<S>& routing,
                             std::span<const S> d_weights, const SoftmaxLossGrad<S>& loss_grad,
-                            const Rows<S>& dx) {
+                            const Rows<S>& dx, bool accepts_noise = false) {
   check_gate_input(op, x, model_dim);
   const Index num_tokens = x.rows();
   require(routing.num_tokens() == num_tokens && routing.num_experts() == num_experts, op,
@@ -160,6 +162,17 @@ void check_softmax_backward(const char* op, const ConstRows<S>& x, Index model_d
   require(loss_grad.d_logits.empty() || static_cast<Index>(loss_grad.d_logits.size()) == size, op,
           "loss_grad.d_logits must be empty or num_tokens * num_experts = ", num_tokens, " * ",
           num_experts, " = ", size, " values, got ", loss_grad.d_logits.size());
+  require(loss_grad.d_weights.empty() ||
+              static_cast<Index>(loss_grad.d_weights.size()) == routing.num_assignments(),
+          op, "loss_grad.d_weights must be empty or have one entry per assignment (",
+          routing.num_assignments(), "), got ", loss_grad.d_weights.size());
+  require(loss_grad.d_noise_logits.empty() || accepts_noise, op,
+          "loss_grad.d_noise_logits needs a noisy gate (noisy top-k), got ",
+          loss_grad.d_noise_logits.size(), " values");
+  require(loss_grad.d_noise_logits.empty() ||
+              static_cast<Index>(loss_grad.d_noise_logits.size()) == size,
+          op, "loss_grad.d_noise_logits must be empty or num_tokens * num_experts = ", num_tokens,
+          " * ", num_experts, " = ", size, " values, got ", loss_grad.d_noise_logits.size());
   require(dx.rows() == num_tokens && dx.cols() == model_dim, op, "dx must be (", num_tokens, ", ",
           model_dim, ") like x, got (", dx.rows(), ", ", dx.cols(), ")");
   const auto experts = routing.experts();
@@ -229,9 +242,13 @@ class SoftmaxRouter {
         std::fill(dz_row, dz_row + num_experts, S(0));
         const S* p = probs.data() + t * num_experts;
         const auto a0 = static_cast<std::size_t>(offsets[static_cast<std::size_t>(t)]);
-        combine_weights_backward_row(p, num_experts, routing.experts(t),
-                                     d_weights.subspan(a0, static_cast<std::size_t>(routing.k(t))),
+        const auto k = static_cast<std::size_t>(routing.k(t));
+        combine_weights_backward_row(p, num_experts, routing.experts(t), d_weights.subspan(a0, k),
                                      renormalize, dz_row);
+        if (!loss_grad.d_weights.empty()) {  // linear in dw: a second call adds the loss's part
+          combine_weights_backward_row(p, num_experts, routing.experts(t),
+                                       loss_grad.d_weights.subspan(a0, k), renormalize, dz_row);
+        }
         if (d_probs != nullptr) {
           softmax_backward_row(p, d_probs + t * num_experts, num_experts, dz_row);
         }

@@ -249,19 +249,25 @@ class TopKGate {
 
   /// Backward of `route(x, ctx, routing)` (see the class notes for the gradient treatment):
   /// `x` and `ctx` are those of the `route` call, `d_weights` holds dL/dw per assignment
-  /// (routing order, `routing.num_assignments()` values), `loss_grad` the optional dL/dP and
-  /// dL/dz `(num_tokens * num_experts)` each. Accumulates into the gradients of `W_r` (and
+  /// (routing order, `routing.num_assignments()` values), `loss_grad` the optional auxiliary
+  /// inputs (`SoftmaxLossGrad`: dL/dP, dL/dz, dL/dw of losses on the weights, and, for a noisy
+  /// gate, dL/dn on the noise logits). Accumulates into the gradients of `W_r` (and
   /// `W_noise`) and adds dL/dx into `dx` `(num_tokens, model_dim)`. The same bits for any thread
   /// count. Throws `Error` naming `TopKGate::backward` on any size mismatch or a plan that is not
   /// from this gate and this `x`.
   void backward(const ConstRows<S>& x, const RouteContext& ctx, const Routing<S>& routing,
                 std::span<const S> d_weights, const LossGrad& loss_grad, Rows<S> dx) {
     detail::check_softmax_backward(kBackwardOp, x, options_.model_dim, options_.num_experts,
-                                   routing, d_weights, loss_grad, dx);
+                                   routing, d_weights, loss_grad, dx, options_.noisy);
     const bool noisy = options_.noisy && ctx.training;
     if (options_.noisy) ensure_noise_grad();
     if (!noisy) {
       router_.backward_plan(x, routing, d_weights, options_.renormalize, loss_grad, dx);
+      if (!loss_grad.d_noise_logits.empty() && x.rows() > 0) {  // a loss on n without noise
+        const Eigen::Map<const RowMatrix<S>> dn(loss_grad.d_noise_logits.data(), x.rows(),
+                                                options_.num_experts);
+        detail::linear_backward<S>(x, noise_weights_, dn, noise_grad_, dx);
+      }
       return;
     }
     router_.grad();  // allocates the gradient, even for an empty batch
@@ -296,8 +302,18 @@ class TopKGate {
         // dL/dH (still alone in dz_row) reaches z as is and n as dL/dH * eps * sigmoid(n).
         detail::combine_weights_backward_row(static_cast<const S*>(h), num_experts,
                                              routing.experts(t), dw, options_.renormalize, dz_row);
+        if (!loss_grad.d_weights.empty()) {  // linear in dw: a second call adds the loss's part
+          detail::combine_weights_backward_row(
+              static_cast<const S*>(h), num_experts, routing.experts(t),
+              loss_grad.d_weights.subspan(a0, static_cast<std::size_t>(routing.k(t))),
+              options_.renormalize, dz_row);
+        }
+        const S* dn_loss = loss_grad.d_noise_logits.empty()
+                               ? nullptr
+                               : loss_grad.d_noise_logits.data() + t * num_experts;
         for (Index e = 0; e < num_experts; ++e) {
-          n[e] = dz_row[e] * noise_eps(ctx, t, e) * detail::sigmoid(n[e]);
+          n[e] = dz_row[e] * noise_eps(ctx, t, e) * detail::sigmoid(n[e]) +
+                 (dn_loss != nullptr ? dn_loss[e] : S(0));
         }
         if (d_probs != nullptr) {
           detail::softmax_backward_row(probs.data() + t * num_experts, d_probs + t * num_experts,

@@ -32,15 +32,22 @@ template <class S>
 using ParamMap = Eigen::Map<RowMatrix<S>>;
 
 /// Loss-gradient inputs of the softmax-router gates (`TopKGate`, `TopPGate`, `ImportanceGate`)
-/// besides the combine-weight gradient. Each span is empty (no such loss) or holds
-/// `num_tokens * num_experts` values, row-major, aligned with `Routing::probs()`:
-/// - `d_probs`: dL/dP on the full clean softmax probabilities `P = softmax(x W_r)` (load
-///   balance, importance, top-p entropy);
-/// - `d_logits`: dL/dz on the router logits `z = x W_r` (router z-loss).
+/// besides the task's combine-weight gradient. Each span is empty (no such loss) or holds the
+/// values below, row-major:
+/// - `d_probs` `(num_tokens * num_experts)`: dL/dP on the full clean softmax probabilities
+///   `P = softmax(x W_r)`, aligned with `Routing::probs()` (load balance, top-p entropy);
+/// - `d_logits` `(num_tokens * num_experts)`: dL/dz on the router logits `z = x W_r` (router
+///   z-loss, the `z` part of the noisy load loss);
+/// - `d_weights` `(num_assignments)`, routing order: dL/dw from losses on the combine weights
+///   (`importance_loss`), added to the task's combine-weight gradient;
+/// - `d_noise_logits` `(num_tokens * num_experts)`: dL/dn on the noise logits `n = x W_noise`
+///   (`noisy_load_loss`); only a noisy `TopKGate` accepts it.
 template <class S>
 struct SoftmaxLossGrad {
   std::span<const S> d_probs{};
   std::span<const S> d_logits{};
+  std::span<const S> d_weights{};
+  std::span<const S> d_noise_logits{};
 };
 
 /// No loss-gradient inputs (gates without trainable scores, such as `StochasticGate`).

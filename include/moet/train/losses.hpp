@@ -322,9 +322,10 @@ struct ImportanceLossOptions {
 /// `Importance_e = sum_t G_{t,e}` with `G` the plan's combine weights (ALGORITHMS.md §5.2),
 /// `CV^2 = Var / (mean^2 + 1e-10)` over the `E` experts with the population variance
 /// (tensor2tensor). Adds `dL/dG` per assignment into `d_weights`
-/// (`routing.num_assignments()` values, routing order): pass it, summed with the task's dL/dw,
-/// as the `d_weights` of the gate's `backward`, which carries it through `softmax(H)` to `W_r`
-/// and `W_noise`. Returns `L_imp`. Throws `Error` naming `importance_loss` on a size mismatch
+/// (`routing.num_assignments()` values, routing order): pass it as
+/// `SoftmaxLossGrad::d_weights` (to `MoELayer::backward` or the gate's `backward`; or sum it
+/// into the gate's `d_weights` yourself), which carries it through `softmax(H)` to `W_r` and
+/// `W_noise`. Returns `L_imp`. Throws `Error` naming `importance_loss` on a size mismatch
 /// or an out-of-range expert id.
 template <class S>
 double importance_loss(const Routing<S>& routing, std::span<S> d_weights,
@@ -373,8 +374,9 @@ struct NoisyLoadLossOptions {
 /// flows, as in tensor2tensor, into `z_{t,e}`, `n_{t,e}` (through the softplus scale) and the
 /// threshold entry `H_{t,j}` (to `z_{t,j}` and, through `eps softplus(n)`, `n_{t,j}`); the
 /// in/out decision is held fixed. Adds dL/dz into `d_logits` (pass as
-/// `SoftmaxLossGrad::d_logits`) and dL/dn into `d_noise_logits` (pass to
-/// `TopKGate::backward_noise_logits`); returns `L_load`. Throws `Error` naming
+/// `SoftmaxLossGrad::d_logits`) and dL/dn into `d_noise_logits` (pass as
+/// `SoftmaxLossGrad::d_noise_logits`, or to `TopKGate::backward_noise_logits`); returns
+/// `L_load`. Throws `Error` naming
 /// `noisy_load_loss` on a shape mismatch, a bad `k` or non-finite input.
 template <class S>
 double noisy_load_loss(const ConstRows<S>& logits, const ConstRows<S>& noise_logits,

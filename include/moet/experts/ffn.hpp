@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <utility>
 #include <type_traits>
 #include <vector>
 
@@ -284,7 +285,7 @@ class FfnExperts {
     auto h = detail::aligned_matrix(scratch.hidden, n, f);  // (n, hidden_dim): h, then da
     activate(cache, h);
     weights_block(w2_grad_, e, f).noalias() += h.transpose() * dout;  // (hidden_dim, model_dim)
-    h.noalias() = dout * out_weights(e).transpose();                  // dh (n, hidden_dim)
+    h.noalias() = dout * std::as_const(*this).out_weights(e).transpose();  // dh
     for (Index r = 0; r < n; ++r) {
       for (Index j = 0; j < f; ++j) h(r, j) *= Act::template derivative<S>(cache(r, j));  // da
     }
@@ -296,7 +297,7 @@ class FfnExperts {
         b2_grad_.row(e) += dout.row(r);
       }
     }
-    din.noalias() = h * in_weights(e).transpose();
+    din.noalias() = h * std::as_const(*this).in_weights(e).transpose();
   }
 
   /// Sets every gradient to zero (allocating them on first use).

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <utility>
 #include <type_traits>
 #include <vector>
 
@@ -293,7 +294,7 @@ class GluExperts {
       a.array() = (S(1) + (-g).exp()).inverse();                  // s = sigmoid(g)
       b.array() = a.array() * (g * u);                            // h = s g u, as forward_train
       block(down_grad_, e, f).noalias() += b.transpose() * dout;  // (hidden_dim, model_dim)
-      b.noalias() = dout * down_weights(e).transpose();           // dh (n, hidden_dim)
+      b.noalias() = dout * std::as_const(*this).down_weights(e).transpose();  // dh
       for (Index r = 0; r < n; ++r) {
         for (Index j = 0; j < f; ++j) {
           const S sg = a(r, j);
@@ -306,7 +307,7 @@ class GluExperts {
     } else {
       glu_hidden(cache, a);
       block(down_grad_, e, f).noalias() += a.transpose() * dout;  // (hidden_dim, model_dim)
-      b.noalias() = dout * down_weights(e).transpose();           // dh (n, hidden_dim)
+      b.noalias() = dout * std::as_const(*this).down_weights(e).transpose();  // dh
       for (Index r = 0; r < n; ++r) {
         for (Index j = 0; j < f; ++j) {
           const S g = cache(r, j);
@@ -322,8 +323,8 @@ class GluExperts {
     }
     block(gate_grad_, e, model_dim()).noalias() += in.transpose() * a;  // (model_dim, hidden_dim)
     block(up_grad_, e, model_dim()).noalias() += in.transpose() * b;    // (model_dim, hidden_dim)
-    din.noalias() = a * gate_weights(e).transpose();
-    din.noalias() += b * up_weights(e).transpose();
+    din.noalias() = a * std::as_const(*this).gate_weights(e).transpose();
+    din.noalias() += b * std::as_const(*this).up_weights(e).transpose();
   }
 
   /// Sets every weight gradient to zero (allocating them on first use).

@@ -38,6 +38,14 @@ if(TARGET moet_catch_main)
   target_link_libraries(test_gemm_native PRIVATE moet::moet moet_bench_native moet_dev Catch2::Catch2)
   add_test(NAME test_gemm_native COMMAND test_gemm_native --order rand --rng-seed 7 "~[.slow]")
   set_tests_properties(test_gemm_native PROPERTIES LABELS unit TIMEOUT 600)
+  # The bf16 weights on AVX512-BF16 (where the machine has it; else the portable loops again).
+  add_executable(test_gemm_bf16_native "${CMAKE_CURRENT_LIST_DIR}/../tests/test_gemm_bf16.cpp"
+    $<TARGET_OBJECTS:moet_catch_main>)
+  target_link_libraries(test_gemm_bf16_native PRIVATE
+    moet::moet moet_bench_native moet_dev Catch2::Catch2)
+  add_test(NAME test_gemm_bf16_native
+    COMMAND test_gemm_bf16_native --order rand --rng-seed 7 "~[.slow]")
+  set_tests_properties(test_gemm_bf16_native PROPERTIES LABELS unit TIMEOUT 600)
   # The packed expert banks through the dispatchers and the layer, on the SIMD kernels.
   add_executable(test_experts_packed_native
     "${CMAKE_CURRENT_LIST_DIR}/../tests/test_experts_packed.cpp" $<TARGET_OBJECTS:moet_catch_main>)

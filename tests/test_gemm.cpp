@@ -18,112 +18,11 @@
 #include "moet/experts/activations.hpp"
 #include "moet/tensor.hpp"
 
+#include "gemm_test_util.hpp"
+
 namespace {
 
-using moet::Index;
-using moet::RowMatrix;
-using moet::detail::KernelPath;
-
-using Matrix = RowMatrix<float>;
-using MatrixD = RowMatrix<double>;
-
-Matrix random_matrix(Index rows, Index cols, std::uint32_t seed) {
-  std::mt19937 gen(seed);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  Matrix m(rows, cols);
-  for (Index i = 0; i < rows; ++i) {
-    for (Index j = 0; j < cols; ++j) m(i, j) = normal(gen);
-  }
-  return m;
-}
-
-// Written out independently of activations.hpp and simd.hpp.
-double silu_ref(double v) { return v / (1.0 + std::exp(-v)); }
-double gelu_ref(double v) { return 0.5 * v * (1.0 + std::erf(v / std::sqrt(2.0))); }
-
-// Naive (n, K) x (K, N) in double.
-MatrixD naive_product(const Matrix& a, const Matrix& b) {
-  MatrixD c = MatrixD::Zero(a.rows(), b.cols());
-  for (Index i = 0; i < a.rows(); ++i) {
-    for (Index j = 0; j < b.cols(); ++j) {
-      double sum = 0.0;
-      for (Index k = 0; k < a.cols(); ++k) {
-        sum += static_cast<double>(a(i, k)) * static_cast<double>(b(k, j));
-      }
-      c(i, j) = sum;
-    }
-  }
-  return c;
-}
-
-std::vector<double> row_norms(const Matrix& a) {
-  std::vector<double> out(static_cast<std::size_t>(a.rows()));
-  for (Index i = 0; i < a.rows(); ++i)
-    out[static_cast<std::size_t>(i)] = a.row(i).cast<double>().norm();
-  return out;
-}
-std::vector<double> col_norms(const Matrix& b) {
-  std::vector<double> out(static_cast<std::size_t>(b.cols()));
-  for (Index j = 0; j < b.cols(); ++j)
-    out[static_cast<std::size_t>(j)] = b.col(j).cast<double>().norm();
-  return out;
-}
-
-// Largest |got - want| / (||a_i|| ||b_j||) over the matrix (0 when everything matches).
-double scaled_error(const Matrix& got, const MatrixD& want, const Matrix& a, const Matrix& b) {
-  const auto ra = row_norms(a);
-  const auto cb = col_norms(b);
-  double worst = 0.0;
-  for (Index i = 0; i < got.rows(); ++i) {
-    for (Index j = 0; j < got.cols(); ++j) {
-      const double scale =
-          ra[static_cast<std::size_t>(i)] * cb[static_cast<std::size_t>(j)] + 1e-30;
-      worst = std::max(worst, std::abs(static_cast<double>(got(i, j)) - want(i, j)) / scale);
-    }
-  }
-  return worst;
-}
-
-bool bit_identical(const Matrix& x, const Matrix& y) {
-  if (x.rows() != y.rows() || x.cols() != y.cols()) return false;
-  for (Index i = 0; i < x.rows(); ++i) {
-    for (Index j = 0; j < x.cols(); ++j) {
-      if (std::bit_cast<std::uint32_t>(x(i, j)) != std::bit_cast<std::uint32_t>(y(i, j))) {
-        return false;
-      }
-    }
-  }
-  return true;
-}
-
-const char* path_name(KernelPath path) {
-  return path == KernelPath::kBest ? moet::detail::kSimdName : "portable";
-}
-
-// Naive H = Act(A Wg) * (A Wu) in double, and a per-entry error budget: the products may be
-// off by 1e-5 ||a_i|| ||w_j|| each (the GEMM bound), |Act'| <= 1.1 for SiLU and 1.13 for GELU,
-// plus 1e-6 relative for the activation itself.
-template <class ActRef>
-double glu_error_ratio(const Matrix& h, const Matrix& a, const Matrix& wg, const Matrix& wu,
-                       ActRef act) {
-  const MatrixD g = naive_product(a, wg);
-  const MatrixD u = naive_product(a, wu);
-  const auto ra = row_norms(a);
-  const auto cg = col_norms(wg);
-  const auto cu = col_norms(wu);
-  double worst = 0.0;
-  for (Index i = 0; i < h.rows(); ++i) {
-    for (Index j = 0; j < h.cols(); ++j) {
-      const double want = act(g(i, j)) * u(i, j);
-      const double eg = 1e-5 * ra[static_cast<std::size_t>(i)] * cg[static_cast<std::size_t>(j)];
-      const double eu = 1e-5 * ra[static_cast<std::size_t>(i)] * cu[static_cast<std::size_t>(j)];
-      const double budget = 1.2 * eg * (std::abs(u(i, j)) + eu) + std::abs(act(g(i, j))) * eu +
-                            1e-6 * std::abs(want) + 1e-30;
-      worst = std::max(worst, std::abs(static_cast<double>(h(i, j)) - want) / budget);
-    }
-  }
-  return worst;  // <= 1 passes
-}
+using namespace moet_test;  // NOLINT(google-build-using-namespace)
 
 const std::vector<Index> kRows = {0, 1, 2, 3, 5, 7, 8, 9, 13, 64, 100, 257};
 const std::vector<Index> kInner = {1, 3, 17, 256, 300, 520};
@@ -164,20 +63,7 @@ TEST_CASE("gemm_packed with accumulate adds A B to C", "[gemm]") {
         const Matrix c0 = random_matrix(n, n_cols, seed++);
         Matrix c = c0;
         moet::detail::gemm_packed(a, packed, c, true, scratch, path);
-        const MatrixD want = c0.cast<double>() + naive_product(a, b);
-        // The old C adds at most |c0| to the sum: widen the budget by it.
-        double worst = 0.0;
-        const auto ra = row_norms(a);
-        const auto cb = col_norms(b);
-        for (Index i = 0; i < n; ++i) {
-          for (Index j = 0; j < n_cols; ++j) {
-            const double budget =
-                1e-5 * (ra[static_cast<std::size_t>(i)] * cb[static_cast<std::size_t>(j)] +
-                        std::abs(c0(i, j)));
-            worst = std::max(worst, std::abs(static_cast<double>(c(i, j)) - want(i, j)) / budget);
-          }
-        }
-        CHECK(worst <= 1.0);
+        CHECK(accumulate_error_ratio(c, a, b, c0) <= 1.0);
       }
     }
   }

@@ -4,7 +4,9 @@
 // calls to a replaced global operator new while a flag is set. The flag is cleared before any
 // Catch2 assertion, which allocates itself.
 
+// clang-format off
 #include "no_alloc_harness.hpp"  // first: it configures Eigen and replaces operator new
+// clang-format on
 
 #include <cstdint>
 #include <random>
@@ -168,6 +170,13 @@ TEST_CASE("Dispatchers do not allocate after warm-up with large packed experts",
   const moet::FfnExperts<float> ffn({.model_dim = 256, .hidden_dim = 640, .num_experts = 3});
   REQUIRE(ffn.uses_packed_kernels());
   check_dispatchers_do_not_allocate(ffn, 400, 128);
+  // bf16 weights: the packed rows of A are bf16 in the same float scratch.
+  const moet::SwiGluExperts<float> glu16({.model_dim = 256,
+                                          .hidden_dim = 640,
+                                          .num_experts = 3,
+                                          .weight_format = moet::WeightFormat::kBf16});
+  REQUIRE(glu16.uses_packed_kernels());
+  check_dispatchers_do_not_allocate(glu16, 400, 128);
 }
 
 TEST_CASE("Dispatchers do not allocate after warm-up with FFN experts", "[no_alloc][dispatch]") {

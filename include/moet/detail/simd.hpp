@@ -12,6 +12,9 @@
 /// | `__AVX2__` and `__FMA__`                         | `"avx2+fma"` | 8 floats    |
 /// | anything else, or `MOET_SIMD_DISABLE` defined    | `"portable"` | plain loops |
 ///
+/// bf16 weights (`WeightFormat::kBf16`) use AVX512-BF16 dot products when the build also has
+/// `__AVX512BF16__` (`kHasBf16Simd`, namespace `simd_avx512_bf16`), portable loops otherwise.
+///
 /// The AVX-512 and AVX2 kernels share all their code (the register wrappers below differ);
 /// tests/test_gemm.cpp runs on both (`test_gemm_native`). Define `MOET_SIMD_DISABLE_AVX512` to
 /// run the AVX2 kernels on an AVX-512 machine (e.g. to compare them).
@@ -39,6 +42,24 @@
 #define MOET_SIMD_AVX2 0
 #endif
 
+// bf16 dot products (`vdpbf16ps`) for bf16 expert weights, on top of AVX-512.
+#if MOET_SIMD_AVX512 && defined(__AVX512BF16__) && !defined(MOET_SIMD_DISABLE_BF16)
+#define MOET_SIMD_BF16 1
+#else
+#define MOET_SIMD_BF16 0
+#endif
+
+// The inline namespace of everything whose layout or code depends on the choice above.
+#if MOET_SIMD_BF16
+#define MOET_SIMD_NAMESPACE simd_avx512_bf16
+#elif MOET_SIMD_AVX512
+#define MOET_SIMD_NAMESPACE simd_avx512
+#elif MOET_SIMD_AVX2
+#define MOET_SIMD_NAMESPACE simd_avx2
+#else
+#define MOET_SIMD_NAMESPACE simd_portable
+#endif
+
 #if MOET_SIMD_AVX512 || MOET_SIMD_AVX2
 #include <immintrin.h>
 #endif
@@ -55,13 +76,7 @@
 
 namespace moet::detail {
 
-#if MOET_SIMD_AVX512
-inline namespace simd_avx512 {
-#elif MOET_SIMD_AVX2
-inline namespace simd_avx2 {
-#else
-inline namespace simd_portable {
-#endif
+inline namespace MOET_SIMD_NAMESPACE {
 
 /// Name of the instruction set the kernels of this translation unit use.
 #if MOET_SIMD_AVX512
@@ -74,6 +89,10 @@ inline constexpr const char* kSimdName = "portable";
 
 /// True when the kernels use explicit vector instructions (AVX2 or AVX-512).
 inline constexpr bool kHasSimd = MOET_SIMD_AVX512 || MOET_SIMD_AVX2;
+
+/// True when bf16 weights run on AVX512-BF16 dot products (`vdpbf16ps`); otherwise they run
+/// on the portable bf16 loops (define `MOET_SIMD_DISABLE_BF16` to force that).
+inline constexpr bool kHasBf16Simd = MOET_SIMD_BF16;
 
 /// Calls `f(std::integral_constant<int, I>{})` for `I = 0, ..., N - 1`, fully unrolled: the
 /// register arrays of the micro-kernels are indexed only by such constants, so the compiler
@@ -253,5 +272,5 @@ inline void silu_array(const float* in, float* out, Index n) {
 #endif
 }
 
-}  // inline namespace
+}  // namespace MOET_SIMD_NAMESPACE
 }  // namespace moet::detail

@@ -5,8 +5,8 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <utility>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "moet/detail/buffer.hpp"
@@ -15,6 +15,7 @@
 #include "moet/detail/rng.hpp"
 #include "moet/errors.hpp"
 #include "moet/experts/activations.hpp"
+#include "moet/experts/weight_format.hpp"
 #include "moet/tensor.hpp"
 #include "moet/train/grad.hpp"
 
@@ -77,6 +78,9 @@ class FfnExperts {
     std::uint64_t init_seed = 0;
     /// Keep packed copies of the weights for the packed kernels (float banks only).
     bool pack_weights = true;
+    /// Element type of the packed copies: `kBf16` needs a float bank with `pack_weights`
+    /// (then as in `GluExperts`: bf16 forward, float training; see weight_format.hpp).
+    WeightFormat weight_format = WeightFormat::kF32;
   };
 
   /// Per-thread workspace of `forward`: the `(n, hidden_dim)` hidden activations and the
@@ -93,6 +97,7 @@ class FfnExperts {
         options_.model_dim >= 1 && options_.hidden_dim >= 1 && options_.num_experts >= 1, kOp,
         "model_dim, hidden_dim and num_experts must be >= 1, got (", options_.model_dim, ", ",
         options_.hidden_dim, ", ", options_.num_experts, ")");
+    detail::require_weight_format<S>(kOp, options_.weight_format, options_.pack_weights);
     const Index d = options_.model_dim;
     const Index f = options_.hidden_dim;
     const Index n = options_.num_experts;
@@ -111,12 +116,10 @@ class FfnExperts {
   void parameters_changed() {
     if constexpr (kPackable) {
       if (!options_.pack_weights) return;
-      const auto num = static_cast<std::size_t>(num_experts());
-      packed_w1_.resize(num);
-      packed_w2_.resize(num);
-      for (Index e = 0; e < num_experts(); ++e) {
-        packed_w1_[static_cast<std::size_t>(e)].pack(weights_block(w1_, e, model_dim()));
-        packed_w2_[static_cast<std::size_t>(e)].pack(weights_block(w2_, e, hidden_dim()));
+      if (options_.weight_format == WeightFormat::kBf16) {
+        repack(packed_bf16_);
+      } else {
+        repack(packed_f32_);
       }
       packed_current_ = true;
     }
@@ -219,8 +222,13 @@ class FfnExperts {
     bool packed = false;
     if constexpr (kPackable) {
       if (packed_current_) {
-        detail::gemm_packed(in, packed_w1_[static_cast<std::size_t>(e)], h,
-                            /*accumulate=*/false, scratch.kernel);
+        if (options_.weight_format == WeightFormat::kBf16) {
+          detail::gemm_packed(in, packed_bf16_.w1[static_cast<std::size_t>(e)], h,
+                              /*accumulate=*/false, scratch.kernel);
+        } else {
+          detail::gemm_packed(in, packed_f32_.w1[static_cast<std::size_t>(e)], h,
+                              /*accumulate=*/false, scratch.kernel);
+        }
         packed = true;
       }
     }
@@ -229,8 +237,13 @@ class FfnExperts {
     apply_activation<Act>(h);
     if (packed) {
       if constexpr (kPackable) {
-        detail::gemm_packed(h, packed_w2_[static_cast<std::size_t>(e)], out,
-                            /*accumulate=*/false, scratch.kernel);
+        if (options_.weight_format == WeightFormat::kBf16) {
+          detail::gemm_packed(h, packed_bf16_.w2[static_cast<std::size_t>(e)], out,
+                              /*accumulate=*/false, scratch.kernel);
+        } else {
+          detail::gemm_packed(h, packed_f32_.w2[static_cast<std::size_t>(e)], out,
+                              /*accumulate=*/false, scratch.kernel);
+        }
       }
     } else {
       out.noalias() = h * out_weights(e);
@@ -389,8 +402,25 @@ class FfnExperts {
   }
   // Packed copies for the float kernels, one per expert (empty for double banks or without
   // pack_weights): W1 (model_dim, hidden_dim), W2 (hidden_dim, model_dim).
-  std::vector<detail::PackedMatrix<float>> packed_w1_;
-  std::vector<detail::PackedMatrix<float>> packed_w2_;
+  template <class W>
+  struct PackedBank {
+    std::vector<detail::PackedMatrix<W>> w1;
+    std::vector<detail::PackedMatrix<W>> w2;
+  };
+  template <class W>
+  void repack(PackedBank<W>& packed) const {
+    const auto num = static_cast<std::size_t>(num_experts());
+    packed.w1.resize(num);
+    packed.w2.resize(num);
+    for (Index e = 0; e < num_experts(); ++e) {
+      packed.w1[static_cast<std::size_t>(e)].pack(weights_block(w1_, e, model_dim()));
+      packed.w2[static_cast<std::size_t>(e)].pack(weights_block(w2_, e, hidden_dim()));
+    }
+  }
+  // Only the one of options_.weight_format is filled (neither for double banks or without
+  // pack_weights).
+  PackedBank<float> packed_f32_;
+  PackedBank<detail::Bf16> packed_bf16_;
   // False after any non-const weight access until parameters_changed(). Members that hand out
   // the stacks for writing (parameter visitors) must clear it too.
   bool packed_current_ = false;

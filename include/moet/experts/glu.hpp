@@ -5,8 +5,8 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <utility>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "moet/detail/buffer.hpp"
@@ -15,6 +15,7 @@
 #include "moet/detail/rng.hpp"
 #include "moet/errors.hpp"
 #include "moet/experts/activations.hpp"
+#include "moet/experts/weight_format.hpp"
 #include "moet/tensor.hpp"
 #include "moet/train/grad.hpp"
 
@@ -57,6 +58,12 @@ namespace moet {
 /// kernels: take the view again (or call `parameters_changed()` after writing). Double banks and
 /// `pack_weights = false` always use the Eigen products.
 ///
+/// bf16 kernel weights (`Options::weight_format = WeightFormat::kBf16`, float banks with
+/// `pack_weights`): the packed copies hold the weights rounded to bf16 (1.5x the float weight
+/// memory in all instead of 2x) and `forward` runs the bf16 kernels (see weight_format.hpp);
+/// the float stacks stay the trainable weights, `forward_train` and `backward` use them, and
+/// `parameters_changed()` re-rounds. While the copy is stale `forward` is the float Eigen path.
+///
 /// The packed layout depends on the instruction set the including translation unit is compiled
 /// for (detail/simd.hpp): compile every translation unit that shares a float bank with the same
 /// `-march` (a bank packed by a portable TU and run by an AVX-512 TU would compute garbage).
@@ -85,6 +92,8 @@ class GluExperts {
     std::uint64_t init_seed = 0;
     /// Keep packed copies of the weights for the packed kernels (float banks only).
     bool pack_weights = true;
+    /// Element type of the packed copies: `kBf16` needs a float bank with `pack_weights`.
+    WeightFormat weight_format = WeightFormat::kF32;
   };
 
   /// Per-thread workspace of `forward`: the `(n, hidden_dim)` gate and up activations (the
@@ -96,12 +105,14 @@ class GluExperts {
   };
 
   /// Builds the bank and initialises its weights. Throws `moet::Error` unless `model_dim`,
-  /// `hidden_dim` and `num_experts` are >= 1.
+  /// `hidden_dim` and `num_experts` are >= 1, and for `WeightFormat::kBf16` on a double bank
+  /// or without `pack_weights`.
   explicit GluExperts(const Options& options) : options_(options) {
     detail::require(
         options_.model_dim >= 1 && options_.hidden_dim >= 1 && options_.num_experts >= 1, kOp,
         "model_dim, hidden_dim and num_experts must be >= 1, got (", options_.model_dim, ", ",
         options_.hidden_dim, ", ", options_.num_experts, ")");
+    detail::require_weight_format<S>(kOp, options_.weight_format, options_.pack_weights);
     const Index d = options_.model_dim;
     const Index f = options_.hidden_dim;
     const Index n = options_.num_experts;
@@ -120,13 +131,10 @@ class GluExperts {
   void parameters_changed() {
     if constexpr (kPackable) {
       if (!options_.pack_weights) return;
-      const auto num = static_cast<std::size_t>(num_experts());
-      packed_gate_up_.resize(num);
-      packed_down_.resize(num);
-      for (Index e = 0; e < num_experts(); ++e) {
-        packed_gate_up_[static_cast<std::size_t>(e)].pack(block(gate_, e, model_dim()),
-                                                          block(up_, e, model_dim()));
-        packed_down_[static_cast<std::size_t>(e)].pack(block(down_, e, hidden_dim()));
+      if (options_.weight_format == WeightFormat::kBf16) {
+        repack(packed_bf16_);
+      } else {
+        repack(packed_f32_);
       }
       packed_current_ = true;
     }
@@ -221,10 +229,17 @@ class GluExperts {
     if (n == 0) return;
     if constexpr (kPackable) {
       if (packed_current_) {
-        const auto slot = static_cast<std::size_t>(e);
-        auto h = detail::aligned_matrix(scratch.gate, n, hidden_dim());  // (n, hidden_dim)
-        detail::glu_packed<Act>(in, packed_gate_up_[slot], h, scratch.kernel);
-        detail::gemm_packed(h, packed_down_[slot], out, /*accumulate=*/false, scratch.kernel);
+        const auto run = [&](const auto& packed) {
+          const auto slot = static_cast<std::size_t>(e);
+          auto h = detail::aligned_matrix(scratch.gate, n, hidden_dim());  // (n, hidden_dim)
+          detail::glu_packed<Act>(in, packed.gate_up[slot], h, scratch.kernel);
+          detail::gemm_packed(h, packed.down[slot], out, /*accumulate=*/false, scratch.kernel);
+        };
+        if (options_.weight_format == WeightFormat::kBf16) {
+          run(packed_bf16_);
+        } else {
+          run(packed_f32_);
+        }
         return;
       }
     }
@@ -407,10 +422,28 @@ class GluExperts {
       for (Index j = 0; j < f; ++j) h(r, j) = Act::template apply<S>(cache(r, j)) * cache(r, f + j);
     }
   }
-  // Packed copies for the float kernels, one per expert (empty for double banks or without
-  // pack_weights): gate and up (model_dim, hidden_dim) each, down (hidden_dim, model_dim).
-  std::vector<detail::PackedGluMatrix<float>> packed_gate_up_;
-  std::vector<detail::PackedMatrix<float>> packed_down_;
+  // Packed copies for the kernels, one per expert: gate and up (model_dim, hidden_dim) each,
+  // down (hidden_dim, model_dim).
+  template <class W>
+  struct PackedBank {
+    std::vector<detail::PackedGluMatrix<W>> gate_up;
+    std::vector<detail::PackedMatrix<W>> down;
+  };
+  template <class W>
+  void repack(PackedBank<W>& packed) const {
+    const auto num = static_cast<std::size_t>(num_experts());
+    packed.gate_up.resize(num);
+    packed.down.resize(num);
+    for (Index e = 0; e < num_experts(); ++e) {
+      packed.gate_up[static_cast<std::size_t>(e)].pack(block(gate_, e, model_dim()),
+                                                       block(up_, e, model_dim()));
+      packed.down[static_cast<std::size_t>(e)].pack(block(down_, e, hidden_dim()));
+    }
+  }
+  // Only the one of options_.weight_format is filled (neither for double banks or without
+  // pack_weights).
+  PackedBank<float> packed_f32_;
+  PackedBank<detail::Bf16> packed_bf16_;
   // False after any non-const weight access until parameters_changed(). Members that hand out
   // the stacks for writing (parameter visitors) must clear it too.
   bool packed_current_ = false;

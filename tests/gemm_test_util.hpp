@@ -1,0 +1,142 @@
+#pragma once
+// Shared by the packed-kernel tests (test_gemm.cpp, test_gemm_bf16.cpp): random matrices,
+// naive double-precision oracles, error measures scaled by the operands' norms, bit equality.
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <vector>
+
+#include "moet/detail/gemm.hpp"
+#include "moet/detail/simd.hpp"
+#include "moet/tensor.hpp"
+
+namespace moet_test {
+
+using moet::Index;
+using moet::RowMatrix;
+using moet::detail::KernelPath;
+
+using Matrix = RowMatrix<float>;
+using MatrixD = RowMatrix<double>;
+
+inline Matrix random_matrix(Index rows, Index cols, std::uint32_t seed) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  Matrix m(rows, cols);
+  for (Index i = 0; i < rows; ++i) {
+    for (Index j = 0; j < cols; ++j) m(i, j) = normal(gen);
+  }
+  return m;
+}
+
+// Written out independently of activations.hpp and simd.hpp.
+inline double silu_ref(double v) { return v / (1.0 + std::exp(-v)); }
+inline double gelu_ref(double v) { return 0.5 * v * (1.0 + std::erf(v / std::sqrt(2.0))); }
+
+// Naive (n, K) x (K, N) in double.
+inline MatrixD naive_product(const Matrix& a, const Matrix& b) {
+  MatrixD c = MatrixD::Zero(a.rows(), b.cols());
+  for (Index i = 0; i < a.rows(); ++i) {
+    for (Index j = 0; j < b.cols(); ++j) {
+      double sum = 0.0;
+      for (Index k = 0; k < a.cols(); ++k) {
+        sum += static_cast<double>(a(i, k)) * static_cast<double>(b(k, j));
+      }
+      c(i, j) = sum;
+    }
+  }
+  return c;
+}
+
+inline std::vector<double> row_norms(const Matrix& a) {
+  std::vector<double> out(static_cast<std::size_t>(a.rows()));
+  for (Index i = 0; i < a.rows(); ++i)
+    out[static_cast<std::size_t>(i)] = a.row(i).cast<double>().norm();
+  return out;
+}
+inline std::vector<double> col_norms(const Matrix& b) {
+  std::vector<double> out(static_cast<std::size_t>(b.cols()));
+  for (Index j = 0; j < b.cols(); ++j)
+    out[static_cast<std::size_t>(j)] = b.col(j).cast<double>().norm();
+  return out;
+}
+
+// Largest |got - want| / (||a_i|| ||b_j||) over the matrix (0 when everything matches).
+inline double scaled_error(const Matrix& got, const MatrixD& want, const Matrix& a,
+                           const Matrix& b) {
+  const auto ra = row_norms(a);
+  const auto cb = col_norms(b);
+  double worst = 0.0;
+  for (Index i = 0; i < got.rows(); ++i) {
+    for (Index j = 0; j < got.cols(); ++j) {
+      const double scale =
+          ra[static_cast<std::size_t>(i)] * cb[static_cast<std::size_t>(j)] + 1e-30;
+      worst = std::max(worst, std::abs(static_cast<double>(got(i, j)) - want(i, j)) / scale);
+    }
+  }
+  return worst;
+}
+
+// Largest |got - (c0 + a b)| / budget with budget = 1e-5 (||a_i|| ||b_j|| + |c0_ij|): the
+// accumulate-mode bound (the old C adds at most |c0| to the sum). <= 1 passes.
+inline double accumulate_error_ratio(const Matrix& got, const Matrix& a, const Matrix& b,
+                                     const Matrix& c0) {
+  const MatrixD want = c0.cast<double>() + naive_product(a, b);
+  const auto ra = row_norms(a);
+  const auto cb = col_norms(b);
+  double worst = 0.0;
+  for (Index i = 0; i < got.rows(); ++i) {
+    for (Index j = 0; j < got.cols(); ++j) {
+      const double budget =
+          1e-5 *
+          (ra[static_cast<std::size_t>(i)] * cb[static_cast<std::size_t>(j)] + std::abs(c0(i, j)));
+      worst = std::max(worst, std::abs(static_cast<double>(got(i, j)) - want(i, j)) / budget);
+    }
+  }
+  return worst;
+}
+
+inline bool bit_identical(const Matrix& x, const Matrix& y) {
+  if (x.rows() != y.rows() || x.cols() != y.cols()) return false;
+  for (Index i = 0; i < x.rows(); ++i) {
+    for (Index j = 0; j < x.cols(); ++j) {
+      if (std::bit_cast<std::uint32_t>(x(i, j)) != std::bit_cast<std::uint32_t>(y(i, j))) {
+        return false;
+      }
+    }
+  }
+  return true;
+}
+
+inline const char* path_name(KernelPath path) {
+  return path == KernelPath::kBest ? moet::detail::kSimdName : "portable";
+}
+
+// Naive H = Act(A Wg) * (A Wu) in double, and a per-entry error budget: the products may be
+// off by 1e-5 ||a_i|| ||w_j|| each (the GEMM bound), |Act'| <= 1.1 for SiLU and 1.13 for GELU,
+// plus 1e-6 relative for the activation itself.
+template <class ActRef>
+double glu_error_ratio(const Matrix& h, const Matrix& a, const Matrix& wg, const Matrix& wu,
+                       ActRef act) {
+  const MatrixD g = naive_product(a, wg);
+  const MatrixD u = naive_product(a, wu);
+  const auto ra = row_norms(a);
+  const auto cg = col_norms(wg);
+  const auto cu = col_norms(wu);
+  double worst = 0.0;
+  for (Index i = 0; i < h.rows(); ++i) {
+    for (Index j = 0; j < h.cols(); ++j) {
+      const double want = act(g(i, j)) * u(i, j);
+      const double eg = 1e-5 * ra[static_cast<std::size_t>(i)] * cg[static_cast<std::size_t>(j)];
+      const double eu = 1e-5 * ra[static_cast<std::size_t>(i)] * cu[static_cast<std::size_t>(j)];
+      const double budget = 1.2 * eg * (std::abs(u(i, j)) + eu) + std::abs(act(g(i, j))) * eu +
+                            1e-6 * std::abs(want) + 1e-30;
+      worst = std::max(worst, std::abs(static_cast<double>(h(i, j)) - want) / budget);
+    }
+  }
+  return worst;  // <= 1 passes
+}
+
+}  // namespace moet_test

@@ -126,27 +126,8 @@ class GroupedDispatch {
     if (num_tokens == 0) return;
 
     // 1. Group by expert and cut every expert's rows into fixed blocks.
-    ws.view.build(routing);
-    const Index block = options_.block_rows;
-    Index num_tasks = 0;
-    for (Index e = 0; e < ws.view.num_experts(); ++e) {
-      num_tasks += (ws.view.load(e) + block - 1) / block;  // idle experts add no task
-    }
-    if (ws.tasks.size() < static_cast<std::size_t>(num_tasks)) {
-      ws.tasks.resize(static_cast<std::size_t>(num_tasks));
-    }
-    ws.num_tasks = num_tasks;
-    const auto offsets = ws.view.offsets();
-    std::size_t next = 0;
-    Index max_rows = 0;  // rows of the largest task
-    for (Index e = 0; e < ws.view.num_experts(); ++e) {
-      const Index end = offsets[static_cast<std::size_t>(e + 1)];
-      for (Index begin = offsets[static_cast<std::size_t>(e)]; begin < end; begin += block) {
-        const Index task_end = std::min(begin + block, end);
-        ws.tasks[next++] = Task{static_cast<std::int32_t>(e), begin, task_end};
-        max_rows = std::max(max_rows, task_end - begin);
-      }
-    }
+    const Index max_rows = plan_tasks(routing, ws);
+    const Index num_tasks = ws.num_tasks;
 
     // 2. One task per (expert, block): gather, run, write per-assignment rows.
     detail::prepare_thread_scratch(experts, ws.threads, max_rows, /*gather=*/true,
@@ -165,23 +146,7 @@ class GroupedDispatch {
     });
 
     // 3. Combine per token in slot order.
-    const auto position = ws.view.position();
-    const auto weights = routing.weights();
-    const auto token_offsets = routing.offsets();
-    detail::parallel_blocks(num_tokens, kCombineBlock, [&](Index begin, Index end) {
-      for (Index t = begin; t < end; ++t) {
-        const auto first = static_cast<std::size_t>(token_offsets[static_cast<std::size_t>(t)]);
-        const auto last = static_cast<std::size_t>(token_offsets[static_cast<std::size_t>(t + 1)]);
-        if (first == last) {
-          y.row(t).setZero();
-          continue;
-        }
-        y.row(t) = weights[first] * out.row(position[first]);
-        for (std::size_t a = first + 1; a < last; ++a) {
-          y.row(t) += weights[a] * out.row(position[a]);
-        }
-      }
-    });
+    combine(routing, ws.view, out, y);
   }
 
   // --- training -------------------------------------------------------------------------
@@ -321,7 +286,8 @@ class GroupedDispatch {
   }
 
  private:
-  // Fills ws.view and ws.tasks for `routing` (as `run` does); returns the largest task's rows.
+  // Step 1 of `run`: fills ws.view and ws.tasks (one per (expert, block); idle experts add
+  // none) for `routing`; returns the largest task's rows.
   template <class X>
   Index plan_tasks(const Routing<typename X::Scalar>& routing, Workspace<X>& ws) const {
     ws.view.build(routing);
@@ -348,7 +314,7 @@ class GroupedDispatch {
     return max_rows;
   }
 
-  // y_t = sum over t's slots of w_a * out[position(a)], slot order (as `run` step 3).
+  // Step 3 of `run`: y_t = sum over t's slots of w_a * out[position(a)], in slot order.
   template <class S, class Out>
   static void combine(const Routing<S>& routing, const ExpertMajor& view, const Out& out,
                       Rows<S> y) {

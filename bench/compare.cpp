@@ -6,6 +6,7 @@
 //   moet-compare --shape S1 --tokens 1,32,512,4096 --threads 1,2 --gates "top_k:k=2 top_p:p=0.4"
 //   moet-compare --d-model 256 --d-ff 512 --experts 16 --repeat 9 --json out.json --svg out.svg
 //   moet-compare --inputs zipf                # skewed loads (Zipf over token clusters)
+//   moet-compare --weights f32,bf16           # both weight formats, same weights, same run
 //
 // Gates (separated by spaces or commas; parameters after ':' separated by ','):
 //   top_k:k=K[,renorm=0|1]  top_p:p=P[,max_k=M]  top_any[:active=A]
@@ -16,12 +17,19 @@
 // (6 d f per assignment); vs_ceil = GFLOP/s over the ceiling's; peak = GFLOP/s over the
 // measured FMA peak; roof = memory-roofline time (weight bytes of the experts the call touches
 // over the measured bandwidth) over the measured time; router = gate time over layer time;
+// disp = dispatch overhead over layer time (the gate's plan through GroupedDispatch with
+// identity experts: expert-major view, gather, output write and combine, no expert math);
 // max/mean load; t/top2 = time over top_k:k=2's time on the same batch, next to the target
 // m/2 + 0.1 for a gate with mean k = m.
 //
 // The ceiling (needs OpenBLAS at build time): the activated FLOPs of top-2 done as an equal
 // split of the 2T rows over the experts, three single-threaded cblas_sgemm per expert (gate, up,
 // down; no routing, gather, activation or combine), experts in parallel, same process.
+//
+// Weights (--weights, a list): f32 and/or bf16 expert kernel weights (WeightFormat), one bank
+// per format built from the same float weights; with several, each format gets its own block
+// of rows and a final line gives every gate's time ratio over the first format. The roofline
+// uses the format's bytes (bf16: 2 per weight); the ceiling is always float OpenBLAS sgemm.
 //
 // Inputs (--inputs): random (standard normal: near-uniform loads), zipf (tokens drawn around E
 // cluster centres with Zipf(1.2) cluster frequencies: the linear routers send each cluster to
@@ -36,6 +44,7 @@
 #include <map>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "moet/detail/parallel.hpp"
@@ -64,7 +73,7 @@ struct Config {
   int repeat = 5;
   std::vector<std::string> gates = {"top_k:k=1", "top_k:k=2",          "top_p:p=0.4",
                                     "top_any",   "importance:k_max=4", "stochastic"};
-  std::string weights = "f32";
+  std::vector<std::string> weights = {"f32"};  // each f32 or bf16: one bank per format
   std::string inputs = "random";
   std::string json;
   std::string svg;
@@ -72,9 +81,10 @@ struct Config {
   std::uint64_t seed = 42;
 };
 
-/// One measured (gate, tokens, threads) combination.
+/// One measured (gate, tokens, threads, weights) combination.
 struct Row {
   std::string gate;
+  std::string weights = "f32";
   std::string params;
   Index tokens = 0;
   int threads = 0;
@@ -85,10 +95,11 @@ struct Row {
   double tokens_per_s = 0.0;
   double gflops = 0.0;
   double router_ms = 0.0;
+  double dispatch_ms = 0.0;  // gather + combine (+ plan view): the dispatch with identity experts
   double max_load_ratio = 0.0;
   Index live_experts = 0;
   std::vector<Index> load;
-  // Filled per series (tokens, threads).
+  // Filled per series (tokens, threads, weights).
   double ceiling_gflops = 0.0;
   double peak_gflops = 0.0;
   double bandwidth_gbs = 0.0;
@@ -101,7 +112,7 @@ struct Row {
                "moet-compare: %s\n"
                "usage: moet-compare [--shape S1|S2|S3] [--d-model N --d-ff N --experts N]\n"
                "                    [--tokens T1,T2,..] [--threads N1,N2,..] [--repeat N]\n"
-               "                    [--gates \"g1 g2 ..\"] [--weights f32] "
+               "                    [--gates \"g1 g2 ..\"] [--weights f32,bf16] "
                "[--inputs random|zipf|trained]\n"
                "                    [--seed N] [--no-flush] [--json FILE] [--svg FILE]\n",
                why.c_str());
@@ -186,13 +197,12 @@ Config parse(int argc, char** argv) {
     } else if (arg == "--no-flush") {
       c.flush = false;
     } else if (arg == "--weights") {
-      c.weights = value();
-      if (c.weights == "bf16") {
-        usage(
-            "--weights bf16: bf16 expert weights are not implemented yet (planned: AVX512-BF16 "
-            "dot products with fp32 accumulation); use --weights f32");
+      c.weights = split(value(), ',');
+      if (c.weights.empty()) usage("--weights needs f32, bf16 or both");
+      for (const auto& w : c.weights) {
+        if (w != "f32" && w != "bf16")
+          usage("--weights must list f32 and/or bf16, got '" + w + "'");
       }
-      if (c.weights != "f32") usage("--weights must be f32 (or bf16, not implemented yet)");
     } else if (arg == "--inputs") {
       c.inputs = value();
       if (c.inputs != "random" && c.inputs != "zipf" && c.inputs != "trained") {
@@ -417,7 +427,28 @@ Ceiling measure_ceiling(const Bank& bank, Index tokens, const Config& c, Memory&
 
 // --- gates ------------------------------------------------------------------------------------
 
-/// Times the whole layer forward and the gate alone on the same batch.
+/// A stand-in expert bank whose expert is the identity (one row copy): the grouped dispatch
+/// run on it costs everything a layer forward does besides the router and the expert math
+/// (expert-major view, task list, gather, the output write, combine), which `measure` reports
+/// as the dispatch overhead.
+struct CopyExperts {
+  using Scalar = float;
+  struct Scratch {};
+  Index experts = 0;
+  Index dim = 0;
+  Index num_experts() const { return experts; }
+  Index model_dim() const { return dim; }
+  Index hidden_dim() const { return dim; }
+  Index params_per_expert() const { return 0; }
+  double flops_per_token() const { return 0.0; }
+  void forward(Index /*e*/, const moet::ConstRows<float>& in, moet::Rows<float> out,
+               Scratch& /*scratch*/) const {
+    out = in;
+  }
+};
+
+/// Times the whole layer forward, the gate alone, and the dispatch overhead (the grouped
+/// dispatch of the gate's plan with identity experts) on the same batch.
 template <class G>
 Row measure(G gate, Bank& bank, const moet::RowMatrix<Scalar>& x, const moet::RouteContext& ctx,
             const Config& c, Memory& memory) {
@@ -439,6 +470,15 @@ Row measure(G gate, Bank& bank, const moet::RowMatrix<Scalar>& x, const moet::Ro
     layer.gate().route(x, ctx, routing);
     router_ms.push_back(now_ms() - t0);
   }
+  const CopyExperts copy{.experts = layer.experts().num_experts(), .dim = x.cols()};
+  moet::GroupedDispatch::Workspace<CopyExperts> copy_ws;
+  std::vector<double> dispatch_ms;
+  moet::GroupedDispatch{}.run(copy, x, routing, y, copy_ws);  // warm-up
+  for (int r = 0; r < c.repeat; ++r) {
+    const double t0 = now_ms();
+    moet::GroupedDispatch{}.run(copy, x, routing, y, copy_ws);
+    dispatch_ms.push_back(now_ms() - t0);
+  }
   Row row;
   row.tokens = x.rows();
   row.mean_k = stats.mean_k;
@@ -449,6 +489,7 @@ Row measure(G gate, Bank& bank, const moet::RowMatrix<Scalar>& x, const moet::Ro
   row.gflops = static_cast<double>(stats.num_assignments) * layer.experts().flops_per_token() /
                (row.ms_median * 1e-3) * 1e-9;
   row.router_ms = median(router_ms);
+  row.dispatch_ms = median(dispatch_ms);
   row.max_load_ratio = stats.max_mean_load_ratio;
   row.load = stats.load;
   row.live_experts = static_cast<Index>(
@@ -543,12 +584,14 @@ void write_json(const std::string& path, const Config& c, const std::vector<Row>
     out << "  {\"gate\": \"" << r.gate << "\", \"params\": \"" << r.params
         << "\", \"tokens\": " << r.tokens << ", \"threads\": " << r.threads
         << ", \"d_model\": " << c.model_dim << ", \"d_ff\": " << c.hidden_dim
-        << ", \"experts\": " << c.num_experts << ", \"weights\": \"" << c.weights
+        << ", \"experts\": " << c.num_experts << ", \"weights\": \"" << r.weights
         << "\", \"inputs\": \"" << c.inputs << "\", \"kernels\": \"" << moet::detail::kSimdName
         << "\", \"mean_k\": " << r.mean_k << ", \"active_params\": " << r.active_params
         << ", \"ms_median\": " << r.ms_median << ", \"ms_min\": " << r.ms_min
         << ", \"tokens_per_s\": " << r.tokens_per_s << ", \"gflops\": " << r.gflops
         << ", \"router_ms\": " << r.router_ms << ", \"router_share\": " << r.router_ms / r.ms_median
+        << ", \"dispatch_ms\": " << r.dispatch_ms
+        << ", \"dispatch_share\": " << r.dispatch_ms / r.ms_median
         << ", \"max_load_ratio\": " << r.max_load_ratio << ", \"live_experts\": " << r.live_experts
         << ", \"ceiling_gflops\": " << r.ceiling_gflops
         << ", \"ratio_to_ceiling\": " << (r.ceiling_gflops > 0 ? r.gflops / r.ceiling_gflops : 0.0)
@@ -568,10 +611,11 @@ void write_json(const std::string& path, const Config& c, const std::vector<Row>
 void write_svg(const std::string& path, const Config& c, const std::vector<Row>& rows,
                const std::vector<std::pair<double, double>>& ceilings) {
   using moet::bench::palette;
-  // Series: (tokens, threads) in order of appearance.
-  std::vector<std::pair<Index, int>> series;
+  // Series: (tokens, threads, weights) in order of appearance.
+  using Key = std::tuple<Index, int, std::string>;
+  std::vector<Key> series;
   for (const Row& r : rows) {
-    const std::pair<Index, int> key{r.tokens, r.threads};
+    const Key key{r.tokens, r.threads, r.weights};
     if (std::find(series.begin(), series.end(), key) == series.end()) series.push_back(key);
   }
   moet::bench::Svg svg(1200, 470 + 14 * static_cast<double>(series.size()));
@@ -598,26 +642,30 @@ void write_svg(const std::string& path, const Config& c, const std::vector<Row>&
                           .x_label = "mean k (experts per token)",
                           .y_label = "tokens/s",
                           .log_y = log_y});
-  // Marker shape: the token count's place in --tokens; filled for the first thread count, hollow
-  // (white, outlined in the gate's colour) for the others.
+  // Marker shape: the token count's place in --tokens; filled for the first thread count and
+  // weight format, hollow (white, outlined in the gate's colour) for the others (the legend
+  // names each series).
   auto index_of = [](const auto& list, const auto& v) {
     return static_cast<int>(std::find(list.begin(), list.end(), v) - list.begin());
   };
   std::vector<int> thread_counts;
-  for (const auto& [t, th] : series) {
+  for (const auto& key : series) {
+    const int th = std::get<1>(key);
     if (std::find(thread_counts.begin(), thread_counts.end(), th) == thread_counts.end()) {
       thread_counts.push_back(th);
     }
-    static_cast<void>(t);
   }
   for (std::size_t s = 0; s < series.size(); ++s) {
-    const auto [tokens, threads] = series[s];
+    const auto& [tokens, threads, weights] = series[s];
     const int shape = index_of(c.tokens, tokens);
-    const bool hollow = index_of(thread_counts, threads) > 0;
+    const bool hollow = index_of(thread_counts, threads) > 0 || index_of(c.weights, weights) > 0;
+    const auto in_series = [&](const Row& r) {
+      return r.tokens == tokens && r.threads == threads && r.weights == weights;
+    };
     double top2 = 0;
     double k_right = 0;
     for (const Row& r : rows) {
-      if (r.tokens != tokens || r.threads != threads) continue;
+      if (!in_series(r)) continue;
       if (label(r) == "top_k:k=2") top2 = r.tokens_per_s;
       k_right = std::max(k_right, r.mean_k);
     }
@@ -630,7 +678,7 @@ void write_svg(const std::string& path, const Config& c, const std::vector<Row>&
       svg.polyline(curve, "#999", 1.0, "4 3");
     }
     for (const Row& r : rows) {
-      if (r.tokens != tokens || r.threads != threads) continue;
+      if (!in_series(r)) continue;
       const auto it = colour.find(label(r));
       const char* col = palette(it == colour.end() ? 0 : it->second);
       svg.marker(left.px(r.mean_k), left.py(r.tokens_per_s), 10, shape, hollow ? "#fff" : col,
@@ -642,10 +690,12 @@ void write_svg(const std::string& path, const Config& c, const std::vector<Row>&
       char ceil_tag[48];
       std::snprintf(ceil_tag, sizeof ceil_tag, "ceiling T=%ld/%d", static_cast<long>(tokens),
                     threads);
+      if (index_of(c.weights, weights) > 0) ceil_tag[0] = '\0';  // drawn with the first format
       svg.text(cx + 9 + (hollow ? 70 : 0), cy + 4, ceil_tag, 10, "start", "#000");
     }
     char tag[64];
-    std::snprintf(tag, sizeof tag, "T=%ld, %d thread(s)", static_cast<long>(tokens), threads);
+    std::snprintf(tag, sizeof tag, "T=%ld, %d thread(s), %s weights", static_cast<long>(tokens),
+                  threads, weights.c_str());
     const double legend_y = 468 + 14 * static_cast<double>(s);
     svg.marker(90, legend_y - 4, 9, shape, hollow ? "#fff" : "#888", "#333");
     svg.text(100, legend_y, tag, 11, "start", "#333");
@@ -659,12 +709,13 @@ void write_svg(const std::string& path, const Config& c, const std::vector<Row>&
     ly += 17;
   }
   // Right panel: loads of the last series.
-  const Index last_tokens = series.empty() ? 0 : series.back().first;
-  const int last_threads = series.empty() ? 0 : series.back().second;
+  const Index last_tokens = series.empty() ? 0 : std::get<0>(series.back());
+  const int last_threads = series.empty() ? 0 : std::get<1>(series.back());
+  const std::string last_weights = series.empty() ? "" : std::get<2>(series.back());
   std::vector<const Row*> last;
   double load_hi = 1;
   for (const Row& r : rows) {
-    if (r.tokens == last_tokens && r.threads == last_threads) {
+    if (r.tokens == last_tokens && r.threads == last_threads && r.weights == last_weights) {
       last.push_back(&r);
       for (const Index l : r.load) load_hi = std::max(load_hi, static_cast<double>(l));
     }
@@ -696,19 +747,27 @@ void write_svg(const std::string& path, const Config& c, const std::vector<Row>&
 
 int main(int argc, char** argv) {
   const Config c = parse(argc, argv);
+  std::string formats;
+  for (const auto& w : c.weights) formats += (formats.empty() ? "" : ", ") + w;
   std::printf(
-      "moet-compare %s: shape %s (d_model %ld, d_ff %ld, experts %ld, SwiGLU, %s), inputs %s, "
-      "repeat %d%s, seed %llu, kernels %s\n",
+      "moet-compare %s: shape %s (d_model %ld, d_ff %ld, experts %ld, SwiGLU, %s weights), "
+      "inputs %s, repeat %d%s, seed %llu, kernels %s%s\n",
       moet::kVersion, c.shape.c_str(), static_cast<long>(c.model_dim),
-      static_cast<long>(c.hidden_dim), static_cast<long>(c.num_experts), c.weights.c_str(),
+      static_cast<long>(c.hidden_dim), static_cast<long>(c.num_experts), formats.c_str(),
       c.inputs.c_str(), c.repeat, c.flush ? " (caches flushed)" : "",
-      static_cast<unsigned long long>(c.seed), moet::detail::kSimdName);
-  Bank bank({.model_dim = c.model_dim,
-             .hidden_dim = c.hidden_dim,
-             .num_experts = c.num_experts,
-             .init_seed = c.seed});
+      static_cast<unsigned long long>(c.seed), moet::detail::kSimdName,
+      moet::detail::kHasBf16Simd ? " (bf16: avx512bf16)" : " (bf16: portable loops)");
+  // One bank per weight format, the same float weights (same seed).
+  std::vector<Bank> banks;
+  for (const auto& w : c.weights) {
+    banks.emplace_back(Bank::Options{
+        .model_dim = c.model_dim,
+        .hidden_dim = c.hidden_dim,
+        .num_experts = c.num_experts,
+        .init_seed = c.seed,
+        .weight_format = w == "bf16" ? moet::WeightFormat::kBf16 : moet::WeightFormat::kF32});
+  }
   Memory memory;
-  const double expert_bytes = static_cast<double>(bank.params_per_expert()) * sizeof(Scalar);
   std::vector<Row> rows;
   std::vector<std::pair<double, double>> ceilings;  // per series: (k, tokens/s)
   for (const Index tokens : c.tokens) {
@@ -723,7 +782,7 @@ int main(int argc, char** argv) {
       const int used = moet::num_threads();
       const double bandwidth = memory.bandwidth_gbs();
       const double peak = fma_peak_gflops(used);
-      const Ceiling ceiling = measure_ceiling(bank, tokens, c, memory);
+      const Ceiling ceiling = measure_ceiling(banks.front(), tokens, c, memory);
       std::printf("\nT = %ld tokens, %d thread(s): read bandwidth %.1f GB/s, FMA peak %.0f GFLOP/s",
                   static_cast<long>(tokens), used, bandwidth, peak);
       if (ceiling.available) {
@@ -732,41 +791,65 @@ int main(int argc, char** argv) {
       } else {
         std::printf(", ceiling n/a (built without OpenBLAS)\n");
       }
-      ceilings.emplace_back(
-          2.0, ceiling.available ? static_cast<double>(tokens) / (ceiling.ms_median * 1e-3) : 0.0);
-      std::printf("%-22s %6s %12s %9s %10s %8s %7s %6s %6s %7s %8s %12s\n", "gate", "mean_k",
-                  "params/tok", "ms(med)", "tokens/s", "GFLOP/s", "vs_ceil", "peak", "roof",
-                  "router", "max/mean", "t/top2 (<=)");
-      const std::size_t series_begin = rows.size();
-      for (const auto& spec : c.gates) {
-        Row row = run_gate(spec, c, bank, x, importance, memory);
-        row.threads = used;
-        row.ceiling_gflops = ceiling.gflops;
-        row.peak_gflops = peak;
-        row.bandwidth_gbs = bandwidth;
-        row.roofline_ms =
-            static_cast<double>(row.live_experts) * expert_bytes / (bandwidth * 1e9) * 1e3;
-        rows.push_back(row);
-      }
-      double top2_ms = 0;
-      for (std::size_t i = series_begin; i < rows.size(); ++i) {
-        if (label(rows[i]) == "top_k:k=2") top2_ms = rows[i].ms_median;
-      }
-      for (std::size_t i = series_begin; i < rows.size(); ++i) {
-        Row& row = rows[i];
-        row.time_vs_top2 = top2_ms > 0 ? row.ms_median / top2_ms : 0.0;
-        char target[32] = "";
-        if (top2_ms > 0) {
-          std::snprintf(target, sizeof target, "%.2f (%.2f)", row.time_vs_top2,
-                        row.mean_k / 2.0 + 0.1);
+      const std::size_t formats_begin = rows.size();
+      for (std::size_t w = 0; w < banks.size(); ++w) {
+        Bank& bank = banks[w];
+        // Bytes the kernels stream per expert: the packed copy's element size (bf16: 2).
+        const double expert_bytes =
+            static_cast<double>(bank.params_per_expert()) *
+            (c.weights[w] == "bf16" ? 2.0 : static_cast<double>(sizeof(Scalar)));
+        ceilings.emplace_back(2.0, ceiling.available
+                                       ? static_cast<double>(tokens) / (ceiling.ms_median * 1e-3)
+                                       : 0.0);
+        if (banks.size() > 1) std::printf("weights %s\n", c.weights[w].c_str());
+        std::printf("%-22s %6s %12s %9s %10s %8s %7s %6s %6s %7s %7s %8s %12s\n", "gate", "mean_k",
+                    "params/tok", "ms(med)", "tokens/s", "GFLOP/s", "vs_ceil", "peak", "roof",
+                    "router", "disp", "max/mean", "t/top2 (<=)");
+        const std::size_t series_begin = rows.size();
+        for (const auto& spec : c.gates) {
+          Row row = run_gate(spec, c, bank, x, importance, memory);
+          row.threads = used;
+          row.weights = c.weights[w];
+          row.ceiling_gflops = ceiling.gflops;
+          row.peak_gflops = peak;
+          row.bandwidth_gbs = bandwidth;
+          row.roofline_ms =
+              static_cast<double>(row.live_experts) * expert_bytes / (bandwidth * 1e9) * 1e3;
+          rows.push_back(row);
         }
-        std::printf("%-22s %6.3f %12.0f %9.3f %10.0f %8.1f %7.2f %6.2f %6.2f %6.1f%% %8.2f %12s\n",
-                    label(row).c_str(), row.mean_k, row.active_params, row.ms_median,
-                    row.tokens_per_s, row.gflops,
-                    row.ceiling_gflops > 0 ? row.gflops / row.ceiling_gflops : 0.0,
-                    row.peak_gflops > 0 ? row.gflops / row.peak_gflops : 0.0,
-                    row.roofline_ms / row.ms_median, 100.0 * row.router_ms / row.ms_median,
-                    row.max_load_ratio, target);
+        double top2_ms = 0;
+        for (std::size_t i = series_begin; i < rows.size(); ++i) {
+          if (label(rows[i]) == "top_k:k=2") top2_ms = rows[i].ms_median;
+        }
+        for (std::size_t i = series_begin; i < rows.size(); ++i) {
+          Row& row = rows[i];
+          row.time_vs_top2 = top2_ms > 0 ? row.ms_median / top2_ms : 0.0;
+          char target[32] = "";
+          if (top2_ms > 0) {
+            std::snprintf(target, sizeof target, "%.2f (%.2f)", row.time_vs_top2,
+                          row.mean_k / 2.0 + 0.1);
+          }
+          std::printf(
+              "%-22s %6.3f %12.0f %9.3f %10.0f %8.1f %7.2f %6.2f %6.2f %6.1f%% %6.1f%% %8.2f "
+              "%12s\n",
+              label(row).c_str(), row.mean_k, row.active_params, row.ms_median, row.tokens_per_s,
+              row.gflops, row.ceiling_gflops > 0 ? row.gflops / row.ceiling_gflops : 0.0,
+              row.peak_gflops > 0 ? row.gflops / row.peak_gflops : 0.0,
+              row.roofline_ms / row.ms_median, 100.0 * row.router_ms / row.ms_median,
+              100.0 * row.dispatch_ms / row.ms_median, row.max_load_ratio, target);
+        }
+      }  // weight formats
+      // Speed of every other format over the first one, gate by gate, in this same run.
+      const std::size_t per_format = c.gates.size();
+      for (std::size_t w = 1; w < banks.size(); ++w) {
+        std::printf("%s over %s (same run, time ratio):", c.weights[w].c_str(),
+                    c.weights.front().c_str());
+        for (std::size_t g = 0; g < per_format; ++g) {
+          const Row& base = rows[formats_begin + g];
+          const Row& other = rows[formats_begin + w * per_format + g];
+          std::printf(" %s %.2fx", label(base).c_str(), base.ms_median / other.ms_median);
+        }
+        std::printf("\n");
       }
       std::fflush(stdout);
       moet::set_num_threads(saved);

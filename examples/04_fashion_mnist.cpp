@@ -7,7 +7,7 @@
 // MoeClassifier::backward, AdamW step) and, for THOR, the two passes tied by consistency_loss.
 //
 //   example_04_fashion_mnist [--routers top_k:k=1,top_k:k=2,top_p:p=0.4,top_any,
-//                             importance:k_max=4,stochastic] [--epochs 1] [--train 60000]
+//                             importance:k_max=4,stochastic] [--epochs 8] [--train 60000]
 //                            [--test 10000] [--batch 128] [--seed 1] [--out fashion_mnist]
 #include <cstdio>
 #include <filesystem>
@@ -36,7 +36,7 @@ using examples::RowMatrix;
 
 struct Config {
   std::string routers = "top_k:k=1,top_k:k=2,top_p:p=0.4,top_any,importance:k_max=4,stochastic";
-  long epochs = 1, train = 60000, test = 10000, batch = 128;
+  long epochs = 8, train = 60000, test = 10000, batch = 128;
   std::uint64_t seed = 1;
   std::string out = "fashion_mnist";
   examples::ClassifierShape shape;

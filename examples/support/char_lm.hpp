@@ -3,7 +3,7 @@
 /// The character-level language model of example 06: a small pre-norm transformer whose FFNs
 /// are MoE layers, generic in the gate:
 /// ```
-/// h_0 = Embed(ids)                                          ids: [batch, seq_len]
+/// h_0 = Embed(ids) + Pos(t mod seq_len)                     ids: [batch, seq_len], learned positions
 /// m_b = h_b + Attn_b(RmsNorm(h_b))                          causal multi-head attention
 /// h_{b+1} = m_b + MoE_b(RmsNorm(m_b))                       for every block b
 /// logits = RmsNorm(h_B) W_out + b_out                       (batch * seq_len, vocab)
@@ -12,6 +12,7 @@
 /// attention sublayer (what `ImportanceGate` reads, ALGORITHMS.md §3) and the sequence length.
 
 #include <cstdint>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -25,6 +26,7 @@ namespace examples {
 /// Sizes of the language model (`vocab` from the corpus).
 struct CharLmShape {
   Index vocab = 0, model_dim = 64, heads = 4, hidden_dim = 128, experts = 8, blocks = 2;
+  Index max_len = 256;  // longest window: rows of the learned position embedding
 };
 
 template <class Gate>
@@ -37,7 +39,7 @@ class MoeCharLm {
   /// One forward pass's activations (a THOR step keeps two).
   struct Pass {
     moet::RouteContext ctx;
-    std::vector<int> ids;
+    std::vector<int> ids, positions;
     std::vector<RowMatrix<S>> h, n1, m, n2, y;
     std::vector<typename Attention::Cache> att;
     std::vector<typename Layer::Workspace> ws;
@@ -48,6 +50,7 @@ class MoeCharLm {
   MoeCharLm(const CharLmShape& shape, MakeGate&& make_gate, std::uint64_t seed)
       : shape_(shape),
         embed_(shape.vocab, shape.model_dim, 1.0, seed),
+        position_(shape.max_len, shape.model_dim, 0.1, seed + 2),
         final_norm_(shape.model_dim),
         head_(shape.model_dim, shape.vocab, seed + 1) {
     for (int b = 0; b < shape.blocks; ++b) {
@@ -80,7 +83,10 @@ class MoeCharLm {
     p.y.resize(blocks);
     p.att.resize(blocks);
     p.ws.resize(blocks);
-    p.h[0] = embed_.forward(ids);
+    if (seq_len > shape_.max_len) throw std::invalid_argument("MoeCharLm: window longer than max_len");
+    p.positions.resize(ids.size());
+    for (std::size_t t = 0; t < ids.size(); ++t) p.positions[t] = int(Index(t) % seq_len);
+    p.h[0] = embed_.forward(ids) + position_.forward(p.positions);  // token + learned position
     for (std::size_t b = 0; b < blocks; ++b) {
       p.n1[b] = norm1_[b].forward(p.h[b]);
       p.m[b] = p.h[b] + attention_[b].forward(p.n1[b], batch, seq_len, p.att[b]);
@@ -115,6 +121,7 @@ class MoeCharLm {
       dh += norm1_[b].backward(p.h[b], attention_[b].backward(p.n1[b], dh, p.att[b]));
     }
     embed_.backward(p.ids, dh);
+    position_.backward(p.positions, dh);
     return aux;
   }
 
@@ -123,6 +130,7 @@ class MoeCharLm {
 
   void zero_grad() {
     embed_.zero_grad();
+    position_.zero_grad();
     final_norm_.zero_grad();
     head_.zero_grad();
     for (std::size_t b = 0; b < layers_.size(); ++b) {
@@ -135,6 +143,7 @@ class MoeCharLm {
   template <class F>
   void visit_parameters(F&& f) {
     embed_.visit_parameters(f, "embed.");
+    position_.visit_parameters(f, "position.");
     for (std::size_t b = 0; b < layers_.size(); ++b) {
       const std::string p = "block" + std::to_string(b) + ".";
       norm1_[b].visit_parameters(f, p + "norm1.");
@@ -160,7 +169,7 @@ class MoeCharLm {
   }
 
   CharLmShape shape_;
-  Embedding<S> embed_;
+  Embedding<S> embed_, position_;
   std::vector<RmsNorm<S>> norm1_, norm2_;
   std::vector<Attention> attention_;
   std::vector<Layer> layers_;

@@ -57,6 +57,7 @@ inline const char* palette(std::size_t i) {
 
 /// Formats a number compactly for tick labels (`1.5k`, `2M`, `0.25`).
 inline std::string format_number(double v) {
+  if (v == 0.0) v = 0.0;  // a tick at -0 (from rounding a negative axis start) prints as 0
   char buf[32];
   const double a = std::abs(v);
   if (a >= 1e9) {

@@ -15,6 +15,8 @@
 #include "moet/tensor.hpp"
 #include "moet/train/grad.hpp"
 
+#include "fd_util.hpp"
+
 namespace {
 
 using moet::Index;
@@ -33,41 +35,12 @@ RowMatrix<double> random_rows(Index rows, Index cols, std::uint32_t seed) {
   return m;
 }
 
-// A parameter tensor as the bank visits it: where its values live and a copy of its gradient.
-struct Tensor {
-  std::string name;
-  double* value = nullptr;
-  RowMatrix<double> grad;
-};
-
-template <class Bank>
-std::vector<Tensor> collect(Bank& bank) {
-  std::vector<Tensor> out;
-  bank.visit_parameters(
-      [&](std::string_view name, moet::ParamMap<double> value, moet::ParamMap<double> grad) {
-        REQUIRE(value.rows() == grad.rows());
-        REQUIRE(value.cols() == grad.cols());
-        out.push_back(Tensor{std::string(name), value.data(), grad});
-      });
-  return out;
-}
-
-// fd ~ analytic: Frobenius-relative <= 1e-4 and every entry within 1e-4 (|fd| + rms(fd)).
-void check_gradient(const RowMatrix<double>& analytic, const RowMatrix<double>& fd,
-                    const std::string& what) {
-  INFO(what);
-  REQUIRE(analytic.rows() == fd.rows());
-  REQUIRE(analytic.cols() == fd.cols());
-  REQUIRE(fd.norm() > 0.0);
-  CHECK((analytic - fd).norm() <= 1e-4 * fd.norm());
-  const double rms = fd.norm() / std::sqrt(static_cast<double>(fd.size()));
-  int bad = 0;
-  for (Index i = 0; i < fd.size(); ++i) {
-    const double want = fd.data()[i];
-    if (!(std::abs(analytic.data()[i] - want) <= 1e-4 * (std::abs(want) + rms))) ++bad;
-  }
-  CHECK(bad == 0);
-}
+using moet_test::check_gradient;
+using moet_test::collect;
+using moet_test::fd_input;
+using moet_test::fd_tensor;
+using moet_test::Tensor;
+using moet_test::ZeroGradient;
 
 // Loss L = sum(R ⊙ E_e(in)) through the inference `forward` (an independent path).
 template <class Bank>
@@ -101,29 +74,15 @@ void check_expert_gradients(Bank bank, const std::string& kind) {
   bank.backward(kExpert, in, cache, r, din, scratch);
 
   // Input gradient.
-  RowMatrix<double> fd_in(kRows, d);
-  for (Index i = 0; i < in.size(); ++i) {
-    RowMatrix<double> plus = in;
-    RowMatrix<double> minus = in;
-    plus.data()[i] += kEps;
-    minus.data()[i] -= kEps;
-    fd_in.data()[i] = (loss(bank, kExpert, plus, r) - loss(bank, kExpert, minus, r)) / (2 * kEps);
-  }
-  check_gradient(din, fd_in, kind + " din");
+  const RowMatrix<double> fd_in =
+      fd_input(in, kEps, [&](const RowMatrix<double>& x) { return loss(bank, kExpert, x, r); });
+  check_gradient(din, fd_in, kind + " din", ZeroGradient::kFails);
 
   // Every parameter tensor, every entry (other experts' entries have gradient 0 both ways).
   for (Tensor& tensor : collect(bank)) {
-    RowMatrix<double> fd(tensor.grad.rows(), tensor.grad.cols());
-    for (Index i = 0; i < fd.size(); ++i) {
-      const double saved = tensor.value[i];
-      tensor.value[i] = saved + kEps;
-      const double up = loss(bank, kExpert, in, r);
-      tensor.value[i] = saved - kEps;
-      const double down = loss(bank, kExpert, in, r);
-      tensor.value[i] = saved;
-      fd.data()[i] = (up - down) / (2 * kEps);
-    }
-    check_gradient(tensor.grad, fd, kind + " " + tensor.name);
+    const RowMatrix<double> fd =
+        fd_tensor(tensor, kEps, [&] { return loss(bank, kExpert, in, r); });
+    check_gradient(tensor.grad, fd, kind + " " + tensor.name, ZeroGradient::kFails);
   }
 
   // A second backward accumulates: every gradient doubles (to rounding: the products add into

@@ -28,6 +28,8 @@
 #include "moet/routing.hpp"
 #include "moet/train/grad.hpp"
 
+#include "fd_util.hpp"
+
 namespace {
 
 using Catch::Matchers::Contains;
@@ -125,40 +127,12 @@ static_assert(moet::TrainableGate<TableGate<double>>);
 static_assert(moet::TrainableGate<moet::StochasticGate<float>>);
 static_assert(moet::TrainableGate<moet::TopKGate<double>>);
 
-struct Tensor {
-  std::string name;
-  double* value = nullptr;
-  RowMatrix<double> grad;
-};
-
-template <class Layer>
-std::vector<Tensor> collect(Layer& layer) {
-  std::vector<Tensor> out;
-  layer.visit_parameters(
-      [&](std::string_view name, moet::ParamMap<double> value, moet::ParamMap<double> grad) {
-        out.push_back(Tensor{std::string(name), value.data(), grad});
-      });
-  return out;
-}
-
-void check_gradient(const RowMatrix<double>& analytic, const RowMatrix<double>& fd,
-                    const std::string& what) {
-  INFO(what);
-  REQUIRE(analytic.rows() == fd.rows());
-  REQUIRE(analytic.cols() == fd.cols());
-  if (fd.norm() == 0.0) {
-    CHECK(analytic.norm() == 0.0);
-    return;
-  }
-  CHECK((analytic - fd).norm() <= 1e-4 * fd.norm());
-  const double rms = fd.norm() / std::sqrt(static_cast<double>(fd.size()));
-  int bad = 0;
-  for (Index i = 0; i < fd.size(); ++i) {
-    const double want = fd.data()[i];
-    if (!(std::abs(analytic.data()[i] - want) <= 1e-4 * (std::abs(want) + rms))) ++bad;
-  }
-  CHECK(bad == 0);
-}
+using moet_test::check_gradient;
+using moet_test::collect;
+using moet_test::fd_input;
+using moet_test::fd_tensor;
+using moet_test::Tensor;
+using moet_test::ZeroGradient;
 
 // L = sum(R ⊙ layer(x)) through the inference forward.
 template <class Layer>
@@ -191,29 +165,14 @@ void check_layer_gradients(Layer layer, const RowMatrix<double>& x, const moet::
   }
   layer.backward(x, r, ctx, ws, dx);
 
-  RowMatrix<double> fd_x(x.rows(), x.cols());
-  for (Index i = 0; i < x.size(); ++i) {
-    RowMatrix<double> plus = x;
-    RowMatrix<double> minus = x;
-    plus.data()[i] += kEps;
-    minus.data()[i] -= kEps;
-    fd_x.data()[i] =
-        (layer_loss(layer, plus, r, fd_ctx) - layer_loss(layer, minus, r, fd_ctx)) / (2 * kEps);
-  }
-  check_gradient(dx, fd_x, what + " dx");
+  const RowMatrix<double> fd_x = fd_input(
+      x, kEps, [&](const RowMatrix<double>& xp) { return layer_loss(layer, xp, r, fd_ctx); });
+  check_gradient(dx, fd_x, what + " dx", ZeroGradient::kAllowed);
 
   for (Tensor& tensor : collect(layer)) {
-    RowMatrix<double> fd(tensor.grad.rows(), tensor.grad.cols());
-    for (Index i = 0; i < fd.size(); ++i) {
-      const double saved = tensor.value[i];
-      tensor.value[i] = saved + kEps;
-      const double up = layer_loss(layer, x, r, fd_ctx);
-      tensor.value[i] = saved - kEps;
-      const double down = layer_loss(layer, x, r, fd_ctx);
-      tensor.value[i] = saved;
-      fd.data()[i] = (up - down) / (2 * kEps);
-    }
-    check_gradient(tensor.grad, fd, what + " " + tensor.name);
+    const RowMatrix<double> fd =
+        fd_tensor(tensor, kEps, [&] { return layer_loss(layer, x, r, fd_ctx); });
+    check_gradient(tensor.grad, fd, what + " " + tensor.name, ZeroGradient::kAllowed);
   }
 }
 

@@ -23,6 +23,7 @@
 #include <moet/train/thor.hpp>
 
 #include "support/classifier.hpp"
+#include "support/cli.hpp"
 #include "support/data.hpp"
 #include "support/progress.hpp"
 #include "support/report.hpp"
@@ -214,17 +215,10 @@ void write_report(const Config& cfg, const std::vector<Result>& results) {
 
 int main(int argc, char** argv) {
   Config cfg;
-  for (int i = 1; i + 1 < argc; i += 2) {
-    const std::string flag = argv[i], v = argv[i + 1];
-    if (flag == "--routers") cfg.routers = v;
-    else if (flag == "--epochs") cfg.epochs = std::stol(v);
-    else if (flag == "--train") cfg.train = std::stol(v);
-    else if (flag == "--test") cfg.test = std::stol(v);
-    else if (flag == "--batch") cfg.batch = std::stol(v);
-    else if (flag == "--seed") cfg.seed = std::stoull(v);
-    else if (flag == "--out") cfg.out = v;
-    else { std::fprintf(stderr, "unknown option %s\n", flag.c_str()); return 2; }
-  }
+  examples::Flags flags;
+  flags.add("--routers", cfg.routers).add("--epochs", cfg.epochs).add("--train", cfg.train);
+  flags.add("--test", cfg.test).add("--batch", cfg.batch).add("--seed", cfg.seed).add("--out", cfg.out);
+  if (!flags.parse(argc, argv)) return 2;
   if (!std::filesystem::exists(std::string(examples::kFashionMnistDir))) {
     std::fprintf(stderr, "dataset-fashion-mnist is not installed (apt-get install it); skipped\n");
     return 77;  // ctest's skip code
@@ -232,11 +226,7 @@ int main(int argc, char** argv) {
   const examples::ImageSet tr = examples::load_fashion_mnist("train", cfg.train);
   const examples::ImageSet te = examples::load_fashion_mnist("t10k", cfg.test);
   std::vector<Result> results;
-  for (std::size_t b = 0, e; b <= cfg.routers.size(); b = e + 1) {
-    e = cfg.routers.find(',', b);
-    if (e == std::string::npos) e = cfg.routers.size();
-    if (e > b) results.push_back(run(cfg, cfg.routers.substr(b, e - b), tr, te));
-  }
+  for (const std::string& spec : examples::split_list(cfg.routers)) results.push_back(run(cfg, spec, tr, te));
   write_report(cfg, results);
   return 0;
 }

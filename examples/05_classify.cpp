@@ -13,20 +13,16 @@
 #include <moet/moet.hpp>
 
 #include "support/classifier.hpp"
+#include "support/cli.hpp"
 #include "support/data.hpp"
 #include "support/routers.hpp"
 
 int main(int argc, char** argv) {
   std::string params = "fashion_mnist/top_k_k_2.params", router = "top_k:k=2";
   long test = 10000, show = 8;
-  for (int i = 1; i + 1 < argc; i += 2) {
-    const std::string flag = argv[i], v = argv[i + 1];
-    if (flag == "--params") params = v;
-    else if (flag == "--router") router = v;
-    else if (flag == "--test") test = std::stol(v);
-    else if (flag == "--show") show = std::stol(v);
-    else { std::fprintf(stderr, "unknown option %s\n", flag.c_str()); return 2; }
-  }
+  examples::Flags flags;
+  flags.add("--params", params).add("--router", router).add("--test", test).add("--show", show);
+  if (!flags.parse(argc, argv)) return 2;
   if (!std::filesystem::exists(std::string(examples::kFashionMnistDir))) {
     std::fprintf(stderr, "dataset-fashion-mnist is not installed (apt-get install it); skipped\n");
     return 77;  // ctest's skip code

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "../examples/support/cli.hpp"
 #include "../examples/support/data.hpp"
 
 namespace {
@@ -200,4 +201,31 @@ TEST_CASE("sample_windows draws deterministic shifted windows", "[examples]") {
                     Contains("too short for windows of 51"));
   CHECK_THROWS_WITH(examples::sample_windows(ids, 0, 5, 1, 0),
                     Contains("batch and len must be >= 1, got 0, 5"));
+}
+
+TEST_CASE("Example flags set their variables and reject bad command lines", "[examples][cli]") {
+  long epochs = 1;
+  std::uint64_t seed = 7;
+  std::string out = "x";
+  examples::Flags flags;
+  flags.add("--epochs", epochs).add("--seed", seed).add("--out", out);
+  const auto parse = [&](std::vector<std::string> args) {
+    args.insert(args.begin(), "prog");
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    return flags.parse(static_cast<int>(argv.size()), argv.data());
+  };
+  CHECK(parse({"--epochs", "12", "--seed", "18446744073709551615", "--out", "dir"}));
+  CHECK(epochs == 12);
+  CHECK(seed == 18446744073709551615ULL);
+  CHECK(out == "dir");
+  CHECK(parse({}));
+  CHECK_FALSE(parse({"--epoch", "3"}));          // unknown flag
+  CHECK_FALSE(parse({"--epochs"}));              // no value
+  CHECK_FALSE(parse({"--epochs", "3x"}));        // not a number
+  CHECK_FALSE(parse({"--epochs", "-3"}));        // negative
+  CHECK_FALSE(parse({"--seed", "99999999999999999999999"}));  // out of range
+  CHECK(epochs == 12);  // failed parses left the earlier value
+  CHECK(examples::split_list("a,b,,c,") == std::vector<std::string>{"a", "b", "c"});
+  CHECK(examples::split_list("").empty());
 }

@@ -9,6 +9,7 @@
 //   example_06_char_lm [--routers top_k:k=1,top_k:k=2,top_p:p=0.4,top_any,
 //                       importance:k_max=4,stochastic] [--steps 2000] [--batch 16] [--len 64]
 //                      [--seed 1] [--out char_lm]
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -22,6 +23,7 @@
 #include <moet/train/thor.hpp>
 
 #include "support/char_lm.hpp"
+#include "support/cli.hpp"
 #include "support/data.hpp"
 #include "support/progress.hpp"
 #include "support/report.hpp"
@@ -43,6 +45,7 @@ struct Config {
 struct Result {
   std::string router;
   double bpc = 0, train_bpc = 0, ms_per_step = 0, activated_params = 0;
+  double train_k = 0, train_no_expert = 0;  // training routing over the last 10% of the steps
   std::vector<double> mean_k;  // per block, on the validation windows
   examples::Series curve;      // training bits per character (EMA) over steps
 };
@@ -75,6 +78,7 @@ Result train(const Config& cfg, const std::string& spec, MakeGate&& make_gate,
   const double tokens = double(cfg.batch * cfg.len);
   examples::Progress bar(spec, cfg.steps);
   double ema = 0;
+  Index counted = 0;
   for (long step = 0; step < cfg.steps; ++step) {
     const examples::CharBatch b = examples::sample_windows(tr, cfg.batch, cfg.len, cfg.seed, std::uint64_t(step));
     moet::RouteContext ctx{.training = true, .seed = cfg.seed, .step = std::uint64_t(step)};
@@ -95,6 +99,13 @@ Result train(const Config& cfg, const std::string& spec, MakeGate&& make_gate,
       model.backward(pass[0], d0);
     }
     opt.step(model);
+    if (10 * step >= 9 * cfg.steps) {  // training-mode routing (top-any may give a token none)
+      for (const auto& ws : pass[0].ws) {
+        r.train_k += ws.stats.mean_k;
+        r.train_no_expert += double(ws.stats.k_histogram[0]) / double(ws.stats.num_tokens);
+      }
+      counted += Index(pass[0].ws.size());
+    }
     const double bpc = loss / kLn2;
     ema = step == 0 ? bpc : 0.95 * ema + 0.05 * bpc;
     bar.update(step + 1, ema);
@@ -103,6 +114,8 @@ Result train(const Config& cfg, const std::string& spec, MakeGate&& make_gate,
   bar.finish();
   r.ms_per_step = 1e3 * bar.elapsed() / double(cfg.steps);
   r.train_bpc = ema;
+  r.train_k /= double(std::max<Index>(counted, 1));
+  r.train_no_expert /= double(std::max<Index>(counted, 1));
   r.bpc = bits_per_char(model, cfg, val, r.mean_k);
   for (int l = 0; l < shape.blocks; ++l) {
     r.activated_params += r.mean_k[std::size_t(l)] * double(model.layer(l).experts().params_per_expert());
@@ -117,7 +130,8 @@ void write_report(const Config& cfg, const std::vector<Result>& results) {
   std::filesystem::create_directories(cfg.out);
   std::ofstream md(cfg.out + "/results.md");
   md << "| router | validation bits/char | mean k per block | activated expert params / token | "
-        "ms / step | final train bits/char |\n|---|---|---|---|---|---|\n";
+        "ms / step | final train bits/char | training mean k / tokens with no expert |\n"
+        "|---|---|---|---|---|---|---|\n";
   std::vector<examples::Series> curves, points;
   char cell[128];
   for (const Result& r : results) {
@@ -126,8 +140,8 @@ void write_report(const Config& cfg, const std::vector<Result>& results) {
       std::snprintf(cell, sizeof cell, "%s%.2f", k.empty() ? "" : " / ", v);
       k += cell;
     }
-    std::snprintf(cell, sizeof cell, " | %.0f | %.0f | %.3f |\n", r.activated_params,
-                  r.ms_per_step, r.train_bpc);
+    std::snprintf(cell, sizeof cell, " | %.0f | %.0f | %.3f | %.2f / %.1f%% |\n", r.activated_params,
+                  r.ms_per_step, r.train_bpc, r.train_k, 100.0 * r.train_no_expert);
     md << "| `" << r.router << "` | " << std::to_string(r.bpc).substr(0, 5) << " | " << k << cell;
     double mean_k = 0;
     for (const double v : r.mean_k) mean_k += v / double(r.mean_k.size());
@@ -145,16 +159,10 @@ void write_report(const Config& cfg, const std::vector<Result>& results) {
 
 int main(int argc, char** argv) {
   Config cfg;
-  for (int i = 1; i + 1 < argc; i += 2) {
-    const std::string flag = argv[i], v = argv[i + 1];
-    if (flag == "--routers") cfg.routers = v;
-    else if (flag == "--steps") cfg.steps = std::stol(v);
-    else if (flag == "--batch") cfg.batch = std::stol(v);
-    else if (flag == "--len") cfg.len = std::stol(v);
-    else if (flag == "--seed") cfg.seed = std::stoull(v);
-    else if (flag == "--out") cfg.out = v;
-    else { std::fprintf(stderr, "unknown option %s\n", flag.c_str()); return 2; }
-  }
+  examples::Flags flags;
+  flags.add("--routers", cfg.routers).add("--steps", cfg.steps).add("--batch", cfg.batch);
+  flags.add("--len", cfg.len).add("--seed", cfg.seed).add("--out", cfg.out);
+  if (!flags.parse(argc, argv)) return 2;
   if (!std::filesystem::is_directory(examples::kFortunesDir)) {
     std::fprintf(stderr, "the fortunes package is not installed (apt-get install it); skipped\n");
     return 77;  // ctest's skip code
@@ -167,11 +175,7 @@ int main(int argc, char** argv) {
   examples::CharLmShape shape;
   shape.vocab = vocab.size();
   std::vector<Result> results;
-  for (std::size_t b = 0, e; b <= cfg.routers.size(); b = e + 1) {
-    e = cfg.routers.find(',', b);
-    if (e == std::string::npos) e = cfg.routers.size();
-    if (e == b) continue;
-    const std::string spec = cfg.routers.substr(b, e - b);
+  for (const std::string& spec : examples::split_list(cfg.routers)) {
     results.push_back(examples::with_router(spec, shape.model_dim, shape.experts, cfg.seed, 50,
                                             [&](auto gate_type, auto make_gate) {
       return train<typename decltype(gate_type)::type>(cfg, spec, make_gate, shape, tr, val);

@@ -3,7 +3,9 @@
 // with workspaces reused after a different batch. Random gates (noisy top-k, stochastic) draw
 // from (seed, step) only, so the same seed gives the same plan and another step another one.
 // The oracle is the 1-thread run of a freshly built object; comparisons are bit for bit.
+#include <bit>
 #include <cstdint>
+#include <numeric>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -11,6 +13,7 @@
 #include <catch2/catch.hpp>
 
 #include "moet/config.hpp"
+#include "moet/detail/buffer.hpp"
 #include "moet/experts/glu.hpp"
 #include "moet/layer.hpp"
 
@@ -171,4 +174,29 @@ TEST_CASE("Every gate's layer output is bit-identical at 1, 2 and 3 threads and 
         rebuilt.forward(x, y, c.ctx, ws2);
         CHECK(bit_identical(y, want));
       });
+}
+
+TEST_CASE("Workspace buffers start on 64-byte boundaries, so reductions do not depend on where "
+          "the allocator puts them",
+          "[determinism][buffer]") {
+  // Eigen's vectorised sum peels elements up to the next aligned address: the same values at
+  // another alignment can sum in another order. Buffers are always 64-byte aligned, so a
+  // reduction over a buffer's view gives the same bits in any allocation history.
+  std::vector<moet::detail::Buffer<float>> buffers(7);
+  std::vector<std::vector<char>> noise;  // shifts the heap between the allocations
+  float first = 0.0f;
+  for (std::size_t i = 0; i < buffers.size(); ++i) {
+    noise.emplace_back(13 * i + 5);
+    auto v = buffers[i].vector(1000 + static_cast<moet::Index>(i));
+    REQUIRE(reinterpret_cast<std::uintptr_t>(v.data()) % 64 == 0);
+    std::iota(v.data(), v.data() + 1000, 0.001f);
+    const float sum = v.head(1000).sum();
+    if (i == 0) first = sum;
+    CHECK(std::bit_cast<std::uint32_t>(sum) == std::bit_cast<std::uint32_t>(first));
+  }
+  // Growing keeps the alignment.
+  moet::detail::Buffer<double> grow;
+  for (const moet::Index n : {1, 3, 100, 70000, 600000}) {
+    REQUIRE(reinterpret_cast<std::uintptr_t>(grow.data(n)) % 64 == 0);
+  }
 }

@@ -174,7 +174,10 @@ struct CausalSelfAttention {
   struct Cache {
     Index batch = 0, seq_len = 0, heads = 1;
     RowMatrix<S> q, k, v, o;
-    std::vector<S> probs;  // [batch, heads, seq_len, seq_len]
+    // [batch, heads, seq_len, seq_len], in Eigen-aligned storage: the softmax sums rows of it,
+    // and Eigen's vectorised sum peels up to an aligned address, so storage whose alignment
+    // changes from run to run would change the bits.
+    std::vector<S, Eigen::aligned_allocator<S>> probs;
 
     S* prob(Index b, Index h) { return probs.data() + ((b * heads + h) * seq_len) * seq_len; }
     const S* prob(Index b, Index h) const {

@@ -54,10 +54,6 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #include "moet/detail/bf16.hpp"
 #include "moet/detail/buffer.hpp"
 #include "moet/detail/simd.hpp"
@@ -142,54 +138,8 @@ inline Index gemm_row_block(Index n) {
   return (even + kGemmMr - 1) / kGemmMr * kGemmMr;
 }
 
-// --- aligned storage --------------------------------------------------------------------------
-
 /// Bytes of alignment of packed weights (one cache line; AVX-512 vector size).
-inline constexpr std::size_t kPackAlignBytes = 64;
-
-/// A standard allocator returning `kPackAlignBytes`-aligned storage (C++17 aligned `new`). Blocks
-/// of 2 MiB or more are 2 MiB aligned and, on Linux, advised as transparent-huge-page candidates
-/// (`madvise(MADV_HUGEPAGE)`; a no-op unless THP is enabled): the kernels stream packed weights
-/// through many 4 KiB pages, and huge pages cut the TLB misses (about 3% on large products).
-template <class T>
-struct AlignedAllocator {
-  using value_type = T;
-  /// Size and alignment of a huge page.
-  static constexpr std::size_t kHugePageBytes = std::size_t{2} << 20;
-
-  AlignedAllocator() noexcept = default;
-  template <class U>
-  AlignedAllocator(const AlignedAllocator<U>& /*other*/) noexcept {
-  }  // NOLINT(google-explicit-constructor)
-  T* allocate(std::size_t n) {
-    const std::size_t bytes = n * sizeof(T);
-    void* p = ::operator new (bytes, std::align_val_t{alignment(bytes)});
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-    if (bytes >= kHugePageBytes) {
-      // Only whole huge pages inside the block; failure just leaves 4 KiB pages.
-      static_cast<void>(madvise(p, bytes / kHugePageBytes * kHugePageBytes, MADV_HUGEPAGE));
-    }
-#endif
-    return static_cast<T*>(p);
-  }
-  void deallocate(T* p, std::size_t n) noexcept {
-    // Unsized form: clang 14 declares sized aligned delete only with -fsized-deallocation.
-    ::operator delete (p, std::align_val_t{alignment(n * sizeof(T))});
-  }
-  template <class U>
-  bool operator==(const AlignedAllocator<U>& /*other*/) const noexcept {
-    return true;
-  }
-
- private:
-  static constexpr std::size_t alignment(std::size_t bytes) {
-    return bytes >= kHugePageBytes ? kHugePageBytes : kPackAlignBytes;
-  }
-};
-
-/// A `std::vector` whose data starts on a 64-byte boundary.
-template <class T>
-using AlignedVector = std::vector<T, AlignedAllocator<T>>;
+inline constexpr std::size_t kPackAlignBytes = kBufferAlignBytes;
 
 // --- packed weights -------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <span>
 #include <string_view>
 
@@ -64,6 +65,15 @@ void check_gate_input(const char* op, const ConstRows<S>& x, Index model_dim) {
               ", column ", c);
     }
   }
+}
+
+/// Throws `Error` naming `op` unless `model_dim >= 1` and `1 <= num_experts <= INT32_MAX` (expert
+/// ids are `int32`): the first checks of every softmax gate's `Options`.
+inline void check_router_shape(const char* op, Index model_dim, Index num_experts) {
+  require(model_dim >= 1, op, "model_dim must be >= 1, got ", model_dim);
+  require(num_experts >= 1, op, "num_experts must be >= 1, got ", num_experts);
+  require(num_experts <= std::numeric_limits<std::int32_t>::max(), op,
+          "num_experts must fit in int32, got ", num_experts);
 }
 
 /// Numerically stable logistic sigmoid `1 / (1 + exp(-v))` (the derivative of softplus).

@@ -45,9 +45,8 @@ inline constexpr double kImportanceCeilSlack = 1e-6;
 /// (including all zero) gives `u = 1`: `k_max` for `kMax` and `kMinMax`, `round(k_avg)`
 /// (half away from zero) for `kBudget`, each clamped to `[k_min, k_max]`. Computed in double.
 template <class S>
-void experts_from_importance(const S* imp, const std::uint8_t* valid, Index n,
-                             ImportanceNorm norm, Index k_min, Index k_max, double k_avg,
-                             std::int32_t* k_out) {
+void experts_from_importance(const S* imp, const std::uint8_t* valid, Index n, ImportanceNorm norm,
+                             Index k_min, Index k_max, double k_avg, std::int32_t* k_out) {
   double max = -std::numeric_limits<double>::infinity();
   double min = std::numeric_limits<double>::infinity();
   double sum = 0.0;
@@ -177,9 +176,9 @@ class ImportanceGate {
   /// or a `z` of the wrong shape.
   void logits(const ConstRows<S>& x, Rows<S> z) const {
     detail::check_gate_input(kOp, x, options_.model_dim);
-    detail::require(z.rows() == x.rows() && z.cols() == options_.num_experts, kOp,
-                    "z must be (", x.rows(), ", ", options_.num_experts, "), got (", z.rows(),
-                    ", ", z.cols(), ")");
+    detail::require(z.rows() == x.rows() && z.cols() == options_.num_experts, kOp, "z must be (",
+                    x.rows(), ", ", options_.num_experts, "), got (", z.rows(), ", ", z.cols(),
+                    ")");
     router_.logits(x, z);
   }
 
@@ -231,9 +230,9 @@ class ImportanceGate {
 
     const Index group = token_importance(ctx, num_tokens, valid, imp);
     detail::parallel_for(num_tokens / group, [&](Index g) {
-      detail::experts_from_importance(imp + g * group, valid == nullptr ? nullptr : valid + g * group,
-                                      group, options_.norm, options_.k_min, options_.k_max,
-                                      options_.k_avg, k_of + g * group);
+      detail::experts_from_importance(
+          imp + g * group, valid == nullptr ? nullptr : valid + g * group, group, options_.norm,
+          options_.k_min, options_.k_max, options_.k_avg, k_of + g * group);
     });
 
     const auto probs = router_.probabilities(kOp, x, out);  // (num_tokens, num_experts)
@@ -301,8 +300,8 @@ class ImportanceGate {
     const AttentionView& att = ctx.attention;
     detail::require(att.batch >= 1 && att.heads >= 1 && att.seq_len >= 1 &&
                         att.batch * att.seq_len == num_tokens,
-                    kOp, "ctx.attention [batch, heads, L, L] = [", att.batch, ", ", att.heads,
-                    ", ", att.seq_len, ", ", att.seq_len,
+                    kOp, "ctx.attention [batch, heads, L, L] = [", att.batch, ", ", att.heads, ", ",
+                    att.seq_len, ", ", att.seq_len,
                     "] must cover batch * L = num_tokens, but x is (", num_tokens, ", ",
                     options_.model_dim, ")");
     detail::require(ctx.sequence_length == 0 || ctx.sequence_length == att.seq_len, kOp,
@@ -345,10 +344,10 @@ class ImportanceGate {
       if (!ok) bad.store(true, std::memory_order_relaxed);
       for (Index j = jb; j < je; ++j) {
         const Index n = queries[j - jb];
-        imp[b * len + j] =
-            (is_valid(j) && n > 0)
-                ? static_cast<S>(acc[j - jb] / (static_cast<double>(heads) * static_cast<double>(n)))
-                : S(0);
+        imp[b * len + j] = (is_valid(j) && n > 0)
+                               ? static_cast<S>(acc[j - jb] / (static_cast<double>(heads) *
+                                                               static_cast<double>(n)))
+                               : S(0);
       }
     });
     if (bad.load()) {
@@ -365,14 +364,11 @@ class ImportanceGate {
   }
 
   static Options validated(const Options& o) {
-    detail::require(o.model_dim >= 1, kOp, "model_dim must be >= 1, got ", o.model_dim);
-    detail::require(o.num_experts >= 1, kOp, "num_experts must be >= 1, got ", o.num_experts);
-    detail::require(o.num_experts <= std::numeric_limits<std::int32_t>::max(), kOp,
-                    "num_experts must fit in int32, got ", o.num_experts);
+    detail::check_router_shape(kOp, o.model_dim, o.num_experts);
     detail::require(o.k_min >= 1 && o.k_min <= o.k_max, kOp,
                     "k_min must be in [1, k_max = ", o.k_max, "], got ", o.k_min);
-    detail::require(o.k_max <= o.num_experts, kOp, "k_max must be <= num_experts = ",
-                    o.num_experts, ", got ", o.k_max);
+    detail::require(o.k_max <= o.num_experts, kOp, "k_max must be <= num_experts = ", o.num_experts,
+                    ", got ", o.k_max);
     detail::require(o.norm == ImportanceNorm::kMax || o.norm == ImportanceNorm::kMinMax ||
                         o.norm == ImportanceNorm::kBudget,
                     kOp, "norm must be kMax, kMinMax or kBudget, got ", static_cast<int>(o.norm));

@@ -7,7 +7,6 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <limits>
 #include <span>
 #include <string_view>
 
@@ -447,10 +446,7 @@ class TopKGate {
   }
 
   static Options validated(const Options& o) {
-    detail::require(o.model_dim >= 1, kOp, "model_dim must be >= 1, got ", o.model_dim);
-    detail::require(o.num_experts >= 1, kOp, "num_experts must be >= 1, got ", o.num_experts);
-    detail::require(o.num_experts <= std::numeric_limits<std::int32_t>::max(), kOp,
-                    "num_experts must fit in int32, got ", o.num_experts);
+    detail::check_router_shape(kOp, o.model_dim, o.num_experts);
     detail::require(o.k >= 1 && o.k <= o.num_experts, kOp,
                     "k must be in [1, num_experts = ", o.num_experts, "], got ", o.k);
     detail::require(std::isfinite(o.capacity_factor) && o.capacity_factor >= 0.0, kOp,

@@ -6,7 +6,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <limits>
 #include <span>
 
 #include "moet/context.hpp"
@@ -122,9 +121,9 @@ class TopPGate {
   /// or a `z` of the wrong shape.
   void logits(const ConstRows<S>& x, Rows<S> z) const {
     detail::check_gate_input(kOp, x, options_.model_dim);
-    detail::require(z.rows() == x.rows() && z.cols() == options_.num_experts, kOp,
-                    "z must be (", x.rows(), ", ", options_.num_experts, "), got (", z.rows(),
-                    ", ", z.cols(), ")");
+    detail::require(z.rows() == x.rows() && z.cols() == options_.num_experts, kOp, "z must be (",
+                    x.rows(), ", ", options_.num_experts, "), got (", z.rows(), ", ", z.cols(),
+                    ")");
     router_.logits(x, z);
   }
 
@@ -197,10 +196,7 @@ class TopPGate {
   static constexpr const char* kBackwardOp = "TopPGate::backward";
 
   static Options validated(const Options& o) {
-    detail::require(o.model_dim >= 1, kOp, "model_dim must be >= 1, got ", o.model_dim);
-    detail::require(o.num_experts >= 1, kOp, "num_experts must be >= 1, got ", o.num_experts);
-    detail::require(o.num_experts <= std::numeric_limits<std::int32_t>::max(), kOp,
-                    "num_experts must fit in int32, got ", o.num_experts);
+    detail::check_router_shape(kOp, o.model_dim, o.num_experts);
     detail::require(o.p > 0.0 && o.p <= 1.0, kOp, "p must be in (0, 1], got ", o.p);
     detail::require(o.max_k >= 0 && o.max_k <= o.num_experts, kOp,
                     "max_k must be 0 (no cap) or in [1, num_experts = ", o.num_experts, "], got ",

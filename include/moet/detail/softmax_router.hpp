@@ -18,6 +18,7 @@
 #include <limits>
 #include <span>
 #include <string_view>
+#include <utility>
 
 #include "moet/detail/buffer.hpp"
 #include "moet/detail/parallel.hpp"
@@ -192,20 +193,24 @@ void check_softmax_backward(const char* op, const ConstRows<S>& x, Index model_d
   }
 }
 
-/// The linear softmax router `P = softmax(x W_r)`, computed in `S` (fp32 for a float gate,
-/// as DeepSpeed routes).
+/// One router matrix `W` `(model_dim, num_experts)` of a linear map `z = x W`, with its
+/// gradient: the parameter handling shared by `SoftmaxRouter` (`W_r`) and noisy top-k's
+/// `W_noise`. The gradient stays `(0, 0)` until first used; `grad()` then allocates it, zero,
+/// with the shape of `W`.
 template <class S>
-class SoftmaxRouter {
+class RouterWeights {
  public:
-  /// `W_r` `(model_dim, num_experts)` drawn by `normal_fan_in(model_dim, num_experts, seed)`.
-  SoftmaxRouter(Index model_dim, Index num_experts, std::uint64_t seed)
-      : weights_(normal_fan_in<S>(model_dim, num_experts, seed)) {}
+  /// An empty `(0, 0)` matrix (a parameter the gate does not use, such as `W_noise` without
+  /// noise).
+  RouterWeights() = default;
+  /// Takes `weights` `(model_dim, num_experts)` as `W`.
+  explicit RouterWeights(RowMatrix<S> weights) : weights_(std::move(weights)) {}
 
-  /// The router weights `(model_dim, num_experts)`.
+  /// The weights `W` `(model_dim, num_experts)`.
   const RowMatrix<S>& weights() const { return weights_; }
   RowMatrix<S>& weights() { return weights_; }
 
-  /// The gradient of `W_r` `(model_dim, num_experts)`; `(0, 0)` until the first `zero_grad()`
+  /// The gradient of `W` `(model_dim, num_experts)`; `(0, 0)` until the first `zero_grad()`
   /// or backward.
   const RowMatrix<S>& grad() const { return grad_; }
   /// Allocates the gradient (zero) on first use and returns it.
@@ -218,28 +223,53 @@ class SoftmaxRouter {
   /// Sets the gradient to zero (allocating it on first use).
   void zero_grad() { grad_.setZero(weights_.rows(), weights_.cols()); }
 
-  /// Writes the logits `z = x W_r` `(num_tokens, num_experts)` into `z`, with the same product
-  /// (the same bits) as `probabilities`.
+  /// Writes `z = x W` `(num_tokens, num_experts)` into `z` (`router_product`, so every caller
+  /// gets the same bits).
   template <class Out>
-  void logits(const ConstRows<S>& x, Out&& z) const {
+  void forward(const ConstRows<S>& x, Out&& z) const {
     router_product(x, weights_, z);
   }
 
-  /// Accumulates `dW_r += x^T dz` and adds `dx += dz W_r^T` (see `linear_backward`).
-  void backward_logits(const ConstRows<S>& x, const ConstRows<S>& dz, Rows<S> dx) {
+  /// Backward of `forward`: accumulates `dW += x^T dz` and adds `dx += dz W^T` (see
+  /// `linear_backward`), allocating the gradient on first use.
+  void backward(const ConstRows<S>& x, const ConstRows<S>& dz, Rows<S> dx) {
     linear_backward<S>(x, weights_, dz, grad(), dx);
   }
+
+  /// Calls `f(name, W, dW)` (allocating the gradient on first use).
+  template <class F>
+  void visit(std::string_view name, F&& f) {
+    RowMatrix<S>& g = grad();
+    f(name, ParamMap<S>(weights_.data(), weights_.rows(), weights_.cols()),
+      ParamMap<S>(g.data(), g.rows(), g.cols()));
+  }
+
+ private:
+  RowMatrix<S> weights_;  // (model_dim, num_experts)
+  RowMatrix<S> grad_;     // (model_dim, num_experts), or (0, 0) before the first use
+};
+
+/// The linear softmax router `P = softmax(x W_r)`, computed in `S` (fp32 for a float gate,
+/// as DeepSpeed routes). `weights()`, `grad()`, `zero_grad()`, `forward` (the logits
+/// `z = x W_r`, with the same bits as `probabilities` computes them) and `backward` (of the
+/// logits) come from `RouterWeights`.
+template <class S>
+class SoftmaxRouter : public RouterWeights<S> {
+ public:
+  /// `W_r` `(model_dim, num_experts)` drawn by `normal_fan_in(model_dim, num_experts, seed)`.
+  SoftmaxRouter(Index model_dim, Index num_experts, std::uint64_t seed)
+      : RouterWeights<S>(normal_fan_in<S>(model_dim, num_experts, seed)) {}
 
   /// Backward of a plan whose weights come from the clean `P = routing.probs()`: slot weights
   /// `P_e` or, with `renormalize`, `P_e / sum of P over the token's slots`. dL/dz per token is
   /// the combine-weight part (`combine_weights_backward_row`), plus the softmax backward of
-  /// `loss_grad.d_probs`, plus `loss_grad.d_logits`; then `backward_logits`. Arguments must
+  /// `loss_grad.d_probs`, plus `loss_grad.d_logits`; then `backward`. Arguments must
   /// have passed `check_softmax_backward`. Deterministic for any thread count.
   void backward_plan(const ConstRows<S>& x, const Routing<S>& routing, std::span<const S> d_weights,
                      bool renormalize, const SoftmaxLossGrad<S>& loss_grad, Rows<S> dx) {
-    grad();  // allocated even for an empty batch
+    this->grad();  // allocated even for an empty batch
     const Index num_tokens = x.rows();
-    const Index num_experts = weights_.cols();
+    const Index num_experts = this->weights().cols();
     if (num_tokens == 0) return;
     auto dz = dz_.matrix(num_tokens, num_experts);  // dL/dz (num_tokens, num_experts)
     const auto probs = routing.probs();             // (num_tokens, num_experts)
@@ -268,16 +298,13 @@ class SoftmaxRouter {
         }
       }
     });
-    backward_logits(x, dz, dx);
+    this->backward(x, dz, dx);
   }
 
   /// Calls `f("router.weight", W_r, dW_r)` (allocating the gradient on first use).
   template <class F>
   void visit(F&& f) {
-    RowMatrix<S>& g = grad();
-    f(std::string_view("router.weight"),
-      ParamMap<S>(weights_.data(), weights_.rows(), weights_.cols()),
-      ParamMap<S>(g.data(), g.rows(), g.cols()));
+    RouterWeights<S>::visit(std::string_view("router.weight"), f);
   }
 
   /// Resets `out` to `(x.rows(), num_experts)` and writes `P = softmax(x W_r)` into
@@ -290,12 +317,12 @@ class SoftmaxRouter {
   Eigen::Map<RowMatrix<S>> probabilities(const char* op, const ConstRows<S>& x, Routing<S>& out,
                                          PreSoftmax&& pre_softmax) const {
     const Index num_tokens = x.rows();
-    const Index num_experts = weights_.cols();
+    const Index num_experts = this->weights().cols();
     out.reset(num_tokens, num_experts);
     out.probs_are_distribution = true;
     auto probs = out.probs_mut();  // (num_tokens, num_experts), logits first
     if (num_tokens == 0) return probs;
-    router_product(x, weights_, probs);
+    this->forward(x, probs);
     std::atomic<bool> bad{false};
     parallel_blocks(num_tokens, kGateTokenBlock, [&](Index begin, Index end) {
       for (Index t = begin; t < end; ++t) {
@@ -333,9 +360,7 @@ class SoftmaxRouter {
   }
 
  private:
-  RowMatrix<S> weights_;  // (model_dim, num_experts)
-  RowMatrix<S> grad_;     // (model_dim, num_experts), or (0, 0) before the first use
-  Buffer<S> dz_;          // backward scratch: dL/dz (num_tokens, num_experts), grow-only
+  Buffer<S> dz_;  // backward scratch: dL/dz (num_tokens, num_experts), grow-only
 };
 
 }  // namespace moet::detail

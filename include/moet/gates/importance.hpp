@@ -179,7 +179,7 @@ class ImportanceGate {
     detail::require(z.rows() == x.rows() && z.cols() == options_.num_experts, kOp, "z must be (",
                     x.rows(), ", ", options_.num_experts, "), got (", z.rows(), ", ", z.cols(),
                     ")");
-    router_.logits(x, z);
+    router_.forward(x, z);
   }
 
   /// Sets the router gradient to zero (allocating it on first use).

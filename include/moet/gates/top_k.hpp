@@ -156,7 +156,7 @@ class TopKGate {
   explicit TopKGate(const Options& options)
       : options_(validated(options)),
         router_(options_.model_dim, options_.num_experts, options_.init_seed) {
-    if (options_.noisy) noise_weights_.setZero(options_.model_dim, options_.num_experts);
+    if (options_.noisy) noise_.weights().setZero(options_.model_dim, options_.num_experts);
   }
 
   Index num_experts() const { return options_.num_experts; }
@@ -166,14 +166,14 @@ class TopKGate {
   const RowMatrix<S>& router() const { return router_.weights(); }
   RowMatrix<S>& router() { return router_.weights(); }
   /// Noise weights `W_noise` `(model_dim, num_experts)`; `(0, 0)` unless `noisy`.
-  const RowMatrix<S>& noise_router() const { return noise_weights_; }
-  RowMatrix<S>& noise_router() { return noise_weights_; }
+  const RowMatrix<S>& noise_router() const { return noise_.weights(); }
+  RowMatrix<S>& noise_router() { return noise_.weights(); }
 
   /// Gradient of `W_r` `(model_dim, num_experts)`; `(0, 0)` before the first `zero_grad()` or
   /// `backward`.
   const RowMatrix<S>& router_grad() const { return router_.grad(); }
   /// Gradient of `W_noise` `(model_dim, num_experts)`; `(0, 0)` unless `noisy` and used.
-  const RowMatrix<S>& noise_router_grad() const { return noise_grad_; }
+  const RowMatrix<S>& noise_router_grad() const { return noise_.grad(); }
 
   /// Writes the router logits `z = x W_r` `(num_tokens, num_experts)` into `z` (the input of
   /// `router_z_loss`), with the same bits as `route` computes them. Throws `Error` on a bad `x`
@@ -183,7 +183,7 @@ class TopKGate {
     detail::require(z.rows() == x.rows() && z.cols() == options_.num_experts, kOp, "z must be (",
                     x.rows(), ", ", options_.num_experts, "), got (", z.rows(), ", ", z.cols(),
                     ")");
-    router_.logits(x, z);
+    router_.forward(x, z);
   }
 
   /// Writes the noise logits `n = x W_noise` and the draws `eps` (each `(num_tokens,
@@ -197,7 +197,7 @@ class TopKGate {
                         eps.rows() == x.rows() && eps.cols() == options_.num_experts,
                     kOp, "n and eps must be (", x.rows(), ", ", options_.num_experts, "), got (",
                     n.rows(), ", ", n.cols(), ") and (", eps.rows(), ", ", eps.cols(), ")");
-    detail::router_product(x, noise_weights_, n);
+    noise_.forward(x, n);
     for (Index t = 0; t < x.rows(); ++t) {
       for (Index e = 0; e < options_.num_experts; ++e) eps(t, e) = noise_eps(ctx, t, e);
     }
@@ -220,30 +220,21 @@ class TopKGate {
     detail::require(dx.rows() == x.rows() && dx.cols() == options_.model_dim, op, "dx must be (",
                     x.rows(), ", ", options_.model_dim, ") like x, got (", dx.rows(), ", ",
                     dx.cols(), ")");
-    ensure_noise_grad();
-    detail::linear_backward<S>(x, noise_weights_, d_noise_logits, noise_grad_, dx);
+    noise_.backward(x, d_noise_logits, dx);
   }
 
   /// Sets every gradient to zero (allocating them on first use).
   void zero_grad() {
     router_.zero_grad();
-    if (options_.noisy) noise_grad_.setZero(options_.model_dim, options_.num_experts);
+    if (options_.noisy) noise_.zero_grad();
   }
 
   /// Calls `f(name, value, grad)` for `router.weight` and, when `noisy`, `router.noise_weight`
   /// (each `(model_dim, num_experts)`), allocating the gradients on first use.
   template <class F>
   void visit_parameters(F&& f) {
-    RowMatrix<S>& grad = router_.grad();
-    RowMatrix<S>& w = router_.weights();
-    f(std::string_view("router.weight"), ParamMap<S>(w.data(), w.rows(), w.cols()),
-      ParamMap<S>(grad.data(), grad.rows(), grad.cols()));
-    if (options_.noisy) {
-      ensure_noise_grad();
-      f(std::string_view("router.noise_weight"),
-        ParamMap<S>(noise_weights_.data(), noise_weights_.rows(), noise_weights_.cols()),
-        ParamMap<S>(noise_grad_.data(), noise_grad_.rows(), noise_grad_.cols()));
-    }
+    router_.visit(f);
+    if (options_.noisy) noise_.visit(std::string_view("router.noise_weight"), f);
   }
 
   /// Backward of `route(x, ctx, routing)` (see the class notes for the gradient treatment):
@@ -259,13 +250,13 @@ class TopKGate {
     detail::check_softmax_backward(kBackwardOp, x, options_.model_dim, options_.num_experts,
                                    routing, d_weights, loss_grad, dx, options_.noisy);
     const bool noisy = options_.noisy && ctx.training;
-    if (options_.noisy) ensure_noise_grad();
+    if (options_.noisy) noise_.grad();  // allocated even for an empty batch
     if (!noisy) {
       router_.backward_plan(x, routing, d_weights, options_.renormalize, loss_grad, dx);
       if (!loss_grad.d_noise_logits.empty() && x.rows() > 0) {  // a loss on n without noise
         const Eigen::Map<const RowMatrix<S>> dn(loss_grad.d_noise_logits.data(), x.rows(),
                                                 options_.num_experts);
-        detail::linear_backward<S>(x, noise_weights_, dn, noise_grad_, dx);
+        noise_.backward(x, dn, dx);
       }
       return;
     }
@@ -279,8 +270,8 @@ class TopKGate {
     Eigen::Map<RowMatrix<S>> dz(dz_.data(size), num_tokens, num_experts);
     Eigen::Map<RowMatrix<S>> q(q_.data(size), num_tokens, num_experts);
     Eigen::Map<RowMatrix<S>> dn(dn_.data(size), num_tokens, num_experts);
-    router_.logits(x, q);
-    detail::router_product(x, noise_weights_, dn);
+    router_.forward(x, q);
+    noise_.forward(x, dn);
     const auto probs = routing.probs();  // clean P (num_tokens, num_experts)
     const auto offsets = routing.offsets();
     const S* d_probs = loss_grad.d_probs.empty() ? nullptr : loss_grad.d_probs.data();
@@ -324,8 +315,8 @@ class TopKGate {
         }
       }
     });
-    router_.backward_logits(x, dz, dx);
-    detail::linear_backward<S>(x, noise_weights_, dn, noise_grad_, dx);
+    router_.backward(x, dz, dx);
+    noise_.backward(x, dn, dx);
   }
 
   /// The expert capacity for a batch of `num_tokens` tokens; `num_tokens` (no limit: an expert
@@ -350,7 +341,7 @@ class TopKGate {
     S* noisy_scores = noisy ? out.scratch_values.data(num_tokens * num_experts) : nullptr;
     if (noisy && num_tokens > 0) {
       Eigen::Map<RowMatrix<S>> noise_logits(noisy_scores, num_tokens, num_experts);
-      detail::router_product(x, noise_weights_, noise_logits);
+      noise_.forward(x, noise_logits);
     }
 
     // H = z + eps * softplus(x W_noise), written over the noise logits before z is softmaxed.
@@ -439,12 +430,6 @@ class TopKGate {
         ctx.seed, ctx.step, static_cast<std::uint64_t>(t), static_cast<std::uint64_t>(e))));
   }
 
-  void ensure_noise_grad() {
-    if (noise_grad_.rows() != options_.model_dim || noise_grad_.cols() != options_.num_experts) {
-      noise_grad_.setZero(options_.model_dim, options_.num_experts);
-    }
-  }
-
   static Options validated(const Options& o) {
     detail::check_router_shape(kOp, o.model_dim, o.num_experts);
     detail::require(o.k >= 1 && o.k <= o.num_experts, kOp,
@@ -458,8 +443,7 @@ class TopKGate {
 
   Options options_;
   detail::SoftmaxRouter<S> router_;
-  RowMatrix<S> noise_weights_;  // (model_dim, num_experts), or (0, 0) unless noisy
-  RowMatrix<S> noise_grad_;     // gradient of noise_weights_, allocated on first use
+  detail::RouterWeights<S> noise_;  // W_noise (model_dim, num_experts), or (0, 0) unless noisy
   // Noisy backward scratch (grow-only): dL/dz, noisy scores softmax(H), noise logits then
   // dL/dn.
   detail::Buffer<S> dz_;

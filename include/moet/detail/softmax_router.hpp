@@ -258,13 +258,39 @@ class SoftmaxRouter : public RouterWeights<S> {
  public:
   /// `W_r` `(model_dim, num_experts)` drawn by `normal_fan_in(model_dim, num_experts, seed)`.
   SoftmaxRouter(Index model_dim, Index num_experts, std::uint64_t seed)
-      : RouterWeights<S>(normal_fan_in<S>(model_dim, num_experts, seed)) {}
+      : RouterWeights<S>(normal_fan_in<S>(model_dim, num_experts, seed)),
+        model_dim_(model_dim),
+        num_experts_(num_experts) {}
+
+  /// The gate's `model_dim` and `num_experts`, fixed at construction. The argument checks use
+  /// them, not the shape of `weights()` (which a caller may assign).
+  Index model_dim() const { return model_dim_; }
+  Index num_experts() const { return num_experts_; }
+
+  /// A gate's `logits(x, z)`: throws `Error` naming `op` on a bad `x` (`check_gate_input`) or a
+  /// `z` that is not `(num_tokens, num_experts)`, then writes `z = x W_r` (`forward`, the bits
+  /// `probabilities` starts from).
+  void logits(const char* op, const ConstRows<S>& x, Rows<S> z) const {
+    check_gate_input(op, x, model_dim_);
+    require(z.rows() == x.rows() && z.cols() == num_experts_, op, "z must be (", x.rows(), ", ",
+            num_experts_, "), got (", z.rows(), ", ", z.cols(), ")");
+    this->forward(x, z);
+  }
+
+  /// The argument checks of a gate's `backward` (`check_softmax_backward` with this router's
+  /// `model_dim` and `num_experts`; `accepts_noise` for noisy top-k).
+  void check_backward(const char* op, const ConstRows<S>& x, const Routing<S>& routing,
+                      std::span<const S> d_weights, const SoftmaxLossGrad<S>& loss_grad,
+                      const Rows<S>& dx, bool accepts_noise = false) const {
+    check_softmax_backward(op, x, model_dim_, num_experts_, routing, d_weights, loss_grad, dx,
+                           accepts_noise);
+  }
 
   /// Backward of a plan whose weights come from the clean `P = routing.probs()`: slot weights
   /// `P_e` or, with `renormalize`, `P_e / sum of P over the token's slots`. dL/dz per token is
   /// the combine-weight part (`combine_weights_backward_row`), plus the softmax backward of
   /// `loss_grad.d_probs`, plus `loss_grad.d_logits`; then `backward`. Arguments must
-  /// have passed `check_softmax_backward`. Deterministic for any thread count.
+  /// have passed `check_backward`. Deterministic for any thread count.
   void backward_plan(const ConstRows<S>& x, const Routing<S>& routing, std::span<const S> d_weights,
                      bool renormalize, const SoftmaxLossGrad<S>& loss_grad, Rows<S> dx) {
     this->grad();  // allocated even for an empty batch
@@ -360,6 +386,8 @@ class SoftmaxRouter : public RouterWeights<S> {
   }
 
  private:
+  Index model_dim_;
+  Index num_experts_;
   Buffer<S> dz_;  // backward scratch: dL/dz (num_tokens, num_experts), grow-only
 };
 

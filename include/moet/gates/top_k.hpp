@@ -178,13 +178,7 @@ class TopKGate {
   /// Writes the router logits `z = x W_r` `(num_tokens, num_experts)` into `z` (the input of
   /// `router_z_loss`), with the same bits as `route` computes them. Throws `Error` on a bad `x`
   /// or a `z` of the wrong shape.
-  void logits(const ConstRows<S>& x, Rows<S> z) const {
-    detail::check_gate_input(kOp, x, options_.model_dim);
-    detail::require(z.rows() == x.rows() && z.cols() == options_.num_experts, kOp, "z must be (",
-                    x.rows(), ", ", options_.num_experts, "), got (", z.rows(), ", ", z.cols(),
-                    ")");
-    router_.forward(x, z);
-  }
+  void logits(const ConstRows<S>& x, Rows<S> z) const { router_.logits(kOp, x, z); }
 
   /// Writes the noise logits `n = x W_noise` and the draws `eps` (each `(num_tokens,
   /// num_experts)`) that `route(x, ctx, ...)` uses in training, so that
@@ -247,8 +241,7 @@ class TopKGate {
   /// from this gate and this `x`.
   void backward(const ConstRows<S>& x, const RouteContext& ctx, const Routing<S>& routing,
                 std::span<const S> d_weights, const LossGrad& loss_grad, Rows<S> dx) {
-    detail::check_softmax_backward(kBackwardOp, x, options_.model_dim, options_.num_experts,
-                                   routing, d_weights, loss_grad, dx, options_.noisy);
+    router_.check_backward(kBackwardOp, x, routing, d_weights, loss_grad, dx, options_.noisy);
     const bool noisy = options_.noisy && ctx.training;
     if (options_.noisy) noise_.grad();  // allocated even for an empty batch
     if (!noisy) {

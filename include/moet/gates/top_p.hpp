@@ -119,13 +119,7 @@ class TopPGate {
   /// Writes the router logits `z = x W_r` `(num_tokens, num_experts)` into `z` (the input of
   /// `router_z_loss`), with the same bits as `route` computes them. Throws `Error` on a bad `x`
   /// or a `z` of the wrong shape.
-  void logits(const ConstRows<S>& x, Rows<S> z) const {
-    detail::check_gate_input(kOp, x, options_.model_dim);
-    detail::require(z.rows() == x.rows() && z.cols() == options_.num_experts, kOp, "z must be (",
-                    x.rows(), ", ", options_.num_experts, "), got (", z.rows(), ", ", z.cols(),
-                    ")");
-    router_.forward(x, z);
-  }
+  void logits(const ConstRows<S>& x, Rows<S> z) const { router_.logits(kOp, x, z); }
 
   /// Sets the router gradient to zero (allocating it on first use).
   void zero_grad() { router_.zero_grad(); }
@@ -147,8 +141,7 @@ class TopPGate {
   void backward(const ConstRows<S>& x, const RouteContext& ctx, const Routing<S>& routing,
                 std::span<const S> d_weights, const LossGrad& loss_grad, Rows<S> dx) {
     static_cast<void>(ctx);  // the selection is held fixed; no random draws
-    detail::check_softmax_backward(kBackwardOp, x, options_.model_dim, options_.num_experts,
-                                   routing, d_weights, loss_grad, dx);
+    router_.check_backward(kBackwardOp, x, routing, d_weights, loss_grad, dx);
     router_.backward_plan(x, routing, d_weights, false, loss_grad, dx);
   }
 

@@ -123,6 +123,40 @@ void combine_weights_backward_row(const S* q, Index n, std::span<const std::int3
   }
 }
 
+/// Writes into `dz[0..n)` (overwriting it) dL/ds of token `t` of `routing` through its combine
+/// weights, which came from `q = softmax(s)` (the token's row of `n` scores):
+/// `combine_weights_backward_row` of the plan's `d_weights` and then, when not empty, of a
+/// loss's `loss_d_weights` (linear in dw: the second call adds the loss's part). Each holds one
+/// value per assignment of `routing`.
+template <class S>
+void plan_weights_backward_row(const Routing<S>& routing, Index t, const S* q, Index n,
+                               std::span<const S> d_weights, std::span<const S> loss_d_weights,
+                               bool renormalize, S* dz) {
+  std::fill(dz, dz + n, S(0));
+  const auto a0 = static_cast<std::size_t>(routing.offsets()[static_cast<std::size_t>(t)]);
+  const auto k = static_cast<std::size_t>(routing.k(t));
+  combine_weights_backward_row(q, n, routing.experts(t), d_weights.subspan(a0, k), renormalize, dz);
+  if (!loss_d_weights.empty()) {
+    combine_weights_backward_row(q, n, routing.experts(t), loss_d_weights.subspan(a0, k),
+                                 renormalize, dz);
+  }
+}
+
+/// Adds into token `t`'s dL/dz `dz[0..n)` the losses on its clean scores: the softmax backward
+/// of `loss_grad.d_probs` through `p` (the token's row of `P`), then `loss_grad.d_logits` as
+/// is; each is skipped when empty, else holds `(num_tokens, n)` values.
+template <class S>
+void score_losses_backward_row(const SoftmaxLossGrad<S>& loss_grad, Index t, const S* p, Index n,
+                               S* dz) {
+  if (!loss_grad.d_probs.empty()) {
+    softmax_backward_row(p, loss_grad.d_probs.data() + t * n, n, dz);
+  }
+  if (!loss_grad.d_logits.empty()) {
+    const S* g = loss_grad.d_logits.data() + t * n;
+    for (Index e = 0; e < n; ++e) dz[e] += g[e];
+  }
+}
+
 /// Backward of the linear map `z = x W`: accumulates `dw += x^T dz` and adds `dx += dz W^T`.
 /// Shapes: x (num_tokens, model_dim), w and dw (model_dim, num_experts), dz (num_tokens,
 /// num_experts), dx (num_tokens, model_dim). Deterministic for any thread count: `dw` in fixed
@@ -288,9 +322,10 @@ class SoftmaxRouter : public RouterWeights<S> {
 
   /// Backward of a plan whose weights come from the clean `P = routing.probs()`: slot weights
   /// `P_e` or, with `renormalize`, `P_e / sum of P over the token's slots`. dL/dz per token is
-  /// the combine-weight part (`combine_weights_backward_row`), plus the softmax backward of
-  /// `loss_grad.d_probs`, plus `loss_grad.d_logits`; then `backward`. Arguments must
-  /// have passed `check_backward`. Deterministic for any thread count.
+  /// the combine-weight part (`plan_weights_backward_row`), plus the softmax backward of
+  /// `loss_grad.d_probs`, plus `loss_grad.d_logits` (`score_losses_backward_row`); then
+  /// `backward`. Arguments must have passed `check_backward`. Deterministic for any thread
+  /// count.
   void backward_plan(const ConstRows<S>& x, const Routing<S>& routing, std::span<const S> d_weights,
                      bool renormalize, const SoftmaxLossGrad<S>& loss_grad, Rows<S> dx) {
     this->grad();  // allocated even for an empty batch
@@ -299,29 +334,13 @@ class SoftmaxRouter : public RouterWeights<S> {
     if (num_tokens == 0) return;
     auto dz = dz_.matrix(num_tokens, num_experts);  // dL/dz (num_tokens, num_experts)
     const auto probs = routing.probs();             // (num_tokens, num_experts)
-    const auto offsets = routing.offsets();
-    const S* d_probs = loss_grad.d_probs.empty() ? nullptr : loss_grad.d_probs.data();
-    const S* d_logits = loss_grad.d_logits.empty() ? nullptr : loss_grad.d_logits.data();
     parallel_blocks(num_tokens, kGateTokenBlock, [&](Index begin, Index end) {
       for (Index t = begin; t < end; ++t) {
         S* dz_row = dz.data() + t * num_experts;
-        std::fill(dz_row, dz_row + num_experts, S(0));
         const S* p = probs.data() + t * num_experts;
-        const auto a0 = static_cast<std::size_t>(offsets[static_cast<std::size_t>(t)]);
-        const auto k = static_cast<std::size_t>(routing.k(t));
-        combine_weights_backward_row(p, num_experts, routing.experts(t), d_weights.subspan(a0, k),
-                                     renormalize, dz_row);
-        if (!loss_grad.d_weights.empty()) {  // linear in dw: a second call adds the loss's part
-          combine_weights_backward_row(p, num_experts, routing.experts(t),
-                                       loss_grad.d_weights.subspan(a0, k), renormalize, dz_row);
-        }
-        if (d_probs != nullptr) {
-          softmax_backward_row(p, d_probs + t * num_experts, num_experts, dz_row);
-        }
-        if (d_logits != nullptr) {
-          const S* g = d_logits + t * num_experts;
-          for (Index e = 0; e < num_experts; ++e) dz_row[e] += g[e];
-        }
+        plan_weights_backward_row(routing, t, p, num_experts, d_weights, loss_grad.d_weights,
+                                  renormalize, dz_row);
+        score_losses_backward_row(loss_grad, t, p, num_experts, dz_row);
       }
     });
     this->backward(x, dz, dx);

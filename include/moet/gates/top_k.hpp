@@ -266,15 +266,9 @@ class TopKGate {
     router_.forward(x, q);
     noise_.forward(x, dn);
     const auto probs = routing.probs();  // clean P (num_tokens, num_experts)
-    const auto offsets = routing.offsets();
-    const S* d_probs = loss_grad.d_probs.empty() ? nullptr : loss_grad.d_probs.data();
-    const S* d_logits = loss_grad.d_logits.empty() ? nullptr : loss_grad.d_logits.data();
     detail::parallel_blocks(num_tokens, detail::kGateTokenBlock, [&](Index begin, Index end) {
       for (Index t = begin; t < end; ++t) {
         S* dz_row = dz.data() + t * num_experts;
-        std::fill(dz_row, dz_row + num_experts, S(0));
-        const auto a0 = static_cast<std::size_t>(offsets[static_cast<std::size_t>(t)]);
-        const auto dw = d_weights.subspan(a0, static_cast<std::size_t>(routing.k(t)));
         // H exactly as route computes it, then Q = softmax(H), in place of z.
         S* h = q.data() + t * num_experts;
         S* n = dn.data() + t * num_experts;
@@ -282,15 +276,10 @@ class TopKGate {
           h[e] = h[e] + noise_eps(ctx, t, e) * detail::softplus(n[e]);
         }
         detail::softmax_row(h, num_experts);
+        detail::plan_weights_backward_row(routing, t, static_cast<const S*>(h), num_experts,
+                                          d_weights, loss_grad.d_weights, options_.renormalize,
+                                          dz_row);
         // dL/dH (still alone in dz_row) reaches z as is and n as dL/dH * eps * sigmoid(n).
-        detail::combine_weights_backward_row(static_cast<const S*>(h), num_experts,
-                                             routing.experts(t), dw, options_.renormalize, dz_row);
-        if (!loss_grad.d_weights.empty()) {  // linear in dw: a second call adds the loss's part
-          detail::combine_weights_backward_row(
-              static_cast<const S*>(h), num_experts, routing.experts(t),
-              loss_grad.d_weights.subspan(a0, static_cast<std::size_t>(routing.k(t))),
-              options_.renormalize, dz_row);
-        }
         const S* dn_loss = loss_grad.d_noise_logits.empty()
                                ? nullptr
                                : loss_grad.d_noise_logits.data() + t * num_experts;
@@ -298,14 +287,8 @@ class TopKGate {
           n[e] = dz_row[e] * noise_eps(ctx, t, e) * detail::sigmoid(n[e]) +
                  (dn_loss != nullptr ? dn_loss[e] : S(0));
         }
-        if (d_probs != nullptr) {
-          detail::softmax_backward_row(probs.data() + t * num_experts, d_probs + t * num_experts,
-                                       num_experts, dz_row);
-        }
-        if (d_logits != nullptr) {
-          const S* g = d_logits + t * num_experts;
-          for (Index e = 0; e < num_experts; ++e) dz_row[e] += g[e];
-        }
+        detail::score_losses_backward_row(loss_grad, t, probs.data() + t * num_experts, num_experts,
+                                          dz_row);
       }
     });
     router_.backward(x, dz, dx);

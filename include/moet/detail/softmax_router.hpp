@@ -227,6 +227,34 @@ void check_softmax_backward(const char* op, const ConstRows<S>& x, Index model_d
   }
 }
 
+/// The last pass of a gate that ranks each token's experts (`TopPGate`, `ImportanceGate`):
+/// token `t`'s slots are the first `out.k(t)` ids of its row of `order` `(num_tokens,
+/// num_experts)`, in that order, each with weight `P_e` from `probs` `(num_tokens,
+/// num_experts)` or, with `renormalize`, `P_e / sum of the selected P` (a sum of 0 leaves the
+/// weights as they are). `out` must have committed its counts. Parallel over fixed token
+/// blocks.
+template <class S>
+void write_ranked_slots(const S* probs, const std::int32_t* order, Index num_experts,
+                        bool renormalize, Routing<S>& out) {
+  parallel_blocks(out.num_tokens(), kGateTokenBlock, [&](Index begin, Index end) {
+    for (Index t = begin; t < end; ++t) {
+      const S* row = probs + t * num_experts;
+      const std::int32_t* row_order = order + t * num_experts;
+      const auto experts = out.experts(t);
+      const auto weights = out.weights(t);
+      S sum = S(0);
+      for (std::size_t j = 0; j < experts.size(); ++j) {
+        experts[j] = row_order[j];
+        weights[j] = row[row_order[j]];
+        sum += weights[j];
+      }
+      if (renormalize && sum > S(0)) {
+        for (auto& w : weights) w /= sum;
+      }
+    }
+  });
+}
+
 /// One router matrix `W` `(model_dim, num_experts)` of a linear map `z = x W`, with its
 /// gradient: the parameter handling shared by `SoftmaxRouter` (`W_r`) and noisy top-k's
 /// `W_noise`. The gradient stays `(0, 0)` until first used; `grad()` then allocates it, zero,

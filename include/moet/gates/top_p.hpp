@@ -170,18 +170,7 @@ class TopPGate {
       }
     });
     out.commit_counts();
-    detail::parallel_blocks(num_tokens, detail::kGateTokenBlock, [&](Index begin, Index end) {
-      for (Index t = begin; t < end; ++t) {
-        const S* row = probs.data() + t * num_experts;
-        const std::int32_t* row_order = order + t * num_experts;
-        const auto experts = out.experts(t);
-        const auto weights = out.weights(t);
-        for (std::size_t j = 0; j < experts.size(); ++j) {
-          experts[j] = row_order[j];
-          weights[j] = row[row_order[j]];
-        }
-      }
-    });
+    detail::write_ranked_slots(probs.data(), order, num_experts, false, out);
   }
 
  private:

@@ -1,9 +1,11 @@
 #pragma once
 /// \file detail/softmax_router.hpp
 /// The linear softmax router shared by `TopKGate`, `TopPGate` and `ImportanceGate`: the router
-/// weights `W_r` `(model_dim, num_experts)`, their deterministic initialisation, the input
-/// checks, and `P = softmax(x W_r)` written into `Routing::probs_mut()`. Each gate only adds its
-/// own selection rule on top.
+/// weights `W_r` `(model_dim, num_experts)` with their gradient (`RouterWeights`, which also
+/// holds noisy top-k's `W_noise`), their deterministic initialisation, the checks of the
+/// options' shape, of `x`, of `logits` and of `backward`, `P = softmax(x W_r)` written into
+/// `Routing::probs_mut()`, and the plan-filling pass of the gates that rank experts
+/// (`write_ranked_slots`). Each gate only adds its own selection rule on top.
 ///
 /// Backward (shared by the three gates): per-token row kernels turn dL/dw (combine weights) and
 /// dL/dP into dL/dz through the softmax, then `linear_backward` accumulates `dW += x^T dz` and

@@ -1,9 +1,11 @@
 #pragma once
 /// \file detail/softmax_router.hpp
 /// The linear softmax router shared by `TopKGate`, `TopPGate` and `ImportanceGate`: the router
-/// weights `W_r` `(model_dim, num_experts)`, their deterministic initialisation, the input
-/// checks, and `P = softmax(x W_r)` written into `Routing::probs_mut()`. Each gate only adds its
-/// own selection rule on top.
+/// weights `W_r` `(model_dim, num_experts)` with their gradient (`RouterWeights`, which also
+/// holds noisy top-k's `W_noise`), their deterministic initialisation, the checks of the
+/// options' shape, of `x`, of `logits` and of `backward`, `P = softmax(x W_r)` written into
+/// `Routing::probs_mut()`, and the plan-filling pass of the gates that rank experts
+/// (`write_ranked_slots`). Each gate only adds its own selection rule on top.
 ///
 /// Backward (shared by the three gates): per-token row kernels turn dL/dw (combine weights) and
 /// dL/dP into dL/dz through the softmax, then `linear_backward` accumulates `dW += x^T dz` and
@@ -15,8 +17,10 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <span>
 #include <string_view>
+#include <utility>
 
 #include "moet/detail/buffer.hpp"
 #include "moet/detail/parallel.hpp"
@@ -66,6 +70,15 @@ void check_gate_input(const char* op, const ConstRows<S>& x, Index model_dim) {
   }
 }
 
+/// Throws `Error` naming `op` unless `model_dim >= 1` and `1 <= num_experts <= INT32_MAX` (expert
+/// ids are `int32`): the first checks of every softmax gate's `Options`.
+inline void check_router_shape(const char* op, Index model_dim, Index num_experts) {
+  require(model_dim >= 1, op, "model_dim must be >= 1, got ", model_dim);
+  require(num_experts >= 1, op, "num_experts must be >= 1, got ", num_experts);
+  require(num_experts <= std::numeric_limits<std::int32_t>::max(), op,
+          "num_experts must fit in int32, got ", num_experts);
+}
+
 /// Numerically stable logistic sigmoid `1 / (1 + exp(-v))` (the derivative of softplus).
 template <class S>
 S sigmoid(S v) {
@@ -109,6 +122,40 @@ void combine_weights_backward_row(const S* q, Index n, std::span<const std::int3
   for (std::size_t j = 0; j < experts.size(); ++j) dot += q[experts[j]] / sum * dw[j];
   for (std::size_t j = 0; j < experts.size(); ++j) {
     dz[experts[j]] += q[experts[j]] / sum * (dw[j] - dot);
+  }
+}
+
+/// Writes into `dz[0..n)` (overwriting it) dL/ds of token `t` of `routing` through its combine
+/// weights, which came from `q = softmax(s)` (the token's row of `n` scores):
+/// `combine_weights_backward_row` of the plan's `d_weights` and then, when not empty, of a
+/// loss's `loss_d_weights` (linear in dw: the second call adds the loss's part). Each holds one
+/// value per assignment of `routing`.
+template <class S>
+void plan_weights_backward_row(const Routing<S>& routing, Index t, const S* q, Index n,
+                               std::span<const S> d_weights, std::span<const S> loss_d_weights,
+                               bool renormalize, S* dz) {
+  std::fill(dz, dz + n, S(0));
+  const auto a0 = static_cast<std::size_t>(routing.offsets()[static_cast<std::size_t>(t)]);
+  const auto k = static_cast<std::size_t>(routing.k(t));
+  combine_weights_backward_row(q, n, routing.experts(t), d_weights.subspan(a0, k), renormalize, dz);
+  if (!loss_d_weights.empty()) {
+    combine_weights_backward_row(q, n, routing.experts(t), loss_d_weights.subspan(a0, k),
+                                 renormalize, dz);
+  }
+}
+
+/// Adds into token `t`'s dL/dz `dz[0..n)` the losses on its clean scores: the softmax backward
+/// of `loss_grad.d_probs` through `p` (the token's row of `P`), then `loss_grad.d_logits` as
+/// is; each is skipped when empty, else holds `(num_tokens, n)` values.
+template <class S>
+void score_losses_backward_row(const SoftmaxLossGrad<S>& loss_grad, Index t, const S* p, Index n,
+                               S* dz) {
+  if (!loss_grad.d_probs.empty()) {
+    softmax_backward_row(p, loss_grad.d_probs.data() + t * n, n, dz);
+  }
+  if (!loss_grad.d_logits.empty()) {
+    const S* g = loss_grad.d_logits.data() + t * n;
+    for (Index e = 0; e < n; ++e) dz[e] += g[e];
   }
 }
 
@@ -182,20 +229,52 @@ void check_softmax_backward(const char* op, const ConstRows<S>& x, Index model_d
   }
 }
 
-/// The linear softmax router `P = softmax(x W_r)`, computed in `S` (fp32 for a float gate,
-/// as DeepSpeed routes).
+/// The last pass of a gate that ranks each token's experts (`TopPGate`, `ImportanceGate`):
+/// token `t`'s slots are the first `out.k(t)` ids of its row of `order` `(num_tokens,
+/// num_experts)`, in that order, each with weight `P_e` from `probs` `(num_tokens,
+/// num_experts)` or, with `renormalize`, `P_e / sum of the selected P` (a sum of 0 leaves the
+/// weights as they are). `out` must have committed its counts. Parallel over fixed token
+/// blocks.
 template <class S>
-class SoftmaxRouter {
- public:
-  /// `W_r` `(model_dim, num_experts)` drawn by `normal_fan_in(model_dim, num_experts, seed)`.
-  SoftmaxRouter(Index model_dim, Index num_experts, std::uint64_t seed)
-      : weights_(normal_fan_in<S>(model_dim, num_experts, seed)) {}
+void write_ranked_slots(const S* probs, const std::int32_t* order, Index num_experts,
+                        bool renormalize, Routing<S>& out) {
+  parallel_blocks(out.num_tokens(), kGateTokenBlock, [&](Index begin, Index end) {
+    for (Index t = begin; t < end; ++t) {
+      const S* row = probs + t * num_experts;
+      const std::int32_t* row_order = order + t * num_experts;
+      const auto experts = out.experts(t);
+      const auto weights = out.weights(t);
+      S sum = S(0);
+      for (std::size_t j = 0; j < experts.size(); ++j) {
+        experts[j] = row_order[j];
+        weights[j] = row[row_order[j]];
+        sum += weights[j];
+      }
+      if (renormalize && sum > S(0)) {
+        for (auto& w : weights) w /= sum;
+      }
+    }
+  });
+}
 
-  /// The router weights `(model_dim, num_experts)`.
+/// One router matrix `W` `(model_dim, num_experts)` of a linear map `z = x W`, with its
+/// gradient: the parameter handling shared by `SoftmaxRouter` (`W_r`) and noisy top-k's
+/// `W_noise`. The gradient stays `(0, 0)` until first used; `grad()` then allocates it, zero,
+/// with the shape of `W`.
+template <class S>
+class RouterWeights {
+ public:
+  /// An empty `(0, 0)` matrix (a parameter the gate does not use, such as `W_noise` without
+  /// noise).
+  RouterWeights() = default;
+  /// Takes `weights` `(model_dim, num_experts)` as `W`.
+  explicit RouterWeights(RowMatrix<S> weights) : weights_(std::move(weights)) {}
+
+  /// The weights `W` `(model_dim, num_experts)`.
   const RowMatrix<S>& weights() const { return weights_; }
   RowMatrix<S>& weights() { return weights_; }
 
-  /// The gradient of `W_r` `(model_dim, num_experts)`; `(0, 0)` until the first `zero_grad()`
+  /// The gradient of `W` `(model_dim, num_experts)`; `(0, 0)` until the first `zero_grad()`
   /// or backward.
   const RowMatrix<S>& grad() const { return grad_; }
   /// Allocates the gradient (zero) on first use and returns it.
@@ -208,66 +287,99 @@ class SoftmaxRouter {
   /// Sets the gradient to zero (allocating it on first use).
   void zero_grad() { grad_.setZero(weights_.rows(), weights_.cols()); }
 
-  /// Writes the logits `z = x W_r` `(num_tokens, num_experts)` into `z`, with the same product
-  /// (the same bits) as `probabilities`.
+  /// Writes `z = x W` `(num_tokens, num_experts)` into `z` (`router_product`, so every caller
+  /// gets the same bits).
   template <class Out>
-  void logits(const ConstRows<S>& x, Out&& z) const {
+  void forward(const ConstRows<S>& x, Out&& z) const {
     router_product(x, weights_, z);
   }
 
-  /// Accumulates `dW_r += x^T dz` and adds `dx += dz W_r^T` (see `linear_backward`).
-  void backward_logits(const ConstRows<S>& x, const ConstRows<S>& dz, Rows<S> dx) {
+  /// Backward of `forward`: accumulates `dW += x^T dz` and adds `dx += dz W^T` (see
+  /// `linear_backward`), allocating the gradient on first use.
+  void backward(const ConstRows<S>& x, const ConstRows<S>& dz, Rows<S> dx) {
     linear_backward<S>(x, weights_, dz, grad(), dx);
+  }
+
+  /// Calls `f(name, W, dW)` (allocating the gradient on first use).
+  template <class F>
+  void visit(std::string_view name, F&& f) {
+    RowMatrix<S>& g = grad();
+    f(name, ParamMap<S>(weights_.data(), weights_.rows(), weights_.cols()),
+      ParamMap<S>(g.data(), g.rows(), g.cols()));
+  }
+
+ private:
+  RowMatrix<S> weights_;  // (model_dim, num_experts)
+  RowMatrix<S> grad_;     // (model_dim, num_experts), or (0, 0) before the first use
+};
+
+/// The linear softmax router `P = softmax(x W_r)`, computed in `S` (fp32 for a float gate,
+/// as DeepSpeed routes). `weights()`, `grad()`, `zero_grad()`, `forward` (the logits
+/// `z = x W_r`, with the same bits as `probabilities` computes them) and `backward` (of the
+/// logits) come from `RouterWeights`.
+template <class S>
+class SoftmaxRouter : public RouterWeights<S> {
+ public:
+  /// `W_r` `(model_dim, num_experts)` drawn by `normal_fan_in(model_dim, num_experts, seed)`.
+  SoftmaxRouter(Index model_dim, Index num_experts, std::uint64_t seed)
+      : RouterWeights<S>(normal_fan_in<S>(model_dim, num_experts, seed)),
+        model_dim_(model_dim),
+        num_experts_(num_experts) {}
+
+  /// The gate's `model_dim` and `num_experts`, fixed at construction. The argument checks use
+  /// them, not the shape of `weights()` (which a caller may assign).
+  Index model_dim() const { return model_dim_; }
+  Index num_experts() const { return num_experts_; }
+
+  /// A gate's `logits(x, z)`: throws `Error` naming `op` on a bad `x` (`check_gate_input`) or a
+  /// `z` that is not `(num_tokens, num_experts)`, then writes `z = x W_r` (`forward`, the bits
+  /// `probabilities` starts from).
+  void logits(const char* op, const ConstRows<S>& x, Rows<S> z) const {
+    check_gate_input(op, x, model_dim_);
+    require(z.rows() == x.rows() && z.cols() == num_experts_, op, "z must be (", x.rows(), ", ",
+            num_experts_, "), got (", z.rows(), ", ", z.cols(), ")");
+    this->forward(x, z);
+  }
+
+  /// The argument checks of a gate's `backward` (`check_softmax_backward` with this router's
+  /// `model_dim` and `num_experts`; `accepts_noise` for noisy top-k).
+  void check_backward(const char* op, const ConstRows<S>& x, const Routing<S>& routing,
+                      std::span<const S> d_weights, const SoftmaxLossGrad<S>& loss_grad,
+                      const Rows<S>& dx, bool accepts_noise = false) const {
+    check_softmax_backward(op, x, model_dim_, num_experts_, routing, d_weights, loss_grad, dx,
+                           accepts_noise);
   }
 
   /// Backward of a plan whose weights come from the clean `P = routing.probs()`: slot weights
   /// `P_e` or, with `renormalize`, `P_e / sum of P over the token's slots`. dL/dz per token is
-  /// the combine-weight part (`combine_weights_backward_row`), plus the softmax backward of
-  /// `loss_grad.d_probs`, plus `loss_grad.d_logits`; then `backward_logits`. Arguments must
-  /// have passed `check_softmax_backward`. Deterministic for any thread count.
+  /// the combine-weight part (`plan_weights_backward_row`), plus the softmax backward of
+  /// `loss_grad.d_probs`, plus `loss_grad.d_logits` (`score_losses_backward_row`); then
+  /// `backward`. Arguments must have passed `check_backward`. Deterministic for any thread
+  /// count.
   void backward_plan(const ConstRows<S>& x, const Routing<S>& routing, std::span<const S> d_weights,
                      bool renormalize, const SoftmaxLossGrad<S>& loss_grad, Rows<S> dx) {
-    grad();  // allocated even for an empty batch
+    this->grad();  // allocated even for an empty batch
     const Index num_tokens = x.rows();
-    const Index num_experts = weights_.cols();
+    const Index num_experts = this->weights().cols();
     if (num_tokens == 0) return;
     auto dz = dz_.matrix(num_tokens, num_experts);  // dL/dz (num_tokens, num_experts)
     const auto probs = routing.probs();             // (num_tokens, num_experts)
-    const auto offsets = routing.offsets();
-    const S* d_probs = loss_grad.d_probs.empty() ? nullptr : loss_grad.d_probs.data();
-    const S* d_logits = loss_grad.d_logits.empty() ? nullptr : loss_grad.d_logits.data();
     parallel_blocks(num_tokens, kGateTokenBlock, [&](Index begin, Index end) {
       for (Index t = begin; t < end; ++t) {
         S* dz_row = dz.data() + t * num_experts;
-        std::fill(dz_row, dz_row + num_experts, S(0));
         const S* p = probs.data() + t * num_experts;
-        const auto a0 = static_cast<std::size_t>(offsets[static_cast<std::size_t>(t)]);
-        const auto k = static_cast<std::size_t>(routing.k(t));
-        combine_weights_backward_row(p, num_experts, routing.experts(t), d_weights.subspan(a0, k),
-                                     renormalize, dz_row);
-        if (!loss_grad.d_weights.empty()) {  // linear in dw: a second call adds the loss's part
-          combine_weights_backward_row(p, num_experts, routing.experts(t),
-                                       loss_grad.d_weights.subspan(a0, k), renormalize, dz_row);
-        }
-        if (d_probs != nullptr) {
-          softmax_backward_row(p, d_probs + t * num_experts, num_experts, dz_row);
-        }
-        if (d_logits != nullptr) {
-          const S* g = d_logits + t * num_experts;
-          for (Index e = 0; e < num_experts; ++e) dz_row[e] += g[e];
-        }
+        plan_weights_backward_row(routing, t, p, num_experts, d_weights, loss_grad.d_weights,
+                                  renormalize, dz_row);
+        score_losses_backward_row(loss_grad, t, p, num_experts, dz_row);
       }
     });
-    backward_logits(x, dz, dx);
+    this->backward(x, dz, dx);
   }
 
   /// Calls `f("router.weight", W_r, dW_r)` (allocating the gradient on first use).
   template <class F>
   void visit(F&& f) {
-    RowMatrix<S>& g = grad();
-    f(std::string_view("router.weight"),
-      ParamMap<S>(weights_.data(), weights_.rows(), weights_.cols()),
-      ParamMap<S>(g.data(), g.rows(), g.cols()));
+    RouterWeights<S>::visit(std::string_view("router.weight"), f);
   }
 
   /// Resets `out` to `(x.rows(), num_experts)` and writes `P = softmax(x W_r)` into
@@ -280,12 +392,12 @@ class SoftmaxRouter {
   Eigen::Map<RowMatrix<S>> probabilities(const char* op, const ConstRows<S>& x, Routing<S>& out,
                                          PreSoftmax&& pre_softmax) const {
     const Index num_tokens = x.rows();
-    const Index num_experts = weights_.cols();
+    const Index num_experts = this->weights().cols();
     out.reset(num_tokens, num_experts);
     out.probs_are_distribution = true;
     auto probs = out.probs_mut();  // (num_tokens, num_experts), logits first
     if (num_tokens == 0) return probs;
-    router_product(x, weights_, probs);
+    this->forward(x, probs);
     std::atomic<bool> bad{false};
     parallel_blocks(num_tokens, kGateTokenBlock, [&](Index begin, Index end) {
       for (Index t = begin; t < end; ++t) {
@@ -323,9 +435,9 @@ class SoftmaxRouter {
   }
 
  private:
-  RowMatrix<S> weights_;  // (model_dim, num_experts)
-  RowMatrix<S> grad_;     // (model_dim, num_experts), or (0, 0) before the first use
-  Buffer<S> dz_;          // backward scratch: dL/dz (num_tokens, num_experts), grow-only
+  Index model_dim_;
+  Index num_experts_;
+  Buffer<S> dz_;  // backward scratch: dL/dz (num_tokens, num_experts), grow-only
 };
 
 }  // namespace moet::detail

@@ -45,9 +45,8 @@ inline constexpr double kImportanceCeilSlack = 1e-6;
 /// (including all zero) gives `u = 1`: `k_max` for `kMax` and `kMinMax`, `round(k_avg)`
 /// (half away from zero) for `kBudget`, each clamped to `[k_min, k_max]`. Computed in double.
 template <class S>
-void experts_from_importance(const S* imp, const std::uint8_t* valid, Index n,
-                             ImportanceNorm norm, Index k_min, Index k_max, double k_avg,
-                             std::int32_t* k_out) {
+void experts_from_importance(const S* imp, const std::uint8_t* valid, Index n, ImportanceNorm norm,
+                             Index k_min, Index k_max, double k_avg, std::int32_t* k_out) {
   double max = -std::numeric_limits<double>::infinity();
   double min = std::numeric_limits<double>::infinity();
   double sum = 0.0;
@@ -175,13 +174,7 @@ class ImportanceGate {
   /// Writes the router logits `z = x W_r` `(num_tokens, num_experts)` into `z` (the input of
   /// `router_z_loss`), with the same bits as `route` computes them. Throws `Error` on a bad `x`
   /// or a `z` of the wrong shape.
-  void logits(const ConstRows<S>& x, Rows<S> z) const {
-    detail::check_gate_input(kOp, x, options_.model_dim);
-    detail::require(z.rows() == x.rows() && z.cols() == options_.num_experts, kOp,
-                    "z must be (", x.rows(), ", ", options_.num_experts, "), got (", z.rows(),
-                    ", ", z.cols(), ")");
-    router_.logits(x, z);
-  }
+  void logits(const ConstRows<S>& x, Rows<S> z) const { router_.logits(kOp, x, z); }
 
   /// Sets the router gradient to zero (allocating it on first use).
   void zero_grad() { router_.zero_grad(); }
@@ -203,8 +196,7 @@ class ImportanceGate {
   void backward(const ConstRows<S>& x, const RouteContext& ctx, const Routing<S>& routing,
                 std::span<const S> d_weights, const LossGrad& loss_grad, Rows<S> dx) {
     static_cast<void>(ctx);  // importance and K are detached: the plan holds them
-    detail::check_softmax_backward(kBackwardOp, x, options_.model_dim, options_.num_experts,
-                                   routing, d_weights, loss_grad, dx);
+    router_.check_backward(kBackwardOp, x, routing, d_weights, loss_grad, dx);
     router_.backward_plan(x, routing, d_weights, options_.renormalize, loss_grad, dx);
   }
 
@@ -231,9 +223,9 @@ class ImportanceGate {
 
     const Index group = token_importance(ctx, num_tokens, valid, imp);
     detail::parallel_for(num_tokens / group, [&](Index g) {
-      detail::experts_from_importance(imp + g * group, valid == nullptr ? nullptr : valid + g * group,
-                                      group, options_.norm, options_.k_min, options_.k_max,
-                                      options_.k_avg, k_of + g * group);
+      detail::experts_from_importance(
+          imp + g * group, valid == nullptr ? nullptr : valid + g * group, group, options_.norm,
+          options_.k_min, options_.k_max, options_.k_avg, k_of + g * group);
     });
 
     const auto probs = router_.probabilities(kOp, x, out);  // (num_tokens, num_experts)
@@ -249,23 +241,7 @@ class ImportanceGate {
       }
     });
     out.commit_counts();
-    detail::parallel_blocks(num_tokens, detail::kGateTokenBlock, [&](Index begin, Index end) {
-      for (Index t = begin; t < end; ++t) {
-        const S* row = probs.data() + t * num_experts;
-        const std::int32_t* row_order = order + t * num_experts;
-        const auto experts = out.experts(t);
-        const auto weights = out.weights(t);
-        S sum = S(0);
-        for (std::size_t j = 0; j < experts.size(); ++j) {
-          experts[j] = row_order[j];
-          weights[j] = row[row_order[j]];
-          sum += weights[j];
-        }
-        if (options_.renormalize && sum > S(0)) {
-          for (auto& w : weights) w /= sum;
-        }
-      }
-    });
+    detail::write_ranked_slots(probs.data(), order, num_experts, options_.renormalize, out);
   }
 
  private:
@@ -301,8 +277,8 @@ class ImportanceGate {
     const AttentionView& att = ctx.attention;
     detail::require(att.batch >= 1 && att.heads >= 1 && att.seq_len >= 1 &&
                         att.batch * att.seq_len == num_tokens,
-                    kOp, "ctx.attention [batch, heads, L, L] = [", att.batch, ", ", att.heads,
-                    ", ", att.seq_len, ", ", att.seq_len,
+                    kOp, "ctx.attention [batch, heads, L, L] = [", att.batch, ", ", att.heads, ", ",
+                    att.seq_len, ", ", att.seq_len,
                     "] must cover batch * L = num_tokens, but x is (", num_tokens, ", ",
                     options_.model_dim, ")");
     detail::require(ctx.sequence_length == 0 || ctx.sequence_length == att.seq_len, kOp,
@@ -345,10 +321,10 @@ class ImportanceGate {
       if (!ok) bad.store(true, std::memory_order_relaxed);
       for (Index j = jb; j < je; ++j) {
         const Index n = queries[j - jb];
-        imp[b * len + j] =
-            (is_valid(j) && n > 0)
-                ? static_cast<S>(acc[j - jb] / (static_cast<double>(heads) * static_cast<double>(n)))
-                : S(0);
+        imp[b * len + j] = (is_valid(j) && n > 0)
+                               ? static_cast<S>(acc[j - jb] / (static_cast<double>(heads) *
+                                                               static_cast<double>(n)))
+                               : S(0);
       }
     });
     if (bad.load()) {
@@ -365,14 +341,11 @@ class ImportanceGate {
   }
 
   static Options validated(const Options& o) {
-    detail::require(o.model_dim >= 1, kOp, "model_dim must be >= 1, got ", o.model_dim);
-    detail::require(o.num_experts >= 1, kOp, "num_experts must be >= 1, got ", o.num_experts);
-    detail::require(o.num_experts <= std::numeric_limits<std::int32_t>::max(), kOp,
-                    "num_experts must fit in int32, got ", o.num_experts);
+    detail::check_router_shape(kOp, o.model_dim, o.num_experts);
     detail::require(o.k_min >= 1 && o.k_min <= o.k_max, kOp,
                     "k_min must be in [1, k_max = ", o.k_max, "], got ", o.k_min);
-    detail::require(o.k_max <= o.num_experts, kOp, "k_max must be <= num_experts = ",
-                    o.num_experts, ", got ", o.k_max);
+    detail::require(o.k_max <= o.num_experts, kOp, "k_max must be <= num_experts = ", o.num_experts,
+                    ", got ", o.k_max);
     detail::require(o.norm == ImportanceNorm::kMax || o.norm == ImportanceNorm::kMinMax ||
                         o.norm == ImportanceNorm::kBudget,
                     kOp, "norm must be kMax, kMinMax or kBudget, got ", static_cast<int>(o.norm));

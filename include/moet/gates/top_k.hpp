@@ -7,7 +7,6 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <limits>
 #include <span>
 #include <string_view>
 
@@ -157,7 +156,7 @@ class TopKGate {
   explicit TopKGate(const Options& options)
       : options_(validated(options)),
         router_(options_.model_dim, options_.num_experts, options_.init_seed) {
-    if (options_.noisy) noise_weights_.setZero(options_.model_dim, options_.num_experts);
+    if (options_.noisy) noise_.weights().setZero(options_.model_dim, options_.num_experts);
   }
 
   Index num_experts() const { return options_.num_experts; }
@@ -167,25 +166,19 @@ class TopKGate {
   const RowMatrix<S>& router() const { return router_.weights(); }
   RowMatrix<S>& router() { return router_.weights(); }
   /// Noise weights `W_noise` `(model_dim, num_experts)`; `(0, 0)` unless `noisy`.
-  const RowMatrix<S>& noise_router() const { return noise_weights_; }
-  RowMatrix<S>& noise_router() { return noise_weights_; }
+  const RowMatrix<S>& noise_router() const { return noise_.weights(); }
+  RowMatrix<S>& noise_router() { return noise_.weights(); }
 
   /// Gradient of `W_r` `(model_dim, num_experts)`; `(0, 0)` before the first `zero_grad()` or
   /// `backward`.
   const RowMatrix<S>& router_grad() const { return router_.grad(); }
   /// Gradient of `W_noise` `(model_dim, num_experts)`; `(0, 0)` unless `noisy` and used.
-  const RowMatrix<S>& noise_router_grad() const { return noise_grad_; }
+  const RowMatrix<S>& noise_router_grad() const { return noise_.grad(); }
 
   /// Writes the router logits `z = x W_r` `(num_tokens, num_experts)` into `z` (the input of
   /// `router_z_loss`), with the same bits as `route` computes them. Throws `Error` on a bad `x`
   /// or a `z` of the wrong shape.
-  void logits(const ConstRows<S>& x, Rows<S> z) const {
-    detail::check_gate_input(kOp, x, options_.model_dim);
-    detail::require(z.rows() == x.rows() && z.cols() == options_.num_experts, kOp, "z must be (",
-                    x.rows(), ", ", options_.num_experts, "), got (", z.rows(), ", ", z.cols(),
-                    ")");
-    router_.logits(x, z);
-  }
+  void logits(const ConstRows<S>& x, Rows<S> z) const { router_.logits(kOp, x, z); }
 
   /// Writes the noise logits `n = x W_noise` and the draws `eps` (each `(num_tokens,
   /// num_experts)`) that `route(x, ctx, ...)` uses in training, so that
@@ -198,7 +191,7 @@ class TopKGate {
                         eps.rows() == x.rows() && eps.cols() == options_.num_experts,
                     kOp, "n and eps must be (", x.rows(), ", ", options_.num_experts, "), got (",
                     n.rows(), ", ", n.cols(), ") and (", eps.rows(), ", ", eps.cols(), ")");
-    detail::router_product(x, noise_weights_, n);
+    noise_.forward(x, n);
     for (Index t = 0; t < x.rows(); ++t) {
       for (Index e = 0; e < options_.num_experts; ++e) eps(t, e) = noise_eps(ctx, t, e);
     }
@@ -221,30 +214,21 @@ class TopKGate {
     detail::require(dx.rows() == x.rows() && dx.cols() == options_.model_dim, op, "dx must be (",
                     x.rows(), ", ", options_.model_dim, ") like x, got (", dx.rows(), ", ",
                     dx.cols(), ")");
-    ensure_noise_grad();
-    detail::linear_backward<S>(x, noise_weights_, d_noise_logits, noise_grad_, dx);
+    noise_.backward(x, d_noise_logits, dx);
   }
 
   /// Sets every gradient to zero (allocating them on first use).
   void zero_grad() {
     router_.zero_grad();
-    if (options_.noisy) noise_grad_.setZero(options_.model_dim, options_.num_experts);
+    if (options_.noisy) noise_.zero_grad();
   }
 
   /// Calls `f(name, value, grad)` for `router.weight` and, when `noisy`, `router.noise_weight`
   /// (each `(model_dim, num_experts)`), allocating the gradients on first use.
   template <class F>
   void visit_parameters(F&& f) {
-    RowMatrix<S>& grad = router_.grad();
-    RowMatrix<S>& w = router_.weights();
-    f(std::string_view("router.weight"), ParamMap<S>(w.data(), w.rows(), w.cols()),
-      ParamMap<S>(grad.data(), grad.rows(), grad.cols()));
-    if (options_.noisy) {
-      ensure_noise_grad();
-      f(std::string_view("router.noise_weight"),
-        ParamMap<S>(noise_weights_.data(), noise_weights_.rows(), noise_weights_.cols()),
-        ParamMap<S>(noise_grad_.data(), noise_grad_.rows(), noise_grad_.cols()));
-    }
+    router_.visit(f);
+    if (options_.noisy) noise_.visit(std::string_view("router.noise_weight"), f);
   }
 
   /// Backward of `route(x, ctx, routing)` (see the class notes for the gradient treatment):
@@ -257,16 +241,15 @@ class TopKGate {
   /// from this gate and this `x`.
   void backward(const ConstRows<S>& x, const RouteContext& ctx, const Routing<S>& routing,
                 std::span<const S> d_weights, const LossGrad& loss_grad, Rows<S> dx) {
-    detail::check_softmax_backward(kBackwardOp, x, options_.model_dim, options_.num_experts,
-                                   routing, d_weights, loss_grad, dx, options_.noisy);
+    router_.check_backward(kBackwardOp, x, routing, d_weights, loss_grad, dx, options_.noisy);
     const bool noisy = options_.noisy && ctx.training;
-    if (options_.noisy) ensure_noise_grad();
+    if (options_.noisy) noise_.grad();  // allocated even for an empty batch
     if (!noisy) {
       router_.backward_plan(x, routing, d_weights, options_.renormalize, loss_grad, dx);
       if (!loss_grad.d_noise_logits.empty() && x.rows() > 0) {  // a loss on n without noise
         const Eigen::Map<const RowMatrix<S>> dn(loss_grad.d_noise_logits.data(), x.rows(),
                                                 options_.num_experts);
-        detail::linear_backward<S>(x, noise_weights_, dn, noise_grad_, dx);
+        noise_.backward(x, dn, dx);
       }
       return;
     }
@@ -280,18 +263,12 @@ class TopKGate {
     Eigen::Map<RowMatrix<S>> dz(dz_.data(size), num_tokens, num_experts);
     Eigen::Map<RowMatrix<S>> q(q_.data(size), num_tokens, num_experts);
     Eigen::Map<RowMatrix<S>> dn(dn_.data(size), num_tokens, num_experts);
-    router_.logits(x, q);
-    detail::router_product(x, noise_weights_, dn);
+    router_.forward(x, q);
+    noise_.forward(x, dn);
     const auto probs = routing.probs();  // clean P (num_tokens, num_experts)
-    const auto offsets = routing.offsets();
-    const S* d_probs = loss_grad.d_probs.empty() ? nullptr : loss_grad.d_probs.data();
-    const S* d_logits = loss_grad.d_logits.empty() ? nullptr : loss_grad.d_logits.data();
     detail::parallel_blocks(num_tokens, detail::kGateTokenBlock, [&](Index begin, Index end) {
       for (Index t = begin; t < end; ++t) {
         S* dz_row = dz.data() + t * num_experts;
-        std::fill(dz_row, dz_row + num_experts, S(0));
-        const auto a0 = static_cast<std::size_t>(offsets[static_cast<std::size_t>(t)]);
-        const auto dw = d_weights.subspan(a0, static_cast<std::size_t>(routing.k(t)));
         // H exactly as route computes it, then Q = softmax(H), in place of z.
         S* h = q.data() + t * num_experts;
         S* n = dn.data() + t * num_experts;
@@ -299,15 +276,10 @@ class TopKGate {
           h[e] = h[e] + noise_eps(ctx, t, e) * detail::softplus(n[e]);
         }
         detail::softmax_row(h, num_experts);
+        detail::plan_weights_backward_row(routing, t, static_cast<const S*>(h), num_experts,
+                                          d_weights, loss_grad.d_weights, options_.renormalize,
+                                          dz_row);
         // dL/dH (still alone in dz_row) reaches z as is and n as dL/dH * eps * sigmoid(n).
-        detail::combine_weights_backward_row(static_cast<const S*>(h), num_experts,
-                                             routing.experts(t), dw, options_.renormalize, dz_row);
-        if (!loss_grad.d_weights.empty()) {  // linear in dw: a second call adds the loss's part
-          detail::combine_weights_backward_row(
-              static_cast<const S*>(h), num_experts, routing.experts(t),
-              loss_grad.d_weights.subspan(a0, static_cast<std::size_t>(routing.k(t))),
-              options_.renormalize, dz_row);
-        }
         const S* dn_loss = loss_grad.d_noise_logits.empty()
                                ? nullptr
                                : loss_grad.d_noise_logits.data() + t * num_experts;
@@ -315,18 +287,12 @@ class TopKGate {
           n[e] = dz_row[e] * noise_eps(ctx, t, e) * detail::sigmoid(n[e]) +
                  (dn_loss != nullptr ? dn_loss[e] : S(0));
         }
-        if (d_probs != nullptr) {
-          detail::softmax_backward_row(probs.data() + t * num_experts, d_probs + t * num_experts,
-                                       num_experts, dz_row);
-        }
-        if (d_logits != nullptr) {
-          const S* g = d_logits + t * num_experts;
-          for (Index e = 0; e < num_experts; ++e) dz_row[e] += g[e];
-        }
+        detail::score_losses_backward_row(loss_grad, t, probs.data() + t * num_experts, num_experts,
+                                          dz_row);
       }
     });
-    router_.backward_logits(x, dz, dx);
-    detail::linear_backward<S>(x, noise_weights_, dn, noise_grad_, dx);
+    router_.backward(x, dz, dx);
+    noise_.backward(x, dn, dx);
   }
 
   /// The expert capacity for a batch of `num_tokens` tokens; `num_tokens` (no limit: an expert
@@ -351,7 +317,7 @@ class TopKGate {
     S* noisy_scores = noisy ? out.scratch_values.data(num_tokens * num_experts) : nullptr;
     if (noisy && num_tokens > 0) {
       Eigen::Map<RowMatrix<S>> noise_logits(noisy_scores, num_tokens, num_experts);
-      detail::router_product(x, noise_weights_, noise_logits);
+      noise_.forward(x, noise_logits);
     }
 
     // H = z + eps * softplus(x W_noise), written over the noise logits before z is softmaxed.
@@ -440,17 +406,8 @@ class TopKGate {
         ctx.seed, ctx.step, static_cast<std::uint64_t>(t), static_cast<std::uint64_t>(e))));
   }
 
-  void ensure_noise_grad() {
-    if (noise_grad_.rows() != options_.model_dim || noise_grad_.cols() != options_.num_experts) {
-      noise_grad_.setZero(options_.model_dim, options_.num_experts);
-    }
-  }
-
   static Options validated(const Options& o) {
-    detail::require(o.model_dim >= 1, kOp, "model_dim must be >= 1, got ", o.model_dim);
-    detail::require(o.num_experts >= 1, kOp, "num_experts must be >= 1, got ", o.num_experts);
-    detail::require(o.num_experts <= std::numeric_limits<std::int32_t>::max(), kOp,
-                    "num_experts must fit in int32, got ", o.num_experts);
+    detail::check_router_shape(kOp, o.model_dim, o.num_experts);
     detail::require(o.k >= 1 && o.k <= o.num_experts, kOp,
                     "k must be in [1, num_experts = ", o.num_experts, "], got ", o.k);
     detail::require(std::isfinite(o.capacity_factor) && o.capacity_factor >= 0.0, kOp,
@@ -462,8 +419,7 @@ class TopKGate {
 
   Options options_;
   detail::SoftmaxRouter<S> router_;
-  RowMatrix<S> noise_weights_;  // (model_dim, num_experts), or (0, 0) unless noisy
-  RowMatrix<S> noise_grad_;     // gradient of noise_weights_, allocated on first use
+  detail::RouterWeights<S> noise_;  // W_noise (model_dim, num_experts), or (0, 0) unless noisy
   // Noisy backward scratch (grow-only): dL/dz, noisy scores softmax(H), noise logits then
   // dL/dn.
   detail::Buffer<S> dz_;

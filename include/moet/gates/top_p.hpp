@@ -6,7 +6,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <limits>
 #include <span>
 
 #include "moet/context.hpp"
@@ -120,13 +119,7 @@ class TopPGate {
   /// Writes the router logits `z = x W_r` `(num_tokens, num_experts)` into `z` (the input of
   /// `router_z_loss`), with the same bits as `route` computes them. Throws `Error` on a bad `x`
   /// or a `z` of the wrong shape.
-  void logits(const ConstRows<S>& x, Rows<S> z) const {
-    detail::check_gate_input(kOp, x, options_.model_dim);
-    detail::require(z.rows() == x.rows() && z.cols() == options_.num_experts, kOp,
-                    "z must be (", x.rows(), ", ", options_.num_experts, "), got (", z.rows(),
-                    ", ", z.cols(), ")");
-    router_.logits(x, z);
-  }
+  void logits(const ConstRows<S>& x, Rows<S> z) const { router_.logits(kOp, x, z); }
 
   /// Sets the router gradient to zero (allocating it on first use).
   void zero_grad() { router_.zero_grad(); }
@@ -148,8 +141,7 @@ class TopPGate {
   void backward(const ConstRows<S>& x, const RouteContext& ctx, const Routing<S>& routing,
                 std::span<const S> d_weights, const LossGrad& loss_grad, Rows<S> dx) {
     static_cast<void>(ctx);  // the selection is held fixed; no random draws
-    detail::check_softmax_backward(kBackwardOp, x, options_.model_dim, options_.num_experts,
-                                   routing, d_weights, loss_grad, dx);
+    router_.check_backward(kBackwardOp, x, routing, d_weights, loss_grad, dx);
     router_.backward_plan(x, routing, d_weights, false, loss_grad, dx);
   }
 
@@ -178,18 +170,7 @@ class TopPGate {
       }
     });
     out.commit_counts();
-    detail::parallel_blocks(num_tokens, detail::kGateTokenBlock, [&](Index begin, Index end) {
-      for (Index t = begin; t < end; ++t) {
-        const S* row = probs.data() + t * num_experts;
-        const std::int32_t* row_order = order + t * num_experts;
-        const auto experts = out.experts(t);
-        const auto weights = out.weights(t);
-        for (std::size_t j = 0; j < experts.size(); ++j) {
-          experts[j] = row_order[j];
-          weights[j] = row[row_order[j]];
-        }
-      }
-    });
+    detail::write_ranked_slots(probs.data(), order, num_experts, false, out);
   }
 
  private:
@@ -197,10 +178,7 @@ class TopPGate {
   static constexpr const char* kBackwardOp = "TopPGate::backward";
 
   static Options validated(const Options& o) {
-    detail::require(o.model_dim >= 1, kOp, "model_dim must be >= 1, got ", o.model_dim);
-    detail::require(o.num_experts >= 1, kOp, "num_experts must be >= 1, got ", o.num_experts);
-    detail::require(o.num_experts <= std::numeric_limits<std::int32_t>::max(), kOp,
-                    "num_experts must fit in int32, got ", o.num_experts);
+    detail::check_router_shape(kOp, o.model_dim, o.num_experts);
     detail::require(o.p > 0.0 && o.p <= 1.0, kOp, "p must be in (0, 1], got ", o.p);
     detail::require(o.max_k >= 0 && o.max_k <= o.num_experts, kOp,
                     "max_k must be 0 (no cap) or in [1, num_experts = ", o.num_experts, "], got ",

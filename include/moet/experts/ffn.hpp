@@ -255,8 +255,8 @@ class FfnExperts {
     if (n == 0) return;
     auto h = detail::aligned_matrix(scratch.hidden, n, f);  // (n, hidden_dim): h, then da
     activate(cache, h);
-    detail::expert_block(w2_grad_, e, f).noalias() +=
-        h.transpose() * dout;  // (hidden_dim, model_dim)
+    // dW2_e (hidden_dim, model_dim)
+    detail::expert_block(w2_grad_, e, f).noalias() += h.transpose() * dout;
     h.noalias() = dout * std::as_const(*this).out_weights(e).transpose();  // dh
     for (Index r = 0; r < n; ++r) {
       for (Index j = 0; j < f; ++j) h(r, j) *= Act::template derivative<S>(cache(r, j));  // da

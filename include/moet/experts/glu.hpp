@@ -275,8 +275,8 @@ class GluExperts {
       const auto u = cache.rightCols(f).array();
       a.array() = (S(1) + (-g).exp()).inverse();  // s = sigmoid(g)
       b.array() = a.array() * (g * u);            // h = s g u, as forward_train
-      detail::expert_block(down_grad_, e, f).noalias() +=
-          b.transpose() * dout;  // (hidden_dim, model_dim)
+      // dWd_e (hidden_dim, model_dim)
+      detail::expert_block(down_grad_, e, f).noalias() += b.transpose() * dout;
       b.noalias() = dout * std::as_const(*this).down_weights(e).transpose();  // dh
       for (Index r = 0; r < n; ++r) {
         for (Index j = 0; j < f; ++j) {
@@ -289,8 +289,8 @@ class GluExperts {
       }
     } else {
       glu_hidden(cache, a);
-      detail::expert_block(down_grad_, e, f).noalias() +=
-          a.transpose() * dout;  // (hidden_dim, model_dim)
+      // dWd_e (hidden_dim, model_dim)
+      detail::expert_block(down_grad_, e, f).noalias() += a.transpose() * dout;
       b.noalias() = dout * std::as_const(*this).down_weights(e).transpose();  // dh
       for (Index r = 0; r < n; ++r) {
         for (Index j = 0; j < f; ++j) {
@@ -305,10 +305,9 @@ class GluExperts {
         }
       }
     }
-    detail::expert_block(gate_grad_, e, model_dim()).noalias() +=
-        in.transpose() * a;  // (model_dim, hidden_dim)
-    detail::expert_block(up_grad_, e, model_dim()).noalias() +=
-        in.transpose() * b;  // (model_dim, hidden_dim)
+    // dWg_e and dWu_e, (model_dim, hidden_dim) each
+    detail::expert_block(gate_grad_, e, model_dim()).noalias() += in.transpose() * a;
+    detail::expert_block(up_grad_, e, model_dim()).noalias() += in.transpose() * b;
     din.noalias() = a * std::as_const(*this).gate_weights(e).transpose();
     din.noalias() += b * std::as_const(*this).up_weights(e).transpose();
   }

@@ -3,13 +3,11 @@
 /// `FfnExperts`: a bank of classic two-layer feed-forward experts with biases (the Transformer
 /// FFN of fairseq, GShard, Switch and THOR).
 
-#include <algorithm>
 #include <cstdint>
-#include <type_traits>
 #include <utility>
-#include <vector>
 
 #include "moet/detail/buffer.hpp"
+#include "moet/detail/expert_bank.hpp"
 #include "moet/detail/gather_scatter.hpp"
 #include "moet/detail/gemm.hpp"
 #include "moet/detail/rng.hpp"
@@ -92,12 +90,9 @@ class FfnExperts {
 
   /// Builds the bank and initialises its weights. Throws `moet::Error` unless `model_dim`,
   /// `hidden_dim` and `num_experts` are >= 1.
-  explicit FfnExperts(const Options& options) : options_(options) {
-    detail::require(
-        options_.model_dim >= 1 && options_.hidden_dim >= 1 && options_.num_experts >= 1, kOp,
-        "model_dim, hidden_dim and num_experts must be >= 1, got (", options_.model_dim, ", ",
-        options_.hidden_dim, ", ", options_.num_experts, ")");
-    detail::require_weight_format<S>(kOp, options_.weight_format, options_.pack_weights);
+  explicit FfnExperts(const Options& options)
+      : options_(options), packed_(options.pack_weights, options.weight_format) {
+    detail::require_bank_options<S>(kOp, options_);
     const Index d = options_.model_dim;
     const Index f = options_.hidden_dim;
     const Index n = options_.num_experts;
@@ -114,20 +109,15 @@ class FfnExperts {
   /// packed kernels again (see the class comment). Call after writing weights in place; the
   /// optimisers do. A no-op for double banks and with `pack_weights = false`.
   void parameters_changed() {
-    if constexpr (kPackable) {
-      if (!options_.pack_weights) return;
-      if (options_.weight_format == WeightFormat::kBf16) {
-        repack(packed_bf16_);
-      } else {
-        repack(packed_f32_);
-      }
-      packed_current_ = true;
-    }
+    packed_.rebuild(num_experts(), [&](auto& packed, Index e) {
+      packed.w1.pack(detail::expert_block(w1_, e, model_dim()));
+      packed.w2.pack(detail::expert_block(w2_, e, hidden_dim()));
+    });
   }
 
   /// True when `forward` runs the packed kernels: a float bank with `pack_weights` whose packed
   /// copy is current (no non-const weight accessor called since the last `parameters_changed()`).
-  bool uses_packed_kernels() const { return packed_current_; }
+  bool uses_packed_kernels() const { return packed_.current(); }
 
   /// Experts in the bank.
   Index num_experts() const { return options_.num_experts; }
@@ -154,20 +144,18 @@ class FfnExperts {
 
   /// Expert `e`'s first-layer weights `W1_e` `(model_dim, hidden_dim)`, a view into the stack.
   Eigen::Map<const RowMatrix<S>> in_weights(Index e) const {
-    return weights_block(w1_, e, model_dim());
+    return detail::expert_block(w1_, e, model_dim());
   }
   /// (Non-const: marks the packed copy stale, see the class comment.)
   Eigen::Map<RowMatrix<S>> in_weights(Index e) {
-    packed_current_ = false;
-    return weights_block(w1_, e, model_dim());
+    return detail::expert_block(packed_.mark_stale(w1_), e, model_dim());
   }
   /// Expert `e`'s second-layer weights `W2_e` `(hidden_dim, model_dim)`.
   Eigen::Map<const RowMatrix<S>> out_weights(Index e) const {
-    return weights_block(w2_, e, hidden_dim());
+    return detail::expert_block(w2_, e, hidden_dim());
   }
   Eigen::Map<RowMatrix<S>> out_weights(Index e) {
-    packed_current_ = false;
-    return weights_block(w2_, e, hidden_dim());
+    return detail::expert_block(packed_.mark_stale(w2_), e, hidden_dim());
   }
   /// Expert `e`'s first-layer bias `b1_e` `(1, hidden_dim)`. Only with `has_bias()`.
   ConstBiasMap in_bias(Index e) const { return bias_row<ConstBiasMap>(b1_, e); }
@@ -180,16 +168,10 @@ class FfnExperts {
   /// accessors let training update the parameters in place (keep the shapes); the weight ones
   /// mark the packed copy stale until `parameters_changed()`.
   const RowMatrix<S>& in_weights_stack() const { return w1_; }
-  RowMatrix<S>& in_weights_stack() {
-    packed_current_ = false;
-    return w1_;
-  }
+  RowMatrix<S>& in_weights_stack() { return packed_.mark_stale(w1_); }
   /// The stacked second-layer weights `(num_experts * hidden_dim, model_dim)`.
   const RowMatrix<S>& out_weights_stack() const { return w2_; }
-  RowMatrix<S>& out_weights_stack() {
-    packed_current_ = false;
-    return w2_;
-  }
+  RowMatrix<S>& out_weights_stack() { return packed_.mark_stale(w2_); }
   /// The stacked first-layer biases `(num_experts, hidden_dim)`; `(0, hidden_dim)` without bias.
   const RowMatrix<S>& in_bias_stack() const { return b1_; }
   RowMatrix<S>& in_bias_stack() { return b1_; }
@@ -201,12 +183,7 @@ class FfnExperts {
   /// does not allocate. Optional: `forward` grows the scratch itself when needed.
   void reserve(Scratch& scratch, Index max_rows) const {
     detail::reserve_aligned(scratch.hidden, max_rows, hidden_dim());
-    if constexpr (kPackable) {
-      if (options_.pack_weights) {
-        detail::reserve_packed_scratch(scratch.kernel, max_rows,
-                                       std::max(model_dim(), hidden_dim()));
-      }
-    }
+    packed_.reserve(scratch.kernel, max_rows, model_dim(), hidden_dim());
   }
 
   /// Writes expert `e` applied to every row of `in` `(n, model_dim)` into `out`
@@ -219,35 +196,16 @@ class FfnExperts {
     const Index n = in.rows();
     if (n == 0) return;
     auto h = detail::aligned_matrix(scratch.hidden, n, hidden_dim());  // (n, hidden_dim)
-    bool packed = false;
-    if constexpr (kPackable) {
-      if (packed_current_) {
-        if (options_.weight_format == WeightFormat::kBf16) {
-          detail::gemm_packed(in, packed_bf16_.w1[static_cast<std::size_t>(e)], h,
-                              /*accumulate=*/false, scratch.kernel);
-        } else {
-          detail::gemm_packed(in, packed_f32_.w1[static_cast<std::size_t>(e)], h,
-                              /*accumulate=*/false, scratch.kernel);
-        }
-        packed = true;
-      }
-    }
+    const bool packed = packed_.run(e, [&](const auto& p) {
+      detail::gemm_packed(in, p.w1, h, /*accumulate=*/false, scratch.kernel);
+    });
     if (!packed) h.noalias() = in * in_weights(e);
     if (options_.bias) h.rowwise() += in_bias(e);
     apply_activation<Act>(h);
-    if (packed) {
-      if constexpr (kPackable) {
-        if (options_.weight_format == WeightFormat::kBf16) {
-          detail::gemm_packed(h, packed_bf16_.w2[static_cast<std::size_t>(e)], out,
-                              /*accumulate=*/false, scratch.kernel);
-        } else {
-          detail::gemm_packed(h, packed_f32_.w2[static_cast<std::size_t>(e)], out,
-                              /*accumulate=*/false, scratch.kernel);
-        }
-      }
-    } else {
-      out.noalias() = h * out_weights(e);
-    }
+    const bool packed_out = packed && packed_.run(e, [&](const auto& p) {
+      detail::gemm_packed(h, p.w2, out, /*accumulate=*/false, scratch.kernel);
+    });
+    if (!packed_out) out.noalias() = h * out_weights(e);
     if (options_.bias) out.rowwise() += out_bias(e);
   }
 
@@ -297,12 +255,13 @@ class FfnExperts {
     if (n == 0) return;
     auto h = detail::aligned_matrix(scratch.hidden, n, f);  // (n, hidden_dim): h, then da
     activate(cache, h);
-    weights_block(w2_grad_, e, f).noalias() += h.transpose() * dout;  // (hidden_dim, model_dim)
+    // dW2_e (hidden_dim, model_dim)
+    detail::expert_block(w2_grad_, e, f).noalias() += h.transpose() * dout;
     h.noalias() = dout * std::as_const(*this).out_weights(e).transpose();  // dh
     for (Index r = 0; r < n; ++r) {
       for (Index j = 0; j < f; ++j) h(r, j) *= Act::template derivative<S>(cache(r, j));  // da
     }
-    weights_block(w1_grad_, e, model_dim()).noalias() += in.transpose() * h;
+    detail::expert_block(w1_grad_, e, model_dim()).noalias() += in.transpose() * h;
     if (options_.bias) {
       // Column sums in row order (a fixed order, the same bits every run).
       for (Index r = 0; r < n; ++r) {
@@ -324,14 +283,10 @@ class FfnExperts {
 
   /// Allocates the gradients (zero) if they are not yet; a no-op afterwards.
   void ensure_grad() {
-    if (w1_grad_.rows() != w1_.rows()) w1_grad_ = RowMatrix<S>::Zero(w1_.rows(), w1_.cols());
-    if (w2_grad_.rows() != w2_.rows()) w2_grad_ = RowMatrix<S>::Zero(w2_.rows(), w2_.cols());
-    if (b1_grad_.rows() != b1_.rows() || b1_grad_.cols() != b1_.cols()) {
-      b1_grad_ = RowMatrix<S>::Zero(b1_.rows(), b1_.cols());
-    }
-    if (b2_grad_.rows() != b2_.rows() || b2_grad_.cols() != b2_.cols()) {
-      b2_grad_ = RowMatrix<S>::Zero(b2_.rows(), b2_.cols());
-    }
+    detail::ensure_grad_like(w1_grad_, w1_);
+    detail::ensure_grad_like(w2_grad_, w2_);
+    detail::ensure_grad_like(b1_grad_, b1_);
+    detail::ensure_grad_like(b2_grad_, b2_);
   }
 
   /// Calls `f(name, value, grad)` for the stacked parameters, in this order: `in_weight`
@@ -342,15 +297,11 @@ class FfnExperts {
   template <class F>
   void visit_parameters(F&& f) {
     ensure_grad();
-    packed_current_ = false;  // the visitor may write the stacks: parameters_changed() repacks
-    const auto visit = [&](const char* name, RowMatrix<S>& value, RowMatrix<S>& grad) {
-      f(name, ParamMap<S>(value.data(), value.rows(), value.cols()),
-        ParamMap<S>(grad.data(), grad.rows(), grad.cols()));
-    };
-    visit("in_weight", w1_, w1_grad_);
-    if (options_.bias) visit("in_bias", b1_, b1_grad_);
-    visit("out_weight", w2_, w2_grad_);
-    if (options_.bias) visit("out_bias", b2_, b2_grad_);
+    packed_.mark_stale();  // the visitor may write the stacks: parameters_changed() repacks
+    detail::visit_stack(f, "in_weight", w1_, w1_grad_);
+    if (options_.bias) detail::visit_stack(f, "in_bias", b1_, b1_grad_);
+    detail::visit_stack(f, "out_weight", w2_, w2_grad_);
+    if (options_.bias) detail::visit_stack(f, "out_bias", b2_, b2_grad_);
   }
 
   /// The accumulated gradients, shaped like the stacks (empty before the first `zero_grad`,
@@ -362,19 +313,6 @@ class FfnExperts {
 
  private:
   static constexpr const char* kOp = "FfnExperts";
-  static constexpr bool kPackable = std::is_same_v<S, float>;
-
-  // Expert e's `(rows, stack.cols())` block of a stacked weight matrix.
-  static Eigen::Map<const RowMatrix<S>> weights_block(const RowMatrix<S>& stack, Index e,
-                                                      Index rows) {
-    MOET_ASSERT(e >= 0 && (e + 1) * rows <= stack.rows(), "expert id out of range");
-    return Eigen::Map<const RowMatrix<S>>(stack.data() + e * rows * stack.cols(), rows,
-                                          stack.cols());
-  }
-  static Eigen::Map<RowMatrix<S>> weights_block(RowMatrix<S>& stack, Index e, Index rows) {
-    MOET_ASSERT(e >= 0 && (e + 1) * rows <= stack.rows(), "expert id out of range");
-    return Eigen::Map<RowMatrix<S>>(stack.data() + e * rows * stack.cols(), rows, stack.cols());
-  }
   // Row e of a stacked bias matrix.
   template <class Map, class M>
   static Map bias_row(M& stack, Index e) {
@@ -400,30 +338,16 @@ class FfnExperts {
       for (Index j = 0; j < h.cols(); ++j) h(r, j) = Act::template apply<S>(cache(r, j));
     }
   }
-  // Packed copies for the float kernels, one per expert (empty for double banks or without
-  // pack_weights): W1 (model_dim, hidden_dim), W2 (hidden_dim, model_dim).
+  // One expert's packed copies for the float kernels: W1 (model_dim, hidden_dim), W2
+  // (hidden_dim, model_dim).
   template <class W>
-  struct PackedBank {
-    std::vector<detail::PackedMatrix<W>> w1;
-    std::vector<detail::PackedMatrix<W>> w2;
+  struct PackedExpert {
+    detail::PackedMatrix<W> w1;
+    detail::PackedMatrix<W> w2;
   };
-  template <class W>
-  void repack(PackedBank<W>& packed) const {
-    const auto num = static_cast<std::size_t>(num_experts());
-    packed.w1.resize(num);
-    packed.w2.resize(num);
-    for (Index e = 0; e < num_experts(); ++e) {
-      packed.w1[static_cast<std::size_t>(e)].pack(weights_block(w1_, e, model_dim()));
-      packed.w2[static_cast<std::size_t>(e)].pack(weights_block(w2_, e, hidden_dim()));
-    }
-  }
-  // Only the one of options_.weight_format is filled (neither for double banks or without
-  // pack_weights).
-  PackedBank<float> packed_f32_;
-  PackedBank<detail::Bf16> packed_bf16_;
-  // False after any non-const weight access until parameters_changed(). Members that hand out
-  // the stacks for writing (parameter visitors) must clear it too.
-  bool packed_current_ = false;
+  // Stale after any non-const weight access until parameters_changed(). Members that hand out
+  // the stacks for writing (parameter visitors) must mark it stale too.
+  detail::PackedCopies<S, PackedExpert> packed_;
 };
 
 /// ReLU FFN experts (the original Transformer / Switch FFN).

@@ -3,13 +3,12 @@
 /// `GluExperts`: a bank of gated-linear-unit feed-forward experts (SwiGLU, GeGLU), the expert of
 /// ALGORITHMS.md section 0.
 
-#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 #include <utility>
-#include <vector>
 
 #include "moet/detail/buffer.hpp"
+#include "moet/detail/expert_bank.hpp"
 #include "moet/detail/gather_scatter.hpp"
 #include "moet/detail/gemm.hpp"
 #include "moet/detail/rng.hpp"
@@ -107,12 +106,9 @@ class GluExperts {
   /// Builds the bank and initialises its weights. Throws `moet::Error` unless `model_dim`,
   /// `hidden_dim` and `num_experts` are >= 1, and for `WeightFormat::kBf16` on a double bank
   /// or without `pack_weights`.
-  explicit GluExperts(const Options& options) : options_(options) {
-    detail::require(
-        options_.model_dim >= 1 && options_.hidden_dim >= 1 && options_.num_experts >= 1, kOp,
-        "model_dim, hidden_dim and num_experts must be >= 1, got (", options_.model_dim, ", ",
-        options_.hidden_dim, ", ", options_.num_experts, ")");
-    detail::require_weight_format<S>(kOp, options_.weight_format, options_.pack_weights);
+  explicit GluExperts(const Options& options)
+      : options_(options), packed_(options.pack_weights, options.weight_format) {
+    detail::require_bank_options<S>(kOp, options_);
     const Index d = options_.model_dim;
     const Index f = options_.hidden_dim;
     const Index n = options_.num_experts;
@@ -129,20 +125,16 @@ class GluExperts {
   /// packed kernels again (see the class comment). Call after writing weights in place; the
   /// optimisers do. A no-op for double banks and with `pack_weights = false`.
   void parameters_changed() {
-    if constexpr (kPackable) {
-      if (!options_.pack_weights) return;
-      if (options_.weight_format == WeightFormat::kBf16) {
-        repack(packed_bf16_);
-      } else {
-        repack(packed_f32_);
-      }
-      packed_current_ = true;
-    }
+    packed_.rebuild(num_experts(), [&](auto& packed, Index e) {
+      packed.gate_up.pack(detail::expert_block(gate_, e, model_dim()),
+                          detail::expert_block(up_, e, model_dim()));
+      packed.down.pack(detail::expert_block(down_, e, hidden_dim()));
+    });
   }
 
   /// True when `forward` runs the packed kernels: a float bank with `pack_weights` whose packed
   /// copy is current (no non-const weight accessor called since the last `parameters_changed()`).
-  bool uses_packed_kernels() const { return packed_current_; }
+  bool uses_packed_kernels() const { return packed_.current(); }
 
   /// Experts in the bank.
   Index num_experts() const { return options_.num_experts; }
@@ -162,60 +154,45 @@ class GluExperts {
 
   /// Expert `e`'s gate weights `Wg_e` `(model_dim, hidden_dim)`, a view into the stack.
   Eigen::Map<const RowMatrix<S>> gate_weights(Index e) const {
-    return block(gate_, e, model_dim());
+    return detail::expert_block(gate_, e, model_dim());
   }
   /// (Non-const: marks the packed copy stale, see the class comment.)
   Eigen::Map<RowMatrix<S>> gate_weights(Index e) {
-    packed_current_ = false;
-    return block(gate_, e, model_dim());
+    return detail::expert_block(packed_.mark_stale(gate_), e, model_dim());
   }
   /// Expert `e`'s up weights `Wu_e` `(model_dim, hidden_dim)`.
-  Eigen::Map<const RowMatrix<S>> up_weights(Index e) const { return block(up_, e, model_dim()); }
+  Eigen::Map<const RowMatrix<S>> up_weights(Index e) const {
+    return detail::expert_block(up_, e, model_dim());
+  }
   Eigen::Map<RowMatrix<S>> up_weights(Index e) {
-    packed_current_ = false;
-    return block(up_, e, model_dim());
+    return detail::expert_block(packed_.mark_stale(up_), e, model_dim());
   }
   /// Expert `e`'s down weights `Wd_e` `(hidden_dim, model_dim)`.
   Eigen::Map<const RowMatrix<S>> down_weights(Index e) const {
-    return block(down_, e, hidden_dim());
+    return detail::expert_block(down_, e, hidden_dim());
   }
   Eigen::Map<RowMatrix<S>> down_weights(Index e) {
-    packed_current_ = false;
-    return block(down_, e, hidden_dim());
+    return detail::expert_block(packed_.mark_stale(down_), e, hidden_dim());
   }
 
   /// The stacked gate weights `(num_experts * model_dim, hidden_dim)`. The non-const
   /// accessors let training update the weights in place (keep the shapes); they mark the
   /// packed copy stale until `parameters_changed()`.
   const RowMatrix<S>& gate_stack() const { return gate_; }
-  RowMatrix<S>& gate_stack() {
-    packed_current_ = false;
-    return gate_;
-  }
+  RowMatrix<S>& gate_stack() { return packed_.mark_stale(gate_); }
   /// The stacked up weights `(num_experts * model_dim, hidden_dim)`.
   const RowMatrix<S>& up_stack() const { return up_; }
-  RowMatrix<S>& up_stack() {
-    packed_current_ = false;
-    return up_;
-  }
+  RowMatrix<S>& up_stack() { return packed_.mark_stale(up_); }
   /// The stacked down weights `(num_experts * hidden_dim, model_dim)`.
   const RowMatrix<S>& down_stack() const { return down_; }
-  RowMatrix<S>& down_stack() {
-    packed_current_ = false;
-    return down_;
-  }
+  RowMatrix<S>& down_stack() { return packed_.mark_stale(down_); }
 
   /// Grows `scratch` for blocks of up to `max_rows` rows, so that `forward` on such blocks
   /// does not allocate. Optional: `forward` grows the scratch itself when needed.
   void reserve(Scratch& scratch, Index max_rows) const {
     detail::reserve_aligned(scratch.gate, max_rows, hidden_dim());
     detail::reserve_aligned(scratch.up, max_rows, hidden_dim());
-    if constexpr (kPackable) {
-      if (options_.pack_weights) {
-        detail::reserve_packed_scratch(scratch.kernel, max_rows,
-                                       std::max(model_dim(), hidden_dim()));
-      }
-    }
+    packed_.reserve(scratch.kernel, max_rows, model_dim(), hidden_dim());
   }
 
   /// Writes expert `e` applied to every row of `in` `(n, model_dim)` into `out`
@@ -227,22 +204,12 @@ class GluExperts {
                 "GluExperts::forward shape mismatch");
     const Index n = in.rows();
     if (n == 0) return;
-    if constexpr (kPackable) {
-      if (packed_current_) {
-        const auto run = [&](const auto& packed) {
-          const auto slot = static_cast<std::size_t>(e);
-          auto h = detail::aligned_matrix(scratch.gate, n, hidden_dim());  // (n, hidden_dim)
-          detail::glu_packed<Act>(in, packed.gate_up[slot], h, scratch.kernel);
-          detail::gemm_packed(h, packed.down[slot], out, /*accumulate=*/false, scratch.kernel);
-        };
-        if (options_.weight_format == WeightFormat::kBf16) {
-          run(packed_bf16_);
-        } else {
-          run(packed_f32_);
-        }
-        return;
-      }
-    }
+    const bool packed = packed_.run(e, [&](const auto& p) {
+      auto h = detail::aligned_matrix(scratch.gate, n, hidden_dim());  // (n, hidden_dim)
+      detail::glu_packed<Act>(in, p.gate_up, h, scratch.kernel);
+      detail::gemm_packed(h, p.down, out, /*accumulate=*/false, scratch.kernel);
+    });
+    if (packed) return;
     auto g = detail::aligned_matrix(scratch.gate, n, hidden_dim());  // (n, hidden_dim)
     auto u = detail::aligned_matrix(scratch.up, n, hidden_dim());    // (n, hidden_dim)
     g.noalias() = in * gate_weights(e);
@@ -306,9 +273,10 @@ class GluExperts {
       // SiLU: one vectorised sigmoid pass, kept in `a`; h, Act(g) and Act'(g) follow from it.
       const auto g = cache.leftCols(f).array();
       const auto u = cache.rightCols(f).array();
-      a.array() = (S(1) + (-g).exp()).inverse();                  // s = sigmoid(g)
-      b.array() = a.array() * (g * u);                            // h = s g u, as forward_train
-      block(down_grad_, e, f).noalias() += b.transpose() * dout;  // (hidden_dim, model_dim)
+      a.array() = (S(1) + (-g).exp()).inverse();  // s = sigmoid(g)
+      b.array() = a.array() * (g * u);            // h = s g u, as forward_train
+      // dWd_e (hidden_dim, model_dim)
+      detail::expert_block(down_grad_, e, f).noalias() += b.transpose() * dout;
       b.noalias() = dout * std::as_const(*this).down_weights(e).transpose();  // dh
       for (Index r = 0; r < n; ++r) {
         for (Index j = 0; j < f; ++j) {
@@ -321,7 +289,8 @@ class GluExperts {
       }
     } else {
       glu_hidden(cache, a);
-      block(down_grad_, e, f).noalias() += a.transpose() * dout;  // (hidden_dim, model_dim)
+      // dWd_e (hidden_dim, model_dim)
+      detail::expert_block(down_grad_, e, f).noalias() += a.transpose() * dout;
       b.noalias() = dout * std::as_const(*this).down_weights(e).transpose();  // dh
       for (Index r = 0; r < n; ++r) {
         for (Index j = 0; j < f; ++j) {
@@ -336,8 +305,9 @@ class GluExperts {
         }
       }
     }
-    block(gate_grad_, e, model_dim()).noalias() += in.transpose() * a;  // (model_dim, hidden_dim)
-    block(up_grad_, e, model_dim()).noalias() += in.transpose() * b;    // (model_dim, hidden_dim)
+    // dWg_e and dWu_e, (model_dim, hidden_dim) each
+    detail::expert_block(gate_grad_, e, model_dim()).noalias() += in.transpose() * a;
+    detail::expert_block(up_grad_, e, model_dim()).noalias() += in.transpose() * b;
     din.noalias() = a * std::as_const(*this).gate_weights(e).transpose();
     din.noalias() += b * std::as_const(*this).up_weights(e).transpose();
   }
@@ -352,11 +322,9 @@ class GluExperts {
 
   /// Allocates the gradients (zero) if they are not yet; a no-op afterwards.
   void ensure_grad() {
-    if (gate_grad_.rows() != gate_.rows())
-      gate_grad_ = RowMatrix<S>::Zero(gate_.rows(), gate_.cols());
-    if (up_grad_.rows() != up_.rows()) up_grad_ = RowMatrix<S>::Zero(up_.rows(), up_.cols());
-    if (down_grad_.rows() != down_.rows())
-      down_grad_ = RowMatrix<S>::Zero(down_.rows(), down_.cols());
+    detail::ensure_grad_like(gate_grad_, gate_);
+    detail::ensure_grad_like(up_grad_, up_);
+    detail::ensure_grad_like(down_grad_, down_);
   }
 
   /// Calls `f(name, value, grad)` for the stacked weights, in this order: `gate`
@@ -367,13 +335,10 @@ class GluExperts {
   template <class F>
   void visit_parameters(F&& f) {
     ensure_grad();
-    packed_current_ = false;  // the visitor may write the stacks: parameters_changed() repacks
-    f("gate", ParamMap<S>(gate_.data(), gate_.rows(), gate_.cols()),
-      ParamMap<S>(gate_grad_.data(), gate_grad_.rows(), gate_grad_.cols()));
-    f("up", ParamMap<S>(up_.data(), up_.rows(), up_.cols()),
-      ParamMap<S>(up_grad_.data(), up_grad_.rows(), up_grad_.cols()));
-    f("down", ParamMap<S>(down_.data(), down_.rows(), down_.cols()),
-      ParamMap<S>(down_grad_.data(), down_grad_.rows(), down_grad_.cols()));
+    packed_.mark_stale();  // the visitor may write the stacks: parameters_changed() repacks
+    detail::visit_stack(f, "gate", gate_, gate_grad_);
+    detail::visit_stack(f, "up", up_, up_grad_);
+    detail::visit_stack(f, "down", down_, down_grad_);
   }
 
   /// The accumulated gradients, shaped like the stacks (empty before the first `zero_grad`,
@@ -384,18 +349,6 @@ class GluExperts {
 
  private:
   static constexpr const char* kOp = "GluExperts";
-  static constexpr bool kPackable = std::is_same_v<S, float>;
-
-  // Expert e's `(rows, stack.cols())` block of a stacked weight matrix.
-  static Eigen::Map<const RowMatrix<S>> block(const RowMatrix<S>& stack, Index e, Index rows) {
-    MOET_ASSERT(e >= 0 && (e + 1) * rows <= stack.rows(), "expert id out of range");
-    return Eigen::Map<const RowMatrix<S>>(stack.data() + e * rows * stack.cols(), rows,
-                                          stack.cols());
-  }
-  static Eigen::Map<RowMatrix<S>> block(RowMatrix<S>& stack, Index e, Index rows) {
-    MOET_ASSERT(e >= 0 && (e + 1) * rows <= stack.rows(), "expert id out of range");
-    return Eigen::Map<RowMatrix<S>>(stack.data() + e * rows * stack.cols(), rows, stack.cols());
-  }
 
   Options options_;
   RowMatrix<S> gate_;  // (num_experts * model_dim, hidden_dim)
@@ -422,31 +375,16 @@ class GluExperts {
       for (Index j = 0; j < f; ++j) h(r, j) = Act::template apply<S>(cache(r, j)) * cache(r, f + j);
     }
   }
-  // Packed copies for the kernels, one per expert: gate and up (model_dim, hidden_dim) each,
-  // down (hidden_dim, model_dim).
+  // One expert's packed copies for the kernels: gate and up (model_dim, hidden_dim) each,
+  // interleaved, and down (hidden_dim, model_dim).
   template <class W>
-  struct PackedBank {
-    std::vector<detail::PackedGluMatrix<W>> gate_up;
-    std::vector<detail::PackedMatrix<W>> down;
+  struct PackedExpert {
+    detail::PackedGluMatrix<W> gate_up;
+    detail::PackedMatrix<W> down;
   };
-  template <class W>
-  void repack(PackedBank<W>& packed) const {
-    const auto num = static_cast<std::size_t>(num_experts());
-    packed.gate_up.resize(num);
-    packed.down.resize(num);
-    for (Index e = 0; e < num_experts(); ++e) {
-      packed.gate_up[static_cast<std::size_t>(e)].pack(block(gate_, e, model_dim()),
-                                                       block(up_, e, model_dim()));
-      packed.down[static_cast<std::size_t>(e)].pack(block(down_, e, hidden_dim()));
-    }
-  }
-  // Only the one of options_.weight_format is filled (neither for double banks or without
-  // pack_weights).
-  PackedBank<float> packed_f32_;
-  PackedBank<detail::Bf16> packed_bf16_;
-  // False after any non-const weight access until parameters_changed(). Members that hand out
-  // the stacks for writing (parameter visitors) must clear it too.
-  bool packed_current_ = false;
+  // Stale after any non-const weight access until parameters_changed(). Members that hand out
+  // the stacks for writing (parameter visitors) must mark it stale too.
+  detail::PackedCopies<S, PackedExpert> packed_;
 };
 
 /// SwiGLU experts: `GluExperts` with the SiLU gate.

@@ -176,9 +176,10 @@ TEST_CASE("Every gate's layer output is bit-identical at 1, 2 and 3 threads and 
       });
 }
 
-TEST_CASE("Workspace buffers start on 64-byte boundaries, so reductions do not depend on where "
-          "the allocator puts them",
-          "[determinism][buffer]") {
+TEST_CASE(
+    "Workspace buffers start on 64-byte boundaries, so reductions do not depend on where "
+    "the allocator puts them",
+    "[determinism][buffer]") {
   // Eigen's vectorised sum peels elements up to the next aligned address: the same values at
   // another alignment can sum in another order. Buffers are always 64-byte aligned, so a
   // reduction over a buffer's view gives the same bits in any allocation history.

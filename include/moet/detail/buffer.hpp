@@ -3,10 +3,11 @@
 /// Grow-only scratch storage: a reused workspace allocates only when a call needs more than
 /// any earlier call did, so a steady stream of same-sized batches never allocates.
 
-#include <Eigen/Core>
 #include <cstddef>
 #include <new>
 #include <vector>
+
+#include <Eigen/Core>
 
 #if defined(__linux__)
 #include <sys/mman.h>

@@ -73,16 +73,8 @@ void BM_ceiling(benchmark::State& state) {
   moet::set_num_threads(saved);
 }
 
-void token_args(benchmark::internal::Benchmark* b) {
-  b->ArgNames({"tokens", "threads"});
-  for (const int threads : {1, 2}) {
-    for (const Index tokens : {1, 32, 512, 4096}) b->Args({tokens, threads});
-  }
-  b->UseRealTime();
-}
-
-BENCHMARK(BM_grouped)->Apply(token_args);
-BENCHMARK(BM_ceiling)->Apply(token_args);
+BENCHMARK(BM_grouped)->Apply(moet::bench::token_args);
+BENCHMARK(BM_ceiling)->Apply(moet::bench::token_args);
 
 }  // namespace
 

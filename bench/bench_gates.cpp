@@ -41,19 +41,7 @@ void BM_route(benchmark::State& state) {
   moet::set_num_threads(saved);
 }
 
-void token_args(benchmark::internal::Benchmark* b) {
-  b->ArgNames({"tokens", "threads"});
-  for (const int threads : {1, 2}) {
-    for (const Index tokens : {1, 32, 512, 4096}) b->Args({tokens, threads});
-  }
-  b->UseRealTime();
-}
-
-BENCHMARK_TEMPLATE(BM_route, moet::TopKGate<float>)->Apply(token_args);
-BENCHMARK_TEMPLATE(BM_route, moet::TopPGate<float>)->Apply(token_args);
-BENCHMARK_TEMPLATE(BM_route, moet::TopAnyGate<float>)->Apply(token_args);
-BENCHMARK_TEMPLATE(BM_route, moet::ImportanceGate<float>)->Apply(token_args);
-BENCHMARK_TEMPLATE(BM_route, moet::StochasticGate<float>)->Apply(token_args);
+MOET_BENCH_EVERY_GATE(BM_route);
 
 }  // namespace
 

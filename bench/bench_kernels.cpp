@@ -8,14 +8,17 @@
 //   down    (n, f) x (f, d)                     moet: gemm_packed
 //   swiglu  silu(x Wg) * (x Wu), (n, f)         moet: glu_packed<Silu> (one fused pass)
 //   expert  swiglu then x (f, d): a whole expert moet: glu_packed + gemm_packed
-// Implementations: moet; eigen (what GluExperts::forward does today: Eigen products and the
-// scalar Silu::apply); openblas (cblas_sgemm, epilogue with moet's vectorised SiLU).
+// Implementations: moet; moet_bf16 (the same kernels on bf16 weights, WeightFormat::kBf16:
+// AVX512-BF16 dot products where compiled for, portable loops otherwise); eigen (what
+// GluExperts::forward does today: Eigen products and the scalar Silu::apply); openblas
+// (cblas_sgemm, epilogue with moet's vectorised SiLU).
 //
 // Counters: GFLOP/s (2 n K N per product; the O(n f) activation is not counted) and wGB/s, the
-// weight bytes read per second (the bound for few rows, where each expert's weights stream from
-// memory once). Every iteration moves to the next of several copies of the expert so that the
-// weights the timed loop cycles through exceed the L3 cache, like an MoE layer cycling through
-// its experts: few-row results measure DRAM streaming, not L3.
+// weight bytes read per second (2 per weight for moet_bf16, 4 otherwise; the bound for few rows,
+// where each expert's weights stream from memory once). Every iteration moves to the next of
+// several copies of the expert so that the weights the timed loop cycles through exceed the L3
+// cache, like an MoE layer cycling through its experts: few-row results measure DRAM streaming, not
+// L3.
 //
 // Run:  env -u OPENBLAS_CORETYPE OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 ./bench_kernels
 #include <algorithm>
@@ -72,6 +75,10 @@ struct ExpertSet {
   std::vector<moet::detail::PackedMatrix<float>> gate_p;    // Wg packed alone (the `up` op)
   std::vector<moet::detail::PackedGluMatrix<float>> glu_p;  // Wg and Wu interleaved
   std::vector<moet::detail::PackedMatrix<float>> down_p;    // Wd packed
+  // The same three, as bf16.
+  std::vector<moet::detail::PackedMatrix<moet::detail::Bf16>> gate_b;
+  std::vector<moet::detail::PackedGluMatrix<moet::detail::Bf16>> glu_b;
+  std::vector<moet::detail::PackedMatrix<moet::detail::Bf16>> down_b;
 };
 
 const ExpertSet& expert_set(int shape_id) {
@@ -96,6 +103,9 @@ const ExpertSet& expert_set(int shape_id) {
     set->gate_p.emplace_back(set->gate.back());
     set->glu_p.emplace_back(set->gate.back(), set->up.back());
     set->down_p.emplace_back(set->down.back());
+    set->gate_b.emplace_back(set->gate.back());
+    set->glu_b.emplace_back(set->gate.back(), set->up.back());
+    set->down_b.emplace_back(set->down.back());
   }
   cached = std::move(set);
   cached_id = shape_id;
@@ -103,7 +113,7 @@ const ExpertSet& expert_set(int shape_id) {
 }
 
 enum class Op { kUp, kDown, kSwiglu, kExpert };
-enum class Impl { kMoet, kEigen, kOpenblas };
+enum class Impl { kMoet, kMoetBf16, kEigen, kOpenblas };
 
 const char* op_name(Op op) {
   switch (op) {
@@ -122,6 +132,8 @@ const char* impl_name(Impl impl) {
   switch (impl) {
     case Impl::kMoet:
       return "moet";
+    case Impl::kMoetBf16:
+      return "moet_bf16";
     case Impl::kEigen:
       return "eigen";
     case Impl::kOpenblas:
@@ -179,6 +191,23 @@ void run_benchmark(benchmark::State& state, Op op, Impl impl, int shape_id, Inde
             break;
         }
         break;
+      case Impl::kMoetBf16:
+        switch (op) {
+          case Op::kUp:
+            moet::detail::gemm_packed(x, set.gate_b[ue], g, false, scratch);
+            break;
+          case Op::kDown:
+            moet::detail::gemm_packed(x, set.down_b[ue], y, false, scratch);
+            break;
+          case Op::kSwiglu:
+            moet::detail::glu_packed(x, set.glu_b[ue], g, scratch);
+            break;
+          case Op::kExpert:
+            moet::detail::glu_packed(x, set.glu_b[ue], g, scratch);
+            moet::detail::gemm_packed(g, set.down_b[ue], y, false, scratch);
+            break;
+        }
+        break;
       case Impl::kEigen:
         switch (op) {
           case Op::kUp:
@@ -231,12 +260,16 @@ void run_benchmark(benchmark::State& state, Op op, Impl impl, int shape_id, Inde
 
   const double products = op == Op::kUp || op == Op::kDown ? 1.0 : op == Op::kSwiglu ? 2.0 : 3.0;
   const double flops = 2.0 * static_cast<double>(n * d * f) * products;
-  const double weight_bytes = static_cast<double>(d * f) * sizeof(float) * products;
+  const double bytes_per_weight = impl == Impl::kMoetBf16 ? 2.0 : 4.0;
+  const double weight_bytes = static_cast<double>(d * f) * bytes_per_weight * products;
   const auto iters = static_cast<double>(state.iterations());
   state.counters["GFLOP/s"] = benchmark::Counter(flops * iters / 1e9, benchmark::Counter::kIsRate);
   state.counters["wGB/s"] =
       benchmark::Counter(weight_bytes * iters / 1e9, benchmark::Counter::kIsRate);
-  state.SetLabel(impl == Impl::kMoet ? moet::detail::kSimdName : "");
+  state.SetLabel(impl == Impl::kMoet ? moet::detail::kSimdName
+                 : impl == Impl::kMoetBf16
+                     ? (moet::detail::kHasBf16Simd ? "avx512bf16" : "portable")
+                     : "");
 }
 
 }  // namespace
@@ -245,9 +278,9 @@ int main(int argc, char** argv) {
   Eigen::setNbThreads(1);
 #if defined(MOET_BENCH_OPENBLAS)
   openblas_set_num_threads(1);
-  const Impl impls[] = {Impl::kMoet, Impl::kEigen, Impl::kOpenblas};
+  const Impl impls[] = {Impl::kMoet, Impl::kMoetBf16, Impl::kEigen, Impl::kOpenblas};
 #else
-  const Impl impls[] = {Impl::kMoet, Impl::kEigen};
+  const Impl impls[] = {Impl::kMoet, Impl::kMoetBf16, Impl::kEigen};
 #endif
   for (int s = 0; s < 3; ++s) {
     for (const Op op : {Op::kUp, Op::kDown, Op::kSwiglu, Op::kExpert}) {

@@ -54,19 +54,7 @@ void BM_layer(benchmark::State& state) {
   moet::set_num_threads(saved);
 }
 
-void token_args(benchmark::internal::Benchmark* b) {
-  b->ArgNames({"tokens", "threads"});
-  for (const int threads : {1, 2}) {
-    for (const Index tokens : {1, 32, 512, 4096}) b->Args({tokens, threads});
-  }
-  b->UseRealTime();
-}
-
-BENCHMARK_TEMPLATE(BM_layer, moet::TopKGate<float>)->Apply(token_args);
-BENCHMARK_TEMPLATE(BM_layer, moet::TopPGate<float>)->Apply(token_args);
-BENCHMARK_TEMPLATE(BM_layer, moet::TopAnyGate<float>)->Apply(token_args);
-BENCHMARK_TEMPLATE(BM_layer, moet::ImportanceGate<float>)->Apply(token_args);
-BENCHMARK_TEMPLATE(BM_layer, moet::StochasticGate<float>)->Apply(token_args);
+MOET_BENCH_EVERY_GATE(BM_layer);
 
 }  // namespace
 

@@ -1,7 +1,7 @@
 #pragma once
 /// \file bench/bench_common.hpp
-/// Shared pieces of the Google Benchmark suites bench_gates, bench_dispatch and bench_layer:
-/// the shapes, seeded inputs, one gate factory per gate type (the defaults of
+/// Shared pieces of the Google Benchmark suites bench_gates, bench_dispatch and bench_layer and of
+/// moet-compare: the shapes, seeded inputs, one gate factory per gate type (the defaults of
 /// moet-compare), cached expert banks, and the OpenBLAS per-expert ceiling. Not part of the
 /// library.
 ///
@@ -16,8 +16,6 @@
 #include <string>
 #include <vector>
 
-#include <benchmark/benchmark.h>
-
 #include "moet/detail/parallel.hpp"
 #include <moet/moet.hpp>
 
@@ -26,23 +24,6 @@
 #endif
 
 namespace moet::bench {
-
-/// The suites' arguments: tokens T = 1, 32, 512, 4096 at 1 and 2 threads, wall-clock time.
-inline void token_args(benchmark::internal::Benchmark* b) {
-  b->ArgNames({"tokens", "threads"});
-  for (const int threads : {1, 2}) {
-    for (const Index tokens : {1, 32, 512, 4096}) b->Args({tokens, threads});
-  }
-  b->UseRealTime();
-}
-
-/// Registers the benchmark template `fn<Gate>` for every float gate with `token_args`.
-#define MOET_BENCH_EVERY_GATE(fn)                                                      \
-  BENCHMARK_TEMPLATE(fn, moet::TopKGate<float>)->Apply(moet::bench::token_args);       \
-  BENCHMARK_TEMPLATE(fn, moet::TopPGate<float>)->Apply(moet::bench::token_args);       \
-  BENCHMARK_TEMPLATE(fn, moet::TopAnyGate<float>)->Apply(moet::bench::token_args);     \
-  BENCHMARK_TEMPLATE(fn, moet::ImportanceGate<float>)->Apply(moet::bench::token_args); \
-  BENCHMARK_TEMPLATE(fn, moet::StochasticGate<float>)->Apply(moet::bench::token_args)
 
 /// An MoE shape (SwiGLU experts).
 struct Shape {

@@ -9,7 +9,7 @@
 // threads. Compare BM_grouped and BM_ceiling rows with the same tokens and threads.
 #include <benchmark/benchmark.h>
 
-#include "bench_common.hpp"
+#include "bench_suite.hpp"
 
 namespace {
 

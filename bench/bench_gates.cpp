@@ -7,7 +7,7 @@
 // Counters: tokens/s, mean_k (experts per token the gate chose), threads.
 #include <benchmark/benchmark.h>
 
-#include "bench_common.hpp"
+#include "bench_suite.hpp"
 
 namespace {
 

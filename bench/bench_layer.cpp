@@ -8,7 +8,7 @@
 // purpose, read it next to mean_k), mean_k, max_load (max/mean), threads.
 #include <benchmark/benchmark.h>
 
-#include "bench_common.hpp"
+#include "bench_suite.hpp"
 
 namespace {
 

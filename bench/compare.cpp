@@ -51,11 +51,8 @@
 #include "moet/detail/simd.hpp"
 #include <moet/moet.hpp>
 
+#include "bench_common.hpp"
 #include "svg.hpp"
-
-#if defined(MOET_BENCH_OPENBLAS)
-#include <cblas.h>
-#endif
 
 namespace {
 
@@ -376,52 +373,20 @@ struct Ceiling {
 /// single-threaded sgemm per expert, experts in parallel (see the file comment).
 Ceiling measure_ceiling(const Bank& bank, Index tokens, const Config& c, Memory& memory) {
   Ceiling out;
-#if defined(MOET_BENCH_OPENBLAS)
-  openblas_set_num_threads(1);
-  const Index d = bank.model_dim(), f = bank.hidden_dim(), num = bank.num_experts();
+  if (!moet::bench::Ceiling::available()) return out;
   const Index rows = 2 * tokens;
-  std::vector<Index> first(static_cast<std::size_t>(num + 1), 0);
-  for (Index e = 0; e < num; ++e) {
-    first[static_cast<std::size_t>(e + 1)] =
-        first[static_cast<std::size_t>(e)] + rows / num + (e < rows % num ? 1 : 0);
-  }
-  std::vector<Index> busy;
-  for (Index e = 0; e < num; ++e) {
-    if (first[static_cast<std::size_t>(e + 1)] > first[static_cast<std::size_t>(e)]) {
-      busy.push_back(e);
-    }
-  }
-  moet::RowMatrix<Scalar> x = moet::RowMatrix<Scalar>::Random(rows, d);  // (2T, d)
-  moet::RowMatrix<Scalar> g(rows, f), u(rows, f), y(rows, d);
-  auto run = [&] {
-    moet::detail::parallel_for(static_cast<Index>(busy.size()), [&](Index i) {
-      const Index e = busy[static_cast<std::size_t>(i)];
-      const Index r0 = first[static_cast<std::size_t>(e)];
-      const auto n = static_cast<int>(first[static_cast<std::size_t>(e + 1)] - r0);
-      const int di = static_cast<int>(d), fi = static_cast<int>(f);
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, fi, di, 1.0f, x.row(r0).data(), di,
-                  bank.gate_weights(e).data(), fi, 0.0f, g.row(r0).data(), fi);
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, fi, di, 1.0f, x.row(r0).data(), di,
-                  bank.up_weights(e).data(), fi, 0.0f, u.row(r0).data(), fi);
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, di, fi, 1.0f, g.row(r0).data(), fi,
-                  bank.down_weights(e).data(), di, 0.0f, y.row(r0).data(), di);
-    });
-  };
-  run();  // warm-up
+  moet::bench::Ceiling ceiling(bank, rows);
+  ceiling.run();  // warm-up
   std::vector<double> ms;
   for (int r = 0; r < c.repeat; ++r) {
     if (c.flush) memory.flush();
     const double t0 = now_ms();
-    run();
+    ceiling.run();
     ms.push_back(now_ms() - t0);
   }
   out.available = true;
   out.ms_median = median(ms);
   out.gflops = static_cast<double>(rows) * bank.flops_per_token() / (out.ms_median * 1e-3) * 1e-9;
-#else
-  static_cast<void>(bank), static_cast<void>(tokens), static_cast<void>(c),
-      static_cast<void>(memory);
-#endif
   return out;
 }
 

@@ -212,10 +212,7 @@ class PackedMatrix {
   /// Packs `b` `(K, N)` (any row-major view, e.g. a block with an outer stride), replacing the
   /// previous contents.
   void pack(const ConstRows<float>& b) {
-    rows_ = b.rows();
-    cols_ = b.cols();
-    num_panels_ = (cols_ + kPanelWidth - 1) / kPanelWidth;
-    data_.assign(static_cast<std::size_t>(num_panels_ * panel_stride()), W{});
+    reset(b.rows(), b.cols());
     for (Index p = 0; p < num_panels_; ++p) {
       const Index j0 = p * kPanelWidth;
       const Index width = std::min<Index>(kPanelWidth, cols_ - j0);
@@ -226,6 +223,18 @@ class PackedMatrix {
       }
     }
   }
+
+  /// Shapes the storage for a `(K, N)` matrix, every element zero (the reused storage is not
+  /// released).
+  void reset(Index k, Index n) {
+    rows_ = k;
+    cols_ = n;
+    num_panels_ = (cols_ + kPanelWidth - 1) / kPanelWidth;
+    data_.assign(static_cast<std::size_t>(num_panels_ * panel_stride()), W{});
+  }
+
+  /// Bytes of packed storage (padding included).
+  std::size_t bytes() const { return data_.size() * sizeof(W); }
 
   /// Rows `K` of the packed matrix.
   Index rows() const { return rows_; }
@@ -282,24 +291,27 @@ class PackedGluMatrix {
     require(gate.rows() == up.rows() && gate.cols() == up.cols(), "PackedGluMatrix",
             "gate and up weights must have the same shape, got (", gate.rows(), ", ", gate.cols(),
             ") and (", up.rows(), ", ", up.cols(), ")");
-    rows_ = gate.rows();
-    cols_ = gate.cols();
+    reset(gate.rows(), gate.cols());
+    pack_gate(gate);
+    pack_up(up);
+  }
+
+  /// Shapes the storage for `(K, F)` gate and up weights, every element zero.
+  void reset(Index k, Index f) {
+    rows_ = k;
+    cols_ = f;
     num_panels_ = (cols_ + kHalf - 1) / kHalf;
     data_.assign(static_cast<std::size_t>(num_panels_ * panel_stride()), W{});
-    for (Index p = 0; p < num_panels_; ++p) {
-      const Index j0 = p * kHalf;
-      const Index width = std::min<Index>(kHalf, cols_ - j0);
-      W* panel = data_.data() + p * panel_stride();
-      for (Index k = 0; k < rows_; ++k) {
-        const float* g = gate.data() + k * gate.outerStride() + j0;
-        const float* u = up.data() + k * up.outerStride() + j0;
-        for (Index c = 0; c < width; ++c) {
-          panel[panel_offset<W>(k, c)] = to_packed<W>(g[c]);
-          panel[panel_offset<W>(k, kHalf + c)] = to_packed<W>(u[c]);
-        }
-      }
-    }
   }
+
+  /// Packs the gate weights `gate` `(K, F)` alone, leaving the up weights as they are (the
+  /// shape must be the one of the last `reset` or `pack`; throws `moet::Error` otherwise).
+  void pack_gate(const ConstRows<float>& gate) { pack_half(gate, 0, "gate"); }
+  /// Packs the up weights `up` `(K, F)` alone (as `pack_gate`).
+  void pack_up(const ConstRows<float>& up) { pack_half(up, kHalf, "up"); }
+
+  /// Bytes of packed storage (padding included).
+  std::size_t bytes() const { return data_.size() * sizeof(W); }
 
   /// Rows `K` (the model dimension of an expert).
   Index rows() const { return rows_; }
@@ -313,6 +325,22 @@ class PackedGluMatrix {
   const W* data() const { return data_.data(); }
 
  private:
+  // Writes `src` (K, F) into the lanes [lane0, lane0 + kHalf) of every panel.
+  void pack_half(const ConstRows<float>& src, Index lane0, const char* which) {
+    require(src.rows() == rows_ && src.cols() == cols_, "PackedGluMatrix", which,
+            " weights must be (", rows_, ", ", cols_, "), got (", src.rows(), ", ", src.cols(),
+            ")");
+    for (Index p = 0; p < num_panels_; ++p) {
+      const Index j0 = p * kHalf;
+      const Index width = std::min<Index>(kHalf, cols_ - j0);
+      W* panel = data_.data() + p * panel_stride();
+      for (Index k = 0; k < rows_; ++k) {
+        const float* s = src.data() + k * src.outerStride() + j0;
+        for (Index c = 0; c < width; ++c) panel[panel_offset<W>(k, lane0 + c)] = to_packed<W>(s[c]);
+      }
+    }
+  }
+
   Index rows_ = 0;
   Index cols_ = 0;
   Index num_panels_ = 0;

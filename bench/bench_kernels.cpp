@@ -37,7 +37,7 @@
 
 #include "moet/detail/buffer.hpp"
 #include "moet/detail/gemm.hpp"
-#include "moet/detail/simd.hpp"
+#include "moet/kernel_isa.hpp"
 #include "moet/experts/activations.hpp"
 #include "moet/tensor.hpp"
 
@@ -266,9 +266,8 @@ void run_benchmark(benchmark::State& state, Op op, Impl impl, int shape_id, Inde
   state.counters["GFLOP/s"] = benchmark::Counter(flops * iters / 1e9, benchmark::Counter::kIsRate);
   state.counters["wGB/s"] =
       benchmark::Counter(weight_bytes * iters / 1e9, benchmark::Counter::kIsRate);
-  state.SetLabel(impl == Impl::kMoet ? moet::detail::kSimdName
-                 : impl == Impl::kMoetBf16
-                     ? (moet::detail::kHasBf16Simd ? "avx512bf16" : "portable")
+  state.SetLabel(impl == Impl::kMoet || impl == Impl::kMoetBf16
+                     ? moet::kernel_isa_name(moet::kernel_isa())
                      : "");
 }
 
@@ -297,7 +296,7 @@ int main(int argc, char** argv) {
   }
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  benchmark::AddCustomContext("moet_kernels", moet::detail::kSimdName);
+  benchmark::AddCustomContext("moet_kernels", moet::kernel_isa_name(moet::kernel_isa()));
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
   return 0;

@@ -35,6 +35,10 @@
 // cluster centres with Zipf(1.2) cluster frequencies: the linear routers send each cluster to
 // the same few experts, so loads are skewed) and trained (Zipf(0.6), weaker centres: a milder,
 // realistic spread). Same seed, same batch for every gate.
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -48,7 +52,6 @@
 #include <vector>
 
 #include "moet/detail/parallel.hpp"
-#include "moet/detail/simd.hpp"
 #include <moet/moet.hpp>
 
 #include "bench_common.hpp"
@@ -294,11 +297,55 @@ struct Memory {
   }
 };
 
-/// FMA peak in GFLOP/s with `threads` threads: independent FMA chains on the kernels' vector
-/// registers (0 on portable builds).
+#if defined(__x86_64__) || defined(__i386__)
+/// `kChains` independent FMA chains of `iters` steps on 8-float (AVX2) registers; returns a
+/// value that depends on every chain (so none is optimised away).
+__attribute__((target("avx2,fma"))) float fma_chains_avx2(long iters) {
+  constexpr int kChains = 12;
+  __m256 acc[kChains];
+#pragma GCC unroll 12
+  for (int i = 0; i < kChains; ++i) acc[i] = _mm256_set1_ps(static_cast<float>(i) * 1e-3f);
+  const __m256 a = _mm256_set1_ps(0.999999f);
+  const __m256 b = _mm256_set1_ps(1e-7f);
+  for (long it = 0; it < iters; ++it) {
+#pragma GCC unroll 12
+    for (int i = 0; i < kChains; ++i) acc[i] = _mm256_fmadd_ps(acc[i], a, b);
+  }
+  alignas(64) float out[8];
+  __m256 sum = acc[0];
+#pragma GCC unroll 12
+  for (int i = 1; i < kChains; ++i) sum = _mm256_add_ps(sum, acc[i]);
+  _mm256_store_ps(out, sum);
+  return out[0];
+}
+/// The same on 16-float (AVX-512) registers.
+__attribute__((target("avx512f,fma"))) float fma_chains_avx512(long iters) {
+  constexpr int kChains = 12;
+  __m512 acc[kChains];
+#pragma GCC unroll 12
+  for (int i = 0; i < kChains; ++i) acc[i] = _mm512_set1_ps(static_cast<float>(i) * 1e-3f);
+  const __m512 a = _mm512_set1_ps(0.999999f);
+  const __m512 b = _mm512_set1_ps(1e-7f);
+  for (long it = 0; it < iters; ++it) {
+#pragma GCC unroll 12
+    for (int i = 0; i < kChains; ++i) acc[i] = _mm512_fmadd_ps(acc[i], a, b);
+  }
+  alignas(64) float out[16];
+  __m512 sum = acc[0];
+#pragma GCC unroll 12
+  for (int i = 1; i < kChains; ++i) sum = _mm512_add_ps(sum, acc[i]);
+  _mm512_store_ps(out, sum);
+  return out[0];
+}
+#endif
+
+/// FMA peak in GFLOP/s with `threads` threads: 12 independent FMA chains on the vector
+/// registers of the kernel level in use (`moet::kernel_isa()`; 0 on the portable level).
 double fma_peak_gflops(int threads) {
-#if MOET_SIMD_AVX512 || MOET_SIMD_AVX2
-  using V = moet::detail::NativeVec;
+#if defined(__x86_64__) || defined(__i386__)
+  const moet::KernelIsa isa = moet::kernel_isa();
+  if (isa == moet::KernelIsa::kPortable) return 0.0;
+  const bool wide = isa >= moet::KernelIsa::kAvx512;
   constexpr int kChains = 12;
   constexpr long kIters = 4'000'000;
   std::vector<float> sinks(static_cast<std::size_t>(threads) * 64, 0.0f);
@@ -306,23 +353,13 @@ double fma_peak_gflops(int threads) {
   for (int r = 0; r < 3; ++r) {
     const double t0 = now_ms();
     moet::detail::parallel_for(threads, [&](Index task) {
-      // Registers indexed by constants only (static_for), so that they stay in registers.
-      typename V::Reg acc[kChains];
-      moet::detail::static_for<kChains>(
-          [&](auto i) { acc[i] = V::set1(static_cast<float>(i.value) * 1e-3f); });
-      const typename V::Reg a = V::set1(0.999999f);
-      const typename V::Reg b = V::set1(1e-7f);
-      for (long i = 0; i < kIters; ++i) {
-        moet::detail::static_for<kChains>([&](auto j) { acc[j] = V::fma(acc[j], a, b); });
-      }
-      moet::detail::static_for<kChains - 1>([&](auto j) { acc[0] = V::add(acc[0], acc[j + 1]); });
-      alignas(64) float out[V::kWidth];
-      V::store(out, acc[0]);
-      sinks[static_cast<std::size_t>(task) * 64] = out[0];
+      sinks[static_cast<std::size_t>(task) * 64] =
+          wide ? fma_chains_avx512(kIters) : fma_chains_avx2(kIters);
     });
     best = std::min(best, now_ms() - t0);
   }
-  const double flops = 2.0 * kChains * V::kWidth * static_cast<double>(kIters) * threads;
+  const double width = wide ? 16.0 : 8.0;
+  const double flops = 2.0 * kChains * width * static_cast<double>(kIters) * threads;
   return flops / (best * 1e-3) * 1e-9;
 #else
   static_cast<void>(threads);
@@ -550,7 +587,7 @@ void write_json(const std::string& path, const Config& c, const std::vector<Row>
         << "\", \"tokens\": " << r.tokens << ", \"threads\": " << r.threads
         << ", \"d_model\": " << c.model_dim << ", \"d_ff\": " << c.hidden_dim
         << ", \"experts\": " << c.num_experts << ", \"weights\": \"" << r.weights
-        << "\", \"inputs\": \"" << c.inputs << "\", \"kernels\": \"" << moet::detail::kSimdName
+        << "\", \"inputs\": \"" << c.inputs << "\", \"kernels\": \"" << moet::kernel_isa_name(moet::kernel_isa())
         << "\", \"mean_k\": " << r.mean_k << ", \"active_params\": " << r.active_params
         << ", \"ms_median\": " << r.ms_median << ", \"ms_min\": " << r.ms_min
         << ", \"tokens_per_s\": " << r.tokens_per_s << ", \"gflops\": " << r.gflops
@@ -599,7 +636,7 @@ void write_svg(const std::string& path, const Config& c, const std::vector<Row>&
   char title[256];
   std::snprintf(title, sizeof title, "moet-compare %s (d %ld, ff %ld, E %ld, %s inputs, %s)",
                 c.shape.c_str(), static_cast<long>(c.model_dim), static_cast<long>(c.hidden_dim),
-                static_cast<long>(c.num_experts), c.inputs.c_str(), moet::detail::kSimdName);
+                static_cast<long>(c.num_experts), c.inputs.c_str(), moet::kernel_isa_name(moet::kernel_isa()));
   svg.text(550, 22, title, 15, "middle", "#222", true);
   moet::bench::Plot left(svg, {.x = 80, .y = 60, .width = 420, .height = 360}, {0.0, k_max},
                          {y_lo, y_hi},
@@ -720,8 +757,8 @@ int main(int argc, char** argv) {
       moet::kVersion, c.shape.c_str(), static_cast<long>(c.model_dim),
       static_cast<long>(c.hidden_dim), static_cast<long>(c.num_experts), formats.c_str(),
       c.inputs.c_str(), c.repeat, c.flush ? " (caches flushed)" : "",
-      static_cast<unsigned long long>(c.seed), moet::detail::kSimdName,
-      moet::detail::kHasBf16Simd ? " (bf16: avx512bf16)" : " (bf16: portable loops)");
+      static_cast<unsigned long long>(c.seed), moet::kernel_isa_name(moet::kernel_isa()),
+      moet::kernel_isa() == moet::cpu_kernel_isa() ? "" : " (lowered by MOET_ISA)");
   // One bank per weight format, the same float weights (same seed).
   std::vector<Bank> banks;
   for (const auto& w : c.weights) {

@@ -21,7 +21,7 @@ install(TARGETS moet moet_native EXPORT moetTargets)
 
 install(DIRECTORY "${PROJECT_SOURCE_DIR}/include/"
         DESTINATION "${CMAKE_INSTALL_INCLUDEDIR}"
-        FILES_MATCHING PATTERN "*.hpp")
+        FILES_MATCHING PATTERN "*.hpp" PATTERN "*.inl")
 
 install(EXPORT moetTargets
         NAMESPACE moet::

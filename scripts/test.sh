@@ -3,30 +3,36 @@
 #
 #   bash scripts/test.sh
 #
-# Installs missing build dependencies (Debian/Ubuntu, apt-get) first, then runs four steps and
+# Installs missing build dependencies (Debian/Ubuntu, apt-get) first, then runs these steps and
 # exits non-zero when any of them fails:
 #
-#   1. main   configure build/ci (RelWithDebInfo, warnings as errors), build everything -- tests,
-#             the header self-containment check, examples, benchmarks -- and run ctest: unit
-#             tests, packaging tests (install + find_package / add_subdirectory consumers),
-#             examples and benchmark smoke runs;
-#   2. asan   the unit tests (ctest label `unit`) built by g++ with AddressSanitizer +
-#             UndefinedBehaviorSanitizer (preset `asan`, build/asan); any report fails the run;
-#   3. tsan   the unit tests built by clang++ 14 with ThreadSanitizer against LLVM's libomp,
-#             whose Archer tool tells TSan about OpenMP's synchronisation (preset `tsan`,
-#             build/tsan; g++'s libgomp is not instrumented and gives false reports);
-#   4. fuzz   the libFuzzer targets (preset `fuzz`, build/fuzz), each run for
-#             MOET_FUZZ_SECONDS (default 15) seconds from its seed corpus in tests/fuzz/corpus.
+#   1. main     configure build/ci (RelWithDebInfo, warnings as errors), build everything --
+#               tests, the header self-containment check, examples, benchmarks -- and run ctest:
+#               unit tests, packaging tests (install + find_package / add_subdirectory
+#               consumers), examples and benchmark smoke runs;
+#   2. release  the unit tests (ctest label `unit`) in a plain Release build (-O3, no -march:
+#               what a user gets by default; build/ci-release), run once per kernel level the
+#               CPU has (MOET_ISA=portable, avx2, ...: every level against the naive references);
+#   3. native   the unit tests in a Release build linked with moet::native (-march=native;
+#               build/ci-native);
+#   4. clang    the unit tests built by clang++ in Release (build/ci-clang);
+#   5. asan     the unit tests built by g++ with AddressSanitizer + UndefinedBehaviorSanitizer
+#               (preset `asan`, build/asan); any report fails the run;
+#   6. tsan     the unit tests built by clang++ 14 with ThreadSanitizer against LLVM's libomp,
+#               whose Archer tool tells TSan about OpenMP's synchronisation (preset `tsan`,
+#               build/tsan; g++'s libgomp is not instrumented and gives false reports);
+#   7. fuzz     the libFuzzer targets (preset `fuzz`, build/fuzz), each run for
+#               MOET_FUZZ_SECONDS (default 15) seconds from its seed corpus in tests/fuzz/corpus.
 #
-# Environment: MOET_TEST_STEPS="main asan tsan fuzz" (the default) selects steps, e.g.
-# MOET_TEST_STEPS=main for the quick run. Each step prints its wall time. Safe to re-run: an
-# up-to-date build is not rebuilt.
+# Environment: MOET_TEST_STEPS="main release native clang asan tsan fuzz" (the default) selects
+# steps, e.g. MOET_TEST_STEPS=main for the quick run. Each step prints its wall time. Safe to
+# re-run: an up-to-date build is not rebuilt.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
-steps="${MOET_TEST_STEPS:-main asan tsan fuzz}"
+steps="${MOET_TEST_STEPS:-main release native clang asan tsan fuzz}"
 jobs="$(nproc)"
 export MOET_FUZZ_SECONDS="${MOET_FUZZ_SECONDS:-15}"
 
@@ -35,7 +41,7 @@ source "$root/scripts/ensure-packages.sh"
 packages=(g++ cmake ninja-build libeigen3-dev catch2 libbenchmark-dev libopenblas-dev zlib1g-dev
   dataset-fashion-mnist fortunes)
 case " $steps " in
-  *" tsan "* | *" fuzz "*) packages+=(clang libomp-dev libclang-rt-14-dev) ;;
+  *" tsan "* | *" fuzz "* | *" clang "*) packages+=(clang libomp-dev libclang-rt-14-dev) ;;
 esac
 moet_ensure_packages "${packages[@]}"
 
@@ -67,6 +73,40 @@ step_main() {
   ctest --test-dir "$build_dir" --output-on-failure -j "$jobs"
 }
 
+# The unit tests (target moet_unit_tests, ctest label `unit`) in another configuration: $1 is the
+# build directory, the other arguments go to cmake.
+unit_tests_in() {
+  local build_dir="$1"
+  shift
+  cmake -S . -B "$build_dir" -G Ninja -DMOET_WERROR=ON -DMOET_BUILD_TESTS=ON \
+    -DMOET_BUILD_EXAMPLES=OFF -DMOET_BUILD_BENCHMARKS=OFF -DMOET_INSTALL=OFF "$@"
+  cmake --build "$build_dir" -j "$jobs" --target moet_unit_tests
+}
+
+step_release() {
+  local build_dir=build/ci-release
+  unit_tests_in "$build_dir" -DCMAKE_BUILD_TYPE=Release
+  # Every kernel level the CPU has, each against the naive references (the kernel tests also
+  # cover every level in any one run; this runs the banks, dispatchers and layers on each).
+  local isa
+  for isa in $("$build_dir/tests/moet_list_kernel_isas"); do
+    echo "moet: unit tests with MOET_ISA=$isa" >&2
+    MOET_ISA="$isa" ctest --test-dir "$build_dir" -L unit --output-on-failure -j "$jobs"
+  done
+}
+
+step_native() {
+  local build_dir=build/ci-native
+  unit_tests_in "$build_dir" -DCMAKE_BUILD_TYPE=Release -DMOET_TEST_NATIVE=ON
+  ctest --test-dir "$build_dir" -L unit --output-on-failure -j "$jobs"
+}
+
+step_clang() {
+  local build_dir=build/ci-clang
+  unit_tests_in "$build_dir" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_COMPILER=clang++
+  ctest --test-dir "$build_dir" -L unit --output-on-failure -j "$jobs"
+}
+
 # The sanitizer presets build only the unit tests (target moet_unit_tests) and run only the
 # tests labelled `unit`; their options (CMakePresets.json) make every report fatal:
 # ASan/UBSan abort (halt_on_error, -fno-sanitize-recover=all), TSan exits 66 at the first race.
@@ -95,7 +135,7 @@ step_fuzz() {
   ctest --preset fuzz -j "$jobs"
 }
 
-for step in main asan tsan fuzz; do
+for step in main release native clang asan tsan fuzz; do
   if has_step "$step"; then
     run_step "$step" "step_$step"
   fi

@@ -9,14 +9,15 @@
 #include <vector>
 
 #include "moet/detail/gemm.hpp"
-#include "moet/detail/simd.hpp"
+#include "moet/kernel_isa.hpp"
 #include "moet/tensor.hpp"
 
 namespace moet_test {
 
 using moet::Index;
 using moet::RowMatrix;
-using moet::detail::KernelPath;
+using moet::KernelIsa;
+using moet::kernel_isa_name;
 
 using Matrix = RowMatrix<float>;
 using MatrixD = RowMatrix<double>;
@@ -31,7 +32,7 @@ inline Matrix random_matrix(Index rows, Index cols, std::uint32_t seed) {
   return m;
 }
 
-// Written out independently of activations.hpp and simd.hpp.
+// Written out independently of activations.hpp and the kernels.
 inline double silu_ref(double v) { return v / (1.0 + std::exp(-v)); }
 inline double gelu_ref(double v) { return 0.5 * v * (1.0 + std::erf(v / std::sqrt(2.0))); }
 
@@ -110,8 +111,13 @@ inline bool bit_identical(const Matrix& x, const Matrix& y) {
   return true;
 }
 
-inline const char* path_name(KernelPath path) {
-  return path == KernelPath::kBest ? moet::detail::kSimdName : "portable";
+// Every kernel level this CPU runs (the kernel tests run each of them, whatever MOET_ISA says).
+inline std::vector<KernelIsa> supported_isas() {
+  std::vector<KernelIsa> out;
+  for (const KernelIsa isa : moet::kAllKernelIsas) {
+    if (moet::kernel_isa_supported(isa)) out.push_back(isa);
+  }
+  return out;
 }
 
 // Naive H = Act(A Wg) * (A Wu) in double, and a per-entry error budget: the products may be

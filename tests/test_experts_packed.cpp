@@ -15,7 +15,7 @@
 #include <catch2/catch.hpp>
 
 #include "moet/config.hpp"
-#include "moet/detail/simd.hpp"
+#include "moet/kernel_isa.hpp"
 #include "moet/dispatch/grouped.hpp"
 #include "moet/dispatch/reference.hpp"
 #include "moet/experts/ffn.hpp"
@@ -42,7 +42,7 @@ Matrix random_rows(Index rows, Index cols, std::uint32_t seed) {
   return m;
 }
 
-// Written out independently of activations.hpp and simd.hpp.
+// Written out independently of activations.hpp and the kernels.
 double silu_ref(double v) { return v / (1.0 + std::exp(-v)); }
 double gelu_ref(double v) { return 0.5 * v * (1.0 + std::erf(v / std::sqrt(2.0))); }
 
@@ -147,7 +147,7 @@ TEST_CASE("Packed SwiGLU and GeGLU float experts equal a double-precision expert
     REQUIRE(swiglu.uses_packed_kernels());
     REQUIRE(geglu.uses_packed_kernels());
     for (const Index n : kRows) {
-      INFO("d " << s.d << " f " << s.f << " n " << n << " kernels " << moet::detail::kSimdName);
+      INFO("d " << s.d << " f " << s.f << " n " << n << " kernels " << moet::kernel_isa_name(moet::kernel_isa()));
       const Matrix x = random_rows(n, s.d, static_cast<std::uint32_t>(n + s.f));
       check_close(run_expert(swiglu, 2, x), glu_reference(swiglu, 2, x, silu_ref), 2e-5);
       check_close(run_expert(geglu, 1, x), glu_reference(geglu, 1, x, gelu_ref), 2e-5);

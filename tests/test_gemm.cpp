@@ -1,6 +1,6 @@
 // The packed GEMM and fused GLU kernels (detail/gemm.hpp) against naive double-precision
 // products, row-independence (bit-identical rows), packing, edge shapes, and the vectorised
-// SiLU's error bound (detail/simd.hpp).
+// SiLU's error bound (kernels/family.inl), on every kernel level the CPU has.
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -13,7 +13,6 @@
 
 #include "moet/detail/buffer.hpp"
 #include "moet/detail/gemm.hpp"
-#include "moet/detail/simd.hpp"
 #include "moet/errors.hpp"
 #include "moet/experts/activations.hpp"
 #include "moet/tensor.hpp"
@@ -31,18 +30,18 @@ const std::vector<Index> kCols = {1, 15, 16, 17, 100};
 }  // namespace
 
 TEST_CASE("gemm_packed equals a double-precision product for every shape", "[gemm]") {
-  const KernelPath path = GENERATE(KernelPath::kBest, KernelPath::kPortable);
+  const KernelIsa isa = GENERATE(from_range(supported_isas()));
   moet::detail::Buffer<float> scratch;
   std::uint32_t seed = 1;
   for (const Index k : kInner) {
     for (const Index n_cols : kCols) {
       const Matrix b = random_matrix(k, n_cols, seed++);
-      const moet::detail::PackedMatrix<float> packed(b);
+      const moet::detail::PackedMatrix<float> packed(b, isa);
       for (const Index n : kRows) {
-        INFO(path_name(path) << " n=" << n << " K=" << k << " N=" << n_cols);
+        INFO(kernel_isa_name(isa) << " n=" << n << " K=" << k << " N=" << n_cols);
         const Matrix a = random_matrix(n, k, seed++);
         Matrix c = Matrix::Constant(n, n_cols, std::numeric_limits<float>::quiet_NaN());
-        moet::detail::gemm_packed(a, packed, c, false, scratch, path);
+        moet::detail::gemm_packed(a, packed, c, false, scratch);
         CHECK(scaled_error(c, naive_product(a, b), a, b) <= 1e-5);
       }
     }
@@ -50,19 +49,19 @@ TEST_CASE("gemm_packed equals a double-precision product for every shape", "[gem
 }
 
 TEST_CASE("gemm_packed with accumulate adds A B to C", "[gemm]") {
-  const KernelPath path = GENERATE(KernelPath::kBest, KernelPath::kPortable);
+  const KernelIsa isa = GENERATE(from_range(supported_isas()));
   moet::detail::Buffer<float> scratch;
   std::uint32_t seed = 100;
   for (const Index k : {1, 17, 300}) {
     for (const Index n_cols : {15, 16, 100}) {
       const Matrix b = random_matrix(k, n_cols, seed++);
-      const moet::detail::PackedMatrix<float> packed(b);
+      const moet::detail::PackedMatrix<float> packed(b, isa);
       for (const Index n : {1, 3, 8, 13, 100}) {
-        INFO(path_name(path) << " n=" << n << " K=" << k << " N=" << n_cols);
+        INFO(kernel_isa_name(isa) << " n=" << n << " K=" << k << " N=" << n_cols);
         const Matrix a = random_matrix(n, k, seed++);
         const Matrix c0 = random_matrix(n, n_cols, seed++);
         Matrix c = c0;
-        moet::detail::gemm_packed(a, packed, c, true, scratch, path);
+        moet::detail::gemm_packed(a, packed, c, true, scratch);
         CHECK(accumulate_error_ratio(c, a, b, c0) <= 1.0);
       }
     }
@@ -70,19 +69,19 @@ TEST_CASE("gemm_packed with accumulate adds A B to C", "[gemm]") {
 }
 
 TEST_CASE("glu_packed with SiLU equals a double-precision SwiGLU", "[gemm][glu]") {
-  const KernelPath path = GENERATE(KernelPath::kBest, KernelPath::kPortable);
+  const KernelIsa isa = GENERATE(from_range(supported_isas()));
   moet::detail::Buffer<float> scratch;
   std::uint32_t seed = 300;
   for (const Index k : kInner) {
     for (const Index f : kCols) {
       const Matrix wg = random_matrix(k, f, seed++);
       const Matrix wu = random_matrix(k, f, seed++);
-      const moet::detail::PackedGluMatrix<float> packed(wg, wu);
+      const moet::detail::PackedGluMatrix<float> packed(wg, wu, isa);
       for (const Index n : kRows) {
-        INFO(path_name(path) << " n=" << n << " K=" << k << " F=" << f);
+        INFO(kernel_isa_name(isa) << " n=" << n << " K=" << k << " F=" << f);
         const Matrix a = random_matrix(n, k, seed++);
         Matrix h = Matrix::Constant(n, f, std::numeric_limits<float>::quiet_NaN());
-        moet::detail::glu_packed<moet::Silu>(a, packed, h, scratch, path);
+        moet::detail::glu_packed<moet::Silu>(a, packed, h, scratch);
         CHECK(glu_error_ratio(h, a, wg, wu, silu_ref) <= 1.0);
       }
     }
@@ -90,19 +89,19 @@ TEST_CASE("glu_packed with SiLU equals a double-precision SwiGLU", "[gemm][glu]"
 }
 
 TEST_CASE("glu_packed applies any activation policy, here exact GELU", "[gemm][glu]") {
-  const KernelPath path = GENERATE(KernelPath::kBest, KernelPath::kPortable);
+  const KernelIsa isa = GENERATE(from_range(supported_isas()));
   moet::detail::Buffer<float> scratch;
   std::uint32_t seed = 700;
   for (const Index k : {3, 300}) {
     for (const Index f : {15, 17, 100}) {
       const Matrix wg = random_matrix(k, f, seed++);
       const Matrix wu = random_matrix(k, f, seed++);
-      const moet::detail::PackedGluMatrix<float> packed(wg, wu);
+      const moet::detail::PackedGluMatrix<float> packed(wg, wu, isa);
       for (const Index n : {1, 2, 7, 13, 64}) {
-        INFO(path_name(path) << " n=" << n << " K=" << k << " F=" << f);
+        INFO(kernel_isa_name(isa) << " n=" << n << " K=" << k << " F=" << f);
         const Matrix a = random_matrix(n, k, seed++);
         Matrix h(n, f);
-        moet::detail::glu_packed<moet::Gelu>(a, packed, h, scratch, path);
+        moet::detail::glu_packed<moet::Gelu>(a, packed, h, scratch);
         CHECK(glu_error_ratio(h, a, wg, wu, gelu_ref) <= 1.0);
       }
     }
@@ -111,7 +110,7 @@ TEST_CASE("glu_packed applies any activation policy, here exact GELU", "[gemm][g
 
 TEST_CASE("A row's result is bit-identical alone and inside any block of rows",
           "[gemm][determinism]") {
-  const KernelPath path = GENERATE(KernelPath::kBest, KernelPath::kPortable);
+  const KernelIsa isa = GENERATE(from_range(supported_isas()));
   const std::uint32_t seed = GENERATE(1u, 2u);
   const Index k = 520;       // three K blocks, the last one partial
   const Index n_cols = 100;  // a partial last panel
@@ -119,22 +118,22 @@ TEST_CASE("A row's result is bit-identical alone and inside any block of rows",
   const Matrix a = random_matrix(n, k, seed);
   const Matrix b = random_matrix(k, n_cols, seed + 10);
   const Matrix wu = random_matrix(k, n_cols, seed + 20);
-  const moet::detail::PackedMatrix<float> packed(b);
-  const moet::detail::PackedGluMatrix<float> packed_glu(b, wu);
+  const moet::detail::PackedMatrix<float> packed(b, isa);
+  const moet::detail::PackedGluMatrix<float> packed_glu(b, wu, isa);
   moet::detail::Buffer<float> scratch;
-  INFO(path_name(path));
+  INFO(kernel_isa_name(isa));
 
   Matrix full(n, n_cols);
   Matrix full_glu(n, n_cols);
-  moet::detail::gemm_packed(a, packed, full, false, scratch, path);
-  moet::detail::glu_packed<moet::Silu>(a, packed_glu, full_glu, scratch, path);
+  moet::detail::gemm_packed(a, packed, full, false, scratch);
+  moet::detail::glu_packed<moet::Silu>(a, packed_glu, full_glu, scratch);
 
   // Every row alone (the few-row path).
   for (Index i = 0; i < n; ++i) {
     Matrix one(1, n_cols);
     Matrix one_glu(1, n_cols);
-    moet::detail::gemm_packed(a.row(i), packed, one, false, scratch, path);
-    moet::detail::glu_packed<moet::Silu>(a.row(i), packed_glu, one_glu, scratch, path);
+    moet::detail::gemm_packed(a.row(i), packed, one, false, scratch);
+    moet::detail::glu_packed<moet::Silu>(a.row(i), packed_glu, one_glu, scratch);
     INFO("row " << i);
     REQUIRE(bit_identical(one, full.row(i)));
     REQUIRE(bit_identical(one_glu, full_glu.row(i)));
@@ -144,9 +143,8 @@ TEST_CASE("A row's result is bit-identical alone and inside any block of rows",
     for (const Index start : {Index{0}, Index{1}, Index{5}, n - m}) {
       Matrix part(m, n_cols);
       Matrix part_glu(m, n_cols);
-      moet::detail::gemm_packed(a.middleRows(start, m), packed, part, false, scratch, path);
-      moet::detail::glu_packed<moet::Silu>(a.middleRows(start, m), packed_glu, part_glu, scratch,
-                                           path);
+      moet::detail::gemm_packed(a.middleRows(start, m), packed, part, false, scratch);
+      moet::detail::glu_packed<moet::Silu>(a.middleRows(start, m), packed_glu, part_glu, scratch);
       INFO("rows [" << start << ", " << start + m << ")");
       REQUIRE(bit_identical(part, full.middleRows(start, m)));
       REQUIRE(bit_identical(part_glu, full_glu.middleRows(start, m)));
@@ -158,7 +156,7 @@ TEST_CASE("A row's result is bit-identical alone and inside any block of rows",
   Matrix scrambled(n, k);
   for (Index i = 0; i < n; ++i) scrambled.row(i) = a.row(order[static_cast<std::size_t>(i)]);
   Matrix out(n, n_cols);
-  moet::detail::gemm_packed(scrambled, packed, out, false, scratch, path);
+  moet::detail::gemm_packed(scrambled, packed, out, false, scratch);
   for (Index i = 0; i < n; ++i) {
     REQUIRE(bit_identical(out.row(i), full.row(order[static_cast<std::size_t>(i)])));
   }
@@ -167,24 +165,24 @@ TEST_CASE("A row's result is bit-identical alone and inside any block of rows",
 TEST_CASE("Few-row calls with a very long inner dimension block K and stay exact",
           "[gemm][determinism]") {
   // 7 and 8 rows form two row groups; past kGemmFewRowsKc the few-row path blocks K.
-  const KernelPath path = GENERATE(KernelPath::kBest, KernelPath::kPortable);
+  const KernelIsa isa = GENERATE(from_range(supported_isas()));
   const Index k = moet::detail::kGemmFewRowsKc + 37;
   const Index n_cols = 40;  // a partial last panel on every instruction set
   const Matrix b = random_matrix(k, n_cols, 21);
   const Matrix wu = random_matrix(k, n_cols, 22);
-  const moet::detail::PackedMatrix<float> packed(b);
-  const moet::detail::PackedGluMatrix<float> packed_glu(b, wu);
+  const moet::detail::PackedMatrix<float> packed(b, isa);
+  const moet::detail::PackedGluMatrix<float> packed_glu(b, wu, isa);
   moet::detail::Buffer<float> scratch;
   for (const Index n : {1, 6, 7, 8, 9}) {
-    INFO(path_name(path) << " n=" << n);
+    INFO(kernel_isa_name(isa) << " n=" << n);
     const Matrix a = random_matrix(n, k, static_cast<std::uint32_t>(30 + n));
     const Matrix c0 = random_matrix(n, n_cols, 40);
     Matrix c(n, n_cols);
     Matrix c_acc = c0;
     Matrix h(n, n_cols);
-    moet::detail::gemm_packed(a, packed, c, false, scratch, path);
-    moet::detail::gemm_packed(a, packed, c_acc, true, scratch, path);
-    moet::detail::glu_packed<moet::Silu>(a, packed_glu, h, scratch, path);
+    moet::detail::gemm_packed(a, packed, c, false, scratch);
+    moet::detail::gemm_packed(a, packed, c_acc, true, scratch);
+    moet::detail::glu_packed<moet::Silu>(a, packed_glu, h, scratch);
     CHECK(scaled_error(c, naive_product(a, b), a, b) <= 1e-5);
     CHECK(scaled_error(Matrix(c_acc - c0), naive_product(a, b), a, b) <= 1e-4);
     CHECK(glu_error_ratio(h, a, b, wu, silu_ref) <= 1.0);
@@ -192,9 +190,9 @@ TEST_CASE("Few-row calls with a very long inner dimension block K and stay exact
       Matrix one(1, n_cols);
       Matrix one_acc = c0.row(i);
       Matrix one_glu(1, n_cols);
-      moet::detail::gemm_packed(a.row(i), packed, one, false, scratch, path);
-      moet::detail::gemm_packed(a.row(i), packed, one_acc, true, scratch, path);
-      moet::detail::glu_packed<moet::Silu>(a.row(i), packed_glu, one_glu, scratch, path);
+      moet::detail::gemm_packed(a.row(i), packed, one, false, scratch);
+      moet::detail::gemm_packed(a.row(i), packed, one_acc, true, scratch);
+      moet::detail::glu_packed<moet::Silu>(a.row(i), packed_glu, one_glu, scratch);
       REQUIRE(bit_identical(one, c.row(i)));
       REQUIRE(bit_identical(one_acc, c_acc.row(i)));
       REQUIRE(bit_identical(one_glu, h.row(i)));
@@ -204,30 +202,31 @@ TEST_CASE("Few-row calls with a very long inner dimension block K and stay exact
 
 TEST_CASE("Accumulate mode is bit-identical for a row alone and inside a block",
           "[gemm][determinism]") {
-  const KernelPath path = GENERATE(KernelPath::kBest, KernelPath::kPortable);
+  const KernelIsa isa = GENERATE(from_range(supported_isas()));
   const Matrix a = random_matrix(40, 300, 5);
   const Matrix b = random_matrix(300, 33, 6);
   const Matrix c0 = random_matrix(40, 33, 7);
-  const moet::detail::PackedMatrix<float> packed(b);
+  const moet::detail::PackedMatrix<float> packed(b, isa);
   moet::detail::Buffer<float> scratch;
   Matrix full = c0;
-  moet::detail::gemm_packed(a, packed, full, true, scratch, path);
+  moet::detail::gemm_packed(a, packed, full, true, scratch);
   for (Index i = 0; i < a.rows(); ++i) {
     Matrix one = c0.row(i);
-    moet::detail::gemm_packed(a.row(i), packed, one, true, scratch, path);
+    moet::detail::gemm_packed(a.row(i), packed, one, true, scratch);
     REQUIRE(bit_identical(one, full.row(i)));
   }
 }
 
 TEST_CASE("Packing reads strided views and products write strided views", "[gemm][pack]") {
-  const KernelPath path = GENERATE(KernelPath::kBest, KernelPath::kPortable);
+  const KernelIsa isa = GENERATE(from_range(supported_isas()));
   const Matrix big_b = random_matrix(320, 140, 11);
   const auto b_view = big_b.block(7, 9, 300, 100);  // outer stride 140
   const Matrix b = b_view;
-  const moet::detail::PackedMatrix<float> packed(b_view);
+  const moet::detail::PackedMatrix<float> packed(b_view, isa);
   REQUIRE(packed.rows() == 300);
   REQUIRE(packed.cols() == 100);
-  REQUIRE(packed.num_panels() == (100 + moet::detail::kGemmNr - 1) / moet::detail::kGemmNr);
+  REQUIRE(packed.isa() == isa);
+  REQUIRE(packed.num_panels() == (100 + packed.panel_width() - 1) / packed.panel_width());
   REQUIRE(reinterpret_cast<std::uintptr_t>(packed.data()) % 64 == 0);
   for (Index k = 0; k < b.rows(); ++k) {
     for (Index j = 0; j < b.cols(); ++j) REQUIRE(packed.packed_coeff(k, j) == b(k, j));
@@ -239,7 +238,7 @@ TEST_CASE("Packing reads strided views and products write strided views", "[gemm
   Matrix big_c = Matrix::Constant(55, 120, -7.0f);
   auto c_view = big_c.block(2, 5, 50, 100);  // outer stride 120
   moet::detail::Buffer<float> scratch;
-  moet::detail::gemm_packed(a_view, packed, c_view, false, scratch, path);
+  moet::detail::gemm_packed(a_view, packed, c_view, false, scratch);
   CHECK(scaled_error(Matrix(c_view), naive_product(a, b), a, b) <= 1e-5);
   // Nothing outside the view was written.
   Matrix outside = big_c;
@@ -249,10 +248,10 @@ TEST_CASE("Packing reads strided views and products write strided views", "[gemm
   // The same for the fused product: gate and up taken from strided views.
   const Matrix big_u = random_matrix(320, 140, 13);
   const auto u_view = big_u.block(1, 2, 300, 100);
-  const moet::detail::PackedGluMatrix<float> packed_glu(b_view, u_view);
+  const moet::detail::PackedGluMatrix<float> packed_glu(b_view, u_view, isa);
   Matrix big_h = Matrix::Constant(50, 130, -7.0f);
   auto h_view = big_h.block(0, 30, 50, 100);
-  moet::detail::glu_packed<moet::Silu>(a_view, packed_glu, h_view, scratch, path);
+  moet::detail::glu_packed<moet::Silu>(a_view, packed_glu, h_view, scratch);
   CHECK(glu_error_ratio(Matrix(h_view), a, b, Matrix(u_view), silu_ref) <= 1.0);
   CHECK((big_h.leftCols(30).array() == -7.0f).all());
 
@@ -261,33 +260,33 @@ TEST_CASE("Packing reads strided views and products write strided views", "[gemm
   const moet::detail::PackedMatrix<float> copy = packed;
   Matrix c1(50, 100);
   Matrix c2(50, 100);
-  moet::detail::gemm_packed(a, packed, c1, false, scratch, path);
-  moet::detail::gemm_packed(a, copy, c2, false, scratch, path);
+  moet::detail::gemm_packed(a, packed, c1, false, scratch);
+  moet::detail::gemm_packed(a, copy, c2, false, scratch);
   CHECK(bit_identical(c1, c2));
 }
 
 TEST_CASE("Empty shapes: no rows, no columns, no inner dimension", "[gemm][edge]") {
-  const KernelPath path = GENERATE(KernelPath::kBest, KernelPath::kPortable);
+  const KernelIsa isa = GENERATE(from_range(supported_isas()));
   moet::detail::Buffer<float> scratch;
   // K = 0: the product is zero; accumulate leaves C alone; H = silu(0) * 0 = 0.
-  const moet::detail::PackedMatrix<float> empty_k(Matrix(0, 20));
+  const moet::detail::PackedMatrix<float> empty_k(Matrix(0, 20), isa);
   const Matrix a(5, 0);
   Matrix c = Matrix::Constant(5, 20, 3.0f);
-  moet::detail::gemm_packed(a, empty_k, c, true, scratch, path);
+  moet::detail::gemm_packed(a, empty_k, c, true, scratch);
   CHECK((c.array() == 3.0f).all());
-  moet::detail::gemm_packed(a, empty_k, c, false, scratch, path);
+  moet::detail::gemm_packed(a, empty_k, c, false, scratch);
   CHECK((c.array() == 0.0f).all());
-  const moet::detail::PackedGluMatrix<float> empty_glu(Matrix(0, 20), Matrix(0, 20));
+  const moet::detail::PackedGluMatrix<float> empty_glu(Matrix(0, 20), Matrix(0, 20), isa);
   Matrix h = Matrix::Constant(5, 20, 3.0f);
-  moet::detail::glu_packed<moet::Silu>(a, empty_glu, h, scratch, path);
+  moet::detail::glu_packed<moet::Silu>(a, empty_glu, h, scratch);
   CHECK((h.array() == 0.0f).all());
   // N = 0 and n = 0.
-  const moet::detail::PackedMatrix<float> no_cols(Matrix(8, 0));
+  const moet::detail::PackedMatrix<float> no_cols(Matrix(8, 0), isa);
   Matrix c0(4, 0);
-  moet::detail::gemm_packed(random_matrix(4, 8, 1), no_cols, c0, false, scratch, path);
-  const moet::detail::PackedMatrix<float> b(random_matrix(8, 3, 2));
+  moet::detail::gemm_packed(random_matrix(4, 8, 1), no_cols, c0, false, scratch);
+  const moet::detail::PackedMatrix<float> b(random_matrix(8, 3, 2), isa);
   Matrix none(0, 3);
-  moet::detail::gemm_packed(Matrix(0, 8), b, none, false, scratch, path);
+  moet::detail::gemm_packed(Matrix(0, 8), b, none, false, scratch);
   CHECK(none.size() == 0);
 }
 
@@ -314,19 +313,25 @@ TEST_CASE("Bad shapes and overlapping views throw moet::Error", "[gemm][errors]"
 TEST_CASE("A reserved scratch does not grow for blocks up to the reserved size", "[gemm][alloc]") {
   const Index k = 520;
   const Matrix wg = random_matrix(k, 40, 1);
-  const moet::detail::PackedMatrix<float> b(wg);
-  const moet::detail::PackedGluMatrix<float> w(wg, random_matrix(k, 40, 2));
+  const Matrix wu = random_matrix(k, 40, 2);
   moet::detail::Buffer<float> scratch;
   moet::detail::reserve_packed_scratch(scratch, 300, k);
   const Index reserved = scratch.capacity();
-  for (const Index n : {1, 5, 6, 7, 12, 13, 100, 299, 300}) {
-    const Matrix a = random_matrix(n, k, 3);
-    Matrix c(n, 40);
-    moet::detail::gemm_packed(a, b, c, false, scratch);
-    moet::detail::glu_packed(a, w, c, scratch);
-    moet::detail::gemm_packed(a, b, c, false, scratch, KernelPath::kPortable);
-    moet::detail::glu_packed(a, w, c, scratch, KernelPath::kPortable);
-    CHECK(scratch.capacity() == reserved);
+  for (const KernelIsa isa : supported_isas()) {
+    const moet::detail::PackedMatrix<float> b(wg, isa);
+    const moet::detail::PackedGluMatrix<float> w(wg, wu, isa);
+    const moet::detail::PackedMatrix<moet::detail::Bf16> b16(wg, isa);
+    const moet::detail::PackedGluMatrix<moet::detail::Bf16> w16(wg, wu, isa);
+    for (const Index n : {1, 3, 4, 5, 6, 7, 8, 9, 12, 13, 100, 299, 300}) {
+      INFO(kernel_isa_name(isa) << " n=" << n);
+      const Matrix a = random_matrix(n, k, 3);
+      Matrix c(n, 40);
+      moet::detail::gemm_packed(a, b, c, false, scratch);
+      moet::detail::glu_packed(a, w, c, scratch);
+      moet::detail::gemm_packed(a, b16, c, false, scratch);
+      moet::detail::glu_packed(a, w16, c, scratch);
+      CHECK(scratch.capacity() == reserved);
+    }
   }
 }
 
@@ -335,9 +340,9 @@ namespace {
 // Checks silu_array on `xs` against the double-precision SiLU: relative error <= 1e-6 where
 // x >= -87 and silu(x) is a normal float, one subnormal ulp where it is subnormal, absolute
 // error <= 1.5e-36 for x < -87. Returns the worst relative error seen.
-double check_silu(const std::vector<float>& xs) {
+double check_silu(const std::vector<float>& xs, KernelIsa isa) {
   std::vector<float> ys(xs.size());
-  moet::detail::silu_array(xs.data(), ys.data(), static_cast<Index>(xs.size()));
+  moet::detail::silu_array(xs.data(), ys.data(), static_cast<Index>(xs.size()), isa);
   double worst = 0.0;
   for (std::size_t i = 0; i < xs.size(); ++i) {
     const double x = xs[i];
@@ -364,11 +369,11 @@ double check_silu(const std::vector<float>& xs) {
 }
 
 // Checks every `step`-th float (by bit pattern) of [lo, 0] and [0, hi], a chunk at a time.
-double check_silu_grid(float lo, float hi, std::uint32_t step) {
+double check_silu_grid(float lo, float hi, std::uint32_t step, KernelIsa isa) {
   double worst = 0.0;
   std::vector<float> chunk;
   const auto flush = [&] {
-    worst = std::max(worst, check_silu(chunk));
+    worst = std::max(worst, check_silu(chunk, isa));
     chunk.clear();
   };
   // Negative floats: the bit pattern grows with the magnitude.
@@ -389,30 +394,32 @@ double check_silu_grid(float lo, float hi, std::uint32_t step) {
 }  // namespace
 
 TEST_CASE("The kernels' SiLU is within 1e-6 relative of a double-precision SiLU", "[simd][silu]") {
-  INFO(moet::detail::kSimdName);
-  const double worst = check_silu_grid(-120.0f, 120.0f, 977);
+  const KernelIsa isa = GENERATE(from_range(supported_isas()));
+  INFO(kernel_isa_name(isa));
+  const double worst = check_silu_grid(-120.0f, 120.0f, 977, isa);
   // Around the places where the evaluation changes branch.
   std::vector<float> special;
   for (float x : {0.0f, -0.0f, 1e-30f, -1e-30f, 1e-7f, -1e-7f, 0.5f, -0.5f, 0.34657f, -0.34657f,
                   -86.999f, -87.0f, -87.001f, 87.0f, 88.8f, 1e30f, -1e30f}) {
     special.push_back(x);
   }
-  check_silu(special);
-  WARN("worst relative error of silu_array (" << moet::detail::kSimdName << "): " << worst);
+  check_silu(special, isa);
+  WARN("worst relative error of silu_array (" << kernel_isa_name(isa) << "): " << worst);
   CHECK(worst <= 1e-6);
   // Non-finite inputs behave like Silu::apply.
   std::vector<float> odd = {std::numeric_limits<float>::infinity(),
                             -std::numeric_limits<float>::infinity(),
                             std::numeric_limits<float>::quiet_NaN()};
   std::vector<float> out(odd.size());
-  moet::detail::silu_array(odd.data(), out.data(), 3);
+  moet::detail::silu_array(odd.data(), out.data(), 3, isa);
   CHECK(out[0] == std::numeric_limits<float>::infinity());
   CHECK(std::isnan(out[1]) == std::isnan(moet::Silu::apply(odd[1])));
   CHECK(std::isnan(out[2]));
 }
 
 TEST_CASE("The kernels' SiLU bound holds for every float in [-90, 90]", "[simd][silu][.slow]") {
-  const double worst = check_silu_grid(-90.0f, 90.0f, 1);
+  const KernelIsa isa = GENERATE(from_range(supported_isas()));
+  const double worst = check_silu_grid(-90.0f, 90.0f, 1, isa);
   WARN("worst relative error over every float: " << worst);
   CHECK(worst <= 1e-6);
 }

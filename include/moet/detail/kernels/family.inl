@@ -1,0 +1,350 @@
+// No include guard: detail/gemm.hpp includes this file once per kernel level, inside that
+// level's namespace (`MOET_KERNEL_NS`) and target region, after the level's `Vec` and `Traits`.
+/// \file detail/kernels/family.inl
+/// One kernel level's packed products: the micro-kernels (register tiles over `Traits::V`),
+/// the blocked driver, and the entry points detail/gemm.hpp dispatches to.
+///
+/// The micro-kernel contract (every level): for `r < M`, `c < P nr`,
+/// ```
+/// acc(r, c) = c_in ? c_in[r ldc_in + c] : 0
+/// float:  for k in [0, kc):      acc(r, c) = fma(a[k M + r], B(k, c), acc(r, c))
+/// bf16:   for k in [0, kc) by 2: acc(r, c) += a(r, k + 1) B(k + 1, c) + a(r, k) B(k, c)
+/// ```
+/// with `B(k, c)` the element `panel_offset(k, c % nr)` of panel `c / nr` (panels `b_stride`
+/// elements apart, `b` already offset to the first row of the K block) and, for bf16,
+/// `a(r, k)` element `k M + 2 r + k % 2` of the packed row group (`[k / 2][M][2]`; `kc` even).
+/// `fma` rounds once on the x86 levels and twice (multiply, add) on the portable one; the bf16
+/// pair sum is one `vdpbf16ps` (exact products, the hardware's rounding) on `kAvx512Bf16` and
+/// two multiply-adds, odd row first, elsewhere. Then the epilogue writes `out` (row stride
+/// `ldo`): raw, or `Act(gate) * up` for the fused GLU. `c_in` may equal `out` (every accumulator
+/// is loaded before any store). The kernels prefetch, at each step and for each panel, the
+/// line `pf_offset` elements past the current row into L2 (the weights needed next) and the
+/// line 1 KiB past it into L1; prefetches never fault, so the targets may lie past the end.
+
+using V = Traits::V;
+using Reg = typename V::Reg;
+/// The accumulator tile of an `M x P`-panel micro-kernel: two registers per panel and row.
+template <int M, int P>
+using Tile = Reg[static_cast<std::size_t>(M)][static_cast<std::size_t>(2 * P)];
+
+/// Calls `f(std::integral_constant<int, I>{})` for `I = 0, ..., N - 1`, fully unrolled: the
+/// register arrays of the micro-kernels are indexed only by such constants, so the compiler
+/// keeps them in registers.
+template <int N, class F>
+MOET_ALWAYS_INLINE void static_for(F&& f) {
+  [&]<int... I>(std::integer_sequence<int, I...>) MOET_LAMBDA_INLINE {
+    (f(std::integral_constant<int, I>{}), ...);
+  }
+  (std::make_integer_sequence<int, N>{});
+}
+
+/// Vectorised SiLU, `silu(x) = x * sigmoid(x)`, evaluated like `Silu::sigmoid` (no overflow for
+/// either sign): with `e = exp(-|x|)`, `silu(x) = x * (x >= 0 ? 1 : e) / (1 + e)`.
+///
+/// `exp(t)`, `t = -|x|`: `n = round(t log2 e)`, `r = t - n ln 2` (Cody-Waite, `|r| <= ln2/2`),
+/// `exp(r)` by its degree-7 Taylor polynomial (Horner, FMA), scaled by `2^n` from the exponent
+/// bits. Error bound, measured by tests/test_gemm.cpp against a double-precision SiLU: relative
+/// error at most 2.3e-7 (about 4 ulp) wherever `x >= -87` and `silu(x)` is a normal float (the
+/// tests require below 1e-6); one subnormal ulp where it is subnormal; for `x < -87` the result
+/// is `-0` while the true value has magnitude below `87 * exp(-87) < 1.5e-36`. `+inf` gives
+/// `+inf`, `-inf` and NaN give NaN, like `Silu::apply`.
+template <class Vv = V>
+MOET_ALWAYS_INLINE typename Vv::Reg silu(typename Vv::Reg x) {
+  // (Vv is a dependent name: only levels with a vectorised SiLU instantiate this.)
+  using R = typename Vv::Reg;
+  namespace c = exp_constants;
+  const R t = Vv::neg_abs(x);                    // -|x| <= 0
+  const R tc = Vv::max(t, Vv::set1(c::kMinArg));  // keeps 2^n normal
+  const R n = Vv::round(Vv::mul(tc, Vv::set1(c::kLog2e)));
+  R r = Vv::fma(n, Vv::set1(-c::kLn2Hi), tc);  // exact
+  r = Vv::fma(n, Vv::set1(-c::kLn2Lo), r);
+  R p = Vv::set1(c::kC7);
+  p = Vv::fma(p, r, Vv::set1(c::kC6));
+  p = Vv::fma(p, r, Vv::set1(c::kC5));
+  p = Vv::fma(p, r, Vv::set1(c::kC4));
+  p = Vv::fma(p, r, Vv::set1(c::kC3));
+  p = Vv::fma(p, r, Vv::set1(c::kC2));
+  p = Vv::fma(p, r, Vv::set1(1.0f));
+  p = Vv::fma(p, r, Vv::set1(1.0f));                                      // exp(r)
+  const R e = Vv::zero_if_less(t, c::kMinArg, Vv::mul(p, Vv::pow2(n)));  // exp(-|x|)
+  const R one = Vv::set1(1.0f);
+  const R numerator = Vv::select_negative(x, e, one);
+  return Vv::div(Vv::mul(x, numerator), Vv::add(one, e));
+}
+
+/// `out[i] = silu(in[i])` for `i < n` with this level's SiLU (`in` and `out` may be the same;
+/// `Silu::apply` lane by lane on levels without a vectorised one).
+template <class Vv = V>
+void silu_array(const float* in, float* out, Index n) {
+  if constexpr (Vv::kVectorSilu) {
+    constexpr Index kW = V::kWidth;
+    Index i = 0;
+    for (; i + kW <= n; i += kW) V::store(out + i, silu<Vv>(V::load(in + i)));
+    if (i < n) {
+      float tail[V::kWidth] = {};
+      for (Index j = i; j < n; ++j) tail[j - i] = in[j];
+      V::store(tail, silu<Vv>(V::load(tail)));
+      for (Index j = i; j < n; ++j) out[j] = tail[j - i];
+    }
+  } else {
+    for (Index i = 0; i < n; ++i) out[i] = Silu::apply(in[i]);
+  }
+}
+
+/// Loads the `M x 2P` accumulator registers from `c_in` (or zeroes them).
+template <int M, int P>
+MOET_ALWAYS_INLINE void load_tile(Tile<M, P>& acc, const float* c_in, Index ldc_in) {
+  static_for<M>([&](auto r) MOET_LAMBDA_INLINE {
+    static_for<2 * P>([&](auto q) MOET_LAMBDA_INLINE {
+      acc[r][q] = c_in != nullptr ? V::load(c_in + r * ldc_in + q * V::kWidth) : V::zero();
+    });
+  });
+}
+
+/// The epilogue: stores `acc` (raw) or `Act(gate) * up` to `out`.
+template <int M, int P, class Epi, class Vv = V>
+MOET_ALWAYS_INLINE void store_tile(Tile<M, P>& acc, float* out, Index ldo) {
+  constexpr int kW = V::kWidth;
+  if constexpr (kIsGluEpilogue<Epi>) {
+    using Act = typename Epi::Activation;
+    static_for<M>([&](auto r) MOET_LAMBDA_INLINE {
+      static_for<P>([&](auto p) MOET_LAMBDA_INLINE {
+        const Reg g = acc[r][2 * p];
+        const Reg u = acc[r][2 * p + 1];
+        float* dst = out + r * ldo + p * kW;
+        if constexpr (Vv::kVectorSilu && std::is_same_v<Act, Silu>) {
+          Vv::store(dst, Vv::mul(silu<Vv>(g), u));
+        } else {
+          // Any other activation (and the portable level): its scalar `apply`, lane by lane.
+          alignas(kPackAlignBytes) float gs[static_cast<std::size_t>(kW)];
+          alignas(kPackAlignBytes) float us[static_cast<std::size_t>(kW)];
+          V::store(gs, g);
+          V::store(us, u);
+          for (int i = 0; i < kW; ++i) dst[i] = Act::template apply<float>(gs[i]) * us[i];
+        }
+      });
+    });
+  } else {
+    static_for<M>([&](auto r) MOET_LAMBDA_INLINE {
+      static_for<2 * P>([&](auto q)
+                            MOET_LAMBDA_INLINE { V::store(out + r * ldo + q * kW, acc[r][q]); });
+    });
+  }
+}
+
+/// Prefetches, for each of the `P` panel streams, the far target into L2 and the near one
+/// (1 KiB ahead) into L1.
+template <int P, class W>
+MOET_ALWAYS_INLINE void prefetch_panels(const W* const (&bp)[static_cast<std::size_t>(P)],
+                                        Index pf_offset) {
+  constexpr Index kNear = kGemmNearPrefetch * static_cast<Index>(sizeof(float) / sizeof(W));
+  static_for<P>([&](auto p) MOET_LAMBDA_INLINE {
+    __builtin_prefetch(bp[p] + pf_offset, 0, 2);
+    __builtin_prefetch(bp[p] + kNear, 0, 3);
+  });
+}
+
+/// The micro-kernel: an `M x P nr` tile over `kc` rows of `P` panels (see the file comment).
+template <int M, int P, class Epi, class W, class Vv = V>
+MOET_NOINLINE void micro_kernel(Index kc, const W* a, const W* b, Index b_stride, Index pf_offset,
+                                const float* c_in, Index ldc_in, float* out, Index ldo) {
+  constexpr int kW = V::kWidth;
+  constexpr int kRegs = 2 * P;  // registers per row: two per panel
+  static_assert(2 * kW == Traits::kNr, "a panel is two vector registers wide");
+
+  constexpr auto kRegCount = static_cast<std::size_t>(kRegs);
+  Tile<M, P> acc;
+  load_tile<M, P>(acc, c_in, ldc_in);
+  const W* bp[static_cast<std::size_t>(P)];
+  static_for<P>([&](auto p) MOET_LAMBDA_INLINE { bp[p] = b + p * b_stride; });
+  if constexpr (std::is_same_v<W, float>) {
+    for (Index k = 0; k < kc; ++k) {
+      prefetch_panels<P>(bp, pf_offset);
+      Reg bv[kRegCount];
+      static_for<kRegs>([&](auto q) MOET_LAMBDA_INLINE { bv[q] = V::load(bp[q / 2] + (q % 2) * kW); });
+      static_for<M>([&](auto r) MOET_LAMBDA_INLINE {
+        const Reg av = V::broadcast(a + r);
+        static_for<kRegs>([&](auto q) MOET_LAMBDA_INLINE { acc[r][q] = V::fma(av, bv[q], acc[r][q]); });
+      });
+      a += M;
+      static_for<P>([&](auto p) MOET_LAMBDA_INLINE { bp[p] += Traits::kNr; });
+    }
+  } else {
+    // A register of bf16 pairs covers kW lanes: 2 kW elements.
+    constexpr Index kStep = 2 * Traits::kNr;  // elements of one row pair of a panel
+    for (Index k = 0; k < kc; k += 2) {
+      prefetch_panels<P>(bp, pf_offset);
+      if constexpr (Vv::kDotBf16) {
+        typename Vv::PairReg bv[kRegCount];
+        static_for<kRegs>([&](auto q) MOET_LAMBDA_INLINE {
+          bv[q] = Vv::load_pairs(bp[q / 2] + (q % 2) * 2 * kW);
+        });
+        static_for<M>([&](auto r) MOET_LAMBDA_INLINE {
+          const auto av = Vv::broadcast_pair(a + 2 * r);
+          static_for<kRegs>([&](auto q) MOET_LAMBDA_INLINE { acc[r][q] = Vv::dot_pairs(acc[r][q], av, bv[q]); });
+        });
+      } else {
+        Reg even[kRegCount];
+        Reg odd[kRegCount];
+        static_for<kRegs>([&](auto q) MOET_LAMBDA_INLINE {
+          V::bf16_pairs(bp[q / 2] + (q % 2) * 2 * kW, even[q], odd[q]);
+        });
+        static_for<M>([&](auto r) MOET_LAMBDA_INLINE {
+          const Reg a0 = V::set1(from_bf16(a[2 * r]));
+          const Reg a1 = V::set1(from_bf16(a[2 * r + 1]));
+          static_for<kRegs>([&](auto q) MOET_LAMBDA_INLINE {
+            acc[r][q] = V::fma(a0, even[q], V::fma(a1, odd[q], acc[r][q]));
+          });
+        });
+      }
+      a += 2 * M;
+      static_for<P>([&](auto p) MOET_LAMBDA_INLINE { bp[p] += kStep; });
+    }
+  }
+  store_tile<M, P, Epi>(acc, out, ldo);
+}
+
+/// Runs the `m`-row micro-kernel over `p` panels (`p` is 1 or `few_row_panels(m)`).
+template <class Epi, class W>
+MOET_ALWAYS_INLINE void run_micro_kernel(int m, int p, Index kc, const W* a, const W* b,
+                                         Index b_stride, Index pf_offset, const float* c_in,
+                                         Index ldc_in, float* out, Index ldo) {
+  static_for<Traits::template kMr<W>>([&](auto i) MOET_LAMBDA_INLINE {
+    constexpr int kRows = i + 1;
+    constexpr int kPanels = Traits::template few_row_panels<W>(kRows);
+    if (m != kRows) return;
+    if (p == 1) {
+      micro_kernel<kRows, 1, Epi>(kc, a, b, b_stride, pf_offset, c_in, ldc_in, out, ldo);
+    } else if constexpr (kPanels > 1) {
+      micro_kernel<kRows, kPanels, Epi>(kc, a, b, b_stride, pf_offset, c_in, ldc_in, out, ldo);
+    }
+  });
+}
+
+/// The blocked loop nest shared by `gemm` (`Glu = false`) and `glu`, for float or bf16 weights
+/// (`W`; bf16 also packs `A` as bf16 and runs over `padded_depth(k)` rows).
+template <bool Glu, class Act, class W>
+void run_packed_product(const PackedProduct<W>& op, Buffer<float>& scratch) {
+  constexpr Index kNr = Traits::kNr;
+  constexpr Index kMr = Traits::template kMr<W>;
+  constexpr Index kOutWidth = Glu ? kNr / 2 : kNr;  // output columns per panel
+  using Final = std::conditional_t<Glu, GluEpilogue<Act>, RawEpilogue>;
+  const Index n = op.n;
+  const Index k = padded_depth<W>(op.k);  // rows of the packed weights
+  if (n == 0 || op.num_panels == 0) return;
+
+  const int one_group_panels =
+      Traits::template few_row_panels<W>(static_cast<int>(std::min<Index>(std::max<Index>(n, 1), kMr)));
+  const PackedBlocking blk = packed_blocking(n, k, op.num_panels, kMr, one_group_panels);
+  const Index block_rows = std::min(blk.row_block, n);
+  // Floats of scratch taken by the packed rows (bf16 ones take half as many), 64-byte multiple.
+  const Index a_elements = block_rows * k;
+  const Index packed_a =
+      (a_elements * static_cast<Index>(sizeof(W)) / static_cast<Index>(sizeof(float)) + 15) / 16 *
+      16;
+  const Index part_ld = blk.chunk * kNr;  // running sums: (block_rows, chunk * kNr)
+  const bool blocked = blk.kc < k;        // K blocks > 1: running sums go through scratch
+
+  // packed_scratch_floats(n, op.k) covers every level and both element types.
+  float* base = scratch.data(packed_scratch_floats(n, op.k));
+  const auto misalign = reinterpret_cast<std::uintptr_t>(base) % kPackAlignBytes;
+  if (misalign != 0) base += (kPackAlignBytes - misalign) / sizeof(float);
+  // (block_rows, k) as packed row groups; bf16 rows start their lifetime in the float storage.
+  W* a_pack = nullptr;
+  if constexpr (std::is_same_v<W, float>) {
+    a_pack = base;
+  } else {
+    a_pack = ::new (static_cast<void*>(base)) W[static_cast<std::size_t>(a_elements)];
+  }
+  float* partial = base + packed_a;  // running sums of one column chunk (when blocked)
+  // Far prefetch distance along a streamed panel, in elements (the same bytes for both types).
+  constexpr Index kStreamPrefetch =
+      kGemmStreamPrefetch * static_cast<Index>(sizeof(float) / sizeof(W));
+
+  // Panels whose every output column exists; only the last panel can be partial.
+  const Index full_panels = op.out_cols / kOutWidth;
+
+  for (Index i0 = 0; i0 < n; i0 += blk.row_block) {
+    const Index rows = std::min(blk.row_block, n - i0);
+    const Index groups = (rows + kMr - 1) / kMr;
+    pack_row_groups(op.a + i0 * op.lda, op.lda, rows, op.k, groups, a_pack);
+
+    for (Index j0 = 0; j0 < op.num_panels; j0 += blk.chunk) {
+      const Index j1 = std::min(op.num_panels, j0 + blk.chunk);
+      for (Index k0 = 0;; k0 += blk.kc) {
+        const Index k_len = std::min(blk.kc, k - k0);
+        const bool first = k0 == 0;
+        const bool last = k0 + k_len >= k;
+        for (Index j = j0; j < j1;) {
+          const int p =
+              (blk.panels > 1 && j + blk.panels <= std::min(j1, full_panels)) ? blk.panels : 1;
+          const bool edge = j >= full_panels;  // the partial last panel (then p == 1)
+          const W* b_block = op.b + j * op.b_stride + k0 * kNr;
+          for (Index g = 0; g < groups; ++g) {
+            Index g0 = 0;
+            Index gm = 0;
+            row_group(rows, groups, g, g0, gm);
+            const int m = static_cast<int>(gm);
+            const W* a_block = a_pack + g0 * k + k0 * gm;
+            // Far prefetch: the first group of a few-row call runs ahead along its own stream;
+            // every other call fetches the same K block of the next panel, needed next.
+            const Index pf_offset = blk.few && g == 0 ? kStreamPrefetch : op.b_stride;
+            // Where the running sums come from: zero, the old C (accumulate), or the scratch.
+            float* out_tile = op.out + (i0 + g0) * op.ldo + j * kOutWidth;  // (gm, p * width)
+            float* part =
+                blocked ? partial + g0 * part_ld + (j - j0) * kNr : nullptr;  // (gm, p kNr)
+            const float* c_in = nullptr;
+            Index ld_in = 0;
+            const Index valid = std::min(op.out_cols - j * kOutWidth, p * kOutWidth);
+            alignas(kPackAlignBytes) float in_tile[static_cast<std::size_t>(kMr * kNr)];
+            if (!first) {
+              c_in = part;
+              ld_in = part_ld;
+            } else if (!Glu && op.accumulate) {
+              c_in = out_tile;
+              ld_in = op.ldo;
+              if (edge) {  // the old C of a partial panel: its existing columns only
+                std::fill(in_tile, in_tile + gm * kNr, 0.0f);
+                for (Index r = 0; r < gm; ++r) {
+                  std::copy(c_in + r * ld_in, c_in + r * ld_in + valid, in_tile + r * kNr);
+                }
+                c_in = in_tile;
+                ld_in = kNr;
+              }
+            }
+            if (!last) {
+              run_micro_kernel<RawEpilogue>(m, p, k_len, a_block, b_block, op.b_stride, pf_offset,
+                                            c_in, ld_in, part, part_ld);
+            } else if (!edge) {
+              run_micro_kernel<Final>(m, p, k_len, a_block, b_block, op.b_stride, pf_offset, c_in,
+                                      ld_in, out_tile, op.ldo);
+            } else {
+              // Partial last panel: run on a full-width tile, copy the existing columns.
+              alignas(kPackAlignBytes) float tile[static_cast<std::size_t>(kMr * kNr)];
+              run_micro_kernel<Final>(m, 1, k_len, a_block, b_block, op.b_stride, pf_offset, c_in,
+                                      ld_in, tile, kOutWidth);
+              for (Index r = 0; r < gm; ++r) {
+                std::copy(tile + r * kOutWidth, tile + r * kOutWidth + valid,
+                          out_tile + r * op.ldo);
+              }
+            }
+          }
+          j += p;
+        }
+        if (last) break;
+      }
+    }
+  }
+}
+
+/// `C (+)= A B` on this level's kernels (shapes already checked by `detail::gemm_packed`).
+template <class W>
+void gemm(const PackedProduct<W>& op, Buffer<float>& scratch) {
+  run_packed_product<false, Silu>(op, scratch);
+}
+
+/// `H = Act(A Wg) ⊙ (A Wu)` on this level's kernels (shapes already checked).
+template <class Act, class W>
+void glu(const PackedProduct<W>& op, Buffer<float>& scratch) {
+  run_packed_product<true, Act>(op, scratch);
+}

@@ -1,0 +1,294 @@
+#pragma once
+/// \file detail/kernels/packed.hpp
+/// Packed weights for the kernels of detail/gemm.hpp (`PackedMatrix`, `PackedGluMatrix`), the
+/// packing of the left-hand rows (`pack_row_groups`), and the layout rules both follow.
+///
+/// A packed matrix is laid out for one kernel level (`KernelIsa`), chosen when it is packed
+/// (`kernel_isa()` by default) and kept with it: column panels of `panel_width(isa)` lanes (two
+/// vector registers of that level), each panel holding all `K` rows contiguously. A product
+/// runs the kernels of the level its weights were packed for, so the packing and the kernels
+/// always agree, whichever translation unit packed and whichever runs. Nothing here depends on
+/// the flags the including translation unit is compiled with.
+///
+/// bf16 weights (`Bf16`) pack rows of `K` in pairs (`kKGroup`), so that one 32-bit word holds
+/// the pair `(k, k + 1)` of a lane (the operand layout of AVX512-BF16's `vdpbf16ps`; the other
+/// levels split the word in registers).
+
+#include <algorithm>
+#include <cstddef>
+#include <type_traits>
+
+#include "moet/detail/bf16.hpp"
+#include "moet/detail/buffer.hpp"
+#include "moet/errors.hpp"
+#include "moet/kernel_isa.hpp"
+#include "moet/tensor.hpp"
+
+namespace moet::detail {
+
+/// Lanes per column panel of level `isa`: two vector registers (portable: two 4-float vectors).
+constexpr Index panel_width(KernelIsa isa) {
+  switch (isa) {
+    case KernelIsa::kAvx2:
+      return 16;
+    case KernelIsa::kAvx512:
+    case KernelIsa::kAvx512Bf16:
+      return 32;
+    case KernelIsa::kPortable:
+      break;
+  }
+  return 8;
+}
+
+/// The widest panel of any level (bounds the kernels' scratch).
+inline constexpr Index kMaxPanelWidth = 32;
+
+/// Bytes of alignment of packed weights (one cache line; the AVX-512 vector size).
+inline constexpr std::size_t kPackAlignBytes = kBufferAlignBytes;
+
+/// True for the element types packed weights can have: `float`, and `Bf16` (detail/bf16.hpp).
+template <class W>
+inline constexpr bool kIsPackedElement = std::is_same_v<W, float> || std::is_same_v<W, Bf16>;
+
+/// Consecutive rows of `K` packed together: 2 for bf16 (a pair per 32-bit word), 1 for float.
+template <class W>
+inline constexpr Index kKGroup = std::is_same_v<W, Bf16> ? 2 : 1;
+
+/// `k` rounded up to a multiple of `kKGroup<W>` (bf16 pads an odd `K` with a zero row).
+template <class W>
+constexpr Index padded_depth(Index k) {
+  return (k + kKGroup<W> - 1) / kKGroup<W> * kKGroup<W>;
+}
+
+/// `v` as a packed element: itself for float, rounded to nearest even for bf16.
+template <class W>
+constexpr W to_packed(float v) {
+  if constexpr (std::is_same_v<W, Bf16>) {
+    return to_bf16(v);
+  } else {
+    return v;
+  }
+}
+
+/// The float value of a packed element.
+constexpr float packed_value(float v) { return v; }
+constexpr float packed_value(Bf16 v) { return from_bf16(v); }
+
+/// Offset, inside a panel of `nr` lanes, of row `k` and lane `lane`: `[k][lane]` for float,
+/// `[k / 2][lane][k % 2]` for bf16.
+template <class W>
+constexpr Index panel_offset(Index k, Index lane, Index nr) {
+  constexpr Index kG = kKGroup<W>;
+  return (k / kG) * (nr * kG) + lane * kG + k % kG;
+}
+
+/// Storage and shape shared by the two packed kinds: `num_panels` panels of `panel_stride()`
+/// elements each, laid out for `isa`, zero where no weight is (padding), 64-byte aligned,
+/// allocated with `new` (never by Eigen) and reused by a later pack of a matrix no larger.
+template <class W>
+class PackedPanels {
+  static_assert(kIsPackedElement<W>, "packed weights are float or Bf16");
+
+ public:
+  using Element = W;
+
+  /// Rows `K` of the packed weights.
+  Index rows() const { return rows_; }
+  /// Columns of the original matrix (`N`, or `F` for a GLU pair).
+  Index cols() const { return cols_; }
+  /// Column panels.
+  Index num_panels() const { return num_panels_; }
+  /// Lanes per panel (`panel_width(isa())`).
+  Index panel_width() const { return detail::panel_width(isa_); }
+  /// Elements between the starts of two consecutive panels, `padded_depth(K) * panel_width()`.
+  Index panel_stride() const { return padded_depth<W>(rows_) * panel_width(); }
+  /// The kernel level the layout is for (the products run that level's kernels).
+  KernelIsa isa() const { return isa_; }
+  /// Start of the packed storage (64-byte aligned; null when empty).
+  const W* data() const { return data_.data(); }
+  /// Bytes of packed storage (padding included).
+  std::size_t bytes() const { return data_.size() * sizeof(W); }
+
+ protected:
+  // Shapes the storage: `num_panels` panels for a (k, cols) matrix, every element zero.
+  void shape(Index k, Index cols, Index num_panels, KernelIsa isa) {
+    require(kernel_isa_supported(isa), "PackedMatrix", "kernel level ", kernel_isa_name(isa),
+            " is not supported by this CPU (best: ", kernel_isa_name(cpu_kernel_isa()), ")");
+    require(k >= 0 && cols >= 0, "PackedMatrix", "shape must not be negative, got (", k, ", ",
+            cols, ")");
+    rows_ = k;
+    cols_ = cols;
+    isa_ = isa;
+    num_panels_ = num_panels;
+    data_.assign(static_cast<std::size_t>(num_panels_ * panel_stride()), W{});
+  }
+
+  // Writes `src` (K, width) into lanes [lane0, lane0 + lanes) of consecutive panels: panel p
+  // takes columns [p lanes, (p + 1) lanes) of `src`.
+  void write_lanes(const ConstRows<float>& src, Index lane0, Index lanes) {
+    const Index nr = panel_width();
+    for (Index p = 0; p < num_panels_; ++p) {
+      const Index j0 = p * lanes;
+      const Index width = std::min<Index>(lanes, src.cols() - j0);
+      W* panel = data_.data() + p * panel_stride();
+      for (Index k = 0; k < rows_; ++k) {
+        const float* s = src.data() + k * src.outerStride() + j0;
+        for (Index c = 0; c < width; ++c) panel[panel_offset<W>(k, lane0 + c, nr)] = to_packed<W>(s[c]);
+      }
+    }
+  }
+
+  // The packed value at row k, lane `lane` of panel p.
+  float value(Index p, Index k, Index lane) const {
+    return packed_value(
+        data_[static_cast<std::size_t>(p * panel_stride() + panel_offset<W>(k, lane, panel_width()))]);
+  }
+
+ private:
+  Index rows_ = 0;
+  Index cols_ = 0;
+  Index num_panels_ = 0;
+  KernelIsa isa_ = KernelIsa::kPortable;
+  AlignedVector<W> data_;  // num_panels panels of panel_stride() elements
+};
+
+/// A `(K, N)` right-hand matrix (expert weights) packed once for `gemm_packed`: panel `p` holds
+/// columns `[p nr, (p + 1) nr)` (`nr = panel_width()`) for all `K` rows, ordered by
+/// `panel_offset`; columns past `N` and the pad row of an odd `K` (bf16) are zero.
+///
+/// \tparam W element type: `float`, or `Bf16` (the float weights rounded to nearest even).
+///
+/// ```cpp
+/// moet::detail::PackedMatrix<float> wd(experts.down_weights(e));  // (hidden_dim, model_dim)
+/// ```
+template <class W>
+class PackedMatrix : public PackedPanels<W> {
+ public:
+  /// An empty `(0, 0)` matrix.
+  PackedMatrix() = default;
+  /// Packs `b` `(K, N)` for level `isa`.
+  explicit PackedMatrix(const ConstRows<float>& b, KernelIsa isa = kernel_isa()) { pack(b, isa); }
+
+  /// Packs `b` `(K, N)` (any row-major view, e.g. a block with an outer stride) for level `isa`,
+  /// replacing the previous contents. Throws `moet::Error` when `isa` is above what the CPU has.
+  void pack(const ConstRows<float>& b, KernelIsa isa = kernel_isa()) {
+    reset(b.rows(), b.cols(), isa);
+    this->write_lanes(b, 0, this->panel_width());
+  }
+
+  /// Shapes the storage for a `(K, N)` matrix laid out for `isa`, every element zero.
+  void reset(Index k, Index n, KernelIsa isa = kernel_isa()) {
+    const Index nr = detail::panel_width(isa);
+    this->shape(k, n, (n + nr - 1) / nr, isa);
+  }
+
+  /// The packed value of entry `(k, j)` of the original matrix (for tests and debugging).
+  float packed_coeff(Index k, Index j) const {
+    const Index nr = this->panel_width();
+    return this->value(j / nr, k, j % nr);
+  }
+};
+
+/// The gate and up weights of one gated-linear-unit expert, `Wg` and `Wu` `(K, F)`, packed
+/// together for `glu_packed` so that one packed row group of `A` feeds both products: lanes
+/// `[0, nr / 2)` of panel `p` hold `Wg` columns `[p nr / 2, (p + 1) nr / 2)`, lanes
+/// `[nr / 2, nr)` the same columns of `Wu` (one register of gate, one of up, so the epilogue
+/// `Act(g) * u` pairs registers directly). Zero padded past `F` and in the pad row of an odd
+/// `K` (bf16).
+///
+/// \tparam W element type: `float` or `Bf16`.
+template <class W>
+class PackedGluMatrix : public PackedPanels<W> {
+ public:
+  /// An empty `(0, 0)` pair.
+  PackedGluMatrix() = default;
+  /// Packs `gate` and `up`, both `(K, F)`, for level `isa`.
+  PackedGluMatrix(const ConstRows<float>& gate, const ConstRows<float>& up,
+                  KernelIsa isa = kernel_isa()) {
+    pack(gate, up, isa);
+  }
+
+  /// Packs `gate` and `up`, both `(K, F)`, replacing the previous contents. Throws
+  /// `moet::Error` when their shapes differ.
+  void pack(const ConstRows<float>& gate, const ConstRows<float>& up,
+            KernelIsa isa = kernel_isa()) {
+    require(gate.rows() == up.rows() && gate.cols() == up.cols(), "PackedGluMatrix",
+            "gate and up weights must have the same shape, got (", gate.rows(), ", ", gate.cols(),
+            ") and (", up.rows(), ", ", up.cols(), ")");
+    reset(gate.rows(), gate.cols(), isa);
+    pack_gate(gate);
+    pack_up(up);
+  }
+
+  /// Shapes the storage for `(K, F)` gate and up weights laid out for `isa`, every element zero.
+  void reset(Index k, Index f, KernelIsa isa = kernel_isa()) {
+    const Index half = detail::panel_width(isa) / 2;
+    this->shape(k, f, (f + half - 1) / half, isa);
+  }
+
+  /// Packs the gate weights `gate` `(K, F)` alone, leaving the up weights as they are (the
+  /// shape must be the one of the last `reset` or `pack`; throws `moet::Error` otherwise).
+  void pack_gate(const ConstRows<float>& gate) { pack_half(gate, 0, "gate"); }
+  /// Packs the up weights `up` `(K, F)` alone (as `pack_gate`).
+  void pack_up(const ConstRows<float>& up) { pack_half(up, this->panel_width() / 2, "up"); }
+
+  /// The packed gate (`up = false`) or up weight at `(k, j)` (for tests and debugging).
+  float packed_coeff(Index k, Index j, bool up) const {
+    const Index half = this->panel_width() / 2;
+    return this->value(j / half, k, j % half + (up ? half : 0));
+  }
+
+ private:
+  void pack_half(const ConstRows<float>& src, Index lane0, const char* which) {
+    require(src.rows() == this->rows() && src.cols() == this->cols(), "PackedGluMatrix", which,
+            " weights must be (", this->rows(), ", ", this->cols(), "), got (", src.rows(), ", ",
+            src.cols(), ")");
+    this->write_lanes(src, lane0, this->panel_width() / 2);
+  }
+};
+
+/// Rows of row group `g` of `groups` groups splitting `rows` rows as evenly as possible (the
+/// first `rows % groups` groups get one more row), and the group's first row.
+inline void row_group(Index rows, Index groups, Index g, Index& first, Index& size) {
+  const Index base = rows / groups;
+  const Index extra = rows % groups;
+  size = base + (g < extra ? 1 : 0);
+  first = g * base + std::min(g, extra);
+}
+
+/// Copies `rows` rows of `a` (row stride `lda`, `k` columns) into `dst` as `groups` packed row
+/// groups: group `g` (rows `first .. first + m`) at `dst + first k`, laid out `[k][m]`.
+inline void pack_row_groups(const float* a, Index lda, Index rows, Index k, Index groups,
+                            float* dst) {
+  for (Index g = 0; g < groups; ++g) {
+    Index first = 0;
+    Index m = 0;
+    row_group(rows, groups, g, first, m);
+    float* group = dst + first * k;
+    for (Index r = 0; r < m; ++r) {
+      const float* src = a + (first + r) * lda;
+      for (Index kk = 0; kk < k; ++kk) group[kk * m + r] = src[kk];
+    }
+  }
+}
+
+/// The bf16 form of `pack_row_groups`: rows rounded to bf16, group `g` at
+/// `dst + first padded_depth(k)`, laid out `[k / 2][m][2]` (the 32-bit pairs the bf16 kernels
+/// broadcast), an odd `k` padded with a zero column.
+inline void pack_row_groups(const float* a, Index lda, Index rows, Index k, Index groups,
+                            Bf16* dst) {
+  const Index kp = padded_depth<Bf16>(k);
+  for (Index g = 0; g < groups; ++g) {
+    Index first = 0;
+    Index m = 0;
+    row_group(rows, groups, g, first, m);
+    Bf16* group = dst + first * kp;
+    for (Index r = 0; r < m; ++r) {
+      const float* src = a + (first + r) * lda;
+      for (Index kk = 0; kk < k; ++kk) group[(kk / 2) * 2 * m + 2 * r + kk % 2] = to_bf16(src[kk]);
+      if (kp != k) group[(k / 2) * 2 * m + 2 * r + 1] = Bf16{};
+    }
+  }
+}
+
+}  // namespace moet::detail

@@ -1,0 +1,100 @@
+// No include guard: included once per AVX-512 level, in that level's namespace.
+/// \file detail/kernels/vec_avx512.inl
+/// The registers of the AVX-512 kernel levels (`KernelIsa::kAvx512`, and `kAvx512Bf16`, which
+/// adds `vdpbf16ps` for bf16 weights): one `__m512` holds 16 floats. Included by
+/// detail/gemm.hpp inside `target("avx512f,...")` regions only; `MOET_KERNEL_BF16_DOT` selects
+/// the level (defined to 1 for `kAvx512Bf16`).
+
+// (Every header it needs is included by detail/gemm.hpp before the target region.)
+
+namespace moet::detail::MOET_KERNEL_NS {
+
+/// AVX-512: 16 floats per register.
+struct Vec {
+  using Reg = __m512;
+  static constexpr int kWidth = 16;
+  static constexpr bool kVectorSilu = true;
+  static constexpr bool kDotBf16 = MOET_KERNEL_BF16_DOT;
+  /// Every lane. The zero-masked forms of some intrinsics are used with it because GCC 12's
+  /// unmasked ones pass `_mm512_undefined_ps()` through and trip `-Wmaybe-uninitialized`.
+  static constexpr __mmask16 kAll = 0xFFFF;
+
+  static MOET_ALWAYS_INLINE Reg zero() { return _mm512_setzero_ps(); }
+  static MOET_ALWAYS_INLINE Reg set1(float v) { return _mm512_set1_ps(v); }
+  static MOET_ALWAYS_INLINE Reg load(const float* p) { return _mm512_loadu_ps(p); }
+  static MOET_ALWAYS_INLINE void store(float* p, Reg v) { _mm512_storeu_ps(p, v); }
+  static MOET_ALWAYS_INLINE Reg broadcast(const float* p) { return _mm512_set1_ps(*p); }
+  static MOET_ALWAYS_INLINE Reg fma(Reg a, Reg b, Reg c) { return _mm512_fmadd_ps(a, b, c); }
+  static MOET_ALWAYS_INLINE Reg mul(Reg a, Reg b) { return _mm512_mul_ps(a, b); }
+  static MOET_ALWAYS_INLINE Reg add(Reg a, Reg b) { return _mm512_add_ps(a, b); }
+  static MOET_ALWAYS_INLINE Reg div(Reg a, Reg b) { return _mm512_div_ps(a, b); }
+  static MOET_ALWAYS_INLINE Reg max(Reg a, Reg b) { return _mm512_maskz_max_ps(kAll, a, b); }
+  static MOET_ALWAYS_INLINE Reg neg_abs(Reg x) {
+    return _mm512_castsi512_ps(
+        _mm512_or_epi32(_mm512_castps_si512(x), _mm512_set1_epi32(INT32_MIN)));
+  }
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wsign-conversion"  // GCC 12's -O0 macro casts the mask to short
+  static MOET_ALWAYS_INLINE Reg round(Reg x) {
+    return _mm512_maskz_roundscale_ps(kAll, x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+#pragma GCC diagnostic pop
+  static MOET_ALWAYS_INLINE Reg pow2(Reg n) {
+    const __m512i bits = _mm512_maskz_slli_epi32(
+        kAll, _mm512_add_epi32(_mm512_maskz_cvttps_epi32(kAll, n), _mm512_set1_epi32(127)), 23);
+    return _mm512_castsi512_ps(bits);
+  }
+  static MOET_ALWAYS_INLINE Reg zero_if_less(Reg t, float bound, Reg v) {
+    const __mmask16 less = _mm512_cmp_ps_mask(t, _mm512_set1_ps(bound), _CMP_LT_OQ);
+    return _mm512_maskz_mov_ps(static_cast<__mmask16>(~less), v);
+  }
+  static MOET_ALWAYS_INLINE Reg select_negative(Reg x, Reg if_negative, Reg otherwise) {
+    // Sign bit set <=> the integer view is negative.
+    const __mmask16 negative =
+        _mm512_cmplt_epi32_mask(_mm512_castps_si512(x), _mm512_setzero_si512());
+    return _mm512_mask_blend_ps(negative, otherwise, if_negative);
+  }
+  /// The 16 bf16 pairs at `p` as floats: `even` = first elements, `odd` = second elements.
+  static MOET_ALWAYS_INLINE void bf16_pairs(const Bf16* p, Reg& even, Reg& odd) {
+    const __m512i w = _mm512_loadu_si512(p);
+    even = _mm512_castsi512_ps(_mm512_maskz_slli_epi32(kAll, w, 16));
+    odd = _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(static_cast<std::int32_t>(0xffff0000U))));
+  }
+#if MOET_KERNEL_BF16_DOT
+  /// The 16 bf16 pairs at `p`, as `vdpbf16ps` takes them.
+  using PairReg = __m512bh;
+  static MOET_ALWAYS_INLINE PairReg load_pairs(const Bf16* p) {
+    return __builtin_bit_cast(__m512bh, _mm512_loadu_si512(p));
+  }
+  /// Broadcasts the 32-bit pair at `p` (two bf16) to every lane.
+  static MOET_ALWAYS_INLINE PairReg broadcast_pair(const Bf16* p) {
+    std::int32_t pair = 0;
+    std::memcpy(&pair, p, sizeof pair);
+    return __builtin_bit_cast(__m512bh, _mm512_set1_epi32(pair));
+  }
+  /// `acc + a.hi b.hi + a.lo b.lo` per lane (exact products, the hardware's sum rounding).
+  static MOET_ALWAYS_INLINE Reg dot_pairs(Reg acc, PairReg a, PairReg b) {
+    return _mm512_dpbf16_ps(acc, a, b);
+  }
+#endif
+};
+
+/// Blocking of the AVX-512 levels: 8 x 32 tiles (16 accumulators of 32 zmm registers) for
+/// float and for `vdpbf16ps`; with bf16 pairs split in registers, 8 rows take 16 accumulators,
+/// 4 split B registers and 2 broadcasts.
+struct Traits {
+  using V = Vec;
+  static constexpr Index kNr = 2 * Vec::kWidth;
+  template <class W>
+  static constexpr int kMr = 8;
+  template <class W>
+  static constexpr int few_row_panels(int m) {
+    if constexpr (std::is_same_v<W, Bf16> && !Vec::kDotBf16) {
+      return m == 1 ? 4 : m == 2 ? 3 : m <= 4 ? 2 : 1;  // accumulators + 4 P split registers
+    } else {
+      return m == 1 ? 4 : m == 2 ? 4 : m <= 4 ? 2 : 1;  // <= 16 accumulators
+    }
+  }
+};
+
+}  // namespace moet::detail::MOET_KERNEL_NS

@@ -24,7 +24,7 @@ TEST_CASE("cpuid detection agrees with the compiler's CPU probe", "[isa]") {
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-  const bool bf16 = __builtin_cpu_supports("avx512bf16");
+  const bool bf16 = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni");
   const KernelIsa want = avx2 && avx512 && bf16 ? KernelIsa::kAvx512Bf16
                          : avx2 && avx512       ? KernelIsa::kAvx512
                          : avx2                 ? KernelIsa::kAvx2

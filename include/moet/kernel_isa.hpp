@@ -38,7 +38,10 @@ namespace moet {
 /// | `kPortable`    | none (plain C++ vector types)                   | 4-wide        | converted in registers|
 /// | `kAvx2`        | AVX2, FMA                                       | 8-wide FMA    | converted in registers|
 /// | `kAvx512`      | AVX-512 F, BW, DQ, VL                           | 16-wide FMA   | converted in registers|
-/// | `kAvx512Bf16`  | `kAvx512` and AVX512-BF16                       | 16-wide FMA   | `vdpbf16ps`           |
+/// | `kAvx512Bf16`  | `kAvx512`, AVX512-BF16 and AVX512-VNNI          | 16-wide FMA   | `vdpbf16ps`           |
+///
+/// Block-quantised weights (`Q8_0`, `Q4_0`, `Q4_1`) run 8-bit integer dot products
+/// (`vpdpbusd`) on `kAvx512Bf16` and are dequantised to float in registers elsewhere.
 enum class KernelIsa : std::uint8_t { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 
 /// Every level, lowest first.
@@ -94,8 +97,10 @@ inline KernelIsa detect_cpu_kernel_isa() {
                       ((b >> 31) & 1U);  // F, DQ, BW, VL
   if (!avx2) return KernelIsa::kPortable;
   if (!(avx512 && zmm_state)) return KernelIsa::kAvx2;
-  // AVX512-BF16: leaf 7, sub-leaf 1, EAX bit 5.
-  if (__get_cpuid_count(7, 1, &a, &b, &c, &d) != 0 && ((a >> 5) & 1U)) {
+  // The top level also needs AVX512-VNNI (leaf 7, ECX bit 11; every CPU with BF16 has it) and
+  // AVX512-BF16 (leaf 7, sub-leaf 1, EAX bit 5).
+  const bool vnni = (c >> 11) & 1U;
+  if (vnni && __get_cpuid_count(7, 1, &a, &b, &c, &d) != 0 && ((a >> 5) & 1U)) {
     return KernelIsa::kAvx512Bf16;
   }
   return KernelIsa::kAvx512;

@@ -106,11 +106,11 @@ namespace moet::detail::isa_avx512 {
 
 #if defined(__clang__)
 #pragma clang attribute push(                                                                    \
-    __attribute__((target("avx2,fma,avx512f,avx512bw,avx512dq,avx512vl,avx512bf16"))), \
+    __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx512vnni"))), \
     apply_to = function)
 #else
 #pragma GCC push_options
-#pragma GCC target("avx2,fma,avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx512vnni")
 #endif
 #define MOET_KERNEL_NS isa_avx512bf16
 #define MOET_KERNEL_BF16_DOT 1

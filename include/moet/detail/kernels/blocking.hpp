@@ -61,8 +61,8 @@ inline constexpr Index kGemmFewRowsKc = 4096;
 inline constexpr Index kGemmStreamPrefetch = 4096;
 /// Near prefetch (into L1) along every weight panel, in floats' worth of bytes: 1 KiB ahead.
 inline constexpr Index kGemmNearPrefetch = 256;
-/// The fewest rows any level puts in a row group at most (bounds the scratch from below).
-inline constexpr Index kGemmMinMr = 4;
+/// The most panels any level's micro-kernel covers in one call.
+inline constexpr Index kGemmMaxFewPanels = 4;
 
 /// Operands of one packed product, as raw pointers (shapes already checked); `W` is the
 /// element type of the packed weights.
@@ -72,8 +72,8 @@ struct PackedProduct {
   Index lda = 0;
   Index n = 0;
   Index k = 0;
-  const W* b = nullptr;  // packed panels
-  Index b_stride = 0;    // elements between panels
+  const typename PackFormat<W>::Storage* b = nullptr;  // packed panels
+  Index b_stride = 0;                                   // storage units between panels
   Index num_panels = 0;
   float* out = nullptr;  // (n, out_cols), row stride ldo
   Index ldo = 0;
@@ -125,14 +125,17 @@ inline PackedBlocking packed_blocking(Index n, Index k, Index num_panels, Index 
 inline Index packed_scratch_floats(Index rows, Index k) {
   if (rows <= 0) return 0;
   // Packed rows of one row block over all of K (a block has at most kGemmMaxRowBlock rows: every
-  // level's row-group size divides it), bf16 pad column included.
+  // level's row-group size divides it), with the pad of the widest row group (a block of 32)
+  // and, for the quantised rows, a scale and a sum per block.
   const Index block = std::min<Index>(rows, kGemmMaxRowBlock);
-  const Index packed_a = (block * (k + 1) + 15) / 16 * 16;
+  const Index packed_a = (block * (k + kQuantBlock + 1) + 15) / 16 * 16;
   // Running sums of one column chunk between K blocks: K is blocked only with several row
   // groups (rows > Mr) and k > kGemmKc.
-  const Index partial =
-      rows > kGemmMinMr && k > kGemmKc ? block * kGemmChunkPanels * kMaxPanelWidth : 0;
-  return packed_a + partial + static_cast<Index>(kPackAlignBytes / sizeof(float));
+  const Index partial = k > kGemmKc ? block * kGemmChunkPanels * kMaxPanelWidth : 0;
+  // Block formats on levels without integer dot products: one K block of the widest call's
+  // panels, dequantised to float.
+  const Index tile = kGemmKc * kMaxPanelWidth * kGemmMaxFewPanels;
+  return packed_a + partial + tile + 2 * static_cast<Index>(kPackAlignBytes / sizeof(float));
 }
 
 /// Grows `scratch` so that `gemm_packed` and `glu_packed` on up to `max_rows` rows with inner

@@ -204,6 +204,140 @@ MOET_NOINLINE void micro_kernel(Index kc, const W* a, const W* b, Index b_stride
   store_tile<M, P, Epi>(acc, out, ldo);
 }
 
+/// The integer micro-kernel of the block formats (levels with `vpdpbusd`, `Vv::kDotI8`): an
+/// `M x P nr` tile over `kc` rows (whole blocks of 32) of `P` panels. Per block `b`, lane `c`
+/// and row `r`: `isum = sum_i code(c, i) qx(r, i)` exactly in int32 (the stored codes are
+/// unsigned, `q + offset`), then
+/// ```
+/// acc(r, c) = fma(float(isum - offset sx(r)), d(c) dx(r), acc(r, c))     [+ fma(m(c), dx(r) sx(r), acc) for Q4_1]
+/// ```
+/// with `qx`, `dx`, `sx` the row's quantised values, scale and code sum (`a`, `ad`, `as`: the
+/// group's arrays from `pack_quantized_row_groups`, already offset to the first block), and
+/// `d`, `m` the lanes' half scale and minimum. One chain per output over the blocks, in order.
+template <int M, int P, class Epi, class W, class Vv = V>
+MOET_NOINLINE void quantized_micro_kernel(Index kc, const std::int8_t* a, const float* ad,
+                                          const std::int32_t* as, const std::uint8_t* b,
+                                          Index b_stride, Index pf_offset, const float* c_in,
+                                          Index ldc_in, float* out, Index ldo) {
+  using IReg = typename Vv::IReg;
+  using L = QuantBlockLayout<W>;
+  constexpr int kW = Vv::kWidth;
+  constexpr int kRegs = 2 * P;
+  constexpr auto kRegCount = static_cast<std::size_t>(kRegs);
+  constexpr Index kNr = Traits::kNr;
+  constexpr Index kBlockUnits = kNr * PackFormat<W>::kUnitsPerLane;  // one block row of a panel
+  constexpr int kOffset = PackFormat<W>::kCodeOffset;
+
+  Tile<M, P> acc;
+  load_tile<M, P>(acc, c_in, ldc_in);
+  const std::uint8_t* bp[static_cast<std::size_t>(P)];
+  static_for<P>([&](auto p) MOET_LAMBDA_INLINE { bp[p] = b + p * b_stride; });
+  for (Index k = 0; k < kc; k += kQuantBlock) {
+    prefetch_panels<P>(bp, pf_offset);
+    IReg isum[static_cast<std::size_t>(M)][kRegCount];
+    static_for<M>([&](auto r) MOET_LAMBDA_INLINE {
+      static_for<kRegs>([&](auto q) MOET_LAMBDA_INLINE { isum[r][q] = Vv::izero(); });
+    });
+    if constexpr (std::is_same_v<W, Q8_0>) {
+      for (int grp = 0; grp < 8; ++grp) {
+        IReg wv[kRegCount];
+        static_for<kRegs>([&](auto q) MOET_LAMBDA_INLINE {
+          wv[q] = Vv::load_bytes(bp[q / 2] + L::codes(0, kNr) + grp * 4 * kNr + (q % 2) * 4 * kW);
+        });
+        static_for<M>([&](auto r) MOET_LAMBDA_INLINE {
+          const IReg xv = Vv::broadcast_word(a + grp * 4 * M + 4 * r);
+          static_for<kRegs>([&](auto q) MOET_LAMBDA_INLINE {
+            isum[r][q] = Vv::dot_u8s8(isum[r][q], wv[q], xv);
+          });
+        });
+      }
+    } else {
+      for (int w = 0; w < 4; ++w) {
+        IReg lo[kRegCount];
+        IReg hi[kRegCount];
+        static_for<kRegs>([&](auto q) MOET_LAMBDA_INLINE {
+          const IReg v =
+              Vv::load_bytes(bp[q / 2] + L::codes(0, kNr) + w * 4 * kNr + (q % 2) * 4 * kW);
+          lo[q] = Vv::low_nibbles(v);
+          hi[q] = Vv::high_nibbles(v);
+        });
+        static_for<M>([&](auto r) MOET_LAMBDA_INLINE {
+          const IReg x_lo = Vv::broadcast_word(a + w * 4 * M + 4 * r);
+          const IReg x_hi = Vv::broadcast_word(a + (w + 4) * 4 * M + 4 * r);
+          static_for<kRegs>([&](auto q) MOET_LAMBDA_INLINE {
+            isum[r][q] = Vv::dot_u8s8(Vv::dot_u8s8(isum[r][q], lo[q], x_lo), hi[q], x_hi);
+          });
+        });
+      }
+    }
+    Reg dw[kRegCount];
+    Reg mw[kRegCount]{};  // (Q4_1 only)
+    static_for<kRegs>([&](auto q) MOET_LAMBDA_INLINE {
+      dw[q] = Vv::load_halves(bp[q / 2] + L::scales(0, kNr) + (q % 2) * 2 * kW);
+      if constexpr (std::is_same_v<W, Q4_1>) {
+        mw[q] = Vv::load_halves(bp[q / 2] + L::mins(0, kNr) + (q % 2) * 2 * kW);
+      }
+    });
+    static_for<M>([&](auto r) MOET_LAMBDA_INLINE {
+      const Reg dx = Vv::set1(ad[r]);
+      const IReg correction = Vv::iset1(kOffset * as[r]);
+      static_for<kRegs>([&](auto q) MOET_LAMBDA_INLINE {
+        const Reg sum = Vv::to_float(Vv::isub(isum[r][q], correction));
+        acc[r][q] = Vv::fma(sum, Vv::mul(dw[q], dx), acc[r][q]);
+        if constexpr (std::is_same_v<W, Q4_1>) {
+          acc[r][q] = Vv::fma(mw[q], Vv::set1(ad[r] * static_cast<float>(as[r])), acc[r][q]);
+        }
+      });
+    });
+    a += kQuantBlock * M;
+    ad += M;
+    as += M;
+    static_for<P>([&](auto p) MOET_LAMBDA_INLINE { bp[p] += kBlockUnits; });
+  }
+  store_tile<M, P, Epi>(acc, out, ldo);
+}
+
+/// Dequantises rows `[0, k_len)` (whole blocks) of `p` panels of block-format weights (`b`,
+/// already offset to the first block; panels `b_stride` units apart) into float panels in
+/// `tile` (panel `q` at `tile + q k_len nr`, laid out `[k][nr]` like packed float weights): the
+/// block formats' path on levels without integer dot products.
+template <class W>
+void dequantize_panels(const std::uint8_t* b, Index b_stride, int p, Index k_len, float* tile) {
+  using L = QuantBlockLayout<W>;
+  constexpr Index kNr = Traits::kNr;
+  constexpr int kOffset = PackFormat<W>::kCodeOffset;
+  for (int q = 0; q < p; ++q) {
+    const std::uint8_t* panel = b + q * b_stride;
+    float* dst = tile + q * k_len * kNr;
+    for (Index blk = 0; blk < k_len / kQuantBlock; ++blk) {
+      float d[kNr];
+      float m[kNr] = {};
+      for (Index c = 0; c < kNr; ++c) {
+        std::uint16_t h = 0;
+        std::memcpy(&h, panel + L::scales(blk, kNr) + 2 * c, 2);
+        d[c] = from_f16(h);
+        if constexpr (std::is_same_v<W, Q4_1>) {
+          std::memcpy(&h, panel + L::mins(blk, kNr) + 2 * c, 2);
+          m[c] = from_f16(h);
+        }
+      }
+      const std::uint8_t* codes = panel + L::codes(blk, kNr);
+      float* rows = dst + blk * kQuantBlock * kNr;
+      for (Index i = 0; i < kQuantBlock; ++i) {
+        const Index j = std::is_same_v<W, Q8_0> ? i : i % (kQuantBlock / 2);
+        const std::uint8_t* word = codes + (j / 4) * 4 * kNr + j % 4;
+        for (Index c = 0; c < kNr; ++c) {
+          const int byte = word[4 * c];
+          const int code = std::is_same_v<W, Q8_0> ? byte
+                           : i < kQuantBlock / 2   ? (byte & 0xf)
+                                                   : (byte >> 4);
+          rows[i * kNr + c] = d[c] * static_cast<float>(code - kOffset) + m[c];
+        }
+      }
+    }
+  }
+}
+
 /// Runs the `m`-row micro-kernel over `p` panels (`p` is 1 or `few_row_panels(m)`).
 template <class Epi, class W>
 MOET_ALWAYS_INLINE void run_micro_kernel(int m, int p, Index kc, const W* a, const W* b,
@@ -221,45 +355,107 @@ MOET_ALWAYS_INLINE void run_micro_kernel(int m, int p, Index kc, const W* a, con
   });
 }
 
-/// The blocked loop nest shared by `gemm` (`Glu = false`) and `glu`, for float or bf16 weights
-/// (`W`; bf16 also packs `A` as bf16 and runs over `padded_depth(k)` rows).
+/// The same for the integer kernels of block format `W`.
+template <class Epi, class W>
+MOET_ALWAYS_INLINE void run_quantized_micro_kernel(int m, int p, Index kc, const std::int8_t* a,
+                                                   const float* ad, const std::int32_t* as,
+                                                   const std::uint8_t* b, Index b_stride,
+                                                   Index pf_offset, const float* c_in,
+                                                   Index ldc_in, float* out, Index ldo) {
+  static_for<Traits::template kMr<W>>([&](auto i) MOET_LAMBDA_INLINE {
+    constexpr int kRows = i + 1;
+    constexpr int kPanels = Traits::template few_row_panels<W>(kRows);
+    if (m != kRows) return;
+    if (p == 1) {
+      quantized_micro_kernel<kRows, 1, Epi, W>(kc, a, ad, as, b, b_stride, pf_offset, c_in,
+                                               ldc_in, out, ldo);
+    } else if constexpr (kPanels > 1) {
+      quantized_micro_kernel<kRows, kPanels, Epi, W>(kc, a, ad, as, b, b_stride, pf_offset, c_in,
+                                                     ldc_in, out, ldo);
+    }
+  });
+}
+
+/// How a level runs weights of type `W`: float and bf16 natively; the block formats with
+/// integer dot products where the level has them, else dequantised to float K block by K
+/// block (then the float kernels run, on float rows of `A`).
+enum class ProductMode { kNative, kIntegerDot, kDequantize };
+template <class W, class Vv = V>
+inline constexpr ProductMode kProductMode =
+    !kIsQuantized<W> ? ProductMode::kNative
+    : Vv::kDotI8     ? ProductMode::kIntegerDot
+                     : ProductMode::kDequantize;
+
+/// The blocked loop nest shared by `gemm` (`Glu = false`) and `glu`, for weights of any packed
+/// type (`W`): bf16 packs `A` as bf16; the block formats quantise `A` per block for the integer
+/// kernels or dequantise the weights (see `ProductMode`); the reduction runs over
+/// `padded_depth(k)` rows.
 template <bool Glu, class Act, class W>
 void run_packed_product(const PackedProduct<W>& op, Buffer<float>& scratch) {
+  constexpr ProductMode kMode = kProductMode<W>;
+  // The element type the rows of A are packed as, and the kernels' view of the weights.
+  using KernelW = std::conditional_t<kMode == ProductMode::kDequantize, float, W>;
+  using Storage = typename PackFormat<W>::Storage;
   constexpr Index kNr = Traits::kNr;
-  constexpr Index kMr = Traits::template kMr<W>;
+  constexpr Index kMr = Traits::template kMr<KernelW>;
   constexpr Index kOutWidth = Glu ? kNr / 2 : kNr;  // output columns per panel
   using Final = std::conditional_t<Glu, GluEpilogue<Act>, RawEpilogue>;
   const Index n = op.n;
   const Index k = padded_depth<W>(op.k);  // rows of the packed weights
   if (n == 0 || op.num_panels == 0) return;
 
-  const int one_group_panels =
-      Traits::template few_row_panels<W>(static_cast<int>(std::min<Index>(std::max<Index>(n, 1), kMr)));
-  const PackedBlocking blk = packed_blocking(n, k, op.num_panels, kMr, one_group_panels);
+  const int one_group_panels = Traits::template few_row_panels<KernelW>(
+      static_cast<int>(std::min<Index>(std::max<Index>(n, 1), kMr)));
+  PackedBlocking blk = packed_blocking(n, k, op.num_panels, kMr, one_group_panels);
+  if constexpr (kMode == ProductMode::kDequantize) {
+    // The dequantised K block lives in the scratch tile: at most kGemmKc rows.
+    if (blk.kc > kGemmKc) {
+      blk.kc = kGemmKc;
+      blk.chunk = kGemmChunkPanels;
+    }
+  }
   const Index block_rows = std::min(blk.row_block, n);
-  // Floats of scratch taken by the packed rows (bf16 ones take half as many), 64-byte multiple.
-  const Index a_elements = block_rows * k;
-  const Index packed_a =
-      (a_elements * static_cast<Index>(sizeof(W)) / static_cast<Index>(sizeof(float)) + 15) / 16 *
-      16;
+  const Index nb = k / kQuantBlock;  // blocks per row (block formats)
+  // Floats of scratch taken by the packed rows, 64-byte multiple: float or bf16 elements, or
+  // the quantised codes with a float scale and an int32 sum per row and block.
+  const Index a_bytes = kMode == ProductMode::kIntegerDot
+                            ? block_rows * (k + 8 * nb)
+                            : block_rows * k * static_cast<Index>(sizeof(KernelW));
+  const Index packed_a = (a_bytes / static_cast<Index>(sizeof(float)) + 15) / 16 * 16;
   const Index part_ld = blk.chunk * kNr;  // running sums: (block_rows, chunk * kNr)
   const bool blocked = blk.kc < k;        // K blocks > 1: running sums go through scratch
 
-  // packed_scratch_floats(n, op.k) covers every level and both element types.
+  // packed_scratch_floats(n, op.k) covers every level and element type.
   float* base = scratch.data(packed_scratch_floats(n, op.k));
   const auto misalign = reinterpret_cast<std::uintptr_t>(base) % kPackAlignBytes;
   if (misalign != 0) base += (kPackAlignBytes - misalign) / sizeof(float);
-  // (block_rows, k) as packed row groups; bf16 rows start their lifetime in the float storage.
-  W* a_pack = nullptr;
-  if constexpr (std::is_same_v<W, float>) {
+  // (block_rows, k) as packed row groups; bf16 rows and quantised codes start their lifetime
+  // in the float storage.
+  KernelW* a_pack = nullptr;
+  std::int8_t* a_codes = nullptr;
+  float* a_scales = nullptr;
+  std::int32_t* a_sums = nullptr;
+  if constexpr (kMode == ProductMode::kIntegerDot) {
+    a_codes = ::new (static_cast<void*>(base)) std::int8_t[static_cast<std::size_t>(block_rows * k)];
+    a_scales = base + (block_rows * k + 3) / 4;
+    a_sums = ::new (static_cast<void*>(a_scales + block_rows * nb))
+        std::int32_t[static_cast<std::size_t>(block_rows * nb)];
+  } else if constexpr (std::is_same_v<KernelW, float>) {
     a_pack = base;
   } else {
-    a_pack = ::new (static_cast<void*>(base)) W[static_cast<std::size_t>(a_elements)];
+    a_pack = ::new (static_cast<void*>(base)) KernelW[static_cast<std::size_t>(block_rows * k)];
   }
   float* partial = base + packed_a;  // running sums of one column chunk (when blocked)
-  // Far prefetch distance along a streamed panel, in elements (the same bytes for both types).
+  // The dequantised weights of the current K block (kDequantize).
+  float* tile = partial + (blocked ? block_rows * part_ld : 0);
+  {
+    const auto tile_misalign = reinterpret_cast<std::uintptr_t>(tile) % kPackAlignBytes;
+    if (tile_misalign != 0) tile += (kPackAlignBytes - tile_misalign) / sizeof(float);
+  }
+  // Far prefetch distance along a streamed panel, in storage units (the same bytes for every
+  // type).
   constexpr Index kStreamPrefetch =
-      kGemmStreamPrefetch * static_cast<Index>(sizeof(float) / sizeof(W));
+      kGemmStreamPrefetch * static_cast<Index>(sizeof(float) / sizeof(Storage));
 
   // Panels whose every output column exists; only the last panel can be partial.
   const Index full_panels = op.out_cols / kOutWidth;
@@ -267,7 +463,14 @@ void run_packed_product(const PackedProduct<W>& op, Buffer<float>& scratch) {
   for (Index i0 = 0; i0 < n; i0 += blk.row_block) {
     const Index rows = std::min(blk.row_block, n - i0);
     const Index groups = (rows + kMr - 1) / kMr;
-    pack_row_groups(op.a + i0 * op.lda, op.lda, rows, op.k, groups, a_pack);
+    if constexpr (kMode == ProductMode::kIntegerDot) {
+      pack_quantized_row_groups(op.a + i0 * op.lda, op.lda, rows, op.k, groups, a_codes, a_scales,
+                                a_sums);
+    } else if constexpr (kMode == ProductMode::kDequantize) {
+      pack_row_groups(op.a + i0 * op.lda, op.lda, rows, op.k, groups, a_pack, k);  // zero pad
+    } else {
+      pack_row_groups(op.a + i0 * op.lda, op.lda, rows, op.k, groups, a_pack);
+    }
 
     for (Index j0 = 0; j0 < op.num_panels; j0 += blk.chunk) {
       const Index j1 = std::min(op.num_panels, j0 + blk.chunk);
@@ -279,13 +482,15 @@ void run_packed_product(const PackedProduct<W>& op, Buffer<float>& scratch) {
           const int p =
               (blk.panels > 1 && j + blk.panels <= std::min(j1, full_panels)) ? blk.panels : 1;
           const bool edge = j >= full_panels;  // the partial last panel (then p == 1)
-          const W* b_block = op.b + j * op.b_stride + k0 * kNr;
+          const Storage* b_block = op.b + j * op.b_stride + panel_units<W>(k0, kNr);
+          if constexpr (kMode == ProductMode::kDequantize) {
+            dequantize_panels<W>(b_block, op.b_stride, p, k_len, tile);
+          }
           for (Index g = 0; g < groups; ++g) {
             Index g0 = 0;
             Index gm = 0;
             row_group(rows, groups, g, g0, gm);
             const int m = static_cast<int>(gm);
-            const W* a_block = a_pack + g0 * k + k0 * gm;
             // Far prefetch: the first group of a few-row call runs ahead along its own stream;
             // every other call fetches the same K block of the next panel, needed next.
             const Index pf_offset = blk.few && g == 0 ? kStreamPrefetch : op.b_stride;
@@ -312,19 +517,32 @@ void run_packed_product(const PackedProduct<W>& op, Buffer<float>& scratch) {
                 ld_in = kNr;
               }
             }
+            // One micro-kernel call of this mode: `pp` panels into `o` (row stride `ldo_out`).
+            const auto kernel = [&]<class Epi>(Epi /*tag*/, int pp, float* o, Index ldo_out) {
+              if constexpr (kMode == ProductMode::kIntegerDot) {
+                const Index b_off = (g0 * nb) + (k0 / kQuantBlock) * gm;
+                run_quantized_micro_kernel<Epi, W>(m, pp, k_len, a_codes + g0 * k + k0 * gm,
+                                                   a_scales + b_off, a_sums + b_off, b_block,
+                                                   op.b_stride, pf_offset, c_in, ld_in, o,
+                                                   ldo_out);
+              } else if constexpr (kMode == ProductMode::kDequantize) {
+                run_micro_kernel<Epi>(m, pp, k_len, a_pack + g0 * k + k0 * gm, tile,
+                                      k_len * kNr, k_len * kNr, c_in, ld_in, o, ldo_out);
+              } else {
+                run_micro_kernel<Epi>(m, pp, k_len, a_pack + g0 * k + k0 * gm, b_block,
+                                      op.b_stride, pf_offset, c_in, ld_in, o, ldo_out);
+              }
+            };
             if (!last) {
-              run_micro_kernel<RawEpilogue>(m, p, k_len, a_block, b_block, op.b_stride, pf_offset,
-                                            c_in, ld_in, part, part_ld);
+              kernel(RawEpilogue{}, p, part, part_ld);
             } else if (!edge) {
-              run_micro_kernel<Final>(m, p, k_len, a_block, b_block, op.b_stride, pf_offset, c_in,
-                                      ld_in, out_tile, op.ldo);
+              kernel(Final{}, p, out_tile, op.ldo);
             } else {
               // Partial last panel: run on a full-width tile, copy the existing columns.
-              alignas(kPackAlignBytes) float tile[static_cast<std::size_t>(kMr * kNr)];
-              run_micro_kernel<Final>(m, 1, k_len, a_block, b_block, op.b_stride, pf_offset, c_in,
-                                      ld_in, tile, kOutWidth);
+              alignas(kPackAlignBytes) float tile_out[static_cast<std::size_t>(kMr * kNr)];
+              kernel(Final{}, 1, tile_out, kOutWidth);
               for (Index r = 0; r < gm; ++r) {
-                std::copy(tile + r * kOutWidth, tile + r * kOutWidth + valid,
+                std::copy(tile_out + r * kOutWidth, tile_out + r * kOutWidth + valid,
                           out_tile + r * op.ldo);
               }
             }

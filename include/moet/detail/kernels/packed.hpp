@@ -13,13 +13,24 @@
 /// bf16 weights (`Bf16`) pack rows of `K` in pairs (`kKGroup`), so that one 32-bit word holds
 /// the pair `(k, k + 1)` of a lane (the operand layout of AVX512-BF16's `vdpbf16ps`; the other
 /// levels split the word in registers).
+///
+/// Block-quantised weights (`Q8_0`, `Q4_0`, `Q4_1`, detail/quant.hpp) pack blocks of 32 rows:
+/// per panel and block, the lanes' half scales (`nr` x 2 bytes; `Q4_1` then its `nr` half
+/// minimums), then the codes as unsigned bytes, grouped by 4 consecutive rows per lane (the
+/// operand layout of AVX512-VNNI's `vpdpbusd`): `Q8_0` stores `q + 128` as 8 groups
+/// `[group][lane][4]`; the 4-bit formats store 4 words per lane `[w][lane][4]` whose byte `i`
+/// holds row `4w + i` in its low nibble and row `16 + 4w + i` in its high nibble.
 
 #include <algorithm>
+#include <cmath>
 #include <cstddef>
+#include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "moet/detail/bf16.hpp"
 #include "moet/detail/buffer.hpp"
+#include "moet/detail/quant.hpp"
 #include "moet/errors.hpp"
 #include "moet/kernel_isa.hpp"
 #include "moet/tensor.hpp"
@@ -46,18 +57,70 @@ inline constexpr Index kMaxPanelWidth = 32;
 /// Bytes of alignment of packed weights (one cache line; the AVX-512 vector size).
 inline constexpr std::size_t kPackAlignBytes = kBufferAlignBytes;
 
-/// True for the element types packed weights can have: `float`, and `Bf16` (detail/bf16.hpp).
+/// The storage of packed weights of element type `W` (`float`, `Bf16`, `Q8_0`, `Q4_0`,
+/// `Q4_1`): `Storage` units, `kGroup` consecutive rows of `K` packed together, and
+/// `kUnitsPerLane` storage units per group and lane.
 template <class W>
-inline constexpr bool kIsPackedElement = std::is_same_v<W, float> || std::is_same_v<W, Bf16>;
+struct PackFormat;
+template <>
+struct PackFormat<float> {
+  using Storage = float;
+  static constexpr Index kGroup = 1;
+  static constexpr Index kUnitsPerLane = 1;
+};
+template <>
+struct PackFormat<Bf16> {
+  using Storage = Bf16;
+  static constexpr Index kGroup = 2;
+  static constexpr Index kUnitsPerLane = 2;
+};
+template <>
+struct PackFormat<Q8_0> {
+  using Storage = std::uint8_t;
+  static constexpr Index kGroup = kQuantBlock;
+  static constexpr Index kUnitsPerLane = 2 + kQuantBlock;  // scale, codes
+  static constexpr int kCodeOffset = 128;                 // stored code = q + 128
+};
+template <>
+struct PackFormat<Q4_0> {
+  using Storage = std::uint8_t;
+  static constexpr Index kGroup = kQuantBlock;
+  static constexpr Index kUnitsPerLane = 2 + kQuantBlock / 2;  // scale, nibbles
+  static constexpr int kCodeOffset = 8;                        // value = d (code - 8)
+};
+template <>
+struct PackFormat<Q4_1> {
+  using Storage = std::uint8_t;
+  static constexpr Index kGroup = kQuantBlock;
+  static constexpr Index kUnitsPerLane = 4 + kQuantBlock / 2;  // scale, minimum, nibbles
+  static constexpr int kCodeOffset = 0;                        // value = d code + m
+};
 
-/// Consecutive rows of `K` packed together: 2 for bf16 (a pair per 32-bit word), 1 for float.
+/// True for the element types packed weights can have.
 template <class W>
-inline constexpr Index kKGroup = std::is_same_v<W, Bf16> ? 2 : 1;
+inline constexpr bool kIsPackedElement =
+    std::is_same_v<W, float> || std::is_same_v<W, Bf16> || std::is_same_v<W, Q8_0> ||
+    std::is_same_v<W, Q4_0> || std::is_same_v<W, Q4_1>;
 
-/// `k` rounded up to a multiple of `kKGroup<W>` (bf16 pads an odd `K` with a zero row).
+/// True for the block-quantised element types.
+template <class W>
+inline constexpr bool kIsQuantized =
+    std::is_same_v<W, Q8_0> || std::is_same_v<W, Q4_0> || std::is_same_v<W, Q4_1>;
+
+/// Consecutive rows of `K` packed together: 32 for the block formats, 2 for bf16, 1 for float.
+template <class W>
+inline constexpr Index kKGroup = PackFormat<W>::kGroup;
+
+/// `k` rounded up to a multiple of `kKGroup<W>` (the pad rows are zero).
 template <class W>
 constexpr Index padded_depth(Index k) {
   return (k + kKGroup<W> - 1) / kKGroup<W> * kKGroup<W>;
+}
+
+/// Storage units of one panel of `nr` lanes from row 0 to row `k` (a multiple of `kKGroup`).
+template <class W>
+constexpr Index panel_units(Index k, Index nr) {
+  return k / kKGroup<W> * nr * PackFormat<W>::kUnitsPerLane;
 }
 
 /// `v` as a packed element: itself for float, rounded to nearest even for bf16.
@@ -82,15 +145,30 @@ constexpr Index panel_offset(Index k, Index lane, Index nr) {
   return (k / kG) * (nr * kG) + lane * kG + k % kG;
 }
 
+/// Where the parts of quantised block `b` of a panel of `nr` lanes start (in bytes from the
+/// panel's start): the half scales, the half minimums (`Q4_1` only), and the codes.
+template <class W>
+struct QuantBlockLayout {
+  static_assert(kIsQuantized<W>, "block formats only");
+  static constexpr Index scales(Index b, Index nr) {
+    return b * nr * PackFormat<W>::kUnitsPerLane;
+  }
+  static constexpr Index mins(Index b, Index nr) { return scales(b, nr) + 2 * nr; }
+  static constexpr Index codes(Index b, Index nr) {
+    return scales(b, nr) + (std::is_same_v<W, Q4_1> ? 4 : 2) * nr;
+  }
+};
+
 /// Storage and shape shared by the two packed kinds: `num_panels` panels of `panel_stride()`
-/// elements each, laid out for `isa`, zero where no weight is (padding), 64-byte aligned,
+/// storage units each, laid out for `isa`, zero where no weight is (padding), 64-byte aligned,
 /// allocated with `new` (never by Eigen) and reused by a later pack of a matrix no larger.
 template <class W>
 class PackedPanels {
-  static_assert(kIsPackedElement<W>, "packed weights are float or Bf16");
+  static_assert(kIsPackedElement<W>, "packed weights are float, Bf16, Q8_0, Q4_0 or Q4_1");
 
  public:
   using Element = W;
+  using Storage = typename PackFormat<W>::Storage;
 
   /// Rows `K` of the packed weights.
   Index rows() const { return rows_; }
@@ -100,14 +178,14 @@ class PackedPanels {
   Index num_panels() const { return num_panels_; }
   /// Lanes per panel (`panel_width(isa())`).
   Index panel_width() const { return detail::panel_width(isa_); }
-  /// Elements between the starts of two consecutive panels, `padded_depth(K) * panel_width()`.
-  Index panel_stride() const { return padded_depth<W>(rows_) * panel_width(); }
+  /// Storage units between the starts of two consecutive panels.
+  Index panel_stride() const { return panel_units<W>(padded_depth<W>(rows_), panel_width()); }
   /// The kernel level the layout is for (the products run that level's kernels).
   KernelIsa isa() const { return isa_; }
   /// Start of the packed storage (64-byte aligned; null when empty).
-  const W* data() const { return data_.data(); }
+  const Storage* data() const { return data_.data(); }
   /// Bytes of packed storage (padding included).
-  std::size_t bytes() const { return data_.size() * sizeof(W); }
+  std::size_t bytes() const { return data_.size() * sizeof(Storage); }
 
  protected:
   // Shapes the storage: `num_panels` panels for a (k, cols) matrix, every element zero.
@@ -120,28 +198,100 @@ class PackedPanels {
     cols_ = cols;
     isa_ = isa;
     num_panels_ = num_panels;
-    data_.assign(static_cast<std::size_t>(num_panels_ * panel_stride()), W{});
+    data_.assign(static_cast<std::size_t>(num_panels_ * panel_stride()), Storage{});
   }
 
   // Writes `src` (K, width) into lanes [lane0, lane0 + lanes) of consecutive panels: panel p
-  // takes columns [p lanes, (p + 1) lanes) of `src`.
+  // takes columns [p lanes, (p + 1) lanes) of `src`. Block formats quantise each column's
+  // blocks of 32 rows (the rows past K count as zeros).
   void write_lanes(const ConstRows<float>& src, Index lane0, Index lanes) {
     const Index nr = panel_width();
     for (Index p = 0; p < num_panels_; ++p) {
       const Index j0 = p * lanes;
       const Index width = std::min<Index>(lanes, src.cols() - j0);
-      W* panel = data_.data() + p * panel_stride();
-      for (Index k = 0; k < rows_; ++k) {
-        const float* s = src.data() + k * src.outerStride() + j0;
-        for (Index c = 0; c < width; ++c) panel[panel_offset<W>(k, lane0 + c, nr)] = to_packed<W>(s[c]);
+      Storage* panel = data_.data() + p * panel_stride();
+      if constexpr (kIsQuantized<W>) {
+        float x[kQuantBlock];
+        typename W::Block block{};
+        for (Index c = 0; c < width; ++c) {
+          for (Index b0 = 0; b0 < rows_; b0 += kQuantBlock) {
+            for (Index i = 0; i < kQuantBlock; ++i) {
+              x[i] = b0 + i < rows_ ? src(b0 + i, j0 + c) : 0.0f;
+              require(std::isfinite(x[i]), "PackedMatrix", W::kName,
+                      " weights must be finite, got ", x[i], " at row ", b0 + i, ", column ",
+                      j0 + c);
+            }
+            quantize_block(x, block);
+            bool fits = std::isfinite(from_f16(block.d));
+            if constexpr (std::is_same_v<W, Q4_1>) fits = fits && std::isfinite(from_f16(block.m));
+            require(fits, "PackedMatrix", W::kName, " block of rows [", b0, ", ",
+                    b0 + kQuantBlock, "), column ", j0 + c,
+                    ": its scale does not fit half precision (weights up to 6e4 times the "
+                    "largest code)");
+            write_block(panel, b0 / kQuantBlock, lane0 + c, block);
+          }
+        }
+      } else {
+        for (Index k = 0; k < rows_; ++k) {
+          const float* s = src.data() + k * src.outerStride() + j0;
+          for (Index c = 0; c < width; ++c) {
+            panel[panel_offset<W>(k, lane0 + c, nr)] = to_packed<W>(s[c]);
+          }
+        }
+      }
+    }
+  }
+
+  // Block formats: writes `block` as block `b` of lane `lane` of `panel`.
+  void write_block(Storage* panel, Index b, Index lane, const typename W::Block& block) {
+    using L = QuantBlockLayout<W>;
+    const Index nr = panel_width();
+    std::memcpy(panel + L::scales(b, nr) + 2 * lane, &block.d, 2);
+    std::uint8_t* codes = panel + L::codes(b, nr);
+    if constexpr (std::is_same_v<W, Q8_0>) {
+      for (Index i = 0; i < kQuantBlock; ++i) {
+        codes[(i / 4) * 4 * nr + 4 * lane + i % 4] =
+            static_cast<std::uint8_t>(block_code(block, i) + PackFormat<W>::kCodeOffset);
+      }
+    } else {
+      if constexpr (std::is_same_v<W, Q4_1>) std::memcpy(panel + L::mins(b, nr) + 2 * lane, &block.m, 2);
+      for (Index i = 0; i < kQuantBlock / 2; ++i) {
+        const auto lo = static_cast<unsigned>(block_code(block, i));
+        const auto hi = static_cast<unsigned>(block_code(block, i + kQuantBlock / 2));
+        codes[(i / 4) * 4 * nr + 4 * lane + i % 4] = static_cast<std::uint8_t>(lo | (hi << 4));
       }
     }
   }
 
   // The packed value at row k, lane `lane` of panel p.
   float value(Index p, Index k, Index lane) const {
-    return packed_value(
-        data_[static_cast<std::size_t>(p * panel_stride() + panel_offset<W>(k, lane, panel_width()))]);
+    const Index nr = panel_width();
+    const Storage* panel = data_.data() + p * panel_stride();
+    if constexpr (kIsQuantized<W>) {
+      using L = QuantBlockLayout<W>;
+      const Index b = k / kQuantBlock;
+      const Index i = k % kQuantBlock;
+      std::uint16_t d = 0;
+      std::memcpy(&d, panel + L::scales(b, nr) + 2 * lane, 2);
+      const std::uint8_t* codes = panel + L::codes(b, nr);
+      if constexpr (std::is_same_v<W, Q8_0>) {
+        const int q = codes[(i / 4) * 4 * nr + 4 * lane + i % 4] - PackFormat<W>::kCodeOffset;
+        return from_f16(d) * static_cast<float>(q);
+      } else {
+        const Index j = i % (kQuantBlock / 2);
+        const std::uint8_t byte = codes[(j / 4) * 4 * nr + 4 * lane + j % 4];
+        const int q = i < kQuantBlock / 2 ? (byte & 0xf) : (byte >> 4);
+        if constexpr (std::is_same_v<W, Q4_1>) {
+          std::uint16_t m = 0;
+          std::memcpy(&m, panel + L::mins(b, nr) + 2 * lane, 2);
+          return from_f16(d) * static_cast<float>(q) + from_f16(m);
+        } else {
+          return from_f16(d) * static_cast<float>(q - PackFormat<W>::kCodeOffset);
+        }
+      }
+    } else {
+      return packed_value(panel[panel_offset<W>(k, lane, nr)]);
+    }
   }
 
  private:
@@ -149,14 +299,15 @@ class PackedPanels {
   Index cols_ = 0;
   Index num_panels_ = 0;
   KernelIsa isa_ = KernelIsa::kPortable;
-  AlignedVector<W> data_;  // num_panels panels of panel_stride() elements
+  AlignedVector<Storage> data_;  // num_panels panels of panel_stride() units
 };
 
 /// A `(K, N)` right-hand matrix (expert weights) packed once for `gemm_packed`: panel `p` holds
 /// columns `[p nr, (p + 1) nr)` (`nr = panel_width()`) for all `K` rows, ordered by
 /// `panel_offset`; columns past `N` and the pad row of an odd `K` (bf16) are zero.
 ///
-/// \tparam W element type: `float`, or `Bf16` (the float weights rounded to nearest even).
+/// \tparam W element type: `float`, `Bf16` (the float weights rounded to nearest even), or a
+///   block format (`Q8_0`, `Q4_0`, `Q4_1`: each column's blocks of 32 rows quantised).
 ///
 /// ```cpp
 /// moet::detail::PackedMatrix<float> wd(experts.down_weights(e));  // (hidden_dim, model_dim)
@@ -196,7 +347,7 @@ class PackedMatrix : public PackedPanels<W> {
 /// `Act(g) * u` pairs registers directly). Zero padded past `F` and in the pad row of an odd
 /// `K` (bf16).
 ///
-/// \tparam W element type: `float` or `Bf16`.
+/// \tparam W element type (as `PackedMatrix`).
 template <class W>
 class PackedGluMatrix : public PackedPanels<W> {
  public:
@@ -257,17 +408,20 @@ inline void row_group(Index rows, Index groups, Index g, Index& first, Index& si
 }
 
 /// Copies `rows` rows of `a` (row stride `lda`, `k` columns) into `dst` as `groups` packed row
-/// groups: group `g` (rows `first .. first + m`) at `dst + first k`, laid out `[k][m]`.
+/// groups: group `g` (rows `first .. first + m`) at `dst + first kp`, laid out `[kp][m]`, the
+/// columns `[k, kp)` zero (`kp >= k`: the padded depth of block-format weights; `k` by default).
 inline void pack_row_groups(const float* a, Index lda, Index rows, Index k, Index groups,
-                            float* dst) {
+                            float* dst, Index kp = -1) {
+  if (kp < k) kp = k;
   for (Index g = 0; g < groups; ++g) {
     Index first = 0;
     Index m = 0;
     row_group(rows, groups, g, first, m);
-    float* group = dst + first * k;
+    float* group = dst + first * kp;
     for (Index r = 0; r < m; ++r) {
       const float* src = a + (first + r) * lda;
       for (Index kk = 0; kk < k; ++kk) group[kk * m + r] = src[kk];
+      for (Index kk = k; kk < kp; ++kk) group[kk * m + r] = 0.0f;
     }
   }
 }
@@ -287,6 +441,45 @@ inline void pack_row_groups(const float* a, Index lda, Index rows, Index k, Inde
       const float* src = a + (first + r) * lda;
       for (Index kk = 0; kk < k; ++kk) group[(kk / 2) * 2 * m + 2 * r + kk % 2] = to_bf16(src[kk]);
       if (kp != k) group[(k / 2) * 2 * m + 2 * r + 1] = Bf16{};
+    }
+  }
+}
+
+/// The rows of `A` quantised for the integer kernels (block formats on levels with
+/// `vpdpbusd`): each row's blocks of 32 values become 8-bit codes `qx = round(x / dx)` with
+/// `dx = max|x| / 127` (as ggml's `Q8_0`, with a float scale; rows past `k` are zero), stored
+/// per group `g` (rows `first .. first + m`, `kp = padded_depth(k)`, `nb = kp / 32`):
+/// - codes at `codes + first kp`, laid out `[block][4-row group][m][4]` (one 32-bit word per
+///   row and 4 consecutive values, the broadcast operand of `vpdpbusd`);
+/// - `dx` at `scales + first nb` and `sum(qx)` at `sums + first nb`, laid out `[block][m]`.
+inline void pack_quantized_row_groups(const float* a, Index lda, Index rows, Index k, Index groups,
+                                      std::int8_t* codes, float* scales, std::int32_t* sums) {
+  const Index kp = (k + kQuantBlock - 1) / kQuantBlock * kQuantBlock;
+  const Index nb = kp / kQuantBlock;
+  for (Index g = 0; g < groups; ++g) {
+    Index first = 0;
+    Index m = 0;
+    row_group(rows, groups, g, first, m);
+    std::int8_t* group = codes + first * kp;
+    for (Index r = 0; r < m; ++r) {
+      const float* src = a + (first + r) * lda;
+      for (Index b = 0; b < nb; ++b) {
+        float amax = 0.0f;
+        const Index len = std::min<Index>(kQuantBlock, k - b * kQuantBlock);
+        for (Index i = 0; i < len; ++i) amax = std::max(amax, std::abs(src[b * kQuantBlock + i]));
+        const float d = amax / 127.0f;
+        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        std::int32_t sum = 0;
+        std::int8_t* block = group + b * kQuantBlock * m;
+        for (Index i = 0; i < kQuantBlock; ++i) {
+          const auto q = i < len ? static_cast<std::int8_t>(std::round(src[b * kQuantBlock + i] * id))
+                                 : std::int8_t{0};
+          block[(i / 4) * 4 * m + 4 * r + i % 4] = q;
+          sum += q;
+        }
+        scales[(first * nb) + b * m + r] = d;
+        sums[(first * nb) + b * m + r] = sum;
+      }
     }
   }
 }

@@ -13,6 +13,7 @@ struct Vec {
   static constexpr int kWidth = 8;
   static constexpr bool kVectorSilu = true;
   static constexpr bool kDotBf16 = false;
+  static constexpr bool kDotI8 = false;
 
   static MOET_ALWAYS_INLINE Reg zero() { return _mm256_setzero_ps(); }
   static MOET_ALWAYS_INLINE Reg set1(float v) { return _mm256_set1_ps(v); }

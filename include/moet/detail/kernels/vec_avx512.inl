@@ -14,7 +14,9 @@ struct Vec {
   using Reg = __m512;
   static constexpr int kWidth = 16;
   static constexpr bool kVectorSilu = true;
+  /// `vdpbf16ps` for bf16 weights and `vpdpbusd` for block-quantised ones (the top level).
   static constexpr bool kDotBf16 = MOET_KERNEL_BF16_DOT;
+  static constexpr bool kDotI8 = MOET_KERNEL_BF16_DOT;
   /// Every lane. The zero-masked forms of some intrinsics are used with it because GCC 12's
   /// unmasked ones pass `_mm512_undefined_ps()` through and trip `-Wmaybe-uninitialized`.
   static constexpr __mmask16 kAll = 0xFFFF;
@@ -76,20 +78,55 @@ struct Vec {
   static MOET_ALWAYS_INLINE Reg dot_pairs(Reg acc, PairReg a, PairReg b) {
     return _mm512_dpbf16_ps(acc, a, b);
   }
+
+  /// 16 int32 lanes (the integer kernels of the block formats).
+  using IReg = __m512i;
+  static MOET_ALWAYS_INLINE IReg izero() { return _mm512_setzero_si512(); }
+  static MOET_ALWAYS_INLINE IReg iset1(std::int32_t v) { return _mm512_set1_epi32(v); }
+  static MOET_ALWAYS_INLINE IReg isub(IReg a, IReg b) { return _mm512_sub_epi32(a, b); }
+  static MOET_ALWAYS_INLINE Reg to_float(IReg v) { return _mm512_maskz_cvtepi32_ps(kAll, v); }
+  /// 64 bytes at `p`.
+  static MOET_ALWAYS_INLINE IReg load_bytes(const std::uint8_t* p) { return _mm512_loadu_si512(p); }
+  /// The 32-bit word at `p` (4 signed codes) in every lane.
+  static MOET_ALWAYS_INLINE IReg broadcast_word(const std::int8_t* p) {
+    std::int32_t word = 0;
+    std::memcpy(&word, p, sizeof word);
+    return _mm512_set1_epi32(word);
+  }
+  /// Per lane, `acc + sum_i u[i] s[i]` over its 4 bytes: unsigned `u`, signed `s` (exact).
+  static MOET_ALWAYS_INLINE IReg dot_u8s8(IReg acc, IReg u, IReg s) {
+    return _mm512_dpbusd_epi32(acc, u, s);
+  }
+  /// The low and high nibble of every byte, as bytes.
+  static MOET_ALWAYS_INLINE IReg low_nibbles(IReg v) {
+    return _mm512_and_si512(v, _mm512_set1_epi32(0x0f0f0f0f));
+  }
+  static MOET_ALWAYS_INLINE IReg high_nibbles(IReg v) {
+    return _mm512_and_si512(_mm512_maskz_srli_epi32(kAll, v, 4), _mm512_set1_epi32(0x0f0f0f0f));
+  }
+  /// 16 half floats at `p` as floats.
+  static MOET_ALWAYS_INLINE Reg load_halves(const std::uint8_t* p) {
+    return _mm512_maskz_cvtph_ps(kAll, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
 #endif
 };
 
 /// Blocking of the AVX-512 levels: 8 x 32 tiles (16 accumulators of 32 zmm registers) for
 /// float and for `vdpbf16ps`; with bf16 pairs split in registers, 8 rows take 16 accumulators,
-/// 4 split B registers and 2 broadcasts.
+/// 4 split B registers and 2 broadcasts; the integer kernels take 6 x 32 tiles (24
+/// accumulators, 4 registers of codes, 2 of scales).
 struct Traits {
   using V = Vec;
   static constexpr Index kNr = 2 * Vec::kWidth;
+  /// Rows per tile: 8; 6 for the integer kernels of the block formats (per row two float and
+  /// two int32 accumulators per panel).
   template <class W>
-  static constexpr int kMr = 8;
+  static constexpr int kMr = kIsQuantized<W> ? 6 : 8;
   template <class W>
   static constexpr int few_row_panels(int m) {
-    if constexpr (std::is_same_v<W, Bf16> && !Vec::kDotBf16) {
+    if constexpr (kIsQuantized<W>) {
+      return m <= 2 ? 2 : 1;
+    } else if constexpr (std::is_same_v<W, Bf16> && !Vec::kDotBf16) {
       return m == 1 ? 4 : m == 2 ? 3 : m <= 4 ? 2 : 1;  // accumulators + 4 P split registers
     } else {
       return m == 1 ? 4 : m == 2 ? 4 : m <= 4 ? 2 : 1;  // <= 16 accumulators

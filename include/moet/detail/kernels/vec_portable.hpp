@@ -26,6 +26,8 @@ struct Vec {
   static constexpr bool kVectorSilu = false;
   /// No bf16 dot-product instruction: bf16 pairs are split into floats in registers.
   static constexpr bool kDotBf16 = false;
+  /// No 8-bit integer dot products: block-quantised weights are dequantised to float.
+  static constexpr bool kDotI8 = false;
 
   static MOET_ALWAYS_INLINE Reg zero() { return Reg{}; }
   static MOET_ALWAYS_INLINE Reg set1(float v) { return Reg{v, v, v, v}; }

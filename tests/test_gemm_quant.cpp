@@ -1,0 +1,272 @@
+// Block-quantised weights (detail/quant.hpp, PackedMatrix<Q8_0/Q4_0/Q4_1>): half precision
+// against the CPU's own conversion, the quantisers' rounding bounds and edge blocks, the packed
+// layout against blocks quantised column by column, and gemm_packed / glu_packed on every
+// kernel level against double products of the dequantised weights with the activations the
+// level multiplies (8-bit block-quantised on the integer-dot level, float elsewhere), over odd
+// depths, partial panels and 1-300 rows; rows bit-identical alone and inside a block.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include <catch2/catch.hpp>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+#include "moet/detail/buffer.hpp"
+#include "moet/detail/gemm.hpp"
+#include "moet/detail/quant.hpp"
+#include "moet/errors.hpp"
+
+#include "gemm_test_util.hpp"
+
+namespace {
+
+using namespace moet_test;  // NOLINT(google-build-using-namespace)
+using moet::detail::kQuantBlock;
+
+#if defined(__x86_64__) || defined(__i386__)
+// The CPU's own conversions (F16C), an oracle independent of quant.hpp.
+__attribute__((target("f16c"))) std::uint16_t f16c_round(float v) {
+  return static_cast<std::uint16_t>(
+      _mm_extract_epi16(_mm_cvtps_ph(_mm_set_ss(v), _MM_FROUND_TO_NEAREST_INT), 0));
+}
+__attribute__((target("f16c"))) float f16c_value(std::uint16_t h) {
+  return _mm_cvtss_f32(_mm_cvtph_ps(_mm_set1_epi16(static_cast<short>(h))));
+}
+#endif
+
+// True when the kernel level multiplies block-format weights with 8-bit integer dot products
+// (and so quantises the activations); the other levels dequantise the weights to float.
+bool integer_dot(KernelIsa isa) { return isa == KernelIsa::kAvx512Bf16; }
+
+// The activations an integer-dot level multiplies: each row's blocks of 32 quantised to 8 bits
+// with a float scale max|x| / 127, rounded half away from zero (written out independently of
+// pack_quantized_row_groups).
+Matrix quantized_activations(const Matrix& a) {
+  Matrix out(a.rows(), a.cols());
+  for (Index r = 0; r < a.rows(); ++r) {
+    for (Index b0 = 0; b0 < a.cols(); b0 += kQuantBlock) {
+      const Index len = std::min<Index>(kQuantBlock, a.cols() - b0);
+      float amax = 0.0f;
+      for (Index i = 0; i < len; ++i) amax = std::max(amax, std::abs(a(r, b0 + i)));
+      const float d = amax / 127.0f;
+      const float id = d != 0.0f ? 1.0f / d : 0.0f;
+      for (Index i = 0; i < len; ++i) out(r, b0 + i) = d * std::round(a(r, b0 + i) * id);
+    }
+  }
+  return out;
+}
+
+template <class W>
+Matrix dequantized(const moet::detail::PackedMatrix<W>& p) {
+  Matrix out(p.rows(), p.cols());
+  for (Index k = 0; k < p.rows(); ++k) {
+    for (Index j = 0; j < p.cols(); ++j) out(k, j) = p.packed_coeff(k, j);
+  }
+  return out;
+}
+
+template <class W>
+Matrix dequantized_glu(const moet::detail::PackedGluMatrix<W>& p, bool up) {
+  Matrix out(p.rows(), p.cols());
+  for (Index k = 0; k < p.rows(); ++k) {
+    for (Index j = 0; j < p.cols(); ++j) out(k, j) = p.packed_coeff(k, j, up);
+  }
+  return out;
+}
+
+const std::vector<Index> kRows = {1, 2, 3, 5, 6, 7, 8, 9, 13, 64, 150, 300};
+const std::vector<Index> kInner = {1, 31, 32, 33, 100, 256, 300, 520};
+const std::vector<Index> kCols = {1, 15, 16, 17, 33, 100};
+
+}  // namespace
+
+TEST_CASE("to_f16 and from_f16 agree with the CPU's half conversions", "[quant][f16]") {
+#if defined(__x86_64__) || defined(__i386__)
+  // Every half value converts back exactly.
+  for (std::uint32_t h = 0; h < 0x10000U; ++h) {
+    const auto bits = static_cast<std::uint16_t>(h);
+    const float want = f16c_value(bits);
+    const float got = moet::detail::from_f16(bits);
+    if (std::isnan(want)) {
+      REQUIRE(std::isnan(got));
+    } else {
+      INFO("half 0x" << std::hex << h);
+      REQUIRE(std::bit_cast<std::uint32_t>(got) == std::bit_cast<std::uint32_t>(want));
+    }
+  }
+  // Rounding: random floats of every magnitude, ties, the subnormal and overflow edges.
+  std::mt19937 gen(5);
+  std::uniform_int_distribution<std::uint32_t> any;
+  std::vector<float> values = {0.0f,      -0.0f,     65504.0f, 65519.0f, 65520.0f, 1e10f,
+                               0x1p-24f,  0x1p-25f,  0x1.8p-25f, 0x1p-26f, 0x1p-14f, 0x1.ffcp-15f,
+                               1.0f + 0x1p-11f, 1.0f + 0x3p-11f, std::numeric_limits<float>::infinity()};
+  for (int i = 0; i < 200000; ++i) {
+    const float v = std::bit_cast<float>(any(gen));
+    if (!std::isnan(v)) values.push_back(v);
+  }
+  for (const float v : values) {
+    INFO("v = " << v);
+    REQUIRE(moet::detail::to_f16(v) == f16c_round(v));
+    REQUIRE(moet::detail::to_f16(-v) == f16c_round(-v));
+  }
+  CHECK(std::isnan(moet::detail::from_f16(moet::detail::to_f16(std::nanf("")))));
+#else
+  SUCCEED("no F16C oracle on this architecture");
+#endif
+}
+
+TEMPLATE_TEST_CASE("Block quantisers stay within half a step and handle edge blocks",
+                   "[quant]", moet::detail::BlockQ8_0, moet::detail::BlockQ4_0,
+                   moet::detail::BlockQ4_1) {
+  using Block = TestType;
+  std::mt19937 gen(11);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (int trial = 0; trial < 2000; ++trial) {
+    float x[kQuantBlock];
+    // Scales whose half is a normal number (tiny blocks get subnormal half scales and lose
+    // relative precision, as in GGUF files).
+    const float scale = std::ldexp(1.0f, trial % 12 - 4);
+    for (float& v : x) v = normal(gen) * scale;
+    if (trial % 7 == 0) x[trial % kQuantBlock] *= 1000.0f;  // one huge weight
+    Block block{};
+    moet::detail::quantize_block(x, block);
+    double m = 0.0;
+    if constexpr (std::is_same_v<Block, moet::detail::BlockQ4_1>) {
+      m = std::abs(moet::detail::from_f16(block.m));
+    }
+    const double d = std::abs(moet::detail::from_f16(block.d));
+    if (!std::isfinite(d) || !std::isfinite(m)) continue;  // refused by the packer (below)
+    for (Index i = 0; i < kQuantBlock; ++i) {
+      const int code = moet::detail::block_code(block, i);
+      const double got = moet::detail::block_value(block, i);
+      const double err = std::abs(got - static_cast<double>(x[i]));
+      // Half a step, plus the rounding of the scale to half precision (2^-11 relative) times
+      // the largest code; the 4-bit formats may clamp the top code (a whole step).
+      const double max_code = std::is_same_v<Block, moet::detail::BlockQ8_0> ? 127.0 : 16.0;
+      const double bound = (code == 15 && !std::is_same_v<Block, moet::detail::BlockQ8_0> ? 1.0 : 0.5) * d +
+                           std::ldexp(1.0, -10) * (d * max_code + m) + 1e-30;
+      INFO("trial " << trial << " i " << i << " x " << x[i] << " value " << got << " d " << d);
+      REQUIRE(err <= bound * (1.0 + 1e-6));
+      if constexpr (std::is_same_v<Block, moet::detail::BlockQ8_0>) {
+        REQUIRE((code >= -127 && code <= 127));
+      } else {
+        REQUIRE((code >= 0 && code <= 15));
+      }
+    }
+  }
+  // An all-zero block: scale 0, every value exactly 0.
+  const float zeros[kQuantBlock] = {};
+  Block block{};
+  moet::detail::quantize_block(zeros, block);
+  CHECK(moet::detail::from_f16(block.d) == 0.0f);
+  for (Index i = 0; i < kQuantBlock; ++i) CHECK(moet::detail::block_value(block, i) == 0.0f);
+}
+
+TEMPLATE_TEST_CASE("Block-format packing holds each column's quantised blocks, every level",
+                   "[quant][pack]", moet::detail::Q8_0, moet::detail::Q4_0, moet::detail::Q4_1) {
+  using W = TestType;
+  const KernelIsa isa = GENERATE(from_range(supported_isas()));
+  INFO(kernel_isa_name(isa));
+  for (const Index k : {1, 32, 33, 70}) {
+    for (const Index n : {1, 15, 33}) {
+      const Matrix b = random_matrix(k, n, static_cast<std::uint32_t>(k * 100 + n));
+      const moet::detail::PackedMatrix<W> packed(b, isa);
+      INFO("k " << k << " n " << n);
+      REQUIRE(packed.rows() == k);
+      REQUIRE(packed.cols() == n);
+      for (Index j = 0; j < n; ++j) {
+        for (Index b0 = 0; b0 < k; b0 += kQuantBlock) {
+          float x[kQuantBlock] = {};
+          for (Index i = 0; i < kQuantBlock && b0 + i < k; ++i) x[i] = b(b0 + i, j);
+          typename W::Block block{};
+          moet::detail::quantize_block(x, block);
+          for (Index i = 0; i < kQuantBlock && b0 + i < k; ++i) {
+            REQUIRE(packed.packed_coeff(b0 + i, j) == moet::detail::block_value(block, i));
+          }
+        }
+      }
+    }
+  }
+  // Non-finite weights are refused with the position, and so is a block whose scale (or
+  // minimum) does not fit half precision.
+  Matrix bad = random_matrix(40, 3, 1);
+  bad(35, 2) = std::numeric_limits<float>::quiet_NaN();
+  CHECK_THROWS_WITH(moet::detail::PackedMatrix<W>(bad, isa),
+                    Catch::Contains("finite") && Catch::Contains("row 35, column 2"));
+  Matrix huge = random_matrix(40, 3, 2);
+  huge(3, 1) = -3e9f;
+  CHECK_THROWS_WITH(moet::detail::PackedMatrix<W>(huge, isa),
+                    Catch::Contains("half precision") && Catch::Contains("column 1"));
+}
+
+TEMPLATE_TEST_CASE("Block-format gemm_packed and glu_packed equal double products of what the "
+                   "level multiplies",
+                   "[quant][gemm]", moet::detail::Q8_0, moet::detail::Q4_0, moet::detail::Q4_1) {
+  using W = TestType;
+  const KernelIsa isa = GENERATE(from_range(supported_isas()));
+  INFO(kernel_isa_name(isa) << " " << W::kName);
+  moet::detail::Buffer<float> scratch;
+  std::uint32_t seed = 17;
+  for (const Index k : kInner) {
+    for (const Index n_cols : kCols) {
+      const Matrix b = random_matrix(k, n_cols, seed++);
+      const Matrix wu = random_matrix(k, n_cols, seed++);
+      const moet::detail::PackedMatrix<W> packed(b, isa);
+      const moet::detail::PackedGluMatrix<W> glu(b, wu, isa);
+      const Matrix bq = dequantized(packed);
+      const Matrix gq = dequantized_glu(glu, false);
+      const Matrix uq = dequantized_glu(glu, true);
+      for (const Index n : kRows) {
+        const Matrix a = random_matrix(n, k, seed++);
+        const Matrix ax = integer_dot(isa) ? quantized_activations(a) : a;
+        INFO("n " << n << " k " << k << " cols " << n_cols);
+        Matrix c(n, n_cols);
+        moet::detail::gemm_packed(a, packed, c, false, scratch);
+        REQUIRE(scaled_error(c, naive_product(ax, bq), ax, bq) <= 1e-5);
+        const Matrix c0 = random_matrix(n, n_cols, seed++);
+        Matrix acc = c0;
+        moet::detail::gemm_packed(a, packed, acc, true, scratch);
+        REQUIRE(accumulate_error_ratio(acc, ax, bq, c0) <= 1.0);
+        if (n % 3 == 0 || n < 3) {
+          Matrix h(n, n_cols);
+          moet::detail::glu_packed<moet::Silu>(a, glu, h, scratch);
+          REQUIRE(glu_error_ratio(h, ax, gq, uq, silu_ref) <= 1.0);
+        }
+      }
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE("Block-format rows are bit-identical alone and inside any block",
+                   "[quant][gemm][determinism]", moet::detail::Q8_0, moet::detail::Q4_0,
+                   moet::detail::Q4_1) {
+  using W = TestType;
+  const KernelIsa isa = GENERATE(from_range(supported_isas()));
+  INFO(kernel_isa_name(isa));
+  const Matrix a = random_matrix(157, 600, 3);
+  const Matrix b = random_matrix(600, 100, 4);
+  const moet::detail::PackedMatrix<W> packed(b, isa);
+  const moet::detail::PackedGluMatrix<W> glu(b, random_matrix(600, 100, 5), isa);
+  moet::detail::Buffer<float> scratch;
+  Matrix c_all(157, 100);
+  Matrix h_all(157, 100);
+  moet::detail::gemm_packed(a, packed, c_all, false, scratch);
+  moet::detail::glu_packed(a, glu, h_all, scratch);
+  for (const Index n : {1, 2, 3, 7, 8, 9, 13, 64}) {
+    for (const Index first : {Index{0}, Index{5}, 157 - n}) {
+      Matrix c(n, 100);
+      Matrix h(n, 100);
+      moet::detail::gemm_packed(a.middleRows(first, n), packed, c, false, scratch);
+      moet::detail::glu_packed(a.middleRows(first, n), glu, h, scratch);
+      INFO("rows " << n << " from " << first);
+      REQUIRE(bit_identical(c, c_all.middleRows(first, n)));
+      REQUIRE(bit_identical(h, h_all.middleRows(first, n)));
+    }
+  }
+}

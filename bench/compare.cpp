@@ -265,12 +265,17 @@ double now_ms() {
 
 // --- machine measurements ---------------------------------------------------------------------
 
-/// A buffer larger than the last-level cache: read once before each timed run to evict the
-/// weights (so decode runs stream them from DRAM), and the bandwidth probe's source.
+/// The cache flush and the bandwidth probe. Before each timed run, every thread writes its
+/// share of a 256 MiB buffer (larger than all the cores' last-level caches together; a write,
+/// as the peers' benchmarks flush, so that no weight line survives in any cache level and
+/// decode runs stream their weights from DRAM). The bandwidth probe reads a 128 MiB buffer.
 struct Memory {
-  static constexpr Index kFloats = Index{32} << 20;  // 128 MiB
+  static constexpr Index kFloats = Index{32} << 20;        // 128 MiB read by the probe
+  static constexpr Index kFlushFloats = Index{64} << 20;   // 256 MiB written by the flush
   std::vector<float> data = std::vector<float>(static_cast<std::size_t>(kFloats), 1.0f);
+  std::vector<float> scrub = std::vector<float>(static_cast<std::size_t>(kFlushFloats), 0.0f);
   volatile float sink = 0.0f;
+  float stamp = 0.0f;
 
   /// Sum of `data` in parallel over fixed blocks (Eigen's vectorised sum).
   float read_all() {
@@ -284,7 +289,16 @@ struct Memory {
     for (const float p : partial) total += p;
     return total;
   }
-  void flush() { sink = read_all(); }
+  /// Writes the whole 256 MiB flush buffer in parallel (a new value each time).
+  void flush() {
+    stamp += 1.0f;
+    const float v = stamp;
+    constexpr Index kBlock = Index{1} << 20;
+    moet::detail::parallel_blocks(kFlushFloats, kBlock, [&](Index begin, Index end) {
+      std::fill(scrub.data() + begin, scrub.data() + end, v);
+    });
+    sink = scrub[static_cast<std::size_t>(kFlushFloats / 2)];
+  }
   /// Read bandwidth in GB/s with the current thread count, best of 5.
   double bandwidth_gbs() {
     double best = 1e30;

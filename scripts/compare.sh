@@ -23,7 +23,7 @@ cmake -S . -B "$build_dir" -G Ninja \
   -DMOET_BUILD_TESTS=OFF \
   -DMOET_BUILD_EXAMPLES=OFF \
   -DMOET_BUILD_BENCHMARKS=ON \
-  -DMOET_BENCH_NATIVE=ON
+  -DMOET_BENCH_NATIVE=OFF
 cmake --build "$build_dir" --target moet-compare -j "$jobs"
 
 # The environment may pin OpenBLAS to AVX2 kernels; let it pick the machine's best ones.

@@ -243,7 +243,8 @@ class PackedPanels {
   }
 
   // Block formats: writes `block` as block `b` of lane `lane` of `panel`.
-  void write_block(Storage* panel, Index b, Index lane, const typename W::Block& block) {
+  template <class Block>
+  void write_block(Storage* panel, Index b, Index lane, const Block& block) {
     using L = QuantBlockLayout<W>;
     const Index nr = panel_width();
     std::memcpy(panel + L::scales(b, nr) + 2 * lane, &block.d, 2);

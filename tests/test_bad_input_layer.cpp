@@ -313,7 +313,7 @@ TEST_CASE("MoELayer passes the gate's own errors through unchanged", "[bad_input
                                                    Contains("got 6 tokens and sequence_length 4"));
   // Finite x, non-finite logits from huge router weights.
   moet::MoELayer top_k(TopK({.model_dim = 4, .num_experts = 3}), make_ffn(4, 6, 3, 1));
-  top_k.gate().router().setConstant(3e38f);
+  top_k.gate().set_router(RowMatrix<float>::Constant(4, 3, 3e38f), moet::WeightLayout::kInOut);
   CHECK_MOET_ERROR(top_k.forward(RowMatrix<float>::Ones(6, 4)),
                    Contains("[moet::TopKGate]") && Contains("router logits must be finite"));
 }
@@ -367,8 +367,9 @@ TEST_CASE("MoELayer with every token on one expert equals ReferenceDispatch and 
   const Index block_rows = GENERATE(Index{7}, Index{128});
   const Index num_tokens = 300;
   TopK gate({.model_dim = 6, .num_experts = 5, .k = 1});
-  gate.router().setZero();
-  gate.router().col(3).setConstant(10.0f);  // logit_3 = 10 * sum(x) >= 6, the others 0
+  RowMatrix<float> w = RowMatrix<float>::Zero(6, 5);
+  w.col(3).setConstant(10.0f);  // logit_3 = 10 * sum(x) >= 6, the others 0
+  gate.set_router(w, moet::WeightLayout::kInOut);
   const Ffn bank = make_ffn(6, 9, 5, 4);
   const moet::MoELayer grouped(gate, bank, moet::GroupedDispatch({.block_rows = block_rows}));
   const moet::MoELayer reference(gate, bank, moet::ReferenceDispatch{});
@@ -397,7 +398,9 @@ TEST_CASE("MoELayer with every token on one expert equals ReferenceDispatch and 
 TEMPLATE_TEST_CASE("An expert with no tokens is never run: NaN weights there do not reach y",
                    "[bad_input][layer]", moet::GroupedDispatch, moet::ReferenceDispatch) {
   TopK gate({.model_dim = 6, .num_experts = 4, .k = 2, .renormalize = true});
-  gate.router().col(2).setConstant(-10.0f);  // logit_2 <= -6 on positive tokens: never top-2
+  RowMatrix<float> w = gate.router();
+  w.col(2).setConstant(-10.0f);  // logit_2 <= -6 on positive tokens: never top-2
+  gate.set_router(w, moet::WeightLayout::kInOut);
   Ffn bank = make_ffn(6, 8, 4, 5);
   bank.in_weights(2).setConstant(kNaN);
   bank.out_weights(2).setConstant(kNaN);
@@ -639,11 +642,12 @@ TEMPLATE_TEST_CASE(
   RowMatrix<float> y_bad(36, 8);
   CHECK_THROWS_AS(layer.forward(x2, y_bad, {}, reused), moet::Error);
   const RowMatrix<float> router = layer.gate().router();
-  layer.gate().router().setConstant(3e38f);
+  layer.gate().set_router(RowMatrix<float>::Constant(router.rows(), router.cols(), 3e38f),
+                          moet::WeightLayout::kInOut);
   RowMatrix<float> ones = RowMatrix<float>::Ones(90, 8);
   RowMatrix<float> y_ones(90, 8);
   CHECK_THROWS_AS(layer.forward(ones, y_ones, {}, reused), moet::Error);
-  layer.gate().router() = router;
+  layer.gate().set_router(router, moet::WeightLayout::kInOut);
 
   const moet::RoutingStats reused_stats = layer.forward(x2, y2, {}, reused);
   typename Layer::Workspace fresh;

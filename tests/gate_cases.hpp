@@ -111,9 +111,9 @@ void for_each_gate(std::uint64_t init_seed, F&& f) {
     // A non-zero noise router so that the noise scale differs per token and expert.
     std::mt19937 gen(static_cast<std::uint32_t>(s));
     std::normal_distribution<float> normal(0.0f, 0.3f);
-    for (Index i = 0; i < noisy.noise_router().size(); ++i) {
-      noisy.noise_router().data()[i] = normal(gen);
-    }
+    moet::RowMatrix<float> noise(kModelDim, kExperts);
+    for (Index i = 0; i < noise.size(); ++i) noise.data()[i] = normal(gen);
+    noisy.set_noise_router(noise, moet::WeightLayout::kInOut);
     f(std::string("top-k noisy, training"), noisy, ContextSpec{.training = true});
   }
   f(std::string("top-p"),

@@ -11,6 +11,8 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <string_view>
+#include <type_traits>
 #include <vector>
 
 #include <catch2/catch.hpp>
@@ -321,16 +323,26 @@ TEST_CASE("TopAnyGate::set_gate_embeddings rejects a wrong shape or a non-finite
           "[bad_input][gate][top_any]") {
   moet::TopAnyGate<float> gate({.model_dim = 3, .num_experts = 4});
   const RowMatrix<float> before = gate.gate_embeddings();
+  CHECK_MOET_ERROR(gate.set_gate_embeddings(normal_matrix(4, 3, 1), moet::WeightLayout::kInOut),
+                   Contains("[moet::TopAnyGate] set_gate_embeddings: gate embeddings must be "
+                            "(model_dim, max_experts) = (3, 4)") &&
+                       Contains("got (4, 3): looks transposed") && Contains("kOutIn"));
+  CHECK_MOET_ERROR(gate.set_gate_embeddings(normal_matrix(3, 4, 1), moet::WeightLayout::kOutIn),
+                   Contains("[max_experts, model_dim] = [4, 3]") &&
+                       Contains("got (3, 4): looks transposed") && Contains("kInOut"));
   CHECK_MOET_ERROR(
-      gate.set_gate_embeddings(normal_matrix(4, 3, 1)),
-      Contains("[moet::TopAnyGate]") && Contains("gate embeddings must be (3, 4), got (4, 3)"));
-  CHECK_MOET_ERROR(gate.set_gate_embeddings(normal_matrix(3, 5, 1)),
-                   Contains("[moet::TopAnyGate]") && Contains("got (3, 5)"));
+      gate.set_gate_embeddings(normal_matrix(3, 5, 1), moet::WeightLayout::kInOut),
+      Contains("[moet::TopAnyGate]") && Contains("got (3, 5)") && !Contains("transposed"));
   RowMatrix<float> w = normal_matrix(3, 4, 2);
   w(1, 3) = kInf;
-  CHECK_MOET_ERROR(gate.set_gate_embeddings(w),
-                   Contains("[moet::TopAnyGate]") && Contains("gate embeddings must be finite"));
+  CHECK_MOET_ERROR(gate.set_gate_embeddings(w, moet::WeightLayout::kInOut),
+                   Contains("[moet::TopAnyGate]") &&
+                       Contains("gate embeddings must be finite, got inf at row 1, column 3"));
   CHECK(gate.gate_embeddings() == before);
+  // The router alias takes the same matrix in PyTorch's layout (one row per expert).
+  w(1, 3) = 0.5f;
+  gate.set_router(RowMatrix<float>(w.transpose()), moet::WeightLayout::kOutIn);
+  CHECK(gate.gate_embeddings() == w);
 }
 
 TEST_CASE("TopAnyGate rejects a bad expert mask and an out-of-range slot",
@@ -352,25 +364,29 @@ TEST_CASE("TopAnyGate rejects a bad expert mask and an out-of-range slot",
   CHECK(gate.num_active() == 2);
 }
 
-TEST_CASE("TopAnyGate::route rejects state broken through the non-const accessors",
+TEST_CASE("TopAnyGate hands out read-only views; route rejects NaN state written by training",
           "[bad_input][gate][top_any]") {
   moet::TopAnyGate<float> gate({.model_dim = 3, .num_experts = 4});
+  // No accessor hands out a resizable or writable matrix any more (they used to, and a resize
+  // or a NaN reached route).
+  static_assert(
+      std::is_same_v<decltype(gate.gate_embeddings()), Eigen::Map<const RowMatrix<float>>>);
+  static_assert(std::is_same_v<decltype(gate.router()), Eigen::Map<const RowMatrix<float>>>);
+  static_assert(std::is_same_v<decltype(gate.thresholds()), Eigen::Map<const moet::Vector<float>>>);
   const RowMatrix<float> x = normal_matrix(5, 3, 1);
   moet::Routing<float> out;
-  gate.thresholds().resize(3);
-  CHECK_MOET_ERROR(gate.route(x, {}, out), Contains("[moet::TopAnyGate]") &&
-                                               Contains("thresholds must have 4 entries, got 3"));
-  gate.thresholds() = moet::Vector<float>::Zero(4);
-  gate.thresholds()[0] = kNaN;
+  // The optimisers write through visit_parameters; a NaN written there is route's to reject.
+  const auto poison = [&](std::string_view which) {
+    gate.visit_parameters(
+        [&](std::string_view name, moet::ParamMap<float> value, moet::ParamMap<float>) {
+          if (name == which) value(0, 0) = kNaN;
+        });
+  };
+  poison("thresholds");
   CHECK_MOET_ERROR(gate.route(x, {}, out),
                    Contains("[moet::TopAnyGate]") && Contains("thresholds must be finite"));
-  gate.thresholds()[0] = 0.0f;
-  gate.gate_embeddings().resize(4, 3);
-  CHECK_MOET_ERROR(
-      gate.route(x, {}, out),
-      Contains("[moet::TopAnyGate]") && Contains("gate embeddings must be (3, 4), got (4, 3)"));
-  gate.gate_embeddings() = normal_matrix(3, 4, 9);
-  gate.gate_embeddings()(2, 2) = kNaN;
+  gate.set_thresholds(moet::Vector<float>::Zero(4));
+  poison("embeddings");
   CHECK_MOET_ERROR(gate.route(x, {}, out),
                    Contains("[moet::TopAnyGate]") && Contains("gate embeddings must be finite"));
 }
@@ -490,36 +506,132 @@ TEST_CASE("Softmax gates reject non-finite logits produced by huge router weight
   const std::string logits = "router logits must be finite, got NaN or Inf for token 0";
 
   moet::TopKGate<float> top_k({.model_dim = 4, .num_experts = 3, .k = 2});
-  top_k.router().setConstant(3e38f);
+  top_k.set_router(RowMatrix<float>::Constant(4, 3, 3e38f), moet::WeightLayout::kInOut);
   CHECK_MOET_ERROR(top_k.route(x, {}, out), Contains("[moet::TopKGate]") && Contains(logits));
 
   moet::TopPGate<float> top_p({.model_dim = 4, .num_experts = 3});
-  top_p.router().setConstant(3e38f);
+  top_p.set_router(RowMatrix<float>::Constant(4, 3, 3e38f), moet::WeightLayout::kInOut);
   CHECK_MOET_ERROR(top_p.route(x, {}, out), Contains("[moet::TopPGate]") && Contains(logits));
 
   moet::ImportanceGate<float> importance_gate({.model_dim = 4, .num_experts = 3, .k_max = 2});
-  importance_gate.router().setConstant(3e38f);
+  importance_gate.set_router(RowMatrix<float>::Constant(4, 3, 3e38f), moet::WeightLayout::kInOut);
   CHECK_MOET_ERROR(importance_gate.route(x, ctx, out),
                    Contains("[moet::ImportanceGate]") && Contains(logits));
 
-  // NaN weights in one column reach only that logit; the token is still named.
+  // NaN weights in one column reach only that logit; the token is still named. (A NaN can
+  // only get there through training now: set_router rejects it, test below.)
   moet::TopKGate<float> nan_router({.model_dim = 4, .num_experts = 3});
-  nan_router.router()(0, 1) = kNaN;
+  nan_router.visit_parameters([](std::string_view, moet::ParamMap<float> value,
+                                 moet::ParamMap<float>) { value(0, 1) = kNaN; });
   CHECK_MOET_ERROR(nan_router.route(x, {}, out), Contains("[moet::TopKGate]") && Contains(logits));
 
   // Only the last token overflows: the message names it.
   moet::TopKGate<float> big({.model_dim = 4, .num_experts = 3});
-  big.router().setConstant(1e30f);
+  big.set_router(RowMatrix<float>::Constant(4, 3, 1e30f), moet::WeightLayout::kInOut);
   RowMatrix<float> x_last = RowMatrix<float>::Constant(5, 4, 1e-3f);
   x_last.row(4).setConstant(1e30f);
   CHECK_MOET_ERROR(big.route(x_last, {}, out),
                    Contains("[moet::TopKGate]") && Contains("NaN or Inf for token 4"));
 }
 
+// ------------------------------------------------------------------------------------------
+// Router weights through the setters (issue 12, defect 4: `router()` was a resizable matrix, and
+// assigning PyTorch's untransposed [num_experts, model_dim] array overflowed the heap in
+// detail/select.hpp under ASan, or reported "non-finite router weights" in Release).
+
+namespace {
+
+// Every router setter of `gate` (`set(w, layout)`, `get()` the view, `op` the gate's name):
+// PyTorch's array in kInOut is "looks transposed", a wrong shape is named, a NaN is named by
+// row and column, nothing changes on an error; kOutIn and kInOut of the same weights give the
+// same bits, and `route` then follows the oracle softmax of x W.
+template <class Gate, class Set, class Get>
+void check_router_setter(Gate& gate, Set&& set, Get&& get, const std::string& op,
+                         const std::string& setter, const std::string& label,
+                         const moet::RouteContext& ctx) {
+  constexpr Index kD = 6;
+  constexpr Index kE = 4;
+  const RowMatrix<float> torch = normal_matrix(kE, kD, 61);  // nn.Linear(d, E).weight
+  const RowMatrix<float> before = get();
+  CHECK_MOET_ERROR(set(torch, moet::WeightLayout::kInOut),
+                   Contains("[moet::" + op + "] " + setter + ": " + label +
+                            " must be (model_dim, num_experts) = (6, 4) in WeightLayout::kInOut") &&
+                       Contains("got (4, 6): looks transposed") && Contains("kOutIn"));
+  CHECK_MOET_ERROR(set(RowMatrix<float>(torch.transpose()), moet::WeightLayout::kOutIn),
+                   Contains(label + " must be [num_experts, model_dim] = [4, 6]") &&
+                       Contains("got (6, 4): looks transposed"));
+  CHECK_MOET_ERROR(set(normal_matrix(5, 4, 1), moet::WeightLayout::kInOut),
+                   Contains("got (5, 4)") && !Contains("transposed"));
+  RowMatrix<float> bad = torch;
+  bad(2, 3) = kNaN;
+  CHECK_MOET_ERROR(set(bad, moet::WeightLayout::kOutIn),
+                   Contains("[moet::" + op + "] " + setter + ": " + label +
+                            " must be finite, got nan at row 2, column 3"));
+  bad(2, 3) = -kInf;
+  CHECK_MOET_ERROR(set(bad, moet::WeightLayout::kOutIn), Contains("got -inf at row 2, column 3"));
+  CHECK(get() == before);
+
+  set(torch, moet::WeightLayout::kOutIn);
+  const RowMatrix<float> w = get();
+  CHECK(w == torch.transpose());
+  set(RowMatrix<float>(torch.transpose()), moet::WeightLayout::kInOut);
+  CHECK(get() == w);
+  if (label != "router") return;  // the noise router is checked through the clean plan
+  const RowMatrix<float> x = normal_matrix(9, kD, 62);
+  moet::Routing<float> out;
+  gate.route(x, ctx, out);
+  for (Index t = 0; t < x.rows(); ++t) {
+    const auto p = oracle_softmax(x, w, t);
+    for (Index e = 0; e < kE; ++e) {
+      CHECK(out.probs()(t, e) == Approx(p[static_cast<std::size_t>(e)]).epsilon(1e-5));
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("Router setters take PyTorch's [E, d] weight and reject the untransposed array",
+          "[bad_input][gate][weights]") {
+  using moet::WeightLayout;
+  const auto importance = uniform_importance(9);
+  moet::RouteContext with_importance;
+  with_importance.importance = importance;
+
+  moet::TopKGate<float> top_k(moet::TopKGate<float>::noisy_top_k_options(6, 4, 2));
+  check_router_setter(
+      top_k, [&](const RowMatrix<float>& w, WeightLayout l) { top_k.set_router(w, l); },
+      [&] { return RowMatrix<float>(top_k.router()); }, "TopKGate", "set_router", "router", {});
+  check_router_setter(
+      top_k, [&](const RowMatrix<float>& w, WeightLayout l) { top_k.set_noise_router(w, l); },
+      [&] { return RowMatrix<float>(top_k.noise_router()); }, "TopKGate", "set_noise_router",
+      "noise router", {});
+  moet::TopKGate<float> plain({.model_dim = 6, .num_experts = 4});
+  CHECK_MOET_ERROR(plain.set_noise_router(normal_matrix(6, 4, 1), WeightLayout::kInOut),
+                   Contains("[moet::TopKGate]") && Contains("needs a noisy gate"));
+
+  moet::TopPGate<float> top_p({.model_dim = 6, .num_experts = 4, .p = 0.5});
+  check_router_setter(
+      top_p, [&](const RowMatrix<float>& w, WeightLayout l) { top_p.set_router(w, l); },
+      [&] { return RowMatrix<float>(top_p.router()); }, "TopPGate", "set_router", "router", {});
+
+  moet::ImportanceGate<float> imp({.model_dim = 6, .num_experts = 4, .k_max = 2});
+  check_router_setter(
+      imp, [&](const RowMatrix<float>& w, WeightLayout l) { imp.set_router(w, l); },
+      [&] { return RowMatrix<float>(imp.router()); }, "ImportanceGate", "set_router", "router",
+      with_importance);
+
+  // The accessors are fixed-shape read-only views: nothing to resize or assign.
+  static_assert(std::is_same_v<decltype(top_k.router()), Eigen::Map<const RowMatrix<float>>>);
+  static_assert(std::is_same_v<decltype(top_k.noise_router()), Eigen::Map<const RowMatrix<float>>>);
+  static_assert(std::is_same_v<decltype(top_p.router()), Eigen::Map<const RowMatrix<float>>>);
+  static_assert(std::is_same_v<decltype(imp.router()), Eigen::Map<const RowMatrix<float>>>);
+}
+
 TEST_CASE("Noisy TopKGate rejects non-finite noisy logits in training only",
           "[bad_input][gate][top_k]") {
   moet::TopKGate<float> noisy(moet::TopKGate<float>::noisy_top_k_options(4, 3, 2));
-  noisy.noise_router().setConstant(3e38f);  // softplus(x W_noise) = +Inf
+  // softplus(x W_noise) = +Inf
+  noisy.set_noise_router(RowMatrix<float>::Constant(4, 3, 3e38f), moet::WeightLayout::kInOut);
   const RowMatrix<float> x = RowMatrix<float>::Ones(5, 4);
   moet::RouteContext train;
   train.training = true;
@@ -553,7 +665,7 @@ TEST_CASE("TopAnyGate rejects an overflowing token norm or gate embedding norm",
   moet::TopAnyGate<float> huge({.model_dim = 4, .num_experts = 3});
   RowMatrix<float> w = huge.gate_embeddings();
   w.col(1).setConstant(3e38f);
-  huge.set_gate_embeddings(w);
+  huge.set_gate_embeddings(w, moet::WeightLayout::kInOut);
   CHECK_MOET_ERROR(huge.route(normal_matrix(6, 4, 5), {}, out),
                    Contains("[moet::TopAnyGate]") && Contains("scores must be finite"));
 }
@@ -1191,9 +1303,9 @@ TEST_CASE("A Routing reused after a failed route equals a fresh one", "[bad_inpu
     moet::Routing<float> reused;
     gate.route(x1, {}, reused);
     const RowMatrix<float> w = gate.router();
-    gate.router().setConstant(3e38f);
+    gate.set_router(RowMatrix<float>::Constant(4, 5, 3e38f), moet::WeightLayout::kInOut);
     CHECK_THROWS_AS(gate.route(ones, {}, reused), moet::Error);
-    gate.router() = w;
+    gate.set_router(w, moet::WeightLayout::kInOut);
     RowMatrix<float> x_nan = x2;
     x_nan(3, 3) = kNaN;
     CHECK_THROWS_AS(gate.route(x_nan, {}, reused), moet::Error);
@@ -1208,9 +1320,9 @@ TEST_CASE("A Routing reused after a failed route equals a fresh one", "[bad_inpu
     moet::Routing<float> reused;
     gate.route(x1, {}, reused);
     const RowMatrix<float> w = gate.router();
-    gate.router().setConstant(-3e38f);
+    gate.set_router(RowMatrix<float>::Constant(4, 5, -3e38f), moet::WeightLayout::kInOut);
     CHECK_THROWS_AS(gate.route(ones, {}, reused), moet::Error);
-    gate.router() = w;
+    gate.set_router(w, moet::WeightLayout::kInOut);
     gate.route(x2, {}, reused);
     moet::Routing<float> fresh;
     gate.route(x2, {}, fresh);
@@ -1225,10 +1337,10 @@ TEST_CASE("A Routing reused after a failed route equals a fresh one", "[bad_inpu
     CHECK_THROWS_AS(gate.route(x2, ctx, reused), moet::Error);  // importance has 70 entries
     ctx.importance = imp2;
     const RowMatrix<float> w = gate.router();
-    gate.router().setConstant(3e38f);
+    gate.set_router(RowMatrix<float>::Constant(4, 5, 3e38f), moet::WeightLayout::kInOut);
     RowMatrix<float> big = RowMatrix<float>::Ones(13, 4);
     CHECK_THROWS_AS(gate.route(big, ctx, reused), moet::Error);
-    gate.router() = w;
+    gate.set_router(w, moet::WeightLayout::kInOut);
     gate.route(x2, ctx, reused);
     moet::Routing<float> fresh;
     gate.route(x2, ctx, fresh);

@@ -66,8 +66,9 @@ TEST_CASE("capacity_factor 0 is dropless even when every token prefers the same 
       {.model_dim = 3, .num_experts = 4, .k = k, .capacity_factor = 0.0, .min_capacity = 0});
   // Positive tokens and a router whose column 0 sums them (the others are 0): expert 0 has the
   // largest logit for every token, so a capacity would have to drop.
-  gate.router().setZero();
-  gate.router().col(0).setOnes();
+  RowMatrix<float> w = RowMatrix<float>::Zero(3, 4);
+  w.col(0).setOnes();
+  gate.set_router(w, moet::WeightLayout::kInOut);
   RowMatrix<float> x = normal_matrix(50, 3, 1).cwiseAbs();
   x.array() += 0.1f;
   moet::Routing<float> out;
@@ -88,7 +89,8 @@ TEST_CASE("An all-zero router gives exact ties that go to the lowest ids, weight
   const bool renormalize = GENERATE(false, true);
   moet::TopKGate<float> top_k(
       {.model_dim = 5, .num_experts = 8, .k = 3, .renormalize = renormalize});
-  top_k.router().setZero();
+  top_k.set_router(RowMatrix<float>::Zero(top_k.model_dim(), top_k.num_experts()),
+                   moet::WeightLayout::kInOut);
   moet::Routing<float> out;
   top_k.route(x, {}, out);
   for (Index t = 0; t < 7; ++t) {
@@ -98,7 +100,8 @@ TEST_CASE("An all-zero router gives exact ties that go to the lowest ids, weight
   // ImportanceGate: constant importance gives k_max (documented u = 1), ties the same way.
   moet::ImportanceGate<float> importance(
       {.model_dim = 5, .num_experts = 8, .k_max = 4, .renormalize = renormalize});
-  importance.router().setZero();
+  importance.set_router(RowMatrix<float>::Zero(importance.model_dim(), importance.num_experts()),
+                        moet::WeightLayout::kInOut);
   const std::vector<float> imp(7, 0.0f);  // all zero: constant
   moet::RouteContext ctx;
   ctx.importance = imp;
@@ -142,7 +145,8 @@ TEST_CASE("TopPGate keeps the documented counts for a uniform P", "[bad_input][g
   const auto count = [&](Index num_experts, double p, bool inclusive) {
     moet::TopPGate<float> gate(
         {.model_dim = 3, .num_experts = num_experts, .p = p, .inclusive = inclusive});
-    gate.router().setZero();
+    gate.set_router(RowMatrix<float>::Zero(gate.model_dim(), gate.num_experts()),
+                    moet::WeightLayout::kInOut);
     moet::Routing<float> out;
     gate.route(x, {}, out);
     for (Index t = 1; t < 5; ++t) REQUIRE(out.k(t) == out.k(0));
@@ -163,7 +167,8 @@ TEST_CASE("TopPGate keeps the documented counts for a uniform P", "[bad_input][g
 
 TEST_CASE("TopPGate with max_k caps the top-p count after the rule", "[bad_input][gate][top_p]") {
   moet::TopPGate<float> gate({.model_dim = 3, .num_experts = 6, .p = 1.0, .max_k = 2});
-  gate.router().setZero();
+  gate.set_router(RowMatrix<float>::Zero(gate.model_dim(), gate.num_experts()),
+                  moet::WeightLayout::kInOut);
   moet::Routing<float> out;
   gate.route(normal_matrix(4, 3, 4), {}, out);
   for (Index t = 0; t < 4; ++t) CHECK(ids(out, t) == iota_ids(2));

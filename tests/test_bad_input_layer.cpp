@@ -3,7 +3,9 @@
 // moet::Error (operation in brackets, offending values); and the documented results of the
 // degenerate cases (empty batch, one expert, one hot expert, idle experts, every assignment
 // dropped, thresholds above 1, 4096 experts) against a naive oracle written here. Also checks
-// that workspaces reused after an exception give bit-identical results to fresh ones.
+// that workspaces reused after an exception give bit-identical results to fresh ones, and the
+// expert weights of issue 12 (transposed and NaN weights, writes without repacking, weights
+// never set) through a layer. (test_expert_weights.cpp covers the weight API in detail.)
 // Part 1 (test_bad_input.cpp) covers the gates and the routing plan.
 #include <algorithm>
 #include <cmath>
@@ -13,6 +15,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <string_view>
 #include <type_traits>
 #include <vector>
 
@@ -65,9 +68,9 @@ Ffn make_ffn(Index model_dim, Index hidden_dim, Index num_experts, std::uint64_t
             .hidden_dim = hidden_dim,
             .num_experts = num_experts,
             .init_seed = seed});
-  bank.in_bias_stack() =
+  bank.edit().in_bias_stack() =
       0.1f * normal_matrix(num_experts, hidden_dim, static_cast<std::uint32_t>(seed) + 1000u);
-  bank.out_bias_stack() =
+  bank.edit().out_bias_stack() =
       0.1f * normal_matrix(num_experts, model_dim, static_cast<std::uint32_t>(seed) + 2000u);
   return bank;
 }
@@ -183,6 +186,79 @@ TEST_CASE("Expert banks reject a zero or negative dimension", "[bad_input][exper
                          Contains("model_dim, hidden_dim and num_experts must be >= 1") &&
                          Contains(got));
   }
+}
+
+// ------------------------------------------------------------------------------------------
+// Expert weights (issue 12, defects 5 and 6): loading mistakes and writes without repacking.
+
+TEST_CASE("A layer's experts reject PyTorch-layout weights passed as moet's: looks transposed",
+          "[bad_input][experts][weights]") {
+  moet::MoELayer layer(
+      TopK({.model_dim = 4, .num_experts = 3, .k = 2}),
+      moet::SwiGluExperts<float>({.model_dim = 4, .hidden_dim = 6, .num_experts = 3}));
+  const RowMatrix<float> w1 = normal_matrix(6, 4, 1);  // HF Mixtral experts.1.w1.weight [f, d]
+  CHECK_MOET_ERROR(layer.experts().set_gate_weights(1, w1, moet::WeightLayout::kInOut),
+                   Contains("[moet::GluExperts] set_gate_weights: expert 1's gate weights must be "
+                            "(model_dim, hidden_dim) = (4, 6)") &&
+                       Contains("got (6, 4): looks transposed") && Contains("kOutIn"));
+  layer.experts().set_gate_weights(1, w1, moet::WeightLayout::kOutIn);
+  CHECK(layer.experts().gate_weights(1) == w1.transpose());
+  moet::FfnExperts<float> ffn({.model_dim = 4, .hidden_dim = 6, .num_experts = 2});
+  CHECK_MOET_ERROR(ffn.set_out_weights(0, normal_matrix(4, 6, 2), moet::WeightLayout::kInOut),
+                   Contains("[moet::FfnExperts] set_out_weights: expert 0's second-layer weights "
+                            "must be (hidden_dim, model_dim) = (6, 4)") &&
+                       Contains("looks transposed"));
+}
+
+TEST_CASE("Expert banks reject NaN and Inf weights when they are set, edited or repacked",
+          "[bad_input][experts][weights]") {
+  moet::SwiGluExperts<float> bank({.model_dim = 4, .hidden_dim = 6, .num_experts = 2});
+  RowMatrix<float> w = normal_matrix(4, 6, 3);
+  w(2, 5) = kNaN;
+  CHECK_MOET_ERROR(bank.set_up_weights(0, w, moet::WeightLayout::kInOut),
+                   Contains("[moet::GluExperts] set_up_weights: expert 0's up weights must be "
+                            "finite, got nan at row 2, column 5"));
+  auto edit = bank.edit();
+  edit.up_weights(1)(0, 0) = kInf;
+  // (Once: commit() ends the edit whether or not it throws.)
+  CHECK_THROWS_WITH(edit.commit(), Contains("[moet::GluExperts] edit() end: expert 1's up weights "
+                                            "must be finite, got inf at row 0, column 0"));
+  CHECK_MOET_ERROR(bank.parameters_changed(),
+                   Contains("[moet::GluExperts] parameters_changed: expert 1's up weights must "
+                            "be finite, got inf at row 0, column 0"));
+  const RowMatrix<float> x = normal_matrix(3, 4, 4);
+  moet::SwiGluExperts<float>::Scratch scratch;
+  RowMatrix<float> y(3, 4);
+  CHECK_MOET_ERROR(bank.forward(0, x, y, scratch),
+                   Contains("[moet::GluExperts] forward: expert 1's up weights must be finite"));
+}
+
+TEMPLATE_TEST_CASE("A layer whose experts were written without repacking refuses to run",
+                   "[bad_input][layer][weights]", moet::GroupedDispatch, moet::ReferenceDispatch) {
+  // Issue 12, defect 5: a write the packed copy had not seen used to make every later forward
+  // 1.8-2.4x slower (the Eigen fallback) until parameters_changed(). Now the only writers
+  // outside the setters are edit(), which repacks when it ends, and visit_parameters(), after
+  // which forward is a moet::Error until parameters_changed() (the optimisers call it).
+  moet::MoELayer<TopK, moet::SwiGluExperts<float>, TestType> layer(
+      TopK({.model_dim = 4, .num_experts = 3, .k = 2}),
+      moet::SwiGluExperts<float>({.model_dim = 4, .hidden_dim = 6, .num_experts = 3}),
+      moet::SwiGluExperts<float>({.model_dim = 4, .hidden_dim = 6, .num_experts = 1}));
+  const RowMatrix<float> x = normal_matrix(20, 4, 5);
+  const RowMatrix<float> y0 = layer.forward(x);
+  layer.experts().edit().down_weights(2) *= 2.0f;  // repacked at the end of the statement
+  CHECK(layer.experts().uses_packed_kernels());
+  CHECK(layer.forward(x) != y0);
+  layer.visit_parameters(
+      [](std::string_view name, moet::ParamMap<float> value, moet::ParamMap<float>) {
+        if (name == "shared.gate") value *= 0.5f;
+      });
+  CHECK_MOET_ERROR(layer.forward(x), Contains("[moet::GluExperts] forward: the packed weights are "
+                                              "stale") &&
+                                         Contains("call parameters_changed()"));
+  layer.parameters_changed();
+  CHECK(layer.experts().uses_packed_kernels());
+  CHECK(layer.shared_experts().uses_packed_kernels());
+  CHECK(layer.forward(x).allFinite());
 }
 
 TEST_CASE("GroupedDispatch rejects block_rows below 1", "[bad_input][dispatch]") {
@@ -313,7 +389,7 @@ TEST_CASE("MoELayer passes the gate's own errors through unchanged", "[bad_input
                                                    Contains("got 6 tokens and sequence_length 4"));
   // Finite x, non-finite logits from huge router weights.
   moet::MoELayer top_k(TopK({.model_dim = 4, .num_experts = 3}), make_ffn(4, 6, 3, 1));
-  top_k.gate().router().setConstant(3e38f);
+  top_k.gate().set_router(RowMatrix<float>::Constant(4, 3, 3e38f), moet::WeightLayout::kInOut);
   CHECK_MOET_ERROR(top_k.forward(RowMatrix<float>::Ones(6, 4)),
                    Contains("[moet::TopKGate]") && Contains("router logits must be finite"));
 }
@@ -367,8 +443,9 @@ TEST_CASE("MoELayer with every token on one expert equals ReferenceDispatch and 
   const Index block_rows = GENERATE(Index{7}, Index{128});
   const Index num_tokens = 300;
   TopK gate({.model_dim = 6, .num_experts = 5, .k = 1});
-  gate.router().setZero();
-  gate.router().col(3).setConstant(10.0f);  // logit_3 = 10 * sum(x) >= 6, the others 0
+  RowMatrix<float> w = RowMatrix<float>::Zero(6, 5);
+  w.col(3).setConstant(10.0f);  // logit_3 = 10 * sum(x) >= 6, the others 0
+  gate.set_router(w, moet::WeightLayout::kInOut);
   const Ffn bank = make_ffn(6, 9, 5, 4);
   const moet::MoELayer grouped(gate, bank, moet::GroupedDispatch({.block_rows = block_rows}));
   const moet::MoELayer reference(gate, bank, moet::ReferenceDispatch{});
@@ -394,14 +471,18 @@ TEST_CASE("MoELayer with every token on one expert equals ReferenceDispatch and 
   check_close(y, y_ref.cast<double>(), 1e-5);
 }
 
-TEMPLATE_TEST_CASE("An expert with no tokens is never run: NaN weights there do not reach y",
-                   "[bad_input][layer]", moet::GroupedDispatch, moet::ReferenceDispatch) {
+TEMPLATE_TEST_CASE(
+    "An expert with no tokens is never run: weights there that overflow do not reach y",
+    "[bad_input][layer]", moet::GroupedDispatch, moet::ReferenceDispatch) {
+  // (NaN weights cannot get into a bank any more: see "Expert banks reject NaN and Inf".)
   TopK gate({.model_dim = 6, .num_experts = 4, .k = 2, .renormalize = true});
-  gate.router().col(2).setConstant(-10.0f);  // logit_2 <= -6 on positive tokens: never top-2
+  RowMatrix<float> w = gate.router();
+  w.col(2).setConstant(-10.0f);  // logit_2 <= -6 on positive tokens: never top-2
+  gate.set_router(w, moet::WeightLayout::kInOut);
   Ffn bank = make_ffn(6, 8, 4, 5);
-  bank.in_weights(2).setConstant(kNaN);
-  bank.out_weights(2).setConstant(kNaN);
-  bank.out_bias(2).setConstant(kInf);
+  bank.set_in_weights(2, RowMatrix<float>::Constant(6, 8, 3e38f), moet::WeightLayout::kInOut);
+  bank.set_out_weights(2, RowMatrix<float>::Constant(8, 6, 3e38f), moet::WeightLayout::kInOut);
+  bank.set_out_bias(2, RowMatrix<float>::Constant(1, 6, -3e38f));
   moet::MoELayer<TopK, Ffn, TestType> layer(gate, bank);
   const RowMatrix<float> x = positive_tokens(150, 6, 7);
   const RowMatrix<float> y = layer.forward(x);
@@ -639,11 +720,12 @@ TEMPLATE_TEST_CASE(
   RowMatrix<float> y_bad(36, 8);
   CHECK_THROWS_AS(layer.forward(x2, y_bad, {}, reused), moet::Error);
   const RowMatrix<float> router = layer.gate().router();
-  layer.gate().router().setConstant(3e38f);
+  layer.gate().set_router(RowMatrix<float>::Constant(router.rows(), router.cols(), 3e38f),
+                          moet::WeightLayout::kInOut);
   RowMatrix<float> ones = RowMatrix<float>::Ones(90, 8);
   RowMatrix<float> y_ones(90, 8);
   CHECK_THROWS_AS(layer.forward(ones, y_ones, {}, reused), moet::Error);
-  layer.gate().router() = router;
+  layer.gate().set_router(router, moet::WeightLayout::kInOut);
 
   const moet::RoutingStats reused_stats = layer.forward(x2, y2, {}, reused);
   typename Layer::Workspace fresh;

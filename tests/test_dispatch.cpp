@@ -153,14 +153,17 @@ TEST_CASE("ReferenceDispatch matches a hand-computed case", "[dispatch][referenc
   //   expert 0: W1 = I, b1 = (0, -1), W2 = diag(2, 1), b2 = (0.5, 0)
   //   expert 1: W1 = [[1, 1], [1, -1]], b1 = 0, W2 = I, b2 = (0, 1)
   moet::ReluFfnExperts<double> experts({.model_dim = 2, .hidden_dim = 2, .num_experts = 2});
-  experts.in_weights(0) << 1, 0, 0, 1;
-  experts.in_bias(0) << 0, -1;
-  experts.out_weights(0) << 2, 0, 0, 1;
-  experts.out_bias(0) << 0.5, 0;
-  experts.in_weights(1) << 1, 1, 1, -1;
-  experts.in_bias(1) << 0, 0;
-  experts.out_weights(1) << 1, 0, 0, 1;
-  experts.out_bias(1) << 0, 1;
+  {
+    auto edit = experts.edit();
+    edit.in_weights(0) << 1, 0, 0, 1;
+    edit.in_bias(0) << 0, -1;
+    edit.out_weights(0) << 2, 0, 0, 1;
+    edit.out_bias(0) << 0.5, 0;
+    edit.in_weights(1) << 1, 1, 1, -1;
+    edit.in_bias(1) << 0, 0;
+    edit.out_weights(1) << 1, 0, 0, 1;
+    edit.out_bias(1) << 0, 1;
+  }
   moet::RowMatrix<double> x(3, 2);
   x << 1, 2,  //
       -1, 3,  //
@@ -230,8 +233,8 @@ TEST_CASE("GroupedDispatch handles FFN experts with biases and double", "[dispat
   const auto seed = GENERATE(3u, 4u);
   moet::FfnExperts<double> experts(
       {.model_dim = 12, .hidden_dim = 20, .num_experts = 5, .init_seed = seed});
-  experts.in_bias_stack() = random_rows<double>(5, 20, seed + 1u);
-  experts.out_bias_stack() = random_rows<double>(5, 12, seed + 2u);
+  experts.edit().in_bias_stack() = random_rows<double>(5, 20, seed + 1u);
+  experts.edit().out_bias_stack() = random_rows<double>(5, 12, seed + 2u);
   const auto x = random_rows<double>(150, 12, seed + 3u);
   const auto lists = plan_lists(150, 5, seed, PlanKind::kRandom);
   std::vector<std::vector<std::pair<int, double>>> dlists(lists.size());

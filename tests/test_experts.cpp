@@ -238,8 +238,8 @@ TEST_CASE("FFN experts with biases equal a naive double implementation", "[exper
       {.model_dim = 20, .hidden_dim = 36, .num_experts = 3, .init_seed = seed});
   REQUIRE(bank.has_bias());
   // The biases start at 0; make them non-zero so that they are exercised.
-  bank.in_bias_stack() = random_rows<float>(3, 36, seed + 7u, 0.5);
-  bank.out_bias_stack() = random_rows<float>(3, 20, seed + 8u, 0.5);
+  bank.edit().in_bias_stack() = random_rows<float>(3, 36, seed + 7u, 0.5);
+  bank.edit().out_bias_stack() = random_rows<float>(3, 20, seed + 8u, 0.5);
   check_bank_against_naive(
       bank, 45, seed + 100u,
       [](const auto& b, Index e, const double* x) { return naive_ffn(b, e, x); }, 1e-5);
@@ -271,12 +271,15 @@ TEST_CASE("Expert weight views are blocks of the stacked matrices", "[experts][g
     CHECK(glu.up_weights(e) == glu.up_stack().middleRows(e * 4, 4));
     CHECK(glu.down_weights(e) == glu.down_stack().middleRows(e * 6, 6));
   }
-  glu.up_weights(1)(2, 3) = 42.0f;
+  glu.edit().up_weights(1)(2, 3) = 42.0f;
   CHECK(glu.up_stack()(4 + 2, 3) == 42.0f);
 
   moet::FfnExperts<double> ffn({.model_dim = 3, .hidden_dim = 5, .num_experts = 2});
-  ffn.in_bias(1)(4) = 7.0;
-  ffn.out_bias(0)(2) = -1.0;
+  {
+    auto edit = ffn.edit();
+    edit.in_bias(1)(4) = 7.0;
+    edit.out_bias(0)(2) = -1.0;
+  }
   CHECK(ffn.in_bias_stack()(1, 4) == 7.0);
   CHECK(ffn.out_bias_stack()(0, 2) == -1.0);
   CHECK(ffn.out_weights(1) == ffn.out_weights_stack().middleRows(5, 5));

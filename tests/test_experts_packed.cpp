@@ -9,6 +9,7 @@
 #include <cstring>
 #include <limits>
 #include <random>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -160,8 +161,8 @@ TEST_CASE("Packed FFN float experts equal a double-precision expert", "[experts]
     moet::FfnExperts<float> bank(
         {.model_dim = s.d, .hidden_dim = s.f, .num_experts = 2, .init_seed = 7});
     // Non-zero biases (initialised to 0): biases are read in place, no repacking needed.
-    bank.in_bias_stack() = random_rows(2, s.f, 11u);
-    bank.out_bias_stack() = random_rows(2, s.d, 12u);
+    bank.edit().in_bias_stack() = random_rows(2, s.f, 11u);
+    bank.edit().out_bias_stack() = random_rows(2, s.d, 12u);
     REQUIRE(bank.uses_packed_kernels());
     for (const Index n : kRows) {
       INFO("d " << s.d << " f " << s.f << " n " << n);
@@ -187,38 +188,43 @@ TEST_CASE("A packed expert's row is bit-identical alone and inside any block",
   }
 }
 
-TEST_CASE("Writing weights marks the packed copy stale until parameters_changed",
+TEST_CASE("edit() repacks when it ends; visit_parameters stops forward until parameters_changed",
           "[experts][packed][stale]") {
   moet::SwiGluExperts<float> bank({.model_dim = 13, .hidden_dim = 37, .num_experts = 2});
   const Matrix x = random_rows(6, 13, 21u);
   const Matrix before = run_expert(bank, 1, x);
 
-  // Writing through a non-const accessor: forward falls back to the stacks (sees the change).
-  bank.gate_weights(1)(3, 5) += 0.75f;
-  bank.down_stack()(37 + 2, 4) -= 0.5f;  // expert 1's down block starts at row hidden_dim
-  CHECK_FALSE(bank.uses_packed_kernels());
-  const Matrix stale = run_expert(bank, 1, x);
-  check_close(stale, glu_reference(bank, 1, x, silu_ref), 2e-5);
-  CHECK_FALSE(bit_identical(stale, before));
+  // An edit: forward refuses to run while it is open, and the kernels see the change after.
+  {
+    auto edit = bank.edit();
+    edit.gate_weights(1)(3, 5) += 0.75f;
+    edit.down_stack()(37 + 2, 4) -= 0.5f;  // expert 1's down block starts at row hidden_dim
+    CHECK_FALSE(bank.uses_packed_kernels());
+    CHECK_THROWS_WITH(run_expert(bank, 1, x), Catch::Contains("[moet::GluExperts] forward") &&
+                                                  Catch::Contains("edit() of this bank is open"));
+  }
+  REQUIRE(bank.uses_packed_kernels());
+  const Matrix edited = run_expert(bank, 1, x);
+  check_close(edited, glu_reference(bank, 1, x, silu_ref), 2e-5);
+  CHECK_FALSE(bit_identical(edited, before));
 
-  // Repacking brings the kernels back, on the new weights.
-  bank.parameters_changed();
-  CHECK(bank.uses_packed_kernels());
-  check_close(run_expert(bank, 1, x), glu_reference(bank, 1, x, silu_ref), 2e-5);
-
-  // The optimisers' hook finds parameters_changed().
-  bank.up_stack()(0, 0) = 2.0f;
+  // The optimisers' protocol: visit_parameters hands the stacks out, forward throws (it never
+  // falls back to the slower Eigen products) until parameters_changed repacks.
+  bank.visit_parameters(
+      [](std::string_view name, moet::ParamMap<float> value, moet::ParamMap<float>) {
+        if (name == "up") value(0, 0) = 2.0f;
+      });
   CHECK_FALSE(bank.uses_packed_kernels());
+  CHECK_THROWS_WITH(run_expert(bank, 0, x), Catch::Contains("packed weights are stale") &&
+                                                Catch::Contains("parameters_changed()"));
   moet::detail::notify_parameters_changed(bank);
   CHECK(bank.uses_packed_kernels());
   check_close(run_expert(bank, 0, x), glu_reference(bank, 0, x, silu_ref), 2e-5);
 
   moet::FfnExperts<float> ffn({.model_dim = 13, .hidden_dim = 37, .num_experts = 2});
-  ffn.out_weights(0)(1, 1) = 3.0f;
-  CHECK_FALSE(ffn.uses_packed_kernels());
-  check_close(run_expert(ffn, 0, x), ffn_reference(ffn, 0, x), 2e-5);
-  ffn.parameters_changed();
+  ffn.edit().out_weights(0)(1, 1) = 3.0f;
   CHECK(ffn.uses_packed_kernels());
+  CHECK(ffn.out_weights(0)(1, 1) == 3.0f);
   check_close(run_expert(ffn, 0, x), ffn_reference(ffn, 0, x), 2e-5);
 }
 

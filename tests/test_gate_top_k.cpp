@@ -1,6 +1,4 @@
 // TopKGate: softmax top-k (Switch, GShard/Mixtral, noisy top-k) with DeepSpeed capacity.
-#include <catch2/catch.hpp>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -8,6 +6,8 @@
 #include <numeric>
 #include <random>
 #include <vector>
+
+#include <catch2/catch.hpp>
 
 #include "moet/concepts.hpp"
 #include "moet/config.hpp"
@@ -95,7 +95,8 @@ void check_same_plan(const moet::Routing<float>& a, const moet::Routing<float>& 
 // Gate with W_r = identity (model_dim = E), so each row of x is its logits.
 Gate identity_gate(Gate::Options o) {
   Gate gate(o);
-  gate.router().setIdentity();
+  gate.set_router(moet::RowMatrix<float>::Identity(o.model_dim, o.num_experts),
+                  moet::WeightLayout::kInOut);
   return gate;
 }
 
@@ -428,8 +429,8 @@ TEST_CASE("Noisy TopKGate adds no noise in inference", "[gate][top_k][noisy]") {
   const auto seed = GENERATE(31u, 32u);
   Gate plain({.model_dim = 8, .num_experts = 6, .k = 2, .renormalize = true, .init_seed = seed});
   Gate noisy(Gate::noisy_top_k_options(8, 6, 2));
-  noisy.router() = plain.router();
-  noisy.noise_router() = random_matrix(8, 6, seed + 1);
+  noisy.set_router(plain.router(), moet::WeightLayout::kInOut);
+  noisy.set_noise_router(random_matrix(8, 6, seed + 1), moet::WeightLayout::kInOut);
   REQUIRE(noisy.noise_router().rows() == 8);
   CHECK(plain.noise_router().size() == 0);
   const auto x = random_matrix(50, 8, seed + 2);
@@ -452,7 +453,7 @@ TEST_CASE("Noisy TopKGate in training selects on H and weighs by softmax over th
              .renormalize = renormalize,
              .noisy = true,
              .init_seed = seed});
-  gate.noise_router() = random_matrix(6, 5, seed + 1, 0.5f);
+  gate.set_noise_router(random_matrix(6, 5, seed + 1, 0.5f), moet::WeightLayout::kInOut);
   const auto x = random_matrix(70, 6, seed + 2);
   moet::RouteContext ctx;
   ctx.training = true;
@@ -557,11 +558,19 @@ TEST_CASE("TopKGate rejects bad input", "[gate][top_k][errors]") {
   // Finite x whose logits overflow.
   x.setConstant(3e38f);
   Gate big({.model_dim = 4, .num_experts = 3, .k = 2});
-  big.router().setConstant(10.0f);
+  big.set_router(moet::RowMatrix<float>::Constant(4, 3, 10.0f), moet::WeightLayout::kInOut);
   CHECK_THROWS_WITH(big.route(x, {}, out), Contains("TopKGate") && Contains("logits"));
-  // Non-finite router weights.
+  // Non-finite router weights: rejected by the setter (the router keeps its weights), and by
+  // route when training wrote them.
   x = random_matrix(5, 4, 3);
-  gate.router()(0, 0) = std::numeric_limits<float>::quiet_NaN();
+  moet::RowMatrix<float> w = gate.router();
+  w(0, 0) = std::numeric_limits<float>::quiet_NaN();
+  CHECK_THROWS_WITH(gate.set_router(w, moet::WeightLayout::kInOut),
+                    Contains("TopKGate") && Contains("nan at row 0, column 0"));
+  gate.route(x, {}, out);
+  gate.visit_parameters([](std::string_view, moet::ParamMap<float> value, moet::ParamMap<float>) {
+    value(0, 0) = std::numeric_limits<float>::quiet_NaN();
+  });
   CHECK_THROWS_WITH(gate.route(x, {}, out), Contains("TopKGate") && Contains("logits"));
 }
 
@@ -574,7 +583,7 @@ TEST_CASE("TopKGate plans are bit-identical for 1 and 2 threads", "[gate][top_k]
              .noisy = true,
              .capacity_factor = 1.0,
              .init_seed = 3});
-  gate.noise_router() = random_matrix(32, 16, 8, 0.3f);
+  gate.set_noise_router(random_matrix(32, 16, 8, 0.3f), moet::WeightLayout::kInOut);
   const auto x = random_matrix(1000, 32, 9);
   moet::RouteContext ctx;
   ctx.training = GENERATE(false, true);
@@ -591,7 +600,7 @@ TEST_CASE("TopKGate plans are bit-identical for 1 and 2 threads", "[gate][top_k]
 
 TEST_CASE("TopKGate<double> routes in double", "[gate][top_k]") {
   moet::TopKGate<double> gate({.model_dim = 3, .num_experts = 3, .k = 2, .renormalize = true});
-  gate.router().setIdentity();
+  gate.set_router(moet::RowMatrix<double>::Identity(3, 3), moet::WeightLayout::kInOut);
   moet::RowMatrix<double> x(1, 3);
   x << 0.0, std::log(2.0), std::log(3.0);
   moet::Routing<double> out;

@@ -1,6 +1,4 @@
 // TopPGate: top-p routing of Huang et al. 2024 ("Harder Tasks Need More Experts").
-#include <catch2/catch.hpp>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -8,6 +6,8 @@
 #include <numeric>
 #include <random>
 #include <vector>
+
+#include <catch2/catch.hpp>
 
 #include "moet/concepts.hpp"
 #include "moet/config.hpp"
@@ -67,7 +67,8 @@ std::vector<int> naive_top_p(const std::vector<float>& probs, float p, bool incl
 // Gate with W_r = identity (model_dim = E): each row of x is its logits.
 Gate identity_gate(Gate::Options o) {
   Gate gate(o);
-  gate.router().setIdentity();
+  gate.set_router(moet::RowMatrix<float>::Identity(gate.model_dim(), gate.num_experts()),
+                  moet::WeightLayout::kInOut);
   return gate;
 }
 
@@ -311,7 +312,7 @@ TEST_CASE("TopPGate plans are bit-identical for 1 and 2 threads", "[gate][top_p]
 
 TEST_CASE("TopPGate<double> cumulates in double", "[gate][top_p]") {
   moet::TopPGate<double> gate({.model_dim = 3, .num_experts = 3, .p = 0.6});
-  gate.router().setIdentity();
+  gate.set_router(moet::RowMatrix<double>::Identity(3, 3), moet::WeightLayout::kInOut);
   moet::RowMatrix<double> x(1, 3);
   x << std::log(5.0), std::log(3.0), std::log(2.0);  // P = 0.5, 0.3, 0.2
   moet::Routing<double> out;

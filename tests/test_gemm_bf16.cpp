@@ -301,7 +301,11 @@ TEST_CASE("bf16 banks re-round after parameters_changed and reject what they can
   Matrix y_before(5, 40);
   moet::SwiGluExperts<float>::Scratch scratch;
   bank.forward(1, x, y_before, scratch);
-  bank.down_weights(1) *= 2.0f;  // stale until parameters_changed: forward runs float Eigen
+  // Expert 1's down weights (rows [24, 48) of the stack) doubled through the optimisers'
+  // protocol: stale (forward would throw) until parameters_changed.
+  bank.visit_parameters([](std::string_view name, moet::ParamMap<float> w, moet::ParamMap<float>) {
+    if (name == "down") w.middleRows(24, 24) *= 2.0f;
+  });
   CHECK_FALSE(bank.uses_packed_kernels());
   bank.parameters_changed();
   REQUIRE(bank.uses_packed_kernels());

@@ -132,8 +132,8 @@ TEST_CASE("GeGLU expert gradients equal finite differences", "[experts][grad][gl
 TEST_CASE("FFN expert gradients equal finite differences", "[experts][grad][ffn]") {
   // Non-zero biases, so their gradients and the pre-activation shift are exercised.
   auto with_biases = [](auto bank) {
-    bank.in_bias_stack() = random_rows(kExperts, kHidden, 21);
-    bank.out_bias_stack() = random_rows(kExperts, kDim, 22);
+    bank.edit().in_bias_stack() = random_rows(kExperts, kHidden, 21);
+    bank.edit().out_bias_stack() = random_rows(kExperts, kDim, 22);
     return bank;
   };
   check_expert_gradients(
@@ -165,7 +165,7 @@ TEST_CASE("forward_train caches the pre-activations", "[experts][grad]") {
 
   moet::GeluFfnExperts<double> ffn(
       {.model_dim = kDim, .hidden_dim = kHidden, .num_experts = kExperts, .init_seed = 10});
-  ffn.in_bias_stack() = random_rows(kExperts, kHidden, 32);
+  ffn.edit().in_bias_stack() = random_rows(kExperts, kHidden, 32);
   moet::GeluFfnExperts<double>::Scratch ffn_scratch;
   RowMatrix<double> ffn_cache(4, ffn.cache_width());
   CHECK(ffn.cache_width() == kHidden);

@@ -216,8 +216,8 @@ TEST_CASE("Layer gradients equal finite differences: FFN experts with biases",
   const RowMatrix<double> x = random_rows<double>(kTokens, kDim, 4);
   moet::GeluFfnExperts<double> ffn(
       {.model_dim = kDim, .hidden_dim = kHidden, .num_experts = kExperts, .init_seed = 6});
-  ffn.in_bias_stack() = random_rows<double>(kExperts, kHidden, 7);
-  ffn.out_bias_stack() = random_rows<double>(kExperts, kDim, 8);
+  ffn.edit().in_bias_stack() = random_rows<double>(kExperts, kHidden, 7);
+  ffn.edit().out_bias_stack() = random_rows<double>(kExperts, kDim, 8);
   moet::MoELayer layer(TableGate<double>(kDim, kExperts, 9), ffn, kSmallBlocks);
   check_layer_gradients(layer, x, {}, {}, "table+ffn");
 }

@@ -206,7 +206,7 @@ Index check_against_surrogate(moet::TopAnyVariant variant, bool training, double
                                  .variant = variant,
                                  .temperature = tau,
                                  .trainable_temperature = trainable_temperature});
-  gate.set_gate_embeddings(c.w);
+  gate.set_gate_embeddings(c.w, moet::WeightLayout::kInOut);
   gate.set_thresholds(c.theta);
   gate.set_expert_mask(c.mask);
   moet::RouteContext ctx;
@@ -352,7 +352,7 @@ TEST_CASE("TopAnyGate backward in eval: fallback tokens pass the variant's gradi
                            : (Vec(4) << 0.3, 0.6, 1.5, 0.2).finished();
   const Case c = well_separated_case(31, 16, 5, 4, 0.2, 1.0, &theta);
   moet::TopAnyGate<double> probe({.model_dim = 5, .num_experts = 4, .max_experts = 4});
-  probe.set_gate_embeddings(c.w);
+  probe.set_gate_embeddings(c.w, moet::WeightLayout::kInOut);
   probe.set_thresholds(c.theta);
   probe.set_expert_mask(c.mask);
   moet::Routing<double> train_plan;
@@ -373,7 +373,7 @@ TEST_CASE("TopAnyGate backward passes nothing for dropped tokens and inactive sl
   w << 1, 0, 0,  //
       0, 1, 0,   //
       0, 0, 1;
-  gate.set_gate_embeddings(w);
+  gate.set_gate_embeddings(w, moet::WeightLayout::kInOut);
   gate.set_thresholds((Vec(3) << 0.5, 0.5, -2.0).finished());
   Mat x(2, 3);
   x << 1, 0.1, 0.2,  // cos 0.97 with slot 0: fires slot 0 only
@@ -440,7 +440,7 @@ TEST_CASE("TopAnyGate backward is bit-identical with 1 and 2 threads",
   const Index num_tokens = 1300, d = 24, emax = 12;
   moet::TopAnyGate<float> gate(
       {.model_dim = d, .num_experts = 10, .max_experts = emax, .variant = variant});
-  gate.thresholds().setConstant(0.1f);
+  gate.set_thresholds(moet::Vector<float>::Constant(gate.max_experts(), 0.1f));
   const moet::RowMatrix<float> x = random_matrix(num_tokens, d, 5).cast<float>();
   moet::RouteContext ctx;
   ctx.training = true;
@@ -513,7 +513,7 @@ TEST_CASE("TopAnyGate backward rejects mismatched input", "[gate][top_any][grad]
 
   // A plan that no longer matches the gate: raise every threshold after routing.
   gate.zero_grad();
-  gate.thresholds().setConstant(5.0f);
+  gate.set_thresholds(moet::Vector<float>::Constant(gate.max_experts(), 5.0f));
   CHECK_THROWS_WITH(gate.backward(x, ctx, plan, d_weights, none, dx),
                     Contains("does not match the gate") && Contains("training plan"));
   CHECK(dx.isZero(0.0f));  // nothing was changed
@@ -596,7 +596,7 @@ TEST_CASE("DynMoE aux losses match hand-computed values", "[loss][top_any]") {
   // sqrt(2 * 1/2) = 1 and simplicity (1 + sqrt2) / 2. Token 0 -> {0}, token 1 -> {0, 1}:
   // N = 2, ce = (1, 1/2), me = (3/4, 1/4), load balance 2 * (3/4 + 1/8) = 7/4, efficiency 3/4.
   moet::TopAnyGate<double> gate({.model_dim = 2, .num_experts = 2});
-  gate.set_gate_embeddings((Mat(2, 2) << 1, 1, 0, 1).finished());
+  gate.set_gate_embeddings((Mat(2, 2) << 1, 1, 0, 1).finished(), moet::WeightLayout::kInOut);
   gate.set_thresholds((Vec(2) << 0.5, 0.1).finished());
   // Slot e fires iff cos > theta_e (tau = 1). Token 0 (1, -0.95): cos 0.725 with slot 0 (fires),
   // 0.026 with slot 1 (does not). Token 1 (1, 0.9): cos 0.743 and 0.999 (both fire).
@@ -628,7 +628,7 @@ TEST_CASE("DynMoE aux loss gradients equal finite differences of naive formulas"
   moet::TopAnyGate<double> gate(
       {.model_dim = d, .num_experts = 4, .max_experts = emax, .variant = variant});
   const Mat w = random_matrix(d, emax, 3, 0.8);
-  gate.set_gate_embeddings(w);
+  gate.set_gate_embeddings(w, moet::WeightLayout::kInOut);
   gate.set_thresholds((Vec(emax) << 0.2, 0.5, -0.1, 0.4, 0.0).finished());
   gate.set_expert_mask((Vec(emax) << 1, 0, 1, 1, 1).finished());  // slot 1 inactive
   const Mat x = random_matrix(num_tokens, d, 4);
@@ -694,7 +694,7 @@ TEST_CASE("DynMoE aux loss gradients equal finite differences of naive formulas"
 
 TEST_CASE("DynMoE aux loss with every token dropped has load balance 0", "[loss][top_any][edge]") {
   moet::TopAnyGate<double> gate({.model_dim = 3, .num_experts = 3});
-  gate.thresholds().setConstant(4.0);
+  gate.set_thresholds(moet::Vector<double>::Constant(gate.max_experts(), 4.0));
   const Mat x = random_matrix(4, 3, 8);
   moet::RouteContext ctx;
   ctx.training = true;
@@ -737,7 +737,7 @@ TEST_CASE("DynMoE aux loss fed through backward equals FD of the whole surrogate
   const double coef = 0.5;
   const Case c = well_separated_case(51, 10, 5, 5, 0.3, 1.0);
   moet::TopAnyGate<double> gate({.model_dim = 5, .num_experts = 5});
-  gate.set_gate_embeddings(c.w);
+  gate.set_gate_embeddings(c.w, moet::WeightLayout::kInOut);
   gate.set_thresholds(c.theta);
   gate.set_expert_mask(c.mask);
   moet::Routing<double> plan;

@@ -455,8 +455,8 @@ TEST_CASE("MoELayer works with FFN experts in double", "[layer]") {
   };
   using Ffn = moet::FfnExperts<double>;
   Ffn experts({.model_dim = 6, .hidden_dim = 10, .num_experts = 3, .init_seed = 4});
-  experts.in_bias_stack() = random_rows<double>(3, 10, 1u);
-  experts.out_bias_stack() = random_rows<double>(3, 6, 2u);
+  experts.edit().in_bias_stack() = random_rows<double>(3, 10, 1u);
+  experts.edit().out_bias_stack() = random_rows<double>(3, 6, 2u);
   moet::MoELayer layer(DoubleGate{}, experts);
   const auto x = random_rows<double>(40, 6, 3u);
   const moet::RowMatrix<double> y = layer.forward(x);

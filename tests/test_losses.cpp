@@ -7,6 +7,7 @@
 #include <functional>
 #include <random>
 #include <span>
+#include <string_view>
 #include <vector>
 
 #include <catch2/catch.hpp>
@@ -288,7 +289,7 @@ TEST_CASE("Noisy top-k losses chain through TopKGate backward to W_r and W_noise
   ctx.seed = 77;
   ctx.step = 1;
   moet::TopKGate<double> gate(moet::TopKGate<double>::noisy_top_k_options(kDim, kExperts, 2));
-  gate.noise_router() = random_matrix(kDim, kExperts, 9, 0.5);
+  gate.set_noise_router(random_matrix(kDim, kExperts, 9, 0.5), moet::WeightLayout::kInOut);
 
   // L = importance(G) + load(z, n, eps) + z_loss(z), every coefficient 1 to make it visible.
   const auto total = [&](M* dz, M* dn, std::vector<double>* dw) {
@@ -319,8 +320,18 @@ TEST_CASE("Noisy top-k losses chain through TopKGate backward to W_r and W_noise
       {.d_logits = std::span<const double>(dz.data(), static_cast<std::size_t>(dz.size()))}, dx);
   gate.backward_noise_logits(x, dn, dx);
   const auto f = [&] { return total(nullptr, nullptr, nullptr); };
-  const M fd_w = central_diff(gate.router(), f);
-  const M fd_n = central_diff(gate.noise_router(), f);
+  // The weights in place, writable, as the optimisers see them (visit_parameters).
+  double* w_r = nullptr;
+  double* w_noise = nullptr;
+  gate.visit_parameters(
+      [&](std::string_view name, moet::ParamMap<double> value, moet::ParamMap<double>) {
+        if (name == "router.weight") w_r = value.data();
+        if (name == "router.noise_weight") w_noise = value.data();
+      });
+  REQUIRE(w_r != nullptr);
+  REQUIRE(w_noise != nullptr);
+  const M fd_w = central_diff(moet::ParamMap<double>(w_r, kDim, kExperts), f);
+  const M fd_n = central_diff(moet::ParamMap<double>(w_noise, kDim, kExperts), f);
   INFO("dW_r " << rel_error(gate.router_grad(), fd_w) << ", dW_noise "
                << rel_error(gate.noise_router_grad(), fd_n));
   CHECK(rel_error(gate.router_grad(), fd_w) <= 1e-4);

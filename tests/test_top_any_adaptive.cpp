@@ -42,7 +42,7 @@ Gate axis_gate(Index num_experts = 3) {
   w << 1, 0, 0, r,  //
       0, 1, 0, r,   //
       0, 0, 1, 0;
-  gate.set_gate_embeddings(w);
+  gate.set_gate_embeddings(w, moet::WeightLayout::kInOut);
   gate.set_thresholds(Vec::Constant(4, 0.5));
   return gate;
 }
@@ -60,7 +60,7 @@ TEST_CASE("TopAnyGate update removes idle experts, then adds one in the lowest f
       -1, -1, -1,  //
       1, 0, 1,     //
       0, -2, 0.5;
-  gate.thresholds()[1] = 0.5;
+  gate.set_thresholds((Vec(4) << 0.5, 0.5, 0.5, 0.5).finished());
   const Mat w_before = gate.gate_embeddings();
   moet::Routing<double> plan;
   gate.begin_recording();
@@ -74,7 +74,9 @@ TEST_CASE("TopAnyGate update removes idle experts, then adds one in the lowest f
   CHECK(gate.recorded_unrouted() == r_s);
 
   // Remove slot 1 first, so the lowest free slot is 1 again: it is re-added with W = R_S/|R_S|.
-  gate.thresholds()[1] = 0.3;  // the reset must set it to 0
+  Vec theta = gate.thresholds();
+  theta[1] = 0.3;  // the reset must set it to 0
+  gate.set_thresholds(theta);
   const auto update = gate.update_experts();
   CHECK(update.removed == 1);
   CHECK(update.added == 1);
@@ -216,7 +218,7 @@ TEST_CASE("TopAnyGate follows the DeepSpeed cycle: record 300..600, update after
   // Two slots; every token fires slot 0 only, so the update removes slot 1 and adds nothing.
   Gate gate({.model_dim = 2, .num_experts = 2});
   REQUIRE(gate.options().schedule == moet::TopAnySchedule::kDeepSpeedCycle);
-  gate.set_gate_embeddings((Mat(2, 2) << 1, 0, 0, 1).finished());
+  gate.set_gate_embeddings((Mat(2, 2) << 1, 0, 0, 1).finished(), moet::WeightLayout::kInOut);
   gate.set_thresholds(Vec::Constant(2, 0.5));
   const Mat x = (Mat(1, 2) << 1, 0.1).finished();
   moet::Routing<double> plan;
@@ -244,7 +246,7 @@ TEST_CASE("TopAnyGate follows the DeepSpeed cycle: record 300..600, update after
 TEST_CASE("TopAnyGate cycle period is configurable and repeats every 3 periods",
           "[gate][top_any][adaptive][schedule]") {
   Gate gate({.model_dim = 2, .num_experts = 2, .schedule_period = 5});
-  gate.set_gate_embeddings((Mat(2, 2) << 1, 0, 0, 1).finished());
+  gate.set_gate_embeddings((Mat(2, 2) << 1, 0, 0, 1).finished(), moet::WeightLayout::kInOut);
   gate.set_thresholds(Vec::Constant(2, 0.5));
   const Mat x = (Mat(1, 2) << 1, 0.1).finished();
   moet::Routing<double> plan;
@@ -289,7 +291,7 @@ TEST_CASE("TopAnyGate records and updates the same at 1 and 2 threads",
                                   .max_experts = 8,
                                   .init_seed = 3,
                                   .schedule = moet::TopAnySchedule::kManual});
-    gate.thresholds().setConstant(0.3f);
+    gate.set_thresholds(moet::Vector<float>::Constant(gate.max_experts(), 0.3f));
     moet::Routing<float> plan;
     gate.begin_recording();
     for (int step = 0; step < 3; ++step) {

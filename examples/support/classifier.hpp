@@ -139,7 +139,8 @@ class MoeClassifier {
   RowMatrix<S> d_aux_;
 };
 
-/// Writes every parameter of `model` (visit order: name, rows, cols, floats) to `path`.
+/// Writes every parameter of `model` (visit order: name, rows, cols, floats) to `path`; the
+/// model stays usable (its expert banks are repacked after the visit).
 template <class Model>
 void save_parameters(Model& model, const std::string& path) {
   std::ofstream out(path, std::ios::binary);
@@ -151,6 +152,10 @@ void save_parameters(Model& model, const std::string& path) {
               static_cast<std::streamsize>(sizeof(float) * static_cast<std::size_t>(value.size())));
     out << '\n';
   });
+  // The visit hands the weights out for writing, which leaves the expert banks' packed copies
+  // stale (their forward throws until parameters_changed); nothing was written, so repack and
+  // keep the model usable.
+  moet::detail::notify_parameters_changed(model);
 }
 
 /// Reads parameters written by `save_parameters` into `model`, which must visit the same names

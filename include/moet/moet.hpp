@@ -18,6 +18,7 @@
 #include "moet/dispatch/reference.hpp"
 #include "moet/errors.hpp"
 #include "moet/experts/activations.hpp"
+#include "moet/experts/bank.hpp"
 #include "moet/experts/ffn.hpp"
 #include "moet/experts/glu.hpp"
 #include "moet/gates/importance.hpp"

@@ -1,10 +1,12 @@
 #pragma once
 /// \file tensor.hpp
 /// The matrix and vector types moet passes around. Token matrices are row-major
-/// `(num_tokens, model_dim)`; ids are `std::int32_t`; sizes are `Eigen::Index`.
+/// `(num_tokens, model_dim)`; ids are `std::int32_t`; sizes are `Eigen::Index`. Also
+/// `WeightLayout`, how a weight matrix handed to a setter is laid out.
+
+#include <cstdint>
 
 #include <Eigen/Core>
-#include <cstdint>
 
 namespace moet {
 
@@ -32,5 +34,27 @@ using IdVector = Eigen::Matrix<std::int32_t, Eigen::Dynamic, 1>;
 
 /// Offsets into CSR arrays.
 using IndexVector = Eigen::Matrix<Index, Eigen::Dynamic, 1>;
+
+/// How a weight matrix handed to a setter (`set_gate_weights`, `set_router`, ...) is laid out.
+/// moet computes `y = x W` with `x` `(num_tokens, in)`, so it stores `W` as `(in, out)`;
+/// PyTorch's `nn.Linear` computes `y = x W^T` and stores `weight` as `[out, in]`. Setters take
+/// either and transpose the second; a matrix whose shape only fits the other layout is a
+/// `moet::Error` that says it looks transposed.
+///
+/// ```cpp
+/// bank.set_gate_weights(e, w1, moet::WeightLayout::kOutIn);  // HF Mixtral experts.e.w1.weight
+/// gate.set_router(w, moet::WeightLayout::kOutIn);              // nn.Linear(d, E).weight [E, d]
+/// ```
+enum class WeightLayout {
+  /// moet's `(in, out)`: the matrix `W` of `y = x W` (for example `(model_dim, num_experts)`).
+  kInOut,
+  /// PyTorch's `[out, in]` (`nn.Linear.weight`, `y = x W^T`): transposed on the way in.
+  kOutIn,
+};
+
+/// `"kInOut"` or `"kOutIn"` (for messages).
+constexpr const char* weight_layout_name(WeightLayout layout) {
+  return layout == WeightLayout::kOutIn ? "kOutIn" : "kInOut";
+}
 
 }  // namespace moet

@@ -130,6 +130,26 @@ class Bytes {
   std::size_t pos_ = 0;
 };
 
+/// Hands `w` to a gate's weight setter, `set(matrix, layout)`, in moet's layout or (when
+/// `torch_layout`) transposed in PyTorch's. The setter must throw `moet::Error` exactly when `w`
+/// holds a NaN or Inf (nothing else is wrong with it). Returns whether it took `w`.
+template <class Set>
+bool set_weights(Set&& set, const moet::RowMatrix<float>& w, bool torch_layout) {
+  const bool finite = w.allFinite();
+  try {
+    if (torch_layout) {
+      set(moet::RowMatrix<float>(w.transpose()), moet::WeightLayout::kOutIn);
+    } else {
+      set(w, moet::WeightLayout::kInOut);
+    }
+  } catch (const moet::Error&) {
+    MOET_FUZZ_CHECK(!finite, "a weight setter rejected finite weights");
+    return false;
+  }
+  MOET_FUZZ_CHECK(finite, "a weight setter accepted non-finite weights");
+  return true;
+}
+
 /// True when every entry of `m` is finite and at most `bound` in magnitude.
 inline bool all_small(const moet::RowMatrix<float>& m, float bound) {
   for (Index i = 0; i < m.size(); ++i) {

@@ -101,7 +101,12 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     moet::ImportanceGate<float> gate(options);
     constructed = true;
     const auto x = in.matrix(num_tokens, model_dim, finite_only);
-    gate.router() = in.matrix(model_dim, num_experts, finite_only);
+    // Weights through the setter (non-finite ones are rejected there), in either layout.
+    const auto set_router = [&](const auto& w, moet::WeightLayout l) { gate.set_router(w, l); };
+    if (!moet_fuzz::set_weights(set_router, in.matrix(model_dim, num_experts, finite_only),
+                                options.init_seed % 2 == 1)) {
+      return 0;
+    }
     // A well-formed call must route: small finite x and W, importance of the right length,
     // finite and >= 0, one sequence, no mask or a mask of the right length.
     bool well_formed = moet_fuzz::all_small(x, 1e3f) && moet_fuzz::all_small(gate.router(), 1e3f) &&

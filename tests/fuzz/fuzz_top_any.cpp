@@ -68,15 +68,29 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     constructed = true;
     const Index emax = gate.max_experts();
     const auto x = in.matrix(num_tokens, model_dim, finite_only);
-    if (in.flag()) gate.gate_embeddings() = in.matrix(model_dim, emax, finite_only);
+    // Embeddings through the setter (non-finite ones are rejected there), in either layout.
+    const auto set_embeddings = [&](const auto& w, moet::WeightLayout l) {
+      gate.set_gate_embeddings(w, l);
+    };
+    if (in.flag() &&
+        !moet_fuzz::set_weights(set_embeddings, in.matrix(model_dim, emax, finite_only),
+                                options.init_seed % 2 == 1)) {
+      return 0;
+    }
     // Thresholds: decoded values, all far above 1 (nothing fires), or all exactly 0.
-    auto& theta = gate.thresholds();
+    moet::Vector<float> theta(emax);
     for (Index e = 0; e < emax; ++e) {
       float v = in.value();
       if (finite_only && !std::isfinite(v)) v = 0.0f;
       if (threshold_mode == 1) v = std::isfinite(v) ? 1.5f + std::abs(v) : 50.0f;
       if (threshold_mode == 2) v = 0.0f;
       theta[e] = v;
+    }
+    try {
+      gate.set_thresholds(theta);
+    } catch (const moet::Error&) {
+      MOET_FUZZ_CHECK(!theta.allFinite(), "set_thresholds rejected finite thresholds");
+      return 0;  // documented: thresholds must be finite
     }
     if (mask_mode == 1 || mask_mode == 2) {
       moet::Vector<float> mask(emax);

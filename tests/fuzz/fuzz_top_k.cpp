@@ -68,8 +68,22 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     moet::TopKGate<float> gate(options);
     constructed = true;
     const auto x = in.matrix(num_tokens, model_dim, finite_only);
-    gate.router() = in.matrix(model_dim, num_experts, finite_only);
-    if (options.noisy) gate.noise_router() = in.matrix(model_dim, num_experts, finite_only);
+    // Weights through the setters (non-finite ones are rejected there, not by route), in
+    // either layout.
+    const bool torch_layout = options.init_seed % 2 == 1;
+    const auto set_router = [&](const auto& w, moet::WeightLayout l) { gate.set_router(w, l); };
+    const auto set_noise = [&](const auto& w, moet::WeightLayout l) {
+      gate.set_noise_router(w, l);
+    };
+    if (!moet_fuzz::set_weights(set_router, in.matrix(model_dim, num_experts, finite_only),
+                                torch_layout)) {
+      return 0;
+    }
+    if (options.noisy &&
+        !moet_fuzz::set_weights(set_noise, in.matrix(model_dim, num_experts, finite_only),
+                                torch_layout)) {
+      return 0;
+    }
     const bool small = moet_fuzz::all_small(x, 1e3f) && moet_fuzz::all_small(gate.router(), 1e3f) &&
                        (!options.noisy || moet_fuzz::all_small(gate.noise_router(), 1e3f));
 

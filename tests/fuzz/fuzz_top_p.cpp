@@ -60,7 +60,12 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     moet::TopPGate<float> gate(options);
     constructed = true;
     const auto x = in.matrix(num_tokens, model_dim, finite_only);
-    gate.router() = in.matrix(model_dim, num_experts, finite_only);
+    // Weights through the setter (non-finite ones are rejected there), in either layout.
+    const auto set_router = [&](const auto& w, moet::WeightLayout l) { gate.set_router(w, l); };
+    if (!moet_fuzz::set_weights(set_router, in.matrix(model_dim, num_experts, finite_only),
+                                options.init_seed % 2 == 1)) {
+      return 0;
+    }
     const bool small = moet_fuzz::all_small(x, 1e3f) && moet_fuzz::all_small(gate.router(), 1e3f);
     moet::Routing<float> plan;
     if (!moet_fuzz::route_both(gate, x, {}, plan, moet_fuzz::use_two_threads(data, size))) {

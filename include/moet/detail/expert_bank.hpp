@@ -1,18 +1,23 @@
 #pragma once
 /// \file detail/expert_bank.hpp
-/// What the expert banks (`FfnExperts`, `GluExperts`) share: the check of their options, views
-/// of one expert in a stacked weight matrix, the lazily allocated gradients, the parameter
-/// visit, and `PackedCopies`, the packed kernel copies of the weights (float or bf16, by
-/// `Options::weight_format`) with the flag that says whether they are current.
+/// The pieces of experts/bank.hpp's `ExpertBank` that are not about one bank: the description
+/// of a body's tensors (`TensorSpec`), views of one expert in a stacked matrix, the lazily
+/// allocated gradients, the parameter visit, the seeded initialisation, and `PackedCopies`,
+/// the packed kernel copies of the weights (float or bf16, by `Options::weight_format`) with
+/// the flag that says whether they are current.
 
 #include <algorithm>
+#include <array>
+#include <cmath>
 #include <cstddef>
+#include <cstdint>
 #include <type_traits>
 #include <vector>
 
 #include "moet/detail/bf16.hpp"
 #include "moet/detail/buffer.hpp"
 #include "moet/detail/gemm.hpp"
+#include "moet/detail/rng.hpp"
 #include "moet/errors.hpp"
 #include "moet/experts/weight_format.hpp"
 #include "moet/tensor.hpp"
@@ -20,14 +25,56 @@
 
 namespace moet::detail {
 
+/// A dimension of a bank tensor, resolved against the bank's options.
+enum class BankDim { kModel, kHidden, kOne };
+
+/// The size of `dim` in a bank of these widths.
+constexpr Index bank_dim(BankDim dim, Index model_dim, Index hidden_dim) {
+  return dim == BankDim::kModel ? model_dim : dim == BankDim::kHidden ? hidden_dim : 1;
+}
+
+/// The name of `dim` in messages.
+constexpr const char* bank_dim_name(BankDim dim) {
+  return dim == BankDim::kModel ? "model_dim" : dim == BankDim::kHidden ? "hidden_dim" : "1";
+}
+
+/// One tensor of an expert body, as the bank stores, checks, initialises and visits it.
+/// Expert `e`'s tensor is `(rows, cols)` in moet's `(in, out)` layout; the bank stacks the
+/// experts' tensors row-wise into one `(num_experts * rows, cols)` matrix.
+struct TensorSpec {
+  /// `visit_parameters` name (`"gate"`, `"in_bias"`).
+  const char* name;
+  /// Name in messages (`"gate weights"`).
+  const char* label;
+  /// The named setter (`"set_gate_weights"`), for messages.
+  const char* setter;
+  /// One expert's shape, `(in, out)`.
+  BankDim rows;
+  BankDim cols;
+  /// A bias: present only with `Options::bias`, zero under `WeightInit::kRandom`, never packed
+  /// (read in place by the kernels' epilogue), any vector orientation accepted by its setter.
+  bool bias;
+  /// Random initialisation: normal with standard deviation `1 / sqrt(fan_in)` drawn from
+  /// `Rng(hash_key(init_seed, stream))` over the whole stack, row-major (weights only).
+  BankDim fan_in;
+  std::uint64_t stream;
+};
+
 /// The banks' check of their options: `model_dim`, `hidden_dim` and `num_experts` >= 1, then
-/// `require_weight_format<S>`. Throws `moet::Error` naming `op` otherwise.
+/// `require_weight_format<S>`, then `inference_only` only for a float bank with `pack_weights`.
+/// Throws `moet::Error` naming `op` otherwise.
 template <class S, class Options>
 void require_bank_options(const char* op, const Options& options) {
   require(options.model_dim >= 1 && options.hidden_dim >= 1 && options.num_experts >= 1, op,
           "model_dim, hidden_dim and num_experts must be >= 1, got (", options.model_dim, ", ",
           options.hidden_dim, ", ", options.num_experts, ")");
   require_weight_format<S>(op, options.weight_format, options.pack_weights);
+  if (options.inference_only) {
+    require(std::is_same_v<S, float> && options.pack_weights, op,
+            "inference_only keeps only the packed kernel weights: it needs a float bank with "
+            "pack_weights = true, got a ",
+            sizeof(S), "-byte scalar and pack_weights = ", options.pack_weights ? "true" : "false");
+  }
 }
 
 /// Expert `e`'s `(rows, stack.cols())` block of a stacked weight matrix `stack`
@@ -42,6 +89,19 @@ template <class S>
 Eigen::Map<RowMatrix<S>> expert_block(RowMatrix<S>& stack, Index e, Index rows) {
   MOET_ASSERT(e >= 0 && (e + 1) * rows <= stack.rows(), "expert id out of range");
   return Eigen::Map<RowMatrix<S>>(stack.data() + e * rows * stack.cols(), rows, stack.cols());
+}
+
+/// A `(1, n)` tensor view as a row vector (what Eigen's `rowwise() +=` takes): the FFN body's
+/// bias rows. Keeps the view's constness.
+template <class S>
+Eigen::Map<const Eigen::Matrix<S, 1, Eigen::Dynamic>> row_vector(
+    const Eigen::Map<const RowMatrix<S>>& m) {
+  return Eigen::Map<const Eigen::Matrix<S, 1, Eigen::Dynamic>>(m.data(), m.cols());
+}
+/// (Writable.)
+template <class S>
+Eigen::Map<Eigen::Matrix<S, 1, Eigen::Dynamic>> row_vector(Eigen::Map<RowMatrix<S>> m) {
+  return Eigen::Map<Eigen::Matrix<S, 1, Eigen::Dynamic>>(m.data(), m.cols());
 }
 
 /// Sets `grad` to zeros shaped like `value` unless it has that shape already (the banks' lazily
@@ -61,18 +121,27 @@ void visit_stack(F& f, const char* name, RowMatrix<S>& value, RowMatrix<S>& grad
     ParamMap<S>(grad.data(), grad.rows(), grad.cols()));
 }
 
+/// Writes `size` normals of standard deviation `1 / sqrt(fan_in)` into `data`, continuing
+/// `rng`'s stream: the banks' random initialisation. A stack drawn in one call equals its
+/// expert blocks drawn one after the other from the same `rng`.
+template <class S>
+void fill_normal_fan_in(Rng& rng, S* data, Index size, Index fan_in) {
+  const double scale = 1.0 / std::sqrt(static_cast<double>(fan_in));
+  for (Index i = 0; i < size; ++i) data[i] = static_cast<S>(rng.normal() * scale);
+}
+
 /// A bank's packed copies of its weights for the kernels of detail/gemm.hpp: one `Expert<W>`
-/// per expert (the bank's own struct of `PackedMatrix` / `PackedGluMatrix`), in float or bf16
+/// per expert (the body's struct of `PackedMatrix` / `PackedGluMatrix`), in float or bf16
 /// (`WeightFormat`), and whether they are current.
 ///
 /// Only the copy of the bank's `weight_format` is filled, and only for float banks (`S`) with
-/// `pack_weights`; for the others `rebuild` is a no-op and the copies are never current. A bank
-/// marks them stale (`mark_stale`) in every member that hands out its weights for writing; then
-/// `run` declines and the bank's `forward` takes its Eigen path until `rebuild` (the bank's
-/// `parameters_changed()`).
+/// `pack_weights` (`enabled()`); for the others every member is a no-op and the copies are
+/// never current. The bank marks them stale (`mark_stale`) when it hands its weights out for
+/// writing (`visit_parameters`, `edit()`); `run` then declines and the bank's `forward` throws
+/// until a `rebuild` or an `update` of what changed plus `mark_current`.
 ///
 /// \tparam S the bank's scalar type.
-/// \tparam Expert the bank's per-expert packed weights, `Expert<float>` and `Expert<Bf16>`.
+/// \tparam Expert the body's per-expert packed weights, `Expert<float>` and `Expert<Bf16>`.
 template <class S, template <class> class Expert>
 class PackedCopies {
  public:
@@ -83,9 +152,12 @@ class PackedCopies {
   PackedCopies(bool pack_weights, WeightFormat format)
       : pack_weights_(pack_weights), format_(format) {}
 
+  /// True when the bank keeps packed copies (a float bank with `pack_weights`).
+  bool enabled() const { return kPackable && pack_weights_; }
+
   /// Resizes the copy of the bank's format to `num_experts` experts, calls `pack(copy, e)` for
   /// every expert `e` in order (it packs expert `e`'s weights into `copy`, an `Expert<W>&`),
-  /// and marks the copies current. A no-op for double banks and without `pack_weights`.
+  /// and marks the copies current. A no-op unless `enabled()`.
   template <class Pack>
   void rebuild(Index num_experts, Pack&& pack) {
     if constexpr (kPackable) {
@@ -99,17 +171,28 @@ class PackedCopies {
     }
   }
 
-  /// True when the copies are current (never for double banks or without `pack_weights`).
+  /// Calls `update(copy)` with expert `e`'s packed weights (an `Expert<W>&`) to repack part of
+  /// them; leaves the current flag alone. A no-op unless `enabled()` (and before `rebuild`).
+  template <class Update>
+  void update(Index e, Update&& update) {
+    if constexpr (kPackable) {
+      const auto slot = static_cast<std::size_t>(e);
+      if (format_ == WeightFormat::kBf16) {
+        if (slot < bf16_.size()) update(bf16_[slot]);
+      } else {
+        if (slot < f32_.size()) update(f32_[slot]);
+      }
+    }
+  }
+
+  /// True when the copies are current (never unless `enabled()`).
   bool current() const { return current_; }
 
-  /// Marks the copies stale until the next `rebuild`.
+  /// Marks the copies stale until the next `rebuild` or `mark_current`.
   void mark_stale() { current_ = false; }
-  /// Marks the copies stale and returns `value` (for the bank's writable weight accessors).
-  template <class T>
-  T& mark_stale(T& value) {
-    current_ = false;
-    return value;
-  }
+  /// Marks the copies current (after `update` brought every changed tensor in); a no-op unless
+  /// `enabled()`.
+  void mark_current() { current_ = enabled(); }
 
   /// When the copies are current, calls `run(copy)` with expert `e`'s packed weights (a
   /// `const Expert<W>&`) and returns true; otherwise returns false without calling it.
@@ -127,6 +210,16 @@ class PackedCopies {
       }
     }
     return false;
+  }
+
+  /// Calls `visit(copy)` for every expert's packed weights (a `const Expert<W>&`), current or
+  /// not; a no-op unless `enabled()`.
+  template <class Visit>
+  void for_each(Visit&& visit) const {
+    if constexpr (kPackable) {
+      for (const auto& copy : f32_) visit(copy);
+      for (const auto& copy : bf16_) visit(copy);
+    }
   }
 
   /// Grows the packed kernels' workspace `kernel` for blocks of up to `max_rows` rows of a bank
@@ -149,8 +242,20 @@ class PackedCopies {
   // Only the one of format_ is filled (neither for double banks or without pack_weights).
   std::vector<Expert<float>> f32_;
   std::vector<Expert<Bf16>> bf16_;
-  // False after any writable weight access until rebuild().
+  // False after the bank handed its weights out for writing, until rebuild() or mark_current().
   bool current_ = false;
+};
+
+/// A flag that a copy or a move of its owner does not inherit: the bank's "an `edit()` is
+/// open" (the handle points at the original bank, not at a copy).
+struct UncopiedFlag {
+  bool value = false;
+  UncopiedFlag() = default;
+  UncopiedFlag(const UncopiedFlag& /*other*/) noexcept {}
+  UncopiedFlag& operator=(const UncopiedFlag& /*other*/) noexcept {
+    value = false;
+    return *this;
+  }
 };
 
 }  // namespace moet::detail

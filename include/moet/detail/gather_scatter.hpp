@@ -118,12 +118,21 @@ bool storage_overlaps(const A& a, const B& b) {
   return before(a_begin, b_end) && before(b_begin, a_end);
 }
 
+/// Throws when the bank cannot run now (`experts.check_ready(training)`, for banks that have
+/// it: weights not set yet, a stale packed copy, an inference-only bank asked to train). Every
+/// dispatcher calls it before its parallel region, so that no bank throws inside one.
+template <class X>
+void check_experts_ready(const X& experts, bool training) {
+  if constexpr (requires { experts.check_ready(training); }) experts.check_ready(training);
+}
+
 /// The checks every dispatcher runs at entry (throws `Error` naming `op`): `x` is
 /// `(num_tokens, model_dim)`, `y` has `x`'s shape and does not overlap it, the plan covers
-/// `x.rows()` tokens over the bank's `num_experts`, and every expert id is in range.
+/// `x.rows()` tokens over the bank's `num_experts`, every expert id is in range, and the bank
+/// is ready to run `forward` (`training = false`) or `forward_train` / `backward` (`true`).
 template <class X, class S>
 void check_dispatch(const char* op, const X& experts, const ConstRows<S>& x,
-                    const Routing<S>& routing, const Rows<S>& y) {
+                    const Routing<S>& routing, const Rows<S>& y, bool training = false) {
   require(x.cols() == experts.model_dim(), op, "x must have model_dim = ", experts.model_dim(),
           " columns, got (", x.rows(), ", ", x.cols(), ")");
   require(y.rows() == x.rows() && y.cols() == x.cols(), op, "y must have x's shape (", x.rows(),
@@ -140,6 +149,7 @@ void check_dispatch(const char* op, const X& experts, const ConstRows<S>& x,
     fail(op, "expert id ", *bad, " at assignment ", bad - ids.begin(), " is outside [0, ",
          experts.num_experts(), ")");
   }
+  check_experts_ready(experts, training);
 }
 
 }  // namespace moet::detail

@@ -5,7 +5,9 @@
 /// holds noisy top-k's `W_noise`), their deterministic initialisation, the checks of the
 /// options' shape, of `x`, of `logits` and of `backward`, `P = softmax(x W_r)` written into
 /// `Routing::probs_mut()`, and the plan-filling pass of the gates that rank experts
-/// (`write_ranked_slots`). Each gate only adds its own selection rule on top.
+/// (`write_ranked_slots`). Each gate only adds its own selection rule on top. The gates hand
+/// their router weights out as fixed-shape read-only views and take new ones through
+/// `RouterWeights::set` (shape in either `WeightLayout`, finite).
 ///
 /// Backward (shared by the three gates): per-token row kernels turn dL/dw (combine weights) and
 /// dL/dP into dL/dz through the softmax, then `linear_backward` accumulates `dW += x^T dz` and
@@ -26,6 +28,7 @@
 #include "moet/detail/parallel.hpp"
 #include "moet/detail/rng.hpp"
 #include "moet/detail/select.hpp"
+#include "moet/detail/weights.hpp"
 #include "moet/errors.hpp"
 #include "moet/routing.hpp"
 #include "moet/tensor.hpp"
@@ -272,7 +275,30 @@ class RouterWeights {
 
   /// The weights `W` `(model_dim, num_experts)`.
   const RowMatrix<S>& weights() const { return weights_; }
-  RowMatrix<S>& weights() { return weights_; }
+  /// The weights as the gates hand them out: a read-only view of fixed shape.
+  Eigen::Map<const RowMatrix<S>> view() const {
+    return Eigen::Map<const RowMatrix<S>>(weights_.data(), weights_.rows(), weights_.cols());
+  }
+
+  /// Replaces `W` by `w` given in `layout` (`(model_dim, num_experts)` for
+  /// `WeightLayout::kInOut`, `[num_experts, model_dim]` for `kOutIn`, PyTorch's
+  /// `nn.Linear(model_dim, num_experts).weight`). Throws `Error` naming `op`, `setter` and
+  /// `label` when the shape is wrong ("looks transposed" when `w` has the other layout's shape)
+  /// or an entry is NaN or Inf; `W` is unchanged then. The gradient keeps its values.
+  void set(const char* op, const char* setter, const char* label, const ConstRows<S>& w,
+           WeightLayout layout, Index model_dim, Index num_experts) {
+    const WeightName name{label, -1, "model_dim", "num_experts"};
+    check_weight_shape(op, setter, name, model_dim, num_experts, w.rows(), w.cols(), layout);
+    check_weights_finite(op, setter, name, w);
+    if (layout == WeightLayout::kOutIn) {
+      weights_ = w.transpose();
+    } else {
+      weights_ = w;
+    }
+  }
+
+  /// Makes `W` a zero `(rows, cols)` matrix (noisy top-k's initial `W_noise`).
+  void set_zero(Index rows, Index cols) { weights_.setZero(rows, cols); }
 
   /// The gradient of `W` `(model_dim, num_experts)`; `(0, 0)` until the first `zero_grad()`
   /// or backward.
@@ -326,8 +352,8 @@ class SoftmaxRouter : public RouterWeights<S> {
         model_dim_(model_dim),
         num_experts_(num_experts) {}
 
-  /// The gate's `model_dim` and `num_experts`, fixed at construction. The argument checks use
-  /// them, not the shape of `weights()` (which a caller may assign).
+  /// The gate's `model_dim` and `num_experts`, fixed at construction (`set` keeps the shape of
+  /// `weights()` equal to them).
   Index model_dim() const { return model_dim_; }
   Index num_experts() const { return num_experts_; }
 

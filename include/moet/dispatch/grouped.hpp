@@ -161,7 +161,7 @@ class GroupedDispatch {
   void forward_train(const X& experts, const ConstRows<typename X::Scalar>& x,
                      const Routing<typename X::Scalar>& routing, Rows<typename X::Scalar> y,
                      Workspace<X>& ws) const {
-    detail::check_dispatch("GroupedDispatch", experts, x, routing, y);
+    detail::check_dispatch("GroupedDispatch", experts, x, routing, y, /*training=*/true);
     const Index num_tokens = x.rows();
     const Index model_dim = x.cols();
     if (num_tokens == 0) return;
@@ -209,7 +209,7 @@ class GroupedDispatch {
                 Rows<typename X::Scalar> dx) const {
     using S = typename X::Scalar;
     constexpr const char* kOp = "GroupedDispatch";
-    detail::check_dispatch(kOp, experts, x, routing, dx);
+    detail::check_dispatch(kOp, experts, x, routing, dx, /*training=*/true);
     detail::require(dy.rows() == x.rows() && dy.cols() == x.cols(), kOp, "dy must have x's shape (",
                     x.rows(), ", ", x.cols(), "), got (", dy.rows(), ", ", dy.cols(), ")");
     detail::require(!detail::storage_overlaps(dy, dx), kOp, "dx must not overlap dy");
@@ -399,6 +399,7 @@ void add_dense_expert(const X& experts, Index e, typename X::Scalar weight,
   detail::require(y.rows() == x.rows() && y.cols() == x.cols(), kOp, "y must have x's shape (",
                   x.rows(), ", ", x.cols(), "), got (", y.rows(), ", ", y.cols(), ")");
   detail::require(!detail::storage_overlaps(x, y), kOp, "y must not overlap x");
+  detail::check_experts_ready(experts, /*training=*/false);
   detail::prepare_thread_scratch(experts, ws.threads, std::min(kDenseRowBlock, x.rows()),
                                  /*gather=*/false, /*output=*/true);
   const Index model_dim = x.cols();
@@ -426,6 +427,7 @@ void add_dense_experts_train(const X& experts, const ConstRows<typename X::Scala
   detail::require(y.rows() == x.rows() && y.cols() == x.cols(), kOp, "y must have x's shape (",
                   x.rows(), ", ", x.cols(), "), got (", y.rows(), ", ", y.cols(), ")");
   detail::require(!detail::storage_overlaps(x, y), kOp, "y must not overlap x");
+  detail::check_experts_ready(experts, /*training=*/true);
   const Index num_tokens = x.rows();
   const Index model_dim = x.cols();
   ws.train_tokens = num_tokens;
@@ -470,6 +472,7 @@ void backward_dense_experts(X& experts, const ConstRows<typename X::Scalar>& x,
   detail::require(ws.train_tokens == x.rows(), kOp,
                   "backward needs an add_dense_experts_train of the same x first (it saw ",
                   ws.train_tokens, " tokens, x has ", x.rows(), ")");
+  detail::check_experts_ready(experts, /*training=*/true);
   const Index num_tokens = x.rows();
   const Index model_dim = x.cols();
   const Index num_experts = experts.num_experts();

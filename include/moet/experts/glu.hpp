@@ -1,272 +1,231 @@
 #pragma once
 /// \file experts/glu.hpp
 /// `GluExperts`: a bank of gated-linear-unit feed-forward experts (SwiGLU, GeGLU), the expert of
-/// ALGORITHMS.md section 0.
+/// ALGORITHMS.md section 0: `ExpertBank` (experts/bank.hpp) with the body `GluBody<Act>`.
 
-#include <cstdint>
+#include <array>
+#include <cstddef>
 #include <type_traits>
-#include <utility>
 
 #include "moet/detail/buffer.hpp"
 #include "moet/detail/expert_bank.hpp"
 #include "moet/detail/gather_scatter.hpp"
 #include "moet/detail/gemm.hpp"
-#include "moet/detail/rng.hpp"
-#include "moet/errors.hpp"
 #include "moet/experts/activations.hpp"
-#include "moet/experts/weight_format.hpp"
+#include "moet/experts/bank.hpp"
 #include "moet/tensor.hpp"
-#include "moet/train/grad.hpp"
 
 namespace moet {
 
-/// A bank of `num_experts` gated-linear-unit experts (Shazeer, "GLU Variants Improve
-/// Transformer", 2020):
+/// The tensors of a GLU expert, in `visit_parameters` order: `kGate` (`Wg`, `(model_dim,
+/// hidden_dim)`, visited as `"gate"`), `kUp` (`Wu`, same shape, `"up"`), `kDown` (`Wd`,
+/// `(hidden_dim, model_dim)`, `"down"`). In PyTorch's layout (HF Mixtral's `w1`, `w3`, `w2`;
+/// Qwen-MoE's `gate_proj`, `up_proj`, `down_proj`) they are `[hidden_dim, model_dim]`,
+/// `[hidden_dim, model_dim]` and `[model_dim, hidden_dim]`.
+enum class GluTensor { kGate, kUp, kDown };
+
+/// The names of a GLU bank's tensors (a mixin of `ExpertBank` and of its `Edit` handle, which
+/// hand out read-only and writable views respectively).
+template <class Self>
+class GluViews {
+ public:
+  /// Expert `e`'s gate weights `Wg_e` `(model_dim, hidden_dim)`, a view into the stack.
+  auto gate_weights(Index e) const { return self().tensor(GluTensor::kGate, e); }
+  /// Expert `e`'s up weights `Wu_e` `(model_dim, hidden_dim)`.
+  auto up_weights(Index e) const { return self().tensor(GluTensor::kUp, e); }
+  /// Expert `e`'s down weights `Wd_e` `(hidden_dim, model_dim)`.
+  auto down_weights(Index e) const { return self().tensor(GluTensor::kDown, e); }
+  /// The stacked gate weights `(num_experts * model_dim, hidden_dim)`.
+  auto gate_stack() const { return self().stack(GluTensor::kGate); }
+  /// The stacked up weights `(num_experts * model_dim, hidden_dim)`.
+  auto up_stack() const { return self().stack(GluTensor::kUp); }
+  /// The stacked down weights `(num_experts * hidden_dim, model_dim)`.
+  auto down_stack() const { return self().stack(GluTensor::kDown); }
+
+ private:
+  const Self& self() const { return static_cast<const Self&>(*this); }
+};
+
+/// The named setters and gradients of a GLU bank (a mixin of `ExpertBank`).
+template <class Self>
+class GluMembers {
+ public:
+  /// Sets expert `e`'s gate weights from `w`: `(model_dim, hidden_dim)` with
+  /// `WeightLayout::kInOut`, `[hidden_dim, model_dim]` with `kOutIn` (PyTorch). See
+  /// `ExpertBank::set_tensor` for the checks.
+  template <class Derived>
+  void set_gate_weights(Index e, const Eigen::MatrixBase<Derived>& w, WeightLayout layout) {
+    self().set_tensor(GluTensor::kGate, e, w, layout);
+  }
+  /// Sets expert `e`'s up weights (shapes as `set_gate_weights`).
+  template <class Derived>
+  void set_up_weights(Index e, const Eigen::MatrixBase<Derived>& w, WeightLayout layout) {
+    self().set_tensor(GluTensor::kUp, e, w, layout);
+  }
+  /// Sets expert `e`'s down weights: `(hidden_dim, model_dim)` with `kInOut`,
+  /// `[model_dim, hidden_dim]` with `kOutIn`.
+  template <class Derived>
+  void set_down_weights(Index e, const Eigen::MatrixBase<Derived>& w, WeightLayout layout) {
+    self().set_tensor(GluTensor::kDown, e, w, layout);
+  }
+
+  /// The accumulated gradients, shaped like the stacks (empty before the first `zero_grad`,
+  /// `backward` or `visit_parameters`).
+  decltype(auto) gate_grad() const { return self().grad(GluTensor::kGate); }
+  decltype(auto) up_grad() const { return self().grad(GluTensor::kUp); }
+  decltype(auto) down_grad() const { return self().grad(GluTensor::kDown); }
+
+ private:
+  Self& self() { return static_cast<Self&>(*this); }
+  const Self& self() const { return static_cast<const Self&>(*this); }
+};
+
+/// The body of a gated-linear-unit expert (Shazeer, "GLU Variants Improve Transformer", 2020):
 /// ```
 /// E_e(x) = (Act(x Wg_e) ⊙ (x Wu_e)) Wd_e
 /// ```
 /// with `Wg_e, Wu_e` `(model_dim, hidden_dim)` and `Wd_e` `(hidden_dim, model_dim)`, no biases.
 /// `Act = Silu` gives SwiGLU (Mixtral, DeepSeek, Qwen-MoE), `Act = Gelu` GeGLU.
 ///
-/// The weights are stacked, one contiguous row-major matrix per kind: gate and up weights
-/// `(num_experts * model_dim, hidden_dim)`, down weights `(num_experts * hidden_dim, model_dim)`;
-/// expert `e`'s matrices are the row blocks returned by `gate_weights(e)`, `up_weights(e)` and
-/// `down_weights(e)`.
+/// Packed kernels: gate and up interleaved for the fused `Act(x Wg) ⊙ (x Wu)` kernel
+/// (`glu_packed`), down in column panels (`gemm_packed`). Training keeps the pre-activations
+/// `x Wg` and `x Wu` per routed row (`cache_width = 2 * hidden_dim`); `backward` recomputes
+/// the hidden product.
 ///
-/// Initialisation (deterministic in `Options::init_seed`): every weight is normal with
-/// standard deviation `1 / sqrt(fan_in)` (`model_dim` for gate and up, `hidden_dim` for down),
-/// each kind drawn from its own `detail::Rng` stream.
-///
-/// `forward` is `const` and keeps its intermediates in the caller's `Scratch`, so one bank
-/// serves any number of threads, each with its own scratch. A warmed-up scratch does not
-/// allocate again for blocks up to the largest it has seen.
-///
-/// Packed kernels (float only, `Options::pack_weights`, on by default): the bank also keeps
-/// every expert's weights packed for detail/gemm.hpp (gate and up interleaved for the fused
-/// `Act(x Wg) ⊙ (x Wu)` kernel, down in column panels), built at construction; this doubles the
-/// weight memory. `forward` then runs `glu_packed` and `gemm_packed` (AVX-512 or AVX2 when the
-/// including translation unit is compiled for them, portable loops otherwise), which never
-/// allocate and give each row bits independent of the other rows of the block.
-///
-/// Keeping the packed copy in step with the weights: every non-const weight accessor
-/// (`gate_weights(e)`, `gate_stack()`, ...) marks the packed copy stale, and while it is stale
-/// `forward` uses the plain Eigen products on the stacked weights (correct, slower, and Eigen may
-/// allocate packing buffers for large blocks). `parameters_changed()` repacks and makes the
-/// kernels current again; the optimisers of train/optim.hpp call it after each step. Writes
-/// through a view obtained *before* the last `parameters_changed()` are not seen by the packed
-/// kernels: take the view again (or call `parameters_changed()` after writing). Double banks and
-/// `pack_weights = false` always use the Eigen products.
-///
-/// bf16 kernel weights (`Options::weight_format = WeightFormat::kBf16`, float banks with
-/// `pack_weights`): the packed copies hold the weights rounded to bf16 (1.5x the float weight
-/// memory in all instead of 2x) and `forward` runs the bf16 kernels (see weight_format.hpp);
-/// the float stacks stay the trainable weights, `forward_train` and `backward` use them, and
-/// `parameters_changed()` re-rounds. While the copy is stale `forward` is the float Eigen path.
-///
-/// The packed layout depends on the instruction set the including translation unit is compiled
-/// for (detail/simd.hpp): compile every translation unit that shares a float bank with the same
-/// `-march` (a bank packed by a portable TU and run by an AVX-512 TU would compute garbage).
-///
-/// \tparam S scalar type (float or double).
 /// \tparam Act gate activation policy (see activations.hpp).
-///
-/// ```cpp
-/// moet::SwiGluExperts<float> experts({.model_dim = 512, .hidden_dim = 1024, .num_experts = 8});
-/// ```
-template <class S, class Act = Silu>
-class GluExperts {
- public:
-  using Scalar = S;
+template <class Act>
+struct GluBody {
   using Activation = Act;
+  using Tensor = GluTensor;
+  static constexpr const char* kName = "GluExperts";
+  /// GLU experts have no biases (`Options::bias = true` is an error).
+  static constexpr bool kHasBias = false;
+  static constexpr bool kDefaultBias = false;
+  /// `GluTensor` order; random streams as before the banks were merged (same weights).
+  static constexpr std::array<detail::TensorSpec, 3> kTensors = {{
+      {"gate", "gate weights", "set_gate_weights", detail::BankDim::kModel,
+       detail::BankDim::kHidden, false, detail::BankDim::kModel, 0x676174U},
+      {"up", "up weights", "set_up_weights", detail::BankDim::kModel, detail::BankDim::kHidden,
+       false, detail::BankDim::kModel, 0x7570U},
+      {"down", "down weights", "set_down_weights", detail::BankDim::kHidden,
+       detail::BankDim::kModel, false, detail::BankDim::kHidden, 0x646f776eU},
+  }};
 
-  /// Construction options.
-  struct Options {
-    /// Width of a token, `d` (>= 1).
-    Index model_dim = 0;
-    /// Width of the hidden layer, `f` (>= 1).
-    Index hidden_dim = 0;
-    /// Experts in the bank (>= 1).
-    Index num_experts = 0;
-    /// Seed of the weight initialisation.
-    std::uint64_t init_seed = 0;
-    /// Keep packed copies of the weights for the packed kernels (float banks only).
-    bool pack_weights = true;
-    /// Element type of the packed copies: `kBf16` needs a float bank with `pack_weights`.
-    WeightFormat weight_format = WeightFormat::kF32;
-  };
+  template <class Self>
+  using Views = GluViews<Self>;
+  template <class Self>
+  using Members = GluMembers<Self>;
 
-  /// Per-thread workspace of `forward`: the `(n, hidden_dim)` gate and up activations (the
-  /// packed path uses `gate` for the hidden activations) and the packed kernels' workspace.
+  /// Per-thread workspace: the `(n, hidden_dim)` gate and up activations (the packed path uses
+  /// `gate` for the hidden activations) and the packed kernels' workspace.
+  template <class S>
   struct Scratch {
     detail::Buffer<S> gate;
     detail::Buffer<S> up;
     detail::Buffer<float> kernel;
   };
 
-  /// Builds the bank and initialises its weights. Throws `moet::Error` unless `model_dim`,
-  /// `hidden_dim` and `num_experts` are >= 1, and for `WeightFormat::kBf16` on a double bank
-  /// or without `pack_weights`.
-  explicit GluExperts(const Options& options)
-      : options_(options), packed_(options.pack_weights, options.weight_format) {
-    detail::require_bank_options<S>(kOp, options_);
-    const Index d = options_.model_dim;
-    const Index f = options_.hidden_dim;
-    const Index n = options_.num_experts;
-    gate_.resize(n * d, f);  // (num_experts * model_dim, hidden_dim)
-    up_.resize(n * d, f);    // (num_experts * model_dim, hidden_dim)
-    down_.resize(n * f, d);  // (num_experts * hidden_dim, model_dim)
-    detail::fill_normal_fan_in(gate_, d, detail::hash_key(options_.init_seed, 0x676174U));
-    detail::fill_normal_fan_in(up_, d, detail::hash_key(options_.init_seed, 0x7570U));
-    detail::fill_normal_fan_in(down_, f, detail::hash_key(options_.init_seed, 0x646f776eU));
-    parameters_changed();
-  }
+  /// One expert's packed copies: gate and up `(model_dim, hidden_dim)` each, interleaved, and
+  /// down `(hidden_dim, model_dim)`.
+  template <class W>
+  struct Packed {
+    detail::PackedGluMatrix<W> gate_up;
+    detail::PackedMatrix<W> down;
+  };
 
-  /// Rebuilds the packed copies of the weights from the stacks and makes `forward` use the
-  /// packed kernels again (see the class comment). Call after writing weights in place; the
-  /// optimisers do. A no-op for double banks and with `pack_weights = false`.
-  void parameters_changed() {
-    packed_.rebuild(num_experts(), [&](auto& packed, Index e) {
-      packed.gate_up.pack(detail::expert_block(gate_, e, model_dim()),
-                          detail::expert_block(up_, e, model_dim()));
-      packed.down.pack(detail::expert_block(down_, e, hidden_dim()));
-    });
-  }
-
-  /// True when `forward` runs the packed kernels: a float bank with `pack_weights` whose packed
-  /// copy is current (no non-const weight accessor called since the last `parameters_changed()`).
-  bool uses_packed_kernels() const { return packed_.current(); }
-
-  /// Experts in the bank.
-  Index num_experts() const { return options_.num_experts; }
-  /// Width of a token, `d`.
-  Index model_dim() const { return options_.model_dim; }
-  /// Width of the hidden layer, `f`.
-  Index hidden_dim() const { return options_.hidden_dim; }
-  /// The options the bank was built with.
-  const Options& options() const { return options_; }
   /// Parameters of one expert: `3 * model_dim * hidden_dim`.
-  Index params_per_expert() const { return 3 * options_.model_dim * options_.hidden_dim; }
-  /// FLOPs of one expert on one token: the three products, `2 * 3 * model_dim * hidden_dim`
-  /// (the `O(hidden_dim)` activation and elementwise product are not counted).
-  double flops_per_token() const {
-    return 6.0 * static_cast<double>(options_.model_dim) * static_cast<double>(options_.hidden_dim);
+  static Index params_per_expert(Index d, Index f, bool /*bias*/) { return 3 * d * f; }
+  /// The three products, `2 * 3 * model_dim * hidden_dim` (the `O(hidden_dim)` activation and
+  /// elementwise product are not counted).
+  static double flops_per_token(Index d, Index f) {
+    return 6.0 * static_cast<double>(d) * static_cast<double>(f);
+  }
+  /// `forward_train` keeps `x Wg` and `x Wu`: `2 * hidden_dim`.
+  static Index cache_width(Index /*d*/, Index f) { return 2 * f; }
+
+  template <class S>
+  static void reserve(Scratch<S>& scratch, Index max_rows, Index /*d*/, Index f) {
+    detail::reserve_aligned(scratch.gate, max_rows, f);
+    detail::reserve_aligned(scratch.up, max_rows, f);
   }
 
-  /// Expert `e`'s gate weights `Wg_e` `(model_dim, hidden_dim)`, a view into the stack.
-  Eigen::Map<const RowMatrix<S>> gate_weights(Index e) const {
-    return detail::expert_block(gate_, e, model_dim());
+  // --- packing ---------------------------------------------------------------------------------
+
+  /// Shapes `p` for a `(d, f)` expert, every element zero.
+  template <class W>
+  static void reset(Packed<W>& p, Index d, Index f) {
+    p.gate_up.reset(d, f);
+    p.down.reset(f, d);
   }
-  /// (Non-const: marks the packed copy stale, see the class comment.)
-  Eigen::Map<RowMatrix<S>> gate_weights(Index e) {
-    return detail::expert_block(packed_.mark_stale(gate_), e, model_dim());
+  /// Packs every tensor of expert `x` (`x(t)` its tensor `t`).
+  template <class W, class X>
+  static void pack(Packed<W>& p, const X& x) {
+    p.gate_up.pack(x(GluTensor::kGate), x(GluTensor::kUp));
+    p.down.pack(x(GluTensor::kDown));
   }
-  /// Expert `e`'s up weights `Wu_e` `(model_dim, hidden_dim)`.
-  Eigen::Map<const RowMatrix<S>> up_weights(Index e) const {
-    return detail::expert_block(up_, e, model_dim());
+  /// Packs tensor `t` alone from `src` `(in, out)` into an already shaped `p`.
+  template <class W>
+  static void pack_tensor(Packed<W>& p, GluTensor t, const ConstRows<float>& src) {
+    if (t == GluTensor::kGate) {
+      p.gate_up.pack_gate(src);
+    } else if (t == GluTensor::kUp) {
+      p.gate_up.pack_up(src);
+    } else {
+      p.down.pack(src);
+    }
   }
-  Eigen::Map<RowMatrix<S>> up_weights(Index e) {
-    return detail::expert_block(packed_.mark_stale(up_), e, model_dim());
-  }
-  /// Expert `e`'s down weights `Wd_e` `(hidden_dim, model_dim)`.
-  Eigen::Map<const RowMatrix<S>> down_weights(Index e) const {
-    return detail::expert_block(down_, e, hidden_dim());
-  }
-  Eigen::Map<RowMatrix<S>> down_weights(Index e) {
-    return detail::expert_block(packed_.mark_stale(down_), e, hidden_dim());
+  template <class W>
+  static std::size_t packed_bytes(const Packed<W>& p) {
+    return p.gate_up.bytes() + p.down.bytes();
   }
 
-  /// The stacked gate weights `(num_experts * model_dim, hidden_dim)`. The non-const
-  /// accessors let training update the weights in place (keep the shapes); they mark the
-  /// packed copy stale until `parameters_changed()`.
-  const RowMatrix<S>& gate_stack() const { return gate_; }
-  RowMatrix<S>& gate_stack() { return packed_.mark_stale(gate_); }
-  /// The stacked up weights `(num_experts * model_dim, hidden_dim)`.
-  const RowMatrix<S>& up_stack() const { return up_; }
-  RowMatrix<S>& up_stack() { return packed_.mark_stale(up_); }
-  /// The stacked down weights `(num_experts * hidden_dim, model_dim)`.
-  const RowMatrix<S>& down_stack() const { return down_; }
-  RowMatrix<S>& down_stack() { return packed_.mark_stale(down_); }
+  // --- one expert ------------------------------------------------------------------------------
 
-  /// Grows `scratch` for blocks of up to `max_rows` rows, so that `forward` on such blocks
-  /// does not allocate. Optional: `forward` grows the scratch itself when needed.
-  void reserve(Scratch& scratch, Index max_rows) const {
-    detail::reserve_aligned(scratch.gate, max_rows, hidden_dim());
-    detail::reserve_aligned(scratch.up, max_rows, hidden_dim());
-    packed_.reserve(scratch.kernel, max_rows, model_dim(), hidden_dim());
+  /// Packed forward of expert `x` on `in` `(n >= 1, model_dim)` into `out`.
+  template <class X, class W>
+  static void forward_packed(const X& x, const Packed<W>& p, const ConstRows<float>& in,
+                             Rows<float> out, Scratch<float>& scratch) {
+    auto h = detail::aligned_matrix(scratch.gate, in.rows(), x.hidden_dim());  // (n, hidden_dim)
+    detail::glu_packed<Act>(in, p.gate_up, h, scratch.kernel);
+    detail::gemm_packed(h, p.down, out, /*accumulate=*/false, scratch.kernel);
   }
 
-  /// Writes expert `e` applied to every row of `in` `(n, model_dim)` into `out`
-  /// `(n, model_dim)`. Preconditions (the dispatchers check them before calling; asserted in
-  /// debug builds): `0 <= e < num_experts()`, the shapes above, `out` does not overlap `in`.
-  void forward(Index e, const ConstRows<S>& in, Rows<S> out, Scratch& scratch) const {
-    MOET_ASSERT(e >= 0 && e < num_experts(), "expert id out of range");
-    MOET_ASSERT(in.cols() == model_dim() && out.cols() == model_dim() && out.rows() == in.rows(),
-                "GluExperts::forward shape mismatch");
+  /// Eigen forward of expert `x` (double banks, `pack_weights = false`).
+  template <class X, class S>
+  static void forward(const X& x, const ConstRows<S>& in, Rows<S> out, Scratch<S>& scratch) {
     const Index n = in.rows();
-    if (n == 0) return;
-    const bool packed = packed_.run(e, [&](const auto& p) {
-      auto h = detail::aligned_matrix(scratch.gate, n, hidden_dim());  // (n, hidden_dim)
-      detail::glu_packed<Act>(in, p.gate_up, h, scratch.kernel);
-      detail::gemm_packed(h, p.down, out, /*accumulate=*/false, scratch.kernel);
-    });
-    if (packed) return;
-    auto g = detail::aligned_matrix(scratch.gate, n, hidden_dim());  // (n, hidden_dim)
-    auto u = detail::aligned_matrix(scratch.up, n, hidden_dim());    // (n, hidden_dim)
-    g.noalias() = in * gate_weights(e);
-    u.noalias() = in * up_weights(e);
+    auto g = detail::aligned_matrix(scratch.gate, n, x.hidden_dim());  // (n, hidden_dim)
+    auto u = detail::aligned_matrix(scratch.up, n, x.hidden_dim());    // (n, hidden_dim)
+    g.noalias() = in * x(GluTensor::kGate);
+    u.noalias() = in * x(GluTensor::kUp);
     apply_activation<Act>(g);
     g.array() *= u.array();  // Act(x Wg) ⊙ (x Wu)
-    out.noalias() = g * down_weights(e);
+    out.noalias() = g * x(GluTensor::kDown);
   }
 
-  // --- training (train/grad.hpp's `TrainableExperts`) --------------------------------------
-
-  /// Scalars `forward_train` keeps per routed row: the pre-activations `x Wg_e` and `x Wu_e`,
-  /// `2 * hidden_dim` (the hidden product `Act(x Wg) ⊙ (x Wu)` is recomputed by `backward`
-  /// rather than stored).
-  Index cache_width() const { return 2 * options_.hidden_dim; }
-
-  /// `forward`, plus the row cache `cache` `(n, cache_width())`: columns `[0, hidden_dim)`
-  /// hold `in Wg_e`, columns `[hidden_dim, 2 hidden_dim)` hold `in Wu_e`. Uses Eigen's
-  /// products (not the inference kernel). Same preconditions as `forward`, and `cache` has
-  /// `in.rows()` rows and does not overlap `in` or `out`.
-  void forward_train(Index e, const ConstRows<S>& in, Rows<S> out, Rows<S> cache,
-                     Scratch& scratch) const {
-    MOET_ASSERT(e >= 0 && e < num_experts(), "expert id out of range");
-    MOET_ASSERT(in.cols() == model_dim() && out.cols() == model_dim() && out.rows() == in.rows(),
-                "GluExperts::forward_train shape mismatch");
-    MOET_ASSERT(cache.rows() == in.rows() && cache.cols() == cache_width(),
-                "GluExperts::forward_train cache shape mismatch");
-    const Index n = in.rows();
-    const Index f = hidden_dim();
-    if (n == 0) return;
-    cache.leftCols(f).noalias() = in * gate_weights(e);
-    cache.rightCols(f).noalias() = in * up_weights(e);
-    auto h = detail::aligned_matrix(scratch.gate, n, f);  // (n, hidden_dim)
-    glu_hidden(cache, h);
-    out.noalias() = h * down_weights(e);
+  /// `forward` plus the cache: columns `[0, hidden_dim)` hold `in Wg_e`, columns
+  /// `[hidden_dim, 2 hidden_dim)` hold `in Wu_e`. Eigen's products.
+  template <class X, class S>
+  static void forward_train(const X& x, const ConstRows<S>& in, Rows<S> out, Rows<S> cache,
+                            Scratch<S>& scratch) {
+    const Index f = x.hidden_dim();
+    cache.leftCols(f).noalias() = in * x(GluTensor::kGate);
+    cache.rightCols(f).noalias() = in * x(GluTensor::kUp);
+    auto h = detail::aligned_matrix(scratch.gate, in.rows(), f);  // (n, hidden_dim)
+    glu_hidden(cache, h, f);
+    out.noalias() = h * x(GluTensor::kDown);
   }
 
-  /// Backward of expert `e` on `n` rows: `in` `(n, model_dim)` and `cache` `(n, cache_width())`
-  /// as given to / written by `forward_train`, `dout` = dL/dout `(n, model_dim)`. Accumulates
-  /// `dWd_e += h^T dout`, `dWg_e += in^T dg`, `dWu_e += in^T du` (with `h = Act(g) ⊙ u`,
-  /// `dh = dout Wd_e^T`, `dg = dh ⊙ u ⊙ Act'(g)`, `du = dh ⊙ Act(g)`) and **writes**
-  /// `din = dg Wg_e^T + du Wu_e^T` `(n, model_dim)`. Reuses `scratch`'s two `(n, hidden_dim)`
-  /// buffers. Allocates the gradients on first use (call `zero_grad()` first when calls for
-  /// different experts run concurrently). Deterministic: each product's result depends only
-  /// on its operands' shapes and values.
-  void backward(Index e, const ConstRows<S>& in, const ConstRows<S>& cache,
-                const ConstRows<S>& dout, Rows<S> din, Scratch& scratch) {
-    MOET_ASSERT(e >= 0 && e < num_experts(), "expert id out of range");
-    MOET_ASSERT(in.cols() == model_dim() && cache.rows() == in.rows() &&
-                    cache.cols() == cache_width() && dout.rows() == in.rows() &&
-                    dout.cols() == model_dim() && din.rows() == in.rows() &&
-                    din.cols() == model_dim(),
-                "GluExperts::backward shape mismatch");
-    ensure_grad();
+  /// Backward of expert `x` (gradients `g`): with `h = Act(g) ⊙ u`, `dh = dout Wd_e^T`,
+  /// `dg = dh ⊙ u ⊙ Act'(g)`, `du = dh ⊙ Act(g)`, accumulates `dWd_e += h^T dout`,
+  /// `dWg_e += in^T dg`, `dWu_e += in^T du` and **writes** `din = dg Wg_e^T + du Wu_e^T`.
+  /// Reuses the scratch's two `(n, hidden_dim)` buffers.
+  template <class X, class G, class S>
+  static void backward(const X& x, const G& grads, const ConstRows<S>& in,
+                       const ConstRows<S>& cache, const ConstRows<S>& dout, Rows<S> din,
+                       Scratch<S>& scratch) {
     const Index n = in.rows();
-    const Index f = hidden_dim();
-    if (n == 0) return;
+    const Index f = x.hidden_dim();
     auto a = detail::aligned_matrix(scratch.gate, n, f);  // (n, hidden_dim): h, then dg
     auto b = detail::aligned_matrix(scratch.up, n, f);    // (n, hidden_dim): dh, then du
     if constexpr (std::is_same_v<Act, Silu>) {
@@ -276,8 +235,8 @@ class GluExperts {
       a.array() = (S(1) + (-g).exp()).inverse();  // s = sigmoid(g)
       b.array() = a.array() * (g * u);            // h = s g u, as forward_train
       // dWd_e (hidden_dim, model_dim)
-      detail::expert_block(down_grad_, e, f).noalias() += b.transpose() * dout;
-      b.noalias() = dout * std::as_const(*this).down_weights(e).transpose();  // dh
+      grads(GluTensor::kDown).noalias() += b.transpose() * dout;
+      b.noalias() = dout * x(GluTensor::kDown).transpose();  // dh
       for (Index r = 0; r < n; ++r) {
         for (Index j = 0; j < f; ++j) {
           const S sg = a(r, j);
@@ -288,10 +247,10 @@ class GluExperts {
         }
       }
     } else {
-      glu_hidden(cache, a);
+      glu_hidden(cache, a, f);
       // dWd_e (hidden_dim, model_dim)
-      detail::expert_block(down_grad_, e, f).noalias() += a.transpose() * dout;
-      b.noalias() = dout * std::as_const(*this).down_weights(e).transpose();  // dh
+      grads(GluTensor::kDown).noalias() += a.transpose() * dout;
+      b.noalias() = dout * x(GluTensor::kDown).transpose();  // dh
       for (Index r = 0; r < n; ++r) {
         for (Index j = 0; j < f; ++j) {
           const S g = cache(r, j);
@@ -306,66 +265,20 @@ class GluExperts {
       }
     }
     // dWg_e and dWu_e, (model_dim, hidden_dim) each
-    detail::expert_block(gate_grad_, e, model_dim()).noalias() += in.transpose() * a;
-    detail::expert_block(up_grad_, e, model_dim()).noalias() += in.transpose() * b;
-    din.noalias() = a * std::as_const(*this).gate_weights(e).transpose();
-    din.noalias() += b * std::as_const(*this).up_weights(e).transpose();
+    grads(GluTensor::kGate).noalias() += in.transpose() * a;
+    grads(GluTensor::kUp).noalias() += in.transpose() * b;
+    din.noalias() = a * x(GluTensor::kGate).transpose();
+    din.noalias() += b * x(GluTensor::kUp).transpose();
   }
-
-  /// Sets every weight gradient to zero (allocating them on first use).
-  void zero_grad() {
-    ensure_grad();
-    gate_grad_.setZero();
-    up_grad_.setZero();
-    down_grad_.setZero();
-  }
-
-  /// Allocates the gradients (zero) if they are not yet; a no-op afterwards.
-  void ensure_grad() {
-    detail::ensure_grad_like(gate_grad_, gate_);
-    detail::ensure_grad_like(up_grad_, up_);
-    detail::ensure_grad_like(down_grad_, down_);
-  }
-
-  /// Calls `f(name, value, grad)` for the stacked weights, in this order: `gate`
-  /// `(num_experts * model_dim, hidden_dim)`, `up` (same shape), `down` `(num_experts *
-  /// hidden_dim, model_dim)`. Allocates the gradients on first use. Marks the packed copy stale
-  /// (the visitor may write the weights): `forward` runs the Eigen path until
-  /// `parameters_changed()` repacks (the optimisers call it after every step).
-  template <class F>
-  void visit_parameters(F&& f) {
-    ensure_grad();
-    packed_.mark_stale();  // the visitor may write the stacks: parameters_changed() repacks
-    detail::visit_stack(f, "gate", gate_, gate_grad_);
-    detail::visit_stack(f, "up", up_, up_grad_);
-    detail::visit_stack(f, "down", down_, down_grad_);
-  }
-
-  /// The accumulated gradients, shaped like the stacks (empty before the first `zero_grad`,
-  /// `backward` or `visit_parameters`).
-  const RowMatrix<S>& gate_grad() const { return gate_grad_; }
-  const RowMatrix<S>& up_grad() const { return up_grad_; }
-  const RowMatrix<S>& down_grad() const { return down_grad_; }
 
  private:
-  static constexpr const char* kOp = "GluExperts";
-
-  Options options_;
-  RowMatrix<S> gate_;  // (num_experts * model_dim, hidden_dim)
-  RowMatrix<S> up_;    // (num_experts * model_dim, hidden_dim)
-  RowMatrix<S> down_;  // (num_experts * hidden_dim, model_dim)
-  // Training: the gradients (lazily allocated, the stacks' shapes).
-  RowMatrix<S> gate_grad_;
-  RowMatrix<S> up_grad_;
-  RowMatrix<S> down_grad_;
-
-  // h = Act(g) ⊙ u from a cache `(n, 2 hidden_dim)` = [g | u] into `h` `(n, hidden_dim)`,
-  // one scalar at a time, except for SiLU: `sigmoid(g) * (g * u)` with Eigen's vectorised
-  // `exp` (the same bits for the same rows at the same buffer offsets, which the dispatchers
-  // fix independently of the thread count; within rounding of the scalar `forward`).
+  // h = Act(g) ⊙ u from a cache `(n, 2 f)` = [g | u] into `h` `(n, f)`, one scalar at a time,
+  // except for SiLU: `sigmoid(g) * (g * u)` with Eigen's vectorised `exp` (the same bits for
+  // the same rows at the same buffer offsets, which the dispatchers fix independently of the
+  // thread count; within rounding of the scalar `forward`).
   template <class Cache, class H>
-  void glu_hidden(const Cache& cache, H& h) const {
-    const Index f = hidden_dim();
+  static void glu_hidden(const Cache& cache, H& h, Index f) {
+    using S = typename H::Scalar;
     if constexpr (std::is_same_v<Act, Silu>) {
       const auto g = cache.leftCols(f).array();
       h.array() = (S(1) + (-g).exp()).inverse() * (g * cache.rightCols(f).array());
@@ -375,17 +288,22 @@ class GluExperts {
       for (Index j = 0; j < f; ++j) h(r, j) = Act::template apply<S>(cache(r, j)) * cache(r, f + j);
     }
   }
-  // One expert's packed copies for the kernels: gate and up (model_dim, hidden_dim) each,
-  // interleaved, and down (hidden_dim, model_dim).
-  template <class W>
-  struct PackedExpert {
-    detail::PackedGluMatrix<W> gate_up;
-    detail::PackedMatrix<W> down;
-  };
-  // Stale after any non-const weight access until parameters_changed(). Members that hand out
-  // the stacks for writing (parameter visitors) must mark it stale too.
-  detail::PackedCopies<S, PackedExpert> packed_;
 };
+
+/// A bank of `num_experts` gated-linear-unit experts: `ExpertBank` with `GluBody<Act>` (see
+/// both for the formula, the weight API and the modes). Tensors `GluTensor`; named accessors
+/// `gate_weights(e)`, `up_weights(e)`, `down_weights(e)`, `*_stack()`, setters
+/// `set_gate_weights(e, w, layout)`, ..., gradients `gate_grad()`, `up_grad()`,
+/// `down_grad()`; visited as `gate`, `up`, `down`.
+///
+/// \tparam S scalar type (float or double).
+/// \tparam Act gate activation policy (see activations.hpp).
+///
+/// ```cpp
+/// moet::SwiGluExperts<float> experts({.model_dim = 512, .hidden_dim = 1024, .num_experts = 8});
+/// ```
+template <class S, class Act = Silu>
+using GluExperts = ExpertBank<S, GluBody<Act>>;
 
 /// SwiGLU experts: `GluExperts` with the SiLU gate.
 template <class S>

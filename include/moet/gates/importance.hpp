@@ -163,9 +163,16 @@ class ImportanceGate {
   Index num_experts() const { return options_.num_experts; }
   Index model_dim() const { return options_.model_dim; }
   const Options& options() const { return options_; }
-  /// Router weights `W_r` `(model_dim, num_experts)`.
-  const RowMatrix<S>& router() const { return router_.weights(); }
-  RowMatrix<S>& router() { return router_.weights(); }
+  /// Router weights `W_r` `(model_dim, num_experts)`, a read-only view (write with
+  /// `set_router`).
+  Eigen::Map<const RowMatrix<S>> router() const { return router_.view(); }
+  /// Replaces `W_r` by `w`: `(model_dim, num_experts)` with `WeightLayout::kInOut`,
+  /// `[num_experts, model_dim]` with `kOutIn` (PyTorch's `nn.Linear(model_dim,
+  /// num_experts).weight`). Throws `moet::Error` (nothing changed) on another shape ("looks
+  /// transposed" for the other layout's) or a NaN/Inf entry.
+  void set_router(const ConstRows<S>& w, WeightLayout layout) {
+    router_.set(kOp, "set_router", "router", w, layout, options_.model_dim, options_.num_experts);
+  }
 
   /// Gradient of `W_r` `(model_dim, num_experts)`; `(0, 0)` before the first `zero_grad()` or
   /// `backward`.

@@ -20,6 +20,7 @@
 #include "moet/detail/parallel.hpp"
 #include "moet/detail/rng.hpp"
 #include "moet/detail/select.hpp"
+#include "moet/detail/weights.hpp"
 #include "moet/errors.hpp"
 #include "moet/routing.hpp"
 #include "moet/tensor.hpp"
@@ -234,27 +235,32 @@ class TopAnyGate {
   TopAnyVariant variant() const { return options_.variant; }
 
   /// Gate embeddings `W` `(model_dim, max_experts)`: column `e` is expert `e`'s representation.
-  /// The non-const reference lets training update them in place; keep the shape (`route`
-  /// checks it) and the values finite.
-  const RowMatrix<S>& gate_embeddings() const { return embeddings_; }
-  RowMatrix<S>& gate_embeddings() { return embeddings_; }
+  /// A read-only view of fixed shape: write with `set_gate_embeddings` (training updates them
+  /// through `visit_parameters`).
+  Eigen::Map<const RowMatrix<S>> gate_embeddings() const {
+    return Eigen::Map<const RowMatrix<S>>(embeddings_.data(), embeddings_.rows(),
+                                          embeddings_.cols());
+  }
   /// The same matrix as `gate_embeddings()`, under the name every gate's router weights have.
-  const RowMatrix<S>& router() const { return embeddings_; }
-  RowMatrix<S>& router() { return embeddings_; }
-  /// Replaces the gate embeddings; throws `moet::Error` unless `w` is `(model_dim, max_experts)`
-  /// and finite.
-  void set_gate_embeddings(const ConstRows<S>& w) {
-    detail::require(w.rows() == model_dim() && w.cols() == max_experts(), kOp,
-                    "gate embeddings must be (", model_dim(), ", ", max_experts(), "), got (",
-                    w.rows(), ", ", w.cols(), ")");
-    detail::require(detail::all_finite(w), kOp, "gate embeddings must be finite");
-    embeddings_ = w;
+  Eigen::Map<const RowMatrix<S>> router() const { return gate_embeddings(); }
+  /// Replaces the gate embeddings by `w`: `(model_dim, max_experts)` with
+  /// `WeightLayout::kInOut`, `[max_experts, model_dim]` with `kOutIn` (one row per expert, as
+  /// PyTorch code usually stores them). Throws `moet::Error` (nothing changed) on another shape
+  /// ("looks transposed" for the other layout's) or a NaN/Inf entry.
+  void set_gate_embeddings(const ConstRows<S>& w, WeightLayout layout) {
+    set_embeddings("set_gate_embeddings", w, layout);
+  }
+  /// The same as `set_gate_embeddings`, under the name every gate's router setter has.
+  void set_router(const ConstRows<S>& w, WeightLayout layout) {
+    set_embeddings("set_router", w, layout);
   }
 
   /// Thresholds `theta` `(max_experts)`: expert `e` fires iff `sigmoid(tau cos) >
-  /// sigmoid(tau theta_e)`. The non-const reference lets training update them in place.
-  const Vector<S>& thresholds() const { return thresholds_; }
-  Vector<S>& thresholds() { return thresholds_; }
+  /// sigmoid(tau theta_e)`. A read-only view of fixed size: write with `set_thresholds`
+  /// (training updates them through `visit_parameters`).
+  Eigen::Map<const Vector<S>> thresholds() const {
+    return Eigen::Map<const Vector<S>>(thresholds_.data(), thresholds_.size());
+  }
   /// Replaces the thresholds; throws `moet::Error` unless `theta` has `max_experts` finite
   /// entries.
   void set_thresholds(const Eigen::Ref<const Vector<S>>& theta) {
@@ -306,18 +312,15 @@ class TopAnyGate {
   /// Routes the rows of `x` `(num_tokens, model_dim)` into `out` (see the class comment).
   /// Fills `out.probs_mut()` with the masked sigmoid scores `s` `(num_tokens, max_experts)`
   /// (not a distribution) and sets `out.live_experts = num_active()`. Throws `moet::Error`
-  /// when `x` has the wrong width or a non-finite entry, when the state was given a wrong
-  /// shape or non-finite values through the non-const accessors, or when a score is not finite
-  /// (an overflowing token norm); `out` is then unspecified.
+  /// when `x` has the wrong width or a non-finite entry, when training (`visit_parameters`)
+  /// left a non-finite embedding, threshold or temperature, or when a score is not finite (an
+  /// overflowing token norm); `out` is then unspecified.
   void route(const ConstRows<S>& x, const RouteContext& ctx, Routing<S>& out) const {
     const Index d = model_dim();
     const Index emax = max_experts();
     detail::require(x.cols() == d, kOp, "x must have model_dim = ", d, " columns, got ", x.cols());
-    detail::require(embeddings_.rows() == d && embeddings_.cols() == emax, kOp,
-                    "gate embeddings must be (", d, ", ", emax, "), got (", embeddings_.rows(),
-                    ", ", embeddings_.cols(), ")");
-    detail::require(thresholds_.size() == emax, kOp, "thresholds must have ", emax,
-                    " entries, got ", thresholds_.size());
+    MOET_ASSERT(embeddings_.rows() == d && embeddings_.cols() == emax && thresholds_.size() == emax,
+                "the setters keep the gate's shapes");
     detail::require(detail::all_finite(embeddings_), kOp, "gate embeddings must be finite");
     detail::require(detail::all_finite(thresholds_), kOp, "thresholds must be finite");
     detail::require(detail::all_finite(x), kOp, "x must be finite (found NaN or Inf)");
@@ -788,6 +791,19 @@ class TopAnyGate {
     const S tau = temperature();
     for (Index e = 0; e < emax; ++e) threshold[e] = sigmoid(tau * thresholds_[e]);
     return threshold;
+  }
+
+  // The checked write of set_gate_embeddings / set_router.
+  void set_embeddings(const char* setter, const ConstRows<S>& w, WeightLayout layout) {
+    const detail::WeightName name{"gate embeddings", -1, "model_dim", "max_experts"};
+    detail::check_weight_shape(kOp, setter, name, model_dim(), max_experts(), w.rows(), w.cols(),
+                               layout);
+    detail::check_weights_finite(kOp, setter, name, w);
+    if (layout == WeightLayout::kOutIn) {
+      embeddings_ = w.transpose();
+    } else {
+      embeddings_ = w;
+    }
   }
 
   void ensure_grads() {

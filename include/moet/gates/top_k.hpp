@@ -156,18 +156,35 @@ class TopKGate {
   explicit TopKGate(const Options& options)
       : options_(validated(options)),
         router_(options_.model_dim, options_.num_experts, options_.init_seed) {
-    if (options_.noisy) noise_.weights().setZero(options_.model_dim, options_.num_experts);
+    if (options_.noisy) noise_.set_zero(options_.model_dim, options_.num_experts);
   }
 
   Index num_experts() const { return options_.num_experts; }
   Index model_dim() const { return options_.model_dim; }
   const Options& options() const { return options_; }
-  /// Router weights `W_r` `(model_dim, num_experts)`.
-  const RowMatrix<S>& router() const { return router_.weights(); }
-  RowMatrix<S>& router() { return router_.weights(); }
+  /// Router weights `W_r` `(model_dim, num_experts)`, a read-only view (write with
+  /// `set_router`).
+  Eigen::Map<const RowMatrix<S>> router() const { return router_.view(); }
   /// Noise weights `W_noise` `(model_dim, num_experts)`; `(0, 0)` unless `noisy`.
-  const RowMatrix<S>& noise_router() const { return noise_.weights(); }
-  RowMatrix<S>& noise_router() { return noise_.weights(); }
+  Eigen::Map<const RowMatrix<S>> noise_router() const { return noise_.view(); }
+
+  /// Replaces `W_r` by `w`: `(model_dim, num_experts)` with `WeightLayout::kInOut`,
+  /// `[num_experts, model_dim]` with `kOutIn` (PyTorch's `nn.Linear(model_dim,
+  /// num_experts).weight`). Throws `moet::Error` (nothing changed) on another shape ("looks
+  /// transposed" for the other layout's) or a NaN/Inf entry.
+  ///
+  /// ```cpp
+  /// gate.set_router(hf_gate_weight, moet::WeightLayout::kOutIn);  // Mixtral block_sparse_moe.gate
+  /// ```
+  void set_router(const ConstRows<S>& w, WeightLayout layout) {
+    router_.set(kOp, "set_router", "router", w, layout, options_.model_dim, options_.num_experts);
+  }
+  /// Replaces `W_noise` like `set_router`. Throws `moet::Error` unless the gate is `noisy`.
+  void set_noise_router(const ConstRows<S>& w, WeightLayout layout) {
+    detail::require(options_.noisy, kOp, "set_noise_router needs a noisy gate (noisy = true)");
+    noise_.set(kOp, "set_noise_router", "noise router", w, layout, options_.model_dim,
+               options_.num_experts);
+  }
 
   /// Gradient of `W_r` `(model_dim, num_experts)`; `(0, 0)` before the first `zero_grad()` or
   /// `backward`.

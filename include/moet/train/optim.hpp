@@ -37,8 +37,8 @@ concept ParameterModule =
 
 namespace detail {
 
-/// Calls the module's hook after its parameters changed in place (for example an expert bank
-/// that keeps a packed copy of its weights for the inference kernels).
+/// Calls the module's hook after its parameters changed in place (for example an expert bank,
+/// which checks its weights for NaN/Inf and repacks its copy for the inference kernels).
 template <class M>
 void notify_parameters_changed(M& module) {
   if constexpr (requires { module.parameters_changed(); }) module.parameters_changed();
@@ -109,6 +109,9 @@ void zero_grad(M& module) {
 }
 
 /// The global L2 norm of every gradient of `module`, accumulated in double in visiting order.
+/// It goes through `visit_parameters`, which hands the weights out for writing: an expert bank's
+/// `forward` then throws until `parameters_changed()` (the optimisers' `step` calls it), so call
+/// it between `backward` and `step`, as training loops do (`clip_grad_norm` too).
 template <class S, class M>
 requires ParameterModule<M, S>
 double grad_norm(M& module) {

@@ -6,7 +6,7 @@
 //   moet-compare --shape S1 --tokens 1,32,512,4096 --threads 1,2 --gates "top_k:k=2 top_p:p=0.4"
 //   moet-compare --d-model 256 --d-ff 512 --experts 16 --repeat 9 --json out.json --svg out.svg
 //   moet-compare --inputs zipf                # skewed loads (Zipf over token clusters)
-//   moet-compare --weights f32,bf16           # both weight formats, same weights, same run
+//   moet-compare --weights f32,bf16,q8_0,q4_0 # weight formats, same weights, same run
 //
 // Gates (separated by spaces or commas; parameters after ':' separated by ','):
 //   top_k:k=K[,renorm=0|1]  top_p:p=P[,max_k=M]  top_any[:active=A]
@@ -26,10 +26,11 @@
 // split of the 2T rows over the experts, three single-threaded cblas_sgemm per expert (gate, up,
 // down; no routing, gather, activation or combine), experts in parallel, same process.
 //
-// Weights (--weights, a list): f32 and/or bf16 expert kernel weights (WeightFormat), one bank
-// per format built from the same float weights; with several, each format gets its own block
-// of rows and a final line gives every gate's time ratio over the first format. The roofline
-// uses the format's bytes (bf16: 2 per weight); the ceiling is always float OpenBLAS sgemm.
+// Weights (--weights, a list): f32, bf16, q8_0, q4_0, q4_1 expert kernel weights (WeightFormat),
+// one bank per format built from the same float weights; with several, each format gets its own
+// block of rows and a final line gives every gate's time ratio over the first format. The
+// roofline uses the packed bytes of the format (bf16: 2 per weight; the block formats' codes
+// and half scales); the ceiling is always float OpenBLAS sgemm.
 //
 // Inputs (--inputs): random (standard normal: near-uniform loads), zipf (tokens drawn around E
 // cluster centres with Zipf(1.2) cluster frequencies: the linear routers send each cluster to
@@ -73,7 +74,7 @@ struct Config {
   int repeat = 5;
   std::vector<std::string> gates = {"top_k:k=1", "top_k:k=2",          "top_p:p=0.4",
                                     "top_any",   "importance:k_max=4", "stochastic"};
-  std::vector<std::string> weights = {"f32"};  // each f32 or bf16: one bank per format
+  std::vector<std::string> weights = {"f32"};  // WeightFormat names: one bank per format
   std::string inputs = "random";
   std::string json;
   std::string svg;
@@ -112,7 +113,7 @@ struct Row {
                "moet-compare: %s\n"
                "usage: moet-compare [--shape S1|S2|S3] [--d-model N --d-ff N --experts N]\n"
                "                    [--tokens T1,T2,..] [--threads N1,N2,..] [--repeat N]\n"
-               "                    [--gates \"g1 g2 ..\"] [--weights f32,bf16] "
+               "                    [--gates \"g1 g2 ..\"] [--weights f32,bf16,q8_0,..] "
                "[--inputs random|zipf|trained]\n"
                "                    [--seed N] [--no-flush] [--json FILE] [--svg FILE]\n",
                why.c_str());
@@ -198,10 +199,10 @@ Config parse(int argc, char** argv) {
       c.flush = false;
     } else if (arg == "--weights") {
       c.weights = split(value(), ',');
-      if (c.weights.empty()) usage("--weights needs f32, bf16 or both");
+      if (c.weights.empty()) usage("--weights needs a list of f32, bf16, q8_0, q4_0, q4_1");
       for (const auto& w : c.weights) {
-        if (w != "f32" && w != "bf16")
-          usage("--weights must list f32 and/or bf16, got '" + w + "'");
+        if (w != "f32" && w != "bf16" && w != "q8_0" && w != "q4_0" && w != "q4_1")
+          usage("--weights must list f32, bf16, q8_0, q4_0 and/or q4_1, got '" + w + "'");
       }
     } else if (arg == "--inputs") {
       c.inputs = value();
@@ -781,7 +782,7 @@ int main(int argc, char** argv) {
         .hidden_dim = c.hidden_dim,
         .num_experts = c.num_experts,
         .init_seed = c.seed,
-        .weight_format = w == "bf16" ? moet::WeightFormat::kBf16 : moet::WeightFormat::kF32});
+        .weight_format = moet::parse_weight_format(w, "moet-compare")});
   }
   Memory memory;
   std::vector<Row> rows;
@@ -810,10 +811,10 @@ int main(int argc, char** argv) {
       const std::size_t formats_begin = rows.size();
       for (std::size_t w = 0; w < banks.size(); ++w) {
         Bank& bank = banks[w];
-        // Bytes the kernels stream per expert: the packed copy's element size (bf16: 2).
+        // Bytes the kernels stream per expert: the packed copy's (bf16: 2 per weight; the block
+        // formats' codes and half scales).
         const double expert_bytes =
-            static_cast<double>(bank.params_per_expert()) *
-            (c.weights[w] == "bf16" ? 2.0 : static_cast<double>(sizeof(Scalar)));
+            static_cast<double>(bank.packed_bytes()) / static_cast<double>(bank.num_experts());
         ceilings.emplace_back(2.0, ceiling.available
                                        ? static_cast<double>(tokens) / (ceiling.ms_median * 1e-3)
                                        : 0.0);

@@ -247,8 +247,16 @@ TEST_CASE("GroupedDispatch on packed experts equals ReferenceDispatch at 1 and 2
   // bf16 weights: the same dispatch, every product's operands rounded to bf16 (about 0.4%
   // relative on the output, see test_gemm_bf16), still bit-identical across dispatchers,
   // block sizes and thread counts.
-  const auto format = GENERATE(moet::WeightFormat::kF32, moet::WeightFormat::kBf16);
-  const double tolerance = format == moet::WeightFormat::kBf16 ? 3e-2 : 2e-5;
+  // The block formats: the same again, against the float oracle within their quantisation
+  // error (the worst element: 8-bit about 6% of an output's scale, 4-bit about 40%; the
+  // precise oracle of these formats is in test_gemm_quant).
+  const auto format =
+      GENERATE(moet::WeightFormat::kF32, moet::WeightFormat::kBf16, moet::WeightFormat::kQ8_0,
+               moet::WeightFormat::kQ4_0, moet::WeightFormat::kQ4_1);
+  const double tolerance = format == moet::WeightFormat::kF32    ? 2e-5
+                           : format == moet::WeightFormat::kBf16 ? 3e-2
+                           : format == moet::WeightFormat::kQ8_0 ? 0.15
+                                                                 : 1.0;
   INFO("weights " << moet::weight_format_name(format));
   const moet::SwiGluExperts<float> experts({.model_dim = 40,
                                             .hidden_dim = 72,

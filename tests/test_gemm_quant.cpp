@@ -21,6 +21,8 @@
 #include "moet/detail/gemm.hpp"
 #include "moet/detail/quant.hpp"
 #include "moet/errors.hpp"
+#include "moet/experts/ffn.hpp"
+#include "moet/experts/glu.hpp"
 
 #include "gemm_test_util.hpp"
 
@@ -268,5 +270,125 @@ TEMPLATE_TEST_CASE("Block-format rows are bit-identical alone and inside any blo
       REQUIRE(bit_identical(c, c_all.middleRows(first, n)));
       REQUIRE(bit_identical(h, h_all.middleRows(first, n)));
     }
+  }
+}
+
+namespace {
+
+// A bank's expert `e` on rows `x` by naive double loops from the bank's float weights,
+// quantised here to `W`'s blocks per column (PackedMatrix on the portable level, whose values
+// the packing test above checks) and dequantised; the rows are 8-bit block-quantised first on
+// the integer-dot level, as the kernels do. `Act` is SiLU (GLU) applied to the gate.
+template <class W>
+Matrix quantized_weights(const Eigen::Map<const moet::RowMatrix<float>>& w) {
+  return dequantized(moet::detail::PackedMatrix<W>(w, KernelIsa::kPortable));
+}
+
+template <class W>
+MatrixD glu_expert_reference(const moet::SwiGluExperts<float>& bank, Index e, const Matrix& x) {
+  const bool idot = integer_dot(moet::kernel_isa());
+  const Matrix wg = quantized_weights<W>(bank.gate_weights(e));
+  const Matrix wu = quantized_weights<W>(bank.up_weights(e));
+  const Matrix wd = quantized_weights<W>(bank.down_weights(e));
+  const Matrix xq = idot ? quantized_activations(x) : x;
+  const MatrixD g = naive_product(xq, wg);
+  const MatrixD u = naive_product(xq, wu);
+  Matrix h(x.rows(), wg.cols());
+  for (Index i = 0; i < h.rows(); ++i) {
+    for (Index j = 0; j < h.cols(); ++j) h(i, j) = static_cast<float>(silu_ref(g(i, j)) * u(i, j));
+  }
+  const Matrix hq = idot ? quantized_activations(h) : h;
+  return naive_product(hq, wd);
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("Block-format SwiGLU banks equal naive experts of their quantised weights",
+                   "[quant][experts]", moet::detail::Q8_0, moet::detail::Q4_0,
+                   moet::detail::Q4_1) {
+  using W = TestType;
+  const moet::WeightFormat format = std::is_same_v<W, moet::detail::Q8_0>   ? moet::WeightFormat::kQ8_0
+                                    : std::is_same_v<W, moet::detail::Q4_0> ? moet::WeightFormat::kQ4_0
+                                                                            : moet::WeightFormat::kQ4_1;
+  INFO(W::kName << " on " << kernel_isa_name(moet::kernel_isa()));
+  const moet::SwiGluExperts<float> bank(
+      {.model_dim = 96, .hidden_dim = 160, .num_experts = 2, .init_seed = 5, .weight_format = format});
+  REQUIRE(bank.uses_packed_kernels());
+  moet::SwiGluExperts<float>::Scratch scratch;
+  for (const Index n : {1, 7, 40}) {
+    const Matrix x = random_matrix(n, 96, static_cast<std::uint32_t>(n));
+    for (Index e = 0; e < 2; ++e) {
+      Matrix y(n, 96);
+      bank.forward(e, x, y, scratch);
+      const MatrixD want = glu_expert_reference<W>(bank, e, x);
+      // The hidden rows are rounded to float (and on the integer-dot level quantised from
+      // float) once in either path; a code can flip at a rounding tie, so allow a few 1e-4 of
+      // the output's scale.
+      const double err = (y.cast<double>() - want).norm() / want.norm();
+      INFO("n " << n << " expert " << e << " relative error " << err);
+      CHECK(err <= 2e-3);
+    }
+  }
+}
+
+namespace {
+
+// Relative Frobenius error of a bank of `format` against the float bank with the same weights,
+// and the worst element relative to the output's RMS.
+template <class Bank>
+double format_error(typename Bank::Options options, moet::WeightFormat format, Index n,
+                    double& worst_rel) {
+  options.weight_format = moet::WeightFormat::kF32;
+  const Bank f32(options);
+  options.weight_format = format;
+  const Bank other(options);
+  typename Bank::Scratch scratch;
+  double err2 = 0.0;
+  double ref2 = 0.0;
+  worst_rel = 0.0;
+  for (Index e = 0; e < f32.num_experts(); ++e) {
+    const Matrix x = random_matrix(n, f32.model_dim(), static_cast<std::uint32_t>(60 + e));
+    Matrix y32(n, f32.model_dim());
+    Matrix yq(n, f32.model_dim());
+    f32.forward(e, x, y32, scratch);
+    other.forward(e, x, yq, scratch);
+    const double rms = std::sqrt(y32.cast<double>().squaredNorm() / static_cast<double>(y32.size()));
+    err2 += (yq - y32).cast<double>().squaredNorm();
+    ref2 += y32.cast<double>().squaredNorm();
+    worst_rel = std::max(worst_rel, (yq - y32).cwiseAbs().maxCoeff() / rms);
+  }
+  return std::sqrt(err2 / ref2);
+}
+
+}  // namespace
+
+TEST_CASE("Block-format banks against float banks with the same weights (README's accuracy)",
+          "[quant][experts]") {
+  // Random normal weights (the banks' initialisation); the README quotes these numbers.
+  struct Bound {
+    moet::WeightFormat format;
+    double frobenius;
+    double worst;
+  };
+  for (const Bound b : {Bound{moet::WeightFormat::kQ8_0, 0.03, 0.2},
+                        Bound{moet::WeightFormat::kQ4_0, 0.25, 1.5},
+                        Bound{moet::WeightFormat::kQ4_1, 0.25, 1.5}}) {
+    double worst = 0.0;
+    const double glu = format_error<moet::SwiGluExperts<float>>(
+        {.model_dim = 512, .hidden_dim = 1024, .num_experts = 2, .init_seed = 3}, b.format, 33,
+        worst);
+    WARN("SwiGLU " << moet::weight_format_name(b.format) << " vs f32: relative Frobenius error "
+                   << glu << ", worst element / RMS " << worst);
+    CHECK(glu > 0.0);
+    CHECK(glu < b.frobenius);
+    CHECK(worst < b.worst);
+    const double ffn = format_error<moet::FfnExperts<float, moet::Gelu>>(
+        {.model_dim = 256, .hidden_dim = 512, .num_experts = 2, .init_seed = 4}, b.format, 20,
+        worst);
+    WARN("FFN-GELU " << moet::weight_format_name(b.format) << " vs f32: relative Frobenius error "
+                     << ffn << ", worst element / RMS " << worst);
+    CHECK(ffn > 0.0);
+    CHECK(ffn < b.frobenius);
+    CHECK(worst < b.worst);
   }
 }

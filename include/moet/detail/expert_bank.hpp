@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -131,8 +132,8 @@ void fill_normal_fan_in(Rng& rng, S* data, Index size, Index fan_in) {
 }
 
 /// A bank's packed copies of its weights for the kernels of detail/gemm.hpp: one `Expert<W>`
-/// per expert (the body's struct of `PackedMatrix` / `PackedGluMatrix`), in float or bf16
-/// (`WeightFormat`), and whether they are current.
+/// per expert (the body's struct of `PackedMatrix` / `PackedGluMatrix`) in the bank's
+/// `WeightFormat` (float, bf16 or a block format), and whether they are current.
 ///
 /// Only the copy of the bank's `weight_format` is filled, and only for float banks (`S`) with
 /// `pack_weights` (`enabled()`); for the others every member is a no-op and the copies are
@@ -141,7 +142,8 @@ void fill_normal_fan_in(Rng& rng, S* data, Index size, Index fan_in) {
 /// until a `rebuild` or an `update` of what changed plus `mark_current`.
 ///
 /// \tparam S the bank's scalar type.
-/// \tparam Expert the body's per-expert packed weights, `Expert<float>` and `Expert<Bf16>`.
+/// \tparam Expert the body's per-expert packed weights, `Expert<W>` for every packed element
+///   type `W` (`float`, `Bf16`, `Q8_0`, `Q4_0`, `Q4_1`).
 template <class S, template <class> class Expert>
 class PackedCopies {
  public:
@@ -162,11 +164,10 @@ class PackedCopies {
   void rebuild(Index num_experts, Pack&& pack) {
     if constexpr (kPackable) {
       if (!pack_weights_) return;
-      if (format_ == WeightFormat::kBf16) {
-        fill(bf16_, num_experts, pack);
-      } else {
-        fill(f32_, num_experts, pack);
-      }
+      with_copies([&](auto& copies) {
+        copies.resize(static_cast<std::size_t>(num_experts));
+        for (Index e = 0; e < num_experts; ++e) pack(copies[static_cast<std::size_t>(e)], e);
+      });
       current_ = true;
     }
   }
@@ -177,11 +178,9 @@ class PackedCopies {
   void update(Index e, Update&& update) {
     if constexpr (kPackable) {
       const auto slot = static_cast<std::size_t>(e);
-      if (format_ == WeightFormat::kBf16) {
-        if (slot < bf16_.size()) update(bf16_[slot]);
-      } else {
-        if (slot < f32_.size()) update(f32_[slot]);
-      }
+      with_copies([&](auto& copies) {
+        if (slot < copies.size()) update(copies[slot]);
+      });
     }
   }
 
@@ -201,11 +200,7 @@ class PackedCopies {
     if constexpr (kPackable) {
       if (current_) {
         const auto slot = static_cast<std::size_t>(e);
-        if (format_ == WeightFormat::kBf16) {
-          run(bf16_[slot]);
-        } else {
-          run(f32_[slot]);
-        }
+        with_copies([&](const auto& copies) { run(copies[slot]); });
         return true;
       }
     }
@@ -217,8 +212,7 @@ class PackedCopies {
   template <class Visit>
   void for_each(Visit&& visit) const {
     if constexpr (kPackable) {
-      for (const auto& copy : f32_) visit(copy);
-      for (const auto& copy : bf16_) visit(copy);
+      std::apply([&](const auto&... all) { ((visit_all(all, visit)), ...); }, copies_);
     }
   }
 
@@ -231,17 +225,41 @@ class PackedCopies {
   }
 
  private:
-  template <class W, class Pack>
-  static void fill(std::vector<Expert<W>>& copies, Index num_experts, Pack& pack) {
-    copies.resize(static_cast<std::size_t>(num_experts));
-    for (Index e = 0; e < num_experts; ++e) pack(copies[static_cast<std::size_t>(e)], e);
+  template <class Copies, class Visit>
+  static void visit_all(const Copies& copies, Visit& visit) {
+    for (const auto& copy : copies) visit(copy);
+  }
+
+  // Calls f(copies) with the vector of the bank's format (a row of the format table).
+  template <class F>
+  void with_copies(F&& f) {
+    switch (format_) {
+      case WeightFormat::kBf16:
+        return f(std::get<1>(copies_));
+      case WeightFormat::kQ8_0:
+        return f(std::get<2>(copies_));
+      case WeightFormat::kQ4_0:
+        return f(std::get<3>(copies_));
+      case WeightFormat::kQ4_1:
+        return f(std::get<4>(copies_));
+      case WeightFormat::kF32:
+        break;
+    }
+    f(std::get<0>(copies_));
+  }
+  template <class F>
+  void with_copies(F&& f) const {
+    const_cast<PackedCopies*>(this)->with_copies(  // NOLINT: f receives a const view
+        [&](const auto& copies) { f(copies); });
   }
 
   bool pack_weights_;
   WeightFormat format_;
-  // Only the one of format_ is filled (neither for double banks or without pack_weights).
-  std::vector<Expert<float>> f32_;
-  std::vector<Expert<Bf16>> bf16_;
+  // One vector per packed element type, in WeightFormat's order; only the one of format_ is
+  // filled (none for double banks or without pack_weights).
+  std::tuple<std::vector<Expert<float>>, std::vector<Expert<Bf16>>, std::vector<Expert<Q8_0>>,
+             std::vector<Expert<Q4_0>>, std::vector<Expert<Q4_1>>>
+      copies_;
   // False after the bank handed its weights out for writing, until rebuild() or mark_current().
   bool current_ = false;
 };

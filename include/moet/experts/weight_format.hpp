@@ -3,43 +3,95 @@
 /// `WeightFormat`: the element type of the packed copies an expert bank's inference kernels
 /// read (its trainable weights are always the bank's scalar type).
 
+#include <string_view>
 #include <type_traits>
 
 #include "moet/errors.hpp"
 
 namespace moet {
 
-/// Element type of a float expert bank's packed kernel weights (`GluExperts::Options` and
-/// `FfnExperts::Options::weight_format`).
+/// Element type of a float expert bank's packed kernel weights (`Options::weight_format`).
 ///
 /// - `kF32`: float copies; `forward` is exact float arithmetic (one FMA chain per output).
 /// - `kBf16`: bfloat16 copies (half the bytes: decode, which streams the weights from memory,
 ///   runs up to twice as fast). `forward` rounds the weights and each product's input rows to
-///   bf16 and accumulates in float: with AVX512-BF16 (`__AVX512BF16__`, e.g. `-march=native`
-///   on Zen 4/5 or Sapphire Rapids) through `vdpbf16ps`, else through portable loops that
-///   compute the same products. The router, the combine and training stay float: training
-///   reads and updates the float weights (`forward_train`/`backward` do not use the copies)
-///   and `parameters_changed()` re-rounds them. Expect a relative error of a few 1e-3 against
-///   `kF32` (tests/test_gemm_bf16.cpp measures and bounds it; README, "bf16 expert weights").
-enum class WeightFormat { kF32, kBf16 };
+///   bf16 and accumulates in float (`vdpbf16ps` where the CPU has AVX512-BF16, the pairs split
+///   in registers elsewhere). Expect a relative error of a few 1e-3 against `kF32`
+///   (tests/test_gemm_bf16.cpp measures and bounds it).
+/// - `kQ8_0`, `kQ4_0`, `kQ4_1`: ggml's block formats (detail/quant.hpp): each column's blocks of
+///   32 weights along the input dimension share a half-precision scale (and, for `kQ4_1`, a
+///   minimum); 8.5, 4.5 and 5 bits per weight. Where the CPU has AVX512-VNNI (the `avx512bf16`
+///   kernel level) the products run on 8-bit integer dot products with each row of the
+///   activations quantised per block of 32 to 8 bits on the fly, as llama.cpp does; the other
+///   levels dequantise the weights to float in the kernels (float activations).
+///
+/// In every format the router, the combine and training stay float: training reads and updates
+/// the bank's float weights (`forward_train`/`backward` do not use the copies) and
+/// `parameters_changed()` re-rounds or re-quantises them; an `inference_only` bank keeps the
+/// packed copy alone.
+enum class WeightFormat { kF32, kBf16, kQ8_0, kQ4_0, kQ4_1 };
 
-/// `"f32"` or `"bf16"`.
+/// Every format, in the enum's order.
+inline constexpr WeightFormat kAllWeightFormats[] = {WeightFormat::kF32, WeightFormat::kBf16,
+                                                     WeightFormat::kQ8_0, WeightFormat::kQ4_0,
+                                                     WeightFormat::kQ4_1};
+
+/// `"f32"`, `"bf16"`, `"q8_0"`, `"q4_0"` or `"q4_1"`.
 constexpr const char* weight_format_name(WeightFormat f) {
-  return f == WeightFormat::kBf16 ? "bf16" : "f32";
+  switch (f) {
+    case WeightFormat::kBf16:
+      return "bf16";
+    case WeightFormat::kQ8_0:
+      return "q8_0";
+    case WeightFormat::kQ4_0:
+      return "q4_0";
+    case WeightFormat::kQ4_1:
+      return "q4_1";
+    case WeightFormat::kF32:
+      break;
+  }
+  return "f32";
+}
+
+/// Bits of packed storage per weight (scales included; panel padding not counted): 32, 16, 8.5,
+/// 4.5, 5.
+constexpr double weight_format_bits(WeightFormat f) {
+  switch (f) {
+    case WeightFormat::kBf16:
+      return 16.0;
+    case WeightFormat::kQ8_0:
+      return 8.5;
+    case WeightFormat::kQ4_0:
+      return 4.5;
+    case WeightFormat::kQ4_1:
+      return 5.0;
+    case WeightFormat::kF32:
+      break;
+  }
+  return 32.0;
+}
+
+/// The format named `name` (`weight_format_name`'s spelling); throws `moet::Error` naming `op`
+/// and the valid names otherwise.
+inline WeightFormat parse_weight_format(std::string_view name, const char* op = "WeightFormat") {
+  for (const WeightFormat f : kAllWeightFormats) {
+    if (name == weight_format_name(f)) return f;
+  }
+  detail::fail(op, "unknown weight format '", name, "' (expected f32, bf16, q8_0, q4_0 or q4_1)");
 }
 
 namespace detail {
 
-/// The banks' check of `weight_format`: `kBf16` needs a float bank (`S`) with packed weights.
-/// Throws `moet::Error` naming `op` otherwise.
+/// The banks' check of `weight_format`: every format but `kF32` needs a float bank (`S`) with
+/// packed weights. Throws `moet::Error` naming `op` otherwise.
 template <class S>
 void require_weight_format(const char* op, WeightFormat format, bool pack_weights) {
-  if (format != WeightFormat::kBf16) return;
-  require(std::is_same_v<S, float>, op,
-          "weight_format bf16 needs a float bank (the bf16 kernels are float), got a ", sizeof(S),
-          "-byte scalar");
-  require(pack_weights, op,
-          "weight_format bf16 needs pack_weights = true (the bf16 weights are the packed copy)");
+  if (format == WeightFormat::kF32) return;
+  const char* name = weight_format_name(format);
+  require(std::is_same_v<S, float>, op, "weight_format ", name,
+          " needs a float bank (its kernels are float), got a ", sizeof(S), "-byte scalar");
+  require(pack_weights, op, "weight_format ", name, " needs pack_weights = true (the ", name,
+          " weights are the packed copy)");
 }
 
 }  // namespace detail

@@ -420,12 +420,12 @@ class SafetensorsFile {
     const std::uint64_t size = bytes_.size();
     if (size < 8) fail("the file is ", size, " bytes, shorter than the 8-byte header length");
     header_size_ = detail::load_le<std::uint64_t>(bytes_.data());
-    if (header_size_ > size - 8) {
-      fail("header length ", header_size_, " runs past the end of the file (", size, " bytes)");
-    }
     if (header_size_ > detail::kSafetensorsMaxHeader) {
       fail("header length ", header_size_, " is over the format's limit of ",
            detail::kSafetensorsMaxHeader, " bytes");
+    }
+    if (header_size_ > size - 8) {
+      fail("header length ", header_size_, " runs past the end of the file (", size, " bytes)");
     }
     const auto* text = reinterpret_cast<const char*>(bytes_.data() + 8);
     const nlohmann::json header =

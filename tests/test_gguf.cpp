@@ -545,6 +545,10 @@ TEST_CASE("Every malformed GGUF file is a moet::Error naming the key or tensor",
     prod.tensor("w", {std::uint64_t{1} << 32, std::uint64_t{1} << 32}, 0, {});
     CHECK_MOET_ERROR(parse(prod.build()),
                      Contains("tensor 'w': ne [4294967296, 4294967296] has more elements"));
+    GgufBuilder empty;  // no elements, but rows() would overflow
+    empty.tensor("w", {0, std::uint64_t{1} << 32, std::uint64_t{1} << 32}, 0, {});
+    CHECK_MOET_ERROR(parse(empty.build()), Contains("tensor 'w': ne [0, 4294967296, 4294967296] "
+                                                    "has more elements"));
     GgufBuilder bytes_overflow;  // 2^62 elements fit, their 2^64 F32 bytes do not
     bytes_overflow.tensor("w", {std::uint64_t{1} << 62}, 0, {});
     CHECK_MOET_ERROR(parse(bytes_overflow.build()), Contains("tensor 'w': byte count overflows"));

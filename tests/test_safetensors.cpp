@@ -342,6 +342,12 @@ TEST_CASE("Every malformed safetensors file is a moet::Error naming the file and
             R"({"t":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,0]}})", 0)),
         Contains(
             "tensor 't': shape [4294967296, 4294967296] has more elements than fit in 64 bits"));
+    // An empty tensor whose other dimensions multiply past 64 bits: refused, so that its
+    // matrix view's row count cannot overflow either.
+    CHECK_MOET_ERROR(parse(st_bytes(R"({"t":{"dtype":"F32","shape":[4294967296,4294967296,0],)"
+                                    R"("data_offsets":[0,0]}})",
+                                    0)),
+                     Contains("has more elements than fit in 64 bits"));
     // 2^62 elements of 4 bytes: the byte count overflows.
     CHECK_MOET_ERROR(
         parse(st_bytes(

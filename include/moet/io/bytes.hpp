@@ -48,6 +48,20 @@ inline bool add_u64(std::uint64_t a, std::uint64_t b, std::uint64_t& out) {
   return !__builtin_add_overflow(a, b, &out);
 }
 
+/// Whether the product of the dimensions, each counted as at least 1, fits `Index`: then the
+/// element count and every partial product (rows of a matrix view) fit too, even for a tensor
+/// with a zero dimension among huge ones.
+template <class Range>
+bool extent_fits(const Range& shape) {
+  std::uint64_t p = 1;
+  for (const auto d : shape) {
+    if (d < 0) return false;
+    const auto u = static_cast<std::uint64_t>(d);
+    if (!mul_u64(p, u == 0 ? 1 : u, p)) return false;
+  }
+  return p <= static_cast<std::uint64_t>(std::numeric_limits<Index>::max());
+}
+
 /// "[2, 3, 4]".
 template <class Range>
 std::string shape_string(const Range& shape) {

@@ -874,7 +874,8 @@ class GgufParser {
       t.ne[j] = static_cast<Index>(d);
       overflow = overflow || !mul_u64(numel, d, numel);
     }
-    if (overflow || numel > static_cast<std::uint64_t>(std::numeric_limits<Index>::max())) {
+    if (overflow ||
+        !extent_fits(std::span<const Index>(t.ne.data(), static_cast<std::size_t>(n_dims)))) {
       fail("ne ", shape_string(std::span<const Index>(t.ne.data(), n_dims)),
            " has more elements than fit in 63 bits");
     }

@@ -223,7 +223,7 @@ inline NpyArray parse_npy(std::span<const std::byte> bytes, const std::string& n
     detail::npy_fail(name, "Fortran order is not supported");
   std::uint64_t n = 1;
   for (const Index d : header.shape) {
-    if (!detail::mul_u64(n, static_cast<std::uint64_t>(d), n))
+    if (!detail::extent_fits(header.shape) || !detail::mul_u64(n, static_cast<std::uint64_t>(d), n))
       detail::npy_fail(name, "shape overflows");
   }
   const std::size_t data = bytes.size() - start - header_len;

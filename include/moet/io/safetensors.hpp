@@ -148,12 +148,9 @@ class TensorView {
         dtype_(dtype),
         shape_(std::move(shape)),
         bytes_(bytes) {
+    if (!detail::extent_fits(shape_)) fail("shape ", detail::shape_string(shape_), " is invalid");
     std::uint64_t n = 1;
-    for (const Index d : shape_) {
-      if (d < 0 || !detail::mul_u64(n, static_cast<std::uint64_t>(d), n)) {
-        fail("shape ", detail::shape_string(shape_), " is invalid");
-      }
-    }
+    for (const Index d : shape_) n *= static_cast<std::uint64_t>(d);
     std::uint64_t bits = 0;
     if (!detail::mul_u64(n, static_cast<std::uint64_t>(dtype_bits(dtype)), bits) ||
         bits / 8 != bytes.size() || bits % 8 != 0 ||
@@ -496,8 +493,8 @@ class SafetensorsFile {
                   " bytes): the file is truncated or the offsets are wrong");
     }
     std::uint64_t bits = 0;
-    if (overflow || !detail::mul_u64(numel, static_cast<std::uint64_t>(dtype_bits(*dtype)), bits) ||
-        numel > static_cast<std::uint64_t>(std::numeric_limits<Index>::max())) {
+    if (overflow || !detail::extent_fits(shape) ||
+        !detail::mul_u64(numel, static_cast<std::uint64_t>(dtype_bits(*dtype)), bits)) {
       fail_tensor(name, "shape ", detail::shape_string(shape),
                   " has more elements than fit in 64 bits");
     }

@@ -549,8 +549,13 @@ TEST_CASE("Every malformed GGUF file is a moet::Error naming the key or tensor",
     empty.tensor("w", {0, std::uint64_t{1} << 32, std::uint64_t{1} << 32}, 0, {});
     CHECK_MOET_ERROR(parse(empty.build()), Contains("tensor 'w': ne [0, 4294967296, 4294967296] "
                                                     "has more elements"));
+    GgufBuilder empty_rows;  // found by fuzz_gguf: no elements, but row_bytes() overflowed
+    empty_rows.tensor("w", {7021111980564807684ULL, 0}, 0, {});
+    CHECK_MOET_ERROR(parse(empty_rows.build()),
+                     Contains("tensor 'w': a row of 7021111980564807684 F32 elements has more "
+                              "bytes than fit in 63 bits"));
     GgufBuilder bytes_overflow;  // 2^62 elements fit, their 2^64 F32 bytes do not
-    bytes_overflow.tensor("w", {std::uint64_t{1} << 62}, 0, {});
+    bytes_overflow.tensor("w", {std::uint64_t{1} << 31, std::uint64_t{1} << 31}, 0, {});
     CHECK_MOET_ERROR(parse(bytes_overflow.build()), Contains("tensor 'w': byte count overflows"));
   }
   SECTION("an unknown or removed ggml type") {

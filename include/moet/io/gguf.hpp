@@ -887,6 +887,12 @@ class GgufParser {
       fail(t.ne[0], " elements per row is not a whole number of ", info->name, " blocks of ",
            info->block);
     }
+    std::uint64_t row_bytes = 0;  // a row's bytes must fit Index even when the tensor is empty
+    if (!mul_u64(static_cast<std::uint64_t>(t.ne[0] / info->block),
+                 static_cast<std::uint64_t>(info->block_bytes), row_bytes) ||
+        row_bytes > static_cast<std::uint64_t>(std::numeric_limits<Index>::max())) {
+      fail("a row of ", t.ne[0], " ", info->name, " elements has more bytes than fit in 63 bits");
+    }
     if (!mul_u64(numel / static_cast<std::uint64_t>(info->block),
                  static_cast<std::uint64_t>(info->block_bytes), t.bytes)) {
       fail("byte count overflows");

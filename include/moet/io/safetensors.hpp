@@ -344,8 +344,8 @@ class SafetensorsFile {
   /// where one is at fault) for a missing or unreadable file and for every bad header: the
   /// file shorter than 8 bytes, a header length past the end of the file or over 100 MB, JSON
   /// that does not parse or is not an object, a repeated tensor name, `__metadata__` that is
-  /// not an object of strings, an entry without a known `dtype`, a `shape` of non-negative
-  /// integers, or `data_offsets` `[begin, end]` with `begin <= end`, a range outside the data
+  /// not an object of strings, an entry that lacks a known `dtype`, a `shape` of non-negative
+  /// integers or `data_offsets` `[begin, end]` with `begin <= end`, a range outside the data
   /// section, a byte count that differs from the shape's (element counts that overflow
   /// included), and ranges that overlap.
   static SafetensorsFile open(const std::filesystem::path& path) {
@@ -395,11 +395,14 @@ class SafetensorsFile {
   }
   /// The tensor `name`, checked to be F32, BF16 or F16 and of `shape`; the errors name the
   /// file, the tensor and both shapes.
-  TensorView require(std::string_view name, std::initializer_list<Index> shape) const {
+  TensorView require(std::string_view name, std::span<const Index> shape) const {
     TensorView view = tensor(name);
     view.require_float();
     view.require_shape(shape);
     return view;
+  }
+  TensorView require(std::string_view name, std::initializer_list<Index> shape) const {
+    return require(name, std::span<const Index>(shape.begin(), shape.size()));
   }
 
  private:
@@ -617,11 +620,14 @@ class SafetensorsCheckpoint {
   }
   /// The tensor `name`, checked to be F32, BF16 or F16 and of `shape` (errors name the file,
   /// the tensor and both shapes).
-  TensorView require(std::string_view name, std::initializer_list<Index> shape) const {
+  TensorView require(std::string_view name, std::span<const Index> shape) const {
     TensorView view = tensor(name);
     view.require_float();
     view.require_shape(shape);
     return view;
+  }
+  TensorView require(std::string_view name, std::initializer_list<Index> shape) const {
+    return require(name, std::span<const Index>(shape.begin(), shape.size()));
   }
 
   /// Opens every shard and checks that each holds the tensors the index maps to it (throws

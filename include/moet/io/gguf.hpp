@@ -417,7 +417,7 @@ class GgufTensor {
   /// The blocks of a `Q8_0`, `Q4_0` or `Q4_1` tensor (`Block` = `detail::BlockQ8_0`, ...),
   /// `rows() * cols() / 32` of them, row after row, straight from the mapping. Throws
   /// `moet::Error` when the type is not the block's, or when the data are not aligned for
-  /// `Block` in memory (never for a file mapped by `open`: the data section is aligned).
+  /// `Block` in memory (for a file mapped by `open`, only when its `general.alignment` is 1).
   template <class Block>
   std::span<const Block> blocks() const {
     constexpr GgmlType kType = std::is_same_v<Block, detail::BlockQ8_0>   ? GgmlType::kQ8_0

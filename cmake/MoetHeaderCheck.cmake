@@ -1,17 +1,21 @@
 # Header self-containment check.
 #
-# moet_add_header_check(<target> <include-dir> [LIBRARIES <lib>...])
+# moet_add_header_check(<target> <include-dir> [LIBRARIES <lib>...] [EXCLUDE_REGEX <regex>])
 #
 # Generates one translation unit per header under <include-dir>/moet (recursively) that
 # includes that header and nothing else -- twice, so a missing `#pragma once` shows up as a
 # redefinition -- and compiles them all into the OBJECT library <target>. The glob uses
 # CONFIGURE_DEPENDS, so headers added later are picked up by the next build without
-# re-running cmake by hand. Generated files live in the build tree only.
+# re-running cmake by hand. Headers whose path (moet/...) matches EXCLUDE_REGEX are skipped.
+# Generated files live in the build tree only.
 
 function(moet_add_header_check target include_dir)
-  cmake_parse_arguments(PARSE_ARGV 2 arg "" "" "LIBRARIES")
+  cmake_parse_arguments(PARSE_ARGV 2 arg "" "EXCLUDE_REGEX" "LIBRARIES")
 
   file(GLOB_RECURSE _headers CONFIGURE_DEPENDS RELATIVE "${include_dir}" "${include_dir}/moet/*.hpp")
+  if(arg_EXCLUDE_REGEX)
+    list(FILTER _headers EXCLUDE REGEX "${arg_EXCLUDE_REGEX}")
+  endif()
   list(SORT _headers)
   if(NOT _headers)
     message(FATAL_ERROR "moet_add_header_check: no headers found under ${include_dir}/moet")

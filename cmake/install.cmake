@@ -4,7 +4,7 @@
 #   <prefix>/include/moet/...                      the headers
 #   <prefix>/share/cmake/moet/moetConfig.cmake     find_package(moet) entry point
 #   <prefix>/share/cmake/moet/moetConfigVersion.cmake
-#   <prefix>/share/cmake/moet/moetTargets.cmake    moet::moet, moet::native
+#   <prefix>/share/cmake/moet/moetTargets.cmake    moet::moet, moet::native (, moet::io)
 #
 # moet is header-only, so the package is architecture independent and lives under share/.
 
@@ -18,6 +18,10 @@ mark_as_advanced(MOET_INSTALL_CMAKEDIR)
 # that build and run on the same machine).
 set_target_properties(moet_native PROPERTIES EXPORT_NAME native)
 install(TARGETS moet moet_native EXPORT moetTargets)
+if(MOET_HAS_IO)
+  set_target_properties(moet_io PROPERTIES EXPORT_NAME io)
+  install(TARGETS moet_io EXPORT moetTargets)
+endif()
 
 install(DIRECTORY "${PROJECT_SOURCE_DIR}/include/"
         DESTINATION "${CMAKE_INSTALL_INCLUDEDIR}"

@@ -392,3 +392,42 @@ TEST_CASE("Block-format banks against float banks with the same weights (README'
     CHECK(worst < b.worst);
   }
 }
+
+TEMPLATE_TEST_CASE("Ready blocks pack without re-quantising (GGUF's [out][in] rows of blocks)",
+                   "[quant][pack]", moet::detail::Q8_0, moet::detail::Q4_0, moet::detail::Q4_1) {
+  using W = TestType;
+  using Block = typename W::Block;
+  const KernelIsa isa = GENERATE(from_range(supported_isas()));
+  INFO(kernel_isa_name(isa));
+  const Index k = 70;  // 3 blocks per column, the last partial
+  const Index n = 37;
+  const Index nb = 3;
+  const Matrix b = random_matrix(k, n, 8);
+  // The file's blocks: column j of the (K, N) matrix is row j of [N][K].
+  std::vector<Block> blocks(static_cast<std::size_t>(n * nb));
+  for (Index j = 0; j < n; ++j) {
+    for (Index blk = 0; blk < nb; ++blk) {
+      float x[kQuantBlock] = {};
+      for (Index i = 0; i < kQuantBlock && blk * kQuantBlock + i < k; ++i) x[i] = b(blk * kQuantBlock + i, j);
+      moet::detail::quantize_block(x, blocks[static_cast<std::size_t>(j * nb + blk)]);
+    }
+  }
+  moet::detail::PackedMatrix<W> from_blocks;
+  from_blocks.pack_blocks(std::span<const Block>(blocks), k, n, isa);
+  const moet::detail::PackedMatrix<W> from_floats(b, isa);
+  REQUIRE(from_blocks.bytes() == from_floats.bytes());
+  CHECK(std::memcmp(from_blocks.data(), from_floats.data(), from_blocks.bytes()) == 0);
+  // The GLU halves.
+  moet::detail::PackedGluMatrix<W> glu;
+  glu.reset(k, n, isa);
+  glu.pack_gate_blocks(std::span<const Block>(blocks));
+  glu.pack_up_blocks(std::span<const Block>(blocks));
+  const moet::detail::PackedGluMatrix<W> glu_floats(b, b, isa);
+  CHECK(std::memcmp(glu.data(), glu_floats.data(), glu.bytes()) == 0);
+  // A wrong count and a non-finite scale are refused.
+  CHECK_THROWS_WITH(from_blocks.pack_blocks(std::span<const Block>(blocks).first(10), k, n, isa),
+                    Catch::Contains("blocks"));
+  blocks[5].d = moet::detail::to_f16(std::numeric_limits<float>::infinity());
+  CHECK_THROWS_WITH(from_blocks.pack_blocks(std::span<const Block>(blocks), k, n, isa),
+                    Catch::Contains("non-finite scale"));
+}

@@ -26,6 +26,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <span>
 #include <type_traits>
 
 #include "moet/detail/bf16.hpp"
@@ -242,6 +243,35 @@ class PackedPanels {
     }
   }
 
+  // Block formats: writes ready blocks into lanes [lane0, lane0 + lanes) of consecutive
+  // panels. `blocks` holds one row of ceil(K / 32) blocks per output column (GGUF's layout of a
+  // weight `[out, in]`, `in` = K): column j's block b at `blocks[j * nb + b]`. Refuses blocks
+  // whose scale (or minimum) is not finite.
+  template <class Block>
+  void write_lanes_from_blocks(std::span<const Block> blocks, Index lane0, Index lanes,
+                               const char* what) {
+    const Index nb = (rows_ + kQuantBlock - 1) / kQuantBlock;
+    const Index cols = cols_;
+    require(static_cast<Index>(blocks.size()) == nb * cols, "PackedMatrix", what, ": ", cols,
+            " columns of ", nb, " blocks need ", nb * cols, " ", W::kName, " blocks, got ",
+            blocks.size());
+    for (Index p = 0; p < num_panels_; ++p) {
+      const Index j0 = p * lanes;
+      const Index width = std::min<Index>(lanes, cols - j0);
+      Storage* panel = data_.data() + p * panel_stride();
+      for (Index c = 0; c < width; ++c) {
+        for (Index b = 0; b < nb; ++b) {
+          const Block& block = blocks[static_cast<std::size_t>((j0 + c) * nb + b)];
+          bool fits = std::isfinite(from_f16(block.d));
+          if constexpr (std::is_same_v<Block, BlockQ4_1>) fits = fits && std::isfinite(from_f16(block.m));
+          require(fits, "PackedMatrix", what, ": ", W::kName, " block ", b, " of column ", j0 + c,
+                  " has a non-finite scale");
+          write_block(panel, b, lane0 + c, block);
+        }
+      }
+    }
+  }
+
   // Block formats: writes `block` as block `b` of lane `lane` of `panel`.
   template <class Block>
   void write_block(Storage* panel, Index b, Index lane, const Block& block) {
@@ -334,6 +364,16 @@ class PackedMatrix : public PackedPanels<W> {
     this->shape(k, n, (n + nr - 1) / nr, isa);
   }
 
+  /// Block formats: packs a `(K, N)` matrix from ready blocks without re-quantising them (a GGUF
+  /// tensor `[N][K]`: `N` rows of `ceil(K / 32)` blocks). Throws `moet::Error` on a wrong block
+  /// count or a non-finite scale.
+  template <class Block>
+  void pack_blocks(std::span<const Block> blocks, Index k, Index n, KernelIsa isa = kernel_isa()) {
+    static_assert(std::is_same_v<Block, typename W::Block>, "blocks of the matrix's format");
+    reset(k, n, isa);
+    this->write_lanes_from_blocks(blocks, 0, this->panel_width(), "pack_blocks");
+  }
+
   /// The packed value of entry `(k, j)` of the original matrix (for tests and debugging).
   float packed_coeff(Index k, Index j) const {
     const Index nr = this->panel_width();
@@ -376,6 +416,21 @@ class PackedGluMatrix : public PackedPanels<W> {
   void reset(Index k, Index f, KernelIsa isa = kernel_isa()) {
     const Index half = detail::panel_width(isa) / 2;
     this->shape(k, f, (f + half - 1) / half, isa);
+  }
+
+  /// Block formats: packs the gate (or up) weights from ready blocks (`F` rows of
+  /// `ceil(K / 32)` blocks, GGUF's `[F][K]`), without re-quantising, into the shape of the last
+  /// `reset`.
+  template <class Block>
+  void pack_gate_blocks(std::span<const Block> blocks) {
+    static_assert(std::is_same_v<Block, typename W::Block>, "blocks of the matrix's format");
+    this->write_lanes_from_blocks(blocks, 0, this->panel_width() / 2, "pack_gate_blocks");
+  }
+  template <class Block>
+  void pack_up_blocks(std::span<const Block> blocks) {
+    static_assert(std::is_same_v<Block, typename W::Block>, "blocks of the matrix's format");
+    const Index half = this->panel_width() / 2;
+    this->write_lanes_from_blocks(blocks, half, half, "pack_up_blocks");
   }
 
   /// Packs the gate weights `gate` `(K, F)` alone, leaving the up weights as they are (the

@@ -3,10 +3,12 @@
 
 #include <catch2/catch.hpp>
 #include <cmath>
+#include <cstring>
 #include <string>
 #include <string_view>
 #include <vector>
 
+#include "moet/config.hpp"
 #include "moet/errors.hpp"
 #include "moet/train/optim.hpp"
 
@@ -203,4 +205,46 @@ TEST_CASE("Optimisers reject bad options and a module whose parameters changed",
     CHECK_THROWS_WITH(opt.step(m),
                       Contains("parameter 'b' changed shape from (1, 4) to (1, 5)"));
   }
+}
+
+namespace {
+
+// One large float tensor (several elementwise blocks) with a fixed pseudo-random gradient.
+struct BigTensor {
+  RowMatrix<float> w;
+  RowMatrix<float> g;
+  explicit BigTensor(Index n) : w(3, n), g(3, n) {
+    for (Index i = 0; i < w.size(); ++i) {
+      w.data()[i] = std::sin(0.37f * static_cast<float>(i));
+      g.data()[i] = std::cos(0.11f * static_cast<float>(i)) * 1e-2f;
+    }
+  }
+  template <class F>
+  void visit_parameters(F&& f) {
+    f("w", ParamMap<float>(w.data(), w.rows(), w.cols()),
+      ParamMap<float>(g.data(), g.rows(), g.cols()));
+  }
+};
+
+template <class Opt>
+RowMatrix<float> three_steps(int threads, typename Opt::Options options) {
+  const int saved = moet::num_threads();
+  moet::set_num_threads(threads);
+  BigTensor m(40000);  // 120k values: 8 elementwise blocks
+  Opt opt(options);
+  for (int s = 0; s < 3; ++s) opt.step(m);
+  moet::set_num_threads(saved);
+  return m.w;
+}
+
+}  // namespace
+
+TEST_CASE("Optimiser steps are bit-identical for 1 and 2 threads", "[train][optim][parallel]") {
+  const auto a1 = three_steps<moet::AdamW<float>>(1, {.lr = 1e-2});
+  const auto a2 = three_steps<moet::AdamW<float>>(2, {.lr = 1e-2});
+  CHECK(std::memcmp(a1.data(), a2.data(), sizeof(float) * static_cast<std::size_t>(a1.size())) == 0);
+  CHECK((a1.array() != BigTensor(40000).w.array()).any());  // it moved
+  const auto s1 = three_steps<moet::Sgd<float>>(1, {.lr = 1e-1, .momentum = 0.9, .nesterov = true});
+  const auto s2 = three_steps<moet::Sgd<float>>(2, {.lr = 1e-1, .momentum = 0.9, .nesterov = true});
+  CHECK(std::memcmp(s1.data(), s2.data(), sizeof(float) * static_cast<std::size_t>(s1.size())) == 0);
 }

@@ -54,6 +54,10 @@ void parallel_for(Index num_tasks, Task&& task) {
   for (Index i = 0; i < num_tasks; ++i) task(i);
 }
 
+/// Values per task of elementwise passes over parameters (optimiser steps, zeroing): 64 KiB of
+/// floats, large enough to amortise a task, small enough to balance two threads on any tensor.
+inline constexpr Index kElementwiseBlock = Index{1} << 14;
+
 /// Splits `[0, n)` into blocks of `block` items (the last one shorter) and calls
 /// `body(begin, end)` for each block in parallel. The split depends only on `n` and `block`.
 template <class Body>

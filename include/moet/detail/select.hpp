@@ -6,7 +6,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <numeric>
+#include <type_traits>
 
 #include "moet/detail/parallel.hpp"
 #include "moet/tensor.hpp"
@@ -70,10 +72,41 @@ void router_product(const ConstRows<S>& x, const RowMatrix<S>& w, Out&& out) {
   });
 }
 
-/// True when every entry is finite (no NaN, no Inf).
+/// True when the `n` contiguous values at `p` are all finite: an OR over the exponent-all-ones
+/// test of their bits (integer work the compiler vectorises; no early exit).
+template <class S>
+bool all_finite_span(const S* p, Index n) {
+  static_assert(std::is_floating_point_v<S>, "float or double");
+  using U = std::conditional_t<sizeof(S) == 4, std::uint32_t, std::uint64_t>;
+  constexpr U kExp = static_cast<U>(sizeof(S) == 4 ? 0x7f800000ULL : 0x7ff0000000000000ULL);
+  U bad = 0;
+  for (Index i = 0; i < n; ++i) {
+    U bits;
+    std::memcpy(&bits, p + i, sizeof bits);
+    bad |= static_cast<U>((bits & kExp) == kExp);
+  }
+  return bad == 0;
+}
+
+/// True when every entry is finite (no NaN, no Inf). Objects with direct access (matrices,
+/// maps, refs, blocks) are scanned along their storage, one inner vector at a time (Eigen's
+/// `allFinite` reduces a row-major matrix column by column: a strided, scalar pass).
 template <class Derived>
 bool all_finite(const Eigen::DenseBase<Derived>& m) {
-  return m.size() == 0 || m.derived().allFinite();
+  if (m.size() == 0) return true;
+  if constexpr ((Derived::Flags & Eigen::DirectAccessBit) != 0 &&
+                std::is_floating_point_v<typename Derived::Scalar>) {
+    const Derived& d = m.derived();
+    if (d.innerStride() == 1) {
+      const Index outer = d.outerSize();
+      const Index inner = d.innerSize();
+      for (Index o = 0; o < outer; ++o) {
+        if (!all_finite_span(d.data() + o * d.outerStride(), inner)) return false;
+      }
+      return true;
+    }
+  }
+  return m.derived().allFinite();
 }
 
 }  // namespace moet::detail

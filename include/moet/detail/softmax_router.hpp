@@ -442,7 +442,7 @@ class SoftmaxRouter : public RouterWeights<S> {
       // Name the first offending token; its row still holds the raw logits unless only the
       // hook's values were bad.
       for (Index t = 0; t < num_tokens; ++t) {
-        if (!probs.row(t).allFinite()) {
+        if (!all_finite(probs.row(t))) {
           fail(op, "router logits must be finite, got NaN or Inf for token ", t,
                " (x too large, or non-finite router weights)");
         }

@@ -10,6 +10,7 @@
 
 #include <Eigen/Core>
 
+#include "moet/detail/select.hpp"
 #include "moet/errors.hpp"
 #include "moet/tensor.hpp"
 
@@ -68,7 +69,7 @@ inline void check_weight_shape(const char* op, const char* setter, const WeightN
 template <class Derived>
 void check_weights_finite(const char* op, const char* where, const WeightName& name,
                           const Eigen::DenseBase<Derived>& w) {
-  if (w.size() == 0 || w.derived().allFinite()) [[likely]] {
+  if (all_finite(w)) [[likely]] {
     return;
   }
   for (Index r = 0; r < w.rows(); ++r) {

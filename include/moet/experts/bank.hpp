@@ -602,7 +602,7 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
   // and marks the bank invalid; clears the mark when everything is finite.
   void check_all_finite(const char* where) {
     for (std::size_t t = 0; t < kNumTensors; ++t) {
-      if (!present(t) || values_[t].size() == 0 || values_[t].allFinite()) continue;
+      if (!present(t) || values_[t].size() == 0 || detail::all_finite(values_[t])) continue;
       invalid_ = true;
       packed_.mark_stale();
       const Tensor id = static_cast<Tensor>(t);
@@ -696,7 +696,7 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
       for (std::size_t t = 0; t < kNumTensors; ++t) {
         if (dirty_[flag(e, t)] == 0) continue;
         const Tensor id = static_cast<Tensor>(t);
-        if (!block(id, e).allFinite()) {
+        if (!detail::all_finite(block(id, e))) {
           invalid_ = true;
           detail::check_weights_finite(kName, "edit() end", weight_name(id, e), block(id, e));
         }

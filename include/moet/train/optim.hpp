@@ -8,7 +8,8 @@
 /// Optimiser state (velocity, moments) is kept per parameter tensor in visiting order, which is
 /// fixed for a given module; every step checks that the module still visits the same number of
 /// tensors with the same shapes, and throws `moet::Error` otherwise. All updates are
-/// elementwise and serial in a fixed order: the same bits on every run.
+/// elementwise (each tensor in parallel blocks of `detail::kElementwiseBlock` values): the same
+/// bits on every run and for any thread count.
 ///
 /// ```cpp
 /// moet::AdamW<float> opt({.lr = 1e-3, .weight_decay = 0.01});
@@ -23,6 +24,7 @@
 #include <string_view>
 #include <vector>
 
+#include "moet/detail/parallel.hpp"
 #include "moet/errors.hpp"
 #include "moet/tensor.hpp"
 #include "moet/train/grad.hpp"
@@ -191,14 +193,18 @@ class Sgd {
       S* p = value.data();
       const S* g = grad.data();
       S* v = use_momentum ? state.buffers[0].data() : nullptr;
-      for (Index j = 0; j < value.size(); ++j) {
-        S d = g[j] + wd * p[j];
-        if (use_momentum) {
-          v[j] = steps_ == 0 ? d : mu * v[j] + d;
-          d = options_.nesterov ? d + mu * v[j] : v[j];
+      const bool first = steps_ == 0;
+      const bool nesterov = options_.nesterov;
+      detail::parallel_blocks(value.size(), detail::kElementwiseBlock, [&](Index b, Index e) {
+        for (Index j = b; j < e; ++j) {
+          S d = g[j] + wd * p[j];
+          if (use_momentum) {
+            v[j] = first ? d : mu * v[j] + d;
+            d = nesterov ? d + mu * v[j] : v[j];
+          }
+          p[j] -= lr * d;
         }
-        p[j] -= lr * d;
-      }
+      });
     });
     state_.finish(i);
     ++steps_;
@@ -281,12 +287,14 @@ class AdamW {
       const S* g = grad.data();
       S* m = state.buffers[0].data();
       S* v = state.buffers[1].data();
-      for (Index j = 0; j < value.size(); ++j) {
-        p[j] *= decay;
-        m[j] = b1 * m[j] + (S(1) - b1) * g[j];
-        v[j] = b2 * v[j] + (S(1) - b2) * g[j] * g[j];
-        p[j] -= lr * (m[j] / c1) / (std::sqrt(v[j] / c2) + eps);
-      }
+      detail::parallel_blocks(value.size(), detail::kElementwiseBlock, [&](Index b, Index e) {
+        for (Index j = b; j < e; ++j) {
+          p[j] *= decay;
+          m[j] = b1 * m[j] + (S(1) - b1) * g[j];
+          v[j] = b2 * v[j] + (S(1) - b2) * g[j] * g[j];
+          p[j] -= lr * (m[j] / c1) / (std::sqrt(v[j] / c2) + eps);
+        }
+      });
     });
     state_.finish(i);
     ++steps_;

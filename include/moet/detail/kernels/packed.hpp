@@ -28,9 +28,11 @@
 #include <cstring>
 #include <span>
 #include <type_traits>
+#include <vector>
 
 #include "moet/detail/bf16.hpp"
 #include "moet/detail/buffer.hpp"
+#include "moet/detail/parallel.hpp"
 #include "moet/detail/quant.hpp"
 #include "moet/errors.hpp"
 #include "moet/kernel_isa.hpp"
@@ -189,8 +191,15 @@ class PackedPanels {
   std::size_t bytes() const { return data_.size() * sizeof(Storage); }
 
  protected:
-  // Shapes the storage: `num_panels` panels for a (k, cols) matrix, every element zero.
-  void shape(Index k, Index cols, Index num_panels, KernelIsa isa) {
+  // Shapes the storage: `num_panels` panels for a (k, cols) matrix, every element zero. With
+  // `keep`, storage already of this exact shape and level is left as it is (a full repack then
+  // overwrites every weight, and the padding is still zero): repacking the same shape every
+  // training step writes the weights once instead of zeroing them first.
+  void shape(Index k, Index cols, Index num_panels, KernelIsa isa, bool keep = false) {
+    if (keep && k == rows_ && cols == cols_ && num_panels == num_panels_ && isa == isa_ &&
+        data_.size() == static_cast<std::size_t>(num_panels * panel_stride())) {
+      return;
+    }
     require(kernel_isa_supported(isa), "PackedMatrix", "kernel level ", kernel_isa_name(isa),
             " is not supported by this CPU (best: ", kernel_isa_name(cpu_kernel_isa()), ")");
     require(k >= 0 && cols >= 0, "PackedMatrix", "shape must not be negative, got (", k, ", ",
@@ -207,7 +216,19 @@ class PackedPanels {
   // blocks of 32 rows (the rows past K count as zeros).
   void write_lanes(const ConstRows<float>& src, Index lane0, Index lanes) {
     const Index nr = panel_width();
-    for (Index p = 0; p < num_panels_; ++p) {
+    if constexpr (kIsQuantized<W>) {
+      // Checked before the parallel region (nothing may throw inside it).
+      for (Index k = 0; k < rows_; ++k) {
+        for (Index j = 0; j < src.cols(); ++j) {
+          require(std::isfinite(src(k, j)), "PackedMatrix", W::kName,
+                  " weights must be finite, got ", src(k, j), " at row ", k, ", column ", j);
+        }
+      }
+    }
+    // Panels are independent: packed in parallel (the bytes do not depend on the split). A
+    // block-format panel records its first block whose scale overflows half precision.
+    std::vector<Index> overflow(static_cast<std::size_t>(num_panels_), -1);
+    parallel_for(num_panels_, [&](Index p) {
       const Index j0 = p * lanes;
       const Index width = std::min<Index>(lanes, src.cols() - j0);
       Storage* panel = data_.data() + p * panel_stride();
@@ -218,27 +239,38 @@ class PackedPanels {
           for (Index b0 = 0; b0 < rows_; b0 += kQuantBlock) {
             for (Index i = 0; i < kQuantBlock; ++i) {
               x[i] = b0 + i < rows_ ? src(b0 + i, j0 + c) : 0.0f;
-              require(std::isfinite(x[i]), "PackedMatrix", W::kName,
-                      " weights must be finite, got ", x[i], " at row ", b0 + i, ", column ",
-                      j0 + c);
             }
             quantize_block(x, block);
             bool fits = std::isfinite(from_f16(block.d));
             if constexpr (std::is_same_v<W, Q4_1>) fits = fits && std::isfinite(from_f16(block.m));
-            require(fits, "PackedMatrix", W::kName, " block of rows [", b0, ", ",
-                    b0 + kQuantBlock, "), column ", j0 + c,
-                    ": its scale does not fit half precision (weights up to 6e4 times the "
-                    "largest code)");
+            if (!fits && overflow[static_cast<std::size_t>(p)] < 0) {
+              overflow[static_cast<std::size_t>(p)] = c * rows_ + b0;
+            }
             write_block(panel, b0 / kQuantBlock, lane0 + c, block);
           }
+        }
+      } else if constexpr (std::is_same_v<W, float>) {
+        for (Index k = 0; k < rows_; ++k) {
+          const float* s = src.data() + k * src.outerStride() + j0;
+          std::copy(s, s + width, panel + k * nr + lane0);
         }
       } else {
         for (Index k = 0; k < rows_; ++k) {
           const float* s = src.data() + k * src.outerStride() + j0;
-          for (Index c = 0; c < width; ++c) {
-            panel[panel_offset<W>(k, lane0 + c, nr)] = to_packed<W>(s[c]);
-          }
+          Storage* row = panel + panel_offset<W>(k, lane0, nr);  // stride kKGroup per lane
+          for (Index c = 0; c < width; ++c) row[c * kKGroup<W>] = to_packed<W>(s[c]);
         }
+      }
+    });
+    if constexpr (kIsQuantized<W>) {
+      for (Index p = 0; p < num_panels_; ++p) {
+        const Index at = overflow[static_cast<std::size_t>(p)];
+        if (at < 0) continue;
+        const Index b0 = at % rows_;
+        fail("PackedMatrix", W::kName, " block of rows [", b0, ", ", b0 + kQuantBlock,
+             "), column ", p * lanes + at / rows_,
+             ": its scale does not fit half precision (weights up to 6e4 times the largest "
+             "code)");
       }
     }
   }
@@ -354,7 +386,8 @@ class PackedMatrix : public PackedPanels<W> {
   /// Packs `b` `(K, N)` (any row-major view, e.g. a block with an outer stride) for level `isa`,
   /// replacing the previous contents. Throws `moet::Error` when `isa` is above what the CPU has.
   void pack(const ConstRows<float>& b, KernelIsa isa = kernel_isa()) {
-    reset(b.rows(), b.cols(), isa);
+    const Index nr = detail::panel_width(isa);
+    this->shape(b.rows(), b.cols(), (b.cols() + nr - 1) / nr, isa, /*keep=*/true);
     this->write_lanes(b, 0, this->panel_width());
   }
 
@@ -407,7 +440,8 @@ class PackedGluMatrix : public PackedPanels<W> {
     require(gate.rows() == up.rows() && gate.cols() == up.cols(), "PackedGluMatrix",
             "gate and up weights must have the same shape, got (", gate.rows(), ", ", gate.cols(),
             ") and (", up.rows(), ", ", up.cols(), ")");
-    reset(gate.rows(), gate.cols(), isa);
+    const Index half = detail::panel_width(isa) / 2;
+    this->shape(gate.rows(), gate.cols(), (gate.cols() + half - 1) / half, isa, /*keep=*/true);
     pack_gate(gate);
     pack_up(up);
   }

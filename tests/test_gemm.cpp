@@ -4,6 +4,7 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <string>
@@ -422,4 +423,64 @@ TEST_CASE("The kernels' SiLU bound holds for every float in [-90, 90]", "[simd][
   const double worst = check_silu_grid(-90.0f, 90.0f, 1, isa);
   WARN("worst relative error over every float: " << worst);
   CHECK(worst <= 1e-6);
+}
+
+TEST_CASE("pack_transposed packs exactly what packing the explicit transpose packs",
+          "[gemm][pack]") {
+  const KernelIsa isa = GENERATE(from_range(supported_isas()));
+  INFO(kernel_isa_name(isa));
+  for (const Index rows : {1, 33, 70}) {
+    for (const Index cols : {1, 17, 64}) {
+      const Matrix w = random_matrix(rows, cols, static_cast<std::uint32_t>(rows * 7 + cols));
+      const Matrix wt = w.transpose();
+      const auto same = [](const auto& x, const auto& y) {
+        return x.bytes() == y.bytes() && std::memcmp(x.data(), y.data(), x.bytes()) == 0;
+      };
+      moet::detail::PackedMatrix<float> a;
+      a.pack_transposed(w, isa);
+      CHECK(same(a, moet::detail::PackedMatrix<float>(wt, isa)));
+      moet::detail::PackedMatrix<moet::detail::Bf16> b;
+      b.pack_transposed(w, isa);
+      CHECK(same(b, moet::detail::PackedMatrix<moet::detail::Bf16>(wt, isa)));
+      moet::detail::PackedMatrix<moet::detail::Q8_0> q;
+      q.pack_transposed(w, isa);
+      CHECK(same(q, moet::detail::PackedMatrix<moet::detail::Q8_0>(wt, isa)));
+    }
+  }
+}
+
+TEST_CASE("gemm_packed_at multiplies A given as its transpose, rows split freely",
+          "[gemm][train]") {
+  const KernelIsa isa = GENERATE(from_range(supported_isas()));
+  INFO(kernel_isa_name(isa));
+  moet::detail::Buffer<float> scratch;
+  std::uint32_t seed = 900;
+  for (const Index k : {1, 7, 64, 300}) {       // K: tokens of a weight gradient
+    for (const Index n : {1, 5, 40, 150}) {     // rows of A: features
+      for (const Index cols : {3, 33}) {
+        const Matrix a_t = random_matrix(k, n, seed++);  // (K, n) = A^T
+        const Matrix b = random_matrix(k, cols, seed++);
+        const moet::detail::PackedMatrix<float> packed(b, isa);
+        const Matrix a = a_t.transpose();
+        Matrix c(n, cols);
+        moet::detail::gemm_packed_at(a_t, packed, c, false, scratch);
+        INFO("K " << k << " n " << n << " cols " << cols);
+        REQUIRE(scaled_error(c, naive_product(a, b), a, b) <= 1e-5);
+        // The same as gemm_packed on the explicit A, bit for bit, and a block of A's rows (a
+        // column block of a_t) alone gives the same rows.
+        Matrix c2(n, cols);
+        moet::detail::gemm_packed(a, packed, c2, false, scratch);
+        REQUIRE(bit_identical(c, c2));
+        if (n >= 5) {
+          Matrix part(n - 3, cols);
+          moet::detail::gemm_packed_at(a_t.rightCols(n - 3), packed, part, false, scratch);
+          REQUIRE(bit_identical(part, c.bottomRows(n - 3)));
+          // Accumulate mode adds.
+          Matrix acc = c;
+          moet::detail::gemm_packed_at(a_t, packed, acc, true, scratch);
+          REQUIRE(scaled_error(acc, naive_product(a, b) * 2.0, a, b) <= 2e-5);
+        }
+      }
+    }
+  }
 }

@@ -198,6 +198,35 @@ void gemm_packed(const ConstRows<float>& a, const PackedMatrix<W>& b, Rows<float
   MOET_DISPATCH_ISA(b.isa(), gemm(product, scratch));
 }
 
+/// `C = A B` (or `C += A B`) with `A` given as its transpose: `a_t` `(K, n)` row-major, so
+/// `A = a_t^T` `(n, K)` (the weight-gradient products of training, `dW = X^T dY`, take the
+/// activations `X` `(tokens, in)` as `a_t`: `K` is the token count). Otherwise as
+/// `gemm_packed`: each output is one chain over `k = 0 .. K - 1` in order, whatever the row
+/// blocking, so splitting the `n` rows of `A` (columns of `a_t`) between threads keeps the bits.
+template <class W>
+void gemm_packed_at(const ConstRows<float>& a_t, const PackedMatrix<W>& b, Rows<float> c,
+                    bool accumulate, Buffer<float>& scratch) {
+  constexpr const char* kOp = "gemm_packed_at";
+  require(a_t.rows() == b.rows(), kOp, "A^T has ", a_t.rows(), " rows but B has ", b.rows(),
+          " rows");
+  require(c.rows() == a_t.cols() && c.cols() == b.cols(), kOp, "C must be (", a_t.cols(), ", ",
+          b.cols(), "), got (", c.rows(), ", ", c.cols(), ")");
+  require(!views_overlap(a_t, c), kOp, "C must not overlap A^T");
+  const PackedProduct<W> product{.a = a_t.data(),
+                                 .lda = 1,
+                                 .a_k_stride = a_t.outerStride(),
+                                 .n = a_t.cols(),
+                                 .k = a_t.rows(),
+                                 .b = b.data(),
+                                 .b_stride = b.panel_stride(),
+                                 .num_panels = b.num_panels(),
+                                 .out = c.data(),
+                                 .ldo = c.outerStride(),
+                                 .out_cols = c.cols(),
+                                 .accumulate = accumulate};
+  MOET_DISPATCH_ISA(b.isa(), gemm(product, scratch));
+}
+
 /// The fused gated-linear-unit product `H = Act(A Wg) ⊙ (A Wu)`: both products share each
 /// packed row group of `A`, and the epilogue applies `Act` and the product in registers before
 /// the only store of `H`. Single-threaded, deterministic like `gemm_packed`, on the kernels of

@@ -68,8 +68,9 @@ inline constexpr Index kGemmMaxFewPanels = 4;
 /// element type of the packed weights.
 template <class W>
 struct PackedProduct {
-  const float* a = nullptr;  // (n, k), row stride lda
+  const float* a = nullptr;  // (n, k): row i, column kk at a[i lda + kk a_k_stride]
   Index lda = 0;
+  Index a_k_stride = 1;  // 1, or the transpose's leading dimension (gemm_packed_at)
   Index n = 0;
   Index k = 0;
   const typename PackFormat<W>::Storage* b = nullptr;  // packed panels

@@ -465,11 +465,13 @@ void run_packed_product(const PackedProduct<W>& op, Buffer<float>& scratch) {
     const Index groups = (rows + kMr - 1) / kMr;
     if constexpr (kMode == ProductMode::kIntegerDot) {
       pack_quantized_row_groups(op.a + i0 * op.lda, op.lda, rows, op.k, groups, a_codes, a_scales,
-                                a_sums);
+                                a_sums, op.a_k_stride);
     } else if constexpr (kMode == ProductMode::kDequantize) {
-      pack_row_groups(op.a + i0 * op.lda, op.lda, rows, op.k, groups, a_pack, k);  // zero pad
+      pack_row_groups(op.a + i0 * op.lda, op.lda, rows, op.k, groups, a_pack, k,  // zero pad
+                      op.a_k_stride);
     } else {
-      pack_row_groups(op.a + i0 * op.lda, op.lda, rows, op.k, groups, a_pack);
+      pack_row_groups(op.a + i0 * op.lda, op.lda, rows, op.k, groups, a_pack, -1,
+                      op.a_k_stride);
     }
 
     for (Index j0 = 0; j0 < op.num_panels; j0 += blk.chunk) {

@@ -215,13 +215,20 @@ class PackedPanels {
   // takes columns [p lanes, (p + 1) lanes) of `src`. Block formats quantise each column's
   // blocks of 32 rows (the rows past K count as zeros).
   void write_lanes(const ConstRows<float>& src, Index lane0, Index lanes) {
+    write_lanes(src.data(), src.outerStride(), 1, src.cols(), lane0, lanes);
+  }
+  // The same from any strided source: entry (k, j) at `src[k k_stride + j j_stride]`, `cols`
+  // columns (a row-major matrix: (outer stride, 1); its transpose: (1, outer stride)).
+  void write_lanes(const float* src, Index k_stride, Index j_stride, Index cols, Index lane0,
+                   Index lanes) {
+    const auto at = [&](Index k, Index j) { return src[k * k_stride + j * j_stride]; };
     const Index nr = panel_width();
     if constexpr (kIsQuantized<W>) {
       // Checked before the parallel region (nothing may throw inside it).
       for (Index k = 0; k < rows_; ++k) {
-        for (Index j = 0; j < src.cols(); ++j) {
-          require(std::isfinite(src(k, j)), "PackedMatrix", W::kName,
-                  " weights must be finite, got ", src(k, j), " at row ", k, ", column ", j);
+        for (Index j = 0; j < cols; ++j) {
+          require(std::isfinite(at(k, j)), "PackedMatrix", W::kName,
+                  " weights must be finite, got ", at(k, j), " at row ", k, ", column ", j);
         }
       }
     }
@@ -230,7 +237,7 @@ class PackedPanels {
     std::vector<Index> overflow(static_cast<std::size_t>(num_panels_), -1);
     parallel_for(num_panels_, [&](Index p) {
       const Index j0 = p * lanes;
-      const Index width = std::min<Index>(lanes, src.cols() - j0);
+      const Index width = std::min<Index>(lanes, cols - j0);
       Storage* panel = data_.data() + p * panel_stride();
       if constexpr (kIsQuantized<W>) {
         float x[kQuantBlock];
@@ -238,7 +245,7 @@ class PackedPanels {
         for (Index c = 0; c < width; ++c) {
           for (Index b0 = 0; b0 < rows_; b0 += kQuantBlock) {
             for (Index i = 0; i < kQuantBlock; ++i) {
-              x[i] = b0 + i < rows_ ? src(b0 + i, j0 + c) : 0.0f;
+              x[i] = b0 + i < rows_ ? at(b0 + i, j0 + c) : 0.0f;
             }
             quantize_block(x, block);
             bool fits = std::isfinite(from_f16(block.d));
@@ -250,25 +257,30 @@ class PackedPanels {
           }
         }
       } else if constexpr (std::is_same_v<W, float>) {
-        for (Index k = 0; k < rows_; ++k) {
-          const float* s = src.data() + k * src.outerStride() + j0;
-          std::copy(s, s + width, panel + k * nr + lane0);
+        if (j_stride == 1) {
+          for (Index k = 0; k < rows_; ++k) {
+            const float* s = src + k * k_stride + j0;
+            std::copy(s, s + width, panel + k * nr + lane0);
+          }
+        } else {
+          for (Index c = 0; c < width; ++c) {
+            for (Index k = 0; k < rows_; ++k) panel[k * nr + lane0 + c] = at(k, j0 + c);
+          }
         }
       } else {
         for (Index k = 0; k < rows_; ++k) {
-          const float* s = src.data() + k * src.outerStride() + j0;
           Storage* row = panel + panel_offset<W>(k, lane0, nr);  // stride kKGroup per lane
-          for (Index c = 0; c < width; ++c) row[c * kKGroup<W>] = to_packed<W>(s[c]);
+          for (Index c = 0; c < width; ++c) row[c * kKGroup<W>] = to_packed<W>(at(k, j0 + c));
         }
       }
     });
     if constexpr (kIsQuantized<W>) {
       for (Index p = 0; p < num_panels_; ++p) {
-        const Index at = overflow[static_cast<std::size_t>(p)];
-        if (at < 0) continue;
-        const Index b0 = at % rows_;
+        const Index first_bad = overflow[static_cast<std::size_t>(p)];
+        if (first_bad < 0) continue;
+        const Index b0 = first_bad % rows_;
         fail("PackedMatrix", W::kName, " block of rows [", b0, ", ", b0 + kQuantBlock,
-             "), column ", p * lanes + at / rows_,
+             "), column ", p * lanes + first_bad / rows_,
              ": its scale does not fit half precision (weights up to 6e4 times the largest "
              "code)");
       }
@@ -391,6 +403,14 @@ class PackedMatrix : public PackedPanels<W> {
     this->write_lanes(b, 0, this->panel_width());
   }
 
+  /// Packs `B = bt^T` from `bt` `(N, K)` row-major (e.g. a weight `W` `(K', K)` packed as `W^T`
+  /// for the backward product `dX = dY W^T`), replacing the previous contents.
+  void pack_transposed(const ConstRows<float>& bt, KernelIsa isa = kernel_isa()) {
+    const Index nr = detail::panel_width(isa);
+    this->shape(bt.cols(), bt.rows(), (bt.rows() + nr - 1) / nr, isa, /*keep=*/true);
+    this->write_lanes(bt.data(), 1, bt.outerStride(), bt.rows(), 0, this->panel_width());
+  }
+
   /// Shapes the storage for a `(K, N)` matrix laid out for `isa`, every element zero.
   void reset(Index k, Index n, KernelIsa isa = kernel_isa()) {
     const Index nr = detail::panel_width(isa);
@@ -497,11 +517,12 @@ inline void row_group(Index rows, Index groups, Index g, Index& first, Index& si
   first = g * base + std::min(g, extra);
 }
 
-/// Copies `rows` rows of `a` (row stride `lda`, `k` columns) into `dst` as `groups` packed row
+/// Copies `rows` rows of `a` (row stride `lda`, `k` columns `k_stride` apart: 1 for a row-major
+/// `A`, the leading dimension for `A` given as its row-major transpose) into `dst` as `groups` packed row
 /// groups: group `g` (rows `first .. first + m`) at `dst + first kp`, laid out `[kp][m]`, the
 /// columns `[k, kp)` zero (`kp >= k`: the padded depth of block-format weights; `k` by default).
 inline void pack_row_groups(const float* a, Index lda, Index rows, Index k, Index groups,
-                            float* dst, Index kp = -1) {
+                            float* dst, Index kp = -1, Index k_stride = 1) {
   if (kp < k) kp = k;
   for (Index g = 0; g < groups; ++g) {
     Index first = 0;
@@ -510,7 +531,11 @@ inline void pack_row_groups(const float* a, Index lda, Index rows, Index k, Inde
     float* group = dst + first * kp;
     for (Index r = 0; r < m; ++r) {
       const float* src = a + (first + r) * lda;
-      for (Index kk = 0; kk < k; ++kk) group[kk * m + r] = src[kk];
+      if (k_stride == 1) {
+        for (Index kk = 0; kk < k; ++kk) group[kk * m + r] = src[kk];
+      } else {
+        for (Index kk = 0; kk < k; ++kk) group[kk * m + r] = src[kk * k_stride];
+      }
       for (Index kk = k; kk < kp; ++kk) group[kk * m + r] = 0.0f;
     }
   }
@@ -520,7 +545,7 @@ inline void pack_row_groups(const float* a, Index lda, Index rows, Index k, Inde
 /// `dst + first padded_depth(k)`, laid out `[k / 2][m][2]` (the 32-bit pairs the bf16 kernels
 /// broadcast), an odd `k` padded with a zero column.
 inline void pack_row_groups(const float* a, Index lda, Index rows, Index k, Index groups,
-                            Bf16* dst) {
+                            Bf16* dst, Index /*kp*/ = -1, Index k_stride = 1) {
   const Index kp = padded_depth<Bf16>(k);
   for (Index g = 0; g < groups; ++g) {
     Index first = 0;
@@ -529,7 +554,9 @@ inline void pack_row_groups(const float* a, Index lda, Index rows, Index k, Inde
     Bf16* group = dst + first * kp;
     for (Index r = 0; r < m; ++r) {
       const float* src = a + (first + r) * lda;
-      for (Index kk = 0; kk < k; ++kk) group[(kk / 2) * 2 * m + 2 * r + kk % 2] = to_bf16(src[kk]);
+      for (Index kk = 0; kk < k; ++kk) {
+        group[(kk / 2) * 2 * m + 2 * r + kk % 2] = to_bf16(src[kk * k_stride]);
+      }
       if (kp != k) group[(k / 2) * 2 * m + 2 * r + 1] = Bf16{};
     }
   }
@@ -543,7 +570,8 @@ inline void pack_row_groups(const float* a, Index lda, Index rows, Index k, Inde
 ///   row and 4 consecutive values, the broadcast operand of `vpdpbusd`);
 /// - `dx` at `scales + first nb` and `sum(qx)` at `sums + first nb`, laid out `[block][m]`.
 inline void pack_quantized_row_groups(const float* a, Index lda, Index rows, Index k, Index groups,
-                                      std::int8_t* codes, float* scales, std::int32_t* sums) {
+                                      std::int8_t* codes, float* scales, std::int32_t* sums,
+                                      Index k_stride = 1) {
   const Index kp = (k + kQuantBlock - 1) / kQuantBlock * kQuantBlock;
   const Index nb = kp / kQuantBlock;
   for (Index g = 0; g < groups; ++g) {
@@ -556,13 +584,16 @@ inline void pack_quantized_row_groups(const float* a, Index lda, Index rows, Ind
       for (Index b = 0; b < nb; ++b) {
         float amax = 0.0f;
         const Index len = std::min<Index>(kQuantBlock, k - b * kQuantBlock);
-        for (Index i = 0; i < len; ++i) amax = std::max(amax, std::abs(src[b * kQuantBlock + i]));
+        for (Index i = 0; i < len; ++i) {
+          amax = std::max(amax, std::abs(src[(b * kQuantBlock + i) * k_stride]));
+        }
         const float d = amax / 127.0f;
         const float id = d != 0.0f ? 1.0f / d : 0.0f;
         std::int32_t sum = 0;
         std::int8_t* block = group + b * kQuantBlock * m;
         for (Index i = 0; i < kQuantBlock; ++i) {
-          const auto q = i < len ? static_cast<std::int8_t>(std::round(src[b * kQuantBlock + i] * id))
+          const auto q = i < len ? static_cast<std::int8_t>(
+                                       std::round(src[(b * kQuantBlock + i) * k_stride] * id))
                                  : std::int8_t{0};
           block[(i / 4) * 4 * m + 4 * r + i % 4] = q;
           sum += q;

@@ -568,3 +568,30 @@ template <class Act, class W>
 void glu(const PackedProduct<W>& op, Buffer<float>& scratch) {
   run_packed_product<true, Act>(op, scratch);
 }
+
+// Explicit instantiation of this level's entry points for every element type and shipped
+// activation: declarations (`MOET_EXTERN_KERNELS`: the including translation unit compiles none
+// of these kernels and links them from a unit that defines `MOET_INSTANTIATE_KERNELS`, as
+// moet's own tests do to compile the kernel families once instead of once per test) or
+// definitions. Without either macro (the default) every unit instantiates what it uses.
+#if defined(MOET_EXTERN_KERNELS) || defined(MOET_INSTANTIATE_KERNELS)
+#if defined(MOET_INSTANTIATE_KERNELS)
+#define MOET_KERNEL_INSTANCE template
+#else
+#define MOET_KERNEL_INSTANCE extern template
+#endif
+#define MOET_KERNEL_INSTANCES_FOR(W)                                                   \
+  MOET_KERNEL_INSTANCE void gemm<W>(const PackedProduct<W>&, Buffer<float>&);          \
+  MOET_KERNEL_INSTANCE void glu<Silu, W>(const PackedProduct<W>&, Buffer<float>&);     \
+  MOET_KERNEL_INSTANCE void glu<Gelu, W>(const PackedProduct<W>&, Buffer<float>&);     \
+  MOET_KERNEL_INSTANCE void glu<GeluTanh, W>(const PackedProduct<W>&, Buffer<float>&); \
+  MOET_KERNEL_INSTANCE void glu<Relu, W>(const PackedProduct<W>&, Buffer<float>&);
+MOET_KERNEL_INSTANCES_FOR(float)
+MOET_KERNEL_INSTANCES_FOR(Bf16)
+MOET_KERNEL_INSTANCES_FOR(Q8_0)
+MOET_KERNEL_INSTANCES_FOR(Q4_0)
+MOET_KERNEL_INSTANCES_FOR(Q4_1)
+MOET_KERNEL_INSTANCE void silu_array<V>(const float*, float*, Index);
+#undef MOET_KERNEL_INSTANCES_FOR
+#undef MOET_KERNEL_INSTANCE
+#endif

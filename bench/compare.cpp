@@ -550,7 +550,7 @@ Row run_gate(const std::string& spec, const Config& c, Bank& bank, const moet::R
     const auto active = static_cast<Index>(get(kv, "active", static_cast<double>(e)));
     row = measure(
         moet::TopAnyGate<Scalar>(
-            {.model_dim = d, .num_experts = active, .max_experts = e, .init_seed = init_seed}),
+            {.model_dim = d, .num_experts = e, .initial_experts = active, .init_seed = init_seed}),
         bank, x, ctx, c, memory);
   } else if (name == "importance") {
     const auto k_max = static_cast<Index>(get(kv, "k_max", 4));

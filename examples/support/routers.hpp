@@ -42,8 +42,9 @@ auto with_router(const std::string& spec, moet::Index model_dim, moet::Index num
   }
   if (name == "top_any" && key.empty()) {
     return f(std::type_identity<moet::TopAnyGate<S>>{}, [=](int l) {
-      return moet::TopAnyGate<S>({.model_dim = d, .num_experts = std::max<moet::Index>(1, e / 2),
-                                  .max_experts = e, .init_seed = layer_seed(l),
+      return moet::TopAnyGate<S>({.model_dim = d, .num_experts = e,
+                                  .initial_experts = std::max<moet::Index>(1, e / 2),
+                                  .init_seed = layer_seed(l),
                                   .schedule_period = dynmoe_period});
     });
   }

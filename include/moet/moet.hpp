@@ -23,6 +23,8 @@
 #include "moet/experts/glu.hpp"
 #include "moet/gates/cosine_router.hpp"
 #include "moet/gates/importance.hpp"
+#include "moet/gates/spec.hpp"
+#include "moet/gates/spec_keys.hpp"
 #include "moet/gates/stochastic.hpp"
 #include "moet/gates/top_any.hpp"
 #include "moet/gates/top_any_adaptive.hpp"

@@ -1,41 +1,15 @@
 // moet-compare: runs every router on the same seeded batch through the same SwiGLU expert bank
-// and prints, per gate, the experts it activates, the time the layer takes, and how that time
-// compares with an OpenBLAS per-expert ceiling, the FMA peak and the memory roofline.
+// and prints, per gate, the experts it activates, the time the layer takes (min, median, max),
+// and how that time compares with an OpenBLAS per-expert ceiling, the FMA peak and the memory
+// roofline, flagging any ratio past its physical limit. `moet-compare --help` explains every
+// flag, column, shape and gate key (help_footer below); the gates are built from router specs
+// with moet's grammar (moet/gates/spec.hpp).
 //
 //   moet-compare                              # every gate, shape S2, T = 512, all threads
-//   moet-compare --shape S1 --tokens 1,32,512,4096 --threads 1,2 --gates "top_k:k=2 top_p:p=0.4"
+//   moet-compare --shape S1 --tokens 1,32,512,4096 --threads 1,2 --gates top_k:k=2 top_p:p=0.4
 //   moet-compare --d-model 256 --d-ff 512 --experts 16 --repeat 9 --json out.json --svg out.svg
 //   moet-compare --inputs zipf                # skewed loads (Zipf over token clusters)
 //   moet-compare --weights f32,bf16,q8_0,q4_0 # weight formats, same weights, same run
-//
-// Gates (separated by spaces or commas; parameters after ':' separated by ','):
-//   top_k:k=K[,renorm=0|1]  top_p:p=P[,max_k=M]  top_any[:active=A]
-//   importance:k_max=K[,k_min=K,norm=max|minmax|budget]  stochastic[:mode=token|ensemble]
-//
-// Columns: mean_k; activated parameters per token; median layer time over --repeat runs (caches
-// flushed before each run unless --no-flush); tokens/s; GFLOP/s on the routed assignments
-// (6 d f per assignment); vs_ceil = GFLOP/s over the ceiling's; peak = GFLOP/s over the
-// measured FMA peak; roof = memory-roofline time (weight bytes of the experts the call touches
-// over the measured bandwidth) over the measured time; router = gate time over layer time;
-// disp = dispatch overhead over layer time (the gate's plan through GroupedDispatch with
-// identity experts: expert-major view, gather, output write and combine, no expert math);
-// max/mean load; t/top2 = time over top_k:k=2's time on the same batch, next to the target
-// m/2 + 0.1 for a gate with mean k = m.
-//
-// The ceiling (needs OpenBLAS at build time): the activated FLOPs of top-2 done as an equal
-// split of the 2T rows over the experts, three single-threaded cblas_sgemm per expert (gate, up,
-// down; no routing, gather, activation or combine), experts in parallel, same process.
-//
-// Weights (--weights, a list): f32, bf16, q8_0, q4_0, q4_1 expert kernel weights (WeightFormat),
-// one bank per format built from the same float weights; with several, each format gets its own
-// block of rows and a final line gives every gate's time ratio over the first format. The
-// roofline uses the packed bytes of the format (bf16: 2 per weight; the block formats' codes
-// and half scales); the ceiling is always float OpenBLAS sgemm.
-//
-// Inputs (--inputs): random (standard normal: near-uniform loads), zipf (tokens drawn around E
-// cluster centres with Zipf(1.2) cluster frequencies: the linear routers send each cluster to
-// the same few experts, so loads are skewed) and trained (Zipf(0.6), weaker centres: a milder,
-// realistic spread). Same seed, same batch for every gate.
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
@@ -45,17 +19,26 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <ctime>
 #include <fstream>
 #include <map>
 #include <random>
+#include <span>
 #include <string>
+#include <thread>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
 #include "moet/detail/parallel.hpp"
+#include "moet/gates/spec.hpp"
 #include <moet/moet.hpp>
 
 #include "bench_common.hpp"
+#include "build_info.hpp"  // MOET_BUILD_COMMIT, MOET_BUILD_CXX_FLAGS, MOET_BUILD_TYPE (CMake)
 #include "svg.hpp"
 
 namespace {
@@ -93,164 +76,187 @@ struct Row {
   double active_params = 0.0;
   double ms_median = 0.0;
   double ms_min = 0.0;
+  double ms_max = 0.0;
+  std::vector<double> ms_all;  // every repeat, in run order
   double tokens_per_s = 0.0;
   double gflops = 0.0;
   double router_ms = 0.0;
   double dispatch_ms = 0.0;  // gather + combine (+ plan view): the dispatch with identity experts
   double max_load_ratio = 0.0;
+  Index num_assignments = 0;
   Index live_experts = 0;
   std::vector<Index> load;
+  bool is_top2 = false;  // top_k with k = 2: the t/top2 reference
   // Filled per series (tokens, threads, weights).
   double ceiling_gflops = 0.0;
   double peak_gflops = 0.0;
+  double peak_limit = 1.0;  // the largest physically possible fraction of the FMA peak
   double bandwidth_gbs = 0.0;
   double roofline_ms = 0.0;
   double time_vs_top2 = 0.0;
+  std::vector<std::string> flags;  // columns past their physical limit or bound
 };
 
 [[noreturn]] void usage(const std::string& why) {
-  std::fprintf(stderr,
-               "moet-compare: %s\n"
-               "usage: moet-compare [--shape S1|S2|S3] [--d-model N --d-ff N --experts N]\n"
-               "                    [--tokens T1,T2,..] [--threads N1,N2,..] [--repeat N]\n"
-               "                    [--gates \"g1 g2 ..\"] [--weights f32,bf16,q8_0,..] "
-               "[--inputs random|zipf|trained]\n"
-               "                    [--seed N] [--no-flush] [--json FILE] [--svg FILE]\n",
-               why.c_str());
+  std::fprintf(stderr, "moet-compare: %s\nRun moet-compare --help for the flags.\n", why.c_str());
   std::exit(2);
 }
 
-std::vector<std::string> split(const std::string& s, char sep) {
-  std::vector<std::string> parts;
-  std::string cur;
-  for (const char c : s) {
-    if (c == sep) {
-      if (!cur.empty()) parts.push_back(cur);
-      cur.clear();
-    } else {
-      cur += c;
-    }
+/// The shapes of the performance issue (SwiGLU experts).
+struct ShapeDef {
+  const char* name;
+  Index model_dim, hidden_dim, num_experts;
+};
+constexpr ShapeDef kShapes[] = {{"S1", 512, 1024, 8}, {"S2", 1024, 3584, 8}, {"S3", 1024, 512, 64}};
+
+/// What `--help` prints after the flags: what the run measures, the shapes, the columns and
+/// their limits, the JSON, and the router grammar (moet::gate_spec_help: the library's
+/// defaults).
+std::string help_footer() {
+  std::string shapes;
+  for (const auto& s : kShapes) {
+    char line[128];
+    std::snprintf(line, sizeof line,
+                  "  %s  d_model %ld, d_ff %ld, %ld SwiGLU experts (%.1f M weights each)\n", s.name,
+                  static_cast<long>(s.model_dim), static_cast<long>(s.hidden_dim),
+                  static_cast<long>(s.num_experts),
+                  static_cast<double>(3 * s.model_dim * s.hidden_dim) / 1e6);
+    shapes += line;
   }
-  if (!cur.empty()) parts.push_back(cur);
-  return parts;
+  return R"(
+What it measures: every gate on the same seeded batch, through the same SwiGLU expert bank (one
+bank per --weights format, all from the same float weights): the whole MoE layer forward, the
+router alone and the dispatch alone, per token count T and thread count. Before each timed run
+every thread writes its share of a 256 MiB buffer (not with --no-flush), so decode runs stream
+their weights from DRAM. Each series (T, threads) also measures, in the same process, the read
+bandwidth (a parallel sum over 128 MiB, best of 5), the FMA peak (12 independent FMA chains per
+thread on the vector width of the kernels in use) and the OpenBLAS ceiling (top-2's FLOPs as an
+equal split of 2T rows over the experts, three single-threaded cblas_sgemm per expert, experts
+in parallel; n/a when built without OpenBLAS).
+
+Shapes (--shape; --d-model, --d-ff, --experts override its sizes and make it "custom"):
+)" + shapes +
+         R"(
+Columns (one row per gate, one table per series and weight format):
+  gate            the router spec as given
+  mean_k          routed assignments per token
+  params/tok      expert parameters activated per token (mean_k x 3 d_model d_ff)
+  ms min/med/max  the layer forward over --repeat runs: fastest, median, slowest
+  tokens/s        T over the median time
+  GFLOP/s         6 d_model d_ff FLOPs per routed assignment, over the median time
+  vs_ceil         GFLOP/s over the ceiling's (no physical limit: moet's kernels may beat it)
+  peak            GFLOP/s over the FMA peak; limit 1 (2 for bf16 weights on AVX512-BF16, whose
+                  dot products do two multiply-adds per lane)
+  roof            memory-roofline time (packed weight bytes of the experts the batch touches, over
+                  the bandwidth) over the median time; limit 1
+  router          the gate's routing time over the layer time; limit 100%
+  disp            the dispatch overhead (the plan through GroupedDispatch with identity experts:
+                  expert-major view, gather, output write, combine) over the layer time; limit 100%
+  max/mean        the largest expert load over the mean load
+  t/top2 (<=)     the median time over that of top_k with k=2 on the same batch, next to its
+                  bound m/2 + 0.1 for a gate of mean k m
+A value past its limit or bound is printed with a '!' and explained under the table: a
+measurement to distrust (a probe that read low, weights served from cache, a busy machine).
+
+JSON (--json FILE): {"meta": {...}, "results": [...]}. meta: tool and moet version, git commit,
+CPU model and cores, kernel ISA in use and the CPU's best, compiler, flags, build type, OpenBLAS,
+seed, repeat, flush, shape and sizes, tokens, threads, weights, inputs, gates, date (UTC).
+results: one object per row with the columns above, every repeat's time (ms_all), the load per
+expert and the flags. Integers are printed as integers, other numbers to full precision.
+
+)" + moet::gate_spec_help<Scalar>();
 }
 
-long parse_int(const std::string& s, const char* what) {
-  char* end = nullptr;
-  const long v = std::strtol(s.c_str(), &end, 10);
-  if (s.empty() || *end != '\0') usage(std::string("bad ") + what + ": '" + s + "'");
-  return v;
-}
-
-double parse_double(const std::string& s, const char* what) {
-  char* end = nullptr;
-  const double v = std::strtod(s.c_str(), &end);
-  if (s.empty() || *end != '\0') usage(std::string("bad ") + what + ": '" + s + "'");
-  return v;
-}
-
-void set_shape(Config& c, const std::string& name) {
-  // The shapes of the performance issue (SwiGLU experts).
-  if (name == "S1") {
-    c.model_dim = 512, c.hidden_dim = 1024, c.num_experts = 8;
-  } else if (name == "S2") {
-    c.model_dim = 1024, c.hidden_dim = 3584, c.num_experts = 8;
-  } else if (name == "S3") {
-    c.model_dim = 1024, c.hidden_dim = 512, c.num_experts = 64;
-  } else {
-    usage("unknown shape '" + name + "'");
-  }
-  c.shape = name;
-}
-
+/// Parses the command line (CLI11). `--help` prints everything and exits 0 before any
+/// allocation or measurement; a bad flag, value or gate spec exits 2 with the reason.
 Config parse(int argc, char** argv) {
   Config c;
-  for (int i = 1; i < argc; ++i) {
-    const std::string arg = argv[i];
-    auto value = [&]() -> std::string {
-      if (i + 1 >= argc) usage("missing value after " + arg);
-      return argv[++i];
-    };
-    if (arg == "--shape") {
-      set_shape(c, value());
-    } else if (arg == "--d-model") {
-      c.model_dim = parse_int(value(), "--d-model"), c.shape = "custom";
-    } else if (arg == "--d-ff") {
-      c.hidden_dim = parse_int(value(), "--d-ff"), c.shape = "custom";
-    } else if (arg == "--experts") {
-      c.num_experts = parse_int(value(), "--experts"), c.shape = "custom";
-    } else if (arg == "--tokens") {
-      c.tokens.clear();
-      for (const auto& t : split(value(), ',')) c.tokens.push_back(parse_int(t, "--tokens"));
-    } else if (arg == "--threads") {
-      c.threads.clear();
-      for (const auto& t : split(value(), ',')) {
-        c.threads.push_back(static_cast<int>(parse_int(t, "--threads")));
-      }
-    } else if (arg == "--repeat") {
-      c.repeat = static_cast<int>(parse_int(value(), "--repeat"));
-    } else if (arg == "--seed") {
-      c.seed = static_cast<std::uint64_t>(parse_int(value(), "--seed"));
-    } else if (arg == "--json") {
-      c.json = value();
-    } else if (arg == "--svg") {
-      c.svg = value();
-    } else if (arg == "--no-flush") {
-      c.flush = false;
-    } else if (arg == "--weights") {
-      c.weights = split(value(), ',');
-      if (c.weights.empty()) usage("--weights needs a list of f32, bf16, q8_0, q4_0, q4_1");
-      for (const auto& w : c.weights) {
-        if (w != "f32" && w != "bf16" && w != "q8_0" && w != "q4_0" && w != "q4_1")
-          usage("--weights must list f32, bf16, q8_0, q4_0 and/or q4_1, got '" + w + "'");
-      }
-    } else if (arg == "--inputs") {
-      c.inputs = value();
-      if (c.inputs != "random" && c.inputs != "zipf" && c.inputs != "trained") {
-        usage("--inputs must be random, zipf or trained, got '" + c.inputs + "'");
-      }
-    } else if (arg == "--gates") {
-      // Gates are separated by spaces, or by commas where a piece starts a new gate (contains
-      // ':' or no '='); parameters within a gate use ','.
-      c.gates.clear();
-      std::string list = value();
-      std::replace(list.begin(), list.end(), ' ', ',');
-      std::string current;
-      for (const auto& piece : split(list, ',')) {
-        const bool starts =
-            piece.find('=') == std::string::npos || piece.find(':') != std::string::npos;
-        if (starts && !current.empty()) c.gates.push_back(current), current.clear();
-        current += current.empty() ? piece : "," + piece;
-      }
-      if (!current.empty()) c.gates.push_back(current);
-    } else if (arg == "--help" || arg == "-h") {
-      usage("help");
-    } else {
-      usage("unknown argument '" + arg + "'");
-    }
+  CLI::App app{
+      "moet-compare: every router on the same batch through the same experts, timed against an "
+      "OpenBLAS ceiling, the FMA peak and the memory roofline."};
+  app.footer(help_footer());
+  app.get_formatter()->column_width(30);
+  std::string shape = c.shape;
+  std::vector<std::string> gate_args;
+  bool no_flush = false;
+  std::string default_gates;
+  for (const auto& g : c.gates) default_gates += (default_gates.empty() ? "" : " ") + g;
+  app.add_option("--shape", shape, "S1, S2 or S3 (sizes below)")
+      ->check(CLI::IsMember({"S1", "S2", "S3"}))
+      ->capture_default_str();
+  app.add_option("--d-model", c.model_dim, "token width d_model of a custom shape")
+      ->check(CLI::Range(Index{1}, Index{1} << 30).description(">= 1"));
+  app.add_option("--d-ff", c.hidden_dim, "expert hidden width d_ff of a custom shape")
+      ->check(CLI::Range(Index{1}, Index{1} << 30).description(">= 1"));
+  app.add_option("--experts", c.num_experts, "expert count of a custom shape")
+      ->check(CLI::Range(Index{1}, Index{1} << 30).description(">= 1"));
+  app.add_option("--tokens", c.tokens, "token counts T, comma-separated: one series each")
+      ->delimiter(',')
+      ->check(CLI::Range(Index{1}, Index{1} << 40).description(">= 1"))
+      ->capture_default_str();
+  app.add_option("--threads", c.threads,
+                 "thread counts, comma-separated, 0 = OpenMP's default: one series each")
+      ->delimiter(',')
+      ->check(CLI::Range(0, 1 << 16).description(">= 0"))
+      ->capture_default_str();
+  app.add_option("--repeat", c.repeat, "timed runs per measurement (min, median, max)")
+      ->check(CLI::Range(1, 1 << 20).description(">= 1"))
+      ->capture_default_str();
+  app.add_option(
+         "--gates", gate_args,
+         "router specs (grammar below), separated by spaces or commas [" + default_gates + "]")
+      ->type_name("SPEC")
+      ->expected(1, -1);
+  app.add_option("--weights", c.weights,
+                 "expert weight formats, comma-separated (f32, bf16, q8_0, q4_0, q4_1): one bank "
+                 "each, same float weights; a last line compares their times")
+      ->delimiter(',')
+      ->check(CLI::IsMember({"f32", "bf16", "q8_0", "q4_0", "q4_1"}))
+      ->capture_default_str();
+  app.add_option("--inputs", c.inputs,
+                 "random (normal: near-uniform loads), zipf (tokens around E centres drawn with "
+                 "Zipf(1.2): skewed loads) or trained (Zipf(0.6), weaker centres)")
+      ->check(CLI::IsMember({"random", "zipf", "trained"}))
+      ->capture_default_str();
+  app.add_option("--seed", c.seed, "seed of the weights, the inputs and the routers")
+      ->capture_default_str();
+  app.add_flag("--no-flush", no_flush, "do not flush the caches before each timed run");
+  app.add_option("--json", c.json, "write the results and the run's metadata as JSON to FILE")
+      ->type_name("FILE");
+  app.add_option("--svg", c.svg, "plot tokens/s against mean k, and the loads, to FILE")
+      ->type_name("FILE");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    const int code = app.exit(e);  // prints the help (exit 0) or the error
+    std::exit(code == 0 ? 0 : 2);
   }
-  if (c.repeat < 1) usage("--repeat must be >= 1");
-  if (c.model_dim < 1 || c.hidden_dim < 1 || c.num_experts < 1) usage("sizes must be >= 1");
-  if (c.tokens.empty() || c.threads.empty() || c.gates.empty()) usage("empty list");
-  for (const auto t : c.tokens) {
-    if (t < 1) usage("--tokens must be >= 1");
+  c.flush = !no_flush;
+  for (const auto& s : kShapes) {
+    if (shape != s.name) continue;
+    if (app.count("--d-model") == 0) c.model_dim = s.model_dim;
+    if (app.count("--d-ff") == 0) c.hidden_dim = s.hidden_dim;
+    if (app.count("--experts") == 0) c.num_experts = s.num_experts;
+  }
+  const bool custom = app.count("--d-model") + app.count("--d-ff") + app.count("--experts") > 0;
+  c.shape = custom ? "custom" : shape;
+  if (!gate_args.empty()) {
+    c.gates.clear();
+    for (const auto& arg : gate_args) {
+      for (auto& spec : moet::split_gate_specs(arg)) c.gates.push_back(std::move(spec));
+    }
+    if (c.gates.empty()) usage("--gates names no gate");
+  }
+  // Every spec is checked (gate, keys, values, ranges for this shape) before any work.
+  for (const auto& spec : c.gates) {
+    try {
+      moet::with_gate<Scalar>(spec, c.model_dim, c.num_experts, c.seed + 1,
+                              [](const auto& gate) { static_cast<void>(gate); });
+    } catch (const moet::Error& e) {
+      usage(e.what());
+    }
   }
   return c;
-}
-
-/// "name:k=v,k=v" -> name and a key/value map.
-std::pair<std::string, std::map<std::string, std::string>> parse_gate(const std::string& spec) {
-  const auto colon = spec.find(':');
-  std::pair<std::string, std::map<std::string, std::string>> out;
-  out.first = spec.substr(0, colon);
-  if (colon != std::string::npos) {
-    for (const auto& kv : split(spec.substr(colon + 1), ',')) {
-      const auto eq = kv.find('=');
-      if (eq == std::string::npos) usage("gate parameter without '=': '" + kv + "'");
-      out.second[kv.substr(0, eq)] = kv.substr(eq + 1);
-    }
-  }
-  return out;
 }
 
 double median(std::vector<double> v) {
@@ -271,8 +277,8 @@ double now_ms() {
 /// as the peers' benchmarks flush, so that no weight line survives in any cache level and
 /// decode runs stream their weights from DRAM). The bandwidth probe reads a 128 MiB buffer.
 struct Memory {
-  static constexpr Index kFloats = Index{32} << 20;        // 128 MiB read by the probe
-  static constexpr Index kFlushFloats = Index{64} << 20;   // 256 MiB written by the flush
+  static constexpr Index kFloats = Index{32} << 20;       // 128 MiB read by the probe
+  static constexpr Index kFlushFloats = Index{64} << 20;  // 256 MiB written by the flush
   std::vector<float> data = std::vector<float>(static_cast<std::size_t>(kFloats), 1.0f);
   std::vector<float> scrub = std::vector<float>(static_cast<std::size_t>(kFlushFloats), 0.0f);
   volatile float sink = 0.0f;
@@ -502,6 +508,9 @@ Row measure(G gate, Bank& bank, const moet::RowMatrix<Scalar>& x, const moet::Ro
   row.active_params = layer.activated_params_per_token(stats);
   row.ms_median = median(layer_ms);
   row.ms_min = *std::min_element(layer_ms.begin(), layer_ms.end());
+  row.ms_max = *std::max_element(layer_ms.begin(), layer_ms.end());
+  row.ms_all = layer_ms;
+  row.num_assignments = stats.num_assignments;
   row.tokens_per_s = static_cast<double>(x.rows()) / (row.ms_median * 1e-3);
   row.gflops = static_cast<double>(stats.num_assignments) * layer.experts().flops_per_token() /
                (row.ms_median * 1e-3) * 1e-9;
@@ -515,76 +524,36 @@ Row measure(G gate, Bank& bank, const moet::RowMatrix<Scalar>& x, const moet::Ro
   return row;
 }
 
-template <class Map>
-double get(const Map& kv, const char* key, double fallback) {
-  const auto it = kv.find(key);
-  return it == kv.end() ? fallback : parse_double(it->second, key);
+/// The `k` a top_k spec asks for (its default when not given).
+Index spec_k(const std::string& spec) {
+  return moet::with_gate_options<Scalar>(spec, 1, 1 << 20, 0, [](auto, const auto& options) {
+    if constexpr (requires { options.k; }) {
+      return options.k;
+    } else {
+      return Index{0};
+    }
+  });
 }
 
-/// Builds the gate named by `spec` and measures it.
+/// Builds the gate named by `spec` (the router grammar, gates/spec.hpp) and measures it.
 Row run_gate(const std::string& spec, const Config& c, Bank& bank, const moet::RowMatrix<Scalar>& x,
              const std::vector<float>& importance, Memory& memory) {
-  const auto [name, kv] = parse_gate(spec);
   moet::RouteContext ctx;
   ctx.seed = c.seed;
-  const Index d = c.model_dim, e = c.num_experts;
-  const std::uint64_t init_seed = c.seed + 1;
-  Row row;
-  if (name == "top_k") {
-    const auto k = static_cast<Index>(get(kv, "k", 2));
-    const bool renorm = get(kv, "renorm", k > 1 ? 1 : 0) != 0;
-    row = measure(moet::TopKGate<Scalar>({.model_dim = d,
-                                          .num_experts = e,
-                                          .k = k,
-                                          .renormalize = renorm,
-                                          .init_seed = init_seed}),
-                  bank, x, ctx, c, memory);
-  } else if (name == "top_p") {
-    const double p = get(kv, "p", 0.4);
-    const auto max_k = static_cast<Index>(get(kv, "max_k", 0));
-    row = measure(
-        moet::TopPGate<Scalar>(
-            {.model_dim = d, .num_experts = e, .p = p, .max_k = max_k, .init_seed = init_seed}),
-        bank, x, ctx, c, memory);
-  } else if (name == "top_any") {
-    const auto active = static_cast<Index>(get(kv, "active", static_cast<double>(e)));
-    row = measure(
-        moet::TopAnyGate<Scalar>(
-            {.model_dim = d, .num_experts = active, .max_experts = e, .init_seed = init_seed}),
-        bank, x, ctx, c, memory);
-  } else if (name == "importance") {
-    const auto k_max = static_cast<Index>(get(kv, "k_max", 4));
-    const auto k_min = static_cast<Index>(get(kv, "k_min", 1));
-    moet::ImportanceNorm norm = moet::ImportanceNorm::kMax;
-    if (kv.count("norm")) {
-      const auto& n = kv.at("norm");
-      norm = n == "minmax"   ? moet::ImportanceNorm::kMinMax
-             : n == "budget" ? moet::ImportanceNorm::kBudget
-             : n == "max"    ? moet::ImportanceNorm::kMax
-                             : (usage("unknown importance norm '" + n + "'"), norm);
+  Row row = moet::with_gate<Scalar>(spec, c.model_dim, c.num_experts, c.seed + 1, [&](auto gate) {
+    using G = decltype(gate);
+    if constexpr (std::is_same_v<G, moet::ImportanceGate<Scalar>>) {
+      ctx.importance = std::span<const float>(importance.data(), std::size_t(x.rows()));
     }
-    ctx.importance = std::span<const float>(importance.data(), static_cast<std::size_t>(x.rows()));
-    row = measure(moet::ImportanceGate<Scalar>({.model_dim = d,
-                                                .num_experts = e,
-                                                .k_min = k_min,
-                                                .k_max = k_max,
-                                                .norm = norm,
-                                                .init_seed = init_seed}),
-                  bank, x, ctx, c, memory);
-  } else if (name == "stochastic") {
-    const std::string mode = kv.count("mode") ? kv.at("mode") : "token";
-    const auto inference = mode == "ensemble" ? moet::StochasticInference::kEnsemble
-                           : mode == "token"  ? moet::StochasticInference::kToken
-                                              : (usage("unknown stochastic mode '" + mode + "'"),
-                                                moet::StochasticInference::kToken);
-    row = measure(
-        moet::StochasticGate<Scalar>({.model_dim = d, .num_experts = e, .inference = inference}),
-        bank, x, ctx, c, memory);
-  } else {
-    usage("unknown gate '" + name + "'");
-  }
-  row.gate = name;
-  row.params = spec.find(':') == std::string::npos ? "" : spec.substr(spec.find(':') + 1);
+    Row measured = measure(std::move(gate), bank, x, ctx, c, memory);
+    if constexpr (std::is_same_v<G, moet::TopKGate<Scalar>>) {
+      measured.is_top2 = spec_k(spec) == 2;
+    }
+    return measured;
+  });
+  const auto colon = spec.find(':');
+  row.gate = spec.substr(0, colon);
+  row.params = colon == std::string::npos ? "" : spec.substr(colon + 1);
   return row;
 }
 
@@ -592,34 +561,178 @@ std::string label(const Row& r) { return r.params.empty() ? r.gate : r.gate + ":
 
 // --- output -----------------------------------------------------------------------------------
 
+/// The CPU's model name from /proc/cpuinfo ("unknown" elsewhere).
+std::string cpu_model() {
+  std::ifstream in("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("model name", 0) != 0) continue;
+    const auto colon = line.find(':');
+    if (colon == std::string::npos) break;
+    const auto first = line.find_first_not_of(" \t", colon + 1);
+    return first == std::string::npos ? "unknown" : line.substr(first);
+  }
+  return "unknown";
+}
+
+/// The compiler that built this program.
+std::string compiler() {
+#if defined(__clang__)
+  return std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  return std::string("GCC ") + __VERSION__;
+#else
+  return "unknown";
+#endif
+}
+
+/// Now, UTC, ISO 8601.
+std::string utc_now() {
+  const std::time_t t = std::time(nullptr);
+  std::tm tm{};
+  gmtime_r(&t, &tm);
+  char out[32];
+  std::strftime(out, sizeof out, "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return out;
+}
+
+/// The results as `{"meta": {...}, "results": [...]}` (nlohmann-json: integers stay integers,
+/// doubles are printed to round-trip precision).
 void write_json(const std::string& path, const Config& c, const std::vector<Row>& rows) {
+  using Json = nlohmann::ordered_json;
+  Json meta = {
+      {"tool", "moet-compare"},
+      {"moet_version", moet::kVersion},
+      {"commit", MOET_BUILD_COMMIT},
+      {"cpu_model", cpu_model()},
+      {"cpu_threads", std::thread::hardware_concurrency()},
+      {"kernel_isa", moet::kernel_isa_name(moet::kernel_isa())},
+      {"kernel_isa_cpu", moet::kernel_isa_name(moet::cpu_kernel_isa())},
+      {"compiler", compiler()},
+      {"cxx_flags", MOET_BUILD_CXX_FLAGS},
+      {"build_type", MOET_BUILD_TYPE},
+      {"openblas", moet::bench::Ceiling::available()},
+      {"seed", c.seed},
+      {"repeat", c.repeat},
+      {"flush", c.flush},
+      {"shape", c.shape},
+      {"d_model", c.model_dim},
+      {"d_ff", c.hidden_dim},
+      {"experts", c.num_experts},
+      {"tokens", c.tokens},
+      {"threads", c.threads},
+      {"weights", c.weights},
+      {"inputs", c.inputs},
+      {"gates", c.gates},
+      {"date_utc", utc_now()},
+  };
+  Json results = Json::array();
+  for (const Row& r : rows) {
+    results.push_back({
+        {"gate", r.gate},
+        {"params", r.params},
+        {"tokens", r.tokens},
+        {"threads", r.threads},
+        {"d_model", c.model_dim},
+        {"d_ff", c.hidden_dim},
+        {"experts", c.num_experts},
+        {"weights", r.weights},
+        {"inputs", c.inputs},
+        {"kernels", moet::kernel_isa_name(moet::kernel_isa())},
+        {"mean_k", r.mean_k},
+        {"assignments", r.num_assignments},
+        {"active_params", r.active_params},
+        {"ms_median", r.ms_median},
+        {"ms_min", r.ms_min},
+        {"ms_max", r.ms_max},
+        {"ms_all", r.ms_all},
+        {"tokens_per_s", r.tokens_per_s},
+        {"gflops", r.gflops},
+        {"router_ms", r.router_ms},
+        {"router_share", r.router_ms / r.ms_median},
+        {"dispatch_ms", r.dispatch_ms},
+        {"dispatch_share", r.dispatch_ms / r.ms_median},
+        {"max_load_ratio", r.max_load_ratio},
+        {"live_experts", r.live_experts},
+        {"ceiling_gflops", r.ceiling_gflops},
+        {"ratio_to_ceiling", r.ceiling_gflops > 0 ? r.gflops / r.ceiling_gflops : 0.0},
+        {"fma_peak_gflops", r.peak_gflops},
+        {"peak_fraction", r.peak_gflops > 0 ? r.gflops / r.peak_gflops : 0.0},
+        {"peak_fraction_limit", r.peak_limit},
+        {"bandwidth_gbs", r.bandwidth_gbs},
+        {"roofline_ms", r.roofline_ms},
+        {"roofline_fraction", r.roofline_ms / r.ms_median},
+        {"time_vs_top2", r.time_vs_top2},
+        {"time_vs_top2_bound", r.mean_k / 2.0 + 0.1},
+        {"load", r.load},
+        {"flags", r.flags},
+    });
+  }
+  const Json doc = {{"meta", std::move(meta)}, {"results", std::move(results)}};
   std::ofstream out(path);
   if (!out) usage("cannot write '" + path + "'");
-  out << "[\n";
-  for (std::size_t i = 0; i < rows.size(); ++i) {
+  out << doc.dump(2) << "\n";
+}
+
+/// What each flag of the table means (printed under a table that raises it).
+const std::map<std::string, std::string>& flag_notes() {
+  static const std::map<std::string, std::string> notes = {
+      {"peak",
+       "peak > its limit: more FLOP/s than the FMA peak measured in this run allows (the peak "
+       "probe read low, or the timing is off)"},
+      {"roof",
+       "roof > 1: faster than streaming the touched weights at the measured bandwidth allows "
+       "(weights served from cache, e.g. --no-flush or a small bank, or the probe read low)"},
+      {"router", "router > 100%: the router alone took longer than the whole layer (noisy timing)"},
+      {"disp", "disp > 100%: the dispatch alone took longer than the whole layer (noisy timing)"},
+      {"t/top2", "t/top2 above its bound m/2 + 0.1: slower than its activated experts justify"},
+  };
+  return notes;
+}
+
+/// Checks a row's ratios against their physical limits and the t/top2 bound; fills `flags`.
+void flag_row(Row& r) {
+  r.flags.clear();
+  if (r.peak_gflops > 0 && r.gflops / r.peak_gflops > r.peak_limit) r.flags.emplace_back("peak");
+  if (r.roofline_ms / r.ms_median > 1.0) r.flags.emplace_back("roof");
+  if (r.router_ms > r.ms_median) r.flags.emplace_back("router");
+  if (r.dispatch_ms > r.ms_median) r.flags.emplace_back("disp");
+  if (r.time_vs_top2 > 0 && r.time_vs_top2 > r.mean_k / 2.0 + 0.1) r.flags.emplace_back("t/top2");
+}
+
+bool flagged(const Row& r, const char* column) {
+  return std::find(r.flags.begin(), r.flags.end(), column) != r.flags.end();
+}
+
+/// Prints one series' table (rows [begin, end)) and the notes of the flags it raised.
+void print_table(const std::vector<Row>& rows, std::size_t begin, std::size_t end) {
+  std::printf("%-22s %6s %10s %26s %9s %8s %7s %7s %6s %7s %7s %8s %14s\n", "gate", "mean_k",
+              "params/tok", "ms min / med / max", "tokens/s", "GFLOP/s", "vs_ceil", "peak", "roof",
+              "router", "disp", "max/mean", "t/top2 (<=)");
+  std::vector<std::string> raised;
+  for (std::size_t i = begin; i < end; ++i) {
     const Row& r = rows[i];
-    out << "  {\"gate\": \"" << r.gate << "\", \"params\": \"" << r.params
-        << "\", \"tokens\": " << r.tokens << ", \"threads\": " << r.threads
-        << ", \"d_model\": " << c.model_dim << ", \"d_ff\": " << c.hidden_dim
-        << ", \"experts\": " << c.num_experts << ", \"weights\": \"" << r.weights
-        << "\", \"inputs\": \"" << c.inputs << "\", \"kernels\": \"" << moet::kernel_isa_name(moet::kernel_isa())
-        << "\", \"mean_k\": " << r.mean_k << ", \"active_params\": " << r.active_params
-        << ", \"ms_median\": " << r.ms_median << ", \"ms_min\": " << r.ms_min
-        << ", \"tokens_per_s\": " << r.tokens_per_s << ", \"gflops\": " << r.gflops
-        << ", \"router_ms\": " << r.router_ms << ", \"router_share\": " << r.router_ms / r.ms_median
-        << ", \"dispatch_ms\": " << r.dispatch_ms
-        << ", \"dispatch_share\": " << r.dispatch_ms / r.ms_median
-        << ", \"max_load_ratio\": " << r.max_load_ratio << ", \"live_experts\": " << r.live_experts
-        << ", \"ceiling_gflops\": " << r.ceiling_gflops
-        << ", \"ratio_to_ceiling\": " << (r.ceiling_gflops > 0 ? r.gflops / r.ceiling_gflops : 0.0)
-        << ", \"fma_peak_gflops\": " << r.peak_gflops << ", \"bandwidth_gbs\": " << r.bandwidth_gbs
-        << ", \"roofline_ms\": " << r.roofline_ms
-        << ", \"roofline_fraction\": " << r.roofline_ms / r.ms_median
-        << ", \"time_vs_top2\": " << r.time_vs_top2 << ", \"load\": [";
-    for (std::size_t e = 0; e < r.load.size(); ++e) out << (e ? ", " : "") << r.load[e];
-    out << "]}" << (i + 1 < rows.size() ? ",\n" : "\n");
+    const auto mark = [&](const char* column) { return flagged(r, column) ? "!" : " "; };
+    char times[64], target[40] = "";
+    std::snprintf(times, sizeof times, "%.3f / %.3f / %.3f", r.ms_min, r.ms_median, r.ms_max);
+    if (r.time_vs_top2 > 0) {
+      std::snprintf(target, sizeof target, "%.2f (%.2f)%s", r.time_vs_top2, r.mean_k / 2.0 + 0.1,
+                    mark("t/top2"));
+    }
+    std::printf(
+        "%-22s %6.3f %10.0f %26s %9.0f %8.1f %7.2f %6.2f%s %5.2f%s %5.1f%%%s %5.1f%%%s %8.2f "
+        "%14s\n",
+        label(r).c_str(), r.mean_k, r.active_params, times, r.tokens_per_s, r.gflops,
+        r.ceiling_gflops > 0 ? r.gflops / r.ceiling_gflops : 0.0,
+        r.peak_gflops > 0 ? r.gflops / r.peak_gflops : 0.0, mark("peak"),
+        r.roofline_ms / r.ms_median, mark("roof"), 100.0 * r.router_ms / r.ms_median,
+        mark("router"), 100.0 * r.dispatch_ms / r.ms_median, mark("disp"), r.max_load_ratio,
+        target);
+    for (const auto& f : r.flags) {
+      if (std::find(raised.begin(), raised.end(), f) == raised.end()) raised.push_back(f);
+    }
   }
-  out << "]\n";
+  for (const auto& f : raised) std::printf("  ! %s\n", flag_notes().at(f).c_str());
 }
 
 /// Left panel: tokens/s against mean k, one point per gate and series (tokens, threads), with
@@ -651,7 +764,8 @@ void write_svg(const std::string& path, const Config& c, const std::vector<Row>&
   char title[256];
   std::snprintf(title, sizeof title, "moet-compare %s (d %ld, ff %ld, E %ld, %s inputs, %s)",
                 c.shape.c_str(), static_cast<long>(c.model_dim), static_cast<long>(c.hidden_dim),
-                static_cast<long>(c.num_experts), c.inputs.c_str(), moet::kernel_isa_name(moet::kernel_isa()));
+                static_cast<long>(c.num_experts), c.inputs.c_str(),
+                moet::kernel_isa_name(moet::kernel_isa()));
   svg.text(550, 22, title, 15, "middle", "#222", true);
   moet::bench::Plot left(svg, {.x = 80, .y = 60, .width = 420, .height = 360}, {0.0, k_max},
                          {y_lo, y_hi},
@@ -683,7 +797,7 @@ void write_svg(const std::string& path, const Config& c, const std::vector<Row>&
     double k_right = 0;
     for (const Row& r : rows) {
       if (!in_series(r)) continue;
-      if (label(r) == "top_k:k=2") top2 = r.tokens_per_s;
+      if (r.is_top2 && top2 == 0) top2 = r.tokens_per_s;
       k_right = std::max(k_right, r.mean_k);
     }
     if (top2 > 0) {
@@ -774,15 +888,18 @@ int main(int argc, char** argv) {
       c.inputs.c_str(), c.repeat, c.flush ? " (caches flushed)" : "",
       static_cast<unsigned long long>(c.seed), moet::kernel_isa_name(moet::kernel_isa()),
       moet::kernel_isa() == moet::cpu_kernel_isa() ? "" : " (lowered by MOET_ISA)");
+  std::printf("commit %s, %s, %s %s (%s), %u hardware threads\n", MOET_BUILD_COMMIT,
+              cpu_model().c_str(), compiler().c_str(), MOET_BUILD_TYPE, MOET_BUILD_CXX_FLAGS,
+              std::thread::hardware_concurrency());
   // One bank per weight format, the same float weights (same seed).
   std::vector<Bank> banks;
   for (const auto& w : c.weights) {
-    banks.emplace_back(Bank::Options{
-        .model_dim = c.model_dim,
-        .hidden_dim = c.hidden_dim,
-        .num_experts = c.num_experts,
-        .init_seed = c.seed,
-        .weight_format = moet::parse_weight_format(w, "moet-compare")});
+    banks.emplace_back(
+        Bank::Options{.model_dim = c.model_dim,
+                      .hidden_dim = c.hidden_dim,
+                      .num_experts = c.num_experts,
+                      .init_seed = c.seed,
+                      .weight_format = moet::parse_weight_format(w, "moet-compare")});
   }
   Memory memory;
   std::vector<Row> rows;
@@ -819,16 +936,17 @@ int main(int argc, char** argv) {
                                        ? static_cast<double>(tokens) / (ceiling.ms_median * 1e-3)
                                        : 0.0);
         if (banks.size() > 1) std::printf("weights %s\n", c.weights[w].c_str());
-        std::printf("%-22s %6s %12s %9s %10s %8s %7s %6s %6s %7s %7s %8s %12s\n", "gate", "mean_k",
-                    "params/tok", "ms(med)", "tokens/s", "GFLOP/s", "vs_ceil", "peak", "roof",
-                    "router", "disp", "max/mean", "t/top2 (<=)");
         const std::size_t series_begin = rows.size();
+        // bf16 dot products (vdpbf16ps) do two multiply-adds per lane: twice the FMA peak.
+        const bool bf16_dot =
+            c.weights[w] == "bf16" && moet::kernel_isa() == moet::KernelIsa::kAvx512Bf16;
         for (const auto& spec : c.gates) {
           Row row = run_gate(spec, c, bank, x, importance, memory);
           row.threads = used;
           row.weights = c.weights[w];
           row.ceiling_gflops = ceiling.gflops;
           row.peak_gflops = peak;
+          row.peak_limit = bf16_dot ? 2.0 : 1.0;
           row.bandwidth_gbs = bandwidth;
           row.roofline_ms =
               static_cast<double>(row.live_experts) * expert_bytes / (bandwidth * 1e9) * 1e3;
@@ -836,25 +954,13 @@ int main(int argc, char** argv) {
         }
         double top2_ms = 0;
         for (std::size_t i = series_begin; i < rows.size(); ++i) {
-          if (label(rows[i]) == "top_k:k=2") top2_ms = rows[i].ms_median;
+          if (rows[i].is_top2 && top2_ms == 0) top2_ms = rows[i].ms_median;
         }
         for (std::size_t i = series_begin; i < rows.size(); ++i) {
-          Row& row = rows[i];
-          row.time_vs_top2 = top2_ms > 0 ? row.ms_median / top2_ms : 0.0;
-          char target[32] = "";
-          if (top2_ms > 0) {
-            std::snprintf(target, sizeof target, "%.2f (%.2f)", row.time_vs_top2,
-                          row.mean_k / 2.0 + 0.1);
-          }
-          std::printf(
-              "%-22s %6.3f %12.0f %9.3f %10.0f %8.1f %7.2f %6.2f %6.2f %6.1f%% %6.1f%% %8.2f "
-              "%12s\n",
-              label(row).c_str(), row.mean_k, row.active_params, row.ms_median, row.tokens_per_s,
-              row.gflops, row.ceiling_gflops > 0 ? row.gflops / row.ceiling_gflops : 0.0,
-              row.peak_gflops > 0 ? row.gflops / row.peak_gflops : 0.0,
-              row.roofline_ms / row.ms_median, 100.0 * row.router_ms / row.ms_median,
-              100.0 * row.dispatch_ms / row.ms_median, row.max_load_ratio, target);
+          rows[i].time_vs_top2 = top2_ms > 0 ? rows[i].ms_median / top2_ms : 0.0;
+          flag_row(rows[i]);
         }
+        print_table(rows, series_begin, rows.size());
       }  // weight formats
       // Speed of every other format over the first one, gate by gate, in this same run.
       const std::size_t per_format = c.gates.size();

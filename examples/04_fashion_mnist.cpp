@@ -226,7 +226,7 @@ int main(int argc, char** argv) {
   const examples::ImageSet tr = examples::load_fashion_mnist("train", cfg.train);
   const examples::ImageSet te = examples::load_fashion_mnist("t10k", cfg.test);
   std::vector<Result> results;
-  for (const std::string& spec : examples::split_list(cfg.routers)) results.push_back(run(cfg, spec, tr, te));
+  for (const std::string& spec : moet::split_gate_specs(cfg.routers)) results.push_back(run(cfg, spec, tr, te));
   write_report(cfg, results);
   return 0;
 }

@@ -175,7 +175,7 @@ int main(int argc, char** argv) {
   examples::CharLmShape shape;
   shape.vocab = vocab.size();
   std::vector<Result> results;
-  for (const std::string& spec : examples::split_list(cfg.routers)) {
+  for (const std::string& spec : moet::split_gate_specs(cfg.routers)) {
     results.push_back(examples::with_router(spec, shape.model_dim, shape.experts, cfg.seed, 50,
                                             [&](auto gate_type, auto make_gate) {
       return train<typename decltype(gate_type)::type>(cfg, spec, make_gate, shape, tr, val);

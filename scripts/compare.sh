@@ -13,7 +13,8 @@ cd "$root"
 
 # shellcheck source=scripts/ensure-packages.sh
 source "$root/scripts/ensure-packages.sh"
-moet_ensure_packages g++ cmake ninja-build libeigen3-dev libbenchmark-dev libopenblas-dev
+moet_ensure_packages g++ cmake ninja-build libeigen3-dev libbenchmark-dev libopenblas-dev \
+  libcli11-dev nlohmann-json3-dev
 
 build_dir=build/release
 jobs="$(nproc)"

@@ -15,7 +15,8 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 # shellcheck source=scripts/ensure-packages.sh
 source "$root/scripts/ensure-packages.sh"
-moet_ensure_packages g++ cmake ninja-build libeigen3-dev libbenchmark-dev libopenblas-dev python3
+moet_ensure_packages g++ cmake ninja-build libeigen3-dev libbenchmark-dev libopenblas-dev \
+  libcli11-dev nlohmann-json3-dev python3
 
 rounds="${ROUNDS:-3}"
 jobs="$(nproc)"

@@ -38,8 +38,8 @@ export MOET_FUZZ_SECONDS="${MOET_FUZZ_SECONDS:-15}"
 
 # shellcheck source=scripts/ensure-packages.sh
 source "$root/scripts/ensure-packages.sh"
-packages=(g++ cmake ninja-build libeigen3-dev catch2 libbenchmark-dev libopenblas-dev zlib1g-dev
-  dataset-fashion-mnist fortunes)
+packages=(g++ cmake ninja-build libeigen3-dev catch2 libbenchmark-dev libopenblas-dev libcli11-dev
+  nlohmann-json3-dev zlib1g-dev dataset-fashion-mnist fortunes)
 case " $steps " in
   *" tsan "* | *" fuzz "* | *" clang "*) packages+=(clang libomp-dev libclang-rt-14-dev) ;;
 esac

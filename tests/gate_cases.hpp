@@ -129,8 +129,8 @@ void for_each_gate(std::uint64_t init_seed, F&& f) {
     ContextSpec{});
   {
     TopAnyGate<float> gate({.model_dim = kModelDim,
-                            .num_experts = kExperts - 2,
-                            .max_experts = kExperts,
+                            .num_experts = kExperts,
+                            .initial_experts = kExperts - 2,
                             .init_seed = s});
     moet::Vector<float> theta(kExperts);
     theta << 0.1f, -0.05f, 0.2f, 0.0f, 0.3f, 0.0f;

@@ -92,8 +92,8 @@ TEST_CASE("Every gate gives thread-count-independent output equal to the referen
                x, ctx);
   }
   SECTION("top-any") {
-    check_gate(moet::TopAnyGate<float>({.model_dim = kModelDim, .num_experts = kExperts - 2,
-                                        .max_experts = kExperts, .init_seed = s}),
+    check_gate(moet::TopAnyGate<float>({.model_dim = kModelDim, .num_experts = kExperts,
+                                        .initial_experts = kExperts - 2, .init_seed = s}),
                x, ctx);
   }
   SECTION("importance") {

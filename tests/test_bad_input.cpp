@@ -267,7 +267,7 @@ TEST_CASE("TopPGate rejects max_k outside 0 or [1, num_experts]", "[bad_input][g
   }
 }
 
-TEST_CASE("TopAnyGate rejects bad sizes: model_dim, num_experts, max_experts",
+TEST_CASE("TopAnyGate rejects bad sizes: model_dim, num_experts, initial_experts",
           "[bad_input][gate][top_any]") {
   using G = moet::TopAnyGate<float>;
   CHECK_MOET_ERROR(G({.model_dim = 0, .num_experts = 2}),
@@ -275,10 +275,12 @@ TEST_CASE("TopAnyGate rejects bad sizes: model_dim, num_experts, max_experts",
   CHECK_MOET_ERROR(G({.model_dim = 4, .num_experts = 0}),
                    Contains("[moet::TopAnyGate]") && Contains("num_experts must be >= 1, got 0"));
   CHECK_MOET_ERROR(
-      G({.model_dim = 4, .num_experts = 5, .max_experts = 4}),
-      Contains("[moet::TopAnyGate]") && Contains("num_experts must be <= max_experts, got 5 > 4"));
-  CHECK_MOET_ERROR(G({.model_dim = 4, .num_experts = 2, .max_experts = -1}),
-                   Contains("[moet::TopAnyGate]") && Contains("max_experts must be >= 0, got -1"));
+      G({.model_dim = 4, .num_experts = 4, .initial_experts = 5}),
+      Contains("[moet::TopAnyGate]") &&
+          Contains("initial_experts must be in [0, num_experts = 4] (0: all live), got 5"));
+  CHECK_MOET_ERROR(
+      G({.model_dim = 4, .num_experts = 4, .initial_experts = -1}),
+      Contains("[moet::TopAnyGate]") && Contains("initial_experts") && Contains("got -1"));
 }
 
 TEST_CASE("TopAnyGate rejects a temperature <= 0, NaN or Inf and keeps the old one",
@@ -325,10 +327,10 @@ TEST_CASE("TopAnyGate::set_gate_embeddings rejects a wrong shape or a non-finite
   const RowMatrix<float> before = gate.gate_embeddings();
   CHECK_MOET_ERROR(gate.set_gate_embeddings(normal_matrix(4, 3, 1), moet::WeightLayout::kInOut),
                    Contains("[moet::TopAnyGate] set_gate_embeddings: gate embeddings must be "
-                            "(model_dim, max_experts) = (3, 4)") &&
+                            "(model_dim, num_experts) = (3, 4)") &&
                        Contains("got (4, 3): looks transposed") && Contains("kOutIn"));
   CHECK_MOET_ERROR(gate.set_gate_embeddings(normal_matrix(3, 4, 1), moet::WeightLayout::kOutIn),
-                   Contains("[max_experts, model_dim] = [4, 3]") &&
+                   Contains("[num_experts, model_dim] = [4, 3]") &&
                        Contains("got (3, 4): looks transposed") && Contains("kInOut"));
   CHECK_MOET_ERROR(
       gate.set_gate_embeddings(normal_matrix(3, 5, 1), moet::WeightLayout::kInOut),
@@ -347,7 +349,7 @@ TEST_CASE("TopAnyGate::set_gate_embeddings rejects a wrong shape or a non-finite
 
 TEST_CASE("TopAnyGate rejects a bad expert mask and an out-of-range slot",
           "[bad_input][gate][top_any]") {
-  moet::TopAnyGate<float> gate({.model_dim = 3, .num_experts = 2, .max_experts = 4});
+  moet::TopAnyGate<float> gate({.model_dim = 3, .num_experts = 4, .initial_experts = 2});
   CHECK_MOET_ERROR(
       gate.set_expert_mask(moet::Vector<float>::Ones(2)),
       Contains("[moet::TopAnyGate]") && Contains("expert mask must have 4 entries, got 2"));
@@ -846,7 +848,7 @@ TEST_CASE("Every gate gives an empty plan for an empty batch", "[bad_input][gate
     check_empty_plan(out, 5);
     moet::TopPGate<float>({.model_dim = 4, .num_experts = 6}).route(x, ctx, out);
     check_empty_plan(out, 6);
-    moet::TopAnyGate<float>({.model_dim = 4, .num_experts = 2, .max_experts = 7})
+    moet::TopAnyGate<float>({.model_dim = 4, .num_experts = 7, .initial_experts = 2})
         .route(x, ctx, out);
     check_empty_plan(out, 7);
     moet::ImportanceGate<float>({.model_dim = 4, .num_experts = 8, .k_max = 2}).route(x, ctx, out);
@@ -1347,7 +1349,7 @@ TEST_CASE("A Routing reused after a failed route equals a fresh one", "[bad_inpu
     check_same_plan(reused, fresh);
   }
   SECTION("TopAnyGate, failing after the plan was reset") {
-    const moet::TopAnyGate<float> gate({.model_dim = 4, .num_experts = 5, .max_experts = 6});
+    const moet::TopAnyGate<float> gate({.model_dim = 4, .num_experts = 6, .initial_experts = 5});
     moet::Routing<float> reused;
     gate.route(x1, {}, reused);
     RowMatrix<float> overflow = x2;

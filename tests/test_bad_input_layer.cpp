@@ -273,12 +273,12 @@ TEST_CASE("MoELayer's constructor rejects a gate and experts with different num_
   CHECK_MOET_ERROR(moet::MoELayer(TopK({.model_dim = 4, .num_experts = 4}), make_ffn(4, 6, 3, 1)),
                    Contains("[moet::MoELayer]") &&
                        Contains("the gate routes to 4 experts but the expert bank has 3"));
-  // TopAnyGate routes to max_experts slots, not to its initially active ones.
-  CHECK_MOET_ERROR(
-      moet::MoELayer(moet::TopAnyGate<float>({.model_dim = 4, .num_experts = 4, .max_experts = 6}),
-                     make_ffn(4, 6, 4, 1)),
-      Contains("[moet::MoELayer]") &&
-          Contains("the gate routes to 6 experts but the expert bank has 4"));
+  // TopAnyGate routes to all num_experts slots, not to its initially active ones.
+  CHECK_MOET_ERROR(moet::MoELayer(moet::TopAnyGate<float>(
+                                      {.model_dim = 4, .num_experts = 6, .initial_experts = 4}),
+                                  make_ffn(4, 6, 4, 1)),
+                   Contains("[moet::MoELayer]") &&
+                       Contains("the gate routes to 6 experts but the expert bank has 4"));
 }
 
 TEST_CASE("MoELayer's constructor rejects a model_dim mismatch, shared experts included",

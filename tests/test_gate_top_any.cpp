@@ -1,4 +1,4 @@
-// TopAnyGate (DynMoE top-any gating, ALGORITHMS.md 1.1, 1.2, 1.8).
+// TopAnyGate (DynMoE top-any gating, docs/algorithms.md §4.1, §4.2, §4.4, §4.8).
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -45,7 +45,7 @@ Reference reference(const moet::RowMatrix<float>& x, const Gate& gate) {
   const double tau = static_cast<double>(gate.temperature());
   Reference ref;
   const Index num_tokens = x.rows();
-  const Index emax = gate.max_experts();
+  const Index emax = gate.num_experts();
   for (Index t = 0; t < num_tokens; ++t) {
     double xx = 0.0;
     for (Index i = 0; i < x.cols(); ++i) xx += double(x(t, i)) * double(x(t, i));
@@ -84,7 +84,7 @@ std::vector<int> experts_of(const moet::Routing<float>& r, Index t) {
 // Largest reference score over active slots.
 double best_active_score(const Reference& ref, const Gate& gate, Index t) {
   double best = -1.0;
-  for (Index e = 0; e < gate.max_experts(); ++e) {
+  for (Index e = 0; e < gate.num_experts(); ++e) {
     if (gate.expert_mask()[e] != 0.0f) best = std::max(best, ref.s[std::size_t(t)][std::size_t(e)]);
   }
   return best;
@@ -130,8 +130,8 @@ TEST_CASE("TopAnyGate routing equals a naive cosine-threshold reference", "[gate
   const Index emax = 8;
   const Index num_tokens = 203;  // not a multiple of any block size
   Gate gate({.model_dim = d,
-             .num_experts = 6,
-             .max_experts = emax,
+             .num_experts = emax,
+             .initial_experts = 6,
              .temperature = tau,
              .init_seed = seed});
   moet::detail::Rng rng(seed + 100);
@@ -192,7 +192,7 @@ TEST_CASE("TopAnyGate routing equals a naive cosine-threshold reference", "[gate
 TEST_CASE("TopAnyGate weights are 1/k and sum to 1 over routed tokens", "[gate][top_any]") {
   const auto seed = GENERATE(11u, 12u);
   Gate gate({.model_dim = 8, .num_experts = 8, .init_seed = seed});
-  gate.set_thresholds(moet::Vector<float>::Constant(gate.max_experts(), -0.1f));
+  gate.set_thresholds(moet::Vector<float>::Constant(gate.num_experts(), -0.1f));
   const auto x = random_tokens(100, 8, seed);
   moet::Routing<float> out;
   gate.route(x, train_ctx(), out);
@@ -230,7 +230,7 @@ TEST_CASE("TopAnyGate eval fallback weight follows the DeepSpeed or Tutel varian
 
   SECTION("DeepSpeed: weight 1 always") {
     auto gate = axis_gate(2, moet::TopAnyVariant::kDeepSpeed);
-    gate.set_thresholds(moet::Vector<float>::Constant(gate.max_experts(), 0.5f));
+    gate.set_thresholds(moet::Vector<float>::Constant(gate.num_experts(), 0.5f));
     gate.route(low, eval, out);
     REQUIRE(out.k(1) == 1);
     CHECK(out.experts(1)[0] == 0);
@@ -243,7 +243,7 @@ TEST_CASE("TopAnyGate eval fallback weight follows the DeepSpeed or Tutel varian
   }
   SECTION("Tutel: the raw score when the batch's max k is 1, else 1") {
     auto gate = axis_gate(2, moet::TopAnyVariant::kTutel);
-    gate.set_thresholds(moet::Vector<float>::Constant(gate.max_experts(), 0.5f));
+    gate.set_thresholds(moet::Vector<float>::Constant(gate.num_experts(), 0.5f));
     gate.route(low, eval, out);
     REQUIRE(out.k(0) == 1);
     CHECK(out.experts(0)[0] == 0);
@@ -262,7 +262,7 @@ TEST_CASE("TopAnyGate eval fallback weight follows the DeepSpeed or Tutel varian
   SECTION("training drops the token in both variants") {
     for (const auto variant : {moet::TopAnyVariant::kDeepSpeed, moet::TopAnyVariant::kTutel}) {
       auto gate = axis_gate(2, variant);
-      gate.set_thresholds(moet::Vector<float>::Constant(gate.max_experts(), 0.5f));
+      gate.set_thresholds(moet::Vector<float>::Constant(gate.num_experts(), 0.5f));
       gate.route(high, train_ctx(), out);
       CHECK(out.k(0) == 1);
       CHECK(out.k(1) == 0);
@@ -274,8 +274,8 @@ TEST_CASE("TopAnyGate eval fallback weight follows the DeepSpeed or Tutel varian
 
 TEST_CASE("TopAnyGate with all thresholds high drops every token in training",
           "[gate][top_any][edge]") {
-  Gate gate({.model_dim = 12, .num_experts = 5, .max_experts = 7, .init_seed = 5});
-  gate.set_thresholds(moet::Vector<float>::Constant(gate.max_experts(), 10.0f));  // cos <= 1 < 10
+  Gate gate({.model_dim = 12, .num_experts = 7, .initial_experts = 5, .init_seed = 5});
+  gate.set_thresholds(moet::Vector<float>::Constant(gate.num_experts(), 10.0f));  // cos <= 1 < 10
   const auto x = random_tokens(150, 12, 5);
   moet::Routing<float> out;
   gate.route(x, train_ctx(), out);
@@ -286,8 +286,8 @@ TEST_CASE("TopAnyGate with all thresholds high drops every token in training",
 TEST_CASE("TopAnyGate with all thresholds high falls back to top-1 in eval",
           "[gate][top_any][edge]") {
   const auto seed = GENERATE(6u, 7u);
-  Gate gate({.model_dim = 12, .num_experts = 5, .max_experts = 7, .init_seed = seed});
-  gate.set_thresholds(moet::Vector<float>::Constant(gate.max_experts(), 10.0f));
+  Gate gate({.model_dim = 12, .num_experts = 7, .initial_experts = 5, .init_seed = seed});
+  gate.set_thresholds(moet::Vector<float>::Constant(gate.num_experts(), 10.0f));
   const auto x = random_tokens(150, 12, seed);
   moet::Routing<float> out;
   gate.route(x, moet::RouteContext{}, out);
@@ -324,7 +324,7 @@ TEST_CASE("TopAnyGate fallback ties go to the lowest expert id", "[gate][top_any
   // Four slots on the axes: e0 = e2 = (1, 0), e1 = e3 = (0, 1). Token (1, 1) scores equally
   // on all four; thresholds 0.9 block them all, so eval falls back to the first maximum.
   auto gate = axis_gate(4);
-  gate.set_thresholds(moet::Vector<float>::Constant(gate.max_experts(), 0.9f));
+  gate.set_thresholds(moet::Vector<float>::Constant(gate.num_experts(), 0.9f));
   moet::RowMatrix<float> x(2, 2);
   x << 1.0f, 1.0f, 0.0f, -3.0f;  // second token: ties between e0 and e2 (cos 0)
   moet::Routing<float> out;
@@ -374,9 +374,9 @@ TEST_CASE("TopAnyGate gives an all-zero token cos 0 and s 0.5", "[gate][top_any]
 
 TEST_CASE("TopAnyGate never fires an inactive slot", "[gate][top_any][mask]") {
   const auto seed = GENERATE(21u, 22u);
-  Gate gate({.model_dim = 10, .num_experts = 3, .max_experts = 6, .init_seed = seed});
+  Gate gate({.model_dim = 10, .num_experts = 6, .initial_experts = 3, .init_seed = seed});
   gate.set_thresholds(moet::Vector<float>::Constant(
-      gate.max_experts(), -10.0f));  // every active slot fires for every token
+      gate.num_experts(), -10.0f));  // every active slot fires for every token
   gate.set_expert_active(4, true);   // active: 0, 1, 2, 4
   const auto x = random_tokens(120, 10, seed);
   moet::Routing<float> out;
@@ -397,7 +397,7 @@ TEST_CASE("TopAnyGate never fires an inactive slot", "[gate][top_any][mask]") {
 }
 
 TEST_CASE("TopAnyGate with no active slot routes nothing, in eval too", "[gate][top_any][mask]") {
-  Gate gate({.model_dim = 4, .num_experts = 2, .max_experts = 3, .init_seed = 2});
+  Gate gate({.model_dim = 4, .num_experts = 3, .initial_experts = 2, .init_seed = 2});
   gate.set_expert_mask(moet::Vector<float>::Zero(3));
   CHECK(gate.num_active() == 0);
   const auto x = random_tokens(10, 4, 2);
@@ -410,9 +410,9 @@ TEST_CASE("TopAnyGate with no active slot routes nothing, in eval too", "[gate][
 
 TEST_CASE("TopAnyGate initialises orthonormal gate embeddings", "[gate][top_any][init]") {
   const auto seed = GENERATE(1u, 2u);
-  SECTION("max_experts <= model_dim: orthonormal columns") {
+  SECTION("num_experts <= model_dim: orthonormal columns") {
     const Index d = GENERATE(8, 16);
-    Gate gate({.model_dim = d, .num_experts = 4, .max_experts = 8, .init_seed = seed});
+    Gate gate({.model_dim = d, .num_experts = 8, .initial_experts = 4, .init_seed = seed});
     const auto& w = gate.gate_embeddings();
     REQUIRE(w.rows() == d);
     REQUIRE(w.cols() == 8);
@@ -420,8 +420,8 @@ TEST_CASE("TopAnyGate initialises orthonormal gate embeddings", "[gate][top_any]
     const Eigen::MatrixXd gram = wd.transpose() * wd;
     CHECK((gram - Eigen::MatrixXd::Identity(8, 8)).cwiseAbs().maxCoeff() < 1e-5);
   }
-  SECTION("max_experts > model_dim: orthonormal rows") {
-    Gate gate({.model_dim = 4, .num_experts = 3, .max_experts = 10, .init_seed = seed});
+  SECTION("num_experts > model_dim: orthonormal rows") {
+    Gate gate({.model_dim = 4, .num_experts = 10, .initial_experts = 3, .init_seed = seed});
     const auto& w = gate.gate_embeddings();
     REQUIRE(w.rows() == 4);
     REQUIRE(w.cols() == 10);
@@ -429,22 +429,22 @@ TEST_CASE("TopAnyGate initialises orthonormal gate embeddings", "[gate][top_any]
     const Eigen::MatrixXd gram = wd * wd.transpose();
     CHECK((gram - Eigen::MatrixXd::Identity(4, 4)).cwiseAbs().maxCoeff() < 1e-5);
   }
-  SECTION("thresholds 0, first num_experts slots active, deterministic in the seed") {
-    Gate a({.model_dim = 6, .num_experts = 2, .max_experts = 5, .init_seed = seed});
-    Gate b({.model_dim = 6, .num_experts = 2, .max_experts = 5, .init_seed = seed});
-    Gate c({.model_dim = 6, .num_experts = 2, .max_experts = 5, .init_seed = seed + 7});
+  SECTION("thresholds 0, first initial_experts slots active, deterministic in the seed") {
+    Gate a({.model_dim = 6, .num_experts = 5, .initial_experts = 2, .init_seed = seed});
+    Gate b({.model_dim = 6, .num_experts = 5, .initial_experts = 2, .init_seed = seed});
+    Gate c({.model_dim = 6, .num_experts = 5, .initial_experts = 2, .init_seed = seed + 7});
     CHECK((a.thresholds().array() == 0.0f).all());
     CHECK(a.expert_mask() == (moet::Vector<float>(5) << 1, 1, 0, 0, 0).finished());
     CHECK(a.num_active() == 2);
     CHECK(a.num_experts() == 5);
-    CHECK(a.max_experts() == 5);
+    CHECK(a.options().initial_experts == 2);
     CHECK(a.gate_embeddings() == b.gate_embeddings());
     CHECK(a.gate_embeddings() != c.gate_embeddings());
   }
-  SECTION("max_experts 0 means num_experts") {
+  SECTION("initial_experts 0 means every slot") {
     Gate gate({.model_dim = 6, .num_experts = 3, .init_seed = seed});
-    CHECK(gate.max_experts() == 3);
-    CHECK(gate.options().max_experts == 3);
+    CHECK(gate.num_experts() == 3);
+    CHECK(gate.options().initial_experts == 3);
     CHECK(gate.num_active() == 3);
   }
 }
@@ -453,8 +453,8 @@ TEST_CASE("TopAnyGate temperature scales the cosine inside the sigmoid", "[gate]
   const auto seed = GENERATE(31u, 32u);
   Gate one({.model_dim = 8, .num_experts = 6, .temperature = 1.0f, .init_seed = seed});
   Gate three({.model_dim = 8, .num_experts = 6, .temperature = 3.0f, .init_seed = seed});
-  one.set_thresholds(moet::Vector<float>::Constant(one.max_experts(), 0.2f));
-  three.set_thresholds(moet::Vector<float>::Constant(three.max_experts(), 0.2f));
+  one.set_thresholds(moet::Vector<float>::Constant(one.num_experts(), 0.2f));
+  three.set_thresholds(moet::Vector<float>::Constant(three.num_experts(), 0.2f));
   const auto x = random_tokens(64, 8, seed);
   moet::Routing<float> a;
   moet::Routing<float> b;
@@ -502,8 +502,9 @@ TEST_CASE("TopAnyGate rejects bad options and input", "[gate][top_any][errors]")
                     Contains("[moet::TopAnyGate]") && Contains("model_dim") && Contains("got 0"));
   CHECK_THROWS_WITH(Gate({.model_dim = 4, .num_experts = 0}),
                     Contains("[moet::TopAnyGate]") && Contains("num_experts") && Contains("got 0"));
-  CHECK_THROWS_WITH(Gate({.model_dim = 4, .num_experts = 5, .max_experts = 4}),
-                    Contains("[moet::TopAnyGate]") && Contains("5 > 4"));
+  CHECK_THROWS_WITH(
+      Gate({.model_dim = 4, .num_experts = 4, .initial_experts = 5}),
+      Contains("[moet::TopAnyGate]") && Contains("initial_experts") && Contains("got 5"));
   CHECK_THROWS_WITH(Gate({.model_dim = 4, .num_experts = 2, .temperature = 0.0f}),
                     Contains("temperature") && Contains("got 0"));
   CHECK_THROWS_WITH(Gate({.model_dim = 4, .num_experts = 2, .temperature = -1.5f}),
@@ -511,7 +512,7 @@ TEST_CASE("TopAnyGate rejects bad options and input", "[gate][top_any][errors]")
   CHECK_THROWS_AS(Gate({.model_dim = 4, .num_experts = 2, .temperature = NAN}), moet::Error);
   CHECK_THROWS_AS(Gate({.model_dim = 4, .num_experts = 2, .temperature = INFINITY}), moet::Error);
 
-  Gate gate({.model_dim = 4, .num_experts = 2, .max_experts = 3});
+  Gate gate({.model_dim = 4, .num_experts = 3, .initial_experts = 2});
   moet::Routing<float> out;
   const moet::RouteContext ctx;
   const moet::RowMatrix<float> wide = moet::RowMatrix<float>::Ones(3, 5);
@@ -538,7 +539,7 @@ TEST_CASE("TopAnyGate rejects bad options and input", "[gate][top_any][errors]")
 }
 
 TEST_CASE("TopAnyGate gives an empty plan for an empty batch", "[gate][top_any][edge]") {
-  Gate gate({.model_dim = 4, .num_experts = 2, .max_experts = 5});
+  Gate gate({.model_dim = 4, .num_experts = 5, .initial_experts = 2});
   const moet::RowMatrix<float> x(0, 4);
   moet::Routing<float> out;
   for (const bool training : {true, false}) {
@@ -556,11 +557,11 @@ TEST_CASE("TopAnyGate plans are bit-identical with 1 and 2 threads", "[gate][top
   const auto seed = GENERATE(41u, 42u);
   const bool training = GENERATE(true, false);
   Gate gate({.model_dim = 24,
-             .num_experts = 12,
-             .max_experts = 16,
+             .num_experts = 16,
+             .initial_experts = 12,
              .variant = moet::TopAnyVariant::kTutel,
              .init_seed = seed});
-  gate.set_thresholds(moet::Vector<float>::Constant(gate.max_experts(), 0.15f));
+  gate.set_thresholds(moet::Vector<float>::Constant(gate.num_experts(), 0.15f));
   const auto x = random_tokens(1500, 24, seed);  // several routing and product blocks
   moet::RouteContext ctx;
   ctx.training = training;

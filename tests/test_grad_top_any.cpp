@@ -1,4 +1,4 @@
-// TopAnyGate backward (ALGORITHMS.md 1.2-1.3): the straight-through surrogate, checked by
+// TopAnyGate backward (docs/algorithms.md §4.3): the straight-through surrogate, checked by
 // finite differences in double, plus bit-identity across thread counts and bad input.
 #include <algorithm>
 #include <cmath>
@@ -201,8 +201,8 @@ Index check_against_surrogate(moet::TopAnyVariant variant, bool training, double
                               std::uint64_t seed, bool with_d_gates,
                               bool trainable_temperature = false) {
   moet::TopAnyGate<double> gate({.model_dim = c.w.rows(),
-                                 .num_experts = 1,
-                                 .max_experts = c.w.cols(),
+                                 .num_experts = c.w.cols(),
+                                 .initial_experts = 1,
                                  .variant = variant,
                                  .temperature = tau,
                                  .trainable_temperature = trainable_temperature});
@@ -351,7 +351,7 @@ TEST_CASE("TopAnyGate backward in eval: fallback tokens pass the variant's gradi
   const Vec theta = single ? (Vec(4) << 0.4, 1.5, 1.5, 1.5).finished()
                            : (Vec(4) << 0.3, 0.6, 1.5, 0.2).finished();
   const Case c = well_separated_case(31, 16, 5, 4, 0.2, 1.0, &theta);
-  moet::TopAnyGate<double> probe({.model_dim = 5, .num_experts = 4, .max_experts = 4});
+  moet::TopAnyGate<double> probe({.model_dim = 5, .num_experts = 4});
   probe.set_gate_embeddings(c.w, moet::WeightLayout::kInOut);
   probe.set_thresholds(c.theta);
   probe.set_expert_mask(c.mask);
@@ -368,7 +368,7 @@ TEST_CASE("TopAnyGate backward in eval: fallback tokens pass the variant's gradi
 
 TEST_CASE("TopAnyGate backward passes nothing for dropped tokens and inactive slots",
           "[gate][top_any][grad]") {
-  moet::TopAnyGate<double> gate({.model_dim = 3, .num_experts = 2, .max_experts = 3});
+  moet::TopAnyGate<double> gate({.model_dim = 3, .num_experts = 3, .initial_experts = 2});
   Mat w(3, 3);
   w << 1, 0, 0,  //
       0, 1, 0,   //
@@ -399,7 +399,7 @@ TEST_CASE("TopAnyGate backward passes nothing for dropped tokens and inactive sl
 
 TEST_CASE("TopAnyGate visits embeddings and thresholds with their gradients",
           "[gate][top_any][grad]") {
-  moet::TopAnyGate<float> gate({.model_dim = 4, .num_experts = 2, .max_experts = 3});
+  moet::TopAnyGate<float> gate({.model_dim = 4, .num_experts = 3, .initial_experts = 2});
   CHECK(std::as_const(gate).gate_embeddings_grad().size() == 0);  // lazily allocated
   std::vector<std::string> names;
   gate.visit_parameters(
@@ -439,8 +439,8 @@ TEST_CASE("TopAnyGate backward is bit-identical with 1 and 2 threads",
   const auto variant = GENERATE(moet::TopAnyVariant::kDeepSpeed, moet::TopAnyVariant::kTutel);
   const Index num_tokens = 1300, d = 24, emax = 12;
   moet::TopAnyGate<float> gate(
-      {.model_dim = d, .num_experts = 10, .max_experts = emax, .variant = variant});
-  gate.set_thresholds(moet::Vector<float>::Constant(gate.max_experts(), 0.1f));
+      {.model_dim = d, .num_experts = emax, .initial_experts = 10, .variant = variant});
+  gate.set_thresholds(moet::Vector<float>::Constant(gate.num_experts(), 0.1f));
   const moet::RowMatrix<float> x = random_matrix(num_tokens, d, 5).cast<float>();
   moet::RouteContext ctx;
   ctx.training = true;
@@ -471,7 +471,7 @@ TEST_CASE("TopAnyGate backward is bit-identical with 1 and 2 threads",
 
 TEST_CASE("TopAnyGate backward rejects mismatched input", "[gate][top_any][grad][errors]") {
   using Catch::Contains;
-  moet::TopAnyGate<float> gate({.model_dim = 4, .num_experts = 3, .max_experts = 3});
+  moet::TopAnyGate<float> gate({.model_dim = 4, .num_experts = 3});
   const moet::RowMatrix<float> x = random_matrix(5, 4, 9).cast<float>();
   moet::RouteContext ctx;
   ctx.training = true;
@@ -504,7 +504,7 @@ TEST_CASE("TopAnyGate backward rejects mismatched input", "[gate][top_any][grad]
   other.reset(5, 2);
   other.commit_counts();
   CHECK_THROWS_WITH(gate.backward(x, ctx, other, {}, none, dx),
-                    Contains("max_experts = 3") && Contains("got 2"));
+                    Contains("num_experts = 3") && Contains("got 2"));
   moet::Routing<float> no_scores;
   no_scores.reset(5, 3);
   no_scores.commit_counts();
@@ -513,7 +513,7 @@ TEST_CASE("TopAnyGate backward rejects mismatched input", "[gate][top_any][grad]
 
   // A plan that no longer matches the gate: raise every threshold after routing.
   gate.zero_grad();
-  gate.set_thresholds(moet::Vector<float>::Constant(gate.max_experts(), 5.0f));
+  gate.set_thresholds(moet::Vector<float>::Constant(gate.num_experts(), 5.0f));
   CHECK_THROWS_WITH(gate.backward(x, ctx, plan, d_weights, none, dx),
                     Contains("does not match the gate") && Contains("training plan"));
   CHECK(dx.isZero(0.0f));  // nothing was changed
@@ -521,7 +521,7 @@ TEST_CASE("TopAnyGate backward rejects mismatched input", "[gate][top_any][grad]
 }
 
 // ---------------------------------------------------------------------------------------------
-// Auxiliary losses (ALGORITHMS.md 1.5), against naive double formulas.
+// Auxiliary losses (docs/algorithms.md §8.6), against naive double formulas.
 
 namespace {
 
@@ -626,7 +626,7 @@ TEST_CASE("DynMoE aux loss gradients equal finite differences of naive formulas"
   const Index num_tokens = 12, d = 5, emax = 5;
   const double coef = 0.37;
   moet::TopAnyGate<double> gate(
-      {.model_dim = d, .num_experts = 4, .max_experts = emax, .variant = variant});
+      {.model_dim = d, .num_experts = emax, .initial_experts = 4, .variant = variant});
   const Mat w = random_matrix(d, emax, 3, 0.8);
   gate.set_gate_embeddings(w, moet::WeightLayout::kInOut);
   gate.set_thresholds((Vec(emax) << 0.2, 0.5, -0.1, 0.4, 0.0).finished());
@@ -694,7 +694,7 @@ TEST_CASE("DynMoE aux loss gradients equal finite differences of naive formulas"
 
 TEST_CASE("DynMoE aux loss with every token dropped has load balance 0", "[loss][top_any][edge]") {
   moet::TopAnyGate<double> gate({.model_dim = 3, .num_experts = 3});
-  gate.set_thresholds(moet::Vector<double>::Constant(gate.max_experts(), 4.0));
+  gate.set_thresholds(moet::Vector<double>::Constant(gate.num_experts(), 4.0));
   const Mat x = random_matrix(4, 3, 8);
   moet::RouteContext ctx;
   ctx.training = true;
@@ -727,7 +727,7 @@ TEST_CASE("DynMoE aux loss rejects bad input", "[loss][top_any][errors]") {
   other.reset(5, 2);
   other.commit_counts();
   CHECK_THROWS_WITH(moet::top_any_aux_loss(gate, other, std::span<float>(d_gates)),
-                    Contains("max_experts = 3") && Contains("got 2"));
+                    Contains("num_experts = 3") && Contains("got 2"));
 }
 
 TEST_CASE("DynMoE aux loss fed through backward equals FD of the whole surrogate",
@@ -796,7 +796,7 @@ TEST_CASE("DynMoE aux loss fed through backward equals FD of the whole surrogate
 }
 
 TEST_CASE("TopAnyGate backward and aux loss accept an empty batch", "[gate][top_any][edge]") {
-  moet::TopAnyGate<float> gate({.model_dim = 4, .num_experts = 2, .max_experts = 3});
+  moet::TopAnyGate<float> gate({.model_dim = 4, .num_experts = 3, .initial_experts = 2});
   const moet::RowMatrix<float> x(0, 4);
   moet::Routing<float> plan;
   gate.route(x, training_ctx(), plan);

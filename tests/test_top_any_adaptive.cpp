@@ -1,4 +1,4 @@
-// TopAnyGate's adaptive process (ALGORITHMS.md 1.6): records, remove-then-add, schedules.
+// TopAnyGate's adaptive process (docs/algorithms.md §4.5-4.6): records, remove-then-add, schedules.
 #include <cmath>
 #include <cstdint>
 #include <tuple>
@@ -34,8 +34,8 @@ void train_forward(Gate& gate, const Mat& x, moet::Routing<double>& plan) {
 // theta = 0.5 everywhere, so slot e fires iff cos(x, W_e) > 0.5 (tau = 1).
 Gate axis_gate(Index num_experts = 3) {
   Gate gate({.model_dim = 3,
-             .num_experts = num_experts,
-             .max_experts = 4,
+             .num_experts = 4,
+             .initial_experts = num_experts,
              .schedule = moet::TopAnySchedule::kManual});
   Mat w(3, 4);
   const double r = 1.0 / std::sqrt(2.0);
@@ -122,7 +122,7 @@ TEST_CASE("TopAnyGate adds at most one expert per update", "[gate][top_any][adap
   CHECK(gate.num_active() == 4);
 }
 
-TEST_CASE("TopAnyGate update never exceeds max_experts", "[gate][top_any][adaptive]") {
+TEST_CASE("TopAnyGate update never exceeds num_experts", "[gate][top_any][adaptive]") {
   Gate gate = axis_gate(4);  // every slot active
   Mat x(4, 3);
   x << 1, 0, 0,    //
@@ -287,11 +287,11 @@ TEST_CASE("TopAnyGate records and updates the same at 1 and 2 threads",
   auto run = [&](int threads) {
     moet::set_num_threads(threads);
     moet::TopAnyGate<float> gate({.model_dim = d,
-                                  .num_experts = 6,
-                                  .max_experts = 8,
+                                  .num_experts = 8,
+                                  .initial_experts = 6,
                                   .init_seed = 3,
                                   .schedule = moet::TopAnySchedule::kManual});
-    gate.set_thresholds(moet::Vector<float>::Constant(gate.max_experts(), 0.3f));
+    gate.set_thresholds(moet::Vector<float>::Constant(gate.num_experts(), 0.3f));
     moet::Routing<float> plan;
     gate.begin_recording();
     for (int step = 0; step < 3; ++step) {
@@ -334,7 +334,7 @@ TEST_CASE("TopAnyGate adaptive process rejects bad input", "[gate][top_any][adap
   other.reset(2, 5);
   other.commit_counts();
   CHECK_THROWS_WITH(gate.on_training_forward(x, other),
-                    Contains("max_experts = 4") && Contains("got 5"));
+                    Contains("num_experts = 4") && Contains("got 5"));
   CHECK_THROWS_WITH(gate.set_training_forwards(-1), Contains("got -1"));
   // Nothing was recorded or counted by the failed calls.
   CHECK(gate.training_forwards() == 0);

@@ -161,7 +161,7 @@ struct TopAnyAux {
 template <class Layer>
 TopAnyAux dynmoe_aux(Layer& layer, typename Layer::Workspace& ws) {
   TopAnyAux aux;
-  aux.d_gates.assign(static_cast<std::size_t>(ws.routing.num_tokens() * layer.gate().max_experts()),
+  aux.d_gates.assign(static_cast<std::size_t>(ws.routing.num_tokens() * layer.gate().num_experts()),
                      S(0));
   moet::top_any_aux_loss<S>(layer.gate(), ws.routing, aux.d_gates);
   return aux;

@@ -6,7 +6,7 @@
 /// examples::Flags flags;
 /// flags.add("--epochs", cfg.epochs).add("--out", cfg.out);
 /// if (!flags.parse(argc, argv)) return 2;  // the message is printed
-/// for (const std::string& spec : examples::split_list(cfg.routers)) ...
+/// for (const std::string& spec : moet::split_gate_specs(cfg.routers)) ...  // router lists
 /// ```
 
 #include <cstdint>

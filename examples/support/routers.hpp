@@ -1,10 +1,14 @@
 #pragma once
 /// \file examples/support/routers.hpp
-/// Router specs of the training examples, `name` or `name:key=value`:
-/// `top_k:k=K` (K = 1: Switch, raw P; K >= 2: renormalised, GShard/Mixtral), `top_p:p=P`,
-/// `top_any` (DynMoE, half the slots live at the start, the DeepSpeed cycle with period
-/// `dynmoe_period`), `importance:k_max=K` (DA-MoE reconstruction, k_min 1), `stochastic` (THOR).
+/// The training examples' routers, from moet's router grammar (`moet::with_gate_options`,
+/// moet/gates/spec.hpp: `name[:key=value[,key=value...]]`, every key of `gate_spec_help()`),
+/// with three example conventions on top where the spec does not say otherwise:
+/// `top_k:k=K` renormalises when K >= 2 (GShard, Mixtral; K = 1 is Switch's raw P),
+/// `top_any` starts with half its slots live and runs the DeepSpeed cycle with period
+/// `dynmoe_period`, and every layer gets its own seed (router weights: `seed * 100 + layer`;
+/// `stochastic`: stream `stream + layer`).
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <type_traits>
@@ -15,52 +19,45 @@ namespace examples {
 
 /// Calls `f(std::type_identity<Gate>{}, make_gate)` for the router `spec`, where
 /// `make_gate(layer)` builds layer `layer`'s gate over `num_experts` experts of width
-/// `model_dim` (seeded by `seed` and the layer), and returns what `f` returns. Throws
-/// `moet::Error` naming `with_router` for an unknown spec.
+/// `model_dim`, and returns what `f` returns. Throws `moet::Error` for a spec the grammar
+/// rejects (the message lists the valid gates or keys).
 template <class F>
 auto with_router(const std::string& spec, moet::Index model_dim, moet::Index num_experts,
                  std::uint64_t seed, std::int64_t dynmoe_period, F&& f) {
   using S = float;
-  const auto colon = spec.find(':'), eq = spec.find('=');
-  const std::string name = spec.substr(0, colon);
-  const std::string key = colon == std::string::npos ? "" : spec.substr(colon + 1, eq - colon - 1);
-  const double value = eq == std::string::npos ? 0.0 : std::stod(spec.substr(eq + 1));
-  const moet::Index d = model_dim, e = num_experts;
-  const auto layer_seed = [seed](int l) { return seed * 100 + static_cast<std::uint64_t>(l); };
-  if (name == "top_k" && (key.empty() || key == "k")) {
-    const auto k = static_cast<moet::Index>(key.empty() ? 2.0 : value);
-    return f(std::type_identity<moet::TopKGate<S>>{}, [=](int l) {
-      return moet::TopKGate<S>({.model_dim = d, .num_experts = e, .k = k, .renormalize = k > 1,
-                                .init_seed = layer_seed(l)});
-    });
-  }
-  if (name == "top_p" && (key.empty() || key == "p")) {
-    const double p = key.empty() ? 0.4 : value;
-    return f(std::type_identity<moet::TopPGate<S>>{}, [=](int l) {
-      return moet::TopPGate<S>({.model_dim = d, .num_experts = e, .p = p, .init_seed = layer_seed(l)});
-    });
-  }
-  if (name == "top_any" && key.empty()) {
-    return f(std::type_identity<moet::TopAnyGate<S>>{}, [=](int l) {
-      return moet::TopAnyGate<S>({.model_dim = d, .num_experts = std::max<moet::Index>(1, e / 2),
-                                  .max_experts = e, .init_seed = layer_seed(l),
-                                  .schedule_period = dynmoe_period});
-    });
-  }
-  if (name == "importance" && (key.empty() || key == "k_max")) {
-    const auto k_max = static_cast<moet::Index>(key.empty() ? 4.0 : value);
-    return f(std::type_identity<moet::ImportanceGate<S>>{}, [=](int l) {
-      return moet::ImportanceGate<S>({.model_dim = d, .num_experts = e, .k_min = 1,
-                                      .k_max = k_max, .init_seed = layer_seed(l)});
-    });
-  }
-  moet::detail::require(name == "stochastic" && key.empty(), "with_router", "unknown router '",
-                        spec, "' (expected top_k:k=K, top_p:p=P, top_any, importance:k_max=K or "
-                        "stochastic)");
-  return f(std::type_identity<moet::StochasticGate<S>>{}, [=](int l) {
-    return moet::StochasticGate<S>(
-        {.model_dim = d, .num_experts = e, .stream = static_cast<std::uint64_t>(l)});
-  });
+  const moet::GateSpec parsed = moet::parse_gate_spec(spec);
+  const auto given = [&](const char* key, const char* alias) {
+    return parsed.find(key) != nullptr || parsed.find(alias) != nullptr;
+  };
+  return moet::with_gate_options<S>(
+      spec, model_dim, num_experts, 0, [&](auto identity, auto options) {
+        using Gate = typename decltype(identity)::type;
+        if constexpr (std::is_same_v<Gate, moet::TopKGate<S>>) {
+          if (!given("renorm", "renormalize")) options.renormalize = options.k > 1;
+        }
+        if constexpr (std::is_same_v<Gate, moet::TopAnyGate<S>>) {
+          if (!given("initial", "initial_experts")) {
+            options.initial_experts = std::max<moet::Index>(1, num_experts / 2);
+          }
+          if (!given("period", "schedule_period")) options.schedule_period = dynmoe_period;
+        }
+        const std::uint64_t stream = [&] {
+          if constexpr (requires { options.stream; }) {
+            return options.stream;
+          } else {
+            return std::uint64_t{0};
+          }
+        }();
+        return f(identity, [=](int layer) {
+          auto o = options;
+          if constexpr (requires { o.init_seed; }) {
+            o.init_seed = seed * 100 + static_cast<std::uint64_t>(layer);
+          }
+          if constexpr (requires { o.stream; })
+            o.stream = stream + static_cast<std::uint64_t>(layer);
+          return Gate(o);
+        });
+      });
 }
 
 }  // namespace examples

@@ -1,5 +1,5 @@
 // libFuzzer target: TopAnyGate. The input decodes into the options (any num_experts,
-// max_experts, temperature, variant, including invalid ones), x, the gate embeddings and the
+// initial_experts, temperature, variant, including invalid ones), x, the gate embeddings and the
 // thresholds (NaN, Inf, denormals, huge values, exact ties, all thresholds far above 1), the
 // expert mask (valid 0/1 masks, all zero, or an invalid entry) and training or eval. Either
 // the gate throws moet::Error, or the plan is valid: check_plan, only active slots, ascending
@@ -48,7 +48,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   moet::TopAnyGate<float>::Options options;
   options.model_dim = model_dim;
   options.num_experts = in.flag() ? in.in_range(0, 300) : in.in_range(0, 10);
-  options.max_experts = in.flag() ? 0 : in.in_range(-1, options.num_experts + 4);
+  options.initial_experts = in.flag() ? 0 : in.in_range(-1, options.num_experts + 4);
   options.variant = in.flag() ? moet::TopAnyVariant::kTutel : moet::TopAnyVariant::kDeepSpeed;
   options.temperature = temperature(in);
   options.init_seed = in.u8();
@@ -57,16 +57,15 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   const bool finite_only = (in.u8() % 8) != 0;
   const std::uint8_t threshold_mode = in.u8() % 4;
   const std::uint8_t mask_mode = in.u8() % 4;
-  const bool valid_options =
-      options.num_experts >= 1 && options.max_experts >= 0 &&
-      (options.max_experts == 0 || options.num_experts <= options.max_experts) &&
-      std::isfinite(options.temperature) && options.temperature > 0.0f;
+  const bool valid_options = options.num_experts >= 1 && options.initial_experts >= 0 &&
+                             options.initial_experts <= options.num_experts &&
+                             std::isfinite(options.temperature) && options.temperature > 0.0f;
   bool constructed = false;
   bool state_set = false;
   try {
     moet::TopAnyGate<float> gate(options);
     constructed = true;
-    const Index emax = gate.max_experts();
+    const Index emax = gate.num_experts();
     const auto x = in.matrix(num_tokens, model_dim, finite_only);
     // Embeddings through the setter (non-finite ones are rejected there), in either layout.
     const auto set_embeddings = [&](const auto& w, moet::WeightLayout l) {

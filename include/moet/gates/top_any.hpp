@@ -1,27 +1,22 @@
 #pragma once
 /// \file gates/top_any.hpp
-/// `TopAnyGate`: DynMoE's top-any gating (Guo et al., "Dynamic Mixture of Experts: An Auto-Tuning
-/// Approach for Efficient Transformer Models", ICLR 2025, arXiv 2405.14297). Every token picks
-/// every expert whose cosine score beats that expert's trainable threshold, so k varies per token
-/// and may be 0. Specification: ALGORITHMS.md section 1.
+/// `TopAnyGate`: DynMoE's top-any gating (Guo et al., ICLR 2025, arXiv 2405.14297). Every token
+/// picks every expert whose cosine score beats that expert's trainable threshold, so k varies
+/// per token and may be 0. Scores: `CosineRouter` (gates/cosine_router.hpp); adaptive expert
+/// count: `TopAnyAdaptive` (gates/top_any_adaptive.hpp). Specification: docs/algorithms.md §4.
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
-#include <limits>
 #include <span>
-#include <string_view>
-#include <vector>
+#include <utility>
 
 #include <Eigen/Core>
-#include <Eigen/QR>
 
 #include "moet/context.hpp"
 #include "moet/detail/parallel.hpp"
-#include "moet/detail/rng.hpp"
-#include "moet/detail/select.hpp"
-#include "moet/detail/weights.hpp"
 #include "moet/errors.hpp"
+#include "moet/gates/cosine_router.hpp"
+#include "moet/gates/top_any_adaptive.hpp"
 #include "moet/routing.hpp"
 #include "moet/tensor.hpp"
 #include "moet/train/grad.hpp"
@@ -29,8 +24,8 @@
 namespace moet {
 
 /// Which DynMoE implementation `TopAnyGate` follows where the two public ones differ
-/// (ALGORITHMS.md 1.9): the eval fallback weight, the combine-weight gradient (1.3) and the
-/// auxiliary loss set of `top_any_aux_loss` (1.5).
+/// (docs/algorithms.md §4.7): the eval fallback weight (§4.4), the combine-weight gradient
+/// (§4.3) and the auxiliary loss set of `top_any_aux_loss` (§8.6).
 enum class TopAnyVariant {
   /// The DeepSpeed-0.9.5 copy (recommended by the DynMoE README): a token that activates no
   /// expert in eval goes to its best expert with weight 1; the weight `a / k` is differentiated
@@ -44,80 +39,26 @@ enum class TopAnyVariant {
   kTutel,
 };
 
-/// When `TopAnyGate` runs DynMoE's adaptive process (ALGORITHMS.md 1.6).
-enum class TopAnySchedule {
-  /// DeepSpeed's cycle over the gate's counter `n` of training forwards (counted by
-  /// `on_training_forward`, read before the forward): begin recording when
-  /// `n % period == 0 && (n / period) % 3 == 1`, update the experts after the forward when
-  /// `n % period == 0 && (n / period) % 3 == 2` (`period` = `Options::schedule_period`, 300 in
-  /// DeepSpeed). With 300: record forwards 300..600 inclusive (301 calls), update after 600,
-  /// again 1200..1500, and so on.
-  kDeepSpeedCycle,
-  /// Only explicit `begin_recording()` / `update_experts()` calls (Tutel's GLUE script style,
-  /// where the caller knows the epoch length).
-  kManual,
-};
-
-/// Loss-gradient input of `TopAnyGate::backward` besides the combine-weight gradient.
-/// `d_gates` is empty (no such loss) or holds `num_tokens * max_experts` values, row-major:
-/// dL/da for the 0/1 straight-through gate matrix `a` of ALGORITHMS.md 1.2 (the load-balance
-/// and efficiency terms enter here; `top_any_aux_loss` in train/top_any_losses.hpp fills it).
-/// Only entries of activated (token, expert) pairs pass a gradient (`relu'` is 0 elsewhere),
-/// and eval-fallback entries pass none (the fallback one-hot is a constant).
+/// Loss-gradient input of `TopAnyGate::backward` besides the combine-weight gradient:
+/// `d_gates` is empty or dL/da `(num_tokens, num_experts)` row-major for the 0/1 gate matrix `a`
+/// of docs/algorithms.md §4.3 (`top_any_aux_loss`'s load balance and efficiency). Only activated,
+/// non-fallback (token, expert) entries pass a gradient.
 template <class S>
 struct TopAnyLossGrad {
   std::span<const S> d_gates{};
 };
 
-/// What one `TopAnyGate::update_experts()` did.
-struct TopAnyExpertUpdate {
-  /// Slots switched off (they were active and received no token while recording).
-  Index removed = 0;
-  /// The slot switched on, or -1 when none was added.
-  Index added = -1;
-};
-
-namespace detail {
-
-/// DynMoE's gate embedding initialisation (ALGORITHMS.md 1.1): PyTorch-style `orthogonal_` on an
-/// `(max_experts, model_dim)` matrix, returned transposed as `(model_dim, max_experts)`. The
-/// columns are orthonormal when `max_experts <= model_dim`, the rows otherwise. Built from a
-/// Gaussian matrix drawn by `Rng(seed)` and its Householder QR in double, with the signs of `Q`'s
-/// columns fixed so that `diag(R) >= 0` (so the result is a deterministic function of `seed`).
-template <class S>
-RowMatrix<S> orthogonal_gate_embeddings(Index model_dim, Index max_experts, std::uint64_t seed) {
-  const Index tall = std::max(model_dim, max_experts);
-  const Index thin = std::min(model_dim, max_experts);
-  Rng rng(seed);
-  Eigen::MatrixXd gaussian(tall, thin);  // (tall, thin)
-  for (Index i = 0; i < tall; ++i) {
-    for (Index j = 0; j < thin; ++j) gaussian(i, j) = rng.normal();
-  }
-  const Eigen::HouseholderQR<Eigen::MatrixXd> qr(gaussian);
-  Eigen::MatrixXd q = qr.householderQ() * Eigen::MatrixXd::Identity(tall, thin);  // (tall, thin)
-  for (Index j = 0; j < thin; ++j) {
-    if (qr.matrixQR()(j, j) < 0.0) q.col(j) *= -1.0;
-  }
-  // max_experts <= model_dim: q is (model_dim, max_experts) with orthonormal columns, already the
-  // transpose of the (max_experts, model_dim) matrix with orthonormal rows. Otherwise q is
-  // (max_experts, model_dim) with orthonormal columns and the embeddings are its transpose.
-  if (max_experts <= model_dim) return q.cast<S>();
-  return q.transpose().cast<S>();
-}
-
-}  // namespace detail
-
 /// DynMoE top-any gate (Guo et al., ICLR 2025, arXiv 2405.14297): forward, straight-through
 /// backward and the adaptive expert count.
 ///
-/// State (ALGORITHMS.md 1.1): gate embeddings `W` `(model_dim, max_experts)`, one column per
-/// expert slot; thresholds `theta` `(max_experts)`, initially 0; the 0/1 expert mask `m`
-/// `(max_experts)`, the first `num_experts` slots active; the logit scale `tau`. DynMoE allocates
-/// `max_experts` slots up front and switches them on and off, so `num_experts()` is
-/// `max_experts` and the expert bank must hold that many experts; `num_active()` counts the live
-/// slots.
+/// State (docs/algorithms.md §4.1): the `CosineRouter` (gate embeddings `W` `(model_dim,
+/// num_experts)`, one column per expert slot, thresholds `theta` `(num_experts)`, initially 0,
+/// the logit scale `tau`) and the 0/1 expert mask `m` `(num_experts)`, the first
+/// `initial_experts` slots live (all when 0). DynMoE allocates its slots up front and switches
+/// them on and off, so `num_experts()` is the slot count, like every gate's, and the expert bank
+/// must hold that many experts; `num_active()` counts the live slots.
 ///
-/// Forward (ALGORITHMS.md 1.2), per token `t` and slot `e`:
+/// Forward (docs/algorithms.md §4.2, fallback §4.4), per token `t` and slot `e`:
 /// ```
 /// cos[t,e] = x_t . W_e / (max(||x_t||, 1e-12) * max(||W_e||, 1e-12))
 /// s[t,e]   = sigmoid(tau * cos[t,e]) * m_e          (written to Routing::probs_mut())
@@ -132,20 +73,17 @@ RowMatrix<S> orthogonal_gate_embeddings(Index model_dim, Index max_experts, std:
 /// runs over all slots, which differs only when an active score underflows to 0). With no
 /// active slot at all, every token is routed nowhere, in eval too.
 ///
-/// Training (ALGORITHMS.md 1.3, 1.6): `backward` is the straight-through gradient (see its
-/// comment), with the parameters `embeddings` (`W`) and `thresholds` (`theta`) visited by
-/// `visit_parameters`; the auxiliary losses live in train/top_any_losses.hpp; the adaptive
-/// process (records, remove-then-add, schedules) is `on_training_forward`, `begin_recording`
-/// and `update_experts`. The mask is not a parameter. The Tutel `gated_multi_gate_t`
-/// variant's trainable temperature is `Options::trainable_temperature`: the parameter is
-/// `log_t` (visited as `log_temperature`, `(1, 1)`) and `tau = exp(min(log_t, log 100))`; build
-/// it with `temperature = 10` to start as Tutel does (`init_t = 0.1`). Otherwise `tau` is a
-/// constant (DeepSpeed, Tutel `gated_multi_gate`).
+/// Training (docs/algorithms.md §4.3, §4.5-4.6): `backward` is the straight-through gradient,
+/// to the parameters `visit_parameters` visits (`embeddings`, `thresholds`, and `log_temperature`
+/// with `trainable_temperature`: Tutel's `gated_multi_gate_t`, which starts at `temperature =
+/// 10`); the auxiliary losses live in train/top_any_losses.hpp; the adaptive process is
+/// `on_training_forward`, `begin_recording` and `update_experts`. The mask is not a parameter.
 ///
 /// \tparam S scalar type (float or double); routing runs in `S`.
 ///
 /// ```cpp
-/// moet::TopAnyGate<float> gate({.model_dim = 512, .num_experts = 8, .max_experts = 16});
+/// // 16 slots (the expert bank's 16 experts), 8 live at the start as in DynMoE's examples.
+/// moet::TopAnyGate<float> gate({.model_dim = 512, .num_experts = 16, .initial_experts = 8});
 /// ```
 template <class S>
 class TopAnyGate {
@@ -156,10 +94,12 @@ class TopAnyGate {
   struct Options {
     /// Width of a token, `d` (>= 1).
     Index model_dim = 0;
-    /// Slots active at construction, 1..max_experts (DynMoE's `num_experts`).
+    /// Expert slots, `Emax` (>= 1; DynMoE's `max_expert_num`): the expert bank's size, as for
+    /// every gate. The adaptive process switches slots on and off within it.
     Index num_experts = 0;
-    /// Expert slots allocated, `Emax` (DynMoE's `max_expert_num`); 0 means `num_experts`.
-    Index max_experts = 0;
+    /// Slots live at construction, the first ones: 0 (the default) = all `num_experts`, else
+    /// in `[1, num_experts]` (DynMoE's `num_experts`; its examples start with half).
+    Index initial_experts = 0;
     /// Which implementation's eval fallback weight to follow.
     TopAnyVariant variant = TopAnyVariant::kDeepSpeed;
     /// Logit scale `tau`, finite and > 0. 1 in DeepSpeed and Tutel `gated_multi_gate`; the
@@ -170,10 +110,8 @@ class TopAnyGate {
     bool trainable_temperature = false;
     /// Seed of the orthogonal gate embedding initialisation.
     std::uint64_t init_seed = 0;
-    /// When the adaptive process runs. The default is DeepSpeed's cycle, DynMoE's recommended
-    /// implementation: a layer that calls `on_training_forward` every training forward then
-    /// auto-tunes its expert count as DynMoE does, with no extra calls. `kManual` leaves it to
-    /// explicit `begin_recording()` / `update_experts()` calls.
+    /// When the adaptive process runs: DeepSpeed's cycle (DynMoE's recommended copy; a layer's
+    /// `forward_train` then auto-tunes the expert count with no extra calls), or `kManual`.
     TopAnySchedule schedule = TopAnySchedule::kDeepSpeedCycle;
     /// The cycle's period in training forwards (>= 1); 300 in DeepSpeed.
     std::int64_t schedule_period = 300;
@@ -181,101 +119,75 @@ class TopAnyGate {
 
   /// Loss-gradient input of `backward` (the auxiliary losses' dL/da).
   using LossGrad = TopAnyLossGrad<S>;
+  /// The router the gate scores with.
+  using Router = CosineRouter<S>;
 
-  /// Norm floor of `F.normalize` (PyTorch's default `eps`), applied to tokens and embeddings.
-  static constexpr S kNormEps = S(1e-12);
-  /// Tokens per routing task: fixed, so the split never depends on the thread count.
-  static constexpr Index kTokenBlock = 256;
-  /// Clamp of the trainable temperature: `tau <= 100` (`log(1 / 0.01)` in Tutel).
-  static constexpr S kLogMaxTemperature = S(4.605170185988091368);
+  /// The router's norm floor, token block and temperature clamp (see `CosineRouter`).
+  static constexpr S kNormEps = Router::kNormEps;
+  static constexpr Index kTokenBlock = Router::kTokenBlock;
+  static constexpr S kLogMaxTemperature = Router::kLogMaxTemperature;
 
-  /// Builds the gate and initialises its state (ALGORITHMS.md 1.1). Throws `moet::Error` when
-  /// `model_dim < 1`, `num_experts < 1`, `num_experts > max_experts` (when `max_experts != 0`)
-  /// or `temperature` is not finite and > 0.
-  explicit TopAnyGate(const Options& options) : options_(options) {
-    detail::require(options_.model_dim >= 1, kOp, "model_dim must be >= 1, got ",
-                    options_.model_dim);
-    detail::require(options_.num_experts >= 1, kOp, "num_experts must be >= 1, got ",
-                    options_.num_experts);
-    detail::require(options_.max_experts >= 0, kOp, "max_experts must be >= 0, got ",
-                    options_.max_experts);
-    if (options_.max_experts == 0) options_.max_experts = options_.num_experts;
-    detail::require(options_.num_experts <= options_.max_experts, kOp,
-                    "num_experts must be <= max_experts, got ", options_.num_experts, " > ",
-                    options_.max_experts);
-    detail::require(options_.max_experts <= std::numeric_limits<std::int32_t>::max(), kOp,
-                    "max_experts must fit a 32-bit expert id, got ", options_.max_experts);
-    check_temperature(options_.temperature);
-    detail::require(options_.schedule_period >= 1, kOp, "schedule_period must be >= 1, got ",
-                    options_.schedule_period);
-    const Index emax = options_.max_experts;
-    temperature_ = options_.temperature;
-    log_temperature_ = std::log(options_.temperature);
-    embeddings_ =
-        detail::orthogonal_gate_embeddings<S>(options_.model_dim, emax, options_.init_seed);
-    thresholds_ = Vector<S>::Zero(emax);
-    mask_ = Vector<S>::Zero(emax);
-    mask_.head(options_.num_experts).setOnes();
-    record_tokens_.assign(static_cast<std::size_t>(emax), 0);
-    record_unrouted_ = Vector<S>::Zero(options_.model_dim);
+  /// Builds the gate and initialises its state (docs/algorithms.md §4.1). Throws `moet::Error`
+  /// when `model_dim < 1`, `num_experts < 1`, `initial_experts` is outside `[0, num_experts]`,
+  /// `temperature` is not finite and > 0, or `schedule_period < 1`.
+  explicit TopAnyGate(const Options& options)
+      : options_(checked(options)),
+        router_({.model_dim = options.model_dim,
+                 .num_experts = options.num_experts,
+                 .temperature = options.temperature,
+                 .trainable_temperature = options.trainable_temperature,
+                 .init_seed = options.init_seed},
+                kOp),
+        adaptive_(options.num_experts, options.model_dim, options.schedule,
+                  options.schedule_period) {
+    if (options_.initial_experts == 0) options_.initial_experts = options_.num_experts;
+    mask_ = Vector<S>::Zero(options_.num_experts);
+    mask_.head(options_.initial_experts).setOnes();
   }
 
-  /// Expert slots, `max_experts` (the expert bank's size). See `num_active()`.
-  Index num_experts() const { return options_.max_experts; }
-  /// Expert slots allocated, `Emax`.
-  Index max_experts() const { return options_.max_experts; }
+  /// Expert slots, `Emax` (the expert bank's size). See `num_active()`.
+  Index num_experts() const { return options_.num_experts; }
   /// Slots currently active (ones in `expert_mask()`).
   Index num_active() const { return static_cast<Index>((mask_.array() != S(0)).count()); }
   /// Width of a token.
   Index model_dim() const { return options_.model_dim; }
-  /// The options the gate was built with (`max_experts` resolved; the temperature is the
+  /// The options the gate was built with (`initial_experts` resolved; the temperature is the
   /// initial one, see `temperature()`).
   const Options& options() const { return options_; }
   /// The variant whose eval fallback weight the gate follows.
   TopAnyVariant variant() const { return options_.variant; }
+  /// The cosine router: embeddings, thresholds, temperature and their gradients.
+  const Router& cosine_router() const { return router_; }
 
-  /// Gate embeddings `W` `(model_dim, max_experts)`: column `e` is expert `e`'s representation.
-  /// A read-only view of fixed shape: write with `set_gate_embeddings` (training updates them
-  /// through `visit_parameters`).
-  Eigen::Map<const RowMatrix<S>> gate_embeddings() const {
-    return Eigen::Map<const RowMatrix<S>>(embeddings_.data(), embeddings_.rows(),
-                                          embeddings_.cols());
-  }
+  /// Gate embeddings `W` `(model_dim, num_experts)`, column `e` expert `e`'s: a read-only view
+  /// (write with `set_gate_embeddings`; training updates them through `visit_parameters`).
+  Eigen::Map<const RowMatrix<S>> gate_embeddings() const { return router_.embeddings(); }
   /// The same matrix as `gate_embeddings()`, under the name every gate's router weights have.
-  Eigen::Map<const RowMatrix<S>> router() const { return gate_embeddings(); }
-  /// Replaces the gate embeddings by `w`: `(model_dim, max_experts)` with
-  /// `WeightLayout::kInOut`, `[max_experts, model_dim]` with `kOutIn` (one row per expert, as
-  /// PyTorch code usually stores them). Throws `moet::Error` (nothing changed) on another shape
-  /// ("looks transposed" for the other layout's) or a NaN/Inf entry.
+  Eigen::Map<const RowMatrix<S>> router() const { return router_.embeddings(); }
+  /// Replaces `W` by `w`, `(model_dim, num_experts)` with `WeightLayout::kInOut` or
+  /// `[num_experts, model_dim]` with `kOutIn` (PyTorch's rows); `moet::Error` (nothing
+  /// changed) on another shape ("looks transposed" for the other layout's) or a NaN/Inf entry.
   void set_gate_embeddings(const ConstRows<S>& w, WeightLayout layout) {
-    set_embeddings("set_gate_embeddings", w, layout);
+    router_.set_embeddings("set_gate_embeddings", w, layout);
   }
   /// The same as `set_gate_embeddings`, under the name every gate's router setter has.
   void set_router(const ConstRows<S>& w, WeightLayout layout) {
-    set_embeddings("set_router", w, layout);
+    router_.set_embeddings("set_router", w, layout);
   }
 
-  /// Thresholds `theta` `(max_experts)`: expert `e` fires iff `sigmoid(tau cos) >
-  /// sigmoid(tau theta_e)`. A read-only view of fixed size: write with `set_thresholds`
-  /// (training updates them through `visit_parameters`).
-  Eigen::Map<const Vector<S>> thresholds() const {
-    return Eigen::Map<const Vector<S>>(thresholds_.data(), thresholds_.size());
-  }
-  /// Replaces the thresholds; throws `moet::Error` unless `theta` has `max_experts` finite
+  /// Thresholds `theta` `(num_experts)`: expert `e` fires iff `sigmoid(tau cos) >
+  /// sigmoid(tau theta_e)`. A read-only view: write with `set_thresholds`.
+  Eigen::Map<const Vector<S>> thresholds() const { return router_.thresholds(); }
+  /// Replaces the thresholds; throws `moet::Error` unless `theta` has `num_experts` finite
   /// entries.
-  void set_thresholds(const Eigen::Ref<const Vector<S>>& theta) {
-    detail::require(theta.size() == max_experts(), kOp, "thresholds must have ", max_experts(),
-                    " entries, got ", theta.size());
-    detail::require(detail::all_finite(theta), kOp, "thresholds must be finite");
-    thresholds_ = theta;
-  }
+  void set_thresholds(const Eigen::Ref<const Vector<S>>& theta) { router_.set_thresholds(theta); }
 
-  /// The expert mask `m` `(max_experts)`: 1 for an active slot, 0 for an inactive one.
+  /// The expert mask `m` `(num_experts)`: 1 for an active slot, 0 for an inactive one.
   const Vector<S>& expert_mask() const { return mask_; }
-  /// Replaces the expert mask; throws `moet::Error` unless it has `max_experts` entries, each
+  /// Replaces the expert mask; throws `moet::Error` unless it has `num_experts` entries, each
   /// 0 or 1. An all-zero mask is allowed (every token is then routed nowhere).
   void set_expert_mask(const Eigen::Ref<const Vector<S>>& mask) {
-    detail::require(mask.size() == max_experts(), kOp, "expert mask must have ", max_experts(),
+    detail::require(mask.size() == num_experts(), kOp, "expert mask must have ", num_experts(),
                     " entries, got ", mask.size());
     for (Index e = 0; e < mask.size(); ++e) {
       detail::require(mask[e] == S(0) || mask[e] == S(1), kOp,
@@ -283,52 +195,31 @@ class TopAnyGate {
     }
     mask_ = mask;
   }
-  /// Switches slot `e` on or off (what DynMoE's add/remove does); throws `moet::Error` unless
-  /// `0 <= e < max_experts`.
+  /// Switches slot `e` on or off (DynMoE's add/remove); `moet::Error` unless in range.
   void set_expert_active(Index e, bool active) {
-    detail::require(e >= 0 && e < max_experts(), kOp, "expert slot must be in [0, ", max_experts(),
+    detail::require(e >= 0 && e < num_experts(), kOp, "expert slot must be in [0, ", num_experts(),
                     "), got ", e);
     mask_[e] = active ? S(1) : S(0);
   }
 
-  /// The logit scale `tau` in use: the fixed one, or `exp(min(log_t, log 100))` with
-  /// `trainable_temperature`.
-  S temperature() const {
-    if (!options_.trainable_temperature) return temperature_;
-    return std::exp(std::min(log_temperature_, kLogMaxTemperature));
-  }
-  /// Sets `tau` (with `trainable_temperature`, sets `log_t = log(tau)`); throws `moet::Error`
-  /// unless it is finite and > 0.
-  void set_temperature(S tau) {
-    check_temperature(tau);
-    temperature_ = tau;
-    log_temperature_ = std::log(tau);
-  }
+  /// The logit scale `tau` in use (`exp(min(log_t, log 100))` with `trainable_temperature`).
+  S temperature() const { return router_.temperature(); }
+  /// Sets `tau` (and `log_t = log(tau)`); throws `moet::Error` unless finite and > 0.
+  void set_temperature(S tau) { router_.set_temperature(tau); }
   /// The trainable parameter `log_t` (meaningful with `trainable_temperature`).
-  S log_temperature() const { return log_temperature_; }
+  S log_temperature() const { return router_.log_temperature(); }
   /// dL/dlog_t (0 unless `trainable_temperature`).
-  S log_temperature_grad() const { return grad_log_temperature_; }
+  S log_temperature_grad() const { return router_.log_temperature_grad(); }
 
   /// Routes the rows of `x` `(num_tokens, model_dim)` into `out` (see the class comment).
-  /// Fills `out.probs_mut()` with the masked sigmoid scores `s` `(num_tokens, max_experts)`
+  /// Fills `out.probs_mut()` with the masked sigmoid scores `s` `(num_tokens, num_experts)`
   /// (not a distribution) and sets `out.live_experts = num_active()`. Throws `moet::Error`
   /// when `x` has the wrong width or a non-finite entry, when training (`visit_parameters`)
   /// left a non-finite embedding, threshold or temperature, or when a score is not finite (an
   /// overflowing token norm); `out` is then unspecified.
   void route(const ConstRows<S>& x, const RouteContext& ctx, Routing<S>& out) const {
-    const Index d = model_dim();
-    const Index emax = max_experts();
-    detail::require(x.cols() == d, kOp, "x must have model_dim = ", d, " columns, got ", x.cols());
-    MOET_ASSERT(embeddings_.rows() == d && embeddings_.cols() == emax && thresholds_.size() == emax,
-                "the setters keep the gate's shapes");
-    detail::require(detail::all_finite(embeddings_), kOp, "gate embeddings must be finite");
-    detail::require(detail::all_finite(thresholds_), kOp, "thresholds must be finite");
-    detail::require(detail::all_finite(x), kOp, "x must be finite (found NaN or Inf)");
-    const S tau = temperature();
-    detail::require(std::isfinite(tau) && tau > S(0), kOp,
-                    "temperature must be finite and > 0, got ", tau, " (log_temperature ",
-                    log_temperature_, ")");
-
+    router_.check_inputs(x);
+    const Index emax = num_experts();
     const Index num_tokens = x.rows();
     const Index num_active_slots = num_active();
     out.reset(num_tokens, emax);
@@ -336,62 +227,35 @@ class TopAnyGate {
     out.live_experts = num_active_slots;
     if (num_tokens == 0) return;
 
-    // Per-slot constants: floored column norms of W and the fire thresholds sigmoid(tau theta).
+    // Scores s and, per slot, the floored embedding norms and the fire levels sigmoid(tau theta).
     auto slot = out.scratch_values.vector(2 * emax);
-    S* const norm_w = slot.data();       // (max_experts)
-    S* const threshold = norm_w + emax;  // (max_experts)
+    const S* const threshold = slot.data() + emax;  // (num_experts)
     const S* const mask = mask_.data();
-    S max_norm_w = kNormEps;  // largest active embedding norm
-    for (Index e = 0; e < emax; ++e) {
-      norm_w[e] = std::max(embeddings_.col(e).norm(), kNormEps);
-      threshold[e] = sigmoid(tau * thresholds_[e]);
-      if (mask[e] != S(0)) max_norm_w = std::max(max_norm_w, norm_w[e]);
-    }
-
-    // Raw dot products x W, turned in place into the scores s.
-    auto scores = out.probs_mut();  // (num_tokens, max_experts)
-    detail::router_product(x, embeddings_, scores);
-
-    // Pass 1: scores, natural k per token, and per block a non-finite flag and the largest k.
     const Index num_blocks = (num_tokens + kTokenBlock - 1) / kTokenBlock;
     std::int32_t* const block_info = out.scratch_ids.data(2 * num_blocks);
-    std::int32_t* const block_bad = block_info;                 // (num_blocks)
+    auto scores = out.probs_mut();  // (num_tokens, num_experts)
+    router_.score(x, mask, scores, slot.data(), block_info);
+
+    // Pass 1: natural k per token, and per block the largest k.
     std::int32_t* const block_max_k = block_info + num_blocks;  // (num_blocks)
     const auto counts = out.counts();
     const bool fallback = !ctx.training && num_active_slots > 0;
     detail::parallel_blocks(num_tokens, kTokenBlock, [&](Index begin, Index end) {
-      bool bad = false;
       Index max_k = 0;
       for (Index t = begin; t < end; ++t) {
-        const S norm_x = std::max(x.row(t).norm(), kNormEps);
-        // An overflowing norm product would silently turn the cosines into 0: flag it.
-        bad = bad || !std::isfinite(norm_x * max_norm_w);
-        S* const s = &scores(t, 0);
+        const S* const s = &scores(t, 0);
         Index k = 0;
         for (Index e = 0; e < emax; ++e) {
-          if (mask[e] == S(0)) {
-            s[e] = S(0);
-            continue;
-          }
-          s[e] = sigmoid(tau * (s[e] / (norm_x * norm_w[e])));
-          bad = bad || !std::isfinite(s[e]);
-          if (s[e] > threshold[e]) ++k;
+          if (mask[e] != S(0) && s[e] > threshold[e]) ++k;
         }
         max_k = std::max(max_k, k);
         counts[static_cast<std::size_t>(t)] = (k == 0 && fallback) ? 1 : k;
       }
-      const Index b = begin / kTokenBlock;
-      block_bad[b] = bad ? 1 : 0;
-      block_max_k[b] = static_cast<std::int32_t>(max_k);
+      block_max_k[begin / kTokenBlock] = static_cast<std::int32_t>(max_k);
     });
     Index batch_max_k = 0;
-    for (Index b = 0; b < num_blocks; ++b) {
-      detail::require(block_bad[b] == 0, kOp,
-                      "scores must be finite (a token or gate embedding norm overflowed), got a "
-                      "non-finite score in tokens [",
-                      b * kTokenBlock, ", ", std::min(num_tokens, (b + 1) * kTokenBlock), ")");
+    for (Index b = 0; b < num_blocks; ++b)
       batch_max_k = std::max<Index>(batch_max_k, block_max_k[b]);
-    }
     out.commit_counts();
 
     // Pass 2: the experts that fire in ascending id with weight 1/k, or the eval fallback.
@@ -426,49 +290,38 @@ class TopAnyGate {
     });
   }
 
-  // ---------------------------------------------------------------------------------------
-  // Training: straight-through backward and parameters.
-
-  /// Straight-through backward (ALGORITHMS.md 1.2-1.3). `x`, `ctx` and `routing` are those of
+  /// Straight-through backward (docs/algorithms.md §4.3). `x`, `ctx` and `routing` are those of
   /// the `route` call (the plan's `probs()` holds the scores `s` it used, so nothing else is
   /// cached); `d_weights` is dL/dw per assignment (routing order); `loss_grad.d_gates` is
-  /// empty or dL/da `(num_tokens, max_experts)` row-major from the auxiliary losses.
-  /// Accumulates into `gate_embeddings_grad()` and `thresholds_grad()` and adds dL/dx into `dx`
-  /// `(num_tokens, model_dim)`.
+  /// empty or dL/da `(num_tokens, num_experts)` row-major from the auxiliary losses.
+  /// Accumulates into `gate_embeddings_grad()` and `thresholds_grad()` (and `log_temperature`'s
+  /// with `trainable_temperature`) and adds dL/dx into `dx` `(num_tokens, model_dim)`.
   ///
-  /// The surrogate differentiated, per token `t` with activated set `S_t`, `k = |S_t|`:
-  /// ```
-  /// a[t,e] = r + stopgrad(sign(r) - r),  r = relu(s[t,e] - sigmoid(tau theta_e))   (da/dr = 1)
-  /// kDeepSpeed:   w[t,e] = a[t,e] / k      (k a constant)
-  /// kTutel:       w[t,e] = a[t,e] / sum_j a[t,j]  when some token of the batch has k >= 2,
-  ///               else w = a (no division; the same gradient as kDeepSpeed, k <= 1)
-  /// dL/da[t,e] = (weight part) + d_gates[t,e];   dL/dr = dL/da on activated pairs, 0 elsewhere
-  /// dL/dtheta_e = -tau sigmoid'(tau theta_e) sum_t dL/dr[t,e]
-  /// dL/dcos[t,e] = tau s (1 - s) dL/dr[t,e], then through both F.normalize (eps 1e-12) to x, W
-  /// ```
-  /// so only activated pairs pass gradient to `W`, `theta` and `x`; tokens that activated
-  /// nothing (training) pass nothing; inactive slots get nothing. Eval-fallback assignments
-  /// (a token with no activated expert, routed to its best one when `!ctx.training`) pass
-  /// nothing for `kDeepSpeed` (weight 1, a constant) and, for `kTutel` when the weight is the
-  /// raw score `s`, dL/ds = dL/dw through the sigmoid and cosine (the threshold is not
-  /// involved). `tau` is a constant unless `trainable_temperature`; then, with `z = tau cos` and
-  /// `tau theta` both depending on it, `dL/dlog_t = tau dL/dtau` below the clamp (0 above).
+  /// The surrogate, per token with activated set `S_t`, `k = |S_t|`: `a = r + stopgrad(sign(r)
+  /// - r)` with `r = relu(s - sigmoid(tau theta_e))`; `w = a / k` with `k` constant
+  /// (`kDeepSpeed`, and `kTutel` when no token of the batch has `k >= 2`) or `w = a / sum_j a`
+  /// (`kTutel` otherwise); `dL/da = (weight part) + d_gates`, and `dL/dr = dL/da` on activated
+  /// pairs only. So only activated pairs pass gradient to `W`, `theta` and `x`; tokens that
+  /// activated nothing (training) and inactive slots get nothing. An eval fallback weight
+  /// passes nothing for `kDeepSpeed` (1, a constant) and, for `kTutel` when it is the raw score
+  /// `s`, dL/ds = dL/dw through the sigmoid and cosine. The rest, from dL/ds and dL/dr to `W`,
+  /// `theta`, `tau` and `x`, is `CosineRouter::backward`.
   ///
   /// The gate's `W` and `theta` must be those the plan was routed with; the only allowed
   /// change is an expert update by `on_training_forward` (it touches only slots that are not
-  /// in the plan). Parallel over tokens (for `dx`) and over slots (for `W`, `theta`), each
-  /// value summed in a fixed order: the same bits for any thread count.
+  /// in the plan). Parallel over tokens and over slots, each value summed in a fixed order: the
+  /// same bits for any thread count.
   ///
   /// Throws `moet::Error` when a shape or size does not match (`x` `(T, model_dim)`,
-  /// `routing` over `T` tokens and `max_experts` experts with `(T, max_experts)` scores,
-  /// `d_weights` one per assignment, `d_gates` empty or `T * max_experts`, `dx`
+  /// `routing` over `T` tokens and `num_experts` experts with `(T, num_experts)` scores,
+  /// `d_weights` one per assignment, `d_gates` empty or `T * num_experts`, `dx`
   /// `(T, model_dim)`), or when the plan does not match the gate (an expert id out of range, or
   /// an assignment that did not fire and is not an eval fallback); nothing is changed then.
   void backward(const ConstRows<S>& x, const RouteContext& ctx, const Routing<S>& routing,
                 std::span<const S> d_weights, const LossGrad& loss_grad, Rows<S> dx) {
     static constexpr const char* op = "TopAnyGate::backward";
     const Index d = model_dim();
-    const Index emax = max_experts();
+    const Index emax = num_experts();
     const Index num_tokens = x.rows();
     check_plan(op, x, routing);
     detail::require(static_cast<Index>(d_weights.size()) == routing.num_assignments(), op,
@@ -476,13 +329,12 @@ class TopAnyGate {
                     "), got ", d_weights.size());
     const std::span<const S> d_gates = loss_grad.d_gates;
     detail::require(d_gates.empty() || static_cast<Index>(d_gates.size()) == num_tokens * emax, op,
-                    "d_gates must be empty or have num_tokens * max_experts = ", num_tokens * emax,
+                    "d_gates must be empty or have num_tokens * num_experts = ", num_tokens * emax,
                     " entries, got ", d_gates.size());
     detail::require(dx.rows() == num_tokens && dx.cols() == d, op, "dx must be (", num_tokens, ", ",
                     d, "), got (", dx.rows(), ", ", dx.cols(), ")");
-    const S tau = temperature();
-    S* const threshold = slot_thresholds();
-    const auto scores = routing.probs();  // (num_tokens, max_experts)
+    const S* const threshold = router_.fire_levels();
+    const auto scores = routing.probs();  // (num_tokens, num_experts)
     Index batch_max_k = 0;
     for (Index t = 0; t < num_tokens; ++t) {
       const Index k = routing.k(t);
@@ -497,37 +349,17 @@ class TopAnyGate {
                         threshold[e], (ctx.training ? " (a training plan has no fallback)" : ""));
       }
     }
-    ensure_grads();
-    if (num_tokens == 0) return;
-
-    // Per-slot constants: raw column norms of W and the normalised columns, transposed so that
-    // each is contiguous.
-    S* const raw_norm_w = threshold + emax;      // (max_experts)
-    S* const slot_d_tau = threshold + 2 * emax;  // (max_experts): dL/dtau through theta
-    auto slot_rows = wn_scratch_.matrix(2 * emax, d);
-    auto wn_t = slot_rows.topRows(emax);  // (max_experts, model_dim): Wn transposed
-    for (Index e = 0; e < emax; ++e) {
-      raw_norm_w[e] = embeddings_.col(e).norm();
-      wn_t.row(e) = embeddings_.col(e).transpose() / std::max(raw_norm_w[e], kNormEps);
-    }
     const bool divide = options_.variant == TopAnyVariant::kTutel && batch_max_k >= 2;
     const bool raw_fallback = options_.variant == TopAnyVariant::kTutel && batch_max_k < 2;
 
-    // Pass 1, over token blocks: dL/dcos and dL/dr per (token, slot), and dx.
-    const Index num_blocks = (num_tokens + kTokenBlock - 1) / kTokenBlock;
-    S* const token_data = token_scratch_.data(2 * num_tokens * emax + num_tokens + num_blocks);
-    Eigen::Map<RowMatrix<S>> d_cos(token_data, num_tokens, emax);                    // (T, Emax)
-    Eigen::Map<RowMatrix<S>> d_r(token_data + num_tokens * emax, num_tokens, emax);  // (T, Emax)
-    S* const inv_norm_x = token_data + 2 * num_tokens * emax;                        // (T)
-    S* const block_d_tau = inv_norm_x + num_tokens;  // (num_blocks): dL/dtau through s
+    // dL/ds and dL/dr per (token, slot): the straight-through part; the router does the rest.
+    const auto grads = router_.score_grads(num_tokens);
+    auto d_s = grads.d_scores;  // (T, Emax)
+    auto d_r = grads.d_r;       // (T, Emax)
     detail::parallel_blocks(num_tokens, kTokenBlock, [&](Index begin, Index end) {
-      S d_tau = S(0);  // sum_t,e dL/ds s (1 - s) cos = sum_t projection_t / tau
       for (Index t = begin; t < end; ++t) {
-        d_cos.row(t).setZero();
+        d_s.row(t).setZero();
         d_r.row(t).setZero();
-        const S raw_norm_x = x.row(t).norm();
-        const S norm_x = std::max(raw_norm_x, kNormEps);
-        inv_norm_x[t] = S(1) / norm_x;
         const Index k = routing.k(t);
         if (k == 0) continue;
         const auto experts = routing.experts(t);
@@ -535,136 +367,58 @@ class TopAnyGate {
         const S inv_k = S(1) / static_cast<S>(k);
         S sum_g = S(0);
         for (Index j = 0; j < k; ++j) sum_g += d_weights[first + static_cast<std::size_t>(j)];
-        S projection = S(0);  // sum_e dL/dcos[t,e] cos[t,e] = u . (dL/du)
-        bool any = false;
         for (Index j = 0; j < k; ++j) {
           const Index e = experts[static_cast<std::size_t>(j)];
           const S g = d_weights[first + static_cast<std::size_t>(j)];
-          const S s = scores(t, e);
-          S dcos = S(0);
-          if (s > threshold[e]) {
+          if (scores(t, e) > threshold[e]) {
             S da = divide ? g * inv_k - sum_g * inv_k * inv_k : g * inv_k;
             if (!d_gates.empty()) da += d_gates[static_cast<std::size_t>(t * emax + e)];
             d_r(t, e) = da;
-            dcos = tau * s * (S(1) - s) * da;
+            d_s(t, e) = da;
           } else if (raw_fallback) {
-            dcos = tau * s * (S(1) - s) * g;  // Tutel eval fallback weight w = s
+            d_s(t, e) = g;  // Tutel eval fallback weight w = s
           }
-          d_cos(t, e) = dcos;
-          if (dcos == S(0)) continue;
-          any = true;
-          dx.row(t) += (dcos / norm_x) * wn_t.row(e);
-          projection += dcos * (x.row(t).dot(wn_t.row(e)) / norm_x);
         }
-        // d(x / ||x||)/dx = (I - u u^T) / ||x||; below the floor, x / eps has derivative I / eps.
-        if (any && raw_norm_x > kNormEps) {
-          dx.row(t) -= (projection / (norm_x * norm_x)) * x.row(t);
-        }
-        d_tau += projection / tau;
-      }
-      block_d_tau[begin / kTokenBlock] = d_tau;
-    });
-
-    // Pass 2, over slots: dL/dWn_e = sum_t dL/dcos[t,e] x_t / ||x_t|| in token order, then
-    // through the column normalisation; dL/dtheta_e from sum_t dL/dr[t,e].
-    auto g_wn_t = slot_rows.bottomRows(emax);  // (max_experts, model_dim): dL/dWn transposed
-    detail::parallel_for(emax, [&](Index e) {
-      auto acc = g_wn_t.row(e);
-      acc.setZero();
-      S sum_r = S(0);
-      bool any = false;
-      for (Index t = 0; t < num_tokens; ++t) {
-        sum_r += d_r(t, e);
-        const S c = d_cos(t, e);
-        if (c == S(0)) continue;
-        acc += (c * inv_norm_x[t]) * x.row(t);
-        any = true;
-      }
-      const S thr = threshold[e];
-      grad_thresholds_[e] += -tau * thr * (S(1) - thr) * sum_r;
-      slot_d_tau[e] = -thr * (S(1) - thr) * thresholds_[e] * sum_r;
-      if (!any) return;
-      if (raw_norm_w[e] > kNormEps) {
-        const S along = acc.dot(wn_t.row(e));
-        grad_embeddings_.col(e) += ((acc - along * wn_t.row(e)) / raw_norm_w[e]).transpose();
-      } else {
-        grad_embeddings_.col(e) += (acc / kNormEps).transpose();
       }
     });
-
-    // dL/dlog_t = tau dL/dtau below the clamp, summed in block and slot order.
-    if (options_.trainable_temperature && log_temperature_ < kLogMaxTemperature) {
-      S d_tau = S(0);
-      for (Index b = 0; b < num_blocks; ++b) d_tau += block_d_tau[b];
-      for (Index e = 0; e < emax; ++e) d_tau += slot_d_tau[e];
-      grad_log_temperature_ += tau * d_tau;
-    }
+    router_.backward(x, scores, threshold, dx);
   }
 
   /// Sets the gradients to zero (allocating them on the first call).
-  void zero_grad() {
-    ensure_grads();
-    grad_embeddings_.setZero();
-    grad_thresholds_.setZero();
-    grad_log_temperature_ = S(0);
-  }
+  void zero_grad() { router_.zero_grad(); }
 
-  /// dL/dW `(model_dim, max_experts)`; `(0, 0)` before the first `zero_grad` or `backward`.
-  /// The non-const overload allocates (zero) first; the auxiliary losses add into it.
-  const RowMatrix<S>& gate_embeddings_grad() const { return grad_embeddings_; }
-  RowMatrix<S>& gate_embeddings_grad() {
-    ensure_grads();
-    return grad_embeddings_;
-  }
-  /// dL/dtheta `(max_experts)`; empty before the first `zero_grad` or `backward`. The
-  /// non-const overload allocates (zero) first.
-  const Vector<S>& thresholds_grad() const { return grad_thresholds_; }
-  Vector<S>& thresholds_grad() {
-    ensure_grads();
-    return grad_thresholds_;
-  }
+  /// dL/dW `(model_dim, num_experts)` and dL/dtheta `(num_experts)`, empty before the first
+  /// `zero_grad` or `backward`; the non-const overloads allocate (zero) first.
+  const RowMatrix<S>& gate_embeddings_grad() const { return router_.embeddings_grad(); }
+  RowMatrix<S>& gate_embeddings_grad() { return router_.embeddings_grad(); }
+  const Vector<S>& thresholds_grad() const { return router_.thresholds_grad(); }
+  Vector<S>& thresholds_grad() { return router_.thresholds_grad(); }
 
-  /// Calls `f(name, value, grad)` for `embeddings` (`W`, `(model_dim, max_experts)`),
-  /// `thresholds` (`theta`, `(1, max_experts)`) and, with `trainable_temperature`,
-  /// `log_temperature` (`log_t`, `(1, 1)`), in that order (train/grad.hpp). The expert mask is
-  /// not a parameter. Allocates the gradients on first use.
+  /// Calls `f(name, value, grad)` for `embeddings` `(model_dim, num_experts)`, `thresholds`
+  /// `(1, num_experts)` and, with `trainable_temperature`, `log_temperature` `(1, 1)`
+  /// (`CosineRouter::visit_parameters`). The expert mask is not a parameter.
   template <class F>
   void visit_parameters(F&& f) {
-    ensure_grads();
-    const Index d = model_dim();
-    const Index emax = max_experts();
-    f(std::string_view("embeddings"), ParamMap<S>(embeddings_.data(), d, emax),
-      ParamMap<S>(grad_embeddings_.data(), d, emax));
-    f(std::string_view("thresholds"), ParamMap<S>(thresholds_.data(), 1, emax),
-      ParamMap<S>(grad_thresholds_.data(), 1, emax));
-    if (options_.trainable_temperature) {
-      f(std::string_view("log_temperature"), ParamMap<S>(&log_temperature_, 1, 1),
-        ParamMap<S>(&grad_log_temperature_, 1, 1));
-    }
+    router_.visit_parameters(std::forward<F>(f));
   }
 
   // ---------------------------------------------------------------------------------------
-  // The adaptive process (ALGORITHMS.md 1.6).
+  // The adaptive process (docs/algorithms.md §4.5-4.6), run by `TopAnyAdaptive`.
 
   /// The hook a layer calls after routing in every training forward, with the gate input `x`
-  /// `(num_tokens, model_dim)` and the plan `route` made. In order: under
-  /// `TopAnySchedule::kDeepSpeedCycle`, begins recording when the counter `n =
-  /// training_forwards()` says so; while recording, adds the plan to the records
-  /// (`R_E[e] += tokens routed to e`, `R_S += x_t` for every token routed nowhere); under the
-  /// cycle, updates the experts (`update_experts()`) when `n` says so and a recording is still
-  /// open (an explicit `update_experts()` earlier in the window closes it); then counts the
-  /// forward (`++n`). Under `kManual` it only records (when recording) and counts. The update
-  /// touches only slots that are not in this forward's plan (idle or inactive ones), so the
-  /// plan stays valid for `backward`; the auxiliary loss computed after it sees the new mask.
+  /// `(num_tokens, model_dim)` and the plan `route` made: runs the schedule, the records and,
+  /// when due, the update (`TopAnyAdaptive::after_training_forward`), then counts the forward.
+  /// The update touches only slots that are not in this forward's plan, so the plan stays
+  /// valid for `backward`; the auxiliary loss computed after it sees the new mask.
   ///
   /// Throws `moet::Error`, changing nothing, when the shapes do not match (`x` `(T,
-  /// model_dim)`, `routing` over `T` tokens and `max_experts` experts with `(T, max_experts)`
+  /// model_dim)`, `routing` over `T` tokens and `num_experts` experts with `(T, num_experts)`
   /// scores), when an expert id is out of range, or when the plan is an eval plan (a token
   /// routed by the eval fallback to an expert that did not fire): eval forwards never record.
   void on_training_forward(const ConstRows<S>& x, const Routing<S>& routing) {
     static constexpr const char* op = "TopAnyGate::on_training_forward";
     check_plan(op, x, routing);
-    const S* const threshold = slot_thresholds();
+    const S* const threshold = router_.fire_levels();
     const auto scores = routing.probs();
     for (Index t = 0; t < routing.num_tokens(); ++t) {
       for (const auto e : routing.experts(t)) {
@@ -674,98 +428,56 @@ class TopAnyGate {
                         ": an eval-mode plan (fallback); call this for training forwards only");
       }
     }
-    const std::int64_t n = forwards_;
-    const std::int64_t period = options_.schedule_period;
-    const bool cycle = options_.schedule == TopAnySchedule::kDeepSpeedCycle && n % period == 0;
-    if (cycle && (n / period) % 3 == 1) begin_recording();
-    if (recording_) {
-      for (Index t = 0; t < routing.num_tokens(); ++t) {
-        if (routing.k(t) == 0) record_unrouted_ += x.row(t).transpose();
-        for (const auto e : routing.experts(t)) ++record_tokens_[static_cast<std::size_t>(e)];
-      }
-    }
-    if (cycle && (n / period) % 3 == 2 && recording_) update_experts();
-    ++forwards_;
+    adaptive_.after_training_forward(x, routing, mask_, router_);
   }
 
   /// Resets the records and starts recording (DynMoE's start flag).
-  void begin_recording() {
-    std::fill(record_tokens_.begin(), record_tokens_.end(), Index{0});
-    record_unrouted_.setZero();
-    recording_ = true;
-  }
+  void begin_recording() { adaptive_.begin_recording(); }
 
-  /// DynMoE's expert update (ALGORITHMS.md 1.6), remove first, then add; stops recording.
-  /// Remove: every active slot that received no token while recording is switched off (its
-  /// `W` column, threshold and the expert bank's weights stay as they are). Add: when
-  /// `||R_S||_2 > 0` (the norm, where DeepSpeed tests `sum_i R_S[i] != 0`: a sum that cancels
-  /// to 0 would skip a real add) and some slot is inactive, the lowest inactive slot `j` is
-  /// switched on with `W[:, j] = R_S / ||R_S||_2` and `theta_j = 0`; at most one slot per
-  /// update, never more than `max_experts` in all. The gate does not own the expert weights:
-  /// the new slot reuses whatever weights the bank holds for slot `j` (possibly those of an
-  /// expert removed in this very update), as DynMoE does. Optimiser state (momenta) for the
-  /// slot's `W` column and threshold is not reset. A non-finite `R_S` (a float sum that
-  /// overflowed) adds nothing. Throws `moet::Error` when not recording.
-  TopAnyExpertUpdate update_experts() {
-    detail::require(recording_, "TopAnyGate::update_experts",
-                    "no recording to update from: call begin_recording() first (recording ",
-                    "stops at every update), training forwards counted so far: ", forwards_);
-    TopAnyExpertUpdate result;
-    const Index emax = max_experts();
-    for (Index e = 0; e < emax; ++e) {
-      if (mask_[e] != S(0) && record_tokens_[static_cast<std::size_t>(e)] == 0) {
-        mask_[e] = S(0);
-        ++result.removed;
-      }
-    }
-    const S norm = record_unrouted_.stableNorm();
-    if (norm > S(0) && std::isfinite(norm) && detail::all_finite(record_unrouted_)) {
-      for (Index j = 0; j < emax; ++j) {
-        if (mask_[j] != S(0)) continue;
-        mask_[j] = S(1);
-        embeddings_.col(j) = record_unrouted_ / norm;
-        thresholds_[j] = S(0);
-        result.added = j;
-        break;
-      }
-    }
-    recording_ = false;
-    return result;
-  }
+  /// DynMoE's expert update (docs/algorithms.md §4.5; `TopAnyAdaptive::update_experts`):
+  /// switches off every active slot that received no token while recording, then switches on
+  /// the lowest inactive slot `j`, if any, with `W[:, j] = R_S / ||R_S||_2` and `theta_j = 0`
+  /// when `||R_S||_2 > 0` and finite; stops recording. The new slot reuses whatever weights the
+  /// expert bank holds for it. Throws `moet::Error` when not recording.
+  TopAnyExpertUpdate update_experts() { return adaptive_.update_experts(mask_, router_); }
 
   /// True between `begin_recording()` (or the cycle's begin) and the next update.
-  bool recording() const { return recording_; }
-  /// `R_E` `(max_experts)`: tokens routed to each slot since recording began.
-  std::span<const Index> recorded_tokens() const { return record_tokens_; }
+  bool recording() const { return adaptive_.recording(); }
+  /// `R_E` `(num_experts)`: tokens routed to each slot since recording began.
+  std::span<const Index> recorded_tokens() const { return adaptive_.recorded_tokens(); }
   /// `R_S` `(model_dim)`: the sum of the raw inputs of tokens routed nowhere since recording
   /// began.
-  const Vector<S>& recorded_unrouted() const { return record_unrouted_; }
+  const Vector<S>& recorded_unrouted() const { return adaptive_.recorded_unrouted(); }
   /// The counter `n` of training forwards seen by `on_training_forward`.
-  std::int64_t training_forwards() const { return forwards_; }
+  std::int64_t training_forwards() const { return adaptive_.training_forwards(); }
   /// Sets the counter (to resume a run); throws `moet::Error` unless `n >= 0`.
   void set_training_forwards(std::int64_t n) {
     detail::require(n >= 0, kOp, "training forward count must be >= 0, got ", n);
-    forwards_ = n;
+    adaptive_.set_training_forwards(n);
   }
 
  private:
   static constexpr const char* kOp = "TopAnyGate";
 
-  static S sigmoid(S z) { return S(1) / (S(1) + std::exp(-z)); }
-
-  static void check_temperature(S tau) {
-    detail::require(std::isfinite(tau) && tau > S(0), kOp,
-                    "temperature must be finite and > 0, got ", tau);
+  static const Options& checked(const Options& o) {
+    detail::require(o.model_dim >= 1, kOp, "model_dim must be >= 1, got ", o.model_dim);
+    detail::require(o.num_experts >= 1, kOp, "num_experts must be >= 1, got ", o.num_experts);
+    detail::require(o.initial_experts >= 0 && o.initial_experts <= o.num_experts, kOp,
+                    "initial_experts must be in [0, num_experts = ", o.num_experts,
+                    "] (0: all live), got ", o.initial_experts);
+    detail::require(o.schedule_period >= 1, kOp, "schedule_period must be >= 1, got ",
+                    o.schedule_period);
+    return o;
   }
 
   /// Checks what `backward` and `on_training_forward` share: `x`, the plan and the state.
   void check_plan(const char* op, const ConstRows<S>& x, const Routing<S>& routing) const {
     const Index d = model_dim();
-    const Index emax = max_experts();
+    const Index emax = num_experts();
     detail::require(x.cols() == d, op, "x must have model_dim = ", d, " columns, got ", x.cols());
     detail::require(routing.num_tokens() == x.rows(), op, "the plan has ", routing.num_tokens(),
                     " tokens but x has ", x.rows(), " rows");
-    detail::require(routing.num_experts() == emax, op, "the plan must be over max_experts = ", emax,
+    detail::require(routing.num_experts() == emax, op, "the plan must be over num_experts = ", emax,
                     " experts, got ", routing.num_experts());
     // route leaves the scores (0, 0) for an empty batch.
     const bool scores_ok =
@@ -773,66 +485,16 @@ class TopAnyGate {
     detail::require(scores_ok, op, "the plan's scores must be (", x.rows(), ", ", emax,
                     ") as route writes them, got (", routing.probs().rows(), ", ",
                     routing.probs().cols(), ")");
-    detail::require(embeddings_.rows() == d && embeddings_.cols() == emax, op,
-                    "gate embeddings must be (", d, ", ", emax, "), got (", embeddings_.rows(),
-                    ", ", embeddings_.cols(), ")");
-    detail::require(thresholds_.size() == emax, op, "thresholds must have ", emax, " entries, got ",
-                    thresholds_.size());
+    router_.check_shapes(op);
     for (const auto e : routing.experts()) {
       detail::require(e >= 0 && e < emax, op, "expert id must be in [0, ", emax, "), got ", e);
     }
   }
 
-  /// The fire thresholds `sigmoid(tau theta_e)`, computed exactly as `route` does, in the
-  /// first `max_experts` entries of a slot scratch of `3 * max_experts`.
-  S* slot_thresholds() {
-    const Index emax = max_experts();
-    S* const threshold = slot_scratch_.data(3 * emax);
-    const S tau = temperature();
-    for (Index e = 0; e < emax; ++e) threshold[e] = sigmoid(tau * thresholds_[e]);
-    return threshold;
-  }
-
-  // The checked write of set_gate_embeddings / set_router.
-  void set_embeddings(const char* setter, const ConstRows<S>& w, WeightLayout layout) {
-    const detail::WeightName name{"gate embeddings", -1, "model_dim", "max_experts"};
-    detail::check_weight_shape(kOp, setter, name, model_dim(), max_experts(), w.rows(), w.cols(),
-                               layout);
-    detail::check_weights_finite(kOp, setter, name, w);
-    if (layout == WeightLayout::kOutIn) {
-      embeddings_ = w.transpose();
-    } else {
-      embeddings_ = w;
-    }
-  }
-
-  void ensure_grads() {
-    const Index d = model_dim();
-    const Index emax = max_experts();
-    if (grad_embeddings_.rows() != d || grad_embeddings_.cols() != emax) {
-      grad_embeddings_ = RowMatrix<S>::Zero(d, emax);
-    }
-    if (grad_thresholds_.size() != emax) grad_thresholds_ = Vector<S>::Zero(emax);
-  }
-
   Options options_;
-  S temperature_ = S(1);      // the fixed tau
-  S log_temperature_ = S(0);  // log_t, the parameter with trainable_temperature
-  RowMatrix<S> embeddings_;   // (model_dim, max_experts)
-  Vector<S> thresholds_;      // (max_experts)
-  Vector<S> mask_;            // (max_experts), 0 or 1
-  // Training state: gradients (allocated lazily) and backward scratch.
-  RowMatrix<S> grad_embeddings_;  // (model_dim, max_experts)
-  Vector<S> grad_thresholds_;     // (max_experts)
-  S grad_log_temperature_ = S(0);
-  detail::Buffer<S> slot_scratch_;   // (3 * max_experts)
-  detail::Buffer<S> wn_scratch_;     // (2 * max_experts, model_dim)
-  detail::Buffer<S> token_scratch_;  // (2 T max_experts + T + token blocks)
-  // Adaptive process (ALGORITHMS.md 1.6).
-  std::vector<Index> record_tokens_;  // R_E (max_experts)
-  Vector<S> record_unrouted_;         // R_S (model_dim)
-  bool recording_ = false;
-  std::int64_t forwards_ = 0;  // training forwards counted by on_training_forward
+  Router router_;               // W, theta, tau and their gradients
+  TopAnyAdaptive<S> adaptive_;  // records, schedule, counter (docs/algorithms.md §4.5)
+  Vector<S> mask_;              // (num_experts), 0 or 1
 };
 
 }  // namespace moet

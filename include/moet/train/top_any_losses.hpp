@@ -1,20 +1,20 @@
 #pragma once
 /// \file train/top_any_losses.hpp
 /// DynMoE's auxiliary losses for `TopAnyGate` (Guo et al., ICLR 2025, arXiv 2405.14297;
-/// ALGORITHMS.md 1.5): diversity, simplicity, load balance and efficiency, returned as values
+/// docs/algorithms.md §8.6): diversity, simplicity, load balance and efficiency, returned as values
 /// with their gradients.
 ///
 /// How the gradients reach the parameters. Diversity and simplicity depend on the gate
 /// embeddings `W` directly: `top_any_aux_loss` **adds** their (scaled) gradient into
 /// `gate.gate_embeddings_grad()`. Load balance and efficiency depend on the 0/1
-/// straight-through gate matrix `a` `(num_tokens, max_experts)`: the function **adds** dL/da
+/// straight-through gate matrix `a` `(num_tokens, num_experts)`: the function **adds** dL/da
 /// into the caller's `d_gates` buffer, which the caller passes to `TopAnyGate::backward` as
 /// `TopAnyLossGrad::d_gates` (the backward takes it through the straight-through chain to `W`,
 /// `theta` and `x`). A training step is therefore:
 /// ```cpp
 /// gate.zero_grad();
 /// gate.route(x, ctx, plan);                          // ctx.training = true
-/// std::vector<float> d_gates(plan.num_tokens() * gate.max_experts(), 0.0f);
+/// std::vector<float> d_gates(plan.num_tokens() * gate.num_experts(), 0.0f);
 /// const auto aux = moet::top_any_aux_loss(gate, plan, d_gates);   // aux.value is 0.01 l_aux
 /// gate.backward(x, ctx, plan, d_weights, {d_gates}, dx);
 /// ```
@@ -51,7 +51,7 @@ struct TopAnyAuxLoss {
   /// `Emax * sum_e me_e ce_e` (0 when no token is routed). Computed for both variants,
   /// included in `value` only for `TopAnyVariant::kDeepSpeed`.
   S load_balance = S(0);
-  /// The mean of `a` over all `num_tokens * max_experts` entries (0 for an empty batch).
+  /// The mean of `a` over all `num_tokens * num_experts` entries (0 for an empty batch).
   /// Computed for both variants, included in `value` only for `kDeepSpeed`.
   S efficiency = S(0);
   /// `coefficient * l_aux`: all four terms for `kDeepSpeed`, diversity + simplicity for
@@ -59,7 +59,7 @@ struct TopAnyAuxLoss {
   S value = S(0);
 };
 
-/// DynMoE's auxiliary loss of `gate` on the plan `routing` it made (ALGORITHMS.md 1.5), with
+/// DynMoE's auxiliary loss of `gate` on the plan `routing` it made (docs/algorithms.md §8.6), with
 /// the loss set of `gate.variant()`. Notation: `a[t,e]` is 1 for every assignment of the plan
 /// (the eval fallback included) and 0 elsewhere, `Wn` the column-normalised embeddings (floor
 /// 1e-12 as in the forward), `m` the expert mask, `N` the tokens with at least one expert:
@@ -73,35 +73,35 @@ struct TopAnyAuxLoss {
 /// With `options.accumulate_grad` (the default) it adds `coefficient * d(diversity +
 /// simplicity)/dW` into `gate.gate_embeddings_grad()` (allocating it if needed) and, for
 /// `kDeepSpeed`, `coefficient * d(load_balance + efficiency)/da` into `d_gates` `(num_tokens,
-/// max_experts)` row-major, every entry (the backward uses only the activated, non-fallback
+/// num_experts)` row-major, every entry (the backward uses only the activated, non-fallback
 /// ones); zero `d_gates` before the first loss of a batch. For `kTutel` `d_gates` is left
 /// untouched and may be empty. The gradient of a norm at 0 is taken as 0 (as PyTorch does).
 /// Serial: the same bits for any thread count. Allocates `O(Emax^2 + d Emax)` scratch per
 /// call (once per step, not a hot path).
 ///
-/// Throws `moet::Error` when the plan is not over `gate.max_experts()` experts, when
-/// `d_gates` is needed and does not have `num_tokens * max_experts` entries, when
+/// Throws `moet::Error` when the plan is not over `gate.num_experts()` experts, when
+/// `d_gates` is needed and does not have `num_tokens * num_experts` entries, when
 /// `coefficient` is not finite and >= 0, or when the embeddings have the wrong shape.
 template <class S>
 TopAnyAuxLoss<S> top_any_aux_loss(TopAnyGate<S>& gate, const Routing<S>& routing,
                                   std::span<S> d_gates,
                                   const TopAnyAuxLossOptions<S>& options = {}) {
   static constexpr const char* op = "top_any_aux_loss";
-  const Index emax = gate.max_experts();
+  const Index emax = gate.num_experts();
   const Index d = gate.model_dim();
   const Index num_tokens = routing.num_tokens();
   const S coef = options.coefficient;
   detail::require(std::isfinite(coef) && coef >= S(0), op,
                   "coefficient must be finite and >= 0, got ", coef);
-  detail::require(routing.num_experts() == emax, op, "the plan must be over max_experts = ", emax,
+  detail::require(routing.num_experts() == emax, op, "the plan must be over num_experts = ", emax,
                   " experts, got ", routing.num_experts());
-  const auto& w = gate.gate_embeddings();  // (model_dim, max_experts)
+  const auto& w = gate.gate_embeddings();  // (model_dim, num_experts)
   detail::require(w.rows() == d && w.cols() == emax, op, "gate embeddings must be (", d, ", ", emax,
                   "), got (", w.rows(), ", ", w.cols(), ")");
   const bool routing_terms = gate.variant() == TopAnyVariant::kDeepSpeed;
   const bool need_d_gates = options.accumulate_grad && routing_terms;
   detail::require(!need_d_gates || static_cast<Index>(d_gates.size()) == num_tokens * emax, op,
-                  "d_gates must have num_tokens * max_experts = ", num_tokens * emax,
+                  "d_gates must have num_tokens * num_experts = ", num_tokens * emax,
                   " entries, got ", d_gates.size());
   for (const auto e : routing.experts()) {
     detail::require(e >= 0 && e < emax, op, "expert id must be in [0, ", emax, "), got ", e);
@@ -111,8 +111,8 @@ TopAnyAuxLoss<S> top_any_aux_loss(TopAnyGate<S>& gate, const Routing<S>& routing
   TopAnyAuxLoss<S> out;
 
   // Diversity and simplicity, from the raw and normalised columns.
-  RowMatrix<S> wn(d, emax);  // (model_dim, max_experts)
-  Vector<S> raw_norm(emax);  // (max_experts)
+  RowMatrix<S> wn(d, emax);  // (model_dim, num_experts)
+  Vector<S> raw_norm(emax);  // (num_experts)
   for (Index e = 0; e < emax; ++e) {
     raw_norm[e] = w.col(e).norm();
     wn.col(e) = w.col(e) / std::max(raw_norm[e], eps);
@@ -160,7 +160,7 @@ TopAnyAuxLoss<S> top_any_aux_loss(TopAnyGate<S>& gate, const Routing<S>& routing
 
   // dW from diversity: d/dWn_k = (2 / D) sum_j M_kj Wn_j (M symmetric), then through the
   // column normalisation; from simplicity: W_e / (Emax ||W_e||).
-  auto& grad_w = gate.gate_embeddings_grad();  // (model_dim, max_experts)
+  auto& grad_w = gate.gate_embeddings_grad();  // (model_dim, num_experts)
   const S inv_emax = S(1) / static_cast<S>(emax);
   Vector<S> g(d);  // dD/dWn_e, then dD/dW_e
   for (Index e = 0; e < emax; ++e) {

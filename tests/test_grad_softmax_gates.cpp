@@ -20,7 +20,7 @@
 #include "moet/gates/importance.hpp"
 #include "moet/gates/top_k.hpp"
 #include "moet/gates/top_p.hpp"
-#include "moet/train/grad.hpp"
+#include "moet/concepts.hpp"
 
 namespace {
 

@@ -9,8 +9,8 @@
 // protocol and toolkit), so the same file builds against either tree and the outputs can be
 // diffed:
 //
-//   g++ -std=c++20 -O2 [-march=native] -fopenmp -DEIGEN_MAX_ALIGN_BYTES=64 \
-//       -DEIGEN_MAX_STATIC_ALIGN_BYTES=64 -I<tree>/include -I<tree> -I/usr/include/eigen3 \
+//   g++ -std=c++20 -O2 [-march=native] -fopenmp -DEIGEN_MAX_ALIGN_BYTES=64
+//       -DEIGEN_MAX_STATIC_ALIGN_BYTES=64 -I<tree>/include -I<tree> -I/usr/include/eigen3
 //       tests/tools/bank_hashes.cpp -o bank_hashes && ./bank_hashes > <tree>.txt
 //
 // Not built or run by ctest: a recorded comparison, not a test (the bits depend on the

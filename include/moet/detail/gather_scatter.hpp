@@ -12,6 +12,7 @@
 #include <span>
 #include <vector>
 
+#include "moet/concepts.hpp"
 #include "moet/detail/buffer.hpp"
 #include "moet/detail/parallel.hpp"
 #include "moet/detail/rng.hpp"
@@ -91,9 +92,7 @@ void prepare_thread_scratch(const X& experts, std::vector<ExpertThreadScratch<X>
   for (auto& scratch : per_thread) {
     if (gather) reserve_aligned(scratch.rows_in, max_rows, model_dim);
     if (output) reserve_aligned(scratch.rows_out, max_rows, model_dim);
-    if constexpr (requires { experts.reserve(scratch.expert, max_rows); }) {
-      experts.reserve(scratch.expert, max_rows);
-    }
+    if constexpr (HookCheck<X>::kReserve) experts.reserve(scratch.expert, max_rows);
   }
 }
 
@@ -123,7 +122,7 @@ bool storage_overlaps(const A& a, const B& b) {
 /// dispatcher calls it before its parallel region, so that no bank throws inside one.
 template <class X>
 void check_experts_ready(const X& experts, bool training) {
-  if constexpr (requires { experts.check_ready(training); }) experts.check_ready(training);
+  if constexpr (HookCheck<X>::kCheckReady) experts.check_ready(training);
 }
 
 /// The checks every dispatcher runs at entry (throws `Error` naming `op`): `x` is

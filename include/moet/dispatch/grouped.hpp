@@ -16,7 +16,6 @@
 #include "moet/errors.hpp"
 #include "moet/routing.hpp"
 #include "moet/tensor.hpp"
-#include "moet/train/grad.hpp"
 
 namespace moet {
 
@@ -258,7 +257,7 @@ class GroupedDispatch {
     }
     detail::prepare_thread_scratch(experts, ws.threads, max_rows, /*gather=*/true,
                                    /*output=*/true);
-    if constexpr (requires { experts.ensure_grad(); }) experts.ensure_grad();
+    if constexpr (HookCheck<X>::kEnsureGrad) experts.ensure_grad();
     const auto offsets = ws.view.offsets();
     const auto tokens = ws.view.tokens();
     const auto assignments = ws.view.assignments();
@@ -479,7 +478,7 @@ void backward_dense_experts(X& experts, const ConstRows<typename X::Scalar>& x,
   if (num_tokens == 0) return;
   detail::prepare_thread_scratch(experts, ws.threads, std::min(kDenseRowBlock, num_tokens),
                                  /*gather=*/false, /*output=*/false);
-  if constexpr (requires { experts.ensure_grad(); }) experts.ensure_grad();
+  if constexpr (HookCheck<X>::kEnsureGrad) experts.ensure_grad();
   auto cache = ws.cache.matrix(num_experts * num_tokens, experts.cache_width());
   auto din = detail::aligned_matrix(ws.din, num_experts * num_tokens, model_dim);
   detail::parallel_for(num_experts, [&](Index e) {

@@ -23,7 +23,8 @@
 ///   reads weights that the packed copy has not caught up with: while the copy is stale it
 ///   throws (see `check_ready`), it never falls back to a slower path behind the caller's
 ///   back.
-/// - **Optimisers** keep train/grad.hpp's protocol: `visit_parameters(f)` hands out the stacks
+/// - **Optimisers** keep concepts.hpp's training protocol: `visit_parameters(f)` hands out the
+/// stacks
 ///   (and marks the packed copy stale), then `parameters_changed()` checks that every weight is
 ///   finite and repacks. A NaN or Inf is rejected by every writer: `set_*` (nothing stored),
 ///   the end of `edit()` and `parameters_changed()` (both throw and leave the bank refusing to
@@ -60,13 +61,13 @@
 #include <utility>
 #include <vector>
 
+#include "moet/concepts.hpp"
 #include "moet/detail/expert_bank.hpp"
 #include "moet/detail/rng.hpp"
 #include "moet/detail/weights.hpp"
 #include "moet/errors.hpp"
-#include "moet/experts/weight_format.hpp"
 #include "moet/tensor.hpp"
-#include "moet/train/grad.hpp"
+#include "moet/weight_format.hpp"
 
 namespace moet {
 
@@ -116,6 +117,10 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
   using BiasMap = Eigen::Map<Eigen::Matrix<S, 1, Eigen::Dynamic>>;
   /// Tensors per expert (biases included, present or not).
   static constexpr std::size_t kNumTensors = Body::kTensors.size();
+  /// The optional hooks the bank has (concepts.hpp): the dispatchers call `check_ready`,
+  /// `reserve` and `ensure_grad`, the optimisers `parameters_changed`.
+  static constexpr Hooks kHooks{
+      .parameters_changed = true, .check_ready = true, .reserve = true, .ensure_grad = true};
 
   /// Construction options. Designated initialisers must keep this order.
   struct Options {
@@ -390,7 +395,7 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
     Body::forward(x, in, out, scratch);
   }
 
-  // --- training (train/grad.hpp's `TrainableExperts`) -----------------------------------------
+  // --- training (concepts.hpp's `TrainableExperts`) -----------------------------------------
 
   /// Scalars `forward_train` keeps per routed row (the body's activations for `backward`).
   Index cache_width() const { return Body::cache_width(model_dim(), hidden_dim()); }

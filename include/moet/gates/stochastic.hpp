@@ -8,6 +8,7 @@
 #include <limits>
 #include <span>
 
+#include "moet/concepts.hpp"
 #include "moet/context.hpp"
 #include "moet/detail/parallel.hpp"
 #include "moet/detail/rng.hpp"
@@ -15,7 +16,6 @@
 #include "moet/errors.hpp"
 #include "moet/routing.hpp"
 #include "moet/tensor.hpp"
-#include "moet/train/grad.hpp"
 
 namespace moet {
 
@@ -161,7 +161,7 @@ class StochasticGate {
     });
   }
 
-  // --- training (train/grad.hpp's `TrainableGate`) -----------------------------------------
+  // --- training (concepts.hpp's `TrainableGate`) -----------------------------------------
 
   /// Backward of `route`: THOR's gate has no parameters and its choice does not depend on
   /// `x` (ALGORITHMS.md 4.2), so nothing is accumulated and nothing is added to `dx`. Checks

@@ -19,7 +19,7 @@
 #include "moet/errors.hpp"
 #include "moet/routing.hpp"
 #include "moet/tensor.hpp"
-#include "moet/train/grad.hpp"
+#include "moet/concepts.hpp"
 
 namespace moet {
 

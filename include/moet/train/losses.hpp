@@ -6,7 +6,7 @@
 /// with the papers' defaults. Formulas and sources: ALGORITHMS.md §2.2 (top-p), §4.2 (THOR),
 /// §5 (baselines). DynMoE's losses live in train/top_any_losses.hpp.
 ///
-/// Where the gradient goes (see train/grad.hpp, `SoftmaxLossGrad`):
+/// Where the gradient goes (see concepts.hpp, `SoftmaxLossGrad`):
 /// | loss                  | input                        | adds into, then pass as            |
 /// |-----------------------|------------------------------|------------------------------------|
 /// | `load_balance_loss`   | `Routing` (plan, `probs()`)  | `d_probs` (T, E): `d_probs`        |

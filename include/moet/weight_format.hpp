@@ -1,5 +1,5 @@
 #pragma once
-/// \file experts/weight_format.hpp
+/// \file weight_format.hpp
 /// `WeightFormat`: the element type of the packed copies an expert bank's inference kernels
 /// read (its trainable weights are always the bank's scalar type).
 

@@ -1,5 +1,5 @@
 #pragma once
-/// \file experts/activations.hpp
+/// \file activations.hpp
 /// Elementwise activation policies for the expert banks: `Silu`, `Gelu` (exact, erf form),
 /// `GeluTanh` (tanh approximation) and `Relu`. Each is a stateless type with
 /// `static S apply(S)` and `static S derivative(S)` (the derivative is for training), used as a

@@ -11,17 +11,18 @@
 /// moet::RowMatrix<float> y = layer.forward(x);  // x: (num_tokens, 512)
 /// ```
 
+#include "moet/activations.hpp"
 #include "moet/concepts.hpp"
 #include "moet/config.hpp"
 #include "moet/context.hpp"
 #include "moet/dispatch/grouped.hpp"
 #include "moet/dispatch/reference.hpp"
 #include "moet/errors.hpp"
-#include "moet/activations.hpp"
 #include "moet/experts/bank.hpp"
 #include "moet/experts/ffn.hpp"
 #include "moet/experts/glu.hpp"
 #include "moet/gates/importance.hpp"
+#include "moet/gates/router.hpp"
 #include "moet/gates/stochastic.hpp"
 #include "moet/gates/top_any.hpp"
 #include "moet/gates/top_k.hpp"

@@ -217,7 +217,7 @@ TEST_CASE("edit() repacks when it ends; visit_parameters stops forward until par
   CHECK_FALSE(bank.uses_packed_kernels());
   CHECK_THROWS_WITH(run_expert(bank, 0, x), Catch::Contains("packed weights are stale") &&
                                                 Catch::Contains("parameters_changed()"));
-  moet::detail::notify_parameters_changed(bank);
+  moet::notify_parameters_changed(bank);
   CHECK(bank.uses_packed_kernels());
   check_close(run_expert(bank, 0, x), glu_reference(bank, 0, x, silu_ref), 2e-5);
 

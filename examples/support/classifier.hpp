@@ -155,7 +155,7 @@ void save_parameters(Model& model, const std::string& path) {
   // The visit hands the weights out for writing, which leaves the expert banks' packed copies
   // stale (their forward throws until parameters_changed); nothing was written, so repack and
   // keep the model usable.
-  moet::detail::notify_parameters_changed(model);
+  moet::notify_parameters_changed(model);
 }
 
 /// Reads parameters written by `save_parameters` into `model`, which must visit the same names
@@ -182,7 +182,7 @@ void load_parameters(Model& model, const std::string& path) {
             static_cast<std::streamsize>(sizeof(float) * static_cast<std::size_t>(value.size())));
     moet::detail::require(in.good(), kOp, path, ": truncated in ", name);
   });
-  moet::detail::notify_parameters_changed(model);
+  moet::notify_parameters_changed(model);
 }
 
 }  // namespace examples

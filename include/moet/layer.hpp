@@ -14,6 +14,7 @@
 #include "moet/context.hpp"
 #include "moet/detail/gather_scatter.hpp"
 #include "moet/detail/select.hpp"
+#include "moet/dispatch/dense.hpp"
 #include "moet/dispatch/grouped.hpp"
 #include "moet/errors.hpp"
 #include "moet/routing.hpp"
@@ -325,11 +326,7 @@ class MoELayer {
 
   // The input checks of forward and forward_train.
   void check_forward(const ConstRows<Scalar>& x, const Rows<Scalar>& y) const {
-    detail::require(x.cols() == model_dim(), kOp, "x must have model_dim = ", model_dim(),
-                    " columns, got (", x.rows(), ", ", x.cols(), ")");
-    detail::require(y.rows() == x.rows() && y.cols() == x.cols(), kOp, "y must have x's shape (",
-                    x.rows(), ", ", x.cols(), "), got (", y.rows(), ", ", y.cols(), ")");
-    detail::require(!detail::storage_overlaps(x, y), kOp, "y must not overlap x");
+    detail::check_rows_in_out(kOp, model_dim(), x, y);
     detail::require(detail::all_finite(x), kOp, "x (", x.rows(), ", ", x.cols(),
                     ") must be finite, found a NaN or Inf");
   }

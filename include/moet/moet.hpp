@@ -15,6 +15,7 @@
 #include "moet/concepts.hpp"
 #include "moet/config.hpp"
 #include "moet/context.hpp"
+#include "moet/dispatch/dense.hpp"
 #include "moet/dispatch/grouped.hpp"
 #include "moet/dispatch/reference.hpp"
 #include "moet/errors.hpp"

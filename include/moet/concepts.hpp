@@ -4,12 +4,13 @@
 /// hook moet calls, as named concepts. A new gate, expert bank or dispatcher satisfies its
 /// concept and plugs into `MoELayer` without touching the others.
 ///
-/// - Inference: `Gate`, `Experts`, `Dispatcher`.
+/// - Inference: `Gate`, `Experts`, `Dispatcher`, and the experts' `Activation` policies.
 /// - Training: `TrainableGate` (with its `LossGrad`: `SoftmaxLossGrad`, `NoLossGrad` or the
 ///   gate's own), `TrainableExperts`, `TrainingDispatcher`, `ParameterModule` (what the
 ///   optimisers take).
 /// - Optional hooks (`Hooks`, `HookCheck`): `TrainingForwardHook`, `ParametersChangedHook`,
-///   `AdaptiveExpertsHook`, `ReadinessHook`, `ScratchReserveHook`, `LazyGradientHook`. A type
+///   `AdaptiveExpertsHook`, `ReadinessHook`, `ScratchReserveHook`, `LazyGradientHook`, and
+///   `ActivationValueAndDerivativeHook` for activation policies. A type
 ///   that declares `static constexpr moet::Hooks kHooks{...}` gets a compile error for a
 ///   declared hook it lacks (a misspelt name) and for a hook-named member it did not declare;
 ///   a type without `kHooks` gets one for a hook-named member that does not satisfy its concept
@@ -83,6 +84,23 @@ concept Dispatcher = Experts<X> &&
              const Routing<typename X::Scalar>& routing, Rows<typename X::Scalar>& y,
              typename D::template Workspace<X>& ws) {
   d.run(experts, x, routing, y, ws);
+};
+
+/// An activation policy of the expert bodies (activations.hpp: `Silu`, `Gelu`, `GeluTanh`,
+/// `Relu`, or your own): `Act::apply<S>(x)` and its derivative `Act::derivative<S>(x)`,
+/// elementwise, one scalar at a time (so a value never depends on its position in a block).
+template <class Act, class S>
+concept Activation = requires(S x) {
+  { Act::template apply<S>(x) } -> std::convertible_to<S>;
+  { Act::template derivative<S>(x) } -> std::convertible_to<S>;
+};
+
+/// Activation hook: `Act::value_and_derivative<S>(x, value, slope)` writes both at once,
+/// sharing work (SiLU's sigmoid); the bodies' backward uses it when present
+/// (`activation_value_and_derivative`), else `apply` and `derivative`.
+template <class Act, class S>
+concept ActivationValueAndDerivativeHook = requires(S x, S& value, S& slope) {
+  Act::template value_and_derivative<S>(x, value, slope);
 };
 
 // --- parameters and loss gradients -----------------------------------------------------------

@@ -1,7 +1,7 @@
 #pragma once
 /// \file experts/glu.hpp
 /// `GluExperts`: a bank of gated-linear-unit feed-forward experts (SwiGLU, GeGLU), the expert of
-/// ALGORITHMS.md section 0: `ExpertBank` (experts/bank.hpp) with the body `GluBody<Act>`.
+/// docs/algorithms.md §2.1: `ExpertBank` (experts/bank.hpp) with the body `GluBody<Act>`.
 
 #include <array>
 #include <cstddef>

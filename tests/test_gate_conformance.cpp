@@ -49,7 +49,8 @@ struct FaultyGate {
     for (Index t = 0; t < x.rows(); ++t) {
       out.experts(t)[0] = static_cast<std::int32_t>(kFault == Fault::kIdOutOfRange ? 3 : t % 3);
       out.weights(t)[0] = kFault == Fault::kNegativeWeight ? -1.0f : 1.0f;
-      if (kFault == Fault::kThreadDependent) out.weights(t)[0] = 1.0f / static_cast<float>(moet::num_threads());
+      if (kFault == Fault::kThreadDependent)
+        out.weights(t)[0] = 1.0f / static_cast<float>(moet::num_threads());
     }
   }
 };

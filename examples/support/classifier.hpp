@@ -48,7 +48,9 @@ class MoeClassifier {
   /// `make_gate(block)` builds block `block`'s gate (its `num_experts()` experts get built here).
   template <class MakeGate>
   MoeClassifier(const ClassifierShape& shape, MakeGate&& make_gate, std::uint64_t seed)
-      : shape_(shape), in_(shape.inputs, shape.model_dim, seed), out_(shape.model_dim, shape.classes, seed + 1) {
+      : shape_(shape),
+        in_(shape.inputs, shape.model_dim, seed),
+        out_(shape.model_dim, shape.classes, seed + 1) {
     for (int l = 0; l < kBlocks; ++l) {
       norms_.emplace_back(shape.model_dim);
       Gate gate = make_gate(l);

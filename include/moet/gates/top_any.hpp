@@ -16,6 +16,7 @@
 #include <Eigen/Core>
 #include <Eigen/QR>
 
+#include "moet/concepts.hpp"
 #include "moet/context.hpp"
 #include "moet/detail/parallel.hpp"
 #include "moet/detail/rng.hpp"
@@ -24,7 +25,6 @@
 #include "moet/errors.hpp"
 #include "moet/routing.hpp"
 #include "moet/tensor.hpp"
-#include "moet/concepts.hpp"
 
 namespace moet {
 

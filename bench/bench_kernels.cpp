@@ -35,10 +35,10 @@
 #include <cblas.h>
 #endif
 
+#include "moet/activations.hpp"
 #include "moet/detail/buffer.hpp"
 #include "moet/detail/gemm.hpp"
 #include "moet/kernel_isa.hpp"
-#include "moet/experts/activations.hpp"
 #include "moet/tensor.hpp"
 
 namespace {

@@ -91,7 +91,7 @@ Result train(const Config& cfg, const std::string& spec, MakeGate&& make_gate,
       moet::RouteContext ctx{.training = true, .seed = cfg.seed, .step = global};
       model.zero_grad();
       double loss = 0;
-      if constexpr (kThor) {  // two stochastic passes + consistency (ALGORITHMS.md 4.2)
+      if constexpr (kThor) {  // two stochastic passes + consistency (docs/algorithms.md §7.2)
         for (int p = 0; p < 2; ++p) model.forward(x, moet::thor_pass_context(ctx, p), pass[p]);
         loss = 0.5 * (examples::softmax_cross_entropy(pass[0].logits, y, &d0) +
                       examples::softmax_cross_entropy(pass[1].logits, y, &d1));
@@ -164,8 +164,9 @@ Result run(const Config& cfg, const std::string& spec, const examples::ImageSet&
            const examples::ImageSet& te) {
   return examples::with_router(spec, cfg.shape.model_dim, cfg.shape.experts, cfg.seed, 50,
                                [&](auto gate_type, auto make_gate) {
-    return train<typename decltype(gate_type)::type>(cfg, spec, make_gate, tr, te);
-  });
+                                 return train<typename decltype(gate_type)::type>(
+                                     cfg, spec, make_gate, tr, te);
+                               });
 }
 
 void write_report(const Config& cfg, const std::vector<Result>& results) {
@@ -198,15 +199,19 @@ void write_report(const Config& cfg, const std::vector<Result>& results) {
     acc.push_back({r.router, {{r.activated_params, r.accuracy}}});
     for (int l = 0; l < 2; ++l) {
       k.push_back({r.router + " L" + std::to_string(l), r.k_curve[l].points});
-      if (r.router.rfind("top_any", 0) == 0) live.push_back({"layer " + std::to_string(l), r.live[l].points});
+      if (r.router.rfind("top_any", 0) == 0)
+        live.push_back({"layer " + std::to_string(l), r.live[l].points});
     }
   }
   examples::save_line_chart(cfg.out + "/loss.svg", "Training loss (EMA)", "step", "loss", loss);
-  examples::save_scatter_chart(cfg.out + "/accuracy_vs_params.svg", "Test accuracy against activated expert parameters",
+  examples::save_scatter_chart(cfg.out + "/accuracy_vs_params.svg",
+                               "Test accuracy against activated expert parameters",
                                "activated expert parameters per image", "test accuracy", acc);
-  examples::save_line_chart(cfg.out + "/mean_k.svg", "Mean experts per token over training", "step", "mean k", k, true);
+  examples::save_line_chart(cfg.out + "/mean_k.svg", "Mean experts per token over training", "step",
+                            "mean k", k, true);
   if (!live.empty()) {
-    examples::save_line_chart(cfg.out + "/dynmoe_experts.svg", "DynMoE live experts over training", "step", "live experts", live, true);
+    examples::save_line_chart(cfg.out + "/dynmoe_experts.svg", "DynMoE live experts over training",
+                              "step", "live experts", live, true);
   }
   std::printf("wrote %s/results.md and SVG plots\n", cfg.out.c_str());
 }
@@ -217,7 +222,10 @@ int main(int argc, char** argv) {
   Config cfg;
   examples::Flags flags;
   flags.add("--routers", cfg.routers).add("--epochs", cfg.epochs).add("--train", cfg.train);
-  flags.add("--test", cfg.test).add("--batch", cfg.batch).add("--seed", cfg.seed).add("--out", cfg.out);
+  flags.add("--test", cfg.test)
+      .add("--batch", cfg.batch)
+      .add("--seed", cfg.seed)
+      .add("--out", cfg.out);
   if (!flags.parse(argc, argv)) return 2;
   if (!std::filesystem::exists(std::string(examples::kFashionMnistDir))) {
     std::fprintf(stderr, "dataset-fashion-mnist is not installed (apt-get install it); skipped\n");
@@ -226,7 +234,8 @@ int main(int argc, char** argv) {
   const examples::ImageSet tr = examples::load_fashion_mnist("train", cfg.train);
   const examples::ImageSet te = examples::load_fashion_mnist("t10k", cfg.test);
   std::vector<Result> results;
-  for (const std::string& spec : moet::split_gate_specs(cfg.routers)) results.push_back(run(cfg, spec, tr, te));
+  for (const std::string& spec : moet::split_gate_specs(cfg.routers))
+    results.push_back(run(cfg, spec, tr, te));
   write_report(cfg, results);
   return 0;
 }

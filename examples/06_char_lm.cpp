@@ -46,8 +46,8 @@ struct Result {
   std::string router;
   double bpc = 0, train_bpc = 0, ms_per_step = 0, activated_params = 0;
   double train_k = 0, train_no_expert = 0;  // training routing over the last 10% of the steps
-  std::vector<double> mean_k;  // per block, on the validation windows
-  examples::Series curve;      // training bits per character (EMA) over steps
+  std::vector<double> mean_k;               // per block, on the validation windows
+  examples::Series curve;                   // training bits per character (EMA) over steps
 };
 
 constexpr double kLn2 = 0.6931471805599453;
@@ -80,11 +80,12 @@ Result train(const Config& cfg, const std::string& spec, MakeGate&& make_gate,
   double ema = 0;
   Index counted = 0;
   for (long step = 0; step < cfg.steps; ++step) {
-    const examples::CharBatch b = examples::sample_windows(tr, cfg.batch, cfg.len, cfg.seed, std::uint64_t(step));
+    const examples::CharBatch b =
+        examples::sample_windows(tr, cfg.batch, cfg.len, cfg.seed, std::uint64_t(step));
     moet::RouteContext ctx{.training = true, .seed = cfg.seed, .step = std::uint64_t(step)};
     model.zero_grad();
     double loss = 0;
-    if constexpr (kThor) {  // two stochastic passes + consistency (ALGORITHMS.md 4.2)
+    if constexpr (kThor) {  // two stochastic passes + consistency (docs/algorithms.md §7.2)
       for (int p = 0; p < 2; ++p) {
         model.forward(b.inputs, cfg.batch, cfg.len, moet::thor_pass_context(ctx, p), pass[p]);
       }
@@ -118,7 +119,8 @@ Result train(const Config& cfg, const std::string& spec, MakeGate&& make_gate,
   r.train_no_expert /= double(std::max<Index>(counted, 1));
   r.bpc = bits_per_char(model, cfg, val, r.mean_k);
   for (int l = 0; l < shape.blocks; ++l) {
-    r.activated_params += r.mean_k[std::size_t(l)] * double(model.layer(l).experts().params_per_expert());
+    r.activated_params +=
+        r.mean_k[std::size_t(l)] * double(model.layer(l).experts().params_per_expert());
   }
   std::printf("%-20s validation %.3f bits/char  mean k", spec.c_str(), r.bpc);
   for (const double k : r.mean_k) std::printf(" %.2f", k);
@@ -140,8 +142,9 @@ void write_report(const Config& cfg, const std::vector<Result>& results) {
       std::snprintf(cell, sizeof cell, "%s%.2f", k.empty() ? "" : " / ", v);
       k += cell;
     }
-    std::snprintf(cell, sizeof cell, " | %.0f | %.0f | %.3f | %.2f / %.1f%% |\n", r.activated_params,
-                  r.ms_per_step, r.train_bpc, r.train_k, 100.0 * r.train_no_expert);
+    std::snprintf(cell, sizeof cell, " | %.0f | %.0f | %.3f | %.2f / %.1f%% |\n",
+                  r.activated_params, r.ms_per_step, r.train_bpc, r.train_k,
+                  100.0 * r.train_no_expert);
     md << "| `" << r.router << "` | " << std::to_string(r.bpc).substr(0, 5) << " | " << k << cell;
     double mean_k = 0;
     for (const double v : r.mean_k) mean_k += v / double(r.mean_k.size());
@@ -150,8 +153,10 @@ void write_report(const Config& cfg, const std::vector<Result>& results) {
   }
   examples::save_line_chart(cfg.out + "/loss.svg", "Training bits per character (EMA)", "step",
                             "bits / char", curves);
-  examples::save_scatter_chart(cfg.out + "/bpc_vs_k.svg", "Validation bits per character against "
-                               "mean experts per token", "mean k (over blocks)", "bits / char", points);
+  examples::save_scatter_chart(cfg.out + "/bpc_vs_k.svg",
+                               "Validation bits per character against "
+                               "mean experts per token",
+                               "mean k (over blocks)", "bits / char", points);
   std::printf("wrote %s/results.md and SVG plots\n", cfg.out.c_str());
 }
 
@@ -176,10 +181,10 @@ int main(int argc, char** argv) {
   shape.vocab = vocab.size();
   std::vector<Result> results;
   for (const std::string& spec : moet::split_gate_specs(cfg.routers)) {
-    results.push_back(examples::with_router(spec, shape.model_dim, shape.experts, cfg.seed, 50,
-                                            [&](auto gate_type, auto make_gate) {
-      return train<typename decltype(gate_type)::type>(cfg, spec, make_gate, shape, tr, val);
-    }));
+    results.push_back(examples::with_router(
+        spec, shape.model_dim, shape.experts, cfg.seed, 50, [&](auto gate_type, auto make_gate) {
+          return train<typename decltype(gate_type)::type>(cfg, spec, make_gate, shape, tr, val);
+        }));
   }
   write_report(cfg, results);
   return 0;

@@ -9,8 +9,8 @@
 
 #include <catch2/catch.hpp>
 
+#include "moet/concepts.hpp"
 #include "moet/tensor.hpp"
-#include "moet/train/grad.hpp"
 
 namespace moet_test {
 

@@ -22,6 +22,7 @@
 #include <catch2/catch.hpp>
 
 #include "moet/context.hpp"
+#include "moet/dispatch/dense.hpp"
 #include "moet/dispatch/grouped.hpp"
 #include "moet/dispatch/reference.hpp"
 #include "moet/errors.hpp"

@@ -14,6 +14,7 @@
 #include "moet/concepts.hpp"
 #include "moet/config.hpp"
 #include "moet/detail/rng.hpp"
+#include "moet/dispatch/dense.hpp"
 #include "moet/dispatch/grouped.hpp"
 #include "moet/dispatch/reference.hpp"
 #include "moet/errors.hpp"

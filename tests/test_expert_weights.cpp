@@ -519,7 +519,7 @@ TEST_CASE("parameters_changed() rejects a NaN an optimiser wrote, and the bank s
         if (name == "out_weight") value(7 + 3, 4) = kNaN;  // expert 1, row 3, column 4
       });
   CHECK_THROWS_WITH(run_expert(bank, 0, x), Contains("packed weights are stale"));
-  CHECK_THROWS_WITH(moet::detail::notify_parameters_changed(bank),
+  CHECK_THROWS_WITH(moet::notify_parameters_changed(bank),
                     Contains("[moet::FfnExperts] parameters_changed: expert 1's second-layer "
                              "weights must be finite, got nan at row 3, column 4"));
   CHECK_THROWS_WITH(run_expert(bank, 0, x), Contains("must be finite"));

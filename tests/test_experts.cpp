@@ -8,9 +8,9 @@
 
 #include <catch2/catch.hpp>
 
+#include "moet/activations.hpp"
 #include "moet/concepts.hpp"
 #include "moet/errors.hpp"
-#include "moet/experts/activations.hpp"
 #include "moet/experts/ffn.hpp"
 #include "moet/experts/glu.hpp"
 

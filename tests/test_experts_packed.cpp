@@ -16,13 +16,13 @@
 #include <catch2/catch.hpp>
 
 #include "moet/config.hpp"
-#include "moet/kernel_isa.hpp"
 #include "moet/dispatch/grouped.hpp"
 #include "moet/dispatch/reference.hpp"
 #include "moet/experts/ffn.hpp"
 #include "moet/experts/glu.hpp"
 #include "moet/gates/top_k.hpp"
 #include "moet/gates/top_p.hpp"
+#include "moet/kernel_isa.hpp"
 #include "moet/layer.hpp"
 #include "moet/routing.hpp"
 #include "moet/train/optim.hpp"
@@ -148,7 +148,8 @@ TEST_CASE("Packed SwiGLU and GeGLU float experts equal a double-precision expert
     REQUIRE(swiglu.uses_packed_kernels());
     REQUIRE(geglu.uses_packed_kernels());
     for (const Index n : kRows) {
-      INFO("d " << s.d << " f " << s.f << " n " << n << " kernels " << moet::kernel_isa_name(moet::kernel_isa()));
+      INFO("d " << s.d << " f " << s.f << " n " << n << " kernels "
+                << moet::kernel_isa_name(moet::kernel_isa()));
       const Matrix x = random_rows(n, s.d, static_cast<std::uint32_t>(n + s.f));
       check_close(run_expert(swiglu, 2, x), glu_reference(swiglu, 2, x, silu_ref), 2e-5);
       check_close(run_expert(geglu, 1, x), glu_reference(geglu, 1, x, gelu_ref), 2e-5);
@@ -217,7 +218,7 @@ TEST_CASE("edit() repacks when it ends; visit_parameters stops forward until par
   CHECK_FALSE(bank.uses_packed_kernels());
   CHECK_THROWS_WITH(run_expert(bank, 0, x), Catch::Contains("packed weights are stale") &&
                                                 Catch::Contains("parameters_changed()"));
-  moet::detail::notify_parameters_changed(bank);
+  moet::notify_parameters_changed(bank);
   CHECK(bank.uses_packed_kernels());
   check_close(run_expert(bank, 0, x), glu_reference(bank, 0, x, silu_ref), 2e-5);
 

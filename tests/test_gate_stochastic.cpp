@@ -1,4 +1,4 @@
-// StochasticGate (THOR's random expert choice, ALGORITHMS.md section 4).
+// StochasticGate (THOR's random expert choice, docs/algorithms.md §7).
 #include <cmath>
 #include <cstdint>
 #include <set>

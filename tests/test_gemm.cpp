@@ -12,10 +12,10 @@
 
 #include <catch2/catch.hpp>
 
+#include "moet/activations.hpp"
 #include "moet/detail/buffer.hpp"
 #include "moet/detail/gemm.hpp"
 #include "moet/errors.hpp"
-#include "moet/experts/activations.hpp"
 #include "moet/tensor.hpp"
 
 #include "gemm_test_util.hpp"

@@ -9,11 +9,11 @@
 
 #include <catch2/catch.hpp>
 
-#include "moet/experts/activations.hpp"
+#include "moet/activations.hpp"
+#include "moet/concepts.hpp"
 #include "moet/experts/ffn.hpp"
 #include "moet/experts/glu.hpp"
 #include "moet/tensor.hpp"
-#include "moet/train/grad.hpp"
 
 #include "fd_util.hpp"
 

@@ -13,6 +13,7 @@
 
 #include <catch2/catch.hpp>
 
+#include "moet/concepts.hpp"
 #include "moet/config.hpp"
 #include "moet/context.hpp"
 #include "moet/detail/rng.hpp"
@@ -26,7 +27,6 @@
 #include "moet/gates/top_p.hpp"
 #include "moet/layer.hpp"
 #include "moet/routing.hpp"
-#include "moet/train/grad.hpp"
 
 #include "fd_util.hpp"
 

@@ -1,5 +1,6 @@
-// Backward of the softmax-router gates (TopKGate, TopPGate, ImportanceGate): finite differences
-// in double against the gates' own forward, determinism at 1 and 2 threads, bad input.
+// Backward of the softmax-router gates (TopKGate, TopPGate, ImportanceGate, and example 03's
+// ThresholdGate, built on the public gate toolkit): finite differences in double against the
+// gates' own forward, determinism at 1 and 2 threads, bad input.
 //
 // The oracle: a scalar loss L = sum_a c_a w_a + sum_{t,e} r_{t,e} P_{t,e} + sum_{t,e} s_{t,e}
 // z_{t,e} of the forward plan (w: combine weights, P: clean probabilities, z = x W_r computed
@@ -16,11 +17,15 @@
 
 #include <catch2/catch.hpp>
 
+#include "moet/concepts.hpp"
 #include "moet/config.hpp"
 #include "moet/gates/importance.hpp"
 #include "moet/gates/top_k.hpp"
 #include "moet/gates/top_p.hpp"
-#include "moet/train/grad.hpp"
+
+// Example 03's gate, exactly as users read it (without its main).
+#define MOET_EXAMPLE_03_NO_MAIN
+#include "../examples/03_custom_gate.cpp"
 
 namespace {
 
@@ -36,6 +41,7 @@ static_assert(moet::TrainableGate<moet::ImportanceGate<float>>,
               "ImportanceGate<float> is trainable");
 static_assert(moet::TrainableGate<moet::ImportanceGate<double>>,
               "ImportanceGate<double> is trainable");
+static_assert(moet::TrainableGate<ThresholdGate<double>>, "example 03's gate is trainable");
 
 template <class S>
 RowMatrix<S> random_matrix(Index rows, Index cols, std::uint32_t seed, double scale = 1.0) {
@@ -307,6 +313,20 @@ TEST_CASE("TopPGate backward matches finite differences with the kept set fixed"
   REQUIRE(plan.mean_k() > 1.0);  // some tokens keep several experts
   check_gradients(gate, x, {}, true, true);
   SECTION("weights only") { check_gradients(gate, x, {}, false, false); }
+}
+
+TEST_CASE("Example 03's ThresholdGate trains: its backward matches finite differences",
+          "[train][grad][gate][custom]") {
+  const RowMatrix<double> x = random_matrix<double>(kTokens, kDim, 12);
+  ThresholdGate<double> gate(kDim, kExperts, 0.15, /*seed=*/3);
+  moet::Routing<double> plan;
+  gate.route(x, {}, plan);
+  Index multi = 0;
+  for (Index t = 0; t < kTokens; ++t) multi += plan.k(t) > 1 ? 1 : 0;
+  REQUIRE(multi > 0);        // renormalised weights over several experts
+  REQUIRE(multi < kTokens);  // and tokens with the best expert only
+  SECTION("combine weights only") { check_gradients(gate, x, {}, false, false); }
+  SECTION("with d_probs and d_logits") { check_gradients(gate, x, {}, true, true); }
 }
 
 TEST_CASE("ImportanceGate backward matches finite differences with importance detached",

@@ -10,10 +10,10 @@
 
 #include <catch2/catch.hpp>
 
+#include "moet/concepts.hpp"
 #include "moet/config.hpp"
 #include "moet/detail/rng.hpp"
 #include "moet/gates/top_any.hpp"
-#include "moet/train/grad.hpp"
 #include "moet/train/top_any_losses.hpp"
 
 static_assert(moet::TrainableGate<moet::TopAnyGate<float>>, "TopAnyGate<float> is trainable");

@@ -16,6 +16,7 @@
 #include <catch2/catch.hpp>
 
 #include "moet/config.hpp"
+#include "moet/dispatch/dense.hpp"
 #include "moet/dispatch/grouped.hpp"
 #include "moet/dispatch/reference.hpp"
 #include "moet/experts/ffn.hpp"

@@ -1,7 +1,7 @@
 #pragma once
 /// \file examples/support/aux_loss.hpp
-/// Each router's auxiliary losses (ALGORITHMS.md), computed on the plan of a training forward
-/// and handed to the MoE layer's backward as its gate's loss-gradient input:
+/// Each router's auxiliary losses (docs/algorithms.md §8, pairings §8.8), computed on the plan of a
+/// training forward and handed to the MoE layer's backward as its gate's loss-gradient input:
 /// - `TopKGate`, `ImportanceGate`: Switch load balance (alpha 1e-2, top-1 before dropping);
 /// - `TopPGate`: load balance over all selections plus the entropy ("dynamic") loss (beta 1e-4),
 ///   Huang et al. 2024;
@@ -45,7 +45,8 @@ double backward_with_aux_loss(Layer& layer, typename Layer::Workspace& ws,
       value += moet::load_balance_loss<S>(plan, scratch, moet::LoadBalanceOptions::top_p_options());
       value += moet::router_entropy_loss<S>(plan.probs(), scratch);
     } else {
-      value += moet::load_balance_loss<S>(plan, scratch, moet::LoadBalanceOptions::switch_options());
+      value +=
+          moet::load_balance_loss<S>(plan, scratch, moet::LoadBalanceOptions::switch_options());
     }
     run(moet::SoftmaxLossGrad<S>{.d_probs = view()});
     return value;

@@ -3,13 +3,13 @@
 /// The character-level language model of example 06: a small pre-norm transformer whose FFNs
 /// are MoE layers, generic in the gate:
 /// ```
-/// h_0 = Embed(ids) + Pos(t mod seq_len)                     ids: [batch, seq_len], learned positions
-/// m_b = h_b + Attn_b(RmsNorm(h_b))                          causal multi-head attention
+/// h_0 = Embed(ids) + Pos(t mod seq_len)                     ids: [batch, seq_len], learned
+/// positions m_b = h_b + Attn_b(RmsNorm(h_b))                          causal multi-head attention
 /// h_{b+1} = m_b + MoE_b(RmsNorm(m_b))                       for every block b
 /// logits = RmsNorm(h_B) W_out + b_out                       (batch * seq_len, vocab)
 /// ```
 /// Each MoE layer's `RouteContext` carries the attention probabilities of its own block's
-/// attention sublayer (what `ImportanceGate` reads, ALGORITHMS.md §3) and the sequence length.
+/// attention sublayer (what `ImportanceGate` reads, docs/algorithms.md §6) and the sequence length.
 
 #include <cstdint>
 #include <stdexcept>
@@ -60,11 +60,10 @@ class MoeCharLm {
       attention_.emplace_back(shape.model_dim, shape.heads, seed + 10 + ub);
       Gate gate = make_gate(b);
       const Index e = gate.num_experts();
-      layers_.emplace_back(std::move(gate),
-                           moet::SwiGluExperts<S>({.model_dim = shape.model_dim,
-                                                   .hidden_dim = shape.hidden_dim,
-                                                   .num_experts = e,
-                                                   .init_seed = seed + 20 + ub}));
+      layers_.emplace_back(std::move(gate), moet::SwiGluExperts<S>({.model_dim = shape.model_dim,
+                                                                    .hidden_dim = shape.hidden_dim,
+                                                                    .num_experts = e,
+                                                                    .init_seed = seed + 20 + ub}));
     }
   }
 
@@ -83,7 +82,8 @@ class MoeCharLm {
     p.y.resize(blocks);
     p.att.resize(blocks);
     p.ws.resize(blocks);
-    if (seq_len > shape_.max_len) throw std::invalid_argument("MoeCharLm: window longer than max_len");
+    if (seq_len > shape_.max_len)
+      throw std::invalid_argument("MoeCharLm: window longer than max_len");
     p.positions.resize(ids.size());
     for (std::size_t t = 0; t < ids.size(); ++t) p.positions[t] = int(Index(t) % seq_len);
     p.h[0] = embed_.forward(ids) + position_.forward(p.positions);  // token + learned position

@@ -48,7 +48,9 @@ class MoeClassifier {
   /// `make_gate(block)` builds block `block`'s gate (its `num_experts()` experts get built here).
   template <class MakeGate>
   MoeClassifier(const ClassifierShape& shape, MakeGate&& make_gate, std::uint64_t seed)
-      : shape_(shape), in_(shape.inputs, shape.model_dim, seed), out_(shape.model_dim, shape.classes, seed + 1) {
+      : shape_(shape),
+        in_(shape.inputs, shape.model_dim, seed),
+        out_(shape.model_dim, shape.classes, seed + 1) {
     for (int l = 0; l < kBlocks; ++l) {
       norms_.emplace_back(shape.model_dim);
       Gate gate = make_gate(l);
@@ -155,7 +157,7 @@ void save_parameters(Model& model, const std::string& path) {
   // The visit hands the weights out for writing, which leaves the expert banks' packed copies
   // stale (their forward throws until parameters_changed); nothing was written, so repack and
   // keep the model usable.
-  moet::detail::notify_parameters_changed(model);
+  moet::notify_parameters_changed(model);
 }
 
 /// Reads parameters written by `save_parameters` into `model`, which must visit the same names
@@ -182,7 +184,7 @@ void load_parameters(Model& model, const std::string& path) {
             static_cast<std::streamsize>(sizeof(float) * static_cast<std::size_t>(value.size())));
     moet::detail::require(in.good(), kOp, path, ": truncated in ", name);
   });
-  moet::detail::notify_parameters_changed(model);
+  moet::notify_parameters_changed(model);
 }
 
 }  // namespace examples

@@ -1,7 +1,7 @@
 #pragma once
 /// \file examples/support/nn.hpp
 /// The few dense layers the real-data examples need around their MoE layers, each with its
-/// backward and the visitor protocol of moet's optimisers (train/grad.hpp: `visit_parameters(f)`
+/// backward and the visitor protocol of moet's optimisers (concepts.hpp: `visit_parameters(f)`
 /// calls `f(name, value, grad)`; gradients accumulate until `zero_grad()`):
 ///
 /// - `Linear`: `y = x W + b`;
@@ -25,8 +25,8 @@
 #include <type_traits>
 #include <vector>
 
+#include <moet/concepts.hpp>
 #include <moet/moet.hpp>
-#include <moet/train/grad.hpp>
 
 namespace examples {
 
@@ -132,9 +132,8 @@ struct RmsNorm {
 
  private:
   S rms(const RowMatrix<S>& x, Index t) const {
-    return static_cast<S>(std::sqrt(static_cast<double>(x.row(t).squaredNorm()) /
-                                        static_cast<double>(x.cols()) +
-                                    eps));
+    return static_cast<S>(std::sqrt(
+        static_cast<double>(x.row(t).squaredNorm()) / static_cast<double>(x.cols()) + eps));
   }
 };
 
@@ -154,7 +153,8 @@ struct Embedding {
   }
   void backward(const std::vector<int>& ids, const RowMatrix<S>& dy) {
     if (dtable.size() != table.size()) zero_grad();
-    for (std::size_t t = 0; t < ids.size(); ++t) dtable.row(ids[t]) += dy.row(static_cast<Index>(t));
+    for (std::size_t t = 0; t < ids.size(); ++t)
+      dtable.row(ids[t]) += dy.row(static_cast<Index>(t));
   }
   void zero_grad() { dtable.setZero(table.rows(), table.cols()); }
   template <class F>
@@ -186,8 +186,8 @@ struct CausalSelfAttention {
     /// The attention probabilities (float models only: `AttentionView` holds floats).
     moet::AttentionView attention() const {
       static_assert(std::is_same_v<S, float>, "AttentionView holds float probabilities");
-      return {.data = probs.data(), .batch = batch, .heads = heads, .seq_len = seq_len,
-              .causal = true};
+      return {
+          .data = probs.data(), .batch = batch, .heads = heads, .seq_len = seq_len, .causal = true};
     }
   };
 
@@ -201,8 +201,8 @@ struct CausalSelfAttention {
         wk(d, d, seed * 4 + 2),
         wv(d, d, seed * 4 + 3),
         wo(d, d, seed * 4 + 4) {
-    moet::detail::require(num_heads >= 1 && d % num_heads == 0, "CausalSelfAttention",
-                          "model_dim ", d, " must be a positive multiple of heads ", num_heads);
+    moet::detail::require(num_heads >= 1 && d % num_heads == 0, "CausalSelfAttention", "model_dim ",
+                          d, " must be a positive multiple of heads ", num_heads);
   }
 
   /// `x` `(batch * seq_len, d)` -> `(batch * seq_len, d)`; fills `c`.
@@ -223,7 +223,8 @@ struct CausalSelfAttention {
     moet::detail::parallel_for(batch * heads, [&](Index task) {
       const Index b = task / heads, h = task % heads, r = b * seq_len, col = h * dh;
       Eigen::Map<RowMatrix<S>> a(c.prob(b, h), seq_len, seq_len);
-      a.noalias() = scale * c.q.block(r, col, seq_len, dh) * c.k.block(r, col, seq_len, dh).transpose();
+      a.noalias() =
+          scale * c.q.block(r, col, seq_len, dh) * c.k.block(r, col, seq_len, dh).transpose();
       for (Index i = 0; i < seq_len; ++i) {  // causal softmax of row i over keys j <= i
         auto row = a.row(i).head(i + 1);
         row = (row.array() - row.maxCoeff()).exp();
@@ -285,8 +286,8 @@ double softmax_cross_entropy(const RowMatrix<S>& logits, const std::vector<int>&
                              RowMatrix<S>* d_logits) {
   constexpr const char* kOp = "softmax_cross_entropy";
   const Index n = logits.rows();
-  moet::detail::require(static_cast<Index>(labels.size()) == n, kOp, labels.size(),
-                        " labels for ", n, " rows");
+  moet::detail::require(static_cast<Index>(labels.size()) == n, kOp, labels.size(), " labels for ",
+                        n, " rows");
   if (d_logits) d_logits->resize(n, logits.cols());
   double total = 0.0;
   for (Index t = 0; t < n; ++t) {
@@ -295,7 +296,8 @@ double softmax_cross_entropy(const RowMatrix<S>& logits, const std::vector<int>&
                           " is outside [0, ", logits.cols(), ")");
     const double max = static_cast<double>(logits.row(t).maxCoeff());
     double sum = 0.0;
-    for (Index c = 0; c < logits.cols(); ++c) sum += std::exp(static_cast<double>(logits(t, c)) - max);
+    for (Index c = 0; c < logits.cols(); ++c)
+      sum += std::exp(static_cast<double>(logits(t, c)) - max);
     total += std::log(sum) + max - static_cast<double>(logits(t, y));
     if (d_logits) {
       for (Index c = 0; c < logits.cols(); ++c) {

@@ -14,41 +14,14 @@
 #include "moet/context.hpp"
 #include "moet/detail/gather_scatter.hpp"
 #include "moet/detail/select.hpp"
+#include "moet/dispatch/dense.hpp"
 #include "moet/dispatch/grouped.hpp"
 #include "moet/errors.hpp"
 #include "moet/routing.hpp"
 #include "moet/stats.hpp"
 #include "moet/tensor.hpp"
-#include "moet/train/grad.hpp"
-#include "moet/train/optim.hpp"
 
 namespace moet {
-
-namespace detail {
-/// The loss-gradient input type of gate `G`'s backward (`NoLossGrad` when it declares none).
-template <class G>
-struct LossGradOf {
-  using type = NoLossGrad;
-};
-template <class G>
-requires requires { typename G::LossGrad; }
-struct LossGradOf<G> {
-  using type = typename G::LossGrad;
-};
-}  // namespace detail
-
-/// A dispatcher that can train: `forward_train(experts, x, routing, y, ws)` keeps the expert
-/// outputs and caches in `ws`, `backward(experts, x, routing, dy, ws, d_weights, dx)` fills the
-/// combine-weight gradients, accumulates the experts' gradients and writes dL/dx (see
-/// `GroupedDispatch`).
-template <class D, class X>
-concept TrainingDispatcher = TrainableExperts<X> &&
-    requires(const D& d, X& mx, const X& x, const ConstRows<typename X::Scalar>& in,
-             const Routing<typename X::Scalar>& routing, Rows<typename X::Scalar> rows,
-             typename D::template Workspace<X>& ws, std::span<typename X::Scalar> d_weights) {
-  d.forward_train(x, in, routing, rows, ws);
-  d.backward(mx, in, routing, in, ws, d_weights, rows);
-};
 
 /// A Mixture-of-Experts layer:
 /// ```
@@ -65,7 +38,7 @@ concept TrainingDispatcher = TrainableExperts<X> &&
 /// its own workspace. The convenience `forward(x, ctx)` uses an internal workspace instead
 /// (not thread-safe) and keeps the last `stats()`.
 ///
-/// **Training** (train/grad.hpp's conventions; needs `TrainableGate<G>`, `TrainableExperts<X>`
+/// **Training** (concepts.hpp's conventions; needs `TrainableGate<G>`, `TrainableExperts<X>`
 /// and a training dispatcher, i.e. `GroupedDispatch`):
 /// ```cpp
 /// layer.zero_grad();
@@ -108,6 +81,8 @@ class MoELayer {
   static_assert(std::is_same_v<typename G::Scalar, typename X::Scalar>,
                 "MoELayer needs the gate and the experts to use the same Scalar type "
                 "(for example TopKGate<float> with SwiGluExperts<float>)");
+  static_assert(HookCheck<G>::kChecked && HookCheck<X>::kChecked,
+                "the gate's and the experts' optional hooks pass HookCheck (concepts.hpp)");
 
  public:
   using Scalar = typename X::Scalar;
@@ -135,7 +110,7 @@ class MoELayer {
   };
 
   /// The loss-gradient inputs of the gate's backward (`NoLossGrad` for gates without).
-  using LossGrad = typename detail::LossGradOf<G>::type;
+  using LossGrad = LossGradOf<G>;
 
   /// A layer with routed experts only. Throws `moet::Error` when the gate and the experts
   /// disagree on `num_experts` or `model_dim`.
@@ -165,13 +140,7 @@ class MoELayer {
   /// Thread-safe: concurrent calls with different workspaces are fine.
   const RoutingStats& forward(const ConstRows<Scalar>& x, Rows<Scalar> y, const RouteContext& ctx,
                               Workspace& ws) const {
-    detail::require(x.cols() == model_dim(), kOp, "x must have model_dim = ", model_dim(),
-                    " columns, got (", x.rows(), ", ", x.cols(), ")");
-    detail::require(y.rows() == x.rows() && y.cols() == x.cols(), kOp, "y must have x's shape (",
-                    x.rows(), ", ", x.cols(), "), got (", y.rows(), ", ", y.cols(), ")");
-    detail::require(!detail::storage_overlaps(x, y), kOp, "y must not overlap x");
-    detail::require(detail::all_finite(x), kOp, "x (", x.rows(), ", ", x.cols(),
-                    ") must be finite, found a NaN or Inf");
+    check_forward(x, y);
     ws.train_tokens = -1;  // the training state of this workspace is overwritten
     gate_.route(x, ctx, ws.routing);
     dispatch_.run(experts_, x, ws.routing, y, ws.dispatch);
@@ -207,18 +176,10 @@ class MoELayer {
     static_assert(TrainingDispatcher<D, X>,
                   "MoELayer training needs a dispatcher with forward_train and backward "
                   "(GroupedDispatch)");
-    detail::require(x.cols() == model_dim(), kOp, "x must have model_dim = ", model_dim(),
-                    " columns, got (", x.rows(), ", ", x.cols(), ")");
-    detail::require(y.rows() == x.rows() && y.cols() == x.cols(), kOp, "y must have x's shape (",
-                    x.rows(), ", ", x.cols(), "), got (", y.rows(), ", ", y.cols(), ")");
-    detail::require(!detail::storage_overlaps(x, y), kOp, "y must not overlap x");
-    detail::require(detail::all_finite(x), kOp, "x (", x.rows(), ", ", x.cols(),
-                    ") must be finite, found a NaN or Inf");
+    check_forward(x, y);
     ws.train_tokens = -1;
     gate_.route(x, ctx, ws.routing);
-    if constexpr (requires { gate_.on_training_forward(x, ws.routing); }) {
-      gate_.on_training_forward(x, ws.routing);
-    }
+    if constexpr (HookCheck<G>::kTrainingForward) gate_.on_training_forward(x, ws.routing);
     dispatch_.forward_train(experts_, x, ws.routing, y, ws.dispatch);
     if (shared_) add_dense_experts_train(*shared_, x, y, ws.shared);
     compute_stats(ws.routing, ws.stats);
@@ -283,7 +244,7 @@ class MoELayer {
 
   /// Calls `f(name, value, grad)` for every parameter tensor: the gate's (names prefixed
   /// `gate.`), the routed experts' (`experts.`), then the shared experts' (`shared.`), each in
-  /// its own fixed order (train/grad.hpp). For the optimisers in train/optim.hpp.
+  /// its own fixed order (concepts.hpp). For the optimisers in train/optim.hpp.
   template <class F>
   void visit_parameters(F&& f) requires TrainableGate<G> && TrainableExperts<X> {
     std::string name;
@@ -303,9 +264,9 @@ class MoELayer {
   /// Tells the gate and the expert banks that their parameters changed in place (the
   /// optimisers call this after a step), for parts that keep derived copies.
   void parameters_changed() {
-    detail::notify_parameters_changed(gate_);
-    detail::notify_parameters_changed(experts_);
-    if (shared_) detail::notify_parameters_changed(*shared_);
+    notify_parameters_changed(gate_);
+    notify_parameters_changed(experts_);
+    if (shared_) notify_parameters_changed(*shared_);
   }
 
   /// The statistics of the last convenience `forward(x, ctx)` (empty before the first).
@@ -362,6 +323,13 @@ class MoELayer {
 
  private:
   static constexpr const char* kOp = "MoELayer";
+
+  // The input checks of forward and forward_train.
+  void check_forward(const ConstRows<Scalar>& x, const Rows<Scalar>& y) const {
+    detail::check_rows_in_out(kOp, model_dim(), x, y);
+    detail::require(detail::all_finite(x), kOp, "x (", x.rows(), ", ", x.cols(),
+                    ") must be finite, found a NaN or Inf");
+  }
 
   void check_banks() const {
     detail::require(static_cast<Index>(gate_.num_experts()) == experts_.num_experts(), kOp,

@@ -15,14 +15,14 @@
 #include <type_traits>
 #include <vector>
 
+#include "moet/concepts.hpp"
 #include "moet/detail/bf16.hpp"
 #include "moet/detail/buffer.hpp"
 #include "moet/detail/gemm.hpp"
 #include "moet/detail/rng.hpp"
 #include "moet/errors.hpp"
-#include "moet/experts/weight_format.hpp"
 #include "moet/tensor.hpp"
-#include "moet/train/grad.hpp"
+#include "moet/weight_format.hpp"
 
 namespace moet::detail {
 

@@ -12,6 +12,7 @@
 #include <span>
 #include <vector>
 
+#include "moet/concepts.hpp"
 #include "moet/detail/buffer.hpp"
 #include "moet/detail/parallel.hpp"
 #include "moet/detail/rng.hpp"
@@ -91,9 +92,7 @@ void prepare_thread_scratch(const X& experts, std::vector<ExpertThreadScratch<X>
   for (auto& scratch : per_thread) {
     if (gather) reserve_aligned(scratch.rows_in, max_rows, model_dim);
     if (output) reserve_aligned(scratch.rows_out, max_rows, model_dim);
-    if constexpr (requires { experts.reserve(scratch.expert, max_rows); }) {
-      experts.reserve(scratch.expert, max_rows);
-    }
+    if constexpr (HookCheck<X>::kReserve) experts.reserve(scratch.expert, max_rows);
   }
 }
 
@@ -118,12 +117,23 @@ bool storage_overlaps(const A& a, const B& b) {
   return before(a_begin, b_end) && before(b_begin, a_end);
 }
 
+/// Throws `Error` naming `op` unless `x` has `model_dim` columns and `y` has `x`'s shape and does
+/// not overlap it: the first checks of the dispatchers, the dense experts and `MoELayer`.
+template <class S>
+void check_rows_in_out(const char* op, Index model_dim, const ConstRows<S>& x, const Rows<S>& y) {
+  require(x.cols() == model_dim, op, "x must have model_dim = ", model_dim, " columns, got (",
+          x.rows(), ", ", x.cols(), ")");
+  require(y.rows() == x.rows() && y.cols() == x.cols(), op, "y must have x's shape (", x.rows(),
+          ", ", x.cols(), "), got (", y.rows(), ", ", y.cols(), ")");
+  require(!storage_overlaps(x, y), op, "y must not overlap x");
+}
+
 /// Throws when the bank cannot run now (`experts.check_ready(training)`, for banks that have
 /// it: weights not set yet, a stale packed copy, an inference-only bank asked to train). Every
 /// dispatcher calls it before its parallel region, so that no bank throws inside one.
 template <class X>
 void check_experts_ready(const X& experts, bool training) {
-  if constexpr (requires { experts.check_ready(training); }) experts.check_ready(training);
+  if constexpr (HookCheck<X>::kCheckReady) experts.check_ready(training);
 }
 
 /// The checks every dispatcher runs at entry (throws `Error` naming `op`): `x` is
@@ -133,11 +143,7 @@ void check_experts_ready(const X& experts, bool training) {
 template <class X, class S>
 void check_dispatch(const char* op, const X& experts, const ConstRows<S>& x,
                     const Routing<S>& routing, const Rows<S>& y, bool training = false) {
-  require(x.cols() == experts.model_dim(), op, "x must have model_dim = ", experts.model_dim(),
-          " columns, got (", x.rows(), ", ", x.cols(), ")");
-  require(y.rows() == x.rows() && y.cols() == x.cols(), op, "y must have x's shape (", x.rows(),
-          ", ", x.cols(), "), got (", y.rows(), ", ", y.cols(), ")");
-  require(!storage_overlaps(x, y), op, "y must not overlap x");
+  check_rows_in_out(op, experts.model_dim(), x, y);
   require(routing.num_tokens() == x.rows(), op, "the routing plan has ", routing.num_tokens(),
           " tokens but x has ", x.rows(), " rows");
   require(routing.num_experts() == experts.num_experts(), op, "the routing plan has ",

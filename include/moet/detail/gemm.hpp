@@ -45,6 +45,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "moet/activations.hpp"
 #include "moet/detail/bf16.hpp"
 #include "moet/detail/buffer.hpp"
 #include "moet/detail/kernels/blocking.hpp"
@@ -52,7 +53,6 @@
 #include "moet/detail/kernels/packed.hpp"
 #include "moet/detail/kernels/vec_portable.hpp"
 #include "moet/errors.hpp"
-#include "moet/experts/activations.hpp"
 #include "moet/kernel_isa.hpp"
 #include "moet/tensor.hpp"
 

@@ -1,19 +1,14 @@
 #pragma once
 /// \file detail/softmax_router.hpp
-/// The linear softmax router shared by `TopKGate`, `TopPGate` and `ImportanceGate`: the router
-/// weights `W_r` `(model_dim, num_experts)` with their gradient (`RouterWeights`, which also
-/// holds noisy top-k's `W_noise`), their deterministic initialisation, the checks of the
-/// options' shape, of `x`, of `logits` and of `backward`, `P = softmax(x W_r)` written into
-/// `Routing::probs_mut()`, and the plan-filling pass of the gates that rank experts
-/// (`write_ranked_slots`). Each gate only adds its own selection rule on top. The gates hand
-/// their router weights out as fixed-shape read-only views and take new ones through
-/// `RouterWeights::set` (shape in either `WeightLayout`, finite).
+/// The kernels behind gates/router.hpp's `SoftmaxRouter` (and noisy top-k's noise weights): the
+/// router matrix with its lazily allocated gradient (`RouterWeights`), its deterministic
+/// initialisation, the checks of a router's shape, of `x` and of a gate's `backward`, the
+/// softmax pass that writes `P = softmax(x W_r)` into the plan, and the backward row kernels.
 ///
-/// Backward (shared by the three gates): per-token row kernels turn dL/dw (combine weights) and
-/// dL/dP into dL/dz through the softmax, then `linear_backward` accumulates `dW += x^T dz` and
-/// adds `dx += dz W^T`. Every split is fixed (token blocks for `dx`, model-dim column blocks for
-/// `dW`, each block reducing over all tokens in one product), so the bits do not depend on the
-/// thread count.
+/// Backward: per-token row kernels turn dL/dw (combine weights) and dL/dP into dL/dz through the
+/// softmax, then `linear_backward` accumulates `dW += x^T dz` and adds `dx += dz W^T`. Every
+/// split is fixed (token blocks for `dx`, model-dim column blocks for `dW`, each block reducing
+/// over all tokens in one product), so the bits do not depend on the thread count.
 
 #include <algorithm>
 #include <atomic>
@@ -24,6 +19,7 @@
 #include <string_view>
 #include <utility>
 
+#include "moet/concepts.hpp"
 #include "moet/detail/buffer.hpp"
 #include "moet/detail/parallel.hpp"
 #include "moet/detail/rng.hpp"
@@ -32,7 +28,6 @@
 #include "moet/errors.hpp"
 #include "moet/routing.hpp"
 #include "moet/tensor.hpp"
-#include "moet/train/grad.hpp"
 
 namespace moet::detail {
 
@@ -232,34 +227,6 @@ void check_softmax_backward(const char* op, const ConstRows<S>& x, Index model_d
   }
 }
 
-/// The last pass of a gate that ranks each token's experts (`TopPGate`, `ImportanceGate`):
-/// token `t`'s slots are the first `out.k(t)` ids of its row of `order` `(num_tokens,
-/// num_experts)`, in that order, each with weight `P_e` from `probs` `(num_tokens,
-/// num_experts)` or, with `renormalize`, `P_e / sum of the selected P` (a sum of 0 leaves the
-/// weights as they are). `out` must have committed its counts. Parallel over fixed token
-/// blocks.
-template <class S>
-void write_ranked_slots(const S* probs, const std::int32_t* order, Index num_experts,
-                        bool renormalize, Routing<S>& out) {
-  parallel_blocks(out.num_tokens(), kGateTokenBlock, [&](Index begin, Index end) {
-    for (Index t = begin; t < end; ++t) {
-      const S* row = probs + t * num_experts;
-      const std::int32_t* row_order = order + t * num_experts;
-      const auto experts = out.experts(t);
-      const auto weights = out.weights(t);
-      S sum = S(0);
-      for (std::size_t j = 0; j < experts.size(); ++j) {
-        experts[j] = row_order[j];
-        weights[j] = row[row_order[j]];
-        sum += weights[j];
-      }
-      if (renormalize && sum > S(0)) {
-        for (auto& w : weights) w /= sum;
-      }
-    }
-  });
-}
-
 /// One router matrix `W` `(model_dim, num_experts)` of a linear map `z = x W`, with its
 /// gradient: the parameter handling shared by `SoftmaxRouter` (`W_r`) and noisy top-k's
 /// `W_noise`. The gradient stays `(0, 0)` until first used; `grad()` then allocates it, zero,
@@ -339,131 +306,73 @@ class RouterWeights {
   RowMatrix<S> grad_;     // (model_dim, num_experts), or (0, 0) before the first use
 };
 
-/// The linear softmax router `P = softmax(x W_r)`, computed in `S` (fp32 for a float gate,
-/// as DeepSpeed routes). `weights()`, `grad()`, `zero_grad()`, `forward` (the logits
-/// `z = x W_r`, with the same bits as `probabilities` computes them) and `backward` (of the
-/// logits) come from `RouterWeights`.
-template <class S>
-class SoftmaxRouter : public RouterWeights<S> {
- public:
-  /// `W_r` `(model_dim, num_experts)` drawn by `normal_fan_in(model_dim, num_experts, seed)`.
-  SoftmaxRouter(Index model_dim, Index num_experts, std::uint64_t seed)
-      : RouterWeights<S>(normal_fan_in<S>(model_dim, num_experts, seed)),
-        model_dim_(model_dim),
-        num_experts_(num_experts) {}
-
-  /// The gate's `model_dim` and `num_experts`, fixed at construction (`set` keeps the shape of
-  /// `weights()` equal to them).
-  Index model_dim() const { return model_dim_; }
-  Index num_experts() const { return num_experts_; }
-
-  /// A gate's `logits(x, z)`: throws `Error` naming `op` on a bad `x` (`check_gate_input`) or a
-  /// `z` that is not `(num_tokens, num_experts)`, then writes `z = x W_r` (`forward`, the bits
-  /// `probabilities` starts from).
-  void logits(const char* op, const ConstRows<S>& x, Rows<S> z) const {
-    check_gate_input(op, x, model_dim_);
-    require(z.rows() == x.rows() && z.cols() == num_experts_, op, "z must be (", x.rows(), ", ",
-            num_experts_, "), got (", z.rows(), ", ", z.cols(), ")");
-    this->forward(x, z);
-  }
-
-  /// The argument checks of a gate's `backward` (`check_softmax_backward` with this router's
-  /// `model_dim` and `num_experts`; `accepts_noise` for noisy top-k).
-  void check_backward(const char* op, const ConstRows<S>& x, const Routing<S>& routing,
-                      std::span<const S> d_weights, const SoftmaxLossGrad<S>& loss_grad,
-                      const Rows<S>& dx, bool accepts_noise = false) const {
-    check_softmax_backward(op, x, model_dim_, num_experts_, routing, d_weights, loss_grad, dx,
-                           accepts_noise);
-  }
-
-  /// Backward of a plan whose weights come from the clean `P = routing.probs()`: slot weights
-  /// `P_e` or, with `renormalize`, `P_e / sum of P over the token's slots`. dL/dz per token is
-  /// the combine-weight part (`plan_weights_backward_row`), plus the softmax backward of
-  /// `loss_grad.d_probs`, plus `loss_grad.d_logits` (`score_losses_backward_row`); then
-  /// `backward`. Arguments must have passed `check_backward`. Deterministic for any thread
-  /// count.
-  void backward_plan(const ConstRows<S>& x, const Routing<S>& routing, std::span<const S> d_weights,
-                     bool renormalize, const SoftmaxLossGrad<S>& loss_grad, Rows<S> dx) {
-    this->grad();  // allocated even for an empty batch
-    const Index num_tokens = x.rows();
-    const Index num_experts = this->weights().cols();
-    if (num_tokens == 0) return;
-    auto dz = dz_.matrix(num_tokens, num_experts);  // dL/dz (num_tokens, num_experts)
-    const auto probs = routing.probs();             // (num_tokens, num_experts)
-    parallel_blocks(num_tokens, kGateTokenBlock, [&](Index begin, Index end) {
-      for (Index t = begin; t < end; ++t) {
-        S* dz_row = dz.data() + t * num_experts;
-        const S* p = probs.data() + t * num_experts;
-        plan_weights_backward_row(routing, t, p, num_experts, d_weights, loss_grad.d_weights,
-                                  renormalize, dz_row);
-        score_losses_backward_row(loss_grad, t, p, num_experts, dz_row);
-      }
-    });
-    this->backward(x, dz, dx);
-  }
-
-  /// Calls `f("router.weight", W_r, dW_r)` (allocating the gradient on first use).
-  template <class F>
-  void visit(F&& f) {
-    RouterWeights<S>::visit(std::string_view("router.weight"), f);
-  }
-
-  /// Resets `out` to `(x.rows(), num_experts)` and writes `P = softmax(x W_r)` into
-  /// `out.probs_mut()`, in parallel over fixed token blocks; sets `probs_are_distribution`.
-  /// `x` must already have passed `check_gate_input`. `pre_softmax(t, logits)` runs on every
-  /// token's logits row `(num_experts)` before the softmax (noisy top-k reads them there) and
-  /// returns false when it met a non-finite value. Throws `Error` naming `op` when a logit is
-  /// NaN or Inf (finite `x` can still overflow, and the weights may hold anything).
-  template <class PreSoftmax>
-  Eigen::Map<RowMatrix<S>> probabilities(const char* op, const ConstRows<S>& x, Routing<S>& out,
-                                         PreSoftmax&& pre_softmax) const {
-    const Index num_tokens = x.rows();
-    const Index num_experts = this->weights().cols();
-    out.reset(num_tokens, num_experts);
-    out.probs_are_distribution = true;
-    auto probs = out.probs_mut();  // (num_tokens, num_experts), logits first
-    if (num_tokens == 0) return probs;
-    this->forward(x, probs);
-    std::atomic<bool> bad{false};
-    parallel_blocks(num_tokens, kGateTokenBlock, [&](Index begin, Index end) {
-      for (Index t = begin; t < end; ++t) {
-        S* row = probs.data() + t * num_experts;
-        bool ok = true;
-        for (Index e = 0; e < num_experts; ++e) ok = ok && std::isfinite(row[e]);
-        ok = pre_softmax(t, static_cast<const S*>(row)) && ok;
-        if (!ok) {
-          bad.store(true, std::memory_order_relaxed);
-          continue;
-        }
-        softmax_row(row, num_experts);
-      }
-    });
-    if (bad.load()) {
-      // Name the first offending token; its row still holds the raw logits unless only the
-      // hook's values were bad.
-      for (Index t = 0; t < num_tokens; ++t) {
-        if (!all_finite(probs.row(t))) {
-          fail(op, "router logits must be finite, got NaN or Inf for token ", t,
-               " (x too large, or non-finite router weights)");
-        }
-      }
-      fail(op,
-           "router logits must be finite, got NaN or Inf (x too large, or non-finite "
-           "router weights)");
+/// Writes dL/dz `(num_tokens, num_experts)` into `dz` (overwriting it) for a plan whose weights
+/// are the clean `P = routing.probs()` of its slots, renormalised or not: per token, the
+/// combine-weight part (`plan_weights_backward_row` of `d_weights` and
+/// `loss_grad.d_weights`), plus the softmax backward of `loss_grad.d_probs`, plus
+/// `loss_grad.d_logits` (`score_losses_backward_row`). Parallel over fixed token blocks.
+template <class S, class Dz>
+void plan_logits_backward(const Routing<S>& routing, std::span<const S> d_weights, bool renormalize,
+                          const SoftmaxLossGrad<S>& loss_grad, Dz& dz) {
+  const Index num_tokens = routing.num_tokens();
+  const Index num_experts = routing.num_experts();
+  const auto probs = routing.probs();  // (num_tokens, num_experts)
+  parallel_blocks(num_tokens, kGateTokenBlock, [&](Index begin, Index end) {
+    for (Index t = begin; t < end; ++t) {
+      S* dz_row = dz.data() + t * num_experts;
+      const S* p = probs.data() + t * num_experts;
+      plan_weights_backward_row(routing, t, p, num_experts, d_weights, loss_grad.d_weights,
+                                renormalize, dz_row);
+      score_losses_backward_row(loss_grad, t, p, num_experts, dz_row);
     }
-    return probs;
-  }
+  });
+}
 
-  /// `probabilities` without a pre-softmax hook.
-  Eigen::Map<RowMatrix<S>> probabilities(const char* op, const ConstRows<S>& x,
-                                         Routing<S>& out) const {
-    return probabilities(op, x, out, [](Index, const S*) { return true; });
+/// Resets `out` to `(x.rows(), num_experts)` and writes `P = softmax(x W)` into
+/// `out.probs_mut()`, in parallel over fixed token blocks; sets `probs_are_distribution` and
+/// returns the probabilities. `x` must have passed `check_gate_input`. `pre_softmax(t, logits)`
+/// runs on every token's logits row `(num_experts)` before the softmax and returns false when
+/// it met a non-finite value. Throws `Error` naming `op` when a logit (or a value the hook
+/// checked) is NaN or Inf, naming the first bad token.
+template <class S, class PreSoftmax>
+Eigen::Map<RowMatrix<S>> softmax_probabilities(const char* op, const RouterWeights<S>& weights,
+                                               const ConstRows<S>& x, Routing<S>& out,
+                                               PreSoftmax& pre_softmax) {
+  const Index num_tokens = x.rows();
+  const Index num_experts = weights.weights().cols();
+  out.reset(num_tokens, num_experts);
+  out.probs_are_distribution = true;
+  auto probs = out.probs_mut();  // (num_tokens, num_experts), logits first
+  if (num_tokens == 0) return probs;
+  weights.forward(x, probs);
+  std::atomic<bool> bad{false};
+  parallel_blocks(num_tokens, kGateTokenBlock, [&](Index begin, Index end) {
+    for (Index t = begin; t < end; ++t) {
+      S* row = probs.data() + t * num_experts;
+      bool ok = true;
+      for (Index e = 0; e < num_experts; ++e) ok = ok && std::isfinite(row[e]);
+      ok = pre_softmax(t, static_cast<const S*>(row)) && ok;
+      if (!ok) {
+        bad.store(true, std::memory_order_relaxed);
+        continue;
+      }
+      softmax_row(row, num_experts);
+    }
+  });
+  if (bad.load()) {
+    // Name the first offending token; its row still holds the raw logits unless only the
+    // hook's values were bad.
+    for (Index t = 0; t < num_tokens; ++t) {
+      if (!all_finite(probs.row(t))) {
+        fail(op, "router logits must be finite, got NaN or Inf for token ", t,
+             " (x too large, or non-finite router weights)");
+      }
+    }
+    fail(op,
+         "router logits must be finite, got NaN or Inf (x too large, or non-finite "
+         "router weights)");
   }
-
- private:
-  Index model_dim_;
-  Index num_experts_;
-  Buffer<S> dz_;  // backward scratch: dL/dz (num_tokens, num_experts), grow-only
-};
+  return probs;
+}
 
 }  // namespace moet::detail

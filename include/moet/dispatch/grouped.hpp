@@ -1,8 +1,8 @@
 #pragma once
 /// \file dispatch/grouped.hpp
 /// `GroupedDispatch`: group assignments by expert, one matrix product per (expert, row block),
-/// combine per token in slot order (ggml's `mul_mat_id` scheme). Also `add_dense_expert`, which
-/// runs one expert on every token (shared experts).
+/// combine per token in slot order (ggml's `mul_mat_id` scheme). Shared experts, which see every
+/// token, run through dispatch/dense.hpp.
 
 #include <algorithm>
 #include <cstdint>
@@ -16,7 +16,6 @@
 #include "moet/errors.hpp"
 #include "moet/routing.hpp"
 #include "moet/tensor.hpp"
-#include "moet/train/grad.hpp"
 
 namespace moet {
 
@@ -47,7 +46,8 @@ namespace moet {
 /// cache in the workspace; `backward` computes the combine-weight gradients, runs the experts'
 /// backward (one task per expert with tokens, its blocks in order: deterministic weight
 /// gradients, parallel over experts) and combines the input gradients per token in slot
-/// order. `add_dense_experts_train` / `backward_dense_experts` do the same for shared experts.
+/// order. dispatch/dense.hpp's `add_dense_experts_train` / `backward_dense_experts` do the same for
+/// shared experts.
 ///
 /// ```cpp
 /// moet::GroupedDispatch dispatch;
@@ -127,22 +127,14 @@ class GroupedDispatch {
 
     // 1. Group by expert and cut every expert's rows into fixed blocks.
     const Index max_rows = plan_tasks(routing, ws);
-    const Index num_tasks = ws.num_tasks;
 
     // 2. One task per (expert, block): gather, run, write per-assignment rows.
     detail::prepare_thread_scratch(experts, ws.threads, max_rows, /*gather=*/true,
                                    /*output=*/false);
     auto out = detail::aligned_matrix(ws.expert_out, routing.num_assignments(),
                                       model_dim);  // (num_assignments, model_dim)
-    const auto tokens = ws.view.tokens();
-    detail::parallel_for(num_tasks, [&](Index i) {
-      const Task& task = ws.tasks[static_cast<std::size_t>(i)];
-      auto& scratch = ws.threads[static_cast<std::size_t>(detail::thread_id())];
-      const Index n = task.end - task.begin;
-      auto in = detail::aligned_matrix(scratch.rows_in, n, model_dim);  // (n, model_dim)
-      detail::gather_rows(
-          x, tokens.subspan(static_cast<std::size_t>(task.begin), static_cast<std::size_t>(n)), in);
-      experts.forward(task.expert, in, out.middleRows(task.begin, n), scratch.expert);
+    for_each_task(x, ws, [&](const Task& task, const auto& in, auto& scratch) {
+      experts.forward(task.expert, in, out.middleRows(task.begin, in.rows()), scratch);
     });
 
     // 3. Combine per token in slot order.
@@ -172,16 +164,10 @@ class GroupedDispatch {
                                     model_dim);  // (num_assignments, model_dim)
     auto cache = ws.cache.matrix(routing.num_assignments(),
                                  experts.cache_width());  // (num_assignments, cache_width)
-    const auto tokens = ws.view.tokens();
-    detail::parallel_for(ws.num_tasks, [&](Index i) {
-      const Task& task = ws.tasks[static_cast<std::size_t>(i)];
-      auto& scratch = ws.threads[static_cast<std::size_t>(detail::thread_id())];
-      const Index n = task.end - task.begin;
-      auto in = detail::aligned_matrix(scratch.rows_in, n, model_dim);  // (n, model_dim)
-      detail::gather_rows(
-          x, tokens.subspan(static_cast<std::size_t>(task.begin), static_cast<std::size_t>(n)), in);
+    for_each_task(x, ws, [&](const Task& task, const auto& in, auto& scratch) {
+      const Index n = in.rows();
       experts.forward_train(task.expert, in, out.middleRows(task.begin, n),
-                            cache.middleRows(task.begin, n), scratch.expert);
+                            cache.middleRows(task.begin, n), scratch);
     });
     combine(routing, ws.view, out, y);
   }
@@ -258,7 +244,7 @@ class GroupedDispatch {
     }
     detail::prepare_thread_scratch(experts, ws.threads, max_rows, /*gather=*/true,
                                    /*output=*/true);
-    if constexpr (requires { experts.ensure_grad(); }) experts.ensure_grad();
+    if constexpr (HookCheck<X>::kEnsureGrad) experts.ensure_grad();
     const auto offsets = ws.view.offsets();
     const auto tokens = ws.view.tokens();
     const auto assignments = ws.view.assignments();
@@ -314,12 +300,28 @@ class GroupedDispatch {
     return max_rows;
   }
 
-  // Step 3 of `run`: y_t = sum over t's slots of w_a * out[position(a)], in slot order.
-  template <class S, class Out>
-  static void combine(const Routing<S>& routing, const ExpertMajor& view, const Out& out,
-                      Rows<S> y) {
-    const auto position = view.position();
-    const auto weights = routing.weights();
+  // Step 2 of `run` and `forward_train`: one task per (expert, block), in parallel; `f(task,
+  // in, scratch)` runs the task's expert on its rows of `x` gathered into `in` `(n, model_dim)`
+  // with the thread's expert scratch.
+  template <class X, class F>
+  static void for_each_task(const ConstRows<typename X::Scalar>& x, Workspace<X>& ws, F&& f) {
+    const Index model_dim = x.cols();
+    const auto tokens = ws.view.tokens();
+    detail::parallel_for(ws.num_tasks, [&](Index i) {
+      const Task& task = ws.tasks[static_cast<std::size_t>(i)];
+      auto& scratch = ws.threads[static_cast<std::size_t>(detail::thread_id())];
+      const Index n = task.end - task.begin;
+      auto in = detail::aligned_matrix(scratch.rows_in, n, model_dim);  // (n, model_dim)
+      detail::gather_rows(
+          x, tokens.subspan(static_cast<std::size_t>(task.begin), static_cast<std::size_t>(n)), in);
+      f(task, in, scratch.expert);
+    });
+  }
+
+  // y_t = sum over t's slots, in slot order, of the row `term(a)` of assignment `a`: the first
+  // slot assigns, later slots add, and a token routed nowhere gets 0.
+  template <class S, class Term>
+  static void combine_slots(const Routing<S>& routing, Rows<S>& y, Term&& term) {
     const auto token_offsets = routing.offsets();
     detail::parallel_blocks(routing.num_tokens(), kCombineBlock, [&](Index begin, Index end) {
       for (Index t = begin; t < end; ++t) {
@@ -329,12 +331,19 @@ class GroupedDispatch {
           y.row(t).setZero();
           continue;
         }
-        y.row(t) = weights[first] * out.row(position[first]);
-        for (std::size_t a = first + 1; a < last; ++a) {
-          y.row(t) += weights[a] * out.row(position[a]);
-        }
+        y.row(t) = term(first);
+        for (std::size_t a = first + 1; a < last; ++a) y.row(t) += term(a);
       }
     });
+  }
+
+  // Step 3 of `run`: y_t = sum over t's slots of w_a * out[position(a)], in slot order.
+  template <class S, class Out>
+  static void combine(const Routing<S>& routing, const ExpertMajor& view, const Out& out,
+                      Rows<S> y) {
+    const auto position = view.position();
+    const auto weights = routing.weights();
+    combine_slots(routing, y, [&](std::size_t a) { return weights[a] * out.row(position[a]); });
   }
 
   // y_t = sum over t's slots of rows[position(a)] (unweighted), slot order.
@@ -342,160 +351,10 @@ class GroupedDispatch {
   static void combine_rows(const Routing<S>& routing, const ExpertMajor& view, const In& rows,
                            Rows<S> y) {
     const auto position = view.position();
-    const auto token_offsets = routing.offsets();
-    detail::parallel_blocks(routing.num_tokens(), kCombineBlock, [&](Index begin, Index end) {
-      for (Index t = begin; t < end; ++t) {
-        const auto first = static_cast<std::size_t>(token_offsets[static_cast<std::size_t>(t)]);
-        const auto last = static_cast<std::size_t>(token_offsets[static_cast<std::size_t>(t + 1)]);
-        if (first == last) {
-          y.row(t).setZero();
-          continue;
-        }
-        y.row(t) = rows.row(position[first]);
-        for (std::size_t a = first + 1; a < last; ++a) y.row(t) += rows.row(position[a]);
-      }
-    });
+    combine_slots(routing, y, [&](std::size_t a) { return rows.row(position[a]); });
   }
 
   Options options_{};
 };
-
-/// Workspace of `add_dense_expert`: per-thread expert scratch and output rows. Grow-only.
-/// \tparam X the expert bank type.
-template <class X>
-struct DenseWorkspace {
-  std::vector<detail::ExpertThreadScratch<X>> threads;
-  /// Training only: every expert's cache on every token, `(num_experts * num_tokens,
-  /// cache_width)` (expert `e`'s rows first at `e * num_tokens`).
-  detail::Buffer<typename X::Scalar> cache;
-  /// Training only: every expert's dL/dx, `(num_experts * num_tokens, model_dim)`.
-  detail::Buffer<typename X::Scalar> din;
-  /// Training only: tokens of the last `forward_train_dense_experts` (-1 before the first).
-  Index train_tokens = -1;
-};
-
-/// Rows per `add_dense_expert` task (fixed, independent of the thread count).
-inline constexpr Index kDenseRowBlock = 128;
-
-/// Runs expert `e` on every row of `x` and adds `weight * expert(x)` into `y`:
-/// `y[t] += weight * E_e(x[t])` for every token. This is how shared experts (DeepSeekMoE) run:
-/// every token passes through them with weight 1. Parallel over fixed row blocks of
-/// `kDenseRowBlock`, so the result is bit-identical for any thread count.
-///
-/// Shapes: `x` `(num_tokens, model_dim)`, `y` `(num_tokens, model_dim)`. Throws `moet::Error`
-/// naming `add_dense_expert` when the shapes disagree, `y` overlaps `x`, or `e` is out of range.
-///
-/// \tparam X an expert bank (`Experts` concept).
-template <Experts X>
-void add_dense_expert(const X& experts, Index e, typename X::Scalar weight,
-                      const ConstRows<typename X::Scalar>& x, Rows<typename X::Scalar> y,
-                      DenseWorkspace<X>& ws) {
-  constexpr const char* kOp = "add_dense_expert";
-  detail::require(e >= 0 && e < experts.num_experts(), kOp, "expert id ", e, " is outside [0, ",
-                  experts.num_experts(), ")");
-  detail::require(x.cols() == experts.model_dim(), kOp,
-                  "x must have model_dim = ", experts.model_dim(), " columns, got (", x.rows(),
-                  ", ", x.cols(), ")");
-  detail::require(y.rows() == x.rows() && y.cols() == x.cols(), kOp, "y must have x's shape (",
-                  x.rows(), ", ", x.cols(), "), got (", y.rows(), ", ", y.cols(), ")");
-  detail::require(!detail::storage_overlaps(x, y), kOp, "y must not overlap x");
-  detail::check_experts_ready(experts, /*training=*/false);
-  detail::prepare_thread_scratch(experts, ws.threads, std::min(kDenseRowBlock, x.rows()),
-                                 /*gather=*/false, /*output=*/true);
-  const Index model_dim = x.cols();
-  detail::parallel_blocks(x.rows(), kDenseRowBlock, [&](Index begin, Index end) {
-    auto& scratch = ws.threads[static_cast<std::size_t>(detail::thread_id())];
-    const Index n = end - begin;
-    auto out = detail::aligned_matrix(scratch.rows_out, n, model_dim);  // (n, model_dim)
-    experts.forward(e, x.middleRows(begin, n), out, scratch.expert);
-    y.middleRows(begin, n) += weight * out;
-  });
-}
-
-/// Training: adds every expert of `experts` applied to every row of `x`, weight 1, into `y`
-/// (`y[t] += sum_e E_e(x[t])`, the shared experts of a layer) and keeps their caches in
-/// `ws.cache` for `backward_dense_experts`. Experts in id order, each parallel over fixed
-/// row blocks of `kDenseRowBlock` (bit-identical for any thread count). Throws `moet::Error`
-/// naming `add_dense_experts_train` when the shapes disagree or `y` overlaps `x`.
-template <TrainableExperts X>
-void add_dense_experts_train(const X& experts, const ConstRows<typename X::Scalar>& x,
-                             Rows<typename X::Scalar> y, DenseWorkspace<X>& ws) {
-  constexpr const char* kOp = "add_dense_experts_train";
-  detail::require(x.cols() == experts.model_dim(), kOp,
-                  "x must have model_dim = ", experts.model_dim(), " columns, got (", x.rows(),
-                  ", ", x.cols(), ")");
-  detail::require(y.rows() == x.rows() && y.cols() == x.cols(), kOp, "y must have x's shape (",
-                  x.rows(), ", ", x.cols(), "), got (", y.rows(), ", ", y.cols(), ")");
-  detail::require(!detail::storage_overlaps(x, y), kOp, "y must not overlap x");
-  detail::check_experts_ready(experts, /*training=*/true);
-  const Index num_tokens = x.rows();
-  const Index model_dim = x.cols();
-  ws.train_tokens = num_tokens;
-  if (num_tokens == 0) return;
-  detail::prepare_thread_scratch(experts, ws.threads, std::min(kDenseRowBlock, num_tokens),
-                                 /*gather=*/false, /*output=*/true);
-  auto cache = ws.cache.matrix(experts.num_experts() * num_tokens,
-                               experts.cache_width());  // (num_experts * T, cache_width)
-  for (Index e = 0; e < experts.num_experts(); ++e) {
-    detail::parallel_blocks(num_tokens, kDenseRowBlock, [&](Index begin, Index end) {
-      auto& scratch = ws.threads[static_cast<std::size_t>(detail::thread_id())];
-      const Index n = end - begin;
-      auto out = detail::aligned_matrix(scratch.rows_out, n, model_dim);  // (n, model_dim)
-      experts.forward_train(e, x.middleRows(begin, n), out,
-                            cache.middleRows(e * num_tokens + begin, n), scratch.expert);
-      y.middleRows(begin, n) += out;
-    });
-  }
-}
-
-/// Backward of `add_dense_experts_train` (same `experts`, `x` and `ws`): accumulates every
-/// expert's weight gradients for `dL/dy = dy` `(num_tokens, model_dim)` and **adds** dL/dx into
-/// `dx` `(num_tokens, model_dim)`. One task per expert over its row blocks in order (weight
-/// gradients bit-identical for any thread count), each writing its own dL/dx rows, then
-/// `dx += sum_e din_e` in expert order per token block. Throws `moet::Error` naming
-/// `backward_dense_experts` when the shapes disagree, `dx` overlaps `x` or `dy`, or `ws` holds
-/// no `add_dense_experts_train` of `x.rows()` tokens.
-template <TrainableExperts X>
-void backward_dense_experts(X& experts, const ConstRows<typename X::Scalar>& x,
-                            const ConstRows<typename X::Scalar>& dy, Rows<typename X::Scalar> dx,
-                            DenseWorkspace<X>& ws) {
-  constexpr const char* kOp = "backward_dense_experts";
-  detail::require(x.cols() == experts.model_dim(), kOp,
-                  "x must have model_dim = ", experts.model_dim(), " columns, got (", x.rows(),
-                  ", ", x.cols(), ")");
-  detail::require(dy.rows() == x.rows() && dy.cols() == x.cols() && dx.rows() == x.rows() &&
-                      dx.cols() == x.cols(),
-                  kOp, "dy and dx must have x's shape (", x.rows(), ", ", x.cols(), "), got (",
-                  dy.rows(), ", ", dy.cols(), ") and (", dx.rows(), ", ", dx.cols(), ")");
-  detail::require(!detail::storage_overlaps(x, dx) && !detail::storage_overlaps(dy, dx), kOp,
-                  "dx must not overlap x or dy");
-  detail::require(ws.train_tokens == x.rows(), kOp,
-                  "backward needs an add_dense_experts_train of the same x first (it saw ",
-                  ws.train_tokens, " tokens, x has ", x.rows(), ")");
-  detail::check_experts_ready(experts, /*training=*/true);
-  const Index num_tokens = x.rows();
-  const Index model_dim = x.cols();
-  const Index num_experts = experts.num_experts();
-  if (num_tokens == 0) return;
-  detail::prepare_thread_scratch(experts, ws.threads, std::min(kDenseRowBlock, num_tokens),
-                                 /*gather=*/false, /*output=*/false);
-  if constexpr (requires { experts.ensure_grad(); }) experts.ensure_grad();
-  auto cache = ws.cache.matrix(num_experts * num_tokens, experts.cache_width());
-  auto din = detail::aligned_matrix(ws.din, num_experts * num_tokens, model_dim);
-  detail::parallel_for(num_experts, [&](Index e) {
-    auto& scratch = ws.threads[static_cast<std::size_t>(detail::thread_id())];
-    for (Index begin = 0; begin < num_tokens; begin += kDenseRowBlock) {
-      const Index n = std::min(kDenseRowBlock, num_tokens - begin);
-      experts.backward(e, x.middleRows(begin, n), cache.middleRows(e * num_tokens + begin, n),
-                       dy.middleRows(begin, n), din.middleRows(e * num_tokens + begin, n),
-                       scratch.expert);
-    }
-  });
-  detail::parallel_blocks(num_tokens, kDenseRowBlock, [&](Index begin, Index end) {
-    for (Index e = 0; e < num_experts; ++e) {
-      dx.middleRows(begin, end - begin) += din.middleRows(e * num_tokens + begin, end - begin);
-    }
-  });
-}
 
 }  // namespace moet

@@ -5,8 +5,9 @@
 /// is a small policy that lists its tensors and computes one expert (Eigen and packed forward,
 /// `forward_train`, `backward`); the bank owns the storage, the initialisation, the packed
 /// kernel copies, the checks, the setters and `edit()`, the gradients, the parameter visit and
-/// the inference-only mode. `GluExperts`, `SwiGluExperts`, `GeGluExperts` and `FfnExperts` are
-/// aliases of it.
+/// the inference-only mode (the storage and the rules that keep it valid are
+/// detail/bank_store.hpp's `BankStore`; this file is the API). `GluExperts`, `SwiGluExperts`,
+/// `GeGluExperts` and `FfnExperts` are aliases of it.
 ///
 /// Weights (the design, in one place):
 /// - **Layout.** Expert `e`'s tensors are stored in moet's `(in, out)` layout (`y = x W`),
@@ -23,7 +24,8 @@
 ///   reads weights that the packed copy has not caught up with: while the copy is stale it
 ///   throws (see `check_ready`), it never falls back to a slower path behind the caller's
 ///   back.
-/// - **Optimisers** keep train/grad.hpp's protocol: `visit_parameters(f)` hands out the stacks
+/// - **Optimisers** keep concepts.hpp's training protocol: `visit_parameters(f)` hands out the
+/// stacks
 ///   (and marks the packed copy stale), then `parameters_changed()` checks that every weight is
 ///   finite and repacks. A NaN or Inf is rejected by every writer: `set_*` (nothing stored),
 ///   the end of `edit()` and `parameters_changed()` (both throw and leave the bank refusing to
@@ -60,32 +62,16 @@
 #include <utility>
 #include <vector>
 
+#include "moet/concepts.hpp"
+#include "moet/detail/bank_store.hpp"
 #include "moet/detail/expert_bank.hpp"
 #include "moet/detail/rng.hpp"
 #include "moet/detail/weights.hpp"
 #include "moet/errors.hpp"
-#include "moet/experts/weight_format.hpp"
 #include "moet/tensor.hpp"
-#include "moet/train/grad.hpp"
+#include "moet/weight_format.hpp"
 
 namespace moet {
-
-/// How an expert bank's weights start (`Options::init`).
-enum class WeightInit {
-  /// Normal with standard deviation `1 / sqrt(fan_in)`, from `init_seed`; biases 0. Draws every
-  /// weight (seconds for a large bank): a loader should pass `kNone`.
-  kRandom,
-  /// Every tensor 0.
-  kZeros,
-  /// Nothing drawn or written (storage zeroed): for loaders. `forward` and `forward_train`
-  /// throw until every tensor of every expert was set (`set_*`, or a view taken in `edit()`).
-  kNone,
-};
-
-/// `"kRandom"`, `"kZeros"` or `"kNone"` (for messages).
-constexpr const char* weight_init_name(WeightInit init) {
-  return init == WeightInit::kZeros ? "kZeros" : init == WeightInit::kNone ? "kNone" : "kRandom";
-}
 
 /// A bank of `num_experts` experts with the body `Body` (see the file comment for the weight
 /// API). Use it through its aliases:
@@ -116,6 +102,10 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
   using BiasMap = Eigen::Map<Eigen::Matrix<S, 1, Eigen::Dynamic>>;
   /// Tensors per expert (biases included, present or not).
   static constexpr std::size_t kNumTensors = Body::kTensors.size();
+  /// The optional hooks the bank has (concepts.hpp): the dispatchers call `check_ready`,
+  /// `reserve` and `ensure_grad`, the optimisers `parameters_changed`.
+  static constexpr Hooks kHooks{
+      .parameters_changed = true, .check_ready = true, .reserve = true, .ensure_grad = true};
 
   /// Construction options. Designated initialisers must keep this order.
   struct Options {
@@ -148,44 +138,10 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
   /// `inference_only` on a double bank or without `pack_weights`; and for `bias = true` on a
   /// body without biases.
   explicit ExpertBank(const Options& options)
-      : options_(options), packed_(options.pack_weights, options.weight_format) {
-    detail::require_bank_options<S>(kName, options_);
-    detail::require(!options_.bias || Body::kHasBias, kName, "bias = true, but ", kName,
-                    " experts have no biases");
-    const Index n = num_experts();
-    const bool random = options_.init == WeightInit::kRandom;
-    for (std::size_t t = 0; t < kNumTensors; ++t) {
-      const detail::TensorSpec& spec = Body::kTensors[t];
-      RowMatrix<S>& stack = values_[t];
-      if (!present(t) || (inference_only() && !spec.bias)) {
-        stack.resize(0, cols(t));  // absent bias, or a weight that lives only packed
-        continue;
-      }
-      stack.resize(n * rows(t), cols(t));  // (num_experts * rows, cols)
-      if (random && !spec.bias) {
-        detail::Rng rng(detail::hash_key(options_.init_seed, spec.stream));
-        detail::fill_normal_fan_in(rng, stack.data(), stack.size(), dim(spec.fan_in));
-      } else {
-        stack.setZero();
-      }
-    }
-    if (options_.init == WeightInit::kNone) {
-      unset_flags_.assign(static_cast<std::size_t>(n) * kNumTensors, 0);
-      for (Index e = 0; e < n; ++e) {
-        for (std::size_t t = 0; t < kNumTensors; ++t) {
-          if (present(t)) {
-            unset_flags_[flag(e, t)] = 1;
-            ++unset_;
-          }
-        }
-      }
-    }
-    if (inference_only()) {
-      init_inference_only();
-    } else {
-      repack_all();
-    }
-  }
+      : options_(checked(options)),
+        store_({options.model_dim, options.hidden_dim, options.num_experts, options.bias,
+                options.inference_only, options.init, options.init_seed},
+               options.pack_weights, options.weight_format) {}
 
   // --- sizes ----------------------------------------------------------------------------------
 
@@ -211,7 +167,7 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
   /// Bytes of the packed kernel copies (padding included; 0 without them).
   std::size_t packed_bytes() const {
     std::size_t bytes = 0;
-    packed_.for_each([&](const auto& copy) { bytes += Body::packed_bytes(copy); });
+    store_.packed.for_each([&](const auto& copy) { bytes += Body::packed_bytes(copy); });
     return bytes;
   }
 
@@ -221,9 +177,9 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
   /// stack. Throws `moet::Error` for an expert out of range, a bias of a bank without biases,
   /// and a packed weight of an inference-only bank (it has no float copy).
   Eigen::Map<const RowMatrix<S>> tensor(Tensor t, Index e) const {
-    require_readable("tensor", t);
-    require_expert("tensor", t, e);
-    return block(t, e);
+    store_.require_readable("tensor", t);
+    store_.require_expert("tensor", t, e);
+    return store_.block(t, e);
   }
 
   /// The stack of tensor `t`, `(num_experts * in, out)` (biases `(num_experts, out)`, or
@@ -233,13 +189,13 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
     const detail::TensorSpec& spec = Body::kTensors[index(t)];
     detail::require(!inference_only() || spec.bias, kName, "stack: an inference_only bank keeps ",
                     "its ", spec.label, " only packed for the kernels (no float copy to read)");
-    const RowMatrix<S>& s = values_[index(t)];
+    const RowMatrix<S>& s = store_.values[index(t)];
     return Eigen::Map<const RowMatrix<S>>(s.data(), s.rows(), s.cols());
   }
 
   /// The accumulated gradient of tensor `t`, shaped like its stack (empty before the first
   /// `zero_grad`, `backward` or `visit_parameters`, and always in an inference-only bank).
-  const RowMatrix<S>& grad(Tensor t) const { return grads_[index(t)]; }
+  const RowMatrix<S>& grad(Tensor t) const { return store_.grads[index(t)]; }
 
   // --- writing --------------------------------------------------------------------------------
 
@@ -260,52 +216,7 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
     static_assert(std::is_same_v<typename Derived::Scalar, S>,
                   "set_tensor takes a matrix of the bank's Scalar type: cast it first "
                   "(w.template cast<float>())");
-    const detail::TensorSpec& spec = Body::kTensors[index(t)];
-    const char* setter = spec.setter;
-    detail::require(present(index(t)), kName, setter, ": this bank has no biases (bias = false)");
-    require_expert(setter, t, e);
-    detail::require(!editing_.value, kName, setter,
-                    ": an edit() of this bank is open: write through it, or end it first");
-    const detail::WeightName name = weight_name(t, e);
-    const Index r = rows(index(t));
-    const Index c = cols(index(t));
-    if (spec.bias) {
-      detail::require(w.size() == c && (w.rows() == 1 || w.cols() == 1), kName, setter, ": ",
-                      name.describe(), " must be a vector of ", detail::bank_dim_name(spec.cols),
-                      " = ", c, " values, got (", w.rows(), ", ", w.cols(), ")");
-    } else {
-      detail::check_weight_shape(kName, setter, name, r, c, w.rows(), w.cols(), layout);
-    }
-    detail::check_weights_finite(kName, setter, name, w);
-    if (spec.bias) {
-      auto dst = wblock(t, e);  // (1, out)
-      if (w.rows() == 1) {
-        dst = w;
-      } else {
-        dst = w.transpose();
-      }
-    } else if (inference_only()) {
-      if constexpr (kPackable) {
-        // The caller's matrix, viewed (or, for a layout or storage order that needs it, copied
-        // once) as a row-major (in, out) matrix, packed straight into the copy.
-        if (layout == WeightLayout::kOutIn) {
-          pack_one(t, e, ConstRows<float>(w.transpose()));
-        } else {
-          pack_one(t, e, ConstRows<float>(w.derived()));
-        }
-      }
-    } else {
-      auto dst = wblock(t, e);  // (in, out)
-      if (layout == WeightLayout::kOutIn) {
-        dst = w.transpose();
-      } else {
-        dst = w;
-      }
-      if constexpr (kPackable) {
-        if (packed_.current()) pack_one(t, e, ConstRows<float>(dst));
-      }
-    }
-    mark_set(e, index(t));
+    store_.set_tensor(t, e, w, layout);
   }
 
   /// Opens a scoped edit of a training bank: the returned handle hands out writable
@@ -325,12 +236,12 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
   /// }                                // checked and repacked here
   /// ```
   Edit edit() {
-    require_training("edit");
-    detail::require(!editing_.value, kName, "edit: an edit() of this bank is already open");
-    editing_.value = true;
-    edit_was_current_ = packed_.current();
-    packed_.mark_stale();
-    dirty_.assign(static_cast<std::size_t>(num_experts()) * kNumTensors, 0);
+    store_.require_training("edit");
+    detail::require(!store_.editing.value, kName, "edit: an edit() of this bank is already open");
+    store_.editing.value = true;
+    store_.edit_was_current = store_.packed.current();
+    store_.packed.mark_stale();
+    store_.dirty.assign(static_cast<std::size_t>(num_experts()) * kNumTensors, 0);
     return Edit(this);
   }
 
@@ -342,15 +253,15 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
   /// it). Throws while an `edit()` is open.
   void parameters_changed() {
     if (inference_only()) return;
-    detail::require(!editing_.value, kName,
+    detail::require(!store_.editing.value, kName,
                     "parameters_changed: an edit() of this bank is open: end it (it repacks)");
-    check_all_finite("parameters_changed");
-    repack_all();
+    store_.check_all_finite("parameters_changed");
+    store_.repack_all();
   }
 
   /// True when `forward` runs the packed kernels: a float bank with `pack_weights` whose packed
   /// copy is current.
-  bool uses_packed_kernels() const { return packed_.current(); }
+  bool uses_packed_kernels() const { return store_.packed.current(); }
 
   /// Throws `moet::Error` naming the bank and the reason when `forward` (`training = false`)
   /// or `forward_train` / `backward` (`training = true`) cannot run now: a tensor never set
@@ -360,7 +271,7 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
   /// bank (training only). `forward` and the training members check this themselves; the
   /// dispatchers call it before their parallel regions, so that nothing throws inside one.
   void check_ready(bool training) const {
-    require_ready(training ? "forward_train" : "forward", training);
+    store_.require_ready(training ? "forward_train" : "forward", training);
   }
 
   // --- inference ------------------------------------------------------------------------------
@@ -369,7 +280,7 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
   /// not allocate. Optional: `forward` grows the scratch itself when needed.
   void reserve(Scratch& scratch, Index max_rows) const {
     Body::reserve(scratch, max_rows, model_dim(), hidden_dim());
-    packed_.reserve(scratch.kernel, max_rows, model_dim(), hidden_dim());
+    store_.packed.reserve(scratch.kernel, max_rows, model_dim(), hidden_dim());
   }
 
   /// Writes expert `e` applied to every row of `in` `(n, model_dim)` into `out`
@@ -381,16 +292,17 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
     MOET_ASSERT(e >= 0 && e < num_experts(), "expert id out of range");
     MOET_ASSERT(in.cols() == model_dim() && out.cols() == model_dim() && out.rows() == in.rows(),
                 "ExpertBank::forward shape mismatch");
-    require_ready("forward", false);
+    store_.require_ready("forward", false);
     if (in.rows() == 0) return;
-    const ExpertRef x{*this, e};
-    if (packed_.run(e, [&](const auto& p) { Body::forward_packed(x, p, in, out, scratch); })) {
+    const ExpertRef x{store_, e};
+    if (store_.packed.run(e,
+                          [&](const auto& p) { Body::forward_packed(x, p, in, out, scratch); })) {
       return;
     }
     Body::forward(x, in, out, scratch);
   }
 
-  // --- training (train/grad.hpp's `TrainableExperts`) -----------------------------------------
+  // --- training (concepts.hpp's `TrainableExperts`) -----------------------------------------
 
   /// Scalars `forward_train` keeps per routed row (the body's activations for `backward`).
   Index cache_width() const { return Body::cache_width(model_dim(), hidden_dim()); }
@@ -406,9 +318,9 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
                 "ExpertBank::forward_train shape mismatch");
     MOET_ASSERT(cache.rows() == in.rows() && cache.cols() == cache_width(),
                 "ExpertBank::forward_train cache shape mismatch");
-    require_ready("forward_train", true);
+    store_.require_ready("forward_train", true);
     if (in.rows() == 0) return;
-    Body::forward_train(ExpertRef{*this, e}, in, out, cache, scratch);
+    Body::forward_train(ExpertRef{store_, e}, in, out, cache, scratch);
   }
 
   /// Backward of expert `e` on `n` rows: `in` `(n, model_dim)` and `cache` `(n, cache_width())`
@@ -425,25 +337,26 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
                     dout.cols() == model_dim() && din.rows() == in.rows() &&
                     din.cols() == model_dim(),
                 "ExpertBank::backward shape mismatch");
-    require_ready("backward", true);
+    store_.require_ready("backward", true);
     ensure_grad();
     if (in.rows() == 0) return;
-    Body::backward(ExpertRef{*this, e}, GradRef{*this, e}, in, cache, dout, din, scratch);
+    Body::backward(ExpertRef{store_, e}, GradRef{store_, e}, in, cache, dout, din, scratch);
   }
 
   /// Sets every gradient to zero (allocating them on first use). Throws `moet::Error` for an
   /// inference-only bank.
   void zero_grad() {
-    require_training("zero_grad");
+    store_.require_training("zero_grad");
     ensure_grad();
-    for (RowMatrix<S>& g : grads_) g.setZero();
+    for (RowMatrix<S>& g : store_.grads) g.setZero();
   }
 
   /// Allocates the gradients (zero) if they are not yet; a no-op afterwards. Throws
   /// `moet::Error` for an inference-only bank.
   void ensure_grad() {
-    require_training("ensure_grad");
-    for (std::size_t t = 0; t < kNumTensors; ++t) detail::ensure_grad_like(grads_[t], values_[t]);
+    store_.require_training("ensure_grad");
+    for (std::size_t t = 0; t < kNumTensors; ++t)
+      detail::ensure_grad_like(store_.grads[t], store_.values[t]);
   }
 
   /// Calls `f(name, value, grad)` for every stacked parameter in the body's order (names and
@@ -453,12 +366,14 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
   /// `moet::Error` for an inference-only bank and while an `edit()` is open.
   template <class F>
   void visit_parameters(F&& f) {
-    require_training("visit_parameters");
+    store_.require_training("visit_parameters");
     ensure_grad();
-    detail::require(!editing_.value, kName, "visit_parameters: an edit() of this bank is open");
-    packed_.mark_stale();
+    detail::require(!store_.editing.value, kName,
+                    "visit_parameters: an edit() of this bank is open");
+    store_.packed.mark_stale();
     for (std::size_t t = 0; t < kNumTensors; ++t) {
-      if (present(t)) detail::visit_stack(f, Body::kTensors[t].name, values_[t], grads_[t]);
+      if (store_.present(t))
+        detail::visit_stack(f, Body::kTensors[t].name, store_.values[t], store_.grads[t]);
     }
   }
 
@@ -475,14 +390,16 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
     /// Ends the edit unless `commit()` did: checks and repacks; a non-finite value leaves the
     /// bank refusing to run (its `forward` and `forward_train` throw the reason).
     ~Edit() {
-      if (bank_ != nullptr) std::exchange(bank_, nullptr)->end_edit_nothrow();
+      if (bank_ != nullptr) std::exchange(bank_, nullptr)->store_.end_edit_nothrow();
     }
 
     /// Expert `e`'s tensor `t`, writable, `(in, out)` (a bias is `(1, out)`). Handing it out
     /// counts as setting it (`WeightInit::kNone`). Throws `moet::Error` after the edit ended.
-    Eigen::Map<RowMatrix<S>> tensor(Tensor t, Index e) const { return open()->edit_block(t, e); }
+    Eigen::Map<RowMatrix<S>> tensor(Tensor t, Index e) const {
+      return open()->store_.edit_block(t, e);
+    }
     /// The whole stack of tensor `t`, writable, `(num_experts * in, out)`.
-    Eigen::Map<RowMatrix<S>> stack(Tensor t) const { return open()->edit_stack(t); }
+    Eigen::Map<RowMatrix<S>> stack(Tensor t) const { return open()->store_.edit_stack(t); }
 
     /// Ends the edit now: throws `moet::Error` naming the first NaN or Inf among the tensors it
     /// handed out (expert, tensor, row, column, value), else repacks them. Either way the edit
@@ -490,7 +407,7 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
     void commit() {
       ExpertBank* bank = open();
       bank_ = nullptr;
-      bank->end_edit();
+      bank->store_.end_edit();
     }
 
    private:
@@ -505,239 +422,22 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
 
  private:
   static constexpr const char* kName = Body::kName;
-  static constexpr bool kPackable = std::is_same_v<S, float>;
 
-  // Expert e of this bank, as the body's computations see it: `x(t)` is its tensor `t`.
-  struct ExpertRef {
-    const ExpertBank& bank;
-    Index e;
-    Index model_dim() const { return bank.model_dim(); }
-    Index hidden_dim() const { return bank.hidden_dim(); }
-    bool bias() const { return bank.has_bias(); }
-    Eigen::Map<const RowMatrix<S>> operator()(Tensor t) const { return bank.block(t, e); }
-  };
-  // Expert e's gradients: `g(t)` is the writable gradient block of tensor `t`.
-  struct GradRef {
-    ExpertBank& bank;
-    Index e;
-    Eigen::Map<RowMatrix<S>> operator()(Tensor t) const {
-      return detail::expert_block(bank.grads_[index(t)], e, bank.rows(index(t)));
-    }
-  };
+  using Store = detail::BankStore<S, Body>;
+  using ExpertRef = typename Store::ExpertRef;
+  using GradRef = typename Store::GradRef;
 
   static constexpr std::size_t index(Tensor t) { return static_cast<std::size_t>(t); }
-  Index dim(detail::BankDim d) const { return detail::bank_dim(d, model_dim(), hidden_dim()); }
-  Index rows(std::size_t t) const { return dim(Body::kTensors[t].rows); }
-  Index cols(std::size_t t) const { return dim(Body::kTensors[t].cols); }
-  bool present(std::size_t t) const { return !Body::kTensors[t].bias || options_.bias; }
-  std::size_t flag(Index e, std::size_t t) const {
-    return static_cast<std::size_t>(e) * kNumTensors + t;
-  }
-  detail::WeightName weight_name(Tensor t, Index e) const {
-    const detail::TensorSpec& spec = Body::kTensors[index(t)];
-    return {spec.label, e, detail::bank_dim_name(spec.rows), detail::bank_dim_name(spec.cols)};
-  }
 
-  Eigen::Map<const RowMatrix<S>> block(Tensor t, Index e) const {
-    return detail::expert_block(values_[index(t)], e, rows(index(t)));
-  }
-  Eigen::Map<RowMatrix<S>> wblock(Tensor t, Index e) {
-    return detail::expert_block(values_[index(t)], e, rows(index(t)));
-  }
-
-  void require_expert(const char* what, Tensor t, Index e) const {
-    detail::require(e >= 0 && e < num_experts(), kName, what, ": expert ", e, " (",
-                    Body::kTensors[index(t)].label, ") is outside [0, ", num_experts(), ")");
-  }
-  void require_readable(const char* what, Tensor t) const {
-    const detail::TensorSpec& spec = Body::kTensors[index(t)];
-    detail::require(present(index(t)), kName, what, ": this bank has no ", spec.label,
-                    " (bias = false)");
-    detail::require(!inference_only() || spec.bias, kName, what, ": an inference_only bank keeps ",
-                    "its ", spec.label, " only packed for the kernels (no float copy to read)");
-  }
-  void require_training(const char* what) const {
-    detail::require(!inference_only(), kName, what,
-                    " needs a training bank: this one is inference_only (it keeps only the "
-                    "packed weights)");
-  }
-
-  void require_ready(const char* what, bool training) const {
-    if (ready(training)) [[likely]] {
-      return;
-    }
-    fail_not_ready(what, training);
-  }
-  bool ready(bool training) const {
-    if (unset_ > 0 || invalid_ || editing_.value) return false;
-    if (training) return !inference_only();
-    return !packed_.enabled() || packed_.current();
-  }
-
-  [[noreturn]] void fail_not_ready(const char* what, bool training) const {
-    if (training) require_training(what);
-    detail::require(!editing_.value, kName, what,
-                    ": an edit() of this bank is open: end it first (commit() or its scope)");
-    for (Index e = 0; e < num_experts() && unset_ > 0; ++e) {
-      for (std::size_t t = 0; t < kNumTensors; ++t) {
-        detail::require(unset_flags_[flag(e, t)] == 0, kName, what, ": expert ", e, "'s ",
-                        Body::kTensors[t].label, " was never set (init = WeightInit::kNone): ",
-                        "set every tensor of every expert (", Body::kTensors[t].setter,
-                        ", ...) before running the bank");
-      }
-    }
-    if (invalid_) {
-      check_all_finite(what);  // names the value
-      detail::fail(kName, what,
-                   ": a non-finite weight was found (edit() or parameters_changed()): call "
-                   "parameters_changed() after fixing it");
-    }
-    detail::fail(kName, what,
-                 ": the packed weights are stale: visit_parameters() handed the weights out for "
-                 "writing; call parameters_changed() to check and repack them (the optimisers "
-                 "do after their step)");
-  }
-
-  // Throws naming the first NaN/Inf of any present float tensor (`where` names the caller)
-  // and marks the bank invalid; clears the mark when everything is finite.
-  void check_all_finite(const char* where) {
-    for (std::size_t t = 0; t < kNumTensors; ++t) {
-      if (!present(t) || values_[t].size() == 0 || detail::all_finite(values_[t])) continue;
-      invalid_ = true;
-      packed_.mark_stale();
-      const Tensor id = static_cast<Tensor>(t);
-      for (Index e = 0; e < num_experts(); ++e) {
-        detail::check_weights_finite(kName, where, weight_name(id, e), block(id, e));
-      }
-    }
-    invalid_ = false;
-  }
-  // The same, for the const error path (does not change the state).
-  void check_all_finite(const char* where) const {
-    for (std::size_t t = 0; t < kNumTensors; ++t) {
-      if (!present(t)) continue;
-      const Tensor id = static_cast<Tensor>(t);
-      for (Index e = 0; e < num_experts() && values_[t].size() > 0; ++e) {
-        detail::check_weights_finite(kName, where, weight_name(id, e), block(id, e));
-      }
-    }
-  }
-
-  void mark_set(Index e, std::size_t t) {
-    if (unset_ > 0 && unset_flags_[flag(e, t)] != 0) {
-      unset_flags_[flag(e, t)] = 0;
-      --unset_;
-    }
-  }
-
-  // Packs expert e's weight tensor t from `src` `(in, out)` into the copy (packed weights only).
-  void pack_one(Tensor t, Index e, const ConstRows<float>& src) {
-    packed_.update(e, [&](auto& copy) { Body::pack_tensor(copy, t, src); });
-  }
-
-  // Rebuilds every packed copy from the stacks (a no-op without packed copies).
-  void repack_all() {
-    packed_.rebuild(num_experts(), [&](auto& copy, Index e) {
-      Body::pack(copy, ExpertRef{*this, e});
-    });
-  }
-
-  // Inference-only construction: shapes the packed copies (zero), then packs the random draw
-  // one expert tensor at a time through one temporary (the same values as a training bank's
-  // stacks: each stack's stream continues from one expert's block to the next).
-  void init_inference_only() {
-    if constexpr (kPackable) {
-      packed_.rebuild(num_experts(), [&](auto& copy, Index /*e*/) {
-        Body::reset(copy, model_dim(), hidden_dim());
-      });
-      if (options_.init != WeightInit::kRandom) return;
-      RowMatrix<float> draw;  // one expert's tensor (in, out)
-      for (std::size_t t = 0; t < kNumTensors; ++t) {
-        const detail::TensorSpec& spec = Body::kTensors[t];
-        if (spec.bias) continue;
-        draw.resize(rows(t), cols(t));
-        detail::Rng rng(detail::hash_key(options_.init_seed, spec.stream));
-        for (Index e = 0; e < num_experts(); ++e) {
-          detail::fill_normal_fan_in(rng, draw.data(), draw.size(), dim(spec.fan_in));
-          pack_one(static_cast<Tensor>(t), e, draw);
-        }
-      }
-    }
-  }
-
-  Eigen::Map<RowMatrix<S>> edit_block(Tensor t, Index e) {
-    detail::require(present(index(t)), kName, "edit: this bank has no biases (bias = false)");
-    require_expert("edit", t, e);
-    dirty_[flag(e, index(t))] = 1;
-    mark_set(e, index(t));
-    return wblock(t, e);
-  }
-  Eigen::Map<RowMatrix<S>> edit_stack(Tensor t) {
-    detail::require(present(index(t)), kName, "edit: this bank has no biases (bias = false)");
-    for (Index e = 0; e < num_experts(); ++e) {
-      dirty_[flag(e, index(t))] = 1;
-      mark_set(e, index(t));
-    }
-    RowMatrix<S>& s = values_[index(t)];
-    return Eigen::Map<RowMatrix<S>>(s.data(), s.rows(), s.cols());
-  }
-
-  // The end of an edit: checks what it handed out (or everything, when the packed copy was
-  // already stale or the bank invalid), then repacks that (or everything).
-  void end_edit() {
-    editing_.value = false;
-    const bool full = invalid_ || (packed_.enabled() && !edit_was_current_);
-    if (full) {
-      check_all_finite("edit() end");
-      repack_all();
-      return;
-    }
-    for (Index e = 0; e < num_experts(); ++e) {
-      for (std::size_t t = 0; t < kNumTensors; ++t) {
-        if (dirty_[flag(e, t)] == 0) continue;
-        const Tensor id = static_cast<Tensor>(t);
-        if (!detail::all_finite(block(id, e))) {
-          invalid_ = true;
-          detail::check_weights_finite(kName, "edit() end", weight_name(id, e), block(id, e));
-        }
-      }
-    }
-    if constexpr (kPackable) {
-      if (!packed_.enabled()) return;
-      for (Index e = 0; e < num_experts(); ++e) {
-        for (std::size_t t = 0; t < kNumTensors; ++t) {
-          if (dirty_[flag(e, t)] == 0 || Body::kTensors[t].bias) continue;
-          const Tensor id = static_cast<Tensor>(t);
-          pack_one(id, e, block(id, e));
-        }
-      }
-      packed_.mark_current();
-    }
-  }
-  void end_edit_nothrow() noexcept {
-    try {
-      end_edit();
-    } catch (...) {  // NOLINT(bugprone-empty-catch): the bank stays invalid or stale, and says so
-    }
+  static const Options& checked(const Options& options) {
+    detail::require_bank_options<S>(kName, options);
+    detail::require(!options.bias || Body::kHasBias, kName, "bias = true, but ", kName,
+                    " experts have no biases");
+    return options;
   }
 
   Options options_;
-  // One stack per tensor (num_experts * rows, cols); (0, cols) for an absent bias and, in an
-  // inference-only bank, for the weights (they live only packed).
-  std::array<RowMatrix<S>, kNumTensors> values_;
-  // The gradients, lazily allocated with the stacks' shapes.
-  std::array<RowMatrix<S>, kNumTensors> grads_;
-  // WeightInit::kNone: 1 per (expert, tensor) not set yet, and how many.
-  std::vector<unsigned char> unset_flags_;
-  Index unset_ = 0;
-  // A NaN/Inf was found in the stacks (by parameters_changed or an edit's end).
-  bool invalid_ = false;
-  // edit(): open, whether the packed copy was current when it opened, what it handed out.
-  detail::UncopiedFlag editing_;
-  bool edit_was_current_ = false;
-  std::vector<unsigned char> dirty_;
-  // Stale after visit_parameters() and during edit(); see PackedCopies.
-  detail::PackedCopies<S, Body::template Packed> packed_;
+  Store store_;
 };
 
 }  // namespace moet

@@ -7,11 +7,11 @@
 #include <array>
 #include <cstddef>
 
+#include "moet/activations.hpp"
 #include "moet/detail/buffer.hpp"
 #include "moet/detail/expert_bank.hpp"
 #include "moet/detail/gather_scatter.hpp"
 #include "moet/detail/gemm.hpp"
-#include "moet/experts/activations.hpp"
 #include "moet/experts/bank.hpp"
 #include "moet/tensor.hpp"
 

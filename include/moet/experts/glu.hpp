@@ -1,17 +1,17 @@
 #pragma once
 /// \file experts/glu.hpp
 /// `GluExperts`: a bank of gated-linear-unit feed-forward experts (SwiGLU, GeGLU), the expert of
-/// ALGORITHMS.md section 0: `ExpertBank` (experts/bank.hpp) with the body `GluBody<Act>`.
+/// docs/algorithms.md §2.1: `ExpertBank` (experts/bank.hpp) with the body `GluBody<Act>`.
 
 #include <array>
 #include <cstddef>
 #include <type_traits>
 
+#include "moet/activations.hpp"
 #include "moet/detail/buffer.hpp"
 #include "moet/detail/expert_bank.hpp"
 #include "moet/detail/gather_scatter.hpp"
 #include "moet/detail/gemm.hpp"
-#include "moet/experts/activations.hpp"
 #include "moet/experts/bank.hpp"
 #include "moet/tensor.hpp"
 

@@ -10,14 +10,13 @@
 #include <limits>
 #include <span>
 
+#include "moet/concepts.hpp"
 #include "moet/context.hpp"
 #include "moet/detail/parallel.hpp"
-#include "moet/detail/select.hpp"
-#include "moet/detail/softmax_router.hpp"
 #include "moet/errors.hpp"
+#include "moet/gates/router.hpp"
 #include "moet/routing.hpp"
 #include "moet/tensor.hpp"
-#include "moet/train/grad.hpp"
 
 namespace moet {
 
@@ -39,14 +38,14 @@ namespace detail {
 /// integer (the maximum token: `u * k_max = k_max`) is not pushed one higher by rounding.
 inline constexpr double kImportanceCeilSlack = 1e-6;
 
-/// Writes into `k_out[0..n)` the experts per token of one group (one sequence) of `n` tokens with
-/// importance `imp` (finite, >= 0); `valid` (or null: all valid) marks pads with 0. Pads get 0;
-/// the statistics (max, min, mean) are over the valid tokens only. Constant importance
+/// Writes into `k_out[0..n)` (integers) the experts per token of one group (one sequence) of `n`
+/// tokens with importance `imp` (finite, >= 0); `valid` (or null: all valid) marks pads with 0.
+/// Pads get 0; the statistics (max, min, mean) are over the valid tokens only. Constant importance
 /// (including all zero) gives `u = 1`: `k_max` for `kMax` and `kMinMax`, `round(k_avg)`
 /// (half away from zero) for `kBudget`, each clamped to `[k_min, k_max]`. Computed in double.
-template <class S>
+template <class S, class K>
 void experts_from_importance(const S* imp, const std::uint8_t* valid, Index n, ImportanceNorm norm,
-                             Index k_min, Index k_max, double k_avg, std::int32_t* k_out) {
+                             Index k_min, Index k_max, double k_avg, K* k_out) {
   double max = -std::numeric_limits<double>::infinity();
   double min = std::numeric_limits<double>::infinity();
   double sum = 0.0;
@@ -79,14 +78,14 @@ void experts_from_importance(const S* imp, const std::uint8_t* valid, Index n, I
     } else {
       k = std::ceil(k_avg * v / mean - kImportanceCeilSlack);
     }
-    k_out[i] = static_cast<std::int32_t>(std::clamp(k, lo, hi));
+    k_out[i] = static_cast<K>(std::clamp(k, lo, hi));
   }
 }
 
 }  // namespace detail
 
-/// Importance-driven top-K routing: each token gets a number of experts `K_t` that grows with
-/// its importance, then takes its top-`K_t` experts of `P = softmax(x W_r)`.
+/// Importance-driven top-K routing (docs/algorithms.md §6): each token gets a number of experts
+/// `K_t` that grows with its importance, then takes its top-`K_t` experts of `P = softmax(x W_r)`.
 ///
 /// **This is a reconstruction, not the paper's exact method.** DA-MoE (Aghdam, Jin, Wu 2024,
 /// arXiv 2409.06669) states that token importance comes from the attention weights and that a
@@ -112,7 +111,7 @@ void experts_from_importance(const S* imp, const std::uint8_t* valid, Index n, I
 ///   `Error` (not clamped).
 /// - **Experts and weights.** The top-`K` of `P`, best first, ties to the lower id; weights are
 ///   `P_e` (Switch convention), or `P_e / sum of the selected P` with `renormalize`. No capacity.
-/// - **Gradient** (`backward`, ALGORITHMS.md §3). Importance and `K` are detached (constants
+/// - **Gradient** (`backward`, docs/algorithms.md §6.5). Importance and `K` are detached (constants
 ///   for training; `backward` reads them from the plan and ignores `ctx`), and so is the
 ///   selection; only the weights depend on the router: `w = P_e` (`dL/dP_e += dL/dw`) or, with
 ///   `renormalize`, a softmax over the selected logits (`dz_e += w_e (dw_e - sum_j w_j dw_j)`),
@@ -127,12 +126,8 @@ void experts_from_importance(const S* imp, const std::uint8_t* valid, Index n, I
 /// gate.route(x, ctx, plan);
 /// ```
 template <class S>
-class ImportanceGate {
+class ImportanceGate : public SoftmaxGateBase<S> {
  public:
-  using Scalar = S;
-  /// Loss-gradient inputs of `backward`: dL/dP and dL/dz.
-  using LossGrad = SoftmaxLossGrad<S>;
-
   /// Construction options (validated by the constructor).
   struct Options {
     /// Columns of `x`; >= 1.
@@ -157,103 +152,57 @@ class ImportanceGate {
   /// Validates `options` (throws `Error`) and initialises `W_r` normal with standard deviation
   /// `1 / sqrt(model_dim)` from `init_seed`.
   explicit ImportanceGate(const Options& options)
-      : options_(validated(options)),
-        router_(options_.model_dim, options_.num_experts, options_.init_seed) {}
+      : SoftmaxGateBase<S>(
+            SoftmaxRouter<S>(kOp, options.model_dim, options.num_experts, options.init_seed)),
+        options_(validated(options)) {}
 
-  Index num_experts() const { return options_.num_experts; }
-  Index model_dim() const { return options_.model_dim; }
   const Options& options() const { return options_; }
-  /// Router weights `W_r` `(model_dim, num_experts)`, a read-only view (write with
-  /// `set_router`).
-  Eigen::Map<const RowMatrix<S>> router() const { return router_.view(); }
-  /// Replaces `W_r` by `w`: `(model_dim, num_experts)` with `WeightLayout::kInOut`,
-  /// `[num_experts, model_dim]` with `kOutIn` (PyTorch's `nn.Linear(model_dim,
-  /// num_experts).weight`). Throws `moet::Error` (nothing changed) on another shape ("looks
-  /// transposed" for the other layout's) or a NaN/Inf entry.
-  void set_router(const ConstRows<S>& w, WeightLayout layout) {
-    router_.set(kOp, "set_router", "router", w, layout, options_.model_dim, options_.num_experts);
-  }
-
-  /// Gradient of `W_r` `(model_dim, num_experts)`; `(0, 0)` before the first `zero_grad()` or
-  /// `backward`.
-  const RowMatrix<S>& router_grad() const { return router_.grad(); }
-
-  /// Writes the router logits `z = x W_r` `(num_tokens, num_experts)` into `z` (the input of
-  /// `router_z_loss`), with the same bits as `route` computes them. Throws `Error` on a bad `x`
-  /// or a `z` of the wrong shape.
-  void logits(const ConstRows<S>& x, Rows<S> z) const { router_.logits(kOp, x, z); }
-
-  /// Sets the router gradient to zero (allocating it on first use).
-  void zero_grad() { router_.zero_grad(); }
-
-  /// Calls `f(name, value, grad)` for `router.weight` `(model_dim, num_experts)`, allocating
-  /// the gradient on first use.
-  template <class F>
-  void visit_parameters(F&& f) {
-    router_.visit(f);
-  }
-
-  /// Backward of `route(x, ctx, routing)` (see the class notes for the gradient treatment):
-  /// `x` and `ctx` are those of the `route` call, `d_weights` holds dL/dw per assignment
-  /// (routing order, `routing.num_assignments()` values), `loss_grad` the optional dL/dP and
-  /// dL/dz `(num_tokens * num_experts)` each. Accumulates into the gradient of `W_r` and adds
-  /// dL/dx into `dx` `(num_tokens, model_dim)`. The same bits for any thread count. Throws
-  /// `Error` naming `ImportanceGate::backward` on any size mismatch or a plan that is not from this
-  /// gate and this `x`.
-  void backward(const ConstRows<S>& x, const RouteContext& ctx, const Routing<S>& routing,
-                std::span<const S> d_weights, const LossGrad& loss_grad, Rows<S> dx) {
-    static_cast<void>(ctx);  // importance and K are detached: the plan holds them
-    router_.check_backward(kBackwardOp, x, routing, d_weights, loss_grad, dx);
-    router_.backward_plan(x, routing, d_weights, options_.renormalize, loss_grad, dx);
-  }
 
   /// Routes the rows of `x` `(num_tokens, model_dim)` into `out` using `ctx.importance` or
   /// `ctx.attention` (and `ctx.valid`). Throws `Error` on a bad `x`, a non-finite logit, missing
   /// or malformed importance/attention, or a `ctx.valid` of the wrong size.
   void route(const ConstRows<S>& x, const RouteContext& ctx, Routing<S>& out) const {
-    detail::check_gate_input(kOp, x, options_.model_dim);
+    this->router_.check_input(x);
     const Index num_tokens = x.rows();
-    const Index num_experts = options_.num_experts;
     if (num_tokens == 0) {
-      router_.probabilities(kOp, x, out);
+      this->router_.probabilities(input_checked, x, out);
       return;
     }
     detail::require(ctx.valid.empty() || static_cast<Index>(ctx.valid.size()) == num_tokens, kOp,
                     "ctx.valid must have one entry per token (", num_tokens, "), got ",
                     ctx.valid.size());
     const std::uint8_t* valid = ctx.valid.empty() ? nullptr : ctx.valid.data();
-    // Scratch, sized before any parallel region: per-token sort order (num_tokens, num_experts)
-    // followed by K (num_tokens); importance (num_tokens).
-    std::int32_t* order = out.scratch_ids.data(num_tokens * num_experts + num_tokens);
-    std::int32_t* k_of = order + num_tokens * num_experts;
-    S* imp = out.scratch_values.data(num_tokens);
-
+    S* imp = out.scratch_values.data(num_tokens);  // (num_tokens)
     const Index group = token_importance(ctx, num_tokens, valid, imp);
+
+    const auto probs = this->router_.probabilities(input_checked, x, out);  // (num_tokens, E)
+    const auto k_of = out.counts();  // K per token, then the counts of the plan
     detail::parallel_for(num_tokens / group, [&](Index g) {
       detail::experts_from_importance(
           imp + g * group, valid == nullptr ? nullptr : valid + g * group, group, options_.norm,
-          options_.k_min, options_.k_max, options_.k_avg, k_of + g * group);
+          options_.k_min, options_.k_max, options_.k_avg, k_of.data() + g * group);
     });
+    RankedSelection<S> select(out);
+    const auto k = [&](Index t, auto&&...) { return k_of[static_cast<std::size_t>(t)]; };
+    select.rank(probs, k, k);
+    select.write(probs, options_.renormalize);
+  }
 
-    const auto probs = router_.probabilities(kOp, x, out);  // (num_tokens, num_experts)
-    const auto counts = out.counts();
-    detail::parallel_blocks(num_tokens, detail::kGateTokenBlock, [&](Index begin, Index end) {
-      for (Index t = begin; t < end; ++t) {
-        const Index k = k_of[t];
-        if (k > 0) {
-          detail::top_k_descending(probs.data() + t * num_experts, num_experts, k,
-                                   order + t * num_experts);
-        }
-        counts[static_cast<std::size_t>(t)] = k;
-      }
-    });
-    out.commit_counts();
-    detail::write_ranked_slots(probs.data(), order, num_experts, options_.renormalize, out);
+  /// Backward of `route(x, ctx, routing)` (see the class notes for the gradient treatment):
+  /// `x` and `ctx` are those of the `route` call, `d_weights` holds dL/dw per assignment
+  /// (routing order, `routing.num_assignments()` values), `loss_grad` the optional auxiliary
+  /// inputs (`SoftmaxLossGrad`). Accumulates into the gradient of `W_r` and adds dL/dx into `dx`
+  /// `(num_tokens, model_dim)`. The same bits for any thread count. Throws `Error` naming
+  /// `ImportanceGate::backward` on any size mismatch or a plan that is not from this gate and
+  /// this `x`.
+  void backward(const ConstRows<S>& x, const RouteContext& /*ctx*/, const Routing<S>& routing,
+                std::span<const S> d_weights, const SoftmaxLossGrad<S>& loss_grad, Rows<S> dx) {
+    // Importance and K are detached: the plan holds them.
+    this->router_.backward(x, routing, d_weights, options_.renormalize, loss_grad, dx);
   }
 
  private:
   static constexpr const char* kOp = "ImportanceGate";
-  static constexpr const char* kBackwardOp = "ImportanceGate::backward";
   /// Keys per attention-reduction task (fixed: thread-count independent).
   static constexpr Index kKeyBlock = 64;
 
@@ -348,7 +297,6 @@ class ImportanceGate {
   }
 
   static Options validated(const Options& o) {
-    detail::check_router_shape(kOp, o.model_dim, o.num_experts);
     detail::require(o.k_min >= 1 && o.k_min <= o.k_max, kOp,
                     "k_min must be in [1, k_max = ", o.k_max, "], got ", o.k_min);
     detail::require(o.k_max <= o.num_experts, kOp, "k_max must be <= num_experts = ", o.num_experts,
@@ -365,7 +313,6 @@ class ImportanceGate {
   }
 
   Options options_;
-  detail::SoftmaxRouter<S> router_;
 };
 
 }  // namespace moet

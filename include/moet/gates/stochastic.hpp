@@ -2,12 +2,13 @@
 /// \file gates/stochastic.hpp
 /// `StochasticGate`: THOR's router-free random expert choice (Zuo et al., "Taming Sparsely
 /// Activated Transformer with Stochastic Experts", ICLR 2022, arXiv 2110.04260). Specification:
-/// ALGORITHMS.md section 4.
+/// docs/algorithms.md §7.
 
 #include <cstdint>
 #include <limits>
 #include <span>
 
+#include "moet/concepts.hpp"
 #include "moet/context.hpp"
 #include "moet/detail/parallel.hpp"
 #include "moet/detail/rng.hpp"
@@ -15,11 +16,10 @@
 #include "moet/errors.hpp"
 #include "moet/routing.hpp"
 #include "moet/tensor.hpp"
-#include "moet/train/grad.hpp"
 
 namespace moet {
 
-/// How `StochasticGate` picks experts outside training (ALGORITHMS.md 4.3).
+/// How `StochasticGate` picks experts outside training (docs/algorithms.md §7.3).
 enum class StochasticInference {
   /// An independent uniform expert for every token (THOR's `inference_level = 0`, the default).
   kToken,
@@ -161,10 +161,10 @@ class StochasticGate {
     });
   }
 
-  // --- training (train/grad.hpp's `TrainableGate`) -----------------------------------------
+  // --- training (concepts.hpp's `TrainableGate`) -----------------------------------------
 
   /// Backward of `route`: THOR's gate has no parameters and its choice does not depend on
-  /// `x` (ALGORITHMS.md 4.2), so nothing is accumulated and nothing is added to `dx`. Checks
+  /// `x` (docs/algorithms.md §7.4), so nothing is accumulated and nothing is added to `dx`. Checks
   /// the shapes: `x` `(num_tokens, model_dim)`, `routing` over `x.rows()` tokens, `d_weights`
   /// one value per assignment, `dx` `x`'s shape; throws `moet::Error` naming `StochasticGate`
   /// otherwise.

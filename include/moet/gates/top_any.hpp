@@ -12,6 +12,7 @@
 
 #include <Eigen/Core>
 
+#include "moet/concepts.hpp"
 #include "moet/context.hpp"
 #include "moet/detail/parallel.hpp"
 #include "moet/errors.hpp"
@@ -19,7 +20,6 @@
 #include "moet/gates/top_any_adaptive.hpp"
 #include "moet/routing.hpp"
 #include "moet/tensor.hpp"
-#include "moet/train/grad.hpp"
 
 namespace moet {
 

@@ -4,12 +4,12 @@
 /// DeepSpeed-style expert capacity.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <span>
 #include <string_view>
 
+#include "moet/concepts.hpp"
 #include "moet/context.hpp"
 #include "moet/detail/buffer.hpp"
 #include "moet/detail/parallel.hpp"
@@ -17,9 +17,9 @@
 #include "moet/detail/select.hpp"
 #include "moet/detail/softmax_router.hpp"
 #include "moet/errors.hpp"
+#include "moet/gates/router.hpp"
 #include "moet/routing.hpp"
 #include "moet/tensor.hpp"
-#include "moet/train/grad.hpp"
 
 namespace moet {
 
@@ -44,7 +44,8 @@ inline Index expert_capacity(Index num_tokens, Index num_experts, double capacit
 
 }  // namespace detail
 
-/// Softmax top-k gating: `P = softmax(x W_r)` per token, then the `k` most probable experts.
+/// Softmax top-k gating (docs/algorithms.md §3): `P = softmax(x W_r)` per token, then the `k` most
+/// probable experts.
 ///
 /// - `renormalize = false` (Switch Transformer, Fedus et al. 2021; DeepSpeed top-1): the
 ///   weight of a selected expert is `P_e`.
@@ -79,7 +80,7 @@ inline Index expert_capacity(Index num_tokens, Index num_experts, double capacit
 /// Note that DeepSpeed's top-2 samples its second expert with Gumbel noise; this gate takes the
 /// deterministic second-best, as GShard's formula and Mixtral do.
 ///
-/// **Gradient** (`backward`, ALGORITHMS.md §5.1-5.2). The selection (top-k, slot order, capacity
+/// **Gradient** (`backward`, docs/algorithms.md §3.4). The selection (top-k, slot order, capacity
 /// drops) is held fixed; only the weights of the plan's surviving assignments are
 /// differentiated, from the scores they were computed from:
 /// - without noise, `w = P_e` (`dL/dP_e += dL/dw`) or `w = P_e / sum_{survivors} P` (a softmax
@@ -102,12 +103,8 @@ inline Index expert_capacity(Index num_tokens, Index num_experts, double capacit
 /// gate.route(x, {}, plan);
 /// ```
 template <class S>
-class TopKGate {
+class TopKGate : public SoftmaxGateBase<S> {
  public:
-  using Scalar = S;
-  /// Loss-gradient inputs of `backward`: dL/dP (clean probabilities) and dL/dz (logits).
-  using LossGrad = SoftmaxLossGrad<S>;
-
   /// Construction options (validated by the constructor).
   struct Options {
     /// Columns of `x`; >= 1.
@@ -154,31 +151,16 @@ class TopKGate {
   /// Validates `options` (throws `Error`) and initialises the router: `W_r` normal with
   /// standard deviation `1 / sqrt(model_dim)` from `init_seed`, `W_noise` zero.
   explicit TopKGate(const Options& options)
-      : options_(validated(options)),
-        router_(options_.model_dim, options_.num_experts, options_.init_seed) {
+      : SoftmaxGateBase<S>(
+            SoftmaxRouter<S>(kOp, options.model_dim, options.num_experts, options.init_seed)),
+        options_(validated(options)) {
     if (options_.noisy) noise_.set_zero(options_.model_dim, options_.num_experts);
   }
 
-  Index num_experts() const { return options_.num_experts; }
-  Index model_dim() const { return options_.model_dim; }
   const Options& options() const { return options_; }
-  /// Router weights `W_r` `(model_dim, num_experts)`, a read-only view (write with
-  /// `set_router`).
-  Eigen::Map<const RowMatrix<S>> router() const { return router_.view(); }
   /// Noise weights `W_noise` `(model_dim, num_experts)`; `(0, 0)` unless `noisy`.
   Eigen::Map<const RowMatrix<S>> noise_router() const { return noise_.view(); }
 
-  /// Replaces `W_r` by `w`: `(model_dim, num_experts)` with `WeightLayout::kInOut`,
-  /// `[num_experts, model_dim]` with `kOutIn` (PyTorch's `nn.Linear(model_dim,
-  /// num_experts).weight`). Throws `moet::Error` (nothing changed) on another shape ("looks
-  /// transposed" for the other layout's) or a NaN/Inf entry.
-  ///
-  /// ```cpp
-  /// gate.set_router(hf_gate_weight, moet::WeightLayout::kOutIn);  // Mixtral block_sparse_moe.gate
-  /// ```
-  void set_router(const ConstRows<S>& w, WeightLayout layout) {
-    router_.set(kOp, "set_router", "router", w, layout, options_.model_dim, options_.num_experts);
-  }
   /// Replaces `W_noise` like `set_router`. Throws `moet::Error` unless the gate is `noisy`.
   void set_noise_router(const ConstRows<S>& w, WeightLayout layout) {
     detail::require(options_.noisy, kOp, "set_noise_router needs a noisy gate (noisy = true)");
@@ -186,16 +168,8 @@ class TopKGate {
                options_.num_experts);
   }
 
-  /// Gradient of `W_r` `(model_dim, num_experts)`; `(0, 0)` before the first `zero_grad()` or
-  /// `backward`.
-  const RowMatrix<S>& router_grad() const { return router_.grad(); }
   /// Gradient of `W_noise` `(model_dim, num_experts)`; `(0, 0)` unless `noisy` and used.
   const RowMatrix<S>& noise_router_grad() const { return noise_.grad(); }
-
-  /// Writes the router logits `z = x W_r` `(num_tokens, num_experts)` into `z` (the input of
-  /// `router_z_loss`), with the same bits as `route` computes them. Throws `Error` on a bad `x`
-  /// or a `z` of the wrong shape.
-  void logits(const ConstRows<S>& x, Rows<S> z) const { router_.logits(kOp, x, z); }
 
   /// Writes the noise logits `n = x W_noise` and the draws `eps` (each `(num_tokens,
   /// num_experts)`) that `route(x, ctx, ...)` uses in training, so that
@@ -236,7 +210,7 @@ class TopKGate {
 
   /// Sets every gradient to zero (allocating them on first use).
   void zero_grad() {
-    router_.zero_grad();
+    this->router_.zero_grad();
     if (options_.noisy) noise_.zero_grad();
   }
 
@@ -244,7 +218,7 @@ class TopKGate {
   /// (each `(model_dim, num_experts)`), allocating the gradients on first use.
   template <class F>
   void visit_parameters(F&& f) {
-    router_.visit(f);
+    this->router_.visit_parameters(f);
     if (options_.noisy) noise_.visit(std::string_view("router.noise_weight"), f);
   }
 
@@ -257,12 +231,13 @@ class TopKGate {
   /// count. Throws `Error` naming `TopKGate::backward` on any size mismatch or a plan that is not
   /// from this gate and this `x`.
   void backward(const ConstRows<S>& x, const RouteContext& ctx, const Routing<S>& routing,
-                std::span<const S> d_weights, const LossGrad& loss_grad, Rows<S> dx) {
-    router_.check_backward(kBackwardOp, x, routing, d_weights, loss_grad, dx, options_.noisy);
+                std::span<const S> d_weights, const SoftmaxLossGrad<S>& loss_grad, Rows<S> dx) {
+    SoftmaxRouter<S>& router = this->router_;
+    router.check_backward(x, routing, d_weights, loss_grad, dx, options_.noisy);
     const bool noisy = options_.noisy && ctx.training;
     if (options_.noisy) noise_.grad();  // allocated even for an empty batch
     if (!noisy) {
-      router_.backward_plan(x, routing, d_weights, options_.renormalize, loss_grad, dx);
+      router.backward(input_checked, x, routing, d_weights, options_.renormalize, loss_grad, dx);
       if (!loss_grad.d_noise_logits.empty() && x.rows() > 0) {  // a loss on n without noise
         const Eigen::Map<const RowMatrix<S>> dn(loss_grad.d_noise_logits.data(), x.rows(),
                                                 options_.num_experts);
@@ -270,7 +245,7 @@ class TopKGate {
       }
       return;
     }
-    router_.grad();  // allocates the gradient, even for an empty batch
+    router.allocate_grad();  // even for an empty batch
     const Index num_tokens = x.rows();
     const Index num_experts = options_.num_experts;
     if (num_tokens == 0) return;
@@ -280,7 +255,7 @@ class TopKGate {
     Eigen::Map<RowMatrix<S>> dz(dz_.data(size), num_tokens, num_experts);
     Eigen::Map<RowMatrix<S>> q(q_.data(size), num_tokens, num_experts);
     Eigen::Map<RowMatrix<S>> dn(dn_.data(size), num_tokens, num_experts);
-    router_.forward(x, q);
+    router.logits(input_checked, x, q);
     noise_.forward(x, dn);
     const auto probs = routing.probs();  // clean P (num_tokens, num_experts)
     detail::parallel_blocks(num_tokens, detail::kGateTokenBlock, [&](Index begin, Index end) {
@@ -308,7 +283,7 @@ class TopKGate {
                                           dz_row);
       }
     });
-    router_.backward(x, dz, dx);
+    router.backward_logits(x, dz, dx);
     noise_.backward(x, dn, dx);
   }
 
@@ -323,21 +298,19 @@ class TopKGate {
   /// Routes the rows of `x` `(num_tokens, model_dim)` into `out`. Throws `Error` when `x` has
   /// the wrong width or a NaN/Inf, or when a router logit is not finite.
   void route(const ConstRows<S>& x, const RouteContext& ctx, Routing<S>& out) const {
-    detail::check_gate_input(kOp, x, options_.model_dim);
+    this->router_.check_input(x);
     const Index num_tokens = x.rows();
     const Index num_experts = options_.num_experts;
     const Index k = options_.k;
     const bool noisy = options_.noisy && ctx.training;
-    // Scratch, sized before any parallel region: per-token sort order (num_tokens, num_experts)
-    // plus num_experts load counters; noisy scores softmax(H) (num_tokens, num_experts).
-    std::int32_t* order = out.scratch_ids.data(num_tokens * num_experts + num_experts);
+    // Noisy scores H, then softmax(H) (num_tokens, num_experts), sized before the parallel
+    // regions; H = z + eps * softplus(x W_noise) is written over the noise logits before z is
+    // softmaxed.
     S* noisy_scores = noisy ? out.scratch_values.data(num_tokens * num_experts) : nullptr;
     if (noisy && num_tokens > 0) {
       Eigen::Map<RowMatrix<S>> noise_logits(noisy_scores, num_tokens, num_experts);
       noise_.forward(x, noise_logits);
     }
-
-    // H = z + eps * softplus(x W_noise), written over the noise logits before z is softmaxed.
     const auto add_noise = [&](Index t, const S* logits) {
       if (!noisy) return true;
       S* h = noisy_scores + t * num_experts;
@@ -348,34 +321,29 @@ class TopKGate {
       }
       return ok;
     };
-    const auto probs = router_.probabilities(kOp, x, out, add_noise);  // (num_tokens, E)
+    auto probs = this->router_.probabilities(input_checked, x, out, add_noise);  // (T, E)
     if (num_tokens == 0) return;
 
-    // Pass 1: each token's top-k (slot order) into the first k entries of its order row.
-    const auto counts = out.counts();
-    detail::parallel_blocks(num_tokens, detail::kGateTokenBlock, [&](Index begin, Index end) {
-      for (Index t = begin; t < end; ++t) {
-        std::int32_t* row_order = order + t * num_experts;
-        if (noisy) {
-          S* h = noisy_scores + t * num_experts;
-          detail::top_k_descending(static_cast<const S*>(h), num_experts, k, row_order);
-          detail::softmax_row(h, num_experts);  // softmax(H): the weights' source
-        } else {
-          detail::top_k_descending(probs.data() + t * num_experts, num_experts, k, row_order);
-        }
-        counts[static_cast<std::size_t>(t)] = k;
-      }
-    });
-
+    // Each token's top-k of P, or of H (then H becomes softmax(H), the weights' source), with
+    // num_experts load counters after the rankings.
+    RankedSelection<S> select(out, num_experts);
+    Eigen::Map<RowMatrix<S>> h(noisy ? noisy_scores : probs.data(), num_tokens, num_experts);
+    select.rank(h, k, [k](Index, std::span<const std::int32_t>) { return k; });
+    if (noisy) {
+      detail::parallel_blocks(num_tokens, detail::kGateTokenBlock, [&](Index begin, Index end) {
+        for (Index t = begin; t < end; ++t) detail::softmax_row(h.row(t).data(), num_experts);
+      });
+    }
     // Capacity: slot-major priority, serial by construction (earlier tokens win).
     const Index cap = capacity(num_tokens);
     if (options_.capacity_factor > 0.0 && cap < num_tokens) {
-      std::int32_t* load = order + num_tokens * num_experts;  // (num_experts)
+      std::int32_t* load = select.extra_ids();  // (num_experts)
       std::fill(load, load + num_experts, 0);
+      const auto counts = select.counts();
       Index dropped = 0;
       for (Index j = 0; j < k; ++j) {
         for (Index t = 0; t < num_tokens; ++t) {
-          std::int32_t& e = order[t * num_experts + j];
+          std::int32_t& e = select.ranking(t)[static_cast<std::size_t>(j)];
           if (load[e] < cap) {
             ++load[e];
           } else {
@@ -387,35 +355,11 @@ class TopKGate {
       }
       out.dropped = dropped;
     }
-    out.commit_counts();
-
-    // Pass 2: fill the plan with the surviving choices in slot order.
-    detail::parallel_blocks(num_tokens, detail::kGateTokenBlock, [&](Index begin, Index end) {
-      for (Index t = begin; t < end; ++t) {
-        const std::int32_t* row_order = order + t * num_experts;
-        const S* source = noisy ? noisy_scores + t * num_experts : probs.data() + t * num_experts;
-        const auto experts = out.experts(t);
-        const auto weights = out.weights(t);
-        S sum = S(0);
-        std::size_t a = 0;
-        for (Index j = 0; j < k; ++j) {
-          const std::int32_t e = row_order[j];
-          if (e < 0) continue;
-          experts[a] = e;
-          weights[a] = source[e];
-          sum += source[e];
-          ++a;
-        }
-        if (options_.renormalize) {
-          for (auto& w : weights) w = sum > S(0) ? w / sum : S(0);
-        }
-      }
-    });
+    select.write(h, options_.renormalize);
   }
 
  private:
   static constexpr const char* kOp = "TopKGate";
-  static constexpr const char* kBackwardOp = "TopKGate::backward";
 
   /// The noise draw of token `t`, expert `e` (shared by `route` and `backward`).
   static S noise_eps(const RouteContext& ctx, Index t, Index e) {
@@ -424,7 +368,6 @@ class TopKGate {
   }
 
   static Options validated(const Options& o) {
-    detail::check_router_shape(kOp, o.model_dim, o.num_experts);
     detail::require(o.k >= 1 && o.k <= o.num_experts, kOp,
                     "k must be in [1, num_experts = ", o.num_experts, "], got ", o.k);
     detail::require(std::isfinite(o.capacity_factor) && o.capacity_factor >= 0.0, kOp,
@@ -435,7 +378,6 @@ class TopKGate {
   }
 
   Options options_;
-  detail::SoftmaxRouter<S> router_;
   detail::RouterWeights<S> noise_;  // W_noise (model_dim, num_experts), or (0, 0) unless noisy
   // Noisy backward scratch (grow-only): dL/dz, noisy scores softmax(H), noise logits then
   // dL/dn.

@@ -24,27 +24,14 @@
 #include <string_view>
 #include <vector>
 
+#include "moet/concepts.hpp"
 #include "moet/detail/parallel.hpp"
 #include "moet/errors.hpp"
 #include "moet/tensor.hpp"
-#include "moet/train/grad.hpp"
 
 namespace moet {
 
-/// Something whose parameters can be visited: `m.visit_parameters(f)` calls
-/// `f(name, value, grad)` per tensor (see train/grad.hpp).
-template <class M, class S>
-concept ParameterModule =
-    requires(M& m, detail::ParamVisitorArchetype<S> visitor) { m.visit_parameters(visitor); };
-
 namespace detail {
-
-/// Calls the module's hook after its parameters changed in place (for example an expert bank,
-/// which checks its weights for NaN/Inf and repacks its copy for the inference kernels).
-template <class M>
-void notify_parameters_changed(M& module) {
-  if constexpr (requires { module.parameters_changed(); }) module.parameters_changed();
-}
 
 /// Per-tensor optimiser state: `slots` buffers of the tensor's shape.
 template <class S>
@@ -65,8 +52,8 @@ class OptimizerState {
   /// checked on later ones.
   TensorState<S>& at(std::size_t i, std::string_view name, Index rows, Index cols) {
     if (initialised_) {
-      require(i < states_.size(), op_, "the module now visits more parameter tensors (",
-              i + 1, ") than at the first step (", states_.size(), "), at '", name, "'");
+      require(i < states_.size(), op_, "the module now visits more parameter tensors (", i + 1,
+              ") than at the first step (", states_.size(), "), at '", name, "'");
       TensorState<S>& state = states_[i];
       require(state.rows == rows && state.cols == cols, op_, "parameter '", name,
               "' changed shape from (", state.rows, ", ", state.cols, ") to (", rows, ", ", cols,
@@ -83,8 +70,8 @@ class OptimizerState {
   /// Ends a step that visited `count` tensors.
   void finish(std::size_t count) {
     if (initialised_) {
-      require(count == states_.size(), op_, "the module now visits ", count,
-              " parameter tensors, ", states_.size(), " at the first step");
+      require(count == states_.size(), op_, "the module now visits ", count, " parameter tensors, ",
+              states_.size(), " at the first step");
     }
     initialised_ = true;
   }
@@ -95,12 +82,37 @@ class OptimizerState {
     initialised_ = false;
   }
 
+  /// One optimiser step over `module`: `update(p, g, state, n)` for every visited tensor in
+  /// visiting order (its `n` values `p` and gradients `g`, and its `state`), then counts the
+  /// step and calls the module's `parameters_changed` hook.
+  template <class M, class Update>
+  void step(M& module, Update&& update) {
+    std::size_t i = 0;
+    module.visit_parameters([&](std::string_view name, ParamMap<S> value, ParamMap<S> grad) {
+      auto& state = at(i++, name, value.rows(), value.cols());
+      update(value.data(), static_cast<const S*>(grad.data()), state, value.size());
+    });
+    finish(i);
+    ++steps_;
+    notify_parameters_changed(module);
+  }
+
+  /// Steps taken.
+  long long steps() const { return steps_; }
+
  private:
   const char* op_;
   int slots_;
   bool initialised_ = false;
   std::vector<TensorState<S>> states_;
+  long long steps_ = 0;
 };
+
+/// `lr` when it is positive and finite; throws `Error` naming `op` otherwise.
+inline double checked_lr(const char* op, double lr) {
+  require(std::isfinite(lr) && lr > 0.0, op, "lr must be positive and finite, got ", lr);
+  return lr;
+}
 
 }  // namespace detail
 
@@ -136,11 +148,12 @@ double clip_grad_norm(M& module, double max_norm) {
   detail::require(std::isfinite(max_norm) && max_norm > 0.0, "clip_grad_norm",
                   "max_norm must be positive and finite, got ", max_norm);
   const double norm = grad_norm<S>(module);
-  detail::require(std::isfinite(norm), "clip_grad_norm",
-                  "the gradients hold a NaN or Inf (norm ", norm, ")");
+  detail::require(std::isfinite(norm), "clip_grad_norm", "the gradients hold a NaN or Inf (norm ",
+                  norm, ")");
   if (norm > max_norm) {
     const auto scale = static_cast<S>(max_norm / norm);
-    module.visit_parameters([&](std::string_view, ParamMap<S>, ParamMap<S> grad) { grad *= scale; });
+    module.visit_parameters(
+        [&](std::string_view, ParamMap<S>, ParamMap<S> grad) { grad *= scale; });
   }
   return norm;
 }
@@ -169,8 +182,7 @@ class Sgd {
 
   /// Throws `moet::Error` naming `Sgd` for an out-of-range option.
   explicit Sgd(const Options& options) : options_(options) {
-    detail::require(std::isfinite(options_.lr) && options_.lr > 0.0, kOp,
-                    "lr must be positive and finite, got ", options_.lr);
+    detail::checked_lr(kOp, options_.lr);
     detail::require(options_.momentum >= 0.0 && options_.momentum < 1.0, kOp,
                     "momentum must be in [0, 1), got ", options_.momentum);
     detail::require(options_.weight_decay >= 0.0 && std::isfinite(options_.weight_decay), kOp,
@@ -187,15 +199,11 @@ class Sgd {
     const S mu = static_cast<S>(options_.momentum);
     const S wd = static_cast<S>(options_.weight_decay);
     const bool use_momentum = options_.momentum > 0.0;
-    std::size_t i = 0;
-    module.visit_parameters([&](std::string_view name, ParamMap<S> value, ParamMap<S> grad) {
-      auto& state = state_.at(i++, name, value.rows(), value.cols());
-      S* p = value.data();
-      const S* g = grad.data();
+    const bool first = state_.steps() == 0;
+    state_.step(module, [&](S* p, const S* g, detail::TensorState<S>& state, Index n) {
       S* v = use_momentum ? state.buffers[0].data() : nullptr;
-      const bool first = steps_ == 0;
       const bool nesterov = options_.nesterov;
-      detail::parallel_blocks(value.size(), detail::kElementwiseBlock, [&](Index b, Index e) {
+      detail::parallel_blocks(n, detail::kElementwiseBlock, [&](Index b, Index e) {
         for (Index j = b; j < e; ++j) {
           S d = g[j] + wd * p[j];
           if (use_momentum) {
@@ -206,26 +214,18 @@ class Sgd {
         }
       });
     });
-    state_.finish(i);
-    ++steps_;
-    detail::notify_parameters_changed(module);
   }
 
   /// Steps taken.
-  long long steps() const { return steps_; }
+  long long steps() const { return state_.steps(); }
   /// The options in use; `set_lr` changes the learning rate (schedules).
   const Options& options() const { return options_; }
-  void set_lr(double lr) {
-    detail::require(std::isfinite(lr) && lr > 0.0, kOp, "lr must be positive and finite, got ",
-                    lr);
-    options_.lr = lr;
-  }
+  void set_lr(double lr) { options_.lr = detail::checked_lr(kOp, lr); }
 
  private:
   static constexpr const char* kOp = "Sgd";
   Options options_;
   detail::OptimizerState<S> state_{kOp, 1};
-  long long steps_ = 0;
 };
 
 /// Adam with decoupled weight decay (Loshchilov & Hutter, "Decoupled Weight Decay
@@ -256,8 +256,7 @@ class AdamW {
 
   /// Throws `moet::Error` naming `AdamW` for an out-of-range option.
   explicit AdamW(const Options& options) : options_(options) {
-    detail::require(std::isfinite(options_.lr) && options_.lr > 0.0, kOp,
-                    "lr must be positive and finite, got ", options_.lr);
+    detail::checked_lr(kOp, options_.lr);
     detail::require(options_.beta1 >= 0.0 && options_.beta1 < 1.0, kOp,
                     "beta1 must be in [0, 1), got ", options_.beta1);
     detail::require(options_.beta2 >= 0.0 && options_.beta2 < 1.0, kOp,
@@ -272,7 +271,7 @@ class AdamW {
   template <class M>
   requires ParameterModule<M, S>
   void step(M& module) {
-    const double t = static_cast<double>(steps_ + 1);
+    const double t = static_cast<double>(state_.steps() + 1);
     const auto decay = static_cast<S>(1.0 - options_.lr * options_.weight_decay);
     const auto b1 = static_cast<S>(options_.beta1);
     const auto b2 = static_cast<S>(options_.beta2);
@@ -280,14 +279,10 @@ class AdamW {
     const auto c2 = static_cast<S>(1.0 - std::pow(options_.beta2, t));
     const auto lr = static_cast<S>(options_.lr);
     const auto eps = static_cast<S>(options_.eps);
-    std::size_t i = 0;
-    module.visit_parameters([&](std::string_view name, ParamMap<S> value, ParamMap<S> grad) {
-      auto& state = state_.at(i++, name, value.rows(), value.cols());
-      S* p = value.data();
-      const S* g = grad.data();
+    state_.step(module, [&](S* p, const S* g, detail::TensorState<S>& state, Index n) {
       S* m = state.buffers[0].data();
       S* v = state.buffers[1].data();
-      detail::parallel_blocks(value.size(), detail::kElementwiseBlock, [&](Index b, Index e) {
+      detail::parallel_blocks(n, detail::kElementwiseBlock, [&](Index b, Index e) {
         for (Index j = b; j < e; ++j) {
           p[j] *= decay;
           m[j] = b1 * m[j] + (S(1) - b1) * g[j];
@@ -296,26 +291,18 @@ class AdamW {
         }
       });
     });
-    state_.finish(i);
-    ++steps_;
-    detail::notify_parameters_changed(module);
   }
 
   /// Steps taken.
-  long long steps() const { return steps_; }
+  long long steps() const { return state_.steps(); }
   /// The options in use; `set_lr` changes the learning rate (schedules).
   const Options& options() const { return options_; }
-  void set_lr(double lr) {
-    detail::require(std::isfinite(lr) && lr > 0.0, kOp, "lr must be positive and finite, got ",
-                    lr);
-    options_.lr = lr;
-  }
+  void set_lr(double lr) { options_.lr = detail::checked_lr(kOp, lr); }
 
  private:
   static constexpr const char* kOp = "AdamW";
   Options options_;
   detail::OptimizerState<S> state_{kOp, 2};
-  long long steps_ = 0;
 };
 
 }  // namespace moet

@@ -1,7 +1,8 @@
 #pragma once
 /// \file train/thor.hpp
-/// THOR's training step (Zuo et al., ICLR 2022; ALGORITHMS.md 4.2): two stochastic forward
-/// passes per step, each with its own random experts, both trained, tied by a consistency loss
+/// THOR's training step (Zuo et al., ICLR 2022; docs/algorithms.md §7.2, loss §8.7): two stochastic
+/// forward passes per step, each with its own random experts, both trained, tied by a consistency
+/// loss
 /// (`thor_consistency` in train/losses.hpp).
 ///
 /// For a single layer, `ThorStep` runs both passes and their backward. In a model with several

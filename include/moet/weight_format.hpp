@@ -1,5 +1,5 @@
 #pragma once
-/// \file experts/weight_format.hpp
+/// \file weight_format.hpp
 /// `WeightFormat`: the element type of the packed copies an expert bank's inference kernels
 /// read (its trainable weights are always the bank's scalar type).
 
@@ -95,4 +95,21 @@ void require_weight_format(const char* op, WeightFormat format, bool pack_weight
 }
 
 }  // namespace detail
+/// How an expert bank's weights start (`Options::init`).
+enum class WeightInit {
+  /// Normal with standard deviation `1 / sqrt(fan_in)`, from `init_seed`; biases 0. Draws every
+  /// weight (seconds for a large bank): a loader should pass `kNone`.
+  kRandom,
+  /// Every tensor 0.
+  kZeros,
+  /// Nothing drawn or written (storage zeroed): for loaders. `forward` and `forward_train`
+  /// throw until every tensor of every expert was set (`set_*`, or a view taken in `edit()`).
+  kNone,
+};
+
+/// `"kRandom"`, `"kZeros"` or `"kNone"` (for messages).
+constexpr const char* weight_init_name(WeightInit init) {
+  return init == WeightInit::kZeros ? "kZeros" : init == WeightInit::kNone ? "kNone" : "kRandom";
+}
+
 }  // namespace moet

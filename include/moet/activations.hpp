@@ -1,5 +1,5 @@
 #pragma once
-/// \file experts/activations.hpp
+/// \file activations.hpp
 /// Elementwise activation policies for the expert banks: `Silu`, `Gelu` (exact, erf form),
 /// `GeluTanh` (tanh approximation) and `Relu`. Each is a stateless type with
 /// `static S apply(S)` and `static S derivative(S)` (the derivative is for training), used as a
@@ -9,10 +9,12 @@
 #include <numbers>
 #include <type_traits>
 
+#include "moet/concepts.hpp"
+
 namespace moet {
 
 /// SiLU (swish with beta = 1): `silu(x) = x * sigmoid(x) = x / (1 + exp(-x))`. The gate
-/// nonlinearity of SwiGLU experts (ALGORITHMS.md section 0).
+/// nonlinearity of SwiGLU experts (docs/algorithms.md §2.1, §2.3).
 struct Silu {
   static constexpr const char* kName = "silu";
 
@@ -111,7 +113,7 @@ struct Relu {
 /// else through the two functions. For the expert banks' backward.
 template <class Act, class S>
 void activation_value_and_derivative(S x, S& value, S& slope) {
-  if constexpr (requires { Act::template value_and_derivative<S>(x, value, slope); }) {
+  if constexpr (ActivationValueAndDerivativeHook<Act, S>) {
     Act::template value_and_derivative<S>(x, value, slope);
   } else {
     value = Act::template apply<S>(x);

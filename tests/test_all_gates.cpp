@@ -87,8 +87,8 @@ TEST_CASE("Every gate gives thread-count-independent output equal to the referen
                x, ctx);
   }
   SECTION("grouped top-k") {
-    auto options = moet::GroupedTopKGate<float>::deepseek_v3_options(kModelDim, kExperts, 2, 3, 2,
-                                                                     2.5);
+    auto options =
+        moet::GroupedTopKGate<float>::deepseek_v3_options(kModelDim, kExperts, 2, 3, 2, 2.5);
     options.init_seed = s;
     check_gate(moet::GroupedTopKGate<float>(options), x, ctx);
   }

@@ -54,8 +54,10 @@
 /// \tparam Body the expert body policy (`GluBody<Act>`, `FfnBody<Act>`).
 
 #include <array>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <span>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -304,6 +306,73 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
       if constexpr (kPackable) {
         if (packed_.current()) pack_one(t, e, ConstRows<float>(dst));
       }
+    }
+    mark_set(e, index(t));
+  }
+
+  /// Sets expert `e`'s weight tensor `t` from ready blocks of ggml's block format `Block`
+  /// (`detail::BlockQ8_0`, `BlockQ4_0`, `BlockQ4_1`), laid out as GGUF stores a weight `[out,
+  /// in]`: `out` rows of `ceil(in / 32)` blocks (a slice of llama.cpp's `ffn_gate_exps`, `[n_ff]`
+  /// rows of `n_embd / 32` blocks). The bank's `weight_format` must be the blocks' format: the
+  /// blocks are packed as they are, never re-quantised (`PackedMatrix::pack_blocks`). A training
+  /// bank also stores their dequantised values as its float weights. Throws `moet::Error`
+  /// naming the bank, the expert and the tensor (nothing changed) for a bias, another format, a
+  /// wrong block count or a non-finite block scale. Not while an `edit()` is open.
+  ///
+  /// ```cpp
+  /// bank.set_tensor_blocks(moet::GluTensor::kGate, e, gguf.tensor(name).slice(e)
+  ///                                                       .blocks<moet::detail::BlockQ8_0>());
+  /// ```
+  template <class Block>
+  void set_tensor_blocks(Tensor t, Index e, std::span<const Block> blocks) {
+    using Format = detail::BlockFormat<Block>;
+    const detail::TensorSpec& spec = Body::kTensors[index(t)];
+    const char* setter = "set_tensor_blocks";
+    detail::require(!spec.bias, kName, setter, ": ", spec.label, " are not packed (biases take ",
+                    spec.setter, ")");
+    require_expert(setter, t, e);
+    detail::require(!editing_.value, kName, setter,
+                    ": an edit() of this bank is open: write through it, or end it first");
+    detail::require(options_.weight_format == Format::kFormat && packed_.enabled(), kName, setter,
+                    ": ", weight_name(t, e).describe(), ": ", Format::kName,
+                    " blocks need a bank with weight_format ", Format::kName, " (this one is ",
+                    weight_format_name(options_.weight_format),
+                    "); dequantise them and use set_tensor otherwise");
+    const Index in = rows(index(t));
+    const Index out = cols(index(t));
+    const Index per_row = (in + detail::kQuantBlock - 1) / detail::kQuantBlock;
+    detail::require(static_cast<Index>(blocks.size()) == out * per_row, kName, setter, ": ",
+                    weight_name(t, e).describe(), " is ", detail::bank_dim_name(spec.cols), " = ",
+                    out, " rows of ", per_row, " blocks (", detail::bank_dim_name(spec.rows), " = ",
+                    in, "), ", out * per_row, " blocks, got ", blocks.size());
+    for (std::size_t b = 0; b < blocks.size(); ++b) {
+      bool finite = std::isfinite(detail::from_f16(blocks[b].d));
+      if constexpr (requires { blocks[b].m; }) {
+        finite = finite && std::isfinite(detail::from_f16(blocks[b].m));
+      }
+      detail::require(finite, kName, setter, ": ", weight_name(t, e).describe(), ": block ",
+                      b % static_cast<std::size_t>(per_row), " of row ",
+                      b / static_cast<std::size_t>(per_row), " has a non-finite scale");
+    }
+    if constexpr (kPackable) {
+      if (!inference_only()) {
+        // The float weights: the blocks' values, (in, out); checked before anything changes.
+        RowMatrix<S> values(in, out);
+        for (Index j = 0; j < out; ++j) {
+          for (Index i = 0; i < in; ++i) {
+            values(i, j) = detail::block_value(
+                blocks[static_cast<std::size_t>(j * per_row + i / detail::kQuantBlock)],
+                i % detail::kQuantBlock);
+          }
+        }
+        detail::check_weights_finite(kName, setter, weight_name(t, e), values);
+        if (packed_.current()) pack_blocks_one(t, e, blocks);
+        wblock(t, e) = values;
+      } else {
+        pack_blocks_one(t, e, blocks);
+      }
+    } else {
+      static_cast<void>(blocks);
     }
     mark_set(e, index(t));
   }
@@ -633,6 +702,14 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
   // Packs expert e's weight tensor t from `src` `(in, out)` into the copy (packed weights only).
   void pack_one(Tensor t, Index e, const ConstRows<float>& src) {
     packed_.update(e, [&](auto& copy) { Body::pack_tensor(copy, t, src); });
+  }
+
+  // Packs expert e's weight tensor t from ready blocks of the bank's block format.
+  template <class Block>
+  void pack_blocks_one(Tensor t, Index e, std::span<const Block> blocks) {
+    packed_.update(e, [&](auto& copy) {
+      Body::pack_tensor_blocks(copy, t, blocks, rows(index(t)), cols(index(t)));
+    });
   }
 
   // Rebuilds every packed copy from the stacks (a no-op without packed copies).

@@ -480,3 +480,21 @@ TEST_CASE("Bad checkpoints are clear moet::Errors", "[io][checkpoint][errors]") 
     CHECK_THROWS_WITH(ckpt.shared_gate(0), Contains("has no shared-expert gate"));
   }
 }
+
+TEST_CASE("Layers loaded on 1 and 2 threads are identical", "[io][checkpoint][parallel]") {
+  const auto ckpt = moet::Checkpoint::open(kFixtures / "checkpoints" / "deepseek_v3");
+  const Matrix x =
+      moet::read_npy(kFixtures / "checkpoints" / "deepseek_v3" / "reference" / "layer1_x.npy")
+          .matrix();
+  const int saved = moet::num_threads();
+  std::vector<Matrix> outputs;
+  for (const int threads : {1, 2}) {
+    moet::set_num_threads(threads);
+    for (const auto format : {moet::WeightFormat::kF32, moet::WeightFormat::kBf16}) {
+      outputs.push_back(moet::load_moe_layer(ckpt, 1, {.weight_format = format}).forward(x));
+    }
+  }
+  moet::set_num_threads(saved);
+  CHECK(outputs[0] == outputs[2]);
+  CHECK(outputs[1] == outputs[3]);
+}

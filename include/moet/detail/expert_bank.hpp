@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -286,6 +287,19 @@ class PackedCopies {
       copies_;
   // False after the bank handed its weights out for writing, until rebuild() or mark_current().
   bool current_ = false;
+};
+
+/// A counter that may be changed from several threads at once (the bank's count of tensors not
+/// set yet, which concurrent setters of different experts decrement) and that copies with its
+/// owner (an atomic alone is not copyable).
+struct SharedCount {
+  std::atomic<Index> value{0};
+  SharedCount() = default;
+  SharedCount(const SharedCount& other) noexcept : value(other.value.load()) {}
+  SharedCount& operator=(const SharedCount& other) noexcept {
+    value.store(other.value.load());
+    return *this;
+  }
 };
 
 /// A flag that a copy or a move of its owner does not inherit: the bank's "an `edit()` is

@@ -68,7 +68,10 @@ inline void check_weight_shape(const char* op, const char* setter, const WeightN
 template <class Derived>
 void check_weights_finite(const char* op, const char* where, const WeightName& name,
                           const Eigen::DenseBase<Derived>& w) {
-  if (w.size() == 0 || w.derived().allFinite()) [[likely]] {
+  // x * 0 is 0 for finite x and NaN for NaN or Inf, so the sum is 0 exactly when every entry is
+  // finite; unlike allFinite(), whose early-exit reduction is scalar, the sum vectorises.
+  using S = typename Derived::Scalar;
+  if (w.size() == 0 || (w.derived().array() * S(0)).sum() == S(0)) [[likely]] {
     return;
   }
   for (Index r = 0; r < w.rows(); ++r) {

@@ -177,7 +177,7 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
         for (std::size_t t = 0; t < kNumTensors; ++t) {
           if (present(t)) {
             unset_flags_[flag(e, t)] = 1;
-            ++unset_;
+            ++unset_.value;
           }
         }
       }
@@ -252,7 +252,9 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
   /// expected and the given shape and the layout ("looks transposed" when `w` has the other
   /// layout's shape), or the first NaN/Inf (row, column, value). Then stores the tensor and
   /// repacks it when the packed copy is current (an inference-only bank packs `w` directly).
-  /// Not while an `edit()` is open.
+  /// Not while an `edit()` is open. Setters (`set_tensor`, `set_tensor_blocks` and the named
+  /// ones) of *different* experts may run concurrently (a loader packs experts in parallel);
+  /// nothing else may run on the bank meanwhile.
   ///
   /// ```cpp
   /// bank.set_tensor(moet::GluTensor::kDown, e, w2, moet::WeightLayout::kOutIn);
@@ -638,7 +640,9 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
     fail_not_ready(what, training);
   }
   bool ready(bool training) const {
-    if (unset_ > 0 || invalid_ || editing_.value) return false;
+    if (unset_.value.load(std::memory_order_relaxed) > 0 || invalid_ || editing_.value) {
+      return false;
+    }
     if (training) return !inference_only();
     return !packed_.enabled() || packed_.current();
   }
@@ -647,7 +651,7 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
     if (training) require_training(what);
     detail::require(!editing_.value, kName, what,
                     ": an edit() of this bank is open: end it first (commit() or its scope)");
-    for (Index e = 0; e < num_experts() && unset_ > 0; ++e) {
+    for (Index e = 0; e < num_experts() && unset_.value.load() > 0; ++e) {
       for (std::size_t t = 0; t < kNumTensors; ++t) {
         detail::require(unset_flags_[flag(e, t)] == 0, kName, what, ": expert ", e, "'s ",
                         Body::kTensors[t].label, " was never set (init = WeightInit::kNone): ",
@@ -693,9 +697,9 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
   }
 
   void mark_set(Index e, std::size_t t) {
-    if (unset_ > 0 && unset_flags_[flag(e, t)] != 0) {
+    if (!unset_flags_.empty() && unset_flags_[flag(e, t)] != 0) {
       unset_flags_[flag(e, t)] = 0;
-      --unset_;
+      unset_.value.fetch_sub(1, std::memory_order_relaxed);
     }
   }
 
@@ -805,8 +809,9 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
   // The gradients, lazily allocated with the stacks' shapes.
   std::array<RowMatrix<S>, kNumTensors> grads_;
   // WeightInit::kNone: 1 per (expert, tensor) not set yet, and how many.
+  // (Each flag belongs to one expert, so setters of different experts may run at once.)
   std::vector<unsigned char> unset_flags_;
-  Index unset_ = 0;
+  detail::SharedCount unset_;
   // A NaN/Inf was found in the stacks (by parameters_changed or an edit's end).
   bool invalid_ = false;
   // edit(): open, whether the packed copy was current when it opened, what it handed out.

@@ -18,6 +18,7 @@
 /// ```
 
 #include <concepts>
+#include <exception>
 #include <filesystem>
 #include <fstream>
 #include <optional>
@@ -25,17 +26,19 @@
 #include <string>
 #include <type_traits>
 #include <utility>
-#include <variant>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
+#include "moet/detail/buffer.hpp"
+#include "moet/detail/parallel.hpp"
 #include "moet/errors.hpp"
 #include "moet/experts/glu.hpp"
 #include "moet/experts/weight_format.hpp"
 #include "moet/gates/grouped_top_k.hpp"
 #include "moet/gates/top_k.hpp"
 #include "moet/io/checkpoint_families.hpp"
+#include "moet/io/checkpoint_tensor.hpp"
 #include "moet/io/gguf.hpp"
 #include "moet/io/safetensors.hpp"
 #include "moet/layer.hpp"
@@ -73,55 +76,6 @@ struct CheckpointInfo {
                     ": there is no layer ", l, " (", layers.size(), " layers)");
     return layers[static_cast<std::size_t>(l)];
   }
-};
-
-/// One weight of a checkpoint as a PyTorch-layout `[out, in]` matrix, in its file's mapping
-/// (safetensors or GGUF; valid while its `Checkpoint` lives).
-class CheckpointTensor {
- public:
-  explicit CheckpointTensor(TensorView t) : t_(std::move(t)) {}
-  explicit CheckpointTensor(GgufTensor t) : t_(std::move(t)) {}
-
-  /// The tensor's name in its file (`"...experts.3.w1.weight"`, `"blk.1.ffn_up_exps.weight[3]"`).
-  const std::string& name() const {
-    return std::visit([](const auto& t) -> const std::string& { return t.name(); }, t_);
-  }
-  /// `out`, `in`.
-  Index rows() const {
-    return std::visit([](const auto& t) { return t.rows(); }, t_);
-  }
-  Index cols() const {
-    return std::visit([](const auto& t) { return t.cols(); }, t_);
-  }
-  /// The whole matrix `(rows, cols)` as float (a copy: routers and vectors).
-  RowMatrix<float> to_matrix() const {
-    return std::visit([](const auto& t) { return t.to_matrix(); }, t_);
-  }
-  /// The transpose, moet's `(in, out)`, into `out` `(cols, rows)` (converted or dequantised).
-  void read_transposed(Rows<float> out) const {
-    std::visit([&](const auto& t) { t.read_block_transposed(0, 0, out); }, t_);
-  }
-  /// The GGUF blocks when the tensor is a GGUF tensor of `Block`'s type (else none).
-  template <class Block>
-  std::optional<std::span<const Block>> blocks() const {
-    const auto* g = std::get_if<GgufTensor>(&t_);
-    if (g == nullptr || g->type() != block_type<Block>()) return std::nullopt;
-    return g->template blocks<Block>();
-  }
-  /// The GGUF type, or none for a safetensors tensor.
-  std::optional<GgmlType> gguf_type() const {
-    const auto* g = std::get_if<GgufTensor>(&t_);
-    return g == nullptr ? std::nullopt : std::optional<GgmlType>(g->type());
-  }
-
- private:
-  template <class Block>
-  static constexpr GgmlType block_type() {
-    return std::is_same_v<Block, detail::BlockQ8_0>   ? GgmlType::kQ8_0
-           : std::is_same_v<Block, detail::BlockQ4_0> ? GgmlType::kQ4_0
-                                                      : GgmlType::kQ4_1;
-  }
-  std::variant<TensorView, GgufTensor> t_;
 };
 
 /// A pretrained checkpoint, opened and described (see the file comment). Holds the file
@@ -433,10 +387,10 @@ typename G::Options checkpoint_gate_options(const CheckpointLayer& m,
 namespace detail {
 
 // Sets weight t of expert e of `bank` from `w` ([out, in]): ready blocks when the bank's format
-// is the tensor's block format, else through one (in, out) float temporary (`scratch`).
+// is the tensor's block format, else through one (in, out) float temporary in `scratch`.
 template <class Bank>
 void load_weight(Bank& bank, GluTensor t, Index e, const CheckpointTensor& w,
-                 RowMatrix<float>& scratch) {
+                 Buffer<float>& scratch) {
   const auto try_blocks = [&](auto tag) {
     using Block = decltype(tag);
     if (bank.options().weight_format != BlockFormat<Block>::kFormat) return false;
@@ -446,12 +400,15 @@ void load_weight(Bank& bank, GluTensor t, Index e, const CheckpointTensor& w,
     return true;
   };
   if (try_blocks(BlockQ8_0{}) || try_blocks(BlockQ4_0{}) || try_blocks(BlockQ4_1{})) return;
-  scratch.resize(w.cols(), w.rows());  // (in, out)
-  w.read_transposed(scratch);
-  bank.set_tensor(t, e, scratch, WeightLayout::kInOut);
+  auto in_out = scratch.matrix(w.cols(), w.rows());  // (in, out)
+  w.read_transposed(in_out);
+  bank.set_tensor(t, e, in_out, WeightLayout::kInOut);
 }
 
 // A bank of `num_experts` SwiGLU experts of width `width`, every weight from `weight(e, t)`.
+// Every tensor is looked up (name, shape, dtype) first; then the experts are converted and
+// packed in parallel, one task per expert with its own temporary, and the first failure (a
+// non-finite weight) is rethrown after the parallel region.
 template <class Weight>
 SwiGluExperts<float> load_bank(Index model_dim, Index width, Index num_experts, WeightFormat format,
                                bool inference_only, Weight&& weight) {
@@ -461,11 +418,29 @@ SwiGluExperts<float> load_bank(Index model_dim, Index width, Index num_experts, 
                              .init = WeightInit::kNone,
                              .weight_format = format,
                              .inference_only = inference_only});
-  RowMatrix<float> scratch;
+  constexpr GluTensor kTensors[3] = {GluTensor::kGate, GluTensor::kUp, GluTensor::kDown};
+  std::vector<CheckpointTensor> tensors;
+  tensors.reserve(static_cast<std::size_t>(3 * num_experts));
   for (Index e = 0; e < num_experts; ++e) {
-    for (const GluTensor t : {GluTensor::kGate, GluTensor::kUp, GluTensor::kDown}) {
-      load_weight(bank, t, e, weight(e, t), scratch);
+    for (const GluTensor t : kTensors) {
+      tensors.push_back(weight(e, t));
+      tensors.back().require_readable();
     }
+  }
+  std::vector<Buffer<float>> scratch(static_cast<std::size_t>(max_threads()));
+  std::vector<std::exception_ptr> errors(static_cast<std::size_t>(num_experts));
+  parallel_for(num_experts, [&](Index e) {
+    try {
+      auto& buffer = scratch[static_cast<std::size_t>(thread_id())];
+      for (std::size_t i = 0; i < 3; ++i) {
+        load_weight(bank, kTensors[i], e, tensors[static_cast<std::size_t>(3 * e) + i], buffer);
+      }
+    } catch (...) {
+      errors[static_cast<std::size_t>(e)] = std::current_exception();
+    }
+  });
+  for (const auto& error : errors) {
+    if (error) std::rethrow_exception(error);
   }
   return bank;
 }

@@ -1,15 +1,17 @@
 // What this shows: inference with a model trained elsewhere. Builds the classifier of example 04
 // with the same router, loads the parameters example 04 saved, and classifies Fashion-MNIST
 // test images, printing the accuracy, a few predictions and how many experts each image used.
-// What to copy: build the same model, load_parameters(model, path), then forward with a
-// default (inference) RouteContext.
+// What to copy: build the same model, moet::load_parameters(model, path) (a safetensors file of
+// the parameters under their names, from moet::save_parameters), then forward with a default
+// (inference) RouteContext.
 //
-//   example_05_classify [--params fashion_mnist/top_k_k_2.params] [--router top_k:k=2]
+//   example_05_classify [--params fashion_mnist/top_k_k_2.safetensors] [--router top_k:k=2]
 //                       [--test 10000] [--show 8]
 #include <cstdio>
 #include <filesystem>
 #include <string>
 
+#include <moet/io/parameters.hpp>
 #include <moet/moet.hpp>
 
 #include "support/classifier.hpp"
@@ -18,7 +20,7 @@
 #include "support/routers.hpp"
 
 int main(int argc, char** argv) {
-  std::string params = "fashion_mnist/top_k_k_2.params", router = "top_k:k=2";
+  std::string params = "fashion_mnist/top_k_k_2.safetensors", router = "top_k:k=2";
   long test = 10000, show = 8;
   examples::Flags flags;
   flags.add("--params", params).add("--router", router).add("--test", test).add("--show", show);
@@ -32,7 +34,7 @@ int main(int argc, char** argv) {
   return examples::with_router(router, shape.model_dim, shape.experts, 1, 50,
                                [&](auto gate_type, auto make_gate) {
     examples::MoeClassifier<typename decltype(gate_type)::type> model(shape, make_gate, 1);
-    examples::load_parameters(model, params);  // throws if names or shapes differ
+    moet::load_parameters(model, params);  // throws if names or shapes differ
     typename decltype(model)::Pass pass;
     const auto& logits = model.forward(set.images, {}, pass);  // inference routing
     long correct = 0;

@@ -116,7 +116,15 @@ int main(int argc, char** argv) {
   const double write_s =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t_write).count();
   const double file_bytes = double(std::filesystem::file_size(path / "model.safetensors"));
-  const double expert_bytes = double(experts * 3 * d * f * 2);  // BF16 on disk
+  double expert_bytes = 0.0;  // BF16 on disk, from the checkpoint (--keep may reuse another size)
+  {
+    const auto ckpt = moet::Checkpoint::open(path);
+    const moet::CheckpointLayer& m = ckpt.moe_layer(0);
+    experts = m.num_experts;
+    f = m.hidden_dim;
+    d = ckpt.info().model_dim;
+    expert_bytes = double(experts * 3 * d * f * 2);
+  }
   const moet::LoadOptions options{.weight_format = format, .inference_only = true};
   { (void)moet::load_moe_layer(moet::Checkpoint::open(path), 0, options); }  // page cache
 

@@ -2,7 +2,8 @@
 // Fashion-MNIST (Debian package dataset-fashion-mnist), once per router, and comparing quality
 // against activated compute: test accuracy, mean experts per token per layer, activated expert
 // parameters, time per epoch, which classes get more experts, and DynMoE's live expert count
-// over training. Writes results.md and SVG plots into --out.
+// over training. Writes results.md, SVG plots and each router's trained parameters
+// (<router>.safetensors, moet::save_parameters: read by example 05) into --out.
 // What to copy: the training step in train() (forward, cross-entropy, auxiliary losses inside
 // MoeClassifier::backward, AdamW step) and, for THOR, the two passes tied by consistency_loss.
 //
@@ -17,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include <moet/io/parameters.hpp>
 #include <moet/moet.hpp>
 #include <moet/train/losses.hpp>
 #include <moet/train/optim.hpp>
@@ -153,7 +155,7 @@ Result train(const Config& cfg, const std::string& spec, MakeGate&& make_gate,
   std::filesystem::create_directories(cfg.out);
   std::string file = spec;
   for (char& c : file) c = (std::isalnum(static_cast<unsigned char>(c)) != 0) ? c : '_';
-  examples::save_parameters(model, cfg.out + "/" + file + ".params");
+  moet::save_parameters(model, cfg.out + "/" + file + ".safetensors");  // under their names
   std::printf("%-20s test accuracy %.4f  mean k %.2f / %.2f  %.1f s/epoch\n", spec.c_str(),
               r.accuracy, r.mean_k[0], r.mean_k[1], r.seconds_per_epoch);
   return r;

@@ -86,6 +86,12 @@ TEST_CASE("Every gate gives thread-count-independent output equal to the referen
                                       .capacity_factor = 1.0, .min_capacity = 1, .init_seed = s}),
                x, ctx);
   }
+  SECTION("grouped top-k") {
+    auto options =
+        moet::GroupedTopKGate<float>::deepseek_v3_options(kModelDim, kExperts, 2, 3, 2, 2.5);
+    options.init_seed = s;
+    check_gate(moet::GroupedTopKGate<float>(options), x, ctx);
+  }
   SECTION("top-p") {
     check_gate(moet::TopPGate<float>(
                    {.model_dim = kModelDim, .num_experts = kExperts, .p = 0.5, .init_seed = s}),

@@ -629,3 +629,107 @@ TEST_CASE("An inference-only bank's resident memory is its packed weights",
     CHECK(run_expert(bank, 1, x).allFinite());
   }
 }
+
+namespace {
+
+// The ggml blocks of a moet (in, out) matrix as GGUF stores the weight [out, in]: out rows of
+// ceil(in / 32) blocks, quantised by the reference quantiser.
+template <class Block>
+std::vector<Block> gguf_blocks(const Matrix& w) {
+  const Index in = w.rows();
+  const Index nb = (in + 31) / 32;
+  std::vector<Block> blocks(static_cast<std::size_t>(w.cols() * nb));
+  for (Index j = 0; j < w.cols(); ++j) {
+    for (Index b = 0; b < nb; ++b) {
+      float x[32] = {};
+      for (Index i = 0; i < 32 && b * 32 + i < in; ++i) x[i] = w(b * 32 + i, j);
+      moet::detail::quantize_block(x, blocks[static_cast<std::size_t>(j * nb + b)]);
+    }
+  }
+  return blocks;
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("set_tensor_blocks packs ready ggml blocks as set_tensor packs their floats",
+                   "[experts][weights][quant]", moet::detail::BlockQ8_0, moet::detail::BlockQ4_0,
+                   moet::detail::BlockQ4_1) {
+  using Block = TestType;
+  const moet::WeightFormat format = moet::detail::BlockFormat<Block>::kFormat;
+  const bool inference_only = GENERATE(false, true);
+  INFO(moet::weight_format_name(format) << (inference_only ? ", inference only" : ", training"));
+  const Index d = 40, f = 70, n = 3;  // partial last blocks in both directions
+  const moet::SwiGluExperts<float>::Options options{.model_dim = d,
+                                                    .hidden_dim = f,
+                                                    .num_experts = n,
+                                                    .init = moet::WeightInit::kNone,
+                                                    .weight_format = format,
+                                                    .inference_only = inference_only};
+  moet::SwiGluExperts<float> from_blocks(options), from_floats(options);
+  std::vector<Matrix> dequantised;
+  for (Index e = 0; e < n; ++e) {
+    const auto seed = static_cast<std::uint32_t>(10 * e);
+    const Matrix gate = random_rows(d, f, seed + 1), up = random_rows(d, f, seed + 2),
+                 down = random_rows(f, d, seed + 3);
+    const auto gb = gguf_blocks<Block>(gate), ub = gguf_blocks<Block>(up),
+               db = gguf_blocks<Block>(down);
+    from_blocks.set_tensor_blocks(moet::GluTensor::kGate, e, std::span<const Block>(gb));
+    from_blocks.set_tensor_blocks(moet::GluTensor::kUp, e, std::span<const Block>(ub));
+    from_blocks.set_tensor_blocks(moet::GluTensor::kDown, e, std::span<const Block>(db));
+    from_floats.set_gate_weights(e, gate, WeightLayout::kInOut);
+    from_floats.set_up_weights(e, up, WeightLayout::kInOut);
+    from_floats.set_down_weights(e, down, WeightLayout::kInOut);
+    // The block values, as a training bank stores them.
+    Matrix deq(d, f);
+    for (Index j = 0; j < f; ++j) {
+      for (Index i = 0; i < d; ++i) {
+        deq(i, j) = moet::detail::block_value(gb[static_cast<std::size_t>(j * 2 + i / 32)], i % 32);
+      }
+    }
+    dequantised.push_back(deq);
+  }
+  const Matrix x = random_rows(9, d, 99, 1.0);
+  moet::SwiGluExperts<float>::Scratch scratch;
+  for (Index e = 0; e < n; ++e) {
+    Matrix a(9, d), b(9, d);
+    from_blocks.forward(e, x, a, scratch);
+    from_floats.forward(e, x, b, scratch);
+    CHECK(bit_identical(a, b));
+    if (!inference_only) CHECK(from_blocks.gate_weights(e) == dequantised[std::size_t(e)]);
+  }
+
+  // Errors: another format, a wrong count, a non-finite scale; nothing changes.
+  const Matrix gate = random_rows(d, f, 5);
+  auto blocks = gguf_blocks<Block>(gate);
+  moet::SwiGluExperts<float> f32({.model_dim = d, .hidden_dim = f, .num_experts = n});
+  CHECK_THROWS_WITH(
+      f32.set_tensor_blocks(moet::GluTensor::kGate, 0, std::span<const Block>(blocks)),
+      Contains("blocks need a bank with weight_format") && Contains("this one is f32"));
+  CHECK_THROWS_WITH(
+      from_blocks.set_tensor_blocks(moet::GluTensor::kGate, 0,
+                                    std::span<const Block>(blocks).first(blocks.size() - 1)),
+      Contains("expert 0's gate weights is hidden_dim = 70 rows of 2 blocks (model_dim = 40), 140 "
+               "blocks, got 139"));
+  CHECK_THROWS_WITH(
+      from_blocks.set_tensor_blocks(moet::GluTensor::kUp, 3, std::span<const Block>(blocks)),
+      Contains("expert 3"));
+  blocks[7].d = moet::detail::to_f16(kInf);
+  CHECK_THROWS_AS(
+      from_blocks.set_tensor_blocks(moet::GluTensor::kGate, 1, std::span<const Block>(blocks)),
+      moet::Error);
+  Matrix a(9, d), b(9, d);
+  from_blocks.forward(1, x, a, scratch);
+  from_floats.forward(1, x, b, scratch);
+  CHECK(bit_identical(a, b));
+}
+
+TEST_CASE("set_tensor_blocks refuses FFN biases", "[experts][weights][quant]") {
+  moet::GeluFfnExperts<float> ffn({.model_dim = 32,
+                                   .hidden_dim = 32,
+                                   .num_experts = 1,
+                                   .weight_format = moet::WeightFormat::kQ8_0});
+  const std::vector<moet::detail::BlockQ8_0> blocks(32);
+  CHECK_THROWS_WITH(ffn.set_tensor_blocks(moet::FfnTensor::kInBias, 0,
+                                          std::span<const moet::detail::BlockQ8_0>(blocks)),
+                    Contains("are not packed"));
+}

@@ -18,9 +18,11 @@
 #include "moet/context.hpp"
 #include "moet/detail/rng.hpp"
 #include "moet/dispatch/grouped.hpp"
+#include "moet/dispatch/shared_gate.hpp"
 #include "moet/errors.hpp"
 #include "moet/experts/ffn.hpp"
 #include "moet/experts/glu.hpp"
+#include "moet/gates/grouped_top_k.hpp"
 #include "moet/gates/importance.hpp"
 #include "moet/gates/stochastic.hpp"
 #include "moet/gates/top_k.hpp"
@@ -522,4 +524,90 @@ TEST_CASE("A copied training workspace gives the same backward", "[layer][grad]"
       [&](std::string_view, moet::ParamMap<S>, moet::ParamMap<S> g) { gb.emplace_back(g); });
   REQUIRE(ga.size() == gb.size());
   for (std::size_t i = 0; i < ga.size(); ++i) CHECK(bit_identical(ga[i], gb[i]));
+}
+
+TEST_CASE("Layer gradients equal finite differences: GroupedTopKGate with shared experts",
+          "[layer][grad][grouped_top_k]") {
+  const RowMatrix<double> x = random_rows<double>(kTokens, kDim, 93);
+  auto options = moet::GroupedTopKGate<double>::deepseek_v3_options(kDim, kExperts, 2, 2, 1, 2.5);
+  options.init_seed = 94;
+  moet::MoELayer layer(moet::GroupedTopKGate<double>(options), glu(kExperts, 95), glu(1, 96),
+                       kSmallBlocks);
+  check_layer_gradients(layer, x, {}, {}, "grouped top-k + shared");
+}
+
+TEST_CASE("Gated shared experts: y = routed + sigmoid(x w) * shared, gradients by FD",
+          "[layer][grad][shared_gate]") {
+  const RowMatrix<double> x = random_rows<double>(kTokens, kDim, 97);
+  moet::SharedExpertGate<double> shared_gate({.model_dim = kDim, .init_seed = 98});
+  auto options = moet::TopKGate<double>::mixtral_options(kDim, kExperts);
+  options.init_seed = 99;
+  const moet::MoELayer layer(moet::TopKGate<double>(options), glu(kExperts, 100), glu(2, 101),
+                             shared_gate, kSmallBlocks);
+  CHECK(layer.has_shared_gate());
+  // Forward against the plain layer plus the gated shared output computed here.
+  const moet::MoELayer routed(moet::TopKGate<double>(options), glu(kExperts, 100), kSmallBlocks);
+  const Glu shared = glu(2, 101);
+  RowMatrix<double> y(kTokens, kDim), want(kTokens, kDim);
+  decltype(layer)::Workspace ws;
+  decltype(routed)::Workspace ws_routed;
+  layer.forward(x, y, {}, ws);
+  routed.forward(x, want, {}, ws_routed);
+  for (Index t = 0; t < kTokens; ++t) {
+    const double g = 1.0 / (1.0 + std::exp(-x.row(t).dot(shared_gate.weights().col(0))));
+    Glu::Scratch scratch;
+    RowMatrix<double> out(1, kDim), sum = RowMatrix<double>::Zero(1, kDim);
+    for (Index s = 0; s < 2; ++s) {
+      shared.forward(s, x.row(t), out, scratch);
+      sum += out;
+    }
+    want.row(t) += g * sum;
+  }
+  CHECK((y - want).norm() <= 1e-12 * want.norm());
+  check_layer_gradients(layer, x, {}, {}, "top-2 + gated shared");
+  std::vector<std::string> names;
+  auto copy = layer;
+  copy.visit_parameters([&](std::string_view n, auto, auto) { names.emplace_back(n); });
+  CHECK(names.back() == "shared_gate.weight");
+}
+
+TEST_CASE("Gated shared experts are bit-identical for 1 and 2 threads and check their input",
+          "[layer][grad][shared_gate][parallel]") {
+  using S = float;
+  const RowMatrix<S> x = random_rows<S>(300, 16, 102);
+  const RowMatrix<S> dy = random_rows<S>(300, 16, 103);
+  const auto run = [&](int threads) {
+    const ThreadGuard guard;
+    moet::set_num_threads(threads);
+    moet::MoELayer layer(
+        moet::TopKGate<S>(moet::TopKGate<S>::mixtral_options(16, 4)),
+        moet::SwiGluExperts<S>({.model_dim = 16, .hidden_dim = 20, .num_experts = 4}),
+        moet::SwiGluExperts<S>({.model_dim = 16, .hidden_dim = 12, .num_experts = 1}),
+        moet::SharedExpertGate<S>({.model_dim = 16}));
+    decltype(layer)::Workspace ws;
+    RowMatrix<S> y(300, 16), dx = RowMatrix<S>::Zero(300, 16);
+    layer.zero_grad();
+    layer.forward_train(x, y, {}, ws);
+    layer.backward(x, dy, {}, ws, dx);
+    std::vector<RowMatrix<S>> out{y, dx};
+    layer.visit_parameters(
+        [&](std::string_view, moet::ParamMap<S>, moet::ParamMap<S> g) { out.emplace_back(g); });
+    return out;
+  };
+  const auto one = run(1);
+  const auto two = run(2);
+  REQUIRE(one.size() == two.size());
+  for (std::size_t i = 0; i < one.size(); ++i) CHECK(bit_identical(one[i], two[i]));
+
+  moet::SharedExpertGate<S> gate({.model_dim = 16});
+  CHECK_THROWS_WITH(gate.set_weights(RowMatrix<S>::Zero(16, 1), moet::WeightLayout::kOutIn),
+                    Contains("looks transposed"));
+  CHECK_THROWS_WITH(moet::SharedExpertGate<S>({.model_dim = 0}),
+                    Contains("model_dim must be >= 1, got 0"));
+  CHECK_THROWS_WITH(
+      moet::MoELayer(moet::TopKGate<S>(moet::TopKGate<S>::mixtral_options(16, 4)),
+                     moet::SwiGluExperts<S>({.model_dim = 16, .hidden_dim = 20, .num_experts = 4}),
+                     moet::SwiGluExperts<S>({.model_dim = 16, .hidden_dim = 12, .num_experts = 1}),
+                     moet::SharedExpertGate<S>({.model_dim = 8})),
+      Contains("the shared-expert gate's model_dim is 8"));
 }

@@ -14,7 +14,6 @@
 
 #include <cstdint>
 #include <cstdio>
-#include <fstream>
 #include <string>
 #include <vector>
 
@@ -140,51 +139,5 @@ class MoeClassifier {
   std::vector<Layer> layers_;
   RowMatrix<S> d_aux_;
 };
-
-/// Writes every parameter of `model` (visit order: name, rows, cols, floats) to `path`; the
-/// model stays usable (its expert banks are repacked after the visit).
-template <class Model>
-void save_parameters(Model& model, const std::string& path) {
-  std::ofstream out(path, std::ios::binary);
-  moet::detail::require(out.good(), "save_parameters", "cannot write ", path);
-  out << "moet-params 1\n";
-  model.visit_parameters([&](std::string_view name, auto value, auto) {
-    out << name << ' ' << value.rows() << ' ' << value.cols() << '\n';
-    out.write(reinterpret_cast<const char*>(value.data()),
-              static_cast<std::streamsize>(sizeof(float) * static_cast<std::size_t>(value.size())));
-    out << '\n';
-  });
-  // The visit hands the weights out for writing, which leaves the expert banks' packed copies
-  // stale (their forward throws until parameters_changed); nothing was written, so repack and
-  // keep the model usable.
-  moet::notify_parameters_changed(model);
-}
-
-/// Reads parameters written by `save_parameters` into `model`, which must visit the same names
-/// and shapes in the same order. Throws `moet::Error` naming `load_parameters`, the file and the
-/// first mismatch otherwise.
-template <class Model>
-void load_parameters(Model& model, const std::string& path) {
-  constexpr const char* kOp = "load_parameters";
-  std::ifstream in(path, std::ios::binary);
-  moet::detail::require(in.good(), kOp, "cannot read ", path);
-  std::string magic, version;
-  in >> magic >> version;
-  moet::detail::require(magic == "moet-params" && version == "1", kOp, path,
-                        " is not a moet parameter file");
-  model.visit_parameters([&](std::string_view name, auto value, auto) {
-    std::string got;
-    Index rows = -1, cols = -1;
-    in >> got >> rows >> cols;
-    in.get();
-    moet::detail::require(in.good() && got == name && rows == value.rows() && cols == value.cols(),
-                          kOp, path, ": expected ", name, " (", value.rows(), ", ", value.cols(),
-                          "), found ", got, " (", rows, ", ", cols, ")");
-    in.read(reinterpret_cast<char*>(value.data()),
-            static_cast<std::streamsize>(sizeof(float) * static_cast<std::size_t>(value.size())));
-    moet::detail::require(in.good(), kOp, path, ": truncated in ", name);
-  });
-  moet::notify_parameters_changed(model);
-}
 
 }  // namespace examples

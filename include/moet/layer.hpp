@@ -16,6 +16,7 @@
 #include "moet/detail/select.hpp"
 #include "moet/dispatch/dense.hpp"
 #include "moet/dispatch/grouped.hpp"
+#include "moet/dispatch/shared_gate.hpp"
 #include "moet/errors.hpp"
 #include "moet/routing.hpp"
 #include "moet/stats.hpp"
@@ -100,6 +101,8 @@ class MoELayer {
     typename D::template Workspace<X> dispatch;
     /// The shared experts' workspace.
     DenseWorkspace<X> shared;
+    /// The gated shared experts' workspace (a layer with a `SharedExpertGate`).
+    GatedSharedWorkspace<X> gated_shared;
     /// The statistics of the last call.
     RoutingStats stats;
     /// Training only: dL/d(combine weight) of every assignment, routing order.
@@ -130,6 +133,19 @@ class MoELayer {
     check_banks();
   }
 
+  /// A layer whose shared experts' summed output is scaled per token by `shared_gate`
+  /// (`sigmoid(x w)`, Qwen2-MoE's `shared_expert_gate`; dispatch/shared_gate.hpp). Throws like
+  /// the constructor above, and when the gate's `model_dim` differs.
+  MoELayer(G gate, X experts, X shared_experts, SharedExpertGate<Scalar> shared_gate,
+           D dispatch = {})
+      : gate_(std::move(gate)),
+        experts_(std::move(experts)),
+        shared_(std::move(shared_experts)),
+        shared_gate_(std::move(shared_gate)),
+        dispatch_(std::move(dispatch)) {
+    check_banks();
+  }
+
   /// Runs the layer on `x` `(num_tokens, model_dim)` and writes `y` `(num_tokens, model_dim)`
   /// (every row; `y` must not overlap `x`). Returns the routing statistics, a reference to
   /// `ws.stats` (valid until the workspace's next use; nothing is copied or allocated). Throws
@@ -144,7 +160,9 @@ class MoELayer {
     ws.train_tokens = -1;  // the training state of this workspace is overwritten
     gate_.route(x, ctx, ws.routing);
     dispatch_.run(experts_, x, ws.routing, y, ws.dispatch);
-    if (shared_) {
+    if (shared_gate_) {
+      add_gated_shared_experts(*shared_, *shared_gate_, x, y, ws.gated_shared);
+    } else if (shared_) {
       for (Index s = 0; s < shared_->num_experts(); ++s) {
         add_dense_expert(*shared_, s, Scalar(1), x, y, ws.shared);
       }
@@ -181,7 +199,11 @@ class MoELayer {
     gate_.route(x, ctx, ws.routing);
     if constexpr (HookCheck<G>::kTrainingForward) gate_.on_training_forward(x, ws.routing);
     dispatch_.forward_train(experts_, x, ws.routing, y, ws.dispatch);
-    if (shared_) add_dense_experts_train(*shared_, x, y, ws.shared);
+    if (shared_gate_) {
+      add_gated_shared_experts_train(*shared_, *shared_gate_, x, y, ws.gated_shared);
+    } else if (shared_) {
+      add_dense_experts_train(*shared_, x, y, ws.shared);
+    }
     compute_stats(ws.routing, ws.stats);
     ws.train_tokens = x.rows();
     return ws.stats;
@@ -225,7 +247,11 @@ class MoELayer {
                                 num_assignments);
     dispatch_.backward(experts_, x, ws.routing, dy, ws.dispatch, d_weights, dx);
     gate_.backward(x, ctx, ws.routing, std::span<const Scalar>(d_weights), loss_grad, dx);
-    if (shared_) backward_dense_experts(*shared_, x, dy, dx, ws.shared);
+    if (shared_gate_) {
+      backward_gated_shared_experts(*shared_, *shared_gate_, x, dy, dx, ws.gated_shared);
+    } else if (shared_) {
+      backward_dense_experts(*shared_, x, dy, dx, ws.shared);
+    }
   }
 
   /// The combine-weight gradients of the last `backward` on `ws` (one per assignment, routing
@@ -240,11 +266,13 @@ class MoELayer {
     gate_.zero_grad();
     experts_.zero_grad();
     if (shared_) shared_->zero_grad();
+    if (shared_gate_) shared_gate_->zero_grad();
   }
 
   /// Calls `f(name, value, grad)` for every parameter tensor: the gate's (names prefixed
-  /// `gate.`), the routed experts' (`experts.`), then the shared experts' (`shared.`), each in
-  /// its own fixed order (concepts.hpp). For the optimisers in train/optim.hpp.
+  /// `gate.`), the routed experts' (`experts.`), then the shared experts' (`shared.`) and the
+  /// shared-expert gate's (`shared_gate.weight`), each in its own fixed order
+  /// (concepts.hpp). For the optimisers in train/optim.hpp.
   template <class F>
   void visit_parameters(F&& f) requires TrainableGate<G> && TrainableExperts<X> {
     std::string name;
@@ -259,6 +287,7 @@ class MoELayer {
     gate_.visit_parameters(prefixed("gate."));
     experts_.visit_parameters(prefixed("experts."));
     if (shared_) shared_->visit_parameters(prefixed("shared."));
+    if (shared_gate_) shared_gate_->visit_parameters(prefixed("shared_gate."));
   }
 
   /// Tells the gate and the expert banks that their parameters changed in place (the
@@ -288,6 +317,13 @@ class MoELayer {
   X& shared_experts() {
     detail::require(shared_.has_value(), kOp, "this layer has no shared experts");
     return *shared_;
+  }
+  /// Whether the shared experts are gated (`SharedExpertGate`).
+  bool has_shared_gate() const { return shared_gate_.has_value(); }
+  /// The shared experts' gate; throws `moet::Error` when the layer has none.
+  const SharedExpertGate<Scalar>& shared_gate() const {
+    detail::require(shared_gate_.has_value(), kOp, "this layer has no shared-expert gate");
+    return *shared_gate_;
   }
   /// The dispatcher.
   const D& dispatch() const { return dispatch_; }
@@ -343,11 +379,17 @@ class MoELayer {
                       "the shared experts' model_dim is ", shared_->model_dim(),
                       " but the routed experts' is ", experts_.model_dim());
     }
+    if (shared_gate_) {
+      detail::require(shared_gate_->model_dim() == experts_.model_dim(), kOp,
+                      "the shared-expert gate's model_dim is ", shared_gate_->model_dim(),
+                      " but the experts' is ", experts_.model_dim());
+    }
   }
 
   G gate_;
   X experts_;
   std::optional<X> shared_;
+  std::optional<SharedExpertGate<Scalar>> shared_gate_;
   D dispatch_;
   Workspace workspace_;
 };

@@ -8,8 +8,11 @@
 /// the bank (`Body::kName`) and what to do.
 
 #include <array>
+#include <atomic>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <span>
 #include <type_traits>
 #include <vector>
 
@@ -92,7 +95,7 @@ class BankStore {
         for (std::size_t t = 0; t < kNumTensors; ++t) {
           if (present(t)) {
             unset_flags[flag(e, t)] = 1;
-            ++unset;
+            ++unset.value;
           }
         }
       }
@@ -151,7 +154,7 @@ class BankStore {
     fail_not_ready(what, training);
   }
   bool ready(bool training) const {
-    if (unset > 0 || invalid || editing.value) return false;
+    if (unset.value.load(std::memory_order_relaxed) > 0 || invalid || editing.value) return false;
     if (training) return !inference_only();
     return !packed.enabled() || packed.current();
   }
@@ -160,7 +163,7 @@ class BankStore {
     if (training) require_training(what);
     require(!editing.value, kName, what,
             ": an edit() of this bank is open: end it first (commit() or its scope)");
-    for (Index e = 0; e < num_experts() && unset > 0; ++e) {
+    for (Index e = 0; e < num_experts() && unset.value.load() > 0; ++e) {
       for (std::size_t t = 0; t < kNumTensors; ++t) {
         require(unset_flags[flag(e, t)] == 0, kName, what, ": expert ", e, "'s ",
                 Body::kTensors[t].label,
@@ -206,15 +209,23 @@ class BankStore {
   }
 
   void mark_set(Index e, std::size_t t) {
-    if (unset > 0 && unset_flags[flag(e, t)] != 0) {
+    if (!unset_flags.empty() && unset_flags[flag(e, t)] != 0) {
       unset_flags[flag(e, t)] = 0;
-      --unset;
+      unset.value.fetch_sub(1, std::memory_order_relaxed);
     }
   }
 
   // Packs expert e's weight tensor t from `src` `(in, out)` into the copy (packed weights only).
   void pack_one(Tensor t, Index e, const ConstRows<float>& src) {
     packed.update(e, [&](auto& copy) { Body::pack_tensor(copy, t, src); });
+  }
+
+  // Packs expert e's weight tensor t from ready blocks of the bank's block format.
+  template <class Block>
+  void pack_blocks_one(Tensor t, Index e, std::span<const Block> blocks) {
+    packed.update(e, [&](auto& copy) {
+      Body::pack_tensor_blocks(copy, t, blocks, rows(index(t)), cols(index(t)));
+    });
   }
 
   // Rebuilds every packed copy from the stacks (a no-op without packed copies).
@@ -357,6 +368,61 @@ class BankStore {
     mark_set(e, index(t));
   }
 
+  /// `ExpertBank::set_tensor_blocks`: checks everything (a bias, a bank `format` other than the
+  /// blocks', the block count, non-finite scales), then packs the blocks as they are (and, in a
+  /// training bank, stores their dequantised values).
+  template <class Block>
+  void set_tensor_blocks(Tensor t, Index e, std::span<const Block> blocks, WeightFormat format) {
+    using Format = BlockFormat<Block>;
+    const TensorSpec& spec = Body::kTensors[index(t)];
+    const char* setter = "set_tensor_blocks";
+    require(!spec.bias, kName, setter, ": ", spec.label, " are not packed (biases take ",
+            spec.setter, ")");
+    require_expert(setter, t, e);
+    require(!editing.value, kName, setter,
+            ": an edit() of this bank is open: write through it, or end it first");
+    require(format == Format::kFormat && packed.enabled(), kName, setter, ": ",
+            weight_name(t, e).describe(), ": ", Format::kName,
+            " blocks need a bank with weight_format ", Format::kName, " (this one is ",
+            weight_format_name(format), "); dequantise them and use set_tensor otherwise");
+    const Index in = rows(index(t));
+    const Index out = cols(index(t));
+    const Index per_row = (in + kQuantBlock - 1) / kQuantBlock;
+    require(static_cast<Index>(blocks.size()) == out * per_row, kName, setter, ": ",
+            weight_name(t, e).describe(), " is ", bank_dim_name(spec.cols), " = ", out, " rows of ",
+            per_row, " blocks (", bank_dim_name(spec.rows), " = ", in, "), ", out * per_row,
+            " blocks, got ", blocks.size());
+    for (std::size_t b = 0; b < blocks.size(); ++b) {
+      bool finite = std::isfinite(from_f16(blocks[b].d));
+      if constexpr (requires { blocks[b].m; }) {
+        finite = finite && std::isfinite(from_f16(blocks[b].m));
+      }
+      require(finite, kName, setter, ": ", weight_name(t, e).describe(), ": block ",
+              b % static_cast<std::size_t>(per_row), " of row ",
+              b / static_cast<std::size_t>(per_row), " has a non-finite scale");
+    }
+    if constexpr (kPackable) {
+      if (!inference_only()) {
+        // The float weights: the blocks' values, (in, out); checked before anything changes.
+        RowMatrix<S> dequantised(in, out);
+        for (Index j = 0; j < out; ++j) {
+          for (Index i = 0; i < in; ++i) {
+            dequantised(i, j) = block_value(
+                blocks[static_cast<std::size_t>(j * per_row + i / kQuantBlock)], i % kQuantBlock);
+          }
+        }
+        check_weights_finite(kName, setter, weight_name(t, e), dequantised);
+        if (packed.current()) pack_blocks_one(t, e, blocks);
+        wblock(t, e) = dequantised;
+      } else {
+        pack_blocks_one(t, e, blocks);
+      }
+    } else {
+      static_cast<void>(blocks);
+    }
+    mark_set(e, index(t));
+  }
+
   // --- state ---------------------------------------------------------------------------------
 
   BankShape shape;
@@ -365,9 +431,10 @@ class BankStore {
   std::array<RowMatrix<S>, kNumTensors> values;
   // The gradients, lazily allocated with the stacks' shapes.
   std::array<RowMatrix<S>, kNumTensors> grads;
-  // WeightInit::kNone: 1 per (expert, tensor) not set yet, and how many.
+  // WeightInit::kNone: 1 per (expert, tensor) not set yet, and how many. (Each flag belongs to
+  // one expert, so setters of different experts may run at once.)
   std::vector<unsigned char> unset_flags;
-  Index unset = 0;
+  SharedCount unset;
   // A NaN/Inf was found in the stacks (by parameters_changed or an edit's end).
   bool invalid = false;
   // edit(): open, whether the packed copy was current when it opened, what it handed out.

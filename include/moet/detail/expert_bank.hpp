@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -19,6 +20,7 @@
 #include "moet/detail/bf16.hpp"
 #include "moet/detail/buffer.hpp"
 #include "moet/detail/gemm.hpp"
+#include "moet/detail/quant.hpp"
 #include "moet/detail/rng.hpp"
 #include "moet/errors.hpp"
 #include "moet/tensor.hpp"
@@ -130,6 +132,29 @@ void fill_normal_fan_in(Rng& rng, S* data, Index size, Index fan_in) {
   const double scale = 1.0 / std::sqrt(static_cast<double>(fan_in));
   for (Index i = 0; i < size; ++i) data[i] = static_cast<S>(rng.normal() * scale);
 }
+
+/// The packed element type and `WeightFormat` of a ggml block type (`BlockQ8_0` -> `Q8_0`,
+/// `WeightFormat::kQ8_0`, ...): what `ExpertBank::set_tensor_blocks` checks and packs.
+template <class Block>
+struct BlockFormat;
+template <>
+struct BlockFormat<BlockQ8_0> {
+  using Element = Q8_0;
+  static constexpr WeightFormat kFormat = WeightFormat::kQ8_0;
+  static constexpr const char* kName = "q8_0";
+};
+template <>
+struct BlockFormat<BlockQ4_0> {
+  using Element = Q4_0;
+  static constexpr WeightFormat kFormat = WeightFormat::kQ4_0;
+  static constexpr const char* kName = "q4_0";
+};
+template <>
+struct BlockFormat<BlockQ4_1> {
+  using Element = Q4_1;
+  static constexpr WeightFormat kFormat = WeightFormat::kQ4_1;
+  static constexpr const char* kName = "q4_1";
+};
 
 /// A bank's packed copies of its weights for the kernels of detail/gemm.hpp: one `Expert<W>`
 /// per expert (the body's struct of `PackedMatrix` / `PackedGluMatrix`) in the bank's
@@ -262,6 +287,19 @@ class PackedCopies {
       copies_;
   // False after the bank handed its weights out for writing, until rebuild() or mark_current().
   bool current_ = false;
+};
+
+/// A counter that may be changed from several threads at once (the bank's count of tensors not
+/// set yet, which concurrent setters of different experts decrement) and that copies with its
+/// owner (an atomic alone is not copyable).
+struct SharedCount {
+  std::atomic<Index> value{0};
+  SharedCount() = default;
+  SharedCount(const SharedCount& other) noexcept : value(other.value.load()) {}
+  SharedCount& operator=(const SharedCount& other) noexcept {
+    value.store(other.value.load());
+    return *this;
+  }
 };
 
 /// A flag that a copy or a move of its owner does not inherit: the bank's "an `edit()` is

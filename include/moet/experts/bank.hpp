@@ -56,8 +56,10 @@
 /// \tparam Body the expert body policy (`GluBody<Act>`, `FfnBody<Act>`).
 
 #include <array>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <span>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -206,7 +208,9 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
   /// expected and the given shape and the layout ("looks transposed" when `w` has the other
   /// layout's shape), or the first NaN/Inf (row, column, value). Then stores the tensor and
   /// repacks it when the packed copy is current (an inference-only bank packs `w` directly).
-  /// Not while an `edit()` is open.
+  /// Not while an `edit()` is open. Setters (`set_tensor`, `set_tensor_blocks` and the named
+  /// ones) of *different* experts may run concurrently (a loader packs experts in parallel);
+  /// nothing else may run on the bank meanwhile.
   ///
   /// ```cpp
   /// bank.set_tensor(moet::GluTensor::kDown, e, w2, moet::WeightLayout::kOutIn);
@@ -217,6 +221,24 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
                   "set_tensor takes a matrix of the bank's Scalar type: cast it first "
                   "(w.template cast<float>())");
     store_.set_tensor(t, e, w, layout);
+  }
+
+  /// Sets expert `e`'s weight tensor `t` from ready blocks of ggml's block format `Block`
+  /// (`detail::BlockQ8_0`, `BlockQ4_0`, `BlockQ4_1`), laid out as GGUF stores a weight `[out,
+  /// in]`: `out` rows of `ceil(in / 32)` blocks (a slice of llama.cpp's `ffn_gate_exps`, `[n_ff]`
+  /// rows of `n_embd / 32` blocks). The bank's `weight_format` must be the blocks' format: the
+  /// blocks are packed as they are, never re-quantised (`PackedMatrix::pack_blocks`). A training
+  /// bank also stores their dequantised values as its float weights. Throws `moet::Error`
+  /// naming the bank, the expert and the tensor (nothing changed) for a bias, another format, a
+  /// wrong block count or a non-finite block scale. Not while an `edit()` is open.
+  ///
+  /// ```cpp
+  /// bank.set_tensor_blocks(moet::GluTensor::kGate, e, gguf.tensor(name).slice(e)
+  ///                                                       .blocks<moet::detail::BlockQ8_0>());
+  /// ```
+  template <class Block>
+  void set_tensor_blocks(Tensor t, Index e, std::span<const Block> blocks) {
+    store_.set_tensor_blocks(t, e, blocks, options_.weight_format);
   }
 
   /// Opens a scoped edit of a training bank: the returned handle hands out writable

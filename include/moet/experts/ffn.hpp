@@ -6,6 +6,8 @@
 
 #include <array>
 #include <cstddef>
+#include <span>
+#include <type_traits>
 
 #include "moet/activations.hpp"
 #include "moet/detail/buffer.hpp"
@@ -181,6 +183,17 @@ struct FfnBody {
   static void pack_tensor(Packed<W>& p, FfnTensor t, const ConstRows<float>& src) {
     MOET_ASSERT(t == FfnTensor::kInWeight || t == FfnTensor::kOutWeight, "biases are not packed");
     (t == FfnTensor::kInWeight ? p.w1 : p.w2).pack(src);
+  }
+  /// Packs weight `t` (`(in, out)`) alone from ready blocks, `out` rows of `ceil(in / 32)`
+  /// (GGUF's `[out, in]`), for a `p` of the blocks' format (a no-op for the other formats).
+  template <class W, class Block>
+  static void pack_tensor_blocks(Packed<W>& p, FfnTensor t, std::span<const Block> blocks, Index in,
+                                 Index out) {
+    MOET_ASSERT(t == FfnTensor::kInWeight || t == FfnTensor::kOutWeight, "biases are not packed");
+    if constexpr (std::is_same_v<W, typename detail::BlockFormat<Block>::Element>) {
+      auto& m = t == FfnTensor::kInWeight ? p.w1 : p.w2;
+      m.pack_blocks(blocks, in, out, m.isa());
+    }
   }
   template <class W>
   static std::size_t packed_bytes(const Packed<W>& p) {

@@ -5,6 +5,7 @@
 
 #include <array>
 #include <cstddef>
+#include <span>
 #include <type_traits>
 
 #include "moet/activations.hpp"
@@ -172,6 +173,22 @@ struct GluBody {
       p.gate_up.pack_up(src);
     } else {
       p.down.pack(src);
+    }
+  }
+  /// Packs tensor `t` (`(in, out)`) alone from ready blocks, `out` rows of `ceil(in / 32)`
+  /// (GGUF's `[out, in]`), into an already shaped `p` of the blocks' format (a no-op for the
+  /// copies of the other formats, which the bank never asks for).
+  template <class W, class Block>
+  static void pack_tensor_blocks(Packed<W>& p, GluTensor t, std::span<const Block> blocks, Index in,
+                                 Index out) {
+    if constexpr (std::is_same_v<W, typename detail::BlockFormat<Block>::Element>) {
+      if (t == GluTensor::kGate) {
+        p.gate_up.pack_gate_blocks(blocks);
+      } else if (t == GluTensor::kUp) {
+        p.gate_up.pack_up_blocks(blocks);
+      } else {
+        p.down.pack_blocks(blocks, in, out, p.down.isa());
+      }
     }
   }
   template <class W>

@@ -23,7 +23,7 @@
 #include "moet/errors.hpp"
 #include "moet/routing.hpp"
 #include "moet/tensor.hpp"
-#include "moet/train/grad.hpp"
+#include "moet/concepts.hpp"
 
 namespace moet {
 
@@ -387,7 +387,7 @@ class CosineRouter {
 
   /// Calls `f(name, value, grad)` for `embeddings` (`W`, `(model_dim, num_experts)`),
   /// `thresholds` (`theta`, `(1, num_experts)`) and, with `trainable_temperature`,
-  /// `log_temperature` (`log_t`, `(1, 1)`), in that order (train/grad.hpp).
+  /// `log_temperature` (`log_t`, `(1, 1)`), in that order (concepts.hpp).
   template <class F>
   void visit_parameters(F&& f) {
     ensure_grads();

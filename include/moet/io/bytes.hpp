@@ -161,6 +161,23 @@ void convert_block(ElementCodec c, const std::byte* data, Index row_bytes, Index
           }
         }
         break;
+      case ElementCodec::kBf16:  // float output (bf16 output was handled above)
+        if constexpr (std::is_same_v<T, float>) {
+          for (Index j = 0; j < cols; ++j) {
+            dst[j * out_col_stride] = from_bf16(Bf16{load_le<std::uint16_t>(row + 2 * (col0 + j))});
+          }
+        }
+        break;
+      case ElementCodec::kF16:
+        for (Index j = 0; j < cols; ++j) {
+          const float v = from_f16(load_le<std::uint16_t>(row + 2 * (col0 + j)));
+          if constexpr (std::is_same_v<T, float>) {
+            dst[j * out_col_stride] = v;
+          } else {
+            dst[j * out_col_stride] = to_bf16(v);
+          }
+        }
+        break;
       default:
         for (Index j = 0; j < cols; ++j) {
           const float v = load_element(c, row, col0 + j);

@@ -10,13 +10,13 @@
 // on x [T, hidden_size] and y [T, hidden_size] is written as float32 .npy; it prints the load
 // time, the mean experts per token, the load per expert and the forward time (median of R).
 // Without --gate the checkpoint's own routing runs; --gate takes a router spec
-// (top_k:k=K[,renorm=0|1], top_p:p=P[,max_k=M], importance:k_max=K with the rows' norms as
-// importance) driving moet's dynamic gates with the checkpoint's router weights.
+// in moet's router grammar (`name:key=value,...`: top_k, top_p, importance with the rows' norms
+// as importance, grouped_top_k; `moet-compare --help` lists the keys), its keys applied to
+// the checkpoint's routing, driving that gate with the checkpoint's router weights.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
-#include <map>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -24,8 +24,7 @@
 
 #include <CLI/CLI.hpp>
 
-#include "moet/gates/importance.hpp"
-#include "moet/gates/top_p.hpp"
+#include "moet/gates/spec.hpp"
 #include "moet/io/checkpoint.hpp"
 #include "moet/io/npy.hpp"
 #include "moet/kernel_isa.hpp"
@@ -39,85 +38,30 @@ double seconds_since(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
 }
 
-// `name:key=value,key=value` -> name and its keys.
-std::pair<std::string, std::map<std::string, std::string>> split_spec(const std::string& spec) {
-  const auto colon = spec.find(':');
-  std::pair<std::string, std::map<std::string, std::string>> out{spec.substr(0, colon), {}};
-  if (colon == std::string::npos) return out;
-  std::string rest = spec.substr(colon + 1);
-  while (!rest.empty()) {
-    const auto comma = rest.find(',');
-    const std::string kv = rest.substr(0, comma);
-    const auto eq = kv.find('=');
-    moet::detail::require(eq != std::string::npos && eq > 0, "moet-layer", "--gate '", spec,
-                          "': expected key=value, got '", kv, "'");
-    out.second[kv.substr(0, eq)] = kv.substr(eq + 1);
-    rest = comma == std::string::npos ? "" : rest.substr(comma + 1);
-  }
-  return out;
-}
+// The gates that can run on a checkpoint's router weights (load_moe_layer's
+// CheckpointRouterGate): the router grammar restricted to them.
+using RouterGates =
+    moet::GateList<moet::TopKGate, moet::TopPGate, moet::ImportanceGate, moet::GroupedTopKGate>;
 
-double number(const std::map<std::string, std::string>& keys, const std::string& key,
-              const std::string& spec) {
-  const auto it = keys.find(key);
-  moet::detail::require(it != keys.end(), "moet-layer", "--gate '", spec, "' needs ", key, "=");
-  std::size_t used = 0;
-  double v = 0.0;
-  try {
-    v = std::stod(it->second, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  moet::detail::require(used == it->second.size() && used > 0, "moet-layer", "--gate '", spec,
-                        "': ", key, " must be a number, got '", it->second, "'");
-  return v;
-}
-
-// The router spec of --gate, turned into a gate type and its options for layer `m`: calls
-// `run(std::type_identity<Gate>{}, options)`. A minimal parser of moet-compare's router grammar
-// (top_k, top_p, importance); the shared grammar of the router-spec work replaces this one
-// function at merge. An empty spec is the checkpoint's own routing (GroupedTopKGate).
+// The router spec of --gate (moet's router grammar, gates/spec.hpp), turned into a gate type and
+// its options for layer `m`: calls `run(std::type_identity<Gate>{}, options)`. The spec's keys
+// apply on top of the checkpoint's options for that gate (its k and renormalisation for top_k,
+// its whole routing for grouped_top_k), not on top of the gate's defaults. An empty spec is the
+// checkpoint's own routing (GroupedTopKGate).
 template <class Run>
 int with_gate(const std::string& spec, const moet::CheckpointLayer& m, Run&& run) {
   if (spec.empty()) {
     using G = moet::GroupedTopKGate<float>;
     return run(std::type_identity<G>{}, moet::checkpoint_gate_options<G>(m));
   }
-  const auto [name, keys] = split_spec(spec);
-  const auto allow = [&](std::initializer_list<const char*> known) {
-    for (const auto& [key, value] : keys) {
-      const bool ok =
-          std::any_of(known.begin(), known.end(), [&](const char* k) { return key == k; });
-      moet::detail::require(ok, "moet-layer", "--gate '", spec, "': unknown key '", key, "'");
-    }
-  };
-  if (name == "top_k") {
-    allow({"k", "renorm"});
-    using G = moet::TopKGate<float>;
-    auto o = moet::checkpoint_gate_options<G>(m);  // the checkpoint's renormalisation
-    o.k = static_cast<Index>(number(keys, "k", spec));
-    if (keys.contains("renorm")) o.renormalize = number(keys, "renorm", spec) != 0.0;
-    return run(std::type_identity<G>{}, o);
-  }
-  if (name == "top_p") {
-    allow({"p", "max_k"});
-    using G = moet::TopPGate<float>;
-    auto o = moet::checkpoint_gate_options<G>(m);
-    o.p = number(keys, "p", spec);
-    if (keys.contains("max_k")) o.max_k = static_cast<Index>(number(keys, "max_k", spec));
-    return run(std::type_identity<G>{}, o);
-  }
-  if (name == "importance") {
-    allow({"k_max", "k_min"});
-    using G = moet::ImportanceGate<float>;
-    auto o = moet::checkpoint_gate_options<G>(m);
-    o.k_max = static_cast<Index>(number(keys, "k_max", spec));
-    if (keys.contains("k_min")) o.k_min = static_cast<Index>(number(keys, "k_min", spec));
-    return run(std::type_identity<G>{}, o);
-  }
-  moet::detail::fail("moet-layer", "--gate '", spec,
-                     "': unknown router (expected top_k:k=K[,renorm=0|1], top_p:p=P[,max_k=M] or "
-                     "importance:k_max=K)");
+  const moet::GateSpec parsed = moet::parse_gate_spec(spec);
+  return moet::with_gate_options<float, RouterGates>(
+      spec, m.routing.model_dim, m.num_experts, 0, [&](auto type, auto /*defaults*/) {
+        using G = typename decltype(type)::type;
+        auto o = moet::checkpoint_gate_options<G>(m);
+        moet::apply_gate_spec<G>(parsed, o);
+        return run(type, o);
+      });
 }
 
 void print_info(const moet::Checkpoint& ckpt) {
@@ -163,8 +107,9 @@ int main(int argc, char** argv) {
   app.add_option("--input", input, "float32 .npy rows [T, hidden_size]");
   app.add_option("--output", output, "where to write the output rows (.npy)");
   app.add_option("--gate", gate,
-                 "router spec (top_k:k=K[,renorm=0|1], top_p:p=P[,max_k=M], importance:k_max=K); "
-                 "default: the checkpoint's routing");
+                 "router spec in moet's grammar: top_k:k=K,renorm=0|1, top_p:p=P,max_k=M, "
+                 "importance:k_max=K (importance = the rows' norms) or grouped_top_k:...; keys "
+                 "apply to the checkpoint's routing; default: the checkpoint's routing");
   app.add_option("--weights", weights,
                  "expert weight format: f32, bf16, q8_0, q4_0, q4_1 (default: the file's own: "
                  "the GGUF block format of quantised experts, else f32)");

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "moet/context.hpp"
+#include "moet/gates/grouped_top_k.hpp"
 #include "moet/gates/importance.hpp"
 #include "moet/gates/stochastic.hpp"
 #include "moet/gates/top_any.hpp"
@@ -85,6 +86,7 @@ inline moet::RowMatrix<float> tokens(Index rows, std::uint32_t seed) {
 /// Calls `f(name, gate, spec)` for every gate case; `init_seed` seeds the routers.
 template <class F>
 void for_each_gate(std::uint64_t init_seed, F&& f) {
+  using moet::GroupedTopKGate;
   using moet::ImportanceGate;
   using moet::StochasticGate;
   using moet::StochasticInference;
@@ -163,6 +165,29 @@ void for_each_gate(std::uint64_t init_seed, F&& f) {
                            .renormalize = true,
                            .init_seed = s}),
     ContextSpec{.attention = true});
+  f(std::string("grouped top-k, softmax, best-score groups (DeepSeek-V2)"),
+    GroupedTopKGate<float>({.model_dim = kModelDim,
+                            .num_experts = kExperts,
+                            .k = 2,
+                            .num_groups = 3,
+                            .groups_kept = 2,
+                            .init_seed = s}),
+    ContextSpec{});
+  {
+    GroupedTopKGate<float> v3({.model_dim = kModelDim,
+                               .num_experts = kExperts,
+                               .k = 3,
+                               .scoring = moet::ExpertScoring::kSigmoid,
+                               .num_groups = 3,
+                               .groups_kept = 2,
+                               .group_score = moet::GroupScore::kTopTwoSum,
+                               .renormalize = true,
+                               .init_seed = s});
+    const std::vector<float> bias{0.05f, -0.1f, 0.0f, 0.2f, -0.05f, 0.1f};  // kExperts values
+    v3.set_score_bias(bias);
+    f(std::string("grouped top-k, sigmoid, top-2 groups, score bias (DeepSeek-V3)"), v3,
+      ContextSpec{});
+  }
   f(std::string("stochastic, training"),
     StochasticGate<float>({.model_dim = kModelDim, .num_experts = kExperts, .stream = s}),
     ContextSpec{.training = true});

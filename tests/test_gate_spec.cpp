@@ -118,6 +118,21 @@ TEST_CASE("A gate built from a spec routes as the gate built from the same Optio
                          {.inference = moet::StochasticInference::kEnsemble, .stream = 4});
   check_spec<Stochastic>("stochastic:mode=sequence",
                          {.inference = moet::StochasticInference::kSequence});
+  using Grouped = moet::GroupedTopKGate<float>;
+  check_spec<Grouped>("grouped_top_k", {});
+  check_spec<Grouped>(
+      "grouped_top_k:k=2,scoring=sigmoid,groups=3,groups_kept=2,group_score=top2,renorm=1,"
+      "scale=2.5,scaling=instead",
+      {.k = 2,
+       .scoring = moet::ExpertScoring::kSigmoid,
+       .num_groups = 3,
+       .groups_kept = 2,
+       .group_score = moet::GroupScore::kTopTwoSum,
+       .renormalize = true,
+       .scaling_factor = 2.5,
+       .scaling = moet::WeightScaling::kInsteadOfNormalization});
+  check_spec<Grouped>("grouped_top_k:n_group=2,topk_group=1,k=2",
+                      {.k = 2, .num_groups = 2, .groups_kept = 1});
 }
 
 TEST_CASE("with_gate_options hands out the Options before the gate is built", "[gate][spec]") {
@@ -170,17 +185,19 @@ TEST_CASE("The printed defaults are Options{}'s and a spec of them builds the de
   all_defaults(std::type_identity<moet::TopAnyGate<float>>{});
   all_defaults(std::type_identity<moet::ImportanceGate<float>>{});
   all_defaults(std::type_identity<moet::StochasticGate<float>>{});
-  CHECK(moet::gate_names() ==
-        std::vector<std::string>{"top_k", "top_p", "top_any", "importance", "stochastic"});
+  all_defaults(std::type_identity<moet::GroupedTopKGate<float>>{});
+  CHECK(moet::gate_names() == std::vector<std::string>{"top_k", "top_p", "top_any", "importance",
+                                                       "stochastic", "grouped_top_k"});
 }
 
 TEST_CASE("Spec errors name the spec and list what is valid", "[gate][spec][bad_input]") {
   const auto build = [](const std::string& spec) {
     moet::with_gate<float>(spec, kDim, kExperts, kSeed, [](auto gate) { static_cast<void>(gate); });
   };
-  CHECK_THROWS_WITH(build("top_kk:k=2"),
-                    Contains("unknown gate 'top_kk' in 'top_kk:k=2'") &&
-                        Contains("valid gates: top_k, top_p, top_any, importance, stochastic"));
+  CHECK_THROWS_WITH(
+      build("top_kk:k=2"),
+      Contains("unknown gate 'top_kk' in 'top_kk:k=2'") &&
+          Contains("valid gates: top_k, top_p, top_any, importance, stochastic, grouped_top_k"));
   CHECK_THROWS_WITH(build("top_k:kk=2"),
                     Contains("unknown key 'kk' for gate top_k") &&
                         Contains("its keys: k, renorm, noisy, capacity, min_capacity"));

@@ -14,6 +14,7 @@
 #include "moet/detail/select.hpp"
 #include "moet/detail/softmax_router.hpp"
 #include "moet/detail/weights.hpp"
+#include "moet/dispatch/dense.hpp"
 #include "moet/dispatch/grouped.hpp"
 #include "moet/errors.hpp"
 #include "moet/tensor.hpp"

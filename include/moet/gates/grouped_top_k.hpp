@@ -99,11 +99,15 @@ enum class WeightScaling {
 /// mlp.gate.e_score_correction_bias
 /// ```
 template <class S>
-class GroupedTopKGate {
+class GroupedTopKGate : public SoftmaxGateBase<S> {
  public:
   using Scalar = S;
   /// Loss-gradient inputs of `backward`: dL/ds (on `Routing::probs()`), dL/dz, dL/dw.
   using LossGrad = SoftmaxLossGrad<S>;
+  // From SoftmaxGateBase: model_dim(), num_experts(), router(), set_router(w, layout) (DeepSeek's
+  // `mlp.gate.weight` is `[num_experts, model_dim]`: WeightLayout::kOutIn), router_grad(),
+  // logits(x, z), zero_grad(), visit_parameters(f) (`router.weight`; the score bias is not a
+  // trained parameter).
 
   /// Construction options (validated by the constructor).
   struct Options {
@@ -170,24 +174,14 @@ class GroupedTopKGate {
   /// Validates `options` (throws `Error`) and initialises `W_r` normal with standard deviation
   /// `1 / sqrt(model_dim)` from `init_seed`; the score bias starts at 0.
   explicit GroupedTopKGate(const Options& options)
-      : options_(validated(options)),
-        router_(kOp, options_.model_dim, options_.num_experts, options_.init_seed),
+      : SoftmaxGateBase<S>(SoftmaxRouter<S>(kOp, validated(options).model_dim,
+                                            options.num_experts, options.init_seed)),
+        options_(options),
         bias_(RowMatrix<S>::Zero(1, options_.num_experts)) {}
 
-  Index num_experts() const { return options_.num_experts; }
-  Index model_dim() const { return options_.model_dim; }
   const Options& options() const { return options_; }
   /// Experts per group.
   Index group_size() const { return options_.num_experts / options_.num_groups; }
-
-  /// Router weights `W_r` `(model_dim, num_experts)`, a read-only view (write with
-  /// `set_router`).
-  Eigen::Map<const RowMatrix<S>> router() const { return router_.weights(); }
-  /// Replaces `W_r` by `w`: `(model_dim, num_experts)` with `WeightLayout::kInOut`,
-  /// `[num_experts, model_dim]` with `kOutIn` (PyTorch's `nn.Linear(model_dim,
-  /// num_experts).weight`, DeepSeek's `mlp.gate.weight`). Throws `moet::Error` (nothing changed)
-  /// on another shape ("looks transposed" for the other layout's) or a NaN/Inf entry.
-  void set_router(const ConstRows<S>& w, WeightLayout layout) { router_.set_weights(w, layout); }
 
   /// The selection-only score bias `b` `(1, num_experts)` (DeepSeek-V3's
   /// `e_score_correction_bias`), read-only.
@@ -205,25 +199,6 @@ class GroupedTopKGate {
                       bias[e], " for expert ", e);
     }
     std::copy(bias.begin(), bias.end(), bias_.data());
-  }
-
-  /// Gradient of `W_r` `(model_dim, num_experts)`; `(0, 0)` before the first `zero_grad()` or
-  /// `backward`.
-  const RowMatrix<S>& router_grad() const { return router_.grad(); }
-
-  /// Writes the router logits `z = x W_r` `(num_tokens, num_experts)` into `z` (the input of
-  /// `router_z_loss`), with the same bits as `route` computes them. Throws `Error` on a bad `x`
-  /// or a `z` of the wrong shape.
-  void logits(const ConstRows<S>& x, Rows<S> z) const { router_.logits(x, z); }
-
-  /// Sets the router gradient to zero (allocating it on first use).
-  void zero_grad() { router_.zero_grad(); }
-
-  /// Calls `f(name, value, grad)` for `router.weight` `(model_dim, num_experts)` (the score
-  /// bias is not a trained parameter), allocating the gradient on first use.
-  template <class F>
-  void visit_parameters(F&& f) {
-    router_.visit_parameters(f);
   }
 
   /// Routes the rows of `x` `(num_tokens, model_dim)` into `out`. Throws `Error` when `x` has
@@ -283,8 +258,8 @@ class GroupedTopKGate {
   void backward(const ConstRows<S>& x, const RouteContext& ctx, const Routing<S>& routing,
                 std::span<const S> d_weights, const LossGrad& loss_grad, Rows<S> dx) {
     static_cast<void>(ctx);
-    router_.check_backward(x, routing, d_weights, loss_grad, dx);
-    router_.allocate_grad();  // even for an empty batch
+    this->router_.check_backward(x, routing, d_weights, loss_grad, dx);
+    this->router_.allocate_grad();  // even for an empty batch
     const Index num_tokens = x.rows();
     const Index num_experts = options_.num_experts;
     if (num_tokens == 0) return;
@@ -310,7 +285,7 @@ class GroupedTopKGate {
         }
       }
     });
-    router_.backward_logits(x, dz, dx);
+    this->router_.backward_logits(x, dz, dx);
   }
 
  private:
@@ -335,7 +310,7 @@ class GroupedTopKGate {
     out.probs_are_distribution = options_.scoring == ExpertScoring::kSoftmax;
     auto probs = out.probs_mut();  // (num_tokens, num_experts), logits first
     if (num_tokens == 0) return;
-    router_.logits(input_checked, x, probs);
+    this->router_.logits(input_checked, x, probs);
     std::atomic<bool> bad{false};
     detail::parallel_blocks(num_tokens, detail::kGateTokenBlock, [&](Index begin, Index end) {
       for (Index t = begin; t < end; ++t) {
@@ -456,7 +431,6 @@ class GroupedTopKGate {
   }
 
   Options options_;
-  SoftmaxRouter<S> router_;  // W_r and its gradient
   RowMatrix<S> bias_;        // (1, num_experts)
   detail::Buffer<S> dz_;     // backward scratch: dL/dz (num_tokens, num_experts), grow-only
 };

@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "moet/errors.hpp"
+#include "moet/gates/grouped_top_k.hpp"
 #include "moet/gates/importance.hpp"
 #include "moet/gates/spec_keys.hpp"
 #include "moet/gates/stochastic.hpp"
@@ -135,6 +136,33 @@ struct GateSpecTraits<StochasticGate<S>> {
   }
 };
 
+/// `grouped_top_k` (`GroupedTopKGate`, DeepSeek-V2/V3).
+template <class S>
+struct GateSpecTraits<GroupedTopKGate<S>> {
+  using O = typename GroupedTopKGate<S>::Options;
+  static constexpr const char* name = "grouped_top_k";
+  static constexpr const char* summary =
+      "DeepSeek-V2/V3: softmax or sigmoid scores, top-k inside the best groups of experts";
+  static std::vector<GateSpecKey<O>> keys() {
+    return {
+        spec_field<&O::k>("k", "experts per token, 1..groups_kept * group size"),
+        spec_choice<&O::scoring>(
+            "scoring", "expert scores (scoring_func)",
+            {{"softmax", ExpertScoring::kSoftmax}, {"sigmoid", ExpertScoring::kSigmoid}}),
+        spec_field<&O::num_groups>("groups", "expert groups (n_group); divides num_experts",
+                                   "n_group"),
+        spec_field<&O::groups_kept>("groups_kept", "groups kept per token (topk_group)",
+                                    "topk_group"),
+        spec_choice<&O::group_score>("group_score", "a group's rank: best score or top-2 sum",
+                                     {{"max", GroupScore::kMax}, {"top2", GroupScore::kTopTwoSum}}),
+        spec_field<&O::renormalize>("renorm", "divide the kept scores by their sum", "renormalize"),
+        spec_field<&O::scaling_factor>("scale", "routed_scaling_factor, > 0", "scaling_factor"),
+        spec_choice<&O::scaling>("scaling", "when scale applies: always (V3) or unless renorm (V2)",
+                                 {{"after", WeightScaling::kAfterNormalization},
+                                  {"instead", WeightScaling::kInsteadOfNormalization}})};
+  }
+};
+
 // --- the registry ------------------------------------------------------------------------------
 
 /// A list of gate templates (each `Gate<S>` with a `GateSpecTraits` specialisation).
@@ -142,7 +170,8 @@ template <template <class> class... Gates>
 struct GateList {};
 
 /// The gates the grammar builds by default, in the order `gate_spec_help()` lists them.
-using ShippedGates = GateList<TopKGate, TopPGate, TopAnyGate, ImportanceGate, StochasticGate>;
+using ShippedGates =
+    GateList<TopKGate, TopPGate, TopAnyGate, ImportanceGate, StochasticGate, GroupedTopKGate>;
 
 namespace detail {
 

@@ -192,4 +192,35 @@ void convert_block(ElementCodec c, const std::byte* data, Index row_bytes, Index
   }
 }
 
+/// The reads every file tensor's matrix view offers on top of its own `read_block(row0, col0,
+/// n_rows, n_cols, out, out_row_stride, out_col_stride)`, `rows()`, `cols()` and `fail(...)`
+/// (which may be private: `Derived` befriends this class). `TensorView` and `GgufTensor` derive
+/// from it.
+template <class Derived>
+class MatrixViewReads {
+ public:
+  /// Reads rows `[row0, row0 + out.rows())` of the matrix view into `out` `(n, cols())`.
+  void read_rows(Index row0, Rows<float> out) const {
+    const Derived& d = self();
+    if (out.cols() != d.cols()) d.fail("has ", d.cols(), " columns, the output ", out.cols());
+    d.read_block(row0, 0, out.rows(), out.cols(), out.data(), out.outerStride(), Index{1});
+  }
+  /// Reads the transpose of the block at `(row0, col0)` into `out` `(n_cols, n_rows)`:
+  /// `out(j, i) = M(row0 + i, col0 + j)`. A weight stored `[out, in]` (an `nn.Linear` weight, a
+  /// GGUF `[K, N]` tensor) read this way lands as moet's `(in, out)`.
+  void read_block_transposed(Index row0, Index col0, Rows<float> out) const {
+    self().read_block(row0, col0, out.cols(), out.rows(), out.data(), Index{1},
+                      out.outerStride());
+  }
+  /// The whole matrix view `(rows(), cols())` as float (a copy: for small tensors and tests).
+  RowMatrix<float> to_matrix() const {
+    RowMatrix<float> m(self().rows(), self().cols());
+    read_rows(0, m);
+    return m;
+  }
+
+ private:
+  const Derived& self() const { return static_cast<const Derived&>(*this); }
+};
+
 }  // namespace moet::detail

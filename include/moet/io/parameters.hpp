@@ -41,7 +41,7 @@ void save_parameters(Model& model, const std::filesystem::path& path, Dtype dtyp
     values = value.template cast<float>();
     writer.add(std::string(name), values, dtype);
   });
-  detail::notify_parameters_changed(model);  // nothing changed, but the visit marked it stale
+  notify_parameters_changed(model);  // nothing changed, but the visit marked it stale
   writer.write(path);
 }
 
@@ -68,7 +68,7 @@ void load_parameters(Model& model, const std::filesystem::path& path) {
                   unused.empty() ? std::string() : *unused.begin(),
                   "' is not a parameter of this model (", unused.size(),
                   " such tensors; was the file saved from another architecture?)");
-  detail::notify_parameters_changed(model);
+  notify_parameters_changed(model);
 }
 
 }  // namespace moet

@@ -363,8 +363,18 @@ void gate_cases() {
 
   using Any = moet::TopAnyGate<float>;
   for (const auto variant : {moet::TopAnyVariant::kDeepSpeed, moet::TopAnyVariant::kTutel}) {
-    Any gate(
-        {.model_dim = d, .num_experts = 5, .max_experts = e, .variant = variant, .init_seed = 8});
+    Any::Options options;  // 5 live experts of e slots, in either tree's spelling
+    options.model_dim = d;
+#if __has_include(<moet/gates/top_any_adaptive.hpp>)  // after the TopAnyGate split
+    options.num_experts = e;
+    options.initial_experts = 5;
+#else
+    options.num_experts = 5;
+    options.max_experts = e;
+#endif
+    options.variant = variant;
+    options.init_seed = 8;
+    Any gate(options);
     const std::string name =
         std::string("top_any ") + (variant == moet::TopAnyVariant::kTutel ? "tutel" : "deepspeed");
     plan_case(name + " eval", gate, x, eval);

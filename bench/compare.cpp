@@ -313,7 +313,12 @@ __attribute__((target("avx512f"))) float sum_avx512(const float* x, Index n) {
     for (int j = 0; j < 8; ++j) acc[j] = _mm512_add_ps(acc[j], _mm512_loadu_ps(x + i + 16 * j));
   }
   for (int j = 1; j < 8; ++j) acc[0] = _mm512_add_ps(acc[0], acc[j]);
-  return _mm512_reduce_add_ps(acc[0]) + sum_portable(x + i, n - i);
+  // Not _mm512_reduce_add_ps: GCC 12.2's warns "'__Y' is used uninitialized" inside it.
+  alignas(64) float out[16];
+  _mm512_store_ps(out, acc[0]);
+  float total = sum_portable(x + i, n - i);
+  for (const float v : out) total += v;
+  return total;
 }
 #endif
 /// Sum of `n` floats on the vectors of kernel level `isa`.

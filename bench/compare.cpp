@@ -146,7 +146,8 @@ Columns (one row per gate, one table per series and weight format):
   GFLOP/s         6 d_model d_ff FLOPs per routed assignment, over the median time
   vs_ceil         GFLOP/s over the ceiling's (no physical limit: moet's kernels may beat it)
   peak            GFLOP/s over the FMA peak; limit 1 (2 for bf16 weights on AVX512-BF16, whose
-                  dot products do two multiply-adds per lane)
+                  dot products do two multiply-adds per lane; 4 for q8_0/q4_0/q4_1 on the VNNI
+                  level, whose 8-bit dot products do four per 32-bit lane)
   roof            memory-roofline time (packed weight bytes of the experts the batch touches, over
                   the bandwidth) over the median time; limit 1
   router          the gate's routing time over the layer time; limit 100%
@@ -1008,16 +1009,19 @@ int main(int argc, char** argv) {
                                        : 0.0);
         if (banks.size() > 1) std::printf("weights %s\n", c.weights[w].c_str());
         const std::size_t series_begin = rows.size();
-        // bf16 dot products (vdpbf16ps) do two multiply-adds per lane: twice the FMA peak.
-        const bool bf16_dot =
-            c.weights[w] == "bf16" && moet::kernel_isa() == moet::KernelIsa::kAvx512Bf16;
+        // bf16 dot products (vdpbf16ps) do two multiply-adds per lane: twice the FMA peak;
+        // 8-bit ones (vpdpbusd, the block formats on the top level) four.
+        const bool top_level = moet::kernel_isa() == moet::KernelIsa::kAvx512Bf16;
+        const bool bf16_dot = c.weights[w] == "bf16" && top_level;
+        const bool int8_dot = top_level && (c.weights[w] == "q8_0" || c.weights[w] == "q4_0" ||
+                                            c.weights[w] == "q4_1");
         for (const auto& spec : c.gates) {
           Row row = run_gate(spec, c, bank, x, importance, memory);
           row.threads = used;
           row.weights = c.weights[w];
           row.ceiling_gflops = ceiling.gflops;
           row.peak_gflops = peak;
-          row.peak_limit = bf16_dot ? 2.0 : 1.0;
+          row.peak_limit = int8_dot ? 4.0 : bf16_dot ? 2.0 : 1.0;
           row.bandwidth_gbs = bandwidth;
           row.roofline_ms =
               static_cast<double>(row.live_experts) * expert_bytes / (bandwidth * 1e9) * 1e3;

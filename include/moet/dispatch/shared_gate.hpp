@@ -134,6 +134,26 @@ void add_gated_rows(const ConstRows<S>& sum, const ConstRows<S>& g, Rows<S> y) {
 
 }  // namespace detail
 
+namespace detail {
+
+/// The shared-expert step both forwards share: checks `x` against the gate, zeroes the
+/// workspace's sum `(num_tokens, model_dim)`, lets `run_experts(sum)` add the shared experts'
+/// outputs into it, computes the gate values and adds `g_t * sum_t` to `y`'s rows.
+template <class X, class S, class RunExperts>
+void gated_shared_sum(const SharedExpertGate<S>& gate, const ConstRows<S>& x, Rows<S> y,
+                      GatedSharedWorkspace<X>& ws, RunExperts&& run_experts) {
+  require(gate.model_dim() == x.cols(), "SharedExpertGate",
+          "x must have model_dim = ", gate.model_dim(), " columns, got ", x.cols());
+  auto sum = aligned_matrix(ws.sum, x.rows(), x.cols());  // (num_tokens, model_dim)
+  auto g = ws.gates.matrix(x.rows(), 1);                  // (num_tokens, 1)
+  sum.setZero();
+  run_experts(Rows<S>(sum));
+  gate.gates(x, g);
+  add_gated_rows<S>(sum, g, y);
+}
+
+}  // namespace detail
+
 /// Adds the gated shared experts to `y`: `y_t += g_t sum_s S_s(x_t)`, `g = gate.gates(x)`.
 /// Shapes: `x` and `y` `(num_tokens, model_dim)`. Bit-identical for any thread count. Throws
 /// `moet::Error` (like `add_dense_expert`) on mismatched shapes.
@@ -142,15 +162,10 @@ void add_gated_shared_experts(const X& shared, const SharedExpertGate<typename X
                               const ConstRows<typename X::Scalar>& x, Rows<typename X::Scalar> y,
                               GatedSharedWorkspace<X>& ws) {
   using S = typename X::Scalar;
-  detail::require(gate.model_dim() == x.cols(), "SharedExpertGate",
-                  "x must have model_dim = ", gate.model_dim(), " columns, got ", x.cols());
-  auto sum = detail::aligned_matrix(ws.sum, x.rows(), x.cols());  // (num_tokens, model_dim)
-  auto g = ws.gates.matrix(x.rows(), 1);                          // (num_tokens, 1)
-  sum.setZero();
-  for (Index s = 0; s < shared.num_experts(); ++s)
-    add_dense_expert(shared, s, S(1), x, sum, ws.dense);
-  gate.gates(x, g);
-  detail::add_gated_rows<S>(sum, g, y);
+  detail::gated_shared_sum(gate, x, y, ws, [&](Rows<S> sum) {
+    for (Index s = 0; s < shared.num_experts(); ++s)
+      add_dense_expert(shared, s, S(1), x, sum, ws.dense);
+  });
 }
 
 /// Training: `add_gated_shared_experts` through the experts' `forward_train`, keeping their
@@ -162,14 +177,8 @@ void add_gated_shared_experts_train(const X& shared,
                                     const ConstRows<typename X::Scalar>& x,
                                     Rows<typename X::Scalar> y, GatedSharedWorkspace<X>& ws) {
   using S = typename X::Scalar;
-  detail::require(gate.model_dim() == x.cols(), "SharedExpertGate",
-                  "x must have model_dim = ", gate.model_dim(), " columns, got ", x.cols());
-  auto sum = detail::aligned_matrix(ws.sum, x.rows(), x.cols());  // (num_tokens, model_dim)
-  auto g = ws.gates.matrix(x.rows(), 1);                          // (num_tokens, 1)
-  sum.setZero();
-  add_dense_experts_train(shared, x, sum, ws.dense);
-  gate.gates(x, g);
-  detail::add_gated_rows<S>(sum, g, y);
+  detail::gated_shared_sum(gate, x, y, ws,
+                           [&](Rows<S> sum) { add_dense_experts_train(shared, x, sum, ws.dense); });
 }
 
 /// Backward of `add_gated_shared_experts_train` (same `shared`, `gate`, `x` and `ws`): for

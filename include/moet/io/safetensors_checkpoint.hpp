@@ -38,7 +38,7 @@ namespace moet {
 /// shards in the index's directory). Shards are opened (mapped and checked) the first time a
 /// tensor in them is looked up, so reading one layer of a large checkpoint touches one shard;
 /// `open_all` opens and cross-checks them all. Lookups are safe from several threads.
-class SafetensorsCheckpoint {
+class SafetensorsCheckpoint : public detail::RequireTensor<SafetensorsCheckpoint> {
  public:
   /// Opens `path`: a directory (its `model.safetensors.index.json` if present, else its
   /// `model.safetensors`), an index file (a name ending in `.index.json`), or one safetensors
@@ -113,17 +113,8 @@ class SafetensorsCheckpoint {
     }
     return *std::move(view);
   }
-  /// The tensor `name`, checked to be F32, BF16 or F16 and of `shape` (errors name the file,
-  /// the tensor and both shapes).
-  TensorView require(std::string_view name, std::span<const Index> shape) const {
-    TensorView view = tensor(name);
-    view.require_float();
-    view.require_shape(shape);
-    return view;
-  }
-  TensorView require(std::string_view name, std::initializer_list<Index> shape) const {
-    return require(name, std::span<const Index>(shape.begin(), shape.size()));
-  }
+  /// `require(name, shape)`, the tensor checked to be F32, BF16 or F16 and of `shape`, comes
+  /// from `detail::RequireTensor`.
 
   /// Opens every shard and checks that each holds the tensors the index maps to it (throws
   /// `moet::Error` at the first problem, as `tensor` would).

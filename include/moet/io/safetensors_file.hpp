@@ -84,7 +84,7 @@ inline std::optional<std::uint64_t> json_uint(const nlohmann::json& v) {
 /// One safetensors file, memory-mapped (or a caller's buffer), its header parsed and checked.
 /// Lookups return `TensorView`s into the mapping. Movable; immutable once opened, so several
 /// threads may read it at once.
-class SafetensorsFile {
+class SafetensorsFile : public detail::RequireTensor<SafetensorsFile> {
  public:
   /// Maps and checks the file at `path`. Throws `moet::Error` (naming the file, and the tensor
   /// where one is at fault) for a missing or unreadable file and for every bad header: the
@@ -139,17 +139,8 @@ class SafetensorsFile {
     if (!view) detail::fail("SafetensorsFile", name_, ": no tensor '", name, "'");
     return *std::move(view);
   }
-  /// The tensor `name`, checked to be F32, BF16 or F16 and of `shape`; the errors name the
-  /// file, the tensor and both shapes.
-  TensorView require(std::string_view name, std::span<const Index> shape) const {
-    TensorView view = tensor(name);
-    view.require_float();
-    view.require_shape(shape);
-    return view;
-  }
-  TensorView require(std::string_view name, std::initializer_list<Index> shape) const {
-    return require(name, std::span<const Index>(shape.begin(), shape.size()));
-  }
+  /// `require(name, shape)`, the tensor checked to be F32, BF16 or F16 and of `shape`, comes
+  /// from `detail::RequireTensor`.
 
  private:
   SafetensorsFile(std::string name, std::span<const std::byte> bytes)

@@ -245,4 +245,25 @@ class TensorView : public detail::MatrixViewReads<TensorView> {
   Index numel_ = 0;
 };
 
+namespace detail {
+
+/// `require(name, shape)` for a source of tensors with `tensor(name)` (`SafetensorsFile`,
+/// `SafetensorsCheckpoint` derive from it): the tensor `name`, checked to be F32, BF16 or F16
+/// and of `shape`; the errors name the file, the tensor and both shapes.
+template <class Derived>
+class RequireTensor {
+ public:
+  TensorView require(std::string_view name, std::span<const Index> shape) const {
+    TensorView view = static_cast<const Derived&>(*this).tensor(name);
+    view.require_float();
+    view.require_shape(shape);
+    return view;
+  }
+  TensorView require(std::string_view name, std::initializer_list<Index> shape) const {
+    return require(name, std::span<const Index>(shape.begin(), shape.size()));
+  }
+};
+
+}  // namespace detail
+
 }  // namespace moet

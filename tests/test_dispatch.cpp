@@ -289,6 +289,120 @@ TEST_CASE("GroupedDispatch is bit-identical for 1, 2 and 3 threads",
   CHECK(bit_identical(dense[0], dense[2]));
 }
 
+namespace {
+
+// Runs `plan` through GroupedDispatch at 1, 2, 3 and 7 threads; checks every result against
+// thread 1's bits and the reference, and that more threads than tasks took the column-split
+// path (the only one that fills `ws.hidden`).
+template <class X>
+void check_column_split(const X& experts, const moet::RowMatrix<float>& x,
+                        const moet::Routing<float>& plan, Index num_tasks) {
+  ThreadGuard guard;
+  const auto want = run_dispatch(moet::ReferenceDispatch{}, experts, x, plan);
+  std::vector<moet::RowMatrix<float>> results;
+  for (const int threads : {1, 2, 3, 7}) {
+    moet::set_num_threads(threads);
+    moet::GroupedDispatch::Workspace<X> ws;
+    moet::RowMatrix<float> y =
+        moet::RowMatrix<float>::Constant(x.rows(), x.cols(), std::numeric_limits<float>::quiet_NaN());
+    moet::GroupedDispatch{}.run(experts, x, plan, y, ws);
+    INFO(threads << " threads, " << num_tasks << " tasks");
+    CHECK((ws.hidden.capacity() > 0) == (num_tasks > 0 && threads > num_tasks));
+    check_close(y, want, 1e-5);
+    results.push_back(y);
+  }
+  for (std::size_t i = 1; i < results.size(); ++i) {
+    INFO("result " << i);
+    CHECK(bit_identical(results[0], results[i]));
+  }
+}
+
+}  // namespace
+
+TEST_CASE("Fewer tasks than threads: experts' columns are split, bits unchanged",
+          "[dispatch][grouped][parallel][split]") {
+  const auto format = GENERATE(moet::WeightFormat::kF32, moet::WeightFormat::kBf16,
+                               moet::WeightFormat::kQ8_0, moet::WeightFormat::kQ4_0);
+  const auto num_tokens = GENERATE(Index{1}, Index{2}, Index{5});
+  CAPTURE(static_cast<int>(format), num_tokens);
+  // Top-1 on a few tokens: one task per distinct expert.
+  const auto lists = plan_lists(num_tokens, 8, 11, PlanKind::kOneExpert);
+  const auto plan = make_plan<float>(lists, 8);
+  const auto x = random_rows<float>(num_tokens, 96, 12u);
+  // Several panels in both stages at every level, a partial last one.
+  moet::SwiGluExperts<float> glu(
+      {.model_dim = 96, .hidden_dim = 200, .num_experts = 8, .init_seed = 13, .weight_format = format});
+  check_column_split(glu, x, plan, 1);
+  // Top-3 over distinct experts (k varies per token in the random plan: 0 to 3).
+  const auto random_plan = make_plan<float>(plan_lists(num_tokens, 8, 14, PlanKind::kRandom), 8);
+  moet::ExpertMajor view;
+  view.build(random_plan);
+  Index tasks = 0;
+  for (Index e = 0; e < 8; ++e) tasks += view.load(e) > 0 ? 1 : 0;
+  check_column_split(glu, x, random_plan, tasks);
+  // A shared (dense) expert on every token: one row block, split the same way.
+  {
+    ThreadGuard guard;
+    std::vector<moet::RowMatrix<float>> dense;
+    for (const int threads : {1, 2, 3}) {
+      moet::set_num_threads(threads);
+      moet::DenseWorkspace<moet::SwiGluExperts<float>> dws;
+      moet::RowMatrix<float> y = random_rows<float>(num_tokens, 96, 18u);
+      moet::add_dense_expert(glu, 5, 0.75f, x, y, dws);
+      INFO("dense, " << threads << " threads");
+      CHECK((dws.hidden.capacity() > 0) == (threads > 1));
+      dense.push_back(y);
+    }
+    // Against the expert run whole on each row.
+    moet::SwiGluExperts<float>::Scratch scratch;
+    moet::RowMatrix<float> want = random_rows<float>(num_tokens, 96, 18u);
+    moet::RowMatrix<float> out(num_tokens, 96);
+    glu.forward(5, x, out, scratch);
+    want += 0.75f * out;
+    CHECK(bit_identical(dense[0], want));
+    CHECK(bit_identical(dense[1], want));
+    CHECK(bit_identical(dense[2], want));
+  }
+  if (format == moet::WeightFormat::kF32) {
+    // FFN with biases: the bias and the activation on each piece's columns only.
+    moet::FfnExperts<float> ffn({.model_dim = 96, .hidden_dim = 200, .num_experts = 8,
+                                 .init_seed = 15});
+    ffn.edit().in_bias_stack() = random_rows<float>(8, 200, 16u);
+    ffn.edit().out_bias_stack() = random_rows<float>(8, 96, 17u);
+    check_column_split(ffn, x, plan, 1);
+  }
+}
+
+TEST_CASE("A bank's staged forward over any panel split equals its forward", "[experts][split]") {
+  const auto format = GENERATE(moet::WeightFormat::kF32, moet::WeightFormat::kBf16,
+                               moet::WeightFormat::kQ4_1);
+  moet::SwiGluExperts<float> bank(
+      {.model_dim = 70, .hidden_dim = 130, .num_experts = 2, .weight_format = format});
+  const auto x = random_rows<float>(3, 70, 20u);
+  moet::SwiGluExperts<float>::Scratch scratch;
+  moet::RowMatrix<float> want(3, 70);
+  bank.forward(1, x, want, scratch);
+  const Index hidden_panels = bank.stage_panels(0);
+  const Index out_panels = bank.stage_panels(1);
+  REQUIRE(hidden_panels >= 2);
+  REQUIRE(out_panels >= 2);
+  moet::RowMatrix<float> h(3, 130);
+  moet::RowMatrix<float> y(3, 70);
+  // Stage 0 in reverse order of three pieces, stage 1 one panel at a time.
+  for (Index piece = 2; piece >= 0; --piece) {
+    bank.forward_stage(0, 1, x, h, {piece * hidden_panels / 3, (piece + 1) * hidden_panels / 3},
+                       scratch);
+  }
+  for (Index p = 0; p < out_panels; ++p) bank.forward_stage(1, 1, h, y, {p, p + 1}, scratch);
+  CHECK(bit_identical(y, want));
+  // Banks without current packed weights have no stages: forward alone runs them.
+  moet::SwiGluExperts<float> eigen_bank(
+      {.model_dim = 70, .hidden_dim = 130, .num_experts = 2, .pack_weights = false});
+  CHECK(eigen_bank.stage_panels(0) == 0);
+  CHECK(moet::SwiGluExperts<double>({.model_dim = 4, .hidden_dim = 4, .num_experts = 1})
+            .stage_panels(1) == 0);
+}
+
 TEST_CASE("add_dense_expert adds weight * expert(x) to every token", "[dispatch][dense]") {
   const auto seed = GENERATE(1u, 2u);
   const auto num_tokens = GENERATE(Index{0}, Index{1}, Index{300});

@@ -4,11 +4,13 @@
 // kernel level against double products of the dequantised weights with the activations the
 // level multiplies (8-bit block-quantised on the integer-dot level, float elsewhere), over odd
 // depths, partial panels and 1-300 rows; rows bit-identical alone and inside a block.
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <random>
+#include <string_view>
 #include <vector>
 
 #include <catch2/catch.hpp>
@@ -270,6 +272,68 @@ TEMPLATE_TEST_CASE("Block-format rows are bit-identical alone and inside any blo
       REQUIRE(bit_identical(c, c_all.middleRows(first, n)));
       REQUIRE(bit_identical(h, h_all.middleRows(first, n)));
     }
+  }
+}
+
+TEMPLATE_TEST_CASE("A product over some column panels writes exactly those columns, bit for bit",
+                   "[gemm][quant][determinism][panels]", float, moet::detail::Bf16,
+                   moet::detail::Q8_0, moet::detail::Q4_0, moet::detail::Q4_1) {
+  using W = TestType;
+  const KernelIsa isa = GENERATE(from_range(supported_isas()));
+  const Index n = GENERATE(1, 3, 130);
+  INFO(kernel_isa_name(isa) << ", " << n << " rows");
+  const Index k = 600;
+  const Index cols = 100;  // a partial last panel at every level
+  const Matrix a = random_matrix(n, k, 7);
+  const moet::detail::PackedMatrix<W> packed(random_matrix(k, cols, 8), isa);
+  const moet::detail::PackedGluMatrix<W> glu(random_matrix(k, cols, 9), random_matrix(k, cols, 10),
+                                             isa);
+  moet::detail::Buffer<float> scratch;
+  Matrix c_all(n, cols);
+  Matrix h_all(n, cols);
+  moet::detail::gemm_packed(a, packed, c_all, false, scratch);
+  moet::detail::glu_packed(a, glu, h_all, scratch);
+  const Index sentinel_bits = 0x7fc01234;  // a NaN no kernel writes
+  const float sentinel = std::bit_cast<float>(static_cast<std::uint32_t>(sentinel_bits));
+  for (const auto* matrix : {"gemm", "glu"}) {
+    const bool is_glu = std::string_view(matrix) == "glu";
+    const Index panels = is_glu ? glu.num_panels() : packed.num_panels();
+    const Index width = is_glu ? glu.panel_width() / 2 : packed.panel_width();
+    // Every split into 1, 2, 3 and `panels` pieces, and an empty range.
+    for (const Index pieces : {Index{1}, Index{2}, Index{3}, panels, panels + 1}) {
+      Matrix out = Matrix::Constant(n, cols, sentinel);
+      for (Index piece = 0; piece < pieces; ++piece) {
+        const moet::PanelRange range{piece * panels / pieces, (piece + 1) * panels / pieces};
+        Matrix before = out;
+        if (is_glu) {
+          moet::detail::glu_packed(a, glu, out, scratch, range);
+        } else {
+          moet::detail::gemm_packed(a, packed, out, false, scratch, range);
+        }
+        // Columns outside the range are untouched.
+        const Index c0 = std::min(cols, range.begin * width);
+        const Index c1 = std::min(cols, range.end * width);
+        INFO(matrix << ": piece " << piece << " of " << pieces << ", columns [" << c0 << ", "
+                    << c1 << ")");
+        REQUIRE(bit_identical(out.leftCols(c0), before.leftCols(c0)));
+        REQUIRE(bit_identical(out.rightCols(cols - c1), before.rightCols(cols - c1)));
+      }
+      INFO(matrix << " in " << pieces << " pieces");
+      REQUIRE(bit_identical(out, is_glu ? h_all : c_all));
+    }
+    // A range outside the panels is an error naming the product.
+    Matrix out(n, cols);
+    const auto bad = [&](moet::PanelRange range) {
+      if (is_glu) {
+        moet::detail::glu_packed(a, glu, out, scratch, range);
+      } else {
+        moet::detail::gemm_packed(a, packed, out, false, scratch, range);
+      }
+    };
+    REQUIRE_THROWS_WITH(bad({0, panels + 1}), Catch::Contains(is_glu ? "glu_packed" : "gemm_packed") &&
+                                                  Catch::Contains("panel range"));
+    REQUIRE_THROWS_AS(bad({2, 1}), moet::Error);
+    REQUIRE_THROWS_AS(bad({-1, 1}), moet::Error);
   }
 }
 

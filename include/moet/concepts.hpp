@@ -9,7 +9,8 @@
 ///   gate's own), `TrainableExperts`, `TrainingDispatcher`, `ParameterModule` (what the
 ///   optimisers take).
 /// - Optional hooks (`Hooks`, `HookCheck`): `TrainingForwardHook`, `ParametersChangedHook`,
-///   `AdaptiveExpertsHook`, `ReadinessHook`, `ScratchReserveHook`, `LazyGradientHook`, and
+///   `AdaptiveExpertsHook`, `ReadinessHook`, `ScratchReserveHook`, `LazyGradientHook`,
+///   `ColumnSplitHook`, and
 ///   `ActivationValueAndDerivativeHook` for activation policies. A type
 ///   that declares `static constexpr moet::Hooks kHooks{...}` gets a compile error for a
 ///   declared hook it lacks (a misspelt name) and for a hook-named member it did not declare;
@@ -272,6 +273,23 @@ concept LazyGradientHook = requires(X& x) {
   x.ensure_grad();
 };
 
+/// Expert-bank hook: the packed forward in two stages over column panels, so that threads can
+/// share one expert when a call has fewer tasks than threads (decode with few experts).
+/// `stage_panels(stage)` gives the panels of stage 0 (the hidden activations) or 1 (the
+/// output), 0 when the staged forward is unavailable now; `forward_stage(stage, e, in, out,
+/// panels, scratch)` writes the columns of `panels` of that stage (stage 0: `in` `(n,
+/// model_dim)`, `out` `(n, hidden_dim)`; stage 1: `in` `(n, hidden_dim)`, `out` `(n,
+/// model_dim)`), and both stages over any split of their panels must give `forward`'s bits.
+template <class X>
+concept ColumnSplitHook = requires(const X& x, int stage, Index e,
+                                   const ConstRows<typename X::Scalar>& in,
+                                   Rows<typename X::Scalar> out, PanelRange panels,
+                                   typename X::Scratch& scratch) {
+  { x.stage_panels(stage) } -> std::convertible_to<Index>;
+  { x.hidden_dim() } -> std::convertible_to<Index>;
+  x.forward_stage(stage, e, in, out, panels, scratch);
+};
+
 /// Which optional hooks a type has, declared as `static constexpr moet::Hooks kHooks{...};`.
 /// Declaring is optional but recommended: a declared hook that the type does not satisfy
 /// (a misspelt name, a wrong signature) and a hook-named member left undeclared are compile
@@ -299,6 +317,8 @@ struct Hooks {
   bool reserve = false;
   /// `LazyGradientHook`: `ensure_grad()`.
   bool ensure_grad = false;
+  /// `ColumnSplitHook`: `stage_panels(stage)`, `forward_stage(stage, e, in, out, panels, scratch)`.
+  bool column_split = false;
 };
 
 namespace detail {
@@ -341,6 +361,11 @@ template <class T>
 concept NamesEnsureGrad = requires {
   &T::ensure_grad;
 };
+template <class T>
+concept NamesColumnSplit = requires {
+  &T::forward_stage;
+}
+|| requires { &T::stage_panels; };
 
 // Whether moet calls the hook: declared (kHooks), or, without kHooks, satisfied.
 constexpr bool uses_hook(bool declares, bool declared, bool satisfied) {
@@ -420,6 +445,18 @@ struct HookCheck {
                 "this type has ensure_grad but its kHooks does not declare it: add "
                 ".ensure_grad = true to kHooks");
 
+  static_assert(!kDeclares || !kDeclared.column_split || ColumnSplitHook<T>,
+                "this type declares kHooks.column_split, but lacks a const stage_panels(int), "
+                "hidden_dim() or forward_stage(stage, e, in, out, panels, scratch): is a name "
+                "misspelt or a signature wrong?");
+  static_assert(!detail::NamesColumnSplit<T> || ColumnSplitHook<T>,
+                "this type has forward_stage or stage_panels but not the whole column-split hook "
+                "(const stage_panels(int), hidden_dim(), forward_stage(stage, e, in, out, "
+                "panels, scratch)): complete or rename it");
+  static_assert(!kDeclares || kDeclared.column_split || !detail::NamesColumnSplit<T>,
+                "this type has forward_stage or stage_panels but its kHooks does not declare "
+                "them: add .column_split = true to kHooks");
+
   /// True once the checks above passed (naming it instantiates them).
   static constexpr bool kChecked = true;
   /// Whether moet calls each hook of `T` (declared in `kHooks`, or, without `kHooks`, present).
@@ -435,6 +472,8 @@ struct HookCheck {
       detail::uses_hook(kDeclares, kDeclared.reserve, ScratchReserveHook<T>);
   static constexpr bool kEnsureGrad =
       detail::uses_hook(kDeclares, kDeclared.ensure_grad, LazyGradientHook<T>);
+  static constexpr bool kColumnSplit =
+      detail::uses_hook(kDeclares, kDeclared.column_split, ColumnSplitHook<T>);
 };
 
 /// Calls `module.parameters_changed()` when `module` has that hook (see `HookCheck`): what the

@@ -35,6 +35,14 @@ using IdVector = Eigen::Matrix<std::int32_t, Eigen::Dynamic, 1>;
 /// Offsets into CSR arrays.
 using IndexVector = Eigen::Matrix<Index, Eigen::Dynamic, 1>;
 
+/// A range of column panels `[begin, end)` of packed weights (`end < 0`: to the last panel): the
+/// unit in which an expert bank's staged forward (`ColumnSplitHook` in concepts.hpp) splits one
+/// expert's output columns between threads.
+struct PanelRange {
+  Index begin = 0;
+  Index end = -1;
+};
+
 /// How a weight matrix handed to a setter (`set_gate_weights`, `set_router`, ...) is laid out.
 /// moet computes `y = x W` with `x` `(num_tokens, in)`, so it stores `W` as `(in, out)`;
 /// PyTorch's `nn.Linear` computes `y = x W^T` and stores `weight` as `[out, in]`. Setters take

@@ -159,6 +159,22 @@ bool views_overlap(const A& a, const B& b) {
   return before(a.data(), b_end) && before(b.data(), a_end);
 }
 
+/// A range of column panels `[begin, end)` of a packed matrix: a product restricted to it
+/// computes only the output columns of those panels (`[begin w, min(end w, cols))`, `w` the
+/// output columns per panel) and leaves the others untouched. `end < 0` means "to the last
+/// panel". Every output element is the same chain whichever range computes it, so splitting a
+/// product's panels between threads (few rows, decode) keeps the bits.
+using PanelRange = ::moet::PanelRange;  // tensor.hpp
+
+/// The panels of `range` within `[0, num_panels)`, as `(first, count)`; throws `moet::Error`
+/// naming `op` for a range outside it.
+inline std::pair<Index, Index> panel_span(const char* op, PanelRange range, Index num_panels) {
+  const Index end = range.end < 0 ? num_panels : range.end;
+  require(range.begin >= 0 && range.begin <= end && end <= num_panels, op, "panel range [",
+          range.begin, ", ", range.end, ") is outside [0, ", num_panels, ")");
+  return {range.begin, end - range.begin};
+}
+
 /// `C = A B` (or `C += A B` with `accumulate`) for a packed right-hand side, single-threaded
 /// (callers parallelise over independent tasks; no OpenMP inside), on the kernels of the level
 /// `b` was packed for.
@@ -169,8 +185,10 @@ bool views_overlap(const A& a, const B& b) {
 /// \param c `(n, N)` row-major view, must not overlap `a`.
 /// \param accumulate add to `c` instead of overwriting it.
 /// \param scratch grow-only workspace (`reserve_packed_scratch` pre-sizes it).
+/// \param panels the column panels of `b` to compute (default: all); see `PanelRange`.
 ///
-/// Throws `moet::Error` on mismatched shapes or overlapping `a` and `c`. Deterministic: see the
+/// Throws `moet::Error` on mismatched shapes, overlapping `a` and `c`, or a panel range outside
+/// `b`. Deterministic: see the
 /// file comment (a row's bits do not depend on the other rows of the call).
 ///
 /// ```cpp
@@ -178,23 +196,26 @@ bool views_overlap(const A& a, const B& b) {
 /// ```
 template <class W>
 void gemm_packed(const ConstRows<float>& a, const PackedMatrix<W>& b, Rows<float> c,
-                 bool accumulate, Buffer<float>& scratch) {
+                 bool accumulate, Buffer<float>& scratch, PanelRange panels = {}) {
   constexpr const char* kOp = "gemm_packed";
   require(a.cols() == b.rows(), kOp, "A has ", a.cols(), " columns but B has ", b.rows(), " rows");
   require(c.rows() == a.rows() && c.cols() == b.cols(), kOp, "C must be (", a.rows(), ", ",
           b.cols(), "), got (", c.rows(), ", ", c.cols(), ")");
   require(!views_overlap(a, c), kOp, "C must not overlap A");
-  const PackedProduct<W> product{.a = a.data(),
-                                 .lda = a.outerStride(),
-                                 .n = a.rows(),
-                                 .k = a.cols(),
-                                 .b = b.data(),
-                                 .b_stride = b.panel_stride(),
-                                 .num_panels = b.num_panels(),
-                                 .out = c.data(),
-                                 .ldo = c.outerStride(),
-                                 .out_cols = c.cols(),
-                                 .accumulate = accumulate};
+  const auto [first, count] = panel_span(kOp, panels, b.num_panels());
+  const Index width = b.panel_width();
+  const PackedProduct<W> product{
+      .a = a.data(),
+      .lda = a.outerStride(),
+      .n = a.rows(),
+      .k = a.cols(),
+      .b = b.data() + first * b.panel_stride(),
+      .b_stride = b.panel_stride(),
+      .num_panels = count,
+      .out = c.data() + first * width,
+      .ldo = c.outerStride(),
+      .out_cols = std::min(c.cols() - std::min(c.cols(), first * width), count * width),
+      .accumulate = accumulate};
   MOET_DISPATCH_ISA(b.isa(), gemm(product, scratch));
 }
 
@@ -241,30 +262,35 @@ void gemm_packed_at(const ConstRows<float>& a_t, const PackedMatrix<W>& b, Rows<
 /// \param w the packed gate and up weights, `(K, F)` each, float or bf16 (as in `gemm_packed`).
 /// \param h `(n, F)` output view, must not overlap `a`.
 /// \param scratch grow-only workspace (`reserve_packed_scratch` pre-sizes it).
+/// \param panels the column panels of `w` to compute (default: all; `w.panel_width() / 2`
+///   columns of `h` each); see `PanelRange`.
 ///
 /// ```cpp
 /// moet::detail::glu_packed<moet::Silu>(x_rows, packed_gate_up, h, scratch);
 /// ```
 template <class Act = Silu, class W = float>
 void glu_packed(const ConstRows<float>& a, const PackedGluMatrix<W>& w, Rows<float> h,
-                Buffer<float>& scratch) {
+                Buffer<float>& scratch, PanelRange panels = {}) {
   constexpr const char* kOp = "glu_packed";
   require(a.cols() == w.rows(), kOp, "A has ", a.cols(), " columns but the weights have ", w.rows(),
           " rows");
   require(h.rows() == a.rows() && h.cols() == w.cols(), kOp, "H must be (", a.rows(), ", ",
           w.cols(), "), got (", h.rows(), ", ", h.cols(), ")");
   require(!views_overlap(a, h), kOp, "H must not overlap A");
-  const PackedProduct<W> product{.a = a.data(),
-                                 .lda = a.outerStride(),
-                                 .n = a.rows(),
-                                 .k = a.cols(),
-                                 .b = w.data(),
-                                 .b_stride = w.panel_stride(),
-                                 .num_panels = w.num_panels(),
-                                 .out = h.data(),
-                                 .ldo = h.outerStride(),
-                                 .out_cols = h.cols(),
-                                 .accumulate = false};
+  const auto [first, count] = panel_span(kOp, panels, w.num_panels());
+  const Index width = w.panel_width() / 2;  // gate and up lanes interleaved: half are outputs
+  const PackedProduct<W> product{
+      .a = a.data(),
+      .lda = a.outerStride(),
+      .n = a.rows(),
+      .k = a.cols(),
+      .b = w.data() + first * w.panel_stride(),
+      .b_stride = w.panel_stride(),
+      .num_panels = count,
+      .out = h.data() + first * width,
+      .ldo = h.outerStride(),
+      .out_cols = std::min(h.cols() - std::min(h.cols(), first * width), count * width),
+      .accumulate = false};
   MOET_DISPATCH_ISA(w.isa(), template glu<Act>(product, scratch));
 }
 

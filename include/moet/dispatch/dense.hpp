@@ -11,6 +11,7 @@
 #include "moet/detail/buffer.hpp"
 #include "moet/detail/gather_scatter.hpp"
 #include "moet/detail/parallel.hpp"
+#include "moet/dispatch/column_split.hpp"
 #include "moet/errors.hpp"
 #include "moet/tensor.hpp"
 
@@ -21,6 +22,11 @@ namespace moet {
 template <class X>
 struct DenseWorkspace {
   std::vector<detail::ExpertThreadScratch<X>> threads;
+  /// Fewer row blocks than threads (decode): the hidden activations `(num_tokens, hidden_dim)`
+  /// and the expert's output `(num_tokens, model_dim)` of the column-split forward
+  /// (dispatch/column_split.hpp).
+  detail::Buffer<typename X::Scalar> hidden;
+  detail::Buffer<typename X::Scalar> out;
   /// Training only: every expert's cache on every token, `(num_experts * num_tokens,
   /// cache_width)` (expert `e`'s rows first at `e * num_tokens`).
   detail::Buffer<typename X::Scalar> cache;
@@ -36,7 +42,9 @@ inline constexpr Index kDenseRowBlock = 128;
 /// Runs expert `e` on every row of `x` and adds `weight * expert(x)` into `y`:
 /// `y[t] += weight * E_e(x[t])` for every token. This is how shared experts (DeepSeekMoE) run:
 /// every token passes through them with weight 1. Parallel over fixed row blocks of
-/// `kDenseRowBlock`, so the result is bit-identical for any thread count.
+/// `kDenseRowBlock`; with fewer blocks than threads (decode) the expert's columns are split
+/// between the threads instead (dispatch/column_split.hpp). Either way the result is
+/// bit-identical for any thread count.
 ///
 /// Shapes: `x` `(num_tokens, model_dim)`, `y` `(num_tokens, model_dim)`. Throws `moet::Error`
 /// naming `add_dense_expert` when the shapes disagree, `y` overlaps `x`, or `e` is out of range.
@@ -54,9 +62,32 @@ void add_dense_expert(const X& experts, Index e, typename X::Scalar weight,
   detail::prepare_thread_scratch(experts, ws.threads, std::min(kDenseRowBlock, x.rows()),
                                  /*gather=*/false, /*output=*/true);
   const Index model_dim = x.cols();
-  detail::parallel_blocks(x.rows(), kDenseRowBlock, [&](Index begin, Index end) {
-    auto& scratch = ws.threads[static_cast<std::size_t>(detail::thread_id())];
+  const Index num_tokens = x.rows();
+  // Fewer row blocks than threads: the expert's columns split between the threads.
+  const Index num_blocks = (num_tokens + kDenseRowBlock - 1) / kDenseRowBlock;
+  if (num_blocks < detail::max_threads()) {
+    auto out = detail::aligned_matrix(ws.out, num_tokens, model_dim);  // (num_tokens, d)
+    const bool split = detail::split_columns(
+        experts, num_blocks, num_tokens, ws.hidden, ws.threads,
+        [&](Index b) {
+          const Index begin = b * kDenseRowBlock;
+          return detail::SplitTask{e, begin, std::min(kDenseRowBlock, num_tokens - begin)};
+        },
+        [&](Index b, auto& /*scratch*/) {
+          const Index begin = b * kDenseRowBlock;
+          return x.middleRows(begin, std::min(kDenseRowBlock, num_tokens - begin));
+        },
+        out);
+    if (split) {
+      detail::parallel_blocks(num_tokens, kDenseRowBlock, [&](Index begin, Index end) {
+        y.middleRows(begin, end - begin) += weight * out.middleRows(begin, end - begin);
+      });
+      return;
+    }
+  }
+  detail::parallel_blocks(num_tokens, kDenseRowBlock, [&](Index begin, Index end) {
     const Index n = end - begin;
+    auto& scratch = ws.threads[static_cast<std::size_t>(detail::thread_id())];
     auto out = detail::aligned_matrix(scratch.rows_out, n, model_dim);  // (n, model_dim)
     experts.forward(e, x.middleRows(begin, n), out, scratch.expert);
     y.middleRows(begin, n) += weight * out;

@@ -13,6 +13,7 @@
 #include "moet/detail/buffer.hpp"
 #include "moet/detail/gather_scatter.hpp"
 #include "moet/detail/parallel.hpp"
+#include "moet/dispatch/column_split.hpp"
 #include "moet/errors.hpp"
 #include "moet/routing.hpp"
 #include "moet/tensor.hpp"
@@ -28,13 +29,19 @@ namespace moet {
 ///    `(n, model_dim)` buffer, run the expert on it (one product per weight matrix), and write
 ///    the results into rows of a per-assignment output buffer `(num_assignments, model_dim)`
 ///    in expert-major order. An expert with no tokens creates no task; a hot expert creates
-///    many, so a skewed load still keeps every thread busy;
+///    many, so a skewed load still keeps every thread busy. With fewer tasks than threads
+///    (decode: one token, k experts) and a bank with the staged forward (`ColumnSplitHook`),
+///    each task's columns are cut between the threads instead: all hidden-activation pieces,
+///    then all output pieces (dispatch/column_split.hpp), so top-1 decode streams its expert's weights on
+///    every core;
 /// 3. combines per token, in parallel over fixed token blocks:
 ///    `y_t = sum_j w_j * out[position(a_j)]` in slot order (the first slot assigns, later slots
 ///    add; `k = 0` gives `y_t = 0`).
 ///
-/// The task split depends only on the plan and `block_rows`, never on the thread count, and
-/// every per-thread buffer is aligned alike, so `y` is bit-identical for any number of threads.
+/// The row split depends only on the plan and `block_rows`, never on the thread count; the
+/// column split depends on the thread count but changes no element's bits (each is one chain
+/// over the whole depth in every piece); every per-thread buffer is aligned alike. So `y` is
+/// bit-identical for any number of threads.
 /// It matches `ReferenceDispatch` to rounding (a row's product may round differently inside a
 /// block than alone).
 ///
@@ -85,6 +92,10 @@ class GroupedDispatch {
     /// The (expert, block) tasks of the current call (the first `num_tasks` entries).
     std::vector<Task> tasks;
     Index num_tasks = 0;
+    /// The hidden activations of every assignment, expert-major `(num_assignments,
+    /// hidden_dim)`, when the experts' columns are split between threads (fewer tasks than
+    /// threads; see `run`).
+    detail::Buffer<typename X::Scalar> hidden;
     /// Per-thread expert scratch and gather buffers, indexed by `detail::thread_id()`.
     std::vector<detail::ExpertThreadScratch<X>> threads;
     /// Training only (`forward_train`): every assignment's expert cache, expert-major
@@ -133,9 +144,11 @@ class GroupedDispatch {
                                    /*output=*/false);
     auto out = detail::aligned_matrix(ws.expert_out, routing.num_assignments(),
                                       model_dim);  // (num_assignments, model_dim)
-    for_each_task(x, ws, [&](const Task& task, const auto& in, auto& scratch) {
-      experts.forward(task.expert, in, out.middleRows(task.begin, in.rows()), scratch);
-    });
+    if (!run_split(experts, x, out, ws)) {
+      for_each_task(x, ws, [&](const Task& task, const auto& in, auto& scratch) {
+        experts.forward(task.expert, in, out.middleRows(task.begin, in.rows()), scratch);
+      });
+    }
 
     // 3. Combine per token in slot order.
     combine(routing, ws.view, out, y);
@@ -272,6 +285,33 @@ class GroupedDispatch {
   }
 
  private:
+  // Step 2 of `run` when there are fewer tasks than threads (decode, or a few experts with few
+  // rows) and the bank has the staged forward: dispatch/column_split.hpp. Returns false, having
+  // done nothing, when it does not apply.
+  template <class X, class Out>
+  static bool run_split(const X& experts, const ConstRows<typename X::Scalar>& x, Out& out,
+                        Workspace<X>& ws) {
+    const auto tokens = ws.view.tokens();
+    const Index model_dim = x.cols();
+    return detail::split_columns(
+        experts, ws.num_tasks, static_cast<Index>(tokens.size()), ws.hidden, ws.threads,
+        [&](Index i) {
+          const Task& task = ws.tasks[static_cast<std::size_t>(i)];
+          return detail::SplitTask{task.expert, task.begin, task.end - task.begin};
+        },
+        [&](Index i, auto& scratch) {
+          const Task& task = ws.tasks[static_cast<std::size_t>(i)];
+          const Index n = task.end - task.begin;
+          auto in = detail::aligned_matrix(scratch.rows_in, n, model_dim);  // (n, model_dim)
+          detail::gather_rows(x,
+                              tokens.subspan(static_cast<std::size_t>(task.begin),
+                                             static_cast<std::size_t>(n)),
+                              in);
+          return in;
+        },
+        out);
+  }
+
   // Step 1 of `run`: fills ws.view and ws.tasks (one per (expert, block); idle experts add
   // none) for `routing`; returns the largest task's rows.
   template <class X>

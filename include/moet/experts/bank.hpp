@@ -105,9 +105,13 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
   /// Tensors per expert (biases included, present or not).
   static constexpr std::size_t kNumTensors = Body::kTensors.size();
   /// The optional hooks the bank has (concepts.hpp): the dispatchers call `check_ready`,
-  /// `reserve` and `ensure_grad`, the optimisers `parameters_changed`.
-  static constexpr Hooks kHooks{
-      .parameters_changed = true, .check_ready = true, .reserve = true, .ensure_grad = true};
+  /// `reserve`, `ensure_grad` and the staged forward (`column_split`), the optimisers
+  /// `parameters_changed`.
+  static constexpr Hooks kHooks{.parameters_changed = true,
+                                .check_ready = true,
+                                .reserve = true,
+                                .ensure_grad = true,
+                                .column_split = true};
 
   /// Construction options. Designated initialisers must keep this order.
   struct Options {
@@ -322,6 +326,41 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
       return;
     }
     Body::forward(x, in, out, scratch);
+  }
+
+  /// The column panels of stage `stage` (0: the hidden activations, `hidden_dim()` columns; 1:
+  /// the output, `model_dim()` columns) of the packed forward, the units `forward_stage`
+  /// splits; 0 when `forward` would not run the packed kernels now (double banks,
+  /// `pack_weights = false`, a stale or unset bank: then `forward` alone runs or throws).
+  Index stage_panels(int stage) const {
+    Index panels = 0;
+    if (num_experts() > 0 && store_.ready(false)) {
+      store_.packed.run(0, [&](const auto& p) { panels = Body::stage_panels(p, stage); });
+    }
+    return panels;
+  }
+
+  /// One stage of `forward` on some column panels, so that threads can share one expert's
+  /// columns when a call has fewer (expert, row block) tasks than threads (decode): stage 0
+  /// writes the columns of panels `panels` of the hidden activations `out` `(n, hidden_dim())`
+  /// from `in` `(n, model_dim())`; stage 1 writes those of the output `out` `(n, model_dim())`
+  /// from the hidden activations `in`. Running stage 0 over all panels, then stage 1 over all
+  /// panels, gives `forward`'s bits exactly, however the panels are split. Preconditions:
+  /// `stage_panels(stage) > 0`, the shapes above, `panels` within `[0, stage_panels(stage))`,
+  /// `out` does not overlap `in`; the scratch's `reserve` holds for `n` rows.
+  void forward_stage(int stage, Index e, const ConstRows<S>& in, Rows<S> out,
+                     PanelRange panels, Scratch& scratch) const {
+    MOET_ASSERT(e >= 0 && e < num_experts(), "expert id out of range");
+    MOET_ASSERT(in.rows() == out.rows() &&
+                    in.cols() == (stage == 0 ? model_dim() : hidden_dim()) &&
+                    out.cols() == (stage == 0 ? hidden_dim() : model_dim()),
+                "ExpertBank::forward_stage shape mismatch");
+    if (in.rows() == 0) return;
+    const ExpertRef x{store_, e};
+    const bool packed = store_.packed.run(e, [&](const auto& p) {
+      Body::forward_stage_packed(x, p, stage, in, out, panels, scratch);
+    });
+    detail::require(packed, "ExpertBank::forward_stage", "the bank has no current packed weights");
   }
 
   // --- training (concepts.hpp's `TrainableExperts`) -----------------------------------------

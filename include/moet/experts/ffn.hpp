@@ -208,11 +208,37 @@ struct FfnBody {
   static void forward_packed(const X& x, const Packed<W>& p, const ConstRows<float>& in,
                              Rows<float> out, Scratch<float>& scratch) {
     auto h = detail::aligned_matrix(scratch.hidden, in.rows(), x.hidden_dim());  // (n, f)
-    detail::gemm_packed(in, p.w1, h, /*accumulate=*/false, scratch.kernel);
-    if (x.bias()) h.rowwise() += detail::row_vector(x(FfnTensor::kInBias));
-    apply_activation<Act>(h);
-    detail::gemm_packed(h, p.w2, out, /*accumulate=*/false, scratch.kernel);
-    if (x.bias()) out.rowwise() += detail::row_vector(x(FfnTensor::kOutBias));
+    forward_stage_packed(x, p, 0, in, h, {}, scratch);
+    forward_stage_packed(x, p, 1, h, out, {}, scratch);
+  }
+
+  /// Column panels of the two stages of the packed forward (`stage` 0: the hidden activations,
+  /// `hidden_dim` columns; 1: the output, `model_dim` columns), for splitting one expert's
+  /// columns between threads (`ExpertBank::forward_stage`).
+  template <class W>
+  static Index stage_panels(const Packed<W>& p, int stage) {
+    return stage == 0 ? p.w1.num_panels() : p.w2.num_panels();
+  }
+
+  /// Stage `stage` of the packed forward on the column panels `panels`: stage 0 writes those
+  /// columns of `h = Act(in W1 + b1)` `(n, hidden_dim)` from `in` `(n, model_dim)`; stage 1
+  /// writes those columns of `out = h W2 + b2` `(n, model_dim)` from `h`. The bias and the
+  /// activation are elementwise, so every element has the same bits whatever the panels.
+  template <class X, class W>
+  static void forward_stage_packed(const X& x, const Packed<W>& p, int stage,
+                                   const ConstRows<float>& in, Rows<float> out,
+                                   detail::PanelRange panels, Scratch<float>& scratch) {
+    const auto& w = stage == 0 ? p.w1 : p.w2;
+    detail::gemm_packed(in, w, out, /*accumulate=*/false, scratch.kernel, panels);
+    const auto [first, count] = detail::panel_span("FfnExperts", panels, w.num_panels());
+    const Index c0 = std::min(out.cols(), first * w.panel_width());
+    const Index c1 = std::min(out.cols(), (first + count) * w.panel_width());
+    auto cols = out.middleCols(c0, c1 - c0);
+    if (x.bias()) {
+      const auto bias = detail::row_vector(x(stage == 0 ? FfnTensor::kInBias : FfnTensor::kOutBias));
+      cols.rowwise() += bias.segment(c0, c1 - c0);
+    }
+    if (stage == 0) apply_activation<Act>(cols);
   }
 
   /// Eigen forward of expert `x` (double banks, `pack_weights = false`).

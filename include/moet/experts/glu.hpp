@@ -207,6 +207,29 @@ struct GluBody {
     detail::gemm_packed(h, p.down, out, /*accumulate=*/false, scratch.kernel);
   }
 
+  /// Column panels of the two stages of the packed forward (`stage` 0: the hidden activations,
+  /// `hidden_dim` columns; 1: the output, `model_dim` columns), for splitting one expert's
+  /// columns between threads (`ExpertBank::forward_stage`).
+  template <class W>
+  static Index stage_panels(const Packed<W>& p, int stage) {
+    return stage == 0 ? p.gate_up.num_panels() : p.down.num_panels();
+  }
+
+  /// Stage `stage` of the packed forward on the column panels `panels`: stage 0 writes those
+  /// columns of `h = Act(in Wg) ⊙ (in Wu)` `(n, hidden_dim)` from `in` `(n, model_dim)`; stage
+  /// 1 writes those columns of `out = h Wd` `(n, model_dim)` from `h`. Every element has the
+  /// bits of `forward_packed`'s.
+  template <class X, class W>
+  static void forward_stage_packed(const X& /*x*/, const Packed<W>& p, int stage,
+                                   const ConstRows<float>& in, Rows<float> out,
+                                   detail::PanelRange panels, Scratch<float>& scratch) {
+    if (stage == 0) {
+      detail::glu_packed<Act>(in, p.gate_up, out, scratch.kernel, panels);
+    } else {
+      detail::gemm_packed(in, p.down, out, /*accumulate=*/false, scratch.kernel, panels);
+    }
+  }
+
   /// Eigen forward of expert `x` (double banks, `pack_weights = false`).
   template <class X, class S>
   static void forward(const X& x, const ConstRows<S>& in, Rows<S> out, Scratch<S>& scratch) {

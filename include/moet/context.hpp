@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <span>
 
+#include "moet/errors.hpp"
 #include "moet/tensor.hpp"
 
 namespace moet {
@@ -23,6 +24,57 @@ struct AttentionView {
   bool empty() const { return data == nullptr; }
   Index num_tokens() const { return batch * seq_len; }
 };
+
+/// Per-call replacements for a gate's selection options: route one call as a gate built with
+/// these values would, without rebuilding it (fewer or more experts for the same trained
+/// model). A field left at 0 keeps the gate's own option; every set field must be one the gate
+/// has and is validated like its constructor validates it (a `moet::Error` naming the gate,
+/// the field and the value otherwise). Also settable per layer (`MoELayer::set_overrides`).
+///
+/// ```cpp
+/// moet::RouteContext ctx;
+/// ctx.overrides.k = 1;  // a top-2 TopKGate routes this call as top-1
+/// ```
+struct RoutingOverrides {
+  /// Experts per token: `TopKGate::Options::k`, `GroupedTopKGate::Options::k`.
+  Index k = 0;
+  /// Cumulative-probability threshold: `TopPGate::Options::p`.
+  double p = 0.0;
+  /// Most experts per token: `ImportanceGate::Options::k_max`.
+  Index k_max = 0;
+  /// Target mean experts per token of the budget mapping: `ImportanceGate::Options::k_avg`.
+  double k_avg = 0.0;
+
+  /// True when no field is set.
+  bool empty() const { return k == 0 && p == 0.0 && k_max == 0 && k_avg == 0.0; }
+};
+
+namespace detail {
+
+/// Which `RoutingOverrides` fields a gate takes.
+struct OverrideFields {
+  bool k = false;
+  bool p = false;
+  bool k_max = false;
+  bool k_avg = false;
+};
+
+/// Throws `moet::Error` naming `op` for a field of `o` set that the gate does not take (a gate
+/// never ignores an override silently).
+inline void check_override_fields(const char* op, const RoutingOverrides& o, OverrideFields takes) {
+  const auto check = [&](bool set, bool taken, const char* name, auto value) {
+    require(!set || taken, op, "has no option for ctx.overrides.", name, " (got ", value,
+            "); this gate takes ", takes.k ? "k " : "", takes.p ? "p " : "",
+            takes.k_max ? "k_max " : "", takes.k_avg ? "k_avg " : "",
+            !takes.k && !takes.p && !takes.k_max && !takes.k_avg ? "no overrides" : "");
+  };
+  check(o.k != 0, takes.k, "k", o.k);
+  check(o.p != 0.0, takes.p, "p", o.p);
+  check(o.k_max != 0, takes.k_max, "k_max", o.k_max);
+  check(o.k_avg != 0.0, takes.k_avg, "k_avg", o.k_avg);
+}
+
+}  // namespace detail
 
 /// Per-call routing context. Default-constructed means: inference, seed 0, step 0, one
 /// sequence, no importance information.
@@ -44,6 +96,8 @@ struct RouteContext {
   /// Optional validity mask `(num_tokens)`, 0 marks a pad token. `ImportanceGate` gives pads
   /// no expert; other gates ignore it.
   std::span<const std::uint8_t> valid{};
+  /// Selection options for this call only (`RoutingOverrides`); empty by default.
+  RoutingOverrides overrides{};
 };
 
 }  // namespace moet

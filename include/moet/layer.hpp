@@ -158,7 +158,7 @@ class MoELayer {
                               Workspace& ws) const {
     check_forward(x, y);
     ws.train_tokens = -1;  // the training state of this workspace is overwritten
-    gate_.route(x, ctx, ws.routing);
+    gate_.route(x, call_context(ctx), ws.routing);
     dispatch_.run(experts_, x, ws.routing, y, ws.dispatch);
     if (shared_gate_) {
       add_gated_shared_experts(*shared_, *shared_gate_, x, y, ws.gated_shared);
@@ -196,7 +196,7 @@ class MoELayer {
                   "(GroupedDispatch)");
     check_forward(x, y);
     ws.train_tokens = -1;
-    gate_.route(x, ctx, ws.routing);
+    gate_.route(x, call_context(ctx), ws.routing);
     if constexpr (HookCheck<G>::kTrainingForward) gate_.on_training_forward(x, ws.routing);
     dispatch_.forward_train(experts_, x, ws.routing, y, ws.dispatch);
     if (shared_gate_) {
@@ -246,7 +246,8 @@ class MoELayer {
     std::span<Scalar> d_weights(ws.d_weights.data(static_cast<Index>(num_assignments)),
                                 num_assignments);
     dispatch_.backward(experts_, x, ws.routing, dy, ws.dispatch, d_weights, dx);
-    gate_.backward(x, ctx, ws.routing, std::span<const Scalar>(d_weights), loss_grad, dx);
+    gate_.backward(x, call_context(ctx), ws.routing, std::span<const Scalar>(d_weights), loss_grad,
+                   dx);
     if (shared_gate_) {
       backward_gated_shared_experts(*shared_, *shared_gate_, x, dy, dx, ws.gated_shared);
     } else if (shared_) {
@@ -357,8 +358,32 @@ class MoELayer {
     return stats.mean_k * experts_.flops_per_token() + shared;
   }
 
+  /// Selection options for every call of this layer (`RoutingOverrides`: k, p, ...), as if the
+  /// gate had been built with them; a field a call's `ctx.overrides` sets wins over the
+  /// layer's. The gate validates them on each call (a `moet::Error` naming the gate for a
+  /// field it does not take or a value its constructor would reject). Clear with `{}`.
+  ///
+  /// ```cpp
+  /// layer.set_overrides({.k = 1});  // a top-2 model decodes with one expert per token
+  /// ```
+  void set_overrides(const RoutingOverrides& overrides) { overrides_ = overrides; }
+  /// The layer's overrides (empty by default).
+  const RoutingOverrides& overrides() const { return overrides_; }
+
  private:
   static constexpr const char* kOp = "MoELayer";
+
+  // `ctx` with the layer's overrides in the fields ctx leaves unset.
+  RouteContext call_context(const RouteContext& ctx) const {
+    RouteContext c = ctx;
+    if (overrides_.empty()) return c;
+    auto& o = c.overrides;
+    if (o.k == 0) o.k = overrides_.k;
+    if (o.p == 0.0) o.p = overrides_.p;
+    if (o.k_max == 0) o.k_max = overrides_.k_max;
+    if (o.k_avg == 0.0) o.k_avg = overrides_.k_avg;
+    return c;
+  }
 
   // The input checks of forward and forward_train.
   void check_forward(const ConstRows<Scalar>& x, const Rows<Scalar>& y) const {
@@ -391,6 +416,7 @@ class MoELayer {
   std::optional<X> shared_;
   std::optional<SharedExpertGate<Scalar>> shared_gate_;
   D dispatch_;
+  RoutingOverrides overrides_{};
   Workspace workspace_;
 };
 

@@ -203,13 +203,15 @@ class GroupedTopKGate : public SoftmaxGateBase<S> {
 
   /// Routes the rows of `x` `(num_tokens, model_dim)` into `out`. Throws `Error` when `x` has
   /// the wrong width or a NaN/Inf, or when a router logit is not finite.
+  ///
+  /// `ctx.overrides.k` (when set) routes this call as a gate built with that `k` would
+  /// (validated alike); other override fields are errors. Pass the same `ctx` to `backward`.
   void route(const ConstRows<S>& x, const RouteContext& ctx, Routing<S>& out) const {
-    static_cast<void>(ctx);  // deterministic: no context
     detail::check_gate_input(kOp, x, options_.model_dim);
+    const Index k = call_k(ctx);
     const Index num_tokens = x.rows();
     const Index num_experts = options_.num_experts;
     const Index num_groups = options_.num_groups;
-    const Index k = options_.k;
     // Scratch, sized before the parallel regions: per token the selection scores and the group
     // scores (num_experts + num_groups values), the expert order and the group order.
     const Index width = num_experts + num_groups;
@@ -221,7 +223,7 @@ class GroupedTopKGate : public SoftmaxGateBase<S> {
     const auto counts = out.counts();
     detail::parallel_blocks(num_tokens, detail::kGateTokenBlock, [&](Index begin, Index end) {
       for (Index t = begin; t < end; ++t) {
-        select(probs.data() + t * num_experts, choice + t * width, order + t * width);
+        select(probs.data() + t * num_experts, choice + t * width, order + t * width, k);
         counts[static_cast<std::size_t>(t)] = k;
       }
     });
@@ -241,8 +243,8 @@ class GroupedTopKGate : public SoftmaxGateBase<S> {
         }
         const S denominator = sum + kNormEpsilon;
         for (auto& w : weights) {
-          if (normalizes()) w /= denominator;
-          w *= scale();
+          if (normalizes(k)) w /= denominator;
+          w *= scale(k);
         }
       }
     });
@@ -257,7 +259,7 @@ class GroupedTopKGate : public SoftmaxGateBase<S> {
   /// this gate and this `x`.
   void backward(const ConstRows<S>& x, const RouteContext& ctx, const Routing<S>& routing,
                 std::span<const S> d_weights, const LossGrad& loss_grad, Rows<S> dx) {
-    static_cast<void>(ctx);
+    const Index k = call_k(ctx);
     this->router_.check_backward(x, routing, d_weights, loss_grad, dx);
     this->router_.allocate_grad();  // even for an empty batch
     const Index num_tokens = x.rows();
@@ -270,9 +272,9 @@ class GroupedTopKGate : public SoftmaxGateBase<S> {
         S* g = dz.data() + t * num_experts;  // dL/ds first, then dL/dz in place
         const S* s = probs.data() + t * num_experts;
         std::fill(g, g + num_experts, S(0));
-        weights_backward_row(routing, t, s, d_weights, g);
+        weights_backward_row(routing, t, s, d_weights, k, g);
         if (!loss_grad.d_weights.empty()) {
-          weights_backward_row(routing, t, s, loss_grad.d_weights, g);
+          weights_backward_row(routing, t, s, loss_grad.d_weights, k, g);
         }
         if (!loss_grad.d_probs.empty()) {
           const S* dp = loss_grad.d_probs.data() + t * num_experts;
@@ -293,12 +295,24 @@ class GroupedTopKGate : public SoftmaxGateBase<S> {
   /// DeepSeek's `topk_weight.sum() + 1e-20` denominator.
   static constexpr S kNormEpsilon = static_cast<S>(1e-20);
 
-  bool normalizes() const {
-    return options_.renormalize &&
-           (options_.scaling == WeightScaling::kAfterNormalization || options_.k > 1);
+  /// The `k` of this call: `ctx.overrides.k` when set (checked as the constructor checks `k`).
+  Index call_k(const RouteContext& ctx) const {
+    if (ctx.overrides.empty()) [[likely]] {
+      return options_.k;
+    }
+    detail::check_override_fields(kOp, ctx.overrides, {.k = true});
+    if (ctx.overrides.k == 0) return options_.k;
+    Options o = options_;
+    o.k = ctx.overrides.k;
+    return validated(o).k;
   }
-  S scale() const {
-    const bool scales = options_.scaling == WeightScaling::kAfterNormalization || !normalizes();
+
+  bool normalizes(Index k) const {
+    return options_.renormalize &&
+           (options_.scaling == WeightScaling::kAfterNormalization || k > 1);
+  }
+  S scale(Index k) const {
+    const bool scales = options_.scaling == WeightScaling::kAfterNormalization || !normalizes(k);
     return scales ? static_cast<S>(options_.scaling_factor) : S(1);
   }
 
@@ -340,7 +354,7 @@ class GroupedTopKGate : public SoftmaxGateBase<S> {
   // One token's selection: `choice` (num_experts + num_groups) receives c = s + b (masked
   // experts -inf) and the group scores, `order` (num_experts + num_groups) the top-k experts
   // first, then the group order.
-  void select(const S* s, S* choice, std::int32_t* order) const {
+  void select(const S* s, S* choice, std::int32_t* order, Index k) const {
     const Index num_experts = options_.num_experts;
     const Index num_groups = options_.num_groups;
     const Index size = group_size();
@@ -357,7 +371,7 @@ class GroupedTopKGate : public SoftmaxGateBase<S> {
         std::fill(members, members + size, -std::numeric_limits<S>::infinity());
       }
     }
-    detail::top_k_descending(static_cast<const S*>(choice), num_experts, options_.k, order);
+    detail::top_k_descending(static_cast<const S*>(choice), num_experts, k, order);
   }
 
   S group_score(const S* c, Index size) const {
@@ -377,13 +391,13 @@ class GroupedTopKGate : public SoftmaxGateBase<S> {
 
   // Adds dL/ds of token t's combine weights into g (num_experts), from dw (one per assignment).
   void weights_backward_row(const Routing<S>& routing, Index t, const S* s,
-                            std::span<const S> dw_all, S* g) const {
+                            std::span<const S> dw_all, Index k, S* g) const {
     const auto experts = routing.experts(t);
     if (experts.empty()) return;
     const auto a0 = static_cast<std::size_t>(routing.offsets()[static_cast<std::size_t>(t)]);
     const auto dw = dw_all.subspan(a0, experts.size());
-    const S a = scale();
-    if (!normalizes()) {
+    const S a = scale(k);
+    if (!normalizes(k)) {
       for (std::size_t j = 0; j < experts.size(); ++j) g[experts[j]] += a * dw[j];
       return;
     }

@@ -161,8 +161,12 @@ class ImportanceGate : public SoftmaxGateBase<S> {
   /// Routes the rows of `x` `(num_tokens, model_dim)` into `out` using `ctx.importance` or
   /// `ctx.attention` (and `ctx.valid`). Throws `Error` on a bad `x`, a non-finite logit, missing
   /// or malformed importance/attention, or a `ctx.valid` of the wrong size.
+  ///
+  /// `ctx.overrides.k_max` and `ctx.overrides.k_avg` (when set) route this call as a gate built
+  /// with those values would (validated alike); other override fields are errors.
   void route(const ConstRows<S>& x, const RouteContext& ctx, Routing<S>& out) const {
     this->router_.check_input(x);
+    const Options o = call_options(ctx);
     const Index num_tokens = x.rows();
     if (num_tokens == 0) {
       this->router_.probabilities(input_checked, x, out);
@@ -179,8 +183,8 @@ class ImportanceGate : public SoftmaxGateBase<S> {
     const auto k_of = out.counts();  // K per token, then the counts of the plan
     detail::parallel_for(num_tokens / group, [&](Index g) {
       detail::experts_from_importance(
-          imp + g * group, valid == nullptr ? nullptr : valid + g * group, group, options_.norm,
-          options_.k_min, options_.k_max, options_.k_avg, k_of.data() + g * group);
+          imp + g * group, valid == nullptr ? nullptr : valid + g * group, group, o.norm, o.k_min,
+          o.k_max, o.k_avg, k_of.data() + g * group);
     });
     RankedSelection<S> select(out);
     const auto k = [&](Index t, auto&&...) { return k_of[static_cast<std::size_t>(t)]; };
@@ -294,6 +298,24 @@ class ImportanceGate : public SoftmaxGateBase<S> {
       }
     }
     return len;
+  }
+
+  /// The options of this call: `k_max` and `k_avg` from `ctx.overrides` when set, checked as
+  /// the constructor checks them.
+  Options call_options(const RouteContext& ctx) const {
+    if (ctx.overrides.empty()) [[likely]] {
+      return options_;
+    }
+    detail::check_override_fields(kOp, ctx.overrides, {.k_max = true, .k_avg = true});
+    Options o = options_;
+    if (ctx.overrides.k_max != 0) o.k_max = ctx.overrides.k_max;
+    if (ctx.overrides.k_avg != 0.0) {
+      detail::require(o.norm == ImportanceNorm::kBudget, kOp,
+                      "ctx.overrides.k_avg applies to norm kBudget only, this gate's norm is ",
+                      o.norm == ImportanceNorm::kMax ? "kMax" : "kMinMax");
+      o.k_avg = ctx.overrides.k_avg;
+    }
+    return validated(o);
   }
 
   static Options validated(const Options& o) {

@@ -105,6 +105,7 @@ class StochasticGate {
   /// `ctx.sequence_length < 0`, or when `ctx.sequence_length > 0` does not divide the number of
   /// tokens (checked in every mode).
   void route(const ConstRows<S>& x, const RouteContext& ctx, Routing<S>& out) const {
+    if (!ctx.overrides.empty()) detail::check_override_fields(kOp, ctx.overrides, {});
     const Index num_experts = options_.num_experts;
     detail::require(x.cols() == model_dim(), kOp, "x must have model_dim = ", model_dim(),
                     " columns, got ", x.cols());

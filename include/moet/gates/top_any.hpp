@@ -218,6 +218,7 @@ class TopAnyGate {
   /// left a non-finite embedding, threshold or temperature, or when a score is not finite (an
   /// overflowing token norm); `out` is then unspecified.
   void route(const ConstRows<S>& x, const RouteContext& ctx, Routing<S>& out) const {
+    if (!ctx.overrides.empty()) detail::check_override_fields(kOp, ctx.overrides, {});
     router_.check_inputs(x);
     const Index emax = num_experts();
     const Index num_tokens = x.rows();

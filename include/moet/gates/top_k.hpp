@@ -289,19 +289,18 @@ class TopKGate : public SoftmaxGateBase<S> {
 
   /// The expert capacity for a batch of `num_tokens` tokens; `num_tokens` (no limit: an expert
   /// gets each token at most once) when dropless.
-  Index capacity(Index num_tokens) const {
-    if (options_.capacity_factor == 0.0) return num_tokens;
-    return detail::expert_capacity(num_tokens, options_.num_experts, options_.capacity_factor,
-                                   options_.k, options_.min_capacity);
-  }
+  Index capacity(Index num_tokens) const { return capacity(num_tokens, options_.k); }
 
   /// Routes the rows of `x` `(num_tokens, model_dim)` into `out`. Throws `Error` when `x` has
   /// the wrong width or a NaN/Inf, or when a router logit is not finite.
+  ///
+  /// `ctx.overrides.k` (when set) routes this call as a gate built with that `k` would
+  /// (validated alike: in `[1, num_experts]`); other override fields are errors.
   void route(const ConstRows<S>& x, const RouteContext& ctx, Routing<S>& out) const {
     this->router_.check_input(x);
     const Index num_tokens = x.rows();
     const Index num_experts = options_.num_experts;
-    const Index k = options_.k;
+    const Index k = call_k(ctx);
     const bool noisy = options_.noisy && ctx.training;
     // Noisy scores H, then softmax(H) (num_tokens, num_experts), sized before the parallel
     // regions; H = z + eps * softplus(x W_noise) is written over the noise logits before z is
@@ -335,7 +334,7 @@ class TopKGate : public SoftmaxGateBase<S> {
       });
     }
     // Capacity: slot-major priority, serial by construction (earlier tokens win).
-    const Index cap = capacity(num_tokens);
+    const Index cap = capacity(num_tokens, k);
     if (options_.capacity_factor > 0.0 && cap < num_tokens) {
       std::int32_t* load = select.extra_ids();  // (num_experts)
       std::fill(load, load + num_experts, 0);
@@ -365,6 +364,24 @@ class TopKGate : public SoftmaxGateBase<S> {
   static S noise_eps(const RouteContext& ctx, Index t, Index e) {
     return static_cast<S>(detail::normal(detail::hash_key(
         ctx.seed, ctx.step, static_cast<std::uint64_t>(t), static_cast<std::uint64_t>(e))));
+  }
+
+  Index capacity(Index num_tokens, Index k) const {
+    if (options_.capacity_factor == 0.0) return num_tokens;
+    return detail::expert_capacity(num_tokens, options_.num_experts, options_.capacity_factor, k,
+                                   options_.min_capacity);
+  }
+
+  /// The `k` of this call: `ctx.overrides.k` when set (checked as the constructor checks `k`).
+  Index call_k(const RouteContext& ctx) const {
+    if (ctx.overrides.empty()) [[likely]] {
+      return options_.k;
+    }
+    detail::check_override_fields(kOp, ctx.overrides, {.k = true});
+    if (ctx.overrides.k == 0) return options_.k;
+    Options o = options_;
+    o.k = ctx.overrides.k;
+    return validated(o).k;
   }
 
   static Options validated(const Options& o) {

@@ -103,10 +103,13 @@ class TopPGate : public SoftmaxGateBase<S> {
 
   /// Routes the rows of `x` `(num_tokens, model_dim)` into `out`. Throws `Error` when `x` has
   /// the wrong width or a NaN/Inf, or when a router logit is not finite.
-  void route(const ConstRows<S>& x, const RouteContext& /*ctx*/, Routing<S>& out) const {
+  ///
+  /// `ctx.overrides.p` (when set) routes this call as a gate built with that `p` would
+  /// (validated alike: in `(0, 1]`); other override fields are errors.
+  void route(const ConstRows<S>& x, const RouteContext& ctx, Routing<S>& out) const {
+    const auto p = static_cast<S>(call_p(ctx));
     const auto probs = this->router_.probabilities(x, out);  // (num_tokens, num_experts)
     const Index num_experts = options_.num_experts;
-    const auto p = static_cast<S>(options_.p);
     const Index max_k = options_.max_k == 0 ? num_experts : options_.max_k;
     RankedSelection<S> select(out);
     select.rank(probs, num_experts, [&](Index t, std::span<const std::int32_t> ranked) {
@@ -131,6 +134,18 @@ class TopPGate : public SoftmaxGateBase<S> {
 
  private:
   static constexpr const char* kOp = "TopPGate";
+
+  /// The `p` of this call: `ctx.overrides.p` when set (checked as the constructor checks `p`).
+  double call_p(const RouteContext& ctx) const {
+    if (ctx.overrides.empty()) [[likely]] {
+      return options_.p;
+    }
+    detail::check_override_fields(kOp, ctx.overrides, {.p = true});
+    if (ctx.overrides.p == 0.0) return options_.p;
+    Options o = options_;
+    o.p = ctx.overrides.p;
+    return validated(o).p;
+  }
 
   static Options validated(const Options& o) {
     detail::require(o.p > 0.0 && o.p <= 1.0, kOp, "p must be in (0, 1], got ", o.p);

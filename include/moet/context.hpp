@@ -74,6 +74,21 @@ inline void check_override_fields(const char* op, const RoutingOverrides& o, Ove
   check(o.k_avg != 0.0, takes.k_avg, "k_avg", o.k_avg);
 }
 
+/// The options of one call of a gate whose options are `own`: `own` itself when `o` is empty;
+/// else checks that the gate takes every set field (`takes`), lets `apply(options, o)` write
+/// the set fields into a copy and returns `validate(copy)` (the constructor's checks).
+template <class Options, class Apply, class Validate>
+Options call_options(const char* op, const RoutingOverrides& o, OverrideFields takes,
+                     const Options& own, Apply&& apply, Validate&& validate) {
+  if (o.empty()) [[likely]] {
+    return own;
+  }
+  check_override_fields(op, o, takes);
+  Options copy = own;
+  apply(copy, o);
+  return validate(copy);
+}
+
 }  // namespace detail
 
 /// Per-call routing context. Default-constructed means: inference, seed 0, step 0, one

@@ -321,17 +321,12 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
     store_.require_ready("forward", false);
     if (in.rows() == 0) return;
     const ExpertRef x{store_, e};
-    if (store_.packed.run(e,
-                          [&](const auto& p) { Body::forward_packed(x, p, in, out, scratch); })) {
-      return;
-    }
-    Body::forward(x, in, out, scratch);
+    const auto packed = [&](const auto& p) { Body::forward_packed(x, p, in, out, scratch); };
+    if (!store_.packed.run(e, packed)) Body::forward(x, in, out, scratch);
   }
 
-  /// The column panels of stage `stage` (0: the hidden activations, `hidden_dim()` columns; 1:
-  /// the output, `model_dim()` columns) of the packed forward, the units `forward_stage`
-  /// splits; 0 when `forward` would not run the packed kernels now (double banks,
-  /// `pack_weights = false`, a stale or unset bank: then `forward` alone runs or throws).
+  /// Column panels of stage `stage` (0: hidden activations, 1: output) of the packed forward;
+  /// 0 when `forward` would not run the packed kernels now (then it runs alone or throws).
   Index stage_panels(int stage) const {
     Index panels = 0;
     if (num_experts() > 0 && store_.ready(false)) {

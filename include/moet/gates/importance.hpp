@@ -303,19 +303,17 @@ class ImportanceGate : public SoftmaxGateBase<S> {
   /// The options of this call: `k_max` and `k_avg` from `ctx.overrides` when set, checked as
   /// the constructor checks them.
   Options call_options(const RouteContext& ctx) const {
-    if (ctx.overrides.empty()) [[likely]] {
-      return options_;
-    }
-    detail::check_override_fields(kOp, ctx.overrides, {.k_max = true, .k_avg = true});
-    Options o = options_;
-    if (ctx.overrides.k_max != 0) o.k_max = ctx.overrides.k_max;
-    if (ctx.overrides.k_avg != 0.0) {
-      detail::require(o.norm == ImportanceNorm::kBudget, kOp,
-                      "ctx.overrides.k_avg applies to norm kBudget only, this gate's norm is ",
-                      o.norm == ImportanceNorm::kMax ? "kMax" : "kMinMax");
-      o.k_avg = ctx.overrides.k_avg;
-    }
-    return validated(o);
+    const auto apply = [](Options& o, const RoutingOverrides& v) {
+      if (v.k_max != 0) o.k_max = v.k_max;
+      if (v.k_avg != 0.0) {
+        detail::require(o.norm == ImportanceNorm::kBudget, kOp,
+                        "ctx.overrides.k_avg applies to norm kBudget only, this gate's norm is ",
+                        o.norm == ImportanceNorm::kMax ? "kMax" : "kMinMax");
+        o.k_avg = v.k_avg;
+      }
+    };
+    return detail::call_options(kOp, ctx.overrides, {.k_max = true, .k_avg = true}, options_,
+                                apply, validated);
   }
 
   static Options validated(const Options& o) {

@@ -215,8 +215,8 @@ class TopAnyGate {
   /// Fills `out.probs_mut()` with the masked sigmoid scores `s` `(num_tokens, num_experts)`
   /// (not a distribution) and sets `out.live_experts = num_active()`. Throws `moet::Error`
   /// when `x` has the wrong width or a non-finite entry, when training (`visit_parameters`)
-  /// left a non-finite embedding, threshold or temperature, or when a score is not finite (an
-  /// overflowing token norm); `out` is then unspecified.
+  /// left a non-finite embedding, threshold or temperature, a score is not finite (an
+  /// overflowing token norm) or `ctx.overrides` is set (no overrides); `out` is unspecified.
   void route(const ConstRows<S>& x, const RouteContext& ctx, Routing<S>& out) const {
     if (!ctx.overrides.empty()) detail::check_override_fields(kOp, ctx.overrides, {});
     router_.check_inputs(x);
@@ -480,8 +480,7 @@ class TopAnyGate {
                     " tokens but x has ", x.rows(), " rows");
     detail::require(routing.num_experts() == emax, op, "the plan must be over num_experts = ", emax,
                     " experts, got ", routing.num_experts());
-    // route leaves the scores (0, 0) for an empty batch.
-    const bool scores_ok =
+    const bool scores_ok =  // route leaves the scores (0, 0) for an empty batch
         x.rows() == 0 || (routing.probs().rows() == x.rows() && routing.probs().cols() == emax);
     detail::require(scores_ok, op, "the plan's scores must be (", x.rows(), ", ", emax,
                     ") as route writes them, got (", routing.probs().rows(), ", ",

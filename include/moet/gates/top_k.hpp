@@ -374,14 +374,8 @@ class TopKGate : public SoftmaxGateBase<S> {
 
   /// The `k` of this call: `ctx.overrides.k` when set (checked as the constructor checks `k`).
   Index call_k(const RouteContext& ctx) const {
-    if (ctx.overrides.empty()) [[likely]] {
-      return options_.k;
-    }
-    detail::check_override_fields(kOp, ctx.overrides, {.k = true});
-    if (ctx.overrides.k == 0) return options_.k;
-    Options o = options_;
-    o.k = ctx.overrides.k;
-    return validated(o).k;
+    const auto apply = [](Options& o, const RoutingOverrides& v) { o.k = v.k != 0 ? v.k : o.k; };
+    return detail::call_options(kOp, ctx.overrides, {.k = true}, options_, apply, validated).k;
   }
 
   static Options validated(const Options& o) {

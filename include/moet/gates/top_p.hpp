@@ -137,14 +137,8 @@ class TopPGate : public SoftmaxGateBase<S> {
 
   /// The `p` of this call: `ctx.overrides.p` when set (checked as the constructor checks `p`).
   double call_p(const RouteContext& ctx) const {
-    if (ctx.overrides.empty()) [[likely]] {
-      return options_.p;
-    }
-    detail::check_override_fields(kOp, ctx.overrides, {.p = true});
-    if (ctx.overrides.p == 0.0) return options_.p;
-    Options o = options_;
-    o.p = ctx.overrides.p;
-    return validated(o).p;
+    const auto apply = [](Options& o, const RoutingOverrides& v) { o.p = v.p != 0.0 ? v.p : o.p; };
+    return detail::call_options(kOp, ctx.overrides, {.p = true}, options_, apply, validated).p;
   }
 
   static Options validated(const Options& o) {

@@ -303,8 +303,8 @@ void check_column_split(const X& experts, const moet::RowMatrix<float>& x,
   for (const int threads : {1, 2, 3, 7}) {
     moet::set_num_threads(threads);
     moet::GroupedDispatch::Workspace<X> ws;
-    moet::RowMatrix<float> y =
-        moet::RowMatrix<float>::Constant(x.rows(), x.cols(), std::numeric_limits<float>::quiet_NaN());
+    moet::RowMatrix<float> y = moet::RowMatrix<float>::Constant(
+        x.rows(), x.cols(), std::numeric_limits<float>::quiet_NaN());
     moet::GroupedDispatch{}.run(experts, x, plan, y, ws);
     INFO(threads << " threads, " << num_tasks << " tasks");
     CHECK((ws.hidden.capacity() > 0) == (num_tasks > 0 && threads > num_tasks));
@@ -330,8 +330,11 @@ TEST_CASE("Fewer tasks than threads: experts' columns are split, bits unchanged"
   const auto plan = make_plan<float>(lists, 8);
   const auto x = random_rows<float>(num_tokens, 96, 12u);
   // Several panels in both stages at every level, a partial last one.
-  moet::SwiGluExperts<float> glu(
-      {.model_dim = 96, .hidden_dim = 200, .num_experts = 8, .init_seed = 13, .weight_format = format});
+  moet::SwiGluExperts<float> glu({.model_dim = 96,
+                                  .hidden_dim = 200,
+                                  .num_experts = 8,
+                                  .init_seed = 13,
+                                  .weight_format = format});
   check_column_split(glu, x, plan, 1);
   // Top-3 over distinct experts (k varies per token in the random plan: 0 to 3).
   const auto random_plan = make_plan<float>(plan_lists(num_tokens, 8, 14, PlanKind::kRandom), 8);
@@ -365,8 +368,8 @@ TEST_CASE("Fewer tasks than threads: experts' columns are split, bits unchanged"
   }
   if (format == moet::WeightFormat::kF32) {
     // FFN with biases: the bias and the activation on each piece's columns only.
-    moet::FfnExperts<float> ffn({.model_dim = 96, .hidden_dim = 200, .num_experts = 8,
-                                 .init_seed = 15});
+    moet::FfnExperts<float> ffn(
+        {.model_dim = 96, .hidden_dim = 200, .num_experts = 8, .init_seed = 15});
     ffn.edit().in_bias_stack() = random_rows<float>(8, 200, 16u);
     ffn.edit().out_bias_stack() = random_rows<float>(8, 96, 17u);
     check_column_split(ffn, x, plan, 1);
@@ -374,8 +377,8 @@ TEST_CASE("Fewer tasks than threads: experts' columns are split, bits unchanged"
 }
 
 TEST_CASE("A bank's staged forward over any panel split equals its forward", "[experts][split]") {
-  const auto format = GENERATE(moet::WeightFormat::kF32, moet::WeightFormat::kBf16,
-                               moet::WeightFormat::kQ4_1);
+  const auto format =
+      GENERATE(moet::WeightFormat::kF32, moet::WeightFormat::kBf16, moet::WeightFormat::kQ4_1);
   moet::SwiGluExperts<float> bank(
       {.model_dim = 70, .hidden_dim = 130, .num_experts = 2, .weight_format = format});
   const auto x = random_rows<float>(3, 70, 20u);

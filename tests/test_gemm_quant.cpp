@@ -313,8 +313,8 @@ TEMPLATE_TEST_CASE("A product over some column panels writes exactly those colum
         // Columns outside the range are untouched.
         const Index c0 = std::min(cols, range.begin * width);
         const Index c1 = std::min(cols, range.end * width);
-        INFO(matrix << ": piece " << piece << " of " << pieces << ", columns [" << c0 << ", "
-                    << c1 << ")");
+        INFO(matrix << ": piece " << piece << " of " << pieces << ", columns [" << c0 << ", " << c1
+                    << ")");
         REQUIRE(bit_identical(out.leftCols(c0), before.leftCols(c0)));
         REQUIRE(bit_identical(out.rightCols(cols - c1), before.rightCols(cols - c1)));
       }
@@ -330,8 +330,9 @@ TEMPLATE_TEST_CASE("A product over some column panels writes exactly those colum
         moet::detail::gemm_packed(a, packed, out, false, scratch, range);
       }
     };
-    REQUIRE_THROWS_WITH(bad({0, panels + 1}), Catch::Contains(is_glu ? "glu_packed" : "gemm_packed") &&
-                                                  Catch::Contains("panel range"));
+    REQUIRE_THROWS_WITH(
+        bad({0, panels + 1}),
+        Catch::Contains(is_glu ? "glu_packed" : "gemm_packed") && Catch::Contains("panel range"));
     REQUIRE_THROWS_AS(bad({2, 1}), moet::Error);
     REQUIRE_THROWS_AS(bad({-1, 1}), moet::Error);
   }

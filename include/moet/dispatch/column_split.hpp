@@ -47,7 +47,7 @@ bool split_columns(const X& experts, Index num_tasks, Index num_rows,
     if (num_tasks == 0 || num_tasks >= num_threads) return false;
     const Index stage_panels[2] = {experts.stage_panels(0), experts.stage_panels(1)};
     if (stage_panels[0] < 2 || stage_panels[1] < 2) return false;
-    const Index pieces = (num_threads + num_tasks - 1) / num_tasks;  // per task
+    const Index pieces = (num_threads + num_tasks - 1) / num_tasks;   // per task
     auto h = aligned_matrix(hidden, num_rows, experts.hidden_dim());  // (num_rows, hidden_dim)
     for (int stage = 0; stage < 2; ++stage) {
       parallel_for(num_tasks * pieces, [&](Index i) {

@@ -32,8 +32,8 @@ namespace moet {
 ///    many, so a skewed load still keeps every thread busy. With fewer tasks than threads
 ///    (decode: one token, k experts) and a bank with the staged forward (`ColumnSplitHook`),
 ///    each task's columns are cut between the threads instead: all hidden-activation pieces,
-///    then all output pieces (dispatch/column_split.hpp), so top-1 decode streams its expert's weights on
-///    every core;
+///    then all output pieces (dispatch/column_split.hpp), so top-1 decode streams its expert's
+///    weights on every core;
 /// 3. combines per token, in parallel over fixed token blocks:
 ///    `y_t = sum_j w_j * out[position(a_j)]` in slot order (the first slot assigns, later slots
 ///    add; `k = 0` gives `y_t = 0`).
@@ -303,10 +303,9 @@ class GroupedDispatch {
           const Task& task = ws.tasks[static_cast<std::size_t>(i)];
           const Index n = task.end - task.begin;
           auto in = detail::aligned_matrix(scratch.rows_in, n, model_dim);  // (n, model_dim)
-          detail::gather_rows(x,
-                              tokens.subspan(static_cast<std::size_t>(task.begin),
-                                             static_cast<std::size_t>(n)),
-                              in);
+          detail::gather_rows(
+              x, tokens.subspan(static_cast<std::size_t>(task.begin), static_cast<std::size_t>(n)),
+              in);
           return in;
         },
         out);

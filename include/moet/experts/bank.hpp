@@ -343,11 +343,10 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
   /// panels, gives `forward`'s bits exactly, however the panels are split. Preconditions:
   /// `stage_panels(stage) > 0`, the shapes above, `panels` within `[0, stage_panels(stage))`,
   /// `out` does not overlap `in`; the scratch's `reserve` holds for `n` rows.
-  void forward_stage(int stage, Index e, const ConstRows<S>& in, Rows<S> out,
-                     PanelRange panels, Scratch& scratch) const {
+  void forward_stage(int stage, Index e, const ConstRows<S>& in, Rows<S> out, PanelRange panels,
+                     Scratch& scratch) const {
     MOET_ASSERT(e >= 0 && e < num_experts(), "expert id out of range");
-    MOET_ASSERT(in.rows() == out.rows() &&
-                    in.cols() == (stage == 0 ? model_dim() : hidden_dim()) &&
+    MOET_ASSERT(in.rows() == out.rows() && in.cols() == (stage == 0 ? model_dim() : hidden_dim()) &&
                     out.cols() == (stage == 0 ? hidden_dim() : model_dim()),
                 "ExpertBank::forward_stage shape mismatch");
     if (in.rows() == 0) return;

@@ -235,7 +235,8 @@ struct FfnBody {
     const Index c1 = std::min(out.cols(), (first + count) * w.panel_width());
     auto cols = out.middleCols(c0, c1 - c0);
     if (x.bias()) {
-      const auto bias = detail::row_vector(x(stage == 0 ? FfnTensor::kInBias : FfnTensor::kOutBias));
+      const auto bias =
+          detail::row_vector(x(stage == 0 ? FfnTensor::kInBias : FfnTensor::kOutBias));
       cols.rowwise() += bias.segment(c0, c1 - c0);
     }
     if (stage == 0) apply_activation<Act>(cols);

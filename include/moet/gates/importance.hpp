@@ -182,9 +182,9 @@ class ImportanceGate : public SoftmaxGateBase<S> {
     const auto probs = this->router_.probabilities(input_checked, x, out);  // (num_tokens, E)
     const auto k_of = out.counts();  // K per token, then the counts of the plan
     detail::parallel_for(num_tokens / group, [&](Index g) {
-      detail::experts_from_importance(
-          imp + g * group, valid == nullptr ? nullptr : valid + g * group, group, o.norm, o.k_min,
-          o.k_max, o.k_avg, k_of.data() + g * group);
+      detail::experts_from_importance(imp + g * group,
+                                      valid == nullptr ? nullptr : valid + g * group, group, o.norm,
+                                      o.k_min, o.k_max, o.k_avg, k_of.data() + g * group);
     });
     RankedSelection<S> select(out);
     const auto k = [&](Index t, auto&&...) { return k_of[static_cast<std::size_t>(t)]; };
@@ -312,8 +312,8 @@ class ImportanceGate : public SoftmaxGateBase<S> {
         o.k_avg = v.k_avg;
       }
     };
-    return detail::call_options(kOp, ctx.overrides, {.k_max = true, .k_avg = true}, options_,
-                                apply, validated);
+    return detail::call_options(kOp, ctx.overrides, {.k_max = true, .k_avg = true}, options_, apply,
+                                validated);
   }
 
   static Options validated(const Options& o) {

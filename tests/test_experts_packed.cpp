@@ -229,6 +229,88 @@ TEST_CASE("edit() repacks when it ends; visit_parameters stops forward until par
   check_close(run_expert(ffn, 0, x), ffn_reference(ffn, 0, x), 2e-5);
 }
 
+// forward_train on the packed kernels (float and bf16 copies): its output has forward's bits,
+// its cache holds the pre-activations (against double products of the float weights; bf16
+// rounds the operands, hence its bound), and a stale copy falls back to the float weights.
+template <class Bank, class Pre>
+void check_forward_train(const Bank& bank, Index e, const Matrix& x, double rel, Pre pre) {
+  typename Bank::Scratch scratch;
+  Matrix y(x.rows(), bank.model_dim());
+  Matrix cache(x.rows(), bank.cache_width());
+  y.setConstant(std::numeric_limits<float>::quiet_NaN());
+  cache.setConstant(std::numeric_limits<float>::quiet_NaN());
+  bank.forward_train(e, x, y, cache, scratch);
+  CHECK(bit_identical(y, run_expert(bank, e, x)));
+  check_close(cache, pre(bank, e, x), rel);
+}
+
+// [x Wg | x Wu] in double.
+template <class Bank>
+MatrixD glu_pre(const Bank& bank, Index e, const Matrix& x) {
+  const MatrixD xd = x.cast<double>();
+  MatrixD c(x.rows(), 2 * bank.hidden_dim());
+  c << naive(xd, bank.gate_weights(e).template cast<double>()),
+      naive(xd, bank.up_weights(e).template cast<double>());
+  return c;
+}
+
+// x W1 + b1 in double.
+MatrixD ffn_pre(const moet::FfnExperts<float>& bank, Index e, const Matrix& x) {
+  MatrixD h = naive(x.cast<double>(), bank.in_weights(e).cast<double>());
+  for (Index i = 0; i < h.rows(); ++i) h.row(i) += bank.in_bias(e).cast<double>();
+  return h;
+}
+
+TEST_CASE("forward_train runs the packed kernels: forward's output bits, the pre-activations",
+          "[experts][packed][train]") {
+  const moet::WeightFormat format = GENERATE(moet::WeightFormat::kF32, moet::WeightFormat::kBf16);
+  const double rel = format == moet::WeightFormat::kF32 ? 2e-5 : 3e-2;
+  INFO("weights " << moet::weight_format_name(format) << " kernels "
+                  << moet::kernel_isa_name(moet::kernel_isa()));
+  for (const Shape s : kShapes) {
+    const moet::SwiGluExperts<float> swiglu({.model_dim = s.d,
+                                             .hidden_dim = s.f,
+                                             .num_experts = 3,
+                                             .init_seed = 5,
+                                             .weight_format = format});
+    const moet::GeGluExperts<float> geglu({.model_dim = s.d,
+                                           .hidden_dim = s.f,
+                                           .num_experts = 2,
+                                           .init_seed = 6,
+                                           .weight_format = format});
+    moet::FfnExperts<float> ffn({.model_dim = s.d,
+                                 .hidden_dim = s.f,
+                                 .num_experts = 2,
+                                 .init_seed = 7,
+                                 .weight_format = format});
+    ffn.edit().in_bias_stack() = random_rows(2, s.f, 11u);
+    ffn.edit().out_bias_stack() = random_rows(2, s.d, 12u);
+    for (const Index n : kRows) {
+      INFO("d " << s.d << " f " << s.f << " n " << n);
+      const Matrix x = random_rows(n, s.d, static_cast<std::uint32_t>(n + 2 * s.f));
+      check_forward_train(swiglu, 2, x, rel, glu_pre<moet::SwiGluExperts<float>>);
+      check_forward_train(geglu, 1, x, rel, glu_pre<moet::GeGluExperts<float>>);
+      check_forward_train(ffn, 1, x, rel, ffn_pre);
+    }
+  }
+
+  // A stale copy: the Eigen products on the float weights, which already hold the change.
+  moet::SwiGluExperts<float> bank(
+      {.model_dim = 13, .hidden_dim = 37, .num_experts = 2, .weight_format = format});
+  bank.visit_parameters(
+      [](std::string_view name, moet::ParamMap<float> value, moet::ParamMap<float>) {
+        if (name == "gate") value(0, 0) = 2.0f;
+      });
+  REQUIRE_FALSE(bank.uses_packed_kernels());
+  const Matrix x = random_rows(5, 13, 23u);
+  moet::SwiGluExperts<float>::Scratch scratch;
+  Matrix y(5, 13);
+  Matrix cache(5, 74);
+  bank.forward_train(0, x, y, cache, scratch);
+  check_close(cache, glu_pre(bank, 0, x), 2e-5);
+  check_close(y, glu_reference(bank, 0, x, silu_ref), 2e-5);
+}
+
 TEST_CASE("pack_weights = false and double banks use the Eigen products",
           "[experts][packed][stale]") {
   moet::SwiGluExperts<float> plain(

@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <random>
 #include <string>
+#include <string_view>
+#include <utility>
 #include <vector>
 
 #include <catch2/catch.hpp>
@@ -14,6 +16,7 @@
 #include "moet/experts/ffn.hpp"
 #include "moet/experts/glu.hpp"
 #include "moet/tensor.hpp"
+#include "moet/weight_format.hpp"
 
 #include "fd_util.hpp"
 
@@ -150,6 +153,108 @@ TEST_CASE("FFN expert gradients equal finite differences", "[experts][grad][ffn]
                                                        .bias = false,
                                                        .init_seed = 8}),
                          "ffn-gelu-no-bias");
+}
+
+namespace {
+
+// ||got - want|| <= rel ||want||, for a float result against the double one.
+void check_near(const RowMatrix<float>& got, const RowMatrix<double>& want, double rel,
+                const std::string& what) {
+  INFO(what << ": relative error " << (got.cast<double>() - want).norm() / want.norm());
+  REQUIRE(got.rows() == want.rows());
+  REQUIRE(got.cols() == want.cols());
+  CHECK((got.cast<double>() - want).norm() <= rel * want.norm());
+}
+
+// The float bank's backward (the packed kernels when `packed`, else Eigen's products on its
+// float weights) against a double bank's (Eigen, checked against finite differences above)
+// holding the same weights: every gradient and din, for blocks of 1 to 40 rows.
+template <class FBank, class DBank>
+void check_against_double(FBank& fb, DBank& db, bool packed, double rel, const std::string& kind) {
+  INFO(kind << (packed ? " packed" : " Eigen"));
+  CHECK(fb.uses_packed_kernels() == packed);
+  {
+    auto edit = db.edit();
+    for (std::size_t t = 0; t < FBank::kNumTensors; ++t) {
+      const auto id = static_cast<typename FBank::Tensor>(t);
+      if (fb.stack(id).size() > 0) edit.stack(id) = fb.stack(id).template cast<double>();
+    }
+  }
+  const Index d = fb.model_dim();
+  for (const Index n : {Index{1}, Index{5}, Index{17}, Index{40}}) {
+    INFO("rows " << n);
+    const RowMatrix<float> in = random_rows(n, d, static_cast<std::uint32_t>(40 + n)).cast<float>();
+    const RowMatrix<float> dout =
+        random_rows(n, d, static_cast<std::uint32_t>(80 + n)).cast<float>();
+    typename FBank::Scratch fs;
+    typename DBank::Scratch ds;
+    RowMatrix<float> fout(n, d), fcache(n, fb.cache_width()), fdin(n, d);
+    RowMatrix<double> dout_d(n, d), dcache(n, db.cache_width()), ddin(n, d);
+    fb.zero_grad();
+    db.zero_grad();
+    fb.forward_train(1, in, fout, fcache, fs);
+    db.forward_train(1, in.cast<double>(), dout_d, dcache, ds);
+    fb.backward(1, in, fcache, dout, fdin, fs);
+    db.backward(1, in.cast<double>(), dcache, dout.cast<double>(), ddin, ds);
+    check_near(fdin, ddin, rel, "din");
+    for (std::size_t t = 0; t < FBank::kNumTensors; ++t) {
+      const auto id = static_cast<typename FBank::Tensor>(t);
+      if (db.grad(id).size() == 0) continue;
+      // Other experts' blocks are zero in both.
+      check_near(fb.grad(id), db.grad(id), rel, "gradient " + std::to_string(t));
+    }
+  }
+}
+
+// Packed backward, then a stale copy (visit_parameters changed a weight: Eigen on the float
+// weights, not the old transposed packs), then parameters_changed (packed on the new weights).
+template <class FBank, class DBank>
+void check_packed_backward(FBank fb, DBank db, double rel, const std::string& kind) {
+  check_against_double(fb, db, true, rel, kind);
+  fb.visit_parameters(
+      [](std::string_view, moet::ParamMap<float> value, moet::ParamMap<float>) { value *= 1.5f; });
+  check_against_double(fb, db, false, 1e-5, kind + " stale");
+  fb.parameters_changed();
+  check_against_double(fb, db, true, rel, kind + " repacked");
+}
+
+}  // namespace
+
+TEST_CASE("backward on the packed kernels equals the double backward", "[experts][grad][packed]") {
+  const moet::WeightFormat format = GENERATE(moet::WeightFormat::kF32, moet::WeightFormat::kBf16);
+  // bf16: forward_train runs the bf16 copy (the cache holds bf16 products), the backward the
+  // float weights.
+  const double rel = format == moet::WeightFormat::kF32 ? 1e-5 : 2e-2;
+  INFO("weights " << moet::weight_format_name(format));
+  for (const auto& [d, f] : {std::pair<Index, Index>{16, 32}, {13, 37}, {40, 72}}) {
+    INFO("d " << d << " f " << f);
+    check_packed_backward(
+        moet::SwiGluExperts<float>({.model_dim = d,
+                                    .hidden_dim = f,
+                                    .num_experts = 2,
+                                    .init_seed = 3,
+                                    .weight_format = format}),
+        moet::SwiGluExperts<double>({.model_dim = d, .hidden_dim = f, .num_experts = 2}), rel,
+        "swiglu");
+    check_packed_backward(
+        moet::GeGluExperts<float>({.model_dim = d,
+                                   .hidden_dim = f,
+                                   .num_experts = 2,
+                                   .init_seed = 4,
+                                   .weight_format = format}),
+        moet::GeGluExperts<double>({.model_dim = d, .hidden_dim = f, .num_experts = 2}), rel,
+        "geglu");
+    moet::GeluFfnExperts<float> ffn({.model_dim = d,
+                                     .hidden_dim = f,
+                                     .num_experts = 2,
+                                     .init_seed = 5,
+                                     .weight_format = format});
+    ffn.edit().in_bias_stack() = random_rows(2, f, 23).cast<float>();
+    ffn.edit().out_bias_stack() = random_rows(2, d, 24).cast<float>();
+    check_packed_backward(
+        ffn, moet::GeluFfnExperts<double>({.model_dim = d, .hidden_dim = f, .num_experts = 2}), rel,
+        "ffn-gelu");
+  }
 }
 
 TEST_CASE("forward_train caches the pre-activations", "[experts][grad]") {

@@ -18,6 +18,7 @@
 
 #include "moet/detail/expert_bank.hpp"
 #include "moet/detail/rng.hpp"
+#include "moet/detail/transposed_packs.hpp"
 #include "moet/detail/weights.hpp"
 #include "moet/errors.hpp"
 #include "moet/tensor.hpp"
@@ -140,6 +141,22 @@ class BankStore {
     require(present(index(t)), kName, what, ": this bank has no ", spec.label, " (bias = false)");
     require(!inference_only() || spec.bias, kName, what, ": an inference_only bank keeps ", "its ",
             spec.label, " only packed for the kernels (no float copy to read)");
+  }
+  // The gradients (zero) and the backward's transposed packs, sized on first use (`what`
+  // names the caller in the error of an inference-only bank).
+  void ensure_grad(const char* what) {
+    require_training(what);
+    for (std::size_t t = 0; t < kNumTensors; ++t) ensure_grad_like(grads[t], values[t]);
+    if (packed.enabled()) transposed.resize(num_experts());
+  }
+  // Opens the bank's `edit()` (see `ExpertBank::edit`).
+  void begin_edit() {
+    require_training("edit");
+    require(!editing.value, kName, "edit: an edit() of this bank is already open");
+    editing.value = true;
+    edit_was_current = packed.current();
+    packed.mark_stale();
+    dirty.assign(static_cast<std::size_t>(num_experts()) * kNumTensors, 0);
   }
   void require_training(const char* what) const {
     require(!inference_only(), kName, what,
@@ -443,6 +460,27 @@ class BankStore {
   std::vector<unsigned char> dirty;
   // Stale after visit_parameters() and during edit(); see PackedCopies.
   PackedCopies<S, Body::template Packed> packed;
+  // The backward's transposed weights (float banks that pack): sized by `ensure_grad`, packed
+  // by `backward_packs`.
+  TransposedPacks<kNumTensors> transposed;
+
+  /// Expert `e`'s transposed weight packs for the backward, packed now if the weights changed
+  /// since; null when the backward runs Eigen's products instead (double banks,
+  /// `pack_weights = false`, a stale packed copy). Calls for different experts may run
+  /// concurrently once `transposed` is sized.
+  const typename TransposedPacks<kNumTensors>::Expert* backward_packs(Index e) {
+    if constexpr (kPackable) {
+      if (!packed.current() || e >= transposed.size()) return nullptr;
+      return &transposed.get(e, packed.generation(), [&](auto& packs) {
+        for (std::size_t t = 0; t < kNumTensors; ++t) {
+          if (!Body::kTensors[t].bias) packs[t].pack_transposed(block(static_cast<Tensor>(t), e));
+        }
+      });
+    } else {
+      static_cast<void>(e);
+      return nullptr;
+    }
+  }
 };
 
 }  // namespace moet::detail

@@ -194,6 +194,7 @@ class PackedCopies {
         for (Index e = 0; e < num_experts; ++e) pack(copies[static_cast<std::size_t>(e)], e);
       });
       current_ = true;
+      ++generation_;
     }
   }
 
@@ -206,17 +207,28 @@ class PackedCopies {
       with_copies([&](auto& copies) {
         if (slot < copies.size()) update(copies[slot]);
       });
+      ++generation_;
     }
   }
 
   /// True when the copies are current (never unless `enabled()`).
   bool current() const { return current_; }
+  /// The version of the weights: changes whenever the copies may have (`rebuild`, `update`,
+  /// `mark_stale`, `mark_current`), so that what is derived from the weights (the backward's
+  /// transposed packs) knows when to follow.
+  std::uint64_t generation() const { return generation_; }
 
   /// Marks the copies stale until the next `rebuild` or `mark_current`.
-  void mark_stale() { current_ = false; }
+  void mark_stale() {
+    current_ = false;
+    ++generation_;
+  }
   /// Marks the copies current (after `update` brought every changed tensor in); a no-op unless
   /// `enabled()`.
-  void mark_current() { current_ = enabled(); }
+  void mark_current() {
+    current_ = enabled();
+    ++generation_;
+  }
 
   /// When the copies are current, calls `run(copy)` with expert `e`'s packed weights (a
   /// `const Expert<W>&`) and returns true; otherwise returns false without calling it.
@@ -287,6 +299,7 @@ class PackedCopies {
       copies_;
   // False after the bank handed its weights out for writing, until rebuild() or mark_current().
   bool current_ = false;
+  std::uint64_t generation_ = 0;
 };
 
 /// A counter that may be changed from several threads at once (the bank's count of tensors not

@@ -294,6 +294,35 @@ void glu_packed(const ConstRows<float>& a, const PackedGluMatrix<W>& w, Rows<flo
   MOET_DISPATCH_ISA(w.isa(), template glu<Act>(product, scratch));
 }
 
+/// The raw products `A Wg` and `A Wu` of a packed gated-linear-unit matrix, in its packed
+/// column order (training keeps them for the backward): `wide` `(n, w.num_panels() *
+/// w.panel_width())`, panel `p`'s first `w.panel_width() / 2` columns hold gate columns
+/// `[p h, p h + h)` and its last `h` the same up columns (`h = w.panel_width() / 2`; columns past
+/// `F` are zero). Every element is the accumulator `glu_packed` applies `Act` to, bit for bit.
+template <class W>
+void glu_packed_raw(const ConstRows<float>& a, const PackedGluMatrix<W>& w, Rows<float> wide,
+                    Buffer<float>& scratch) {
+  constexpr const char* kOp = "glu_packed_raw";
+  const Index cols = w.num_panels() * w.panel_width();
+  require(a.cols() == w.rows(), kOp, "A has ", a.cols(), " columns but the weights have ", w.rows(),
+          " rows");
+  require(wide.rows() == a.rows() && wide.cols() == cols, kOp, "the output must be (", a.rows(),
+          ", ", cols, "), got (", wide.rows(), ", ", wide.cols(), ")");
+  require(!views_overlap(a, wide), kOp, "the output must not overlap A");
+  const PackedProduct<W> product{.a = a.data(),
+                                 .lda = a.outerStride(),
+                                 .n = a.rows(),
+                                 .k = a.cols(),
+                                 .b = w.data(),
+                                 .b_stride = w.panel_stride(),
+                                 .num_panels = w.num_panels(),
+                                 .out = wide.data(),
+                                 .ldo = wide.outerStride(),
+                                 .out_cols = cols,
+                                 .accumulate = false};
+  MOET_DISPATCH_ISA(w.isa(), gemm(product, scratch));
+}
+
 /// `out[i] = silu(in[i])` for `i < n` with the SiLU of level `isa`'s kernels (the vectorised
 /// one on x86 levels, `Silu::apply` on the portable one). `in` and `out` may be the same array.
 inline void silu_array(const float* in, float* out, Index n, KernelIsa isa = kernel_isa()) {

@@ -25,11 +25,10 @@
 ///   throws (see `check_ready`), it never falls back to a slower path behind the caller's
 ///   back.
 /// - **Optimisers** keep concepts.hpp's training protocol: `visit_parameters(f)` hands out the
-/// stacks
-///   (and marks the packed copy stale), then `parameters_changed()` checks that every weight is
-///   finite and repacks. A NaN or Inf is rejected by every writer: `set_*` (nothing stored),
-///   the end of `edit()` and `parameters_changed()` (both throw and leave the bank refusing to
-///   run until the value is fixed and `parameters_changed()` passes).
+///   stacks (and marks the packed copy stale), then `parameters_changed()` checks that every
+///   weight is finite and repacks. A NaN or Inf is rejected by every writer: `set_*` (nothing
+///   stored), the end of `edit()` and `parameters_changed()` (both throw and leave the bank
+///   refusing to run until the value is fixed and `parameters_changed()` passes).
 /// - **Initialisation** (`Options::init`): `kRandom` (the default: normal with standard
 ///   deviation `1 / sqrt(fan_in)`, each tensor kind from its own `detail::Rng` stream keyed on
 ///   `init_seed`; biases 0), `kZeros`, or `kNone` for loaders (nothing drawn; `forward` and
@@ -262,12 +261,7 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
   /// }                                // checked and repacked here
   /// ```
   Edit edit() {
-    store_.require_training("edit");
-    detail::require(!store_.editing.value, kName, "edit: an edit() of this bank is already open");
-    store_.editing.value = true;
-    store_.edit_was_current = store_.packed.current();
-    store_.packed.mark_stale();
-    store_.dirty.assign(static_cast<std::size_t>(num_experts()) * kNumTensors, 0);
+    store_.begin_edit();
     return Edit(this);
   }
 
@@ -362,10 +356,10 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
   /// Scalars `forward_train` keeps per routed row (the body's activations for `backward`).
   Index cache_width() const { return Body::cache_width(model_dim(), hidden_dim()); }
 
-  /// `forward`, plus the row cache `cache` `(n, cache_width())` that `backward` needs, through
-  /// Eigen's products on the float weights (not the packed kernels). Throws `moet::Error` when
-  /// `check_ready(true)` does. Same preconditions as `forward`, and `cache` has `in.rows()`
-  /// rows and overlaps neither.
+  /// `forward`, plus the row cache `cache` `(n, cache_width())` that `backward` needs: on a
+  /// current f32 or bf16 packed copy, with `forward`'s bits; else Eigen's products on the float
+  /// weights (double banks, no packing, block formats, a stale copy). Throws when
+  /// `check_ready(true)` does. As `forward`, and `cache` has `n` rows and overlaps neither.
   void forward_train(Index e, const ConstRows<S>& in, Rows<S> out, Rows<S> cache,
                      Scratch& scratch) const {
     MOET_ASSERT(e >= 0 && e < num_experts(), "expert id out of range");
@@ -375,15 +369,21 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
                 "ExpertBank::forward_train cache shape mismatch");
     store_.require_ready("forward_train", true);
     if (in.rows() == 0) return;
-    Body::forward_train(ExpertRef{store_, e}, in, out, cache, scratch);
+    const ExpertRef x{store_, e};
+    bool done = false;
+    store_.packed.run(e, [&](const auto& p) {
+      done = Body::forward_train_packed(x, p, in, out, cache, scratch);
+    });
+    if (!done) Body::forward_train(x, in, out, cache, scratch);
   }
 
-  /// Backward of expert `e` on `n` rows: `in` `(n, model_dim)` and `cache` `(n, cache_width())`
-  /// as given to / written by `forward_train`, `dout` = dL/dout `(n, model_dim)`. Accumulates
-  /// expert `e`'s gradients (the body's formulas) and **writes** `din` = dL/din
-  /// `(n, model_dim)`. Allocates the gradients on first use (call `zero_grad()` first when
-  /// calls for different experts run concurrently). Deterministic: each product's result
-  /// depends only on its operands' shapes and values. Throws like `forward_train`.
+  /// Backward of expert `e` on `n` rows: `in` and `cache` as given to / written by
+  /// `forward_train`, `dout` = dL/dout `(n, model_dim)`. Accumulates expert `e`'s gradients
+  /// (the body's formulas) and **writes** `din` = dL/din `(n, model_dim)`: packed kernels on
+  /// the float weights packed transposed per version (`detail::TransposedPacks`) when the
+  /// packed copy is current, else Eigen's. Allocates on first use (call `zero_grad()` first when
+  /// calls for different experts run concurrently; never two for one expert). Deterministic: each
+  /// product's result depends only on its operands' shapes and values. Throws like `forward_train`.
   void backward(Index e, const ConstRows<S>& in, const ConstRows<S>& cache,
                 const ConstRows<S>& dout, Rows<S> din, Scratch& scratch) {
     MOET_ASSERT(e >= 0 && e < num_experts(), "expert id out of range");
@@ -395,24 +395,26 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
     store_.require_ready("backward", true);
     ensure_grad();
     if (in.rows() == 0) return;
+    if constexpr (std::is_same_v<S, float>) {
+      if (const auto* packs = store_.backward_packs(e)) {
+        Body::backward_packed(ExpertRef{store_, e}, GradRef{store_, e}, *packs, in, cache, dout,
+                              din, scratch);
+        return;
+      }
+    }
     Body::backward(ExpertRef{store_, e}, GradRef{store_, e}, in, cache, dout, din, scratch);
   }
 
   /// Sets every gradient to zero (allocating them on first use). Throws `moet::Error` for an
   /// inference-only bank.
   void zero_grad() {
-    store_.require_training("zero_grad");
-    ensure_grad();
+    store_.ensure_grad("zero_grad");
     for (RowMatrix<S>& g : store_.grads) g.setZero();
   }
 
   /// Allocates the gradients (zero) if they are not yet; a no-op afterwards. Throws
   /// `moet::Error` for an inference-only bank.
-  void ensure_grad() {
-    store_.require_training("ensure_grad");
-    for (std::size_t t = 0; t < kNumTensors; ++t)
-      detail::ensure_grad_like(store_.grads[t], store_.values[t]);
-  }
+  void ensure_grad() { store_.ensure_grad("ensure_grad"); }
 
   /// Calls `f(name, value, grad)` for every stacked parameter in the body's order (names and
   /// shapes in the body's comment; biases only with `has_bias()`). Allocates the gradients on

@@ -138,6 +138,7 @@ struct FfnBody {
   struct Scratch {
     detail::Buffer<S> hidden;
     detail::Buffer<float> kernel;
+    detail::PackedMatrix<float> rows;  // the packed backward's activations
   };
 
   /// One expert's packed copies: `W1` `(model_dim, hidden_dim)`, `W2` `(hidden_dim,
@@ -162,8 +163,9 @@ struct FfnBody {
   static Index cache_width(Index /*d*/, Index f) { return f; }
 
   template <class S>
-  static void reserve(Scratch<S>& scratch, Index max_rows, Index /*d*/, Index f) {
+  static void reserve(Scratch<S>& scratch, Index max_rows, Index d, Index f) {
     detail::reserve_aligned(scratch.hidden, max_rows, f);
+    if constexpr (std::is_same_v<S, float>) scratch.rows.reserve(max_rows, std::max(d, f));
   }
 
   // --- packing ---------------------------------------------------------------------------------
@@ -253,7 +255,26 @@ struct FfnBody {
     if (x.bias()) out.rowwise() += detail::row_vector(x(FfnTensor::kOutBias));
   }
 
-  /// `forward` plus the cache `(n, hidden_dim)` = `in W1_e + b1_e`. Eigen's products.
+  /// `forward_packed` plus the cache (the pre-activation `in W1_e + b1_e`), on the packed
+  /// kernels: `out` has `forward_packed`'s bits exactly. Returns false (and does nothing) for the
+  /// block formats.
+  template <class X, class W>
+  static bool forward_train_packed(const X& x, const Packed<W>& p, const ConstRows<float>& in,
+                                   Rows<float> out, Rows<float> cache, Scratch<float>& scratch) {
+    if constexpr (detail::kIsQuantized<W>) {
+      return false;  // block formats: Eigen on the float weights
+    } else {
+      detail::gemm_packed(in, p.w1, cache, /*accumulate=*/false, scratch.kernel);
+      if (x.bias()) cache.rowwise() += detail::row_vector(x(FfnTensor::kInBias));
+      auto h = detail::aligned_matrix(scratch.hidden, in.rows(), x.hidden_dim());  // (n, f)
+      activate(cache, h);
+      forward_stage_packed(x, p, 1, h, out, {}, scratch);
+      return true;
+    }
+  }
+
+  /// `forward` plus the cache `(n, hidden_dim)` = `in W1_e + b1_e`. Eigen's products (double
+  /// banks and banks without current packed weights).
   template <class X, class S>
   static void forward_train(const X& x, const ConstRows<S>& in, Rows<S> out, Rows<S> cache,
                             Scratch<S>& scratch) {
@@ -268,35 +289,62 @@ struct FfnBody {
   /// Backward of expert `x` (gradients `g`): with `a` the cached pre-activation, `h = Act(a)`,
   /// `da = (dout W2_e^T) ⊙ Act'(a)`: accumulates `dW2_e += h^T dout`, `db2_e += sum of dout's
   /// rows`, `dW1_e += in^T da`, `db1_e += sum of da's rows` and **writes** `din = da W1_e^T`.
-  /// Reuses the scratch's `(n, hidden_dim)` buffer.
+  /// Eigen's products (double banks, banks without current packed weights). Reuses the
+  /// scratch's `(n, hidden_dim)` buffer.
   template <class X, class G, class S>
   static void backward(const X& x, const G& grads, const ConstRows<S>& in,
                        const ConstRows<S>& cache, const ConstRows<S>& dout, Rows<S> din,
                        Scratch<S>& scratch) {
-    const Index n = in.rows();
-    const Index f = x.hidden_dim();
-    auto h = detail::aligned_matrix(scratch.hidden, n, f);  // (n, hidden_dim): h, then da
+    auto h = detail::aligned_matrix(scratch.hidden, in.rows(), x.hidden_dim());  // h, then da
     activate(cache, h);
-    // dW2_e (hidden_dim, model_dim)
-    grads(FfnTensor::kOutWeight).noalias() += h.transpose() * dout;
-    h.noalias() = dout * x(FfnTensor::kOutWeight).transpose();  // dh
-    for (Index r = 0; r < n; ++r) {
-      for (Index j = 0; j < f; ++j) h(r, j) *= Act::template derivative<S>(cache(r, j));  // da
-    }
+    grads(FfnTensor::kOutWeight).noalias() += h.transpose() * dout;  // (hidden_dim, model_dim)
+    h.noalias() = dout * x(FfnTensor::kOutWeight).transpose();       // dh
+    backward_rest(x, grads, cache, dout, h);
     grads(FfnTensor::kInWeight).noalias() += in.transpose() * h;
+    din.noalias() = h * x(FfnTensor::kInWeight).transpose();
+  }
+
+  /// `backward` on the packed kernels (float banks with current packed weights): the products
+  /// against the bank's transposed weights `wt` and the activations packed here, as in
+  /// `GluBody::backward_packed`.
+  template <class X, class G, class T>
+  static void backward_packed(const X& x, const G& grads, const T& wt, const ConstRows<float>& in,
+                              const ConstRows<float>& cache, const ConstRows<float>& dout,
+                              Rows<float> din, Scratch<float>& scratch) {
+    constexpr auto kIn = static_cast<std::size_t>(FfnTensor::kInWeight);
+    constexpr auto kOut = static_cast<std::size_t>(FfnTensor::kOutWeight);
+    const KernelIsa isa = wt[kOut].isa();
+    auto h = detail::aligned_matrix(scratch.hidden, in.rows(), x.hidden_dim());  // h, then da
+    activate(cache, h);
+    scratch.rows.pack(dout, isa);
+    detail::gemm_packed_at(h, scratch.rows, grads(FfnTensor::kOutWeight), true, scratch.kernel);
+    detail::gemm_packed(dout, wt[kOut], h, false, scratch.kernel);  // dh
+    backward_rest(x, grads, cache, dout, h);
+    scratch.rows.pack(h, isa);
+    detail::gemm_packed_at(in, scratch.rows, grads(FfnTensor::kInWeight), true, scratch.kernel);
+    detail::gemm_packed(h, wt[kIn], din, false, scratch.kernel);
+  }
+
+ private:
+  // Given `h = dh`: `h = da = dh ⊙ Act'(a)`, and the bias gradients (column sums in row order:
+  // a fixed order, the same bits every run).
+  template <class X, class G, class Cache, class Dout, class H>
+  static void backward_rest(const X& x, const G& grads, const Cache& cache, const Dout& dout,
+                            H& h) {
+    using S = typename H::Scalar;
+    for (Index r = 0; r < h.rows(); ++r) {
+      for (Index j = 0; j < h.cols(); ++j) h(r, j) *= Act::template derivative<S>(cache(r, j));
+    }
     if (x.bias()) {
-      // Column sums in row order (a fixed order, the same bits every run).
       auto db1 = grads(FfnTensor::kInBias);   // (1, hidden_dim)
       auto db2 = grads(FfnTensor::kOutBias);  // (1, model_dim)
-      for (Index r = 0; r < n; ++r) {
+      for (Index r = 0; r < h.rows(); ++r) {
         db1.row(0) += h.row(r);
         db2.row(0) += dout.row(r);
       }
     }
-    din.noalias() = h * x(FfnTensor::kInWeight).transpose();
   }
 
- private:
   // h = Act(a) from the cached pre-activations `a` `(n, hidden_dim)`, one scalar at a time.
   template <class Cache, class H>
   static void activate(const Cache& cache, H& h) {

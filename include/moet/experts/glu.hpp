@@ -124,6 +124,7 @@ struct GluBody {
     detail::Buffer<S> gate;
     detail::Buffer<S> up;
     detail::Buffer<float> kernel;
+    detail::PackedMatrix<float> rows;  // the packed backward's activations
   };
 
   /// One expert's packed copies: gate and up `(model_dim, hidden_dim)` each, interleaved, and
@@ -145,9 +146,15 @@ struct GluBody {
   static Index cache_width(Index /*d*/, Index f) { return 2 * f; }
 
   template <class S>
-  static void reserve(Scratch<S>& scratch, Index max_rows, Index /*d*/, Index f) {
+  static void reserve(Scratch<S>& scratch, Index max_rows, Index d, Index f) {
     detail::reserve_aligned(scratch.gate, max_rows, f);
     detail::reserve_aligned(scratch.up, max_rows, f);
+    if constexpr (std::is_same_v<S, float>) {
+      // forward_train's raw gate and up products (whole panels), the backward's dout, dg, du.
+      const Index half = detail::panel_width(kernel_isa()) / 2;
+      detail::reserve_aligned(scratch.up, max_rows, 2 * half * ((f + half - 1) / half));
+      scratch.rows.reserve(max_rows, std::max(d, f));
+    }
   }
 
   // --- packing ---------------------------------------------------------------------------------
@@ -243,8 +250,47 @@ struct GluBody {
     out.noalias() = g * x(GluTensor::kDown);
   }
 
+  /// `forward_packed` plus the cache (`forward_train`'s layout), on the packed kernels: the raw
+  /// gate and up products (`glu_packed_raw`) are the cache, the hidden activations follow from
+  /// them with the fused kernel's own SiLU (or `Act::apply`), so `out` has `forward_packed`'s
+  /// bits exactly. Returns false (and does nothing) for the block formats.
+  template <class X, class W>
+  static bool forward_train_packed(const X& x, const Packed<W>& p, const ConstRows<float>& in,
+                                   Rows<float> out, Rows<float> cache, Scratch<float>& scratch) {
+    if constexpr (detail::kIsQuantized<W>) {
+      return false;  // block formats: Eigen on the float weights
+    } else {
+      const Index n = in.rows();
+      const Index f = x.hidden_dim();
+      const Index half = p.gate_up.panel_width() / 2;
+      auto wide = detail::aligned_matrix(scratch.up, n, 2 * half * p.gate_up.num_panels());
+      detail::glu_packed_raw(in, p.gate_up, wide, scratch.kernel);
+      auto h = detail::aligned_matrix(scratch.gate, n, f);  // (n, hidden_dim)
+      for (Index r = 0; r < n; ++r) {
+        const float* src = &wide(r, 0);
+        float* g = &cache(r, 0);
+        float* u = g + f;
+        for (Index c0 = 0; c0 < f; c0 += half, src += 2 * half) {
+          const Index w = std::min(half, f - c0);
+          std::copy_n(src, w, g + c0);
+          std::copy_n(src + half, w, u + c0);
+        }
+        float* hr = &h(r, 0);
+        if constexpr (std::is_same_v<Act, Silu>) {
+          detail::silu_array(g, hr, f, p.gate_up.isa());
+          for (Index j = 0; j < f; ++j) hr[j] *= u[j];
+        } else {
+          for (Index j = 0; j < f; ++j) hr[j] = Act::template apply<float>(g[j]) * u[j];
+        }
+      }
+      detail::gemm_packed(h, p.down, out, /*accumulate=*/false, scratch.kernel);
+      return true;
+    }
+  }
+
   /// `forward` plus the cache: columns `[0, hidden_dim)` hold `in Wg_e`, columns
-  /// `[hidden_dim, 2 hidden_dim)` hold `in Wu_e`. Eigen's products.
+  /// `[hidden_dim, 2 hidden_dim)` hold `in Wu_e`. Eigen's products (double banks and banks
+  /// without current packed weights).
   template <class X, class S>
   static void forward_train(const X& x, const ConstRows<S>& in, Rows<S> out, Rows<S> cache,
                             Scratch<S>& scratch) {
@@ -259,59 +305,94 @@ struct GluBody {
   /// Backward of expert `x` (gradients `g`): with `h = Act(g) ⊙ u`, `dh = dout Wd_e^T`,
   /// `dg = dh ⊙ u ⊙ Act'(g)`, `du = dh ⊙ Act(g)`, accumulates `dWd_e += h^T dout`,
   /// `dWg_e += in^T dg`, `dWu_e += in^T du` and **writes** `din = dg Wg_e^T + du Wu_e^T`.
-  /// Reuses the scratch's two `(n, hidden_dim)` buffers.
+  /// Eigen's products (double banks, banks without current packed weights). Reuses the
+  /// scratch's two `(n, hidden_dim)` buffers.
   template <class X, class G, class S>
   static void backward(const X& x, const G& grads, const ConstRows<S>& in,
                        const ConstRows<S>& cache, const ConstRows<S>& dout, Rows<S> din,
                        Scratch<S>& scratch) {
-    const Index n = in.rows();
     const Index f = x.hidden_dim();
-    auto a = detail::aligned_matrix(scratch.gate, n, f);  // (n, hidden_dim): h, then dg
-    auto b = detail::aligned_matrix(scratch.up, n, f);    // (n, hidden_dim): dh, then du
-    if constexpr (std::is_same_v<Act, Silu>) {
-      // SiLU: one vectorised sigmoid pass, kept in `a`; h, Act(g) and Act'(g) follow from it.
-      const auto g = cache.leftCols(f).array();
-      const auto u = cache.rightCols(f).array();
-      a.array() = (S(1) + (-g).exp()).inverse();  // s = sigmoid(g)
-      b.array() = a.array() * (g * u);            // h = s g u, as forward_train
-      // dWd_e (hidden_dim, model_dim)
-      grads(GluTensor::kDown).noalias() += b.transpose() * dout;
-      b.noalias() = dout * x(GluTensor::kDown).transpose();  // dh
-      for (Index r = 0; r < n; ++r) {
-        for (Index j = 0; j < f; ++j) {
-          const S sg = a(r, j);
-          const S gv = cache(r, j);
-          const S dh = b(r, j);
-          a(r, j) = dh * cache(r, f + j) * (sg * (S(1) + gv * (S(1) - sg)));  // dg
-          b(r, j) = dh * (gv * sg);                                           // du
-        }
-      }
-    } else {
-      glu_hidden(cache, a, f);
-      // dWd_e (hidden_dim, model_dim)
-      grads(GluTensor::kDown).noalias() += a.transpose() * dout;
-      b.noalias() = dout * x(GluTensor::kDown).transpose();  // dh
-      for (Index r = 0; r < n; ++r) {
-        for (Index j = 0; j < f; ++j) {
-          const S g = cache(r, j);
-          const S u = cache(r, f + j);
-          const S dh = b(r, j);
-          S act = S(0);
-          S slope = S(0);
-          activation_value_and_derivative<Act>(g, act, slope);
-          a(r, j) = dh * u * slope;  // dg
-          b(r, j) = dh * act;        // du
-        }
-      }
-    }
-    // dWg_e and dWu_e, (model_dim, hidden_dim) each
-    grads(GluTensor::kGate).noalias() += in.transpose() * a;
+    auto a = detail::aligned_matrix(scratch.gate, in.rows(), f);  // sigmoid(g), then dg
+    auto b = detail::aligned_matrix(scratch.up, in.rows(), f);    // h, dh, then du
+    backward_hidden(cache, a, b, f);
+    grads(GluTensor::kDown).noalias() += b.transpose() * dout;  // (hidden_dim, model_dim)
+    b.noalias() = dout * x(GluTensor::kDown).transpose();       // dh
+    backward_gates(cache, a, b, f);
+    grads(GluTensor::kGate).noalias() += in.transpose() * a;  // (model_dim, hidden_dim)
     grads(GluTensor::kUp).noalias() += in.transpose() * b;
     din.noalias() = a * x(GluTensor::kGate).transpose();
     din.noalias() += b * x(GluTensor::kUp).transpose();
   }
 
+  /// `backward` on the packed kernels (float banks with current packed weights): the same
+  /// formulas, every product a `gemm_packed` against the bank's transposed weights `wt`
+  /// (`dh`, `din`) or a `gemm_packed_at` against the activations packed here (the weight
+  /// gradients, each a chain over the rows in order). Each result depends only on its
+  /// operands, as in `backward`.
+  template <class X, class G, class T>
+  static void backward_packed(const X& x, const G& grads, const T& wt, const ConstRows<float>& in,
+                              const ConstRows<float>& cache, const ConstRows<float>& dout,
+                              Rows<float> din, Scratch<float>& scratch) {
+    constexpr auto kGate = static_cast<std::size_t>(GluTensor::kGate);
+    constexpr auto kUp = static_cast<std::size_t>(GluTensor::kUp);
+    constexpr auto kDown = static_cast<std::size_t>(GluTensor::kDown);
+    const Index f = x.hidden_dim();
+    const KernelIsa isa = wt[kDown].isa();
+    auto a = detail::aligned_matrix(scratch.gate, in.rows(), f);  // sigmoid(g), then dg
+    auto b = detail::aligned_matrix(scratch.up, in.rows(), f);    // h, dh, then du
+    backward_hidden(cache, a, b, f);
+    scratch.rows.pack(dout, isa);
+    detail::gemm_packed_at(b, scratch.rows, grads(GluTensor::kDown), true, scratch.kernel);
+    detail::gemm_packed(dout, wt[kDown], b, false, scratch.kernel);  // dh
+    backward_gates(cache, a, b, f);
+    scratch.rows.pack(a, isa);
+    detail::gemm_packed_at(in, scratch.rows, grads(GluTensor::kGate), true, scratch.kernel);
+    scratch.rows.pack(b, isa);
+    detail::gemm_packed_at(in, scratch.rows, grads(GluTensor::kUp), true, scratch.kernel);
+    detail::gemm_packed(a, wt[kGate], din, false, scratch.kernel);
+    detail::gemm_packed(b, wt[kUp], din, true, scratch.kernel);
+  }
+
  private:
+  // The backward's first pass over the cache `[g | u]`: `b = h = Act(g) ⊙ u` and, for SiLU,
+  // `a = sigmoid(g)` (one vectorised pass; `h = s g u`, within rounding of the forward's).
+  template <class Cache, class M>
+  static void backward_hidden(const Cache& cache, M& a, M& b, Index f) {
+    using S = typename M::Scalar;
+    if constexpr (std::is_same_v<Act, Silu>) {
+      const auto g = cache.leftCols(f).array();
+      a.array() = (S(1) + (-g).exp()).inverse();
+      b.array() = a.array() * (g * cache.rightCols(f).array());
+    } else {
+      glu_hidden(cache, b, f);
+    }
+  }
+
+  // Given `b = dh` (and `a` from `backward_hidden`): `a = dg = dh ⊙ u ⊙ Act'(g)`,
+  // `b = du = dh ⊙ Act(g)`.
+  template <class Cache, class M>
+  static void backward_gates(const Cache& cache, M& a, M& b, Index f) {
+    using S = typename M::Scalar;
+    for (Index r = 0; r < a.rows(); ++r) {
+      for (Index j = 0; j < f; ++j) {
+        const S g = cache(r, j);
+        const S u = cache(r, f + j);
+        const S dh = b(r, j);
+        if constexpr (std::is_same_v<Act, Silu>) {
+          const S sg = a(r, j);
+          a(r, j) = dh * u * (sg * (S(1) + g * (S(1) - sg)));
+          b(r, j) = dh * (g * sg);
+        } else {
+          S act = S(0);
+          S slope = S(0);
+          activation_value_and_derivative<Act>(g, act, slope);
+          a(r, j) = dh * u * slope;
+          b(r, j) = dh * act;
+        }
+      }
+    }
+  }
+
   // h = Act(g) ⊙ u from a cache `(n, 2 f)` = [g | u] into `h` `(n, f)`, one scalar at a time,
   // except for SiLU: `sigmoid(g) * (g * u)` with Eigen's vectorised `exp` (the same bits for
   // the same rows at the same buffer offsets, which the dispatchers fix independently of the

@@ -189,6 +189,13 @@ class PackedPanels {
   const Storage* data() const { return data_.data(); }
   /// Bytes of packed storage (padding included).
   std::size_t bytes() const { return data_.size() * sizeof(Storage); }
+  /// Grows the storage's capacity so that packing any matrix up to `(k, cols)` for `isa` does
+  /// not allocate (the backward packs rows of activations per call).
+  void reserve(Index k, Index cols, KernelIsa isa = kernel_isa()) {
+    const Index nr = detail::panel_width(isa);
+    data_.reserve(
+        static_cast<std::size_t>((cols + nr - 1) / nr * panel_units<W>(padded_depth<W>(k), nr)));
+  }
 
  protected:
   // Shapes the storage: `num_panels` panels for a (k, cols) matrix, every element zero. With
@@ -233,8 +240,9 @@ class PackedPanels {
       }
     }
     // Panels are independent: packed in parallel (the bytes do not depend on the split). A
-    // block-format panel records its first block whose scale overflows half precision.
-    std::vector<Index> overflow(static_cast<std::size_t>(num_panels_), -1);
+    // block-format panel records its first block whose scale overflows half precision (only
+    // they allocate the record: the backward packs float activations on every call).
+    std::vector<Index> overflow(kIsQuantized<W> ? static_cast<std::size_t>(num_panels_) : 0, -1);
     parallel_for(num_panels_, [&](Index p) {
       const Index j0 = p * lanes;
       const Index width = std::min<Index>(lanes, cols - j0);

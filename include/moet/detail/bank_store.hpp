@@ -7,6 +7,7 @@
 /// `edit()` and what it handed out, a stale packed copy. Every check throws `moet::Error` naming
 /// the bank (`Body::kName`) and what to do.
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <cmath>
@@ -17,7 +18,9 @@
 #include <vector>
 
 #include "moet/detail/expert_bank.hpp"
+#include "moet/detail/parallel.hpp"
 #include "moet/detail/rng.hpp"
+#include "moet/detail/select.hpp"
 #include "moet/detail/transposed_packs.hpp"
 #include "moet/detail/weights.hpp"
 #include "moet/errors.hpp"
@@ -204,7 +207,7 @@ class BankStore {
   // and marks the bank invalid; clears the mark when everything is finite.
   void check_all_finite(const char* where) {
     for (std::size_t t = 0; t < kNumTensors; ++t) {
-      if (!present(t) || values[t].size() == 0 || detail::all_finite(values[t])) continue;
+      if (!present(t) || values[t].size() == 0 || finite_in_parallel(values[t])) continue;
       invalid = true;
       packed.mark_stale();
       const Tensor id = static_cast<Tensor>(t);
@@ -213,6 +216,22 @@ class BankStore {
       }
     }
     invalid = false;
+  }
+  // Whether every value of `m` is finite, in parallel blocks (`parameters_changed` reads every
+  // weight after each optimiser step).
+  static bool finite_in_parallel(const RowMatrix<S>& m) {
+    std::atomic<bool> finite{true};
+    parallel_blocks(m.size(), 4 * kElementwiseBlock, [&](Index b, Index e) {
+      if (!all_finite_span(m.data() + b, e - b)) finite.store(false, std::memory_order_relaxed);
+    });
+    return finite.load(std::memory_order_relaxed);
+  }
+  // Every gradient to zero, in parallel blocks (`zero_grad`, once per step).
+  void zero_grads() {
+    for (RowMatrix<S>& g : grads) {
+      parallel_blocks(g.size(), kElementwiseBlock,
+                      [&](Index b, Index e) { std::fill(g.data() + b, g.data() + e, S(0)); });
+    }
   }
   // The same, for the const error path (does not change the state).
   void check_all_finite(const char* where) const {

@@ -409,7 +409,7 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
   /// inference-only bank.
   void zero_grad() {
     store_.ensure_grad("zero_grad");
-    for (RowMatrix<S>& g : store_.grads) g.setZero();
+    store_.zero_grads();
   }
 
   /// Allocates the gradients (zero) if they are not yet; a no-op afterwards. Throws

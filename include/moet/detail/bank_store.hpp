@@ -145,8 +145,7 @@ class BankStore {
     require(!inference_only() || spec.bias, kName, what, ": an inference_only bank keeps ", "its ",
             spec.label, " only packed for the kernels (no float copy to read)");
   }
-  // The gradients (zero) and the backward's transposed packs, sized on first use (`what`
-  // names the caller in the error of an inference-only bank).
+  // The gradients (zero) and the transposed packs, sized on first use (`what`: the caller).
   void ensure_grad(const char* what) {
     require_training(what);
     for (std::size_t t = 0; t < kNumTensors; ++t) ensure_grad_like(grads[t], values[t]);
@@ -217,8 +216,7 @@ class BankStore {
     }
     invalid = false;
   }
-  // Whether every value of `m` is finite, in parallel blocks (`parameters_changed` reads every
-  // weight after each optimiser step).
+  // Whether every value of `m` is finite, in parallel blocks (`parameters_changed`, per step).
   static bool finite_in_parallel(const RowMatrix<S>& m) {
     std::atomic<bool> finite{true};
     parallel_blocks(m.size(), 4 * kElementwiseBlock, [&](Index b, Index e) {
@@ -228,10 +226,9 @@ class BankStore {
   }
   // Every gradient to zero, in parallel blocks (`zero_grad`, once per step).
   void zero_grads() {
-    for (RowMatrix<S>& g : grads) {
+    for (RowMatrix<S>& g : grads)
       parallel_blocks(g.size(), kElementwiseBlock,
-                      [&](Index b, Index e) { std::fill(g.data() + b, g.data() + e, S(0)); });
-    }
+                      [p = g.data()](Index b, Index e) { std::fill(p + b, p + e, S(0)); });
   }
   // The same, for the const error path (does not change the state).
   void check_all_finite(const char* where) const {
@@ -479,14 +476,12 @@ class BankStore {
   std::vector<unsigned char> dirty;
   // Stale after visit_parameters() and during edit(); see PackedCopies.
   PackedCopies<S, Body::template Packed> packed;
-  // The backward's transposed weights (float banks that pack): sized by `ensure_grad`, packed
-  // by `backward_packs`.
+  // The backward's transposed weights (float banks that pack), sized by `ensure_grad`.
   TransposedPacks<kNumTensors> transposed;
 
-  /// Expert `e`'s transposed weight packs for the backward, packed now if the weights changed
-  /// since; null when the backward runs Eigen's products instead (double banks,
-  /// `pack_weights = false`, a stale packed copy). Calls for different experts may run
-  /// concurrently once `transposed` is sized.
+  /// Expert `e`'s transposed weight packs, repacked if the weights changed; null when the
+  /// backward runs Eigen's products (double banks, no packing, a stale copy). Concurrent calls
+  /// for different experts are safe once `transposed` is sized.
   const typename TransposedPacks<kNumTensors>::Expert* backward_packs(Index e) {
     if constexpr (kPackable) {
       if (!packed.current() || e >= transposed.size()) return nullptr;

@@ -25,10 +25,11 @@ namespace moet {
 ///   activations quantised per block of 32 to 8 bits on the fly, as llama.cpp does; the other
 ///   levels dequantise the weights to float in the kernels (float activations).
 ///
-/// In every format the router, the combine and training stay float: training reads and updates
-/// the bank's float weights (`forward_train`/`backward` do not use the copies) and
-/// `parameters_changed()` re-rounds or re-quantises them; an `inference_only` bank keeps the
-/// packed copy alone.
+/// In every format the router, the combine and the master weights stay float: the optimisers
+/// update the bank's float weights and `parameters_changed()` re-rounds or re-quantises them;
+/// `forward_train` runs an f32 or bf16 copy (block formats: Eigen on the float weights) and
+/// `backward` the float weights, packed transposed; an `inference_only` bank keeps the packed
+/// copy alone.
 enum class WeightFormat { kF32, kBf16, kQ8_0, kQ4_0, kQ4_1 };
 
 /// Every format, in the enum's order.

@@ -156,6 +156,19 @@ struct BlockFormat<BlockQ4_1> {
   static constexpr const char* kName = "q4_1";
 };
 
+/// A counter that may be changed from several threads at once (the bank's count of tensors not
+/// set yet, which concurrent setters of different experts decrement) and that copies with its
+/// owner (an atomic alone is not copyable).
+struct SharedCount {
+  std::atomic<Index> value{0};
+  SharedCount() = default;
+  SharedCount(const SharedCount& other) noexcept : value(other.value.load()) {}
+  SharedCount& operator=(const SharedCount& other) noexcept {
+    value.store(other.value.load());
+    return *this;
+  }
+};
+
 /// A bank's packed copies of its weights for the kernels of detail/gemm.hpp: one `Expert<W>`
 /// per expert (the body's struct of `PackedMatrix` / `PackedGluMatrix`) in the bank's
 /// `WeightFormat` (float, bf16 or a block format), and whether they are current.
@@ -194,7 +207,7 @@ class PackedCopies {
         for (Index e = 0; e < num_experts; ++e) pack(copies[static_cast<std::size_t>(e)], e);
       });
       current_ = true;
-      ++generation_;
+      generation_.value.fetch_add(1, std::memory_order_relaxed);
     }
   }
 
@@ -207,7 +220,7 @@ class PackedCopies {
       with_copies([&](auto& copies) {
         if (slot < copies.size()) update(copies[slot]);
       });
-      ++generation_;
+      generation_.value.fetch_add(1, std::memory_order_relaxed);
     }
   }
 
@@ -216,18 +229,18 @@ class PackedCopies {
   /// The version of the weights: changes whenever the copies may have (`rebuild`, `update`,
   /// `mark_stale`, `mark_current`), so that what is derived from the weights (the backward's
   /// transposed packs) knows when to follow.
-  std::uint64_t generation() const { return generation_; }
+  Index generation() const { return generation_.value.load(std::memory_order_relaxed); }
 
   /// Marks the copies stale until the next `rebuild` or `mark_current`.
   void mark_stale() {
     current_ = false;
-    ++generation_;
+    generation_.value.fetch_add(1, std::memory_order_relaxed);
   }
   /// Marks the copies current (after `update` brought every changed tensor in); a no-op unless
   /// `enabled()`.
   void mark_current() {
     current_ = enabled();
-    ++generation_;
+    generation_.value.fetch_add(1, std::memory_order_relaxed);
   }
 
   /// When the copies are current, calls `run(copy)` with expert `e`'s packed weights (a
@@ -299,20 +312,7 @@ class PackedCopies {
       copies_;
   // False after the bank handed its weights out for writing, until rebuild() or mark_current().
   bool current_ = false;
-  std::uint64_t generation_ = 0;
-};
-
-/// A counter that may be changed from several threads at once (the bank's count of tensors not
-/// set yet, which concurrent setters of different experts decrement) and that copies with its
-/// owner (an atomic alone is not copyable).
-struct SharedCount {
-  std::atomic<Index> value{0};
-  SharedCount() = default;
-  SharedCount(const SharedCount& other) noexcept : value(other.value.load()) {}
-  SharedCount& operator=(const SharedCount& other) noexcept {
-    value.store(other.value.load());
-    return *this;
-  }
+  SharedCount generation_;  // bumped by concurrent `update`s of different experts
 };
 
 /// A flag that a copy or a move of its owner does not inherit: the bank's "an `edit()` is

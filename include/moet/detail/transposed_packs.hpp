@@ -32,7 +32,7 @@ class TransposedPacks {
   /// when they were packed from another version (or never). Calls for different experts may
   /// run concurrently; `0 <= e < size()`.
   template <class Pack>
-  const Expert& get(Index e, std::uint64_t generation, Pack&& pack) {
+  const Expert& get(Index e, Index generation, Pack&& pack) {
     const auto slot = static_cast<std::size_t>(e);
     if (generations_[slot] != generation) {
       pack(experts_[slot]);
@@ -51,9 +51,9 @@ class TransposedPacks {
   }
 
  private:
-  static constexpr std::uint64_t kNever = ~std::uint64_t{0};
+  static constexpr Index kNever = -1;
   std::vector<Expert> experts_;
-  std::vector<std::uint64_t> generations_;
+  std::vector<Index> generations_;
 };
 
 }  // namespace moet::detail

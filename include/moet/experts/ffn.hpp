@@ -165,7 +165,12 @@ struct FfnBody {
   template <class S>
   static void reserve(Scratch<S>& scratch, Index max_rows, Index d, Index f) {
     detail::reserve_aligned(scratch.hidden, max_rows, f);
-    if constexpr (std::is_same_v<S, float>) scratch.rows.reserve(max_rows, std::max(d, f));
+    if constexpr (std::is_same_v<S, float>) {
+      // The packed backward: its rows of activations, and gemm_packed_at's workspace (output
+      // rows up to max(d, f), inner dimension max_rows).
+      scratch.rows.reserve(max_rows, std::max(d, f));
+      detail::reserve_packed_scratch(scratch.kernel, std::max(d, f), max_rows);
+    }
   }
 
   // --- packing ---------------------------------------------------------------------------------

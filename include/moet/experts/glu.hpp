@@ -154,6 +154,7 @@ struct GluBody {
       const Index half = detail::panel_width(kernel_isa()) / 2;
       detail::reserve_aligned(scratch.up, max_rows, 2 * half * ((f + half - 1) / half));
       scratch.rows.reserve(max_rows, std::max(d, f));
+      detail::reserve_packed_scratch(scratch.kernel, std::max(d, f), max_rows);  // gemm_packed_at
     }
   }
 

@@ -271,8 +271,14 @@ class PackedPanels {
             std::copy(s, s + width, panel + k * nr + lane0);
           }
         } else {
-          for (Index c = 0; c < width; ++c) {
-            for (Index k = 0; k < rows_; ++k) panel[k * nr + lane0 + c] = at(k, j0 + c);
+          // A transposed source: tiles of kTile rows, so that the tile's panel lines stay in
+          // L1 while each column's run of kTile contiguous source values is copied.
+          constexpr Index kTile = 16;
+          for (Index k0 = 0; k0 < rows_; k0 += kTile) {
+            const Index k1 = std::min(rows_, k0 + kTile);
+            for (Index c = 0; c < width; ++c) {
+              for (Index k = k0; k < k1; ++k) panel[k * nr + lane0 + c] = at(k, j0 + c);
+            }
           }
         }
       } else {

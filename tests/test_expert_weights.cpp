@@ -532,6 +532,67 @@ TEST_CASE("parameters_changed() rejects a NaN an optimiser wrote, and the bank s
   CHECK(run_expert(bank, 0, x).allFinite());
 }
 
+// parameters_changed() checks float and bf16 copies in the repack's own pass, block formats and
+// banks without copies before it: every path names the first non-finite value of each tensor,
+// biases included, and the bank runs again once it is fixed.
+TEST_CASE("parameters_changed() names a NaN or Inf in any tensor, with every weight format",
+          "[experts][weights][train]") {
+  struct Config {
+    moet::WeightFormat format;
+    bool pack;
+  };
+  const Config config =
+      GENERATE(Config{moet::WeightFormat::kF32, true}, Config{moet::WeightFormat::kBf16, true},
+               Config{moet::WeightFormat::kQ8_0, true}, Config{moet::WeightFormat::kF32, false});
+  INFO(moet::weight_format_name(config.format) << (config.pack ? "" : ", pack_weights = false"));
+  struct Case {
+    const char* name;  // visit_parameters name
+    Index row;         // in the stack
+    Index col;
+    const char* expected;
+  };
+  // 3 experts, d 5, f 7: expert 1's rows start at 5 (in_weight), 7 (out_weight), 1 (biases).
+  const Case cases[] = {
+      {"in_weight", 5 + 2, 6,
+       "expert 1's first-layer weights must be finite, got nan at row 2, "
+       "column 6"},
+      {"out_weight", 7 + 3, 4,
+       "expert 1's second-layer weights must be finite, got nan at row 3"
+       ", column 4"},
+      {"in_bias", 2, 3, "expert 2's first-layer bias must be finite, got nan"},
+      {"out_bias", 0, 0, "expert 0's second-layer bias must be finite, got nan"},
+  };
+  const Matrix x = random_rows(4, 5, 17u, 1.0);
+  for (const Case& c : cases) {
+    INFO(c.name);
+    moet::FfnExperts<float> bank({.model_dim = 5,
+                                  .hidden_dim = 7,
+                                  .num_experts = 3,
+                                  .pack_weights = config.pack,
+                                  .weight_format = config.format});
+    const Matrix before = run_expert(bank, 1, x);
+    float kept = 0.0f;
+    const auto write = [&](float v) {
+      bank.visit_parameters(
+          [&](std::string_view name, moet::ParamMap<float> value, moet::ParamMap<float>) {
+            if (name != c.name) return;
+            if (std::isfinite(value(c.row, c.col))) kept = value(c.row, c.col);
+            value(c.row, c.col) = v;
+          });
+    };
+    write(kNaN);
+    CHECK_THROWS_WITH(bank.parameters_changed(),
+                      Contains("parameters_changed: ") && Contains(c.expected));
+    CHECK_THROWS_WITH(run_expert(bank, 1, x), Contains("must be finite"));
+    write(kInf);
+    CHECK_THROWS_WITH(bank.parameters_changed(), Contains("must be finite, got inf"));
+    write(kept);
+    bank.parameters_changed();
+    CHECK(bank.uses_packed_kernels() == config.pack);
+    CHECK(bit_identical(run_expert(bank, 1, x), before));
+  }
+}
+
 TEST_CASE("An inference-only bank has no float weights and no training members",
           "[experts][weights][inference_only]") {
   moet::FfnExperts<float> bank(

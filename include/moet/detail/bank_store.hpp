@@ -202,11 +202,14 @@ class BankStore {
          "do after their step)");
   }
 
-  // Throws naming the first NaN/Inf of any present float tensor (`where` names the caller)
-  // and marks the bank invalid; clears the mark when everything is finite.
-  void check_all_finite(const char* where) {
+  // Throws naming the first NaN/Inf of any present tensor (biases only without `weights`) and
+  // marks the bank invalid (`where`: the caller); clears the mark when everything is finite.
+  void check_all_finite(const char* where, bool weights = true) {
     for (std::size_t t = 0; t < kNumTensors; ++t) {
-      if (!present(t) || values[t].size() == 0 || finite_in_parallel(values[t])) continue;
+      if (!present(t) || (!weights && !Body::kTensors[t].bias) || values[t].size() == 0 ||
+          all_finite_parallel(values[t].data(), values[t].size())) {
+        continue;
+      }
       invalid = true;
       packed.mark_stale();
       const Tensor id = static_cast<Tensor>(t);
@@ -215,14 +218,6 @@ class BankStore {
       }
     }
     invalid = false;
-  }
-  // Whether every value of `m` is finite, in parallel blocks (`parameters_changed`, per step).
-  static bool finite_in_parallel(const RowMatrix<S>& m) {
-    std::atomic<bool> finite{true};
-    parallel_blocks(m.size(), 4 * kElementwiseBlock, [&](Index b, Index e) {
-      if (!all_finite_span(m.data() + b, e - b)) finite.store(false, std::memory_order_relaxed);
-    });
-    return finite.load(std::memory_order_relaxed);
   }
   // Every gradient to zero, in parallel blocks (`zero_grad`, once per step).
   void zero_grads() {
@@ -261,11 +256,20 @@ class BankStore {
     });
   }
 
-  // Rebuilds every packed copy from the stacks (a no-op without packed copies).
-  void repack_all() {
-    packed.rebuild(num_experts(), [&](auto& copy, Index e) {
-      Body::pack(copy, ExpertRef{*this, e});
+  // Rebuilds every packed copy from the stacks (a no-op without packed copies); false when a
+  // float or bf16 copy read a NaN or Inf.
+  bool repack_all() {
+    return packed.rebuild(num_experts(), [&](auto& copy, Index e) {
+      return Body::pack(copy, ExpertRef{*this, e});
     });
+  }
+  // Checks every weight and repacks: in the repack's pass for float and bf16 copies (read again
+  // only to name a NaN/Inf); first without copies or for a block format (its packer throws).
+  void check_and_repack(const char* where) {
+    const bool fused = packed.packing_reports_finiteness();
+    if (!fused) check_all_finite(where);
+    const bool finite = repack_all();
+    if (fused) check_all_finite(where, /*weights=*/!finite);
   }
 
   // Inference-only construction: shapes the packed copies (zero), then packs the random draw
@@ -313,11 +317,7 @@ class BankStore {
   void end_edit() {
     editing.value = false;
     const bool full = invalid || (packed.enabled() && !edit_was_current);
-    if (full) {
-      check_all_finite("edit() end");
-      repack_all();
-      return;
-    }
+    if (full) return check_and_repack("edit() end");
     for (Index e = 0; e < num_experts(); ++e) {
       for (std::size_t t = 0; t < kNumTensors; ++t) {
         if (dirty[flag(e, t)] == 0) continue;

@@ -198,17 +198,35 @@ class PackedCopies {
   /// Resizes the copy of the bank's format to `num_experts` experts, calls `pack(copy, e)` for
   /// every expert `e` in order (it packs expert `e`'s weights into `copy`, an `Expert<W>&`),
   /// and marks the copies current. A no-op unless `enabled()`.
+  /// Returns the and of every call's result when `pack` returns a bool (whether the values it
+  /// read were finite), false when it returns nothing (not known), true when nothing is packed.
   template <class Pack>
-  void rebuild(Index num_experts, Pack&& pack) {
+  bool rebuild(Index num_experts, Pack&& pack) {
+    bool finite = true;
     if constexpr (kPackable) {
-      if (!pack_weights_) return;
+      if (!pack_weights_) return true;
       with_copies([&](auto& copies) {
         copies.resize(static_cast<std::size_t>(num_experts));
-        for (Index e = 0; e < num_experts; ++e) pack(copies[static_cast<std::size_t>(e)], e);
+        for (Index e = 0; e < num_experts; ++e) {
+          auto& copy = copies[static_cast<std::size_t>(e)];
+          if constexpr (std::is_same_v<decltype(pack(copy, e)), bool>) {
+            finite = pack(copy, e) && finite;
+          } else {
+            pack(copy, e);
+            finite = false;
+          }
+        }
       });
       current_ = true;
       generation_.value.fetch_add(1, std::memory_order_relaxed);
     }
+    return finite;
+  }
+
+  /// True when the copies are float or bf16: their packing reports a NaN or Inf (packing it as
+  /// it is) instead of throwing, so a repack can be the finiteness check.
+  bool packing_reports_finiteness() const {
+    return enabled() && (format_ == WeightFormat::kF32 || format_ == WeightFormat::kBf16);
   }
 
   /// Calls `update(copy)` with expert `e`'s packed weights (an `Expert<W>&`) to repack part of

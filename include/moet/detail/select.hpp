@@ -4,6 +4,7 @@
 /// the parallel router product, finiteness checks.
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -86,6 +87,16 @@ bool all_finite_span(const S* p, Index n) {
     bad |= static_cast<U>((bits & kExp) == kExp);
   }
   return bad == 0;
+}
+
+/// `all_finite_span` over `n` values in parallel blocks (a training bank's check per step).
+template <class S>
+bool all_finite_parallel(const S* p, Index n) {
+  std::atomic<bool> finite{true};
+  parallel_blocks(n, 4 * kElementwiseBlock, [&](Index b, Index e) {
+    if (!all_finite_span(p + b, e - b)) finite.store(false, std::memory_order_relaxed);
+  });
+  return finite.load(std::memory_order_relaxed);
 }
 
 /// True when every entry is finite (no NaN, no Inf). Objects with direct access (matrices,

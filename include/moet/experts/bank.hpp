@@ -275,8 +275,7 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
     if (inference_only()) return;
     detail::require(!store_.editing.value, kName,
                     "parameters_changed: an edit() of this bank is open: end it (it repacks)");
-    store_.check_all_finite("parameters_changed");
-    store_.repack_all();
+    store_.check_and_repack("parameters_changed");
   }
 
   /// True when `forward` runs the packed kernels: a float bank with `pack_weights` whose packed

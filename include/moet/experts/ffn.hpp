@@ -181,9 +181,9 @@ struct FfnBody {
     p.w2.reset(f, d);
   }
   template <class W, class X>
-  static void pack(Packed<W>& p, const X& x) {
-    p.w1.pack(x(FfnTensor::kInWeight));
-    p.w2.pack(x(FfnTensor::kOutWeight));
+  static bool pack(Packed<W>& p, const X& x) {
+    const bool w1 = p.w1.pack(x(FfnTensor::kInWeight));
+    return p.w2.pack(x(FfnTensor::kOutWeight)) && w1;
   }
   /// Packs weight tensor `t` (never a bias) from `src` `(in, out)`.
   template <class W>

@@ -166,11 +166,12 @@ struct GluBody {
     p.gate_up.reset(d, f);
     p.down.reset(f, d);
   }
-  /// Packs every tensor of expert `x` (`x(t)` its tensor `t`).
+  /// Packs every tensor of expert `x` (`x(t)` its tensor `t`); returns whether every value
+  /// was finite (float and bf16 pack a NaN or Inf as it is, block formats throw).
   template <class W, class X>
-  static void pack(Packed<W>& p, const X& x) {
-    p.gate_up.pack(x(GluTensor::kGate), x(GluTensor::kUp));
-    p.down.pack(x(GluTensor::kDown));
+  static bool pack(Packed<W>& p, const X& x) {
+    const bool gate_up = p.gate_up.pack(x(GluTensor::kGate), x(GluTensor::kUp));
+    return p.down.pack(x(GluTensor::kDown)) && gate_up;
   }
   /// Packs tensor `t` alone from `src` `(in, out)` into an already shaped `p`.
   template <class W>

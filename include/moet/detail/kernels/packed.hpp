@@ -22,6 +22,7 @@
 /// holds row `4w + i` in its low nibble and row `16 + 4w + i` in its high nibble.
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -221,14 +222,24 @@ class PackedPanels {
   // Writes `src` (K, width) into lanes [lane0, lane0 + lanes) of consecutive panels: panel p
   // takes columns [p lanes, (p + 1) lanes) of `src`. Block formats quantise each column's
   // blocks of 32 rows (the rows past K count as zeros).
-  void write_lanes(const ConstRows<float>& src, Index lane0, Index lanes) {
-    write_lanes(src.data(), src.outerStride(), 1, src.cols(), lane0, lanes);
+  bool write_lanes(const ConstRows<float>& src, Index lane0, Index lanes) {
+    return write_lanes(src.data(), src.outerStride(), 1, src.cols(), lane0, lanes);
   }
   // The same from any strided source: entry (k, j) at `src[k k_stride + j j_stride]`, `cols`
-  // columns (a row-major matrix: (outer stride, 1); its transpose: (1, outer stride)).
-  void write_lanes(const float* src, Index k_stride, Index j_stride, Index cols, Index lane0,
+  // columns (a row-major matrix: (outer stride, 1); its transpose: (1, outer stride)). Returns
+  // whether every value read was finite: float and bf16 pack a NaN or Inf as it is (the bank's
+  // `parameters_changed` checks finiteness in this pass instead of reading the weights twice),
+  // the block formats throw.
+  bool write_lanes(const float* src, Index k_stride, Index j_stride, Index cols, Index lane0,
                    Index lanes) {
     const auto at = [&](Index k, Index j) { return src[k * k_stride + j * j_stride]; };
+    // Exponent bits all ones (NaN or Inf), or-ed over a run: branch-free, so it vectorises.
+    const auto non_finite = [](float v) {
+      std::uint32_t bits;
+      std::memcpy(&bits, &v, sizeof bits);
+      return static_cast<std::uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
+    };
+    std::atomic<bool> finite{true};
     const Index nr = panel_width();
     if constexpr (kIsQuantized<W>) {
       // Checked before the parallel region (nothing may throw inside it).
@@ -247,6 +258,7 @@ class PackedPanels {
       const Index j0 = p * lanes;
       const Index width = std::min<Index>(lanes, cols - j0);
       Storage* panel = data_.data() + p * panel_stride();
+      std::uint32_t bad = 0;
       if constexpr (kIsQuantized<W>) {
         float x[kQuantBlock];
         typename W::Block block{};
@@ -269,6 +281,7 @@ class PackedPanels {
           for (Index k = 0; k < rows_; ++k) {
             const float* s = src + k * k_stride + j0;
             std::copy(s, s + width, panel + k * nr + lane0);
+            for (Index c = 0; c < width; ++c) bad |= non_finite(s[c]);
           }
         } else {
           // A transposed source: tiles of kTile rows, so that the tile's panel lines stay in
@@ -277,16 +290,25 @@ class PackedPanels {
           for (Index k0 = 0; k0 < rows_; k0 += kTile) {
             const Index k1 = std::min(rows_, k0 + kTile);
             for (Index c = 0; c < width; ++c) {
-              for (Index k = k0; k < k1; ++k) panel[k * nr + lane0 + c] = at(k, j0 + c);
+              for (Index k = k0; k < k1; ++k) {
+                const float v = at(k, j0 + c);
+                panel[k * nr + lane0 + c] = v;
+                bad |= non_finite(v);
+              }
             }
           }
         }
       } else {
         for (Index k = 0; k < rows_; ++k) {
           Storage* row = panel + panel_offset<W>(k, lane0, nr);  // stride kKGroup per lane
-          for (Index c = 0; c < width; ++c) row[c * kKGroup<W>] = to_packed<W>(at(k, j0 + c));
+          for (Index c = 0; c < width; ++c) {
+            const float v = at(k, j0 + c);
+            row[c * kKGroup<W>] = to_packed<W>(v);
+            bad |= non_finite(v);
+          }
         }
       }
+      if (bad != 0) finite.store(false, std::memory_order_relaxed);
     });
     if constexpr (kIsQuantized<W>) {
       for (Index p = 0; p < num_panels_; ++p) {
@@ -299,6 +321,7 @@ class PackedPanels {
              "code)");
       }
     }
+    return finite.load(std::memory_order_relaxed);
   }
 
   // Block formats: writes ready blocks into lanes [lane0, lane0 + lanes) of consecutive
@@ -411,18 +434,20 @@ class PackedMatrix : public PackedPanels<W> {
 
   /// Packs `b` `(K, N)` (any row-major view, e.g. a block with an outer stride) for level `isa`,
   /// replacing the previous contents. Throws `moet::Error` when `isa` is above what the CPU has.
-  void pack(const ConstRows<float>& b, KernelIsa isa = kernel_isa()) {
+  /// Returns whether every value of `b` is finite (float and bf16 pack a NaN or Inf as it is;
+  /// the block formats throw on one).
+  bool pack(const ConstRows<float>& b, KernelIsa isa = kernel_isa()) {
     const Index nr = detail::panel_width(isa);
     this->shape(b.rows(), b.cols(), (b.cols() + nr - 1) / nr, isa, /*keep=*/true);
-    this->write_lanes(b, 0, this->panel_width());
+    return this->write_lanes(b, 0, this->panel_width());
   }
 
   /// Packs `B = bt^T` from `bt` `(N, K)` row-major (e.g. a weight `W` `(K', K)` packed as `W^T`
   /// for the backward product `dX = dY W^T`), replacing the previous contents.
-  void pack_transposed(const ConstRows<float>& bt, KernelIsa isa = kernel_isa()) {
+  bool pack_transposed(const ConstRows<float>& bt, KernelIsa isa = kernel_isa()) {
     const Index nr = detail::panel_width(isa);
     this->shape(bt.cols(), bt.rows(), (bt.rows() + nr - 1) / nr, isa, /*keep=*/true);
-    this->write_lanes(bt.data(), 1, bt.outerStride(), bt.rows(), 0, this->panel_width());
+    return this->write_lanes(bt.data(), 1, bt.outerStride(), bt.rows(), 0, this->panel_width());
   }
 
   /// Shapes the storage for a `(K, N)` matrix laid out for `isa`, every element zero.
@@ -468,16 +493,17 @@ class PackedGluMatrix : public PackedPanels<W> {
   }
 
   /// Packs `gate` and `up`, both `(K, F)`, replacing the previous contents. Throws
-  /// `moet::Error` when their shapes differ.
-  void pack(const ConstRows<float>& gate, const ConstRows<float>& up,
+  /// `moet::Error` when their shapes differ. Returns whether every value is finite (as
+  /// `PackedMatrix::pack`).
+  bool pack(const ConstRows<float>& gate, const ConstRows<float>& up,
             KernelIsa isa = kernel_isa()) {
     require(gate.rows() == up.rows() && gate.cols() == up.cols(), "PackedGluMatrix",
             "gate and up weights must have the same shape, got (", gate.rows(), ", ", gate.cols(),
             ") and (", up.rows(), ", ", up.cols(), ")");
     const Index half = detail::panel_width(isa) / 2;
     this->shape(gate.rows(), gate.cols(), (gate.cols() + half - 1) / half, isa, /*keep=*/true);
-    pack_gate(gate);
-    pack_up(up);
+    const bool gate_finite = pack_gate(gate);
+    return pack_up(up) && gate_finite;
   }
 
   /// Shapes the storage for `(K, F)` gate and up weights laid out for `isa`, every element zero.
@@ -503,9 +529,9 @@ class PackedGluMatrix : public PackedPanels<W> {
 
   /// Packs the gate weights `gate` `(K, F)` alone, leaving the up weights as they are (the
   /// shape must be the one of the last `reset` or `pack`; throws `moet::Error` otherwise).
-  void pack_gate(const ConstRows<float>& gate) { pack_half(gate, 0, "gate"); }
+  bool pack_gate(const ConstRows<float>& gate) { return pack_half(gate, 0, "gate"); }
   /// Packs the up weights `up` `(K, F)` alone (as `pack_gate`).
-  void pack_up(const ConstRows<float>& up) { pack_half(up, this->panel_width() / 2, "up"); }
+  bool pack_up(const ConstRows<float>& up) { return pack_half(up, this->panel_width() / 2, "up"); }
 
   /// The packed gate (`up = false`) or up weight at `(k, j)` (for tests and debugging).
   float packed_coeff(Index k, Index j, bool up) const {
@@ -514,11 +540,11 @@ class PackedGluMatrix : public PackedPanels<W> {
   }
 
  private:
-  void pack_half(const ConstRows<float>& src, Index lane0, const char* which) {
+  bool pack_half(const ConstRows<float>& src, Index lane0, const char* which) {
     require(src.rows() == this->rows() && src.cols() == this->cols(), "PackedGluMatrix", which,
             " weights must be (", this->rows(), ", ", this->cols(), "), got (", src.rows(), ", ",
             src.cols(), ")");
-    this->write_lanes(src, lane0, this->panel_width() / 2);
+    return this->write_lanes(src, lane0, this->panel_width() / 2);
   }
 };
 

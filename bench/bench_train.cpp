@@ -1,5 +1,6 @@
-// bench_train: the cost of training a MoE layer against inference. Per shape (d_model, d_ff, T),
-// SwiGLU experts, E = 8, top-2 (Mixtral) routing, float:
+// bench_train: the cost of training a MoE layer against inference. Per shape (d_model, d_ff, T)
+// and packed format (bf16 = 0: f32 copies; 1: bf16 copies of the float master weights), SwiGLU
+// experts, E = 8, top-2 (Mixtral) routing, float:
 //   BM_Forward          inference forward (the reference time)
 //   BM_ForwardTrain     forward_train (forward + the cache backward needs)
 //   BM_ForwardBackward  forward_train + backward (no zero_grad, no optimiser step)
@@ -25,6 +26,7 @@
 #include "moet/gates/top_k.hpp"
 #include "moet/layer.hpp"
 #include "moet/train/optim.hpp"
+#include "moet/weight_format.hpp"
 
 namespace {
 
@@ -42,10 +44,13 @@ struct Setup {
   RowMatrix<S> dx;
   Layer::Workspace ws;
 
-  Setup(Index d, Index f, Index tokens)
+  Setup(Index d, Index f, Index tokens, moet::WeightFormat format)
       : layer(moet::TopKGate<S>(moet::TopKGate<S>::mixtral_options(d, kExperts)),
-              moet::SwiGluExperts<S>(
-                  {.model_dim = d, .hidden_dim = f, .num_experts = kExperts, .init_seed = 1})),
+              moet::SwiGluExperts<S>({.model_dim = d,
+                                      .hidden_dim = f,
+                                      .num_experts = kExperts,
+                                      .init_seed = 1,
+                                      .weight_format = format})),
         x(tokens, d),
         dy(tokens, d),
         y(tokens, d),
@@ -70,7 +75,8 @@ void add_counters(benchmark::State& state, const Setup& s) {
 }
 
 Setup make(const benchmark::State& state) {
-  return Setup(state.range(0), state.range(1), state.range(2));
+  return Setup(state.range(0), state.range(1), state.range(2),
+               state.range(3) != 0 ? moet::WeightFormat::kBf16 : moet::WeightFormat::kF32);
 }
 
 void BM_Forward(benchmark::State& state) {
@@ -168,11 +174,14 @@ void BM_TrainStep(benchmark::State& state) {
   });
 }
 
-// S2 (d_model 1024, d_ff 3584) at T = 512, and a tiny shape for the ctest smoke run.
+// S2 (d_model 1024, d_ff 3584) at T = 512, and a tiny shape for the ctest smoke run; f32 and
+// bf16 packed copies.
 void shapes(benchmark::internal::Benchmark* b) {
-  b->ArgNames({"d", "f", "T"});
-  b->Args({1024, 3584, 512});
-  b->Args({32, 64, 17});
+  b->ArgNames({"d", "f", "T", "bf16"});
+  for (const int bf16 : {0, 1}) {
+    b->Args({1024, 3584, 512, bf16});
+    b->Args({32, 64, 17, bf16});
+  }
   b->UseRealTime();
   b->Unit(benchmark::kMillisecond);
 }

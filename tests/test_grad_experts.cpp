@@ -13,6 +13,7 @@
 
 #include "moet/activations.hpp"
 #include "moet/concepts.hpp"
+#include "moet/detail/kernels/packed.hpp"
 #include "moet/experts/ffn.hpp"
 #include "moet/experts/glu.hpp"
 #include "moet/tensor.hpp"
@@ -255,6 +256,31 @@ TEST_CASE("backward on the packed kernels equals the double backward", "[experts
         ffn, moet::GeluFfnExperts<double>({.model_dim = d, .hidden_dim = f, .num_experts = 2}), rel,
         "ffn-gelu");
   }
+}
+
+TEST_CASE("packed_bytes counts the backward's transposed packs, per expert once it ran",
+          "[experts][grad][packed]") {
+  const moet::WeightFormat format = GENERATE(moet::WeightFormat::kF32, moet::WeightFormat::kBf16);
+  INFO("weights " << moet::weight_format_name(format));
+  constexpr Index d = 16;
+  constexpr Index f = 40;
+  moet::SwiGluExperts<float> bank(
+      {.model_dim = d, .hidden_dim = f, .num_experts = 3, .weight_format = format});
+  // Oracle: each weight of expert 1, transposed explicitly and packed as floats.
+  std::size_t transposes = 0;
+  for (const auto id : {moet::GluTensor::kGate, moet::GluTensor::kUp, moet::GluTensor::kDown}) {
+    const RowMatrix<float> wt = bank.tensor(id, 1).transpose();
+    transposes += moet::detail::PackedMatrix<float>(wt).bytes();
+  }
+  const std::size_t forward_only = bank.packed_bytes();
+  const RowMatrix<float> in = random_rows(5, d, 61u).cast<float>();
+  RowMatrix<float> out(5, d), cache(5, bank.cache_width()), din(5, d);
+  moet::SwiGluExperts<float>::Scratch scratch;
+  bank.zero_grad();
+  CHECK(bank.packed_bytes() == forward_only);
+  bank.forward_train(1, in, out, cache, scratch);
+  bank.backward(1, in, cache, out, din, scratch);
+  CHECK(bank.packed_bytes() == forward_only + transposes);
 }
 
 TEST_CASE("forward_train caches the pre-activations", "[experts][grad]") {

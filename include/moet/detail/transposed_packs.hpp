@@ -41,7 +41,7 @@ class TransposedPacks {
     return experts_[slot];
   }
 
-  /// Bytes held (what `memory_bytes` reports).
+  /// Bytes held (part of `ExpertBank::packed_bytes`).
   std::size_t bytes() const {
     std::size_t total = 0;
     for (const Expert& x : experts_) {

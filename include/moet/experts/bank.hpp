@@ -169,9 +169,10 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
   /// FLOPs of one expert on one token: its products, `2 * in * out` each (elementwise work,
   /// activations and bias adds are not counted).
   double flops_per_token() const { return Body::flops_per_token(model_dim(), hidden_dim()); }
-  /// Bytes of the packed kernel copies (padding included; 0 without them).
+  /// Bytes of the packed kernel copies (padding included; 0 without them), the backward's
+  /// transposed float packs included (made per expert by its first packed `backward`).
   std::size_t packed_bytes() const {
-    std::size_t bytes = 0;
+    std::size_t bytes = store_.transposed.bytes();
     store_.packed.for_each([&](const auto& copy) { bytes += Body::packed_bytes(copy); });
     return bytes;
   }

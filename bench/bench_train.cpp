@@ -6,6 +6,7 @@
 //   BM_ForwardBackward  forward_train + backward (no zero_grad, no optimiser step)
 //   BM_TrainStep        zero_grad + forward_train + backward + AdamW step (after a whole
 //                       warm-up step)
+//   BM_TrainStepSaturated  the same with a saturated router (subnormal combine weights)
 // The last two report `median_ms` and `x_forward`, their median time divided by the median of
 // the same layer's forward on the same batch timed on its own just before (`x_forward_cpu`: the
 // same in thread CPU time, at 1 thread). Issue 18's targets at T = 512 on S2: <= 3.0 and <= 3.5.
@@ -13,8 +14,11 @@
 //   OMP_NUM_THREADS=1 ./bench_train --benchmark_filter=d:1024
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <ctime>
+#include <limits>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -174,6 +178,36 @@ void BM_TrainStep(benchmark::State& state) {
   });
 }
 
+// BM_TrainStep with a saturated router: every token's input is shifted by +0.5 and the router's
+// column for expert 0 set to 0.2, so at S2 expert 0's logit is about 100 above the others and the
+// second choice's combine weight is subnormal for most tokens (counter `subnormal_weights`: the
+// fraction of combine weights that are). Shows what subnormal numbers cost a step (README, "What
+// is not done yet"); run it next to BM_TrainStep.
+void BM_TrainStepSaturated(benchmark::State& state) {
+  Setup s = make(state);
+  s.x.array() += S(0.5);
+  s.layer.visit_parameters(
+      [](std::string_view name, moet::ParamMap<S> value, moet::ParamMap<S> /*grad*/) {
+        if (name.find("router") != std::string_view::npos) value.col(0).setConstant(S(0.2));
+      });
+  s.layer.parameters_changed();
+  moet::AdamW<S> opt({.lr = 1e-5});
+  s.layer.zero_grad();
+  s.forward_backward();
+  opt.step(s.layer);
+  timed_against_forward(state, s, [&] {
+    s.layer.zero_grad();
+    s.forward_backward();
+    opt.step(s.layer);
+  });
+  const auto weights = s.ws.routing.weights();
+  const auto subnormal = std::count_if(weights.begin(), weights.end(), [](S w) {
+    return w != S(0) && std::abs(w) < std::numeric_limits<S>::min();
+  });
+  state.counters["subnormal_weights"] =
+      weights.empty() ? 0.0 : static_cast<double>(subnormal) / static_cast<double>(weights.size());
+}
+
 // S2 (d_model 1024, d_ff 3584) at T = 512, and a tiny shape for the ctest smoke run; f32 and
 // bf16 packed copies.
 void shapes(benchmark::internal::Benchmark* b) {
@@ -190,6 +224,7 @@ BENCHMARK(BM_Forward)->Apply(shapes);
 BENCHMARK(BM_ForwardTrain)->Apply(shapes);
 BENCHMARK(BM_ForwardBackward)->Apply(shapes);
 BENCHMARK(BM_TrainStep)->Apply(shapes);
+BENCHMARK(BM_TrainStepSaturated)->Apply(shapes);
 
 }  // namespace
 

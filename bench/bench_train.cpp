@@ -6,7 +6,10 @@
 //   BM_ForwardBackward  forward_train + backward (no zero_grad, no optimiser step)
 //   BM_TrainStep        zero_grad + forward_train + backward + AdamW step (after a whole
 //                       warm-up step)
-//   BM_TrainStepSaturated  the same with a saturated router (subnormal combine weights)
+//   BM_TrainStepSaturated  the same with a saturated router (subnormal router probabilities),
+//                       subnormals flushed in moet's tasks (the default)
+//   BM_TrainStepSaturatedIeee  the same with moet::set_flush_denormals(false): IEEE gradual
+//                       underflow, subnormal combine weights, gradients and moments
 // The last two report `median_ms` and `x_forward`, their median time divided by the median of
 // the same layer's forward on the same batch timed on its own just before (`x_forward_cpu`: the
 // same in thread CPU time, at 1 thread). Issue 18's targets at T = 512 on S2: <= 3.0 and <= 3.5.
@@ -180,10 +183,13 @@ void BM_TrainStep(benchmark::State& state) {
 
 // BM_TrainStep with a saturated router: every token's input is shifted by +0.5 and the router's
 // column for expert 0 set to 0.2, so at S2 expert 0's logit is about 100 above the others and the
-// second choice's combine weight is subnormal for most tokens (counter `subnormal_weights`: the
-// fraction of combine weights that are). Shows what subnormal numbers cost a step (README, "What
-// is not done yet"); run it next to BM_TrainStep.
-void BM_TrainStepSaturated(benchmark::State& state) {
+// other experts' probabilities are subnormal under IEEE arithmetic. Counter `subnormal_weights`:
+// the fraction of combine weights that are subnormal. With moet's default flush they are 0 and
+// the step costs what BM_TrainStep does; with `flush = false` (BM_TrainStepSaturatedIeee) the
+// rows, gradients and AdamW moments they touch take the CPU's microcode assists.
+void train_step_saturated(benchmark::State& state, bool flush) {
+  const bool before = moet::flush_denormals();
+  moet::set_flush_denormals(flush);
   Setup s = make(state);
   s.x.array() += S(0.5);
   s.layer.visit_parameters(
@@ -206,7 +212,10 @@ void BM_TrainStepSaturated(benchmark::State& state) {
   });
   state.counters["subnormal_weights"] =
       weights.empty() ? 0.0 : static_cast<double>(subnormal) / static_cast<double>(weights.size());
+  moet::set_flush_denormals(before);
 }
+void BM_TrainStepSaturated(benchmark::State& state) { train_step_saturated(state, true); }
+void BM_TrainStepSaturatedIeee(benchmark::State& state) { train_step_saturated(state, false); }
 
 // S2 (d_model 1024, d_ff 3584) at T = 512, and a tiny shape for the ctest smoke run; f32 and
 // bf16 packed copies.
@@ -225,6 +234,7 @@ BENCHMARK(BM_ForwardTrain)->Apply(shapes);
 BENCHMARK(BM_ForwardBackward)->Apply(shapes);
 BENCHMARK(BM_TrainStep)->Apply(shapes);
 BENCHMARK(BM_TrainStepSaturated)->Apply(shapes);
+BENCHMARK(BM_TrainStepSaturatedIeee)->Apply(shapes);
 
 }  // namespace
 

@@ -6,8 +6,19 @@
 /// Eigen products called from a task never start threads of their own.
 ///
 /// Task bodies must not throw: check arguments before the region, collect failures in flags.
+///
+/// Tasks run with subnormal floats flushed to zero while `moet::flush_denormals()` is on
+/// (`DenormalGuard`, in every thread of the region, the caller's thread included).
 
 #include <algorithm>
+#include <cstdint>
+
+#if defined(__SSE__) || defined(__x86_64__)
+#include <xmmintrin.h>
+#define MOET_HAS_MXCSR 1
+#else
+#define MOET_HAS_MXCSR 0
+#endif
 
 #include "moet/config.hpp"
 #include "moet/tensor.hpp"
@@ -23,6 +34,34 @@ inline int thread_id() {
 #endif
 }
 
+/// While alive, the calling thread runs with flush-to-zero and denormals-are-zero (MXCSR bits 15
+/// and 6) if `moet::flush_denormals()` was on when it was made; its destructor puts back only
+/// those two bits, so the status flags the tasks raised and the caller's rounding mode stay.
+class DenormalGuard {
+ public:
+  DenormalGuard() {
+#if MOET_HAS_MXCSR
+    if (flush_denormals()) {
+      saved_ = _mm_getcsr() & kBits;
+      _mm_setcsr(_mm_getcsr() | kBits);
+      active_ = true;
+    }
+#endif
+  }
+  ~DenormalGuard() {
+#if MOET_HAS_MXCSR
+    if (active_) _mm_setcsr((_mm_getcsr() & ~kBits) | saved_);
+#endif
+  }
+  DenormalGuard(const DenormalGuard&) = delete;
+  DenormalGuard& operator=(const DenormalGuard&) = delete;
+
+ private:
+  static constexpr std::uint32_t kBits = 0x8040;  // FTZ (bit 15) | DAZ (bit 6)
+  std::uint32_t saved_ = 0;
+  bool active_ = false;
+};
+
 /// Upper bound on `thread_id() + 1` for the next region: size per-thread scratch with it.
 inline int max_threads() { return num_threads(); }
 
@@ -35,6 +74,7 @@ void parallel_for(Index num_tasks, Task&& task) {
   if (num_tasks > 1 && omp_get_max_threads() > 1 && !omp_in_parallel()) {
 #pragma omp parallel default(none) shared(num_tasks, task)
     {
+      const DenormalGuard guard;
       omp_set_num_threads(1);  // this thread's nested regions (Eigen's) stay serial
 #pragma omp for schedule(dynamic, 1)
       for (Index i = 0; i < num_tasks; ++i) task(i);
@@ -45,12 +85,14 @@ void parallel_for(Index num_tasks, Task&& task) {
   if (!omp_in_parallel()) {
 #pragma omp parallel num_threads(1) default(none) shared(num_tasks, task)
     {
+      const DenormalGuard guard;
       omp_set_num_threads(1);
       for (Index i = 0; i < num_tasks; ++i) task(i);
     }
     return;
   }
 #endif
+  const DenormalGuard guard;
   for (Index i = 0; i < num_tasks; ++i) task(i);
 }
 

@@ -38,6 +38,7 @@
 #include "moet/routing.hpp"
 #include "moet/stats.hpp"
 #include "moet/tensor.hpp"
+#include "moet/train/bias_balance.hpp"
 #include "moet/train/losses.hpp"
 #include "moet/train/optim.hpp"
 #include "moet/train/thor.hpp"

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "moet/detail/expert_bank.hpp"
+#include "moet/detail/grad_stacks.hpp"
 #include "moet/detail/parallel.hpp"
 #include "moet/detail/rng.hpp"
 #include "moet/detail/select.hpp"
@@ -148,7 +149,7 @@ class BankStore {
   // The gradients (zero) and the transposed packs, sized on first use (`what`: the caller).
   void ensure_grad(const char* what) {
     require_training(what);
-    for (std::size_t t = 0; t < kNumTensors; ++t) ensure_grad_like(grads[t], values[t]);
+    grads.ensure_like(values, num_experts());
     if (packed.enabled()) transposed.resize(num_experts());
   }
   // Opens the bank's `edit()` (see `ExpertBank::edit`).
@@ -218,12 +219,6 @@ class BankStore {
       }
     }
     invalid = false;
-  }
-  // Every gradient to zero, in parallel blocks (`zero_grad`, once per step).
-  void zero_grads() {
-    for (RowMatrix<S>& g : grads)
-      parallel_blocks(g.size(), kElementwiseBlock,
-                      [p = g.data()](Index b, Index e) { std::fill(p + b, p + e, S(0)); });
   }
   // The same, for the const error path (does not change the state).
   void check_all_finite(const char* where) const {
@@ -462,8 +457,8 @@ class BankStore {
   // One stack per tensor (num_experts * rows, cols); (0, cols) for an absent bias and, in an
   // inference-only bank, for the weights (they live only packed).
   std::array<RowMatrix<S>, kNumTensors> values;
-  // The gradients, lazily allocated with the stacks' shapes.
-  std::array<RowMatrix<S>, kNumTensors> grads;
+  // The gradients, allocated on first use with the stacks' shapes and zeroed lazily.
+  GradStacks<S, kNumTensors> grads;
   // WeightInit::kNone: 1 per (expert, tensor) not set yet, and how many. (Each flag belongs to
   // one expert, so setters of different experts may run at once.)
   std::vector<unsigned char> unset_flags;

@@ -20,10 +20,8 @@
 ///   `[out, in]` (`WeightLayout`), check the shape (a `moet::Error` naming the bank, setter,
 ///   expert, both shapes and the layout, "looks transposed" when it is) and finiteness, store
 ///   the weights and repack that one tensor; or through a scoped `edit()` whose views are
-///   writable and which checks and repacks what it handed out when it ends. `forward` never
-///   reads weights that the packed copy has not caught up with: while the copy is stale it
-///   throws (see `check_ready`), it never falls back to a slower path behind the caller's
-///   back.
+///   writable and which checks and repacks what it handed out when it ends. While the packed
+///   copy is stale `forward` throws (`check_ready`): it never falls back to a slower path.
 /// - **Optimisers** keep concepts.hpp's training protocol: `visit_parameters(f)` hands out the
 ///   stacks (and marks the packed copy stale), then `parameters_changed()` checks that every
 ///   weight is finite and repacks. A NaN or Inf is rejected by every writer: `set_*` (nothing
@@ -97,9 +95,8 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
   using Tensor = typename Body::Tensor;
   /// Per-thread workspace of `forward`, `forward_train` and `backward`.
   using Scratch = typename Body::template Scratch<S>;
-  /// A bias row viewed in place, read-only.
+  /// A bias row viewed in place, read-only, and writable (inside `edit()`).
   using ConstBiasMap = Eigen::Map<const Eigen::Matrix<S, 1, Eigen::Dynamic>>;
-  /// A bias row viewed in place (inside `edit()`).
   using BiasMap = Eigen::Map<Eigen::Matrix<S, 1, Eigen::Dynamic>>;
   /// Tensors per expert (biases included, present or not).
   static constexpr std::size_t kNumTensors = Body::kTensors.size();
@@ -199,9 +196,8 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
     return Eigen::Map<const RowMatrix<S>>(s.data(), s.rows(), s.cols());
   }
 
-  /// The accumulated gradient of tensor `t`, shaped like its stack (empty before the first
-  /// `zero_grad`, `backward` or `visit_parameters`, and always in an inference-only bank).
-  const RowMatrix<S>& grad(Tensor t) const { return store_.grads[index(t)]; }
+  /// Tensor `t`'s gradient, shaped like its stack (empty until allocated, or if inference-only).
+  const RowMatrix<S>& grad(Tensor t) const { return store_.grads.materialised(index(t)); }
 
   // --- writing --------------------------------------------------------------------------------
 
@@ -379,11 +375,12 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
 
   /// Backward of expert `e` on `n` rows: `in` and `cache` as given to / written by
   /// `forward_train`, `dout` = dL/dout `(n, model_dim)`. Accumulates expert `e`'s gradients
-  /// (the body's formulas) and **writes** `din` = dL/din `(n, model_dim)`: packed kernels on
-  /// the float weights packed transposed per version (`detail::TransposedPacks`) when the
-  /// packed copy is current, else Eigen's. Allocates on first use (call `zero_grad()` first when
-  /// calls for different experts run concurrently; never two for one expert). Deterministic: each
-  /// product's result depends only on its operands' shapes and values. Throws like `forward_train`.
+  /// (the body's formulas; the first call since `zero_grad` writes them) and **writes** `din` =
+  /// dL/din `(n, model_dim)`: packed kernels on the float weights packed transposed per version
+  /// (`detail::TransposedPacks`) when the packed copy is current, else Eigen's. Allocates on
+  /// first use (call `zero_grad()` first when calls for different experts run concurrently;
+  /// never two for one expert). Deterministic: each product's result depends only on its
+  /// operands' shapes and values. Throws like `forward_train`.
   void backward(Index e, const ConstRows<S>& in, const ConstRows<S>& cache,
                 const ConstRows<S>& dout, Rows<S> din, Scratch& scratch) {
     MOET_ASSERT(e >= 0 && e < num_experts(), "expert id out of range");
@@ -395,25 +392,27 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
     store_.require_ready("backward", true);
     ensure_grad();
     if (in.rows() == 0) return;
+    const bool fresh = store_.grads.take_pending(e);
     if constexpr (std::is_same_v<S, float>) {
       if (const auto* packs = store_.backward_packs(e)) {
         Body::backward_packed(ExpertRef{store_, e}, GradRef{store_, e}, *packs, in, cache, dout,
-                              din, scratch);
+                              din, !fresh, scratch);
         return;
       }
     }
+    if (fresh) store_.grads.zero_expert(e);
     Body::backward(ExpertRef{store_, e}, GradRef{store_, e}, in, cache, dout, din, scratch);
   }
 
-  /// Sets every gradient to zero (allocating them on first use). Throws `moet::Error` for an
-  /// inference-only bank.
+  /// Sets every gradient to zero (allocating them on first use), writing nothing: an expert's
+  /// first `backward` writes its gradients, readers (`grad`, `visit_parameters`) the zeros of
+  /// experts that got no rows (detail/grad_stacks.hpp). Throws `moet::Error` if inference-only.
   void zero_grad() {
     store_.ensure_grad("zero_grad");
-    store_.zero_grads();
+    store_.grads.zero();
   }
 
-  /// Allocates the gradients (zero) if they are not yet; a no-op afterwards. Throws
-  /// `moet::Error` for an inference-only bank.
+  /// Allocates the gradients (zero) if not yet; a no-op afterwards. Throws if inference-only.
   void ensure_grad() { store_.ensure_grad("ensure_grad"); }
 
   /// Calls `f(name, value, grad)` for every stacked parameter in the body's order (names and
@@ -428,6 +427,7 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
     detail::require(!store_.editing.value, kName,
                     "visit_parameters: an edit() of this bank is open");
     store_.packed.mark_stale();
+    store_.grads.materialise();
     for (std::size_t t = 0; t < kNumTensors; ++t) {
       if (store_.present(t))
         detail::visit_stack(f, Body::kTensors[t].name, store_.values[t], store_.grads[t]);

@@ -311,22 +311,28 @@ struct FfnBody {
 
   /// `backward` on the packed kernels (float banks with current packed weights): the products
   /// against the bank's transposed weights `wt` and the activations packed here, as in
-  /// `GluBody::backward_packed`.
+  /// `GluBody::backward_packed` (gradients written instead of added when not `accumulate`).
   template <class X, class G, class T>
   static void backward_packed(const X& x, const G& grads, const T& wt, const ConstRows<float>& in,
                               const ConstRows<float>& cache, const ConstRows<float>& dout,
-                              Rows<float> din, Scratch<float>& scratch) {
+                              Rows<float> din, bool accumulate, Scratch<float>& scratch) {
     constexpr auto kIn = static_cast<std::size_t>(FfnTensor::kInWeight);
     constexpr auto kOut = static_cast<std::size_t>(FfnTensor::kOutWeight);
     const KernelIsa isa = wt[kOut].isa();
     auto h = detail::aligned_matrix(scratch.hidden, in.rows(), x.hidden_dim());  // h, then da
     activate(cache, h);
     scratch.rows.pack(dout, isa);
-    detail::gemm_packed_at(h, scratch.rows, grads(FfnTensor::kOutWeight), true, scratch.kernel);
+    detail::gemm_packed_at(h, scratch.rows, grads(FfnTensor::kOutWeight), accumulate,
+                           scratch.kernel);
     detail::gemm_packed(dout, wt[kOut], h, false, scratch.kernel);  // dh
+    if (!accumulate && x.bias()) {  // the bias rows are tiny: zero them, then add as before
+      grads(FfnTensor::kInBias).setZero();
+      grads(FfnTensor::kOutBias).setZero();
+    }
     backward_rest(x, grads, cache, dout, h);
     scratch.rows.pack(h, isa);
-    detail::gemm_packed_at(in, scratch.rows, grads(FfnTensor::kInWeight), true, scratch.kernel);
+    detail::gemm_packed_at(in, scratch.rows, grads(FfnTensor::kInWeight), accumulate,
+                           scratch.kernel);
     detail::gemm_packed(h, wt[kIn], din, false, scratch.kernel);
   }
 

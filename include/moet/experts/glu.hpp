@@ -329,12 +329,12 @@ struct GluBody {
   /// `backward` on the packed kernels (float banks with current packed weights): the same
   /// formulas, every product a `gemm_packed` against the bank's transposed weights `wt`
   /// (`dh`, `din`) or a `gemm_packed_at` against the activations packed here (the weight
-  /// gradients, each a chain over the rows in order). Each result depends only on its
-  /// operands, as in `backward`.
+  /// gradients, each a chain over the rows in order; written instead of added when not
+  /// `accumulate`). Each result depends only on its operands, as in `backward`.
   template <class X, class G, class T>
   static void backward_packed(const X& x, const G& grads, const T& wt, const ConstRows<float>& in,
                               const ConstRows<float>& cache, const ConstRows<float>& dout,
-                              Rows<float> din, Scratch<float>& scratch) {
+                              Rows<float> din, bool accumulate, Scratch<float>& scratch) {
     constexpr auto kGate = static_cast<std::size_t>(GluTensor::kGate);
     constexpr auto kUp = static_cast<std::size_t>(GluTensor::kUp);
     constexpr auto kDown = static_cast<std::size_t>(GluTensor::kDown);
@@ -344,13 +344,13 @@ struct GluBody {
     auto b = detail::aligned_matrix(scratch.up, in.rows(), f);    // h, dh, then du
     backward_hidden(cache, a, b, f);
     scratch.rows.pack(dout, isa);
-    detail::gemm_packed_at(b, scratch.rows, grads(GluTensor::kDown), true, scratch.kernel);
+    detail::gemm_packed_at(b, scratch.rows, grads(GluTensor::kDown), accumulate, scratch.kernel);
     detail::gemm_packed(dout, wt[kDown], b, false, scratch.kernel);  // dh
     backward_gates(cache, a, b, f);
     scratch.rows.pack(a, isa);
-    detail::gemm_packed_at(in, scratch.rows, grads(GluTensor::kGate), true, scratch.kernel);
+    detail::gemm_packed_at(in, scratch.rows, grads(GluTensor::kGate), accumulate, scratch.kernel);
     scratch.rows.pack(b, isa);
-    detail::gemm_packed_at(in, scratch.rows, grads(GluTensor::kUp), true, scratch.kernel);
+    detail::gemm_packed_at(in, scratch.rows, grads(GluTensor::kUp), accumulate, scratch.kernel);
     detail::gemm_packed(a, wt[kGate], din, false, scratch.kernel);
     detail::gemm_packed(b, wt[kUp], din, true, scratch.kernel);
   }

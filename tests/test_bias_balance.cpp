@@ -17,11 +17,14 @@
 #include "moet/train/bias_balance.hpp"
 #include "moet/train/optim.hpp"
 
+#include "random_rows.hpp"
+
 namespace {
 
 using Catch::Matchers::Contains;
 using moet::Index;
 using moet::RowMatrix;
+using moet_test::random_rows;
 using Gate = moet::GroupedTopKGate<float>;
 using Balancer = moet::LossFreeBalancer<float>;
 
@@ -47,14 +50,6 @@ RowMatrix<float> one_hot_rows(const std::vector<Index>& hot) {
 std::vector<float> bias_of(const Gate& gate) {
   const auto b = gate.score_bias();
   return {b.data(), b.data() + b.size()};
-}
-
-RowMatrix<float> random_rows(Index rows, Index cols, std::uint32_t seed) {
-  std::mt19937 gen(seed);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  RowMatrix<float> m(rows, cols);
-  for (Index i = 0; i < m.size(); ++i) m.data()[i] = normal(gen);
-  return m;
 }
 
 // Assignments per expert, counted from the plan's token lists.

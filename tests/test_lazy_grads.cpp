@@ -15,18 +15,13 @@
 #include "moet/experts/ffn.hpp"
 #include "moet/experts/glu.hpp"
 
+#include "random_rows.hpp"
+
 namespace {
 
 using moet::Index;
 using moet::RowMatrix;
-
-RowMatrix<float> random_rows(Index rows, Index cols, std::uint32_t seed) {
-  std::mt19937 gen(seed);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  RowMatrix<float> m(rows, cols);
-  for (Index i = 0; i < m.size(); ++i) m.data()[i] = normal(gen);
-  return m;
-}
+using moet_test::random_rows;
 
 template <class Bank>
 std::vector<std::vector<float>> all_grads(Bank& bank) {

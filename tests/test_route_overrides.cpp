@@ -23,19 +23,14 @@
 #include "moet/layer.hpp"
 #include "moet/routing.hpp"
 
+#include "random_rows.hpp"
+
 namespace {
 
 using Catch::Matchers::Contains;
 using moet::Index;
 using moet::RowMatrix;
-
-RowMatrix<float> random_rows(Index rows, Index cols, std::uint32_t seed) {
-  std::mt19937 gen(seed);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  RowMatrix<float> m(rows, cols);
-  for (Index i = 0; i < m.size(); ++i) m.data()[i] = normal(gen);
-  return m;
-}
+using moet_test::random_rows;
 
 bool same_bits(std::span<const float> a, std::span<const float> b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "moet/context.hpp"
+#include "moet/gates/expert_choice.hpp"
 #include "moet/gates/grouped_top_k.hpp"
 #include "moet/gates/importance.hpp"
 #include "moet/gates/stochastic.hpp"
@@ -188,6 +189,13 @@ void for_each_gate(std::uint64_t init_seed, F&& f) {
     f(std::string("grouped top-k, sigmoid, top-2 groups, score bias (DeepSeek-V3)"), v3,
       ContextSpec{});
   }
+  f(std::string("expert choice, capacity factor 1.5"),
+    moet::ExpertChoiceGate<float>({.model_dim = kModelDim,
+                                   .num_experts = kExperts,
+                                   .capacity_factor = 1.5,
+                                   .min_capacity = 1,
+                                   .init_seed = s}),
+    ContextSpec{});
   f(std::string("stochastic, training"),
     StochasticGate<float>({.model_dim = kModelDim, .num_experts = kExperts, .stream = s}),
     ContextSpec{.training = true});

@@ -107,6 +107,14 @@ TEST_CASE("Every gate gives thread-count-independent output equal to the referen
                    {.model_dim = kModelDim, .num_experts = kExperts, .k_max = 4, .init_seed = s}),
                x, ctx);
   }
+  SECTION("expert choice") {
+    const double cf = GENERATE(0.5, 2.0);
+    check_gate(moet::ExpertChoiceGate<float>({.model_dim = kModelDim,
+                                              .num_experts = kExperts,
+                                              .capacity_factor = cf,
+                                              .init_seed = s}),
+               x, ctx);
+  }
   SECTION("stochastic") {
     const auto mode = GENERATE(moet::StochasticInference::kToken,
                                moet::StochasticInference::kEnsemble);

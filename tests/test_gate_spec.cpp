@@ -133,6 +133,11 @@ TEST_CASE("A gate built from a spec routes as the gate built from the same Optio
        .scaling = moet::WeightScaling::kInsteadOfNormalization});
   check_spec<Grouped>("grouped_top_k:n_group=2,topk_group=1,k=2",
                       {.k = 2, .num_groups = 2, .groups_kept = 1});
+  using ExpertChoice = moet::ExpertChoiceGate<float>;
+  check_spec<ExpertChoice>("expert_choice", {});
+  check_spec<ExpertChoice>("expert_choice:capacity=0.75,min_capacity=0",
+                           {.capacity_factor = 0.75, .min_capacity = 0});
+  check_spec<ExpertChoice>("expert_choice:capacity_factor=3", {.capacity_factor = 3.0});
 }
 
 TEST_CASE("with_gate_options hands out the Options before the gate is built", "[gate][spec]") {
@@ -186,8 +191,10 @@ TEST_CASE("The printed defaults are Options{}'s and a spec of them builds the de
   all_defaults(std::type_identity<moet::ImportanceGate<float>>{});
   all_defaults(std::type_identity<moet::StochasticGate<float>>{});
   all_defaults(std::type_identity<moet::GroupedTopKGate<float>>{});
+  all_defaults(std::type_identity<moet::ExpertChoiceGate<float>>{});
   CHECK(moet::gate_names() == std::vector<std::string>{"top_k", "top_p", "top_any", "importance",
-                                                       "stochastic", "grouped_top_k"});
+                                                       "stochastic", "grouped_top_k",
+                                                       "expert_choice"});
 }
 
 TEST_CASE("Spec errors name the spec and list what is valid", "[gate][spec][bad_input]") {
@@ -197,7 +204,8 @@ TEST_CASE("Spec errors name the spec and list what is valid", "[gate][spec][bad_
   CHECK_THROWS_WITH(
       build("top_kk:k=2"),
       Contains("unknown gate 'top_kk' in 'top_kk:k=2'") &&
-          Contains("valid gates: top_k, top_p, top_any, importance, stochastic, grouped_top_k"));
+          Contains("valid gates: top_k, top_p, top_any, importance, stochastic, grouped_top_k, "
+                   "expert_choice"));
   CHECK_THROWS_WITH(build("top_k:kk=2"),
                     Contains("unknown key 'kk' for gate top_k") &&
                         Contains("its keys: k, renorm, noisy, capacity, min_capacity"));

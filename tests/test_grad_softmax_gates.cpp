@@ -19,6 +19,7 @@
 
 #include "moet/concepts.hpp"
 #include "moet/config.hpp"
+#include "moet/gates/expert_choice.hpp"
 #include "moet/gates/importance.hpp"
 #include "moet/gates/top_k.hpp"
 #include "moet/gates/top_p.hpp"
@@ -42,6 +43,8 @@ static_assert(moet::TrainableGate<moet::ImportanceGate<float>>,
 static_assert(moet::TrainableGate<moet::ImportanceGate<double>>,
               "ImportanceGate<double> is trainable");
 static_assert(moet::TrainableGate<ThresholdGate<double>>, "example 03's gate is trainable");
+static_assert(moet::TrainableGate<moet::ExpertChoiceGate<double>>,
+              "ExpertChoiceGate<double> is trainable");
 
 template <class S>
 RowMatrix<S> random_matrix(Index rows, Index cols, std::uint32_t seed, double scale = 1.0) {
@@ -311,6 +314,26 @@ TEST_CASE("TopPGate backward matches finite differences with the kept set fixed"
   moet::Routing<double> plan;
   gate.route(x, {}, plan);
   REQUIRE(plan.mean_k() > 1.0);  // some tokens keep several experts
+  check_gradients(gate, x, {}, true, true);
+  SECTION("weights only") { check_gradients(gate, x, {}, false, false); }
+}
+
+TEST_CASE("ExpertChoiceGate backward matches finite differences with the choice fixed",
+          "[train][grad][gate][expert_choice]") {
+  // (seed, capacity factor): C = 2 and C = 4 of 14 tokens per expert.
+  const auto [seed, cf] = GENERATE(table<std::uint32_t, double>({{14u, 1.0}, {17u, 1.5}}));
+  const RowMatrix<double> x = random_matrix<double>(kTokens, kDim, seed);
+  moet::ExpertChoiceGate<double> gate(
+      {.model_dim = kDim, .num_experts = kExperts, .capacity_factor = cf, .min_capacity = 0});
+  moet::Routing<double> plan;
+  gate.route(x, {}, plan);
+  Index none = 0, several = 0;
+  for (Index t = 0; t < kTokens; ++t) {
+    none += plan.k(t) == 0 ? 1 : 0;
+    several += plan.k(t) > 1 ? 1 : 0;
+  }
+  REQUIRE(none > 0);     // tokens no expert took: gradient through d_probs and d_logits only
+  REQUIRE(several > 0);  // and tokens several experts took
   check_gradients(gate, x, {}, true, true);
   SECTION("weights only") { check_gradients(gate, x, {}, false, false); }
 }

@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "moet/errors.hpp"
+#include "moet/gates/expert_choice.hpp"
 #include "moet/gates/grouped_top_k.hpp"
 #include "moet/gates/importance.hpp"
 #include "moet/gates/spec_keys.hpp"
@@ -163,6 +164,20 @@ struct GateSpecTraits<GroupedTopKGate<S>> {
   }
 };
 
+/// `expert_choice` (`ExpertChoiceGate`).
+template <class S>
+struct GateSpecTraits<ExpertChoiceGate<S>> {
+  using O = typename ExpertChoiceGate<S>::Options;
+  static constexpr const char* name = "expert_choice";
+  static constexpr const char* summary =
+      "expert choice (Zhou et al. 2022): each expert takes its C best tokens; not causal";
+  static std::vector<GateSpecKey<O>> keys() {
+    return {spec_field<&O::capacity_factor>("capacity", "mean experts per token, > 0",
+                                            "capacity_factor"),
+            spec_field<&O::min_capacity>("min_capacity", "lower bound of C, >= 0")};
+  }
+};
+
 // --- the registry ------------------------------------------------------------------------------
 
 /// A list of gate templates (each `Gate<S>` with a `GateSpecTraits` specialisation).
@@ -170,8 +185,8 @@ template <template <class> class... Gates>
 struct GateList {};
 
 /// The gates the grammar builds by default, in the order `gate_spec_help()` lists them.
-using ShippedGates =
-    GateList<TopKGate, TopPGate, TopAnyGate, ImportanceGate, StochasticGate, GroupedTopKGate>;
+using ShippedGates = GateList<TopKGate, TopPGate, TopAnyGate, ImportanceGate, StochasticGate,
+                              GroupedTopKGate, ExpertChoiceGate>;
 
 namespace detail {
 

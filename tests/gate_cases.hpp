@@ -13,6 +13,7 @@
 #include "moet/gates/expert_choice.hpp"
 #include "moet/gates/grouped_top_k.hpp"
 #include "moet/gates/importance.hpp"
+#include "moet/gates/relu.hpp"
 #include "moet/gates/stochastic.hpp"
 #include "moet/gates/top_any.hpp"
 #include "moet/gates/top_k.hpp"
@@ -195,6 +196,9 @@ void for_each_gate(std::uint64_t init_seed, F&& f) {
                                    .capacity_factor = 1.5,
                                    .min_capacity = 1,
                                    .init_seed = s}),
+    ContextSpec{});
+  f(std::string("relu (ReMoE)"),
+    moet::ReluGate<float>({.model_dim = kModelDim, .num_experts = kExperts, .init_seed = s}),
     ContextSpec{});
   f(std::string("stochastic, training"),
     StochasticGate<float>({.model_dim = kModelDim, .num_experts = kExperts, .stream = s}),

@@ -115,6 +115,11 @@ TEST_CASE("Every gate gives thread-count-independent output equal to the referen
                                               .init_seed = s}),
                x, ctx);
   }
+  SECTION("relu") {
+    check_gate(
+        moet::ReluGate<float>({.model_dim = kModelDim, .num_experts = kExperts, .init_seed = s}), x,
+        ctx);
+  }
   SECTION("stochastic") {
     const auto mode = GENERATE(moet::StochasticInference::kToken,
                                moet::StochasticInference::kEnsemble);

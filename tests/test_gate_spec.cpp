@@ -138,6 +138,7 @@ TEST_CASE("A gate built from a spec routes as the gate built from the same Optio
   check_spec<ExpertChoice>("expert_choice:capacity=0.75,min_capacity=0",
                            {.capacity_factor = 0.75, .min_capacity = 0});
   check_spec<ExpertChoice>("expert_choice:capacity_factor=3", {.capacity_factor = 3.0});
+  check_spec<moet::ReluGate<float>>("relu", {});
 }
 
 TEST_CASE("with_gate_options hands out the Options before the gate is built", "[gate][spec]") {
@@ -192,9 +193,10 @@ TEST_CASE("The printed defaults are Options{}'s and a spec of them builds the de
   all_defaults(std::type_identity<moet::StochasticGate<float>>{});
   all_defaults(std::type_identity<moet::GroupedTopKGate<float>>{});
   all_defaults(std::type_identity<moet::ExpertChoiceGate<float>>{});
+  all_defaults(std::type_identity<moet::ReluGate<float>>{});
   CHECK(moet::gate_names() == std::vector<std::string>{"top_k", "top_p", "top_any", "importance",
                                                        "stochastic", "grouped_top_k",
-                                                       "expert_choice"});
+                                                       "expert_choice", "relu"});
 }
 
 TEST_CASE("Spec errors name the spec and list what is valid", "[gate][spec][bad_input]") {
@@ -205,7 +207,7 @@ TEST_CASE("Spec errors name the spec and list what is valid", "[gate][spec][bad_
       build("top_kk:k=2"),
       Contains("unknown gate 'top_kk' in 'top_kk:k=2'") &&
           Contains("valid gates: top_k, top_p, top_any, importance, stochastic, grouped_top_k, "
-                   "expert_choice"));
+                   "expert_choice, relu"));
   CHECK_THROWS_WITH(build("top_k:kk=2"),
                     Contains("unknown key 'kk' for gate top_k") &&
                         Contains("its keys: k, renorm, noisy, capacity, min_capacity"));
@@ -213,6 +215,8 @@ TEST_CASE("Spec errors name the spec and list what is valid", "[gate][spec][bad_
                     Contains("unknown key 'max_experts'") &&
                         Contains("initial, variant, temperature, trainable_temperature, "
                                  "schedule, period"));
+  CHECK_THROWS_WITH(build("relu:k=2"),
+                    Contains("unknown key 'k' for gate relu") && Contains("its keys: (none)"));
   CHECK_THROWS_WITH(build("top_k:k=two"),
                     Contains("key 'k' takes an integer, got 'two'") && Contains("'top_k:k=two'"));
   CHECK_THROWS_WITH(build("top_k:k=1.5"), Contains("key 'k' takes an integer, got '1.5'"));

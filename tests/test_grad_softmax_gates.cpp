@@ -21,6 +21,7 @@
 #include "moet/config.hpp"
 #include "moet/gates/expert_choice.hpp"
 #include "moet/gates/importance.hpp"
+#include "moet/gates/relu.hpp"
 #include "moet/gates/top_k.hpp"
 #include "moet/gates/top_p.hpp"
 
@@ -43,6 +44,7 @@ static_assert(moet::TrainableGate<moet::ImportanceGate<float>>,
 static_assert(moet::TrainableGate<moet::ImportanceGate<double>>,
               "ImportanceGate<double> is trainable");
 static_assert(moet::TrainableGate<ThresholdGate<double>>, "example 03's gate is trainable");
+static_assert(moet::TrainableGate<moet::ReluGate<double>>, "ReluGate<double> is trainable");
 static_assert(moet::TrainableGate<moet::ExpertChoiceGate<double>>,
               "ExpertChoiceGate<double> is trainable");
 
@@ -334,6 +336,25 @@ TEST_CASE("ExpertChoiceGate backward matches finite differences with the choice 
   }
   REQUIRE(none > 0);     // tokens no expert took: gradient through d_probs and d_logits only
   REQUIRE(several > 0);  // and tokens several experts took
+  check_gradients(gate, x, {}, true, true);
+  SECTION("weights only") { check_gradients(gate, x, {}, false, false); }
+}
+
+TEST_CASE("ReluGate backward matches finite differences (R = relu(x W_r) is the weight)",
+          "[train][grad][gate][relu]") {
+  const RowMatrix<double> x = random_matrix<double>(kTokens, kDim, 15);
+  moet::ReluGate<double> gate({.model_dim = kDim, .num_experts = kExperts, .init_seed = 2});
+  moet::Routing<double> plan;
+  gate.route(x, {}, plan);
+  Index none = 0, several = 0, zeros = 0;
+  for (Index t = 0; t < kTokens; ++t) {
+    none += plan.k(t) == 0 ? 1 : 0;
+    several += plan.k(t) > 1 ? 1 : 0;
+    zeros += kExperts - plan.k(t);
+  }
+  REQUIRE(several > 0);
+  REQUIRE(zeros > 0);  // inactive experts: no gradient through their R (relu' = 0)
+  INFO("tokens without an expert: " << none);
   check_gradients(gate, x, {}, true, true);
   SECTION("weights only") { check_gradients(gate, x, {}, false, false); }
 }

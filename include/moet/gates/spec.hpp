@@ -32,6 +32,7 @@
 #include "moet/gates/expert_choice.hpp"
 #include "moet/gates/grouped_top_k.hpp"
 #include "moet/gates/importance.hpp"
+#include "moet/gates/relu.hpp"
 #include "moet/gates/spec_keys.hpp"
 #include "moet/gates/stochastic.hpp"
 #include "moet/gates/top_any.hpp"
@@ -178,6 +179,16 @@ struct GateSpecTraits<ExpertChoiceGate<S>> {
   }
 };
 
+/// `relu` (`ReluGate`, ReMoE).
+template <class S>
+struct GateSpecTraits<ReluGate<S>> {
+  using O = typename ReluGate<S>::Options;
+  static constexpr const char* name = "relu";
+  static constexpr const char* summary =
+      "ReMoE (Wang et al. 2025): the experts with relu(x W_r) > 0, weighted by it; no keys";
+  static std::vector<GateSpecKey<O>> keys() { return {}; }
+};
+
 // --- the registry ------------------------------------------------------------------------------
 
 /// A list of gate templates (each `Gate<S>` with a `GateSpecTraits` specialisation).
@@ -186,7 +197,7 @@ struct GateList {};
 
 /// The gates the grammar builds by default, in the order `gate_spec_help()` lists them.
 using ShippedGates = GateList<TopKGate, TopPGate, TopAnyGate, ImportanceGate, StochasticGate,
-                              GroupedTopKGate, ExpertChoiceGate>;
+                              GroupedTopKGate, ExpertChoiceGate, ReluGate>;
 
 namespace detail {
 
@@ -233,7 +244,7 @@ void apply_gate_spec(const GateSpec& spec, typename G::Options& options) {
       std::string valid;
       for (const auto& k : keys) valid += (valid.empty() ? "" : ", ") + k.name;
       detail::fail("gate spec", "unknown key '", key, "' for gate ", spec.name, " in '", spec.text,
-                   "'; its keys: ", valid);
+                   "'; its keys: ", valid.empty() ? "(none)" : valid);
     }
     try {
       row->set(options, value);

@@ -13,6 +13,7 @@
 #include "moet/gates/expert_choice.hpp"
 #include "moet/gates/grouped_top_k.hpp"
 #include "moet/gates/importance.hpp"
+#include "moet/gates/null_experts.hpp"
 #include "moet/gates/relu.hpp"
 #include "moet/gates/stochastic.hpp"
 #include "moet/gates/top_any.hpp"
@@ -199,6 +200,10 @@ void for_each_gate(std::uint64_t init_seed, F&& f) {
     ContextSpec{});
   f(std::string("relu (ReMoE)"),
     moet::ReluGate<float>({.model_dim = kModelDim, .num_experts = kExperts, .init_seed = s}),
+    ContextSpec{});
+  f(std::string("null experts (AdaMoE), k 3 of 6 + 4"),
+    moet::NullExpertGate<float>(
+        {.model_dim = kModelDim, .num_experts = kExperts, .num_null = 4, .k = 3, .init_seed = s}),
     ContextSpec{});
   f(std::string("stochastic, training"),
     StochasticGate<float>({.model_dim = kModelDim, .num_experts = kExperts, .stream = s}),

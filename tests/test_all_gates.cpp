@@ -120,6 +120,14 @@ TEST_CASE("Every gate gives thread-count-independent output equal to the referen
         moet::ReluGate<float>({.model_dim = kModelDim, .num_experts = kExperts, .init_seed = s}), x,
         ctx);
   }
+  SECTION("null experts") {
+    check_gate(moet::NullExpertGate<float>({.model_dim = kModelDim,
+                                            .num_experts = kExperts,
+                                            .num_null = kExperts,
+                                            .k = 2,
+                                            .init_seed = s}),
+               x, ctx);
+  }
   SECTION("stochastic") {
     const auto mode = GENERATE(moet::StochasticInference::kToken,
                                moet::StochasticInference::kEnsemble);

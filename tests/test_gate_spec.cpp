@@ -139,6 +139,11 @@ TEST_CASE("A gate built from a spec routes as the gate built from the same Optio
                            {.capacity_factor = 0.75, .min_capacity = 0});
   check_spec<ExpertChoice>("expert_choice:capacity_factor=3", {.capacity_factor = 3.0});
   check_spec<moet::ReluGate<float>>("relu", {});
+  using Null = moet::NullExpertGate<float>;
+  check_spec<Null>("null_experts", {});
+  check_spec<Null>("null_experts:k=3,null=4,renorm=0",
+                   {.num_null = 4, .k = 3, .renormalize = false});
+  check_spec<Null>("null_experts:num_null=2", {.num_null = 2});
 }
 
 TEST_CASE("with_gate_options hands out the Options before the gate is built", "[gate][spec]") {
@@ -194,9 +199,10 @@ TEST_CASE("The printed defaults are Options{}'s and a spec of them builds the de
   all_defaults(std::type_identity<moet::GroupedTopKGate<float>>{});
   all_defaults(std::type_identity<moet::ExpertChoiceGate<float>>{});
   all_defaults(std::type_identity<moet::ReluGate<float>>{});
+  all_defaults(std::type_identity<moet::NullExpertGate<float>>{});
   CHECK(moet::gate_names() == std::vector<std::string>{"top_k", "top_p", "top_any", "importance",
                                                        "stochastic", "grouped_top_k",
-                                                       "expert_choice", "relu"});
+                                                       "expert_choice", "relu", "null_experts"});
 }
 
 TEST_CASE("Spec errors name the spec and list what is valid", "[gate][spec][bad_input]") {
@@ -207,7 +213,7 @@ TEST_CASE("Spec errors name the spec and list what is valid", "[gate][spec][bad_
       build("top_kk:k=2"),
       Contains("unknown gate 'top_kk' in 'top_kk:k=2'") &&
           Contains("valid gates: top_k, top_p, top_any, importance, stochastic, grouped_top_k, "
-                   "expert_choice, relu"));
+                   "expert_choice, relu, null_experts"));
   CHECK_THROWS_WITH(build("top_k:kk=2"),
                     Contains("unknown key 'kk' for gate top_k") &&
                         Contains("its keys: k, renorm, noisy, capacity, min_capacity"));

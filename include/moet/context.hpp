@@ -36,7 +36,8 @@ struct AttentionView {
 /// ctx.overrides.k = 1;  // a top-2 TopKGate routes this call as top-1
 /// ```
 struct RoutingOverrides {
-  /// Experts per token: `TopKGate::Options::k`, `GroupedTopKGate::Options::k`.
+  /// Experts per token: `TopKGate::Options::k`, `GroupedTopKGate::Options::k`,
+  /// `NullExpertGate::Options::k` (picks among real and null slots).
   Index k = 0;
   /// Cumulative-probability threshold: `TopPGate::Options::p`.
   double p = 0.0;

@@ -32,6 +32,7 @@
 #include "moet/gates/expert_choice.hpp"
 #include "moet/gates/grouped_top_k.hpp"
 #include "moet/gates/importance.hpp"
+#include "moet/gates/null_experts.hpp"
 #include "moet/gates/relu.hpp"
 #include "moet/gates/spec_keys.hpp"
 #include "moet/gates/stochastic.hpp"
@@ -189,6 +190,21 @@ struct GateSpecTraits<ReluGate<S>> {
   static std::vector<GateSpecKey<O>> keys() { return {}; }
 };
 
+/// `null_experts` (`NullExpertGate`, AdaMoE).
+template <class S>
+struct GateSpecTraits<NullExpertGate<S>> {
+  using O = typename NullExpertGate<S>::Options;
+  static constexpr const char* name = "null_experts";
+  static constexpr const char* summary =
+      "AdaMoE (Zeng et al. 2024): top-k over real and null experts; null picks cost nothing";
+  static std::vector<GateSpecKey<O>> keys() {
+    return {spec_field<&O::k>("k", "picks per token among real and null slots"),
+            spec_field<&O::num_null>("null", "null experts N, >= 1", "num_null"),
+            spec_field<&O::renormalize>("renorm", "divide the real picks' P by their sum",
+                                        "renormalize")};
+  }
+};
+
 // --- the registry ------------------------------------------------------------------------------
 
 /// A list of gate templates (each `Gate<S>` with a `GateSpecTraits` specialisation).
@@ -197,7 +213,7 @@ struct GateList {};
 
 /// The gates the grammar builds by default, in the order `gate_spec_help()` lists them.
 using ShippedGates = GateList<TopKGate, TopPGate, TopAnyGate, ImportanceGate, StochasticGate,
-                              GroupedTopKGate, ExpertChoiceGate, ReluGate>;
+                              GroupedTopKGate, ExpertChoiceGate, ReluGate, NullExpertGate>;
 
 namespace detail {
 

@@ -8,7 +8,8 @@
 // MoeClassifier::backward, AdamW step) and, for THOR, the two passes tied by consistency_loss.
 //
 //   example_04_fashion_mnist [--routers top_k:k=1,top_k:k=2,top_p:p=0.4,top_any,
-//                             importance:k_max=4,stochastic] [--epochs 8] [--train 60000]
+//                             importance:k_max=4,stochastic,expert_choice,relu,
+//                             null_experts:k=4,null=8] [--epochs 8] [--train 60000]
 //                            [--test 10000] [--batch 128] [--seed 1] [--out fashion_mnist]
 #include <cstdio>
 #include <filesystem>
@@ -38,7 +39,9 @@ using examples::Index;
 using examples::RowMatrix;
 
 struct Config {
-  std::string routers = "top_k:k=1,top_k:k=2,top_p:p=0.4,top_any,importance:k_max=4,stochastic";
+  std::string routers =
+      "top_k:k=1,top_k:k=2,top_p:p=0.4,top_any,importance:k_max=4,stochastic,expert_choice,relu,"
+      "null_experts:k=4,null=8";
   long epochs = 8, train = 60000, test = 10000, batch = 128;
   std::uint64_t seed = 1;
   std::string out = "fashion_mnist";

@@ -7,7 +7,8 @@
 // bits_per_char() for evaluation.
 //
 //   example_06_char_lm [--routers top_k:k=1,top_k:k=2,top_p:p=0.4,top_any,
-//                       importance:k_max=4,stochastic] [--steps 2000] [--batch 16] [--len 64]
+//                       importance:k_max=4,stochastic,expert_choice,relu,
+//                       null_experts:k=4,null=8] [--steps 2000] [--batch 16] [--len 64]
 //                      [--seed 1] [--out char_lm]
 #include <algorithm>
 #include <cmath>
@@ -36,7 +37,9 @@ using examples::Index;
 using examples::RowMatrix;
 
 struct Config {
-  std::string routers = "top_k:k=1,top_k:k=2,top_p:p=0.4,top_any,importance:k_max=4,stochastic";
+  std::string routers =
+      "top_k:k=1,top_k:k=2,top_p:p=0.4,top_any,importance:k_max=4,stochastic,expert_choice,relu,"
+      "null_experts:k=4,null=8";
   long steps = 2000, batch = 16, len = 64, eval_windows = 256;
   std::uint64_t seed = 1;
   std::string out = "char_lm";

@@ -6,8 +6,14 @@
 /// - `TopPGate`: load balance over all selections plus the entropy ("dynamic") loss (beta 1e-4),
 ///   Huang et al. 2024;
 /// - `TopAnyGate`: DynMoE's diversity + simplicity + load balance + efficiency (coefficient 0.01);
-/// - `StochasticGate` (THOR): none; its consistency loss is on the model's outputs.
+/// - `StochasticGate` (THOR): none; its consistency loss is on the model's outputs;
+/// - `ExpertChoiceGate`: none (every expert takes exactly C tokens);
+/// - `ReluGate` (ReMoE): the load-balanced L1 term with the adaptive coefficient, one
+///   `ReluSparsityController` per model (target k = 2), summed over the layers;
+/// - `NullExpertGate` (AdaMoE): Switch's balance loss over real and null slots (alpha 1e-2).
 
+#include <algorithm>
+#include <optional>
 #include <span>
 #include <type_traits>
 
@@ -17,11 +23,25 @@
 
 namespace examples {
 
+/// The state of the auxiliary losses that adapt during training: ReMoE's coefficient, shared
+/// by every MoE layer of a model (docs/algorithms.md §16).
+struct AuxState {
+  std::optional<moet::ReluSparsityController> relu;
+
+  /// Call once per training step before the layers' backward: moves ReMoE's coefficient by the
+  /// plans the previous step recorded (a no-op on the first step and for other gates).
+  void begin_step() {
+    if (relu) relu->update();
+  }
+};
+
 /// Computes the auxiliary loss of `layer`'s gate on the plan in `ws` (the layer's last
-/// `forward_train`), calls `run(loss_grad)` (which should call `layer.backward(..., loss_grad)`),
-/// and returns the loss value. `scratch` holds the loss gradient during the call.
+/// `forward_train` on `x`), calls `run(loss_grad)` (which should call `layer.backward(...,
+/// loss_grad)`), and returns the loss value. `scratch` holds the loss gradient during the call;
+/// `state` the model's adaptive loss state.
 template <class Layer, class Run>
 double backward_with_aux_loss(Layer& layer, typename Layer::Workspace& ws,
+                              const moet::ConstRows<typename Layer::Scalar>& x, AuxState& state,
                               moet::RowMatrix<typename Layer::Scalar>& scratch, Run&& run) {
   using S = typename Layer::Scalar;
   using Gate = typename Layer::GateType;
@@ -32,6 +52,31 @@ double backward_with_aux_loss(Layer& layer, typename Layer::Workspace& ws,
   if constexpr (std::is_same_v<Gate, moet::StochasticGate<S>>) {
     run(moet::NoLossGrad{});
     return 0.0;
+  } else if constexpr (std::is_same_v<Gate, moet::ExpertChoiceGate<S>>) {
+    run(moet::SoftmaxLossGrad<S>{});
+    return 0.0;
+  } else if constexpr (std::is_same_v<Gate, moet::ReluGate<S>>) {
+    const moet::Index experts = plan.num_experts();
+    const double target = std::min(2.0, static_cast<double>(experts));
+    if (!state.relu) {
+      state.relu.emplace(
+          moet::ReluSparsityController::Options{.target_k = target, .num_experts = experts});
+    }
+    scratch.setZero(plan.num_tokens(), experts);
+    const double value = moet::relu_l1_loss<S>(
+        plan, scratch, {.target_k = target, .coefficient = state.relu->coefficient()});
+    state.relu->record(plan);
+    run(moet::SoftmaxLossGrad<S>{.d_probs = view()});
+    return value;
+  } else if constexpr (std::is_same_v<Gate, moet::NullExpertGate<S>>) {
+    const auto& gate = layer.gate();
+    moet::RowMatrix<S> all(plan.num_tokens(), gate.num_slots());
+    gate.all_probabilities(x, all);
+    scratch.setZero(plan.num_tokens(), gate.num_slots());
+    const double value =
+        moet::null_expert_balance_loss<S>(plan, all, scratch, {.k = gate.options().k});
+    run(moet::SoftmaxLossGrad<S>{.d_probs = view()});
+    return value;
   } else if constexpr (std::is_same_v<Gate, moet::TopAnyGate<S>>) {
     scratch.setZero(plan.num_tokens(), plan.num_experts());
     const auto loss = moet::top_any_aux_loss<S>(

@@ -108,15 +108,17 @@ class MoeCharLm {
   /// Backward of `p` given dL/dlogits; adds every MoE layer's auxiliary loss (the sum of their
   /// values is returned) and accumulates every gradient.
   double backward(Pass& p, const RowMatrix<S>& d_logits) {
+    aux_state_.begin_step();
     const auto blocks = static_cast<std::size_t>(shape_.blocks);
     double aux = 0.0;
     RowMatrix<S> dh = final_norm_.backward(p.h[blocks], head_.backward(p.final_norm, d_logits));
     RowMatrix<S> dn(dh.rows(), dh.cols());
     for (std::size_t b = blocks; b-- > 0;) {
       const moet::RouteContext c = block_context(p, b);
-      aux += backward_with_aux_loss(layers_[b], p.ws[b], d_aux_, [&](const auto& loss_grad) {
-        layers_[b].backward(p.n2[b], dh, c, p.ws[b], dn, loss_grad);
-      });
+      aux += backward_with_aux_loss(layers_[b], p.ws[b], p.n2[b], aux_state_, d_aux_,
+                                    [&](const auto& loss_grad) {
+                                      layers_[b].backward(p.n2[b], dh, c, p.ws[b], dn, loss_grad);
+                                    });
       dh += norm2_[b].backward(p.m[b], dn);  // dL/dm
       dh += norm1_[b].backward(p.h[b], attention_[b].backward(p.n1[b], dh, p.att[b]));
     }
@@ -176,6 +178,7 @@ class MoeCharLm {
   RmsNorm<S> final_norm_;
   Linear<S> head_;
   RowMatrix<S> d_aux_;
+  AuxState aux_state_;  // ReMoE's adaptive coefficient, when the gate is ReluGate
 };
 
 }  // namespace examples

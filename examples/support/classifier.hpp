@@ -91,6 +91,7 @@ class MoeClassifier {
   /// Backward of `pass` given dL/dlogits; adds each block's auxiliary loss (scaled values are
   /// summed into the return value) and accumulates every gradient.
   double backward(const RowMatrix<S>& x, Pass& pass, const RowMatrix<S>& d_logits) {
+    aux_state_.begin_step();
     double aux = 0.0;
     RowMatrix<S> dh = out_.backward(pass.h[kBlocks], d_logits);
     RowMatrix<S> dn(x.rows(), shape_.model_dim);
@@ -98,9 +99,10 @@ class MoeClassifier {
       const auto ul = static_cast<std::size_t>(l);
       moet::RouteContext c = pass.ctx;
       c.importance = pass.importance[l];
-      aux += backward_with_aux_loss(layers_[ul], pass.ws[l], d_aux_, [&](const auto& loss_grad) {
-        layers_[ul].backward(pass.n[l], dh, c, pass.ws[l], dn, loss_grad);
-      });
+      aux += backward_with_aux_loss(
+          layers_[ul], pass.ws[l], pass.n[l], aux_state_, d_aux_, [&](const auto& loss_grad) {
+            layers_[ul].backward(pass.n[l], dh, c, pass.ws[l], dn, loss_grad);
+          });
       dh += norms_[ul].backward(pass.h[l], dn);
     }
     in_.backward(x, dh);
@@ -138,6 +140,7 @@ class MoeClassifier {
   std::vector<RmsNorm<S>> norms_;
   std::vector<Layer> layers_;
   RowMatrix<S> d_aux_;
+  AuxState aux_state_;  // ReMoE's adaptive coefficient, when the gate is ReluGate
 };
 
 }  // namespace examples

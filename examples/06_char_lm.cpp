@@ -2,20 +2,25 @@
 // RMSNorm, MoE FFN, output head) trained on the fortunes corpus (Debian package fortunes) once
 // per router, comparing validation bits per character against the experts each token used.
 // The importance gate (DA-MoE) reads the model's real attention probabilities; THOR trains with
-// its consistency loss between two stochastic passes. Writes results.md and SVG plots.
+// its consistency loss between two stochastic passes. Writes results.md and SVG plots, and
+// k_sweep.md / k_sweep.svg: the --sweep router's trained model (top_k:k=2 by default; "" for
+// none) evaluated at the same weights with top-k at k = 1..4, top-p at several p and DA-MoE's
+// importance budget at several mean k, through run-time overrides.
 // What to copy: the model (support/char_lm.hpp), the training step in train(), and
 // bits_per_char() for evaluation.
 //
 //   example_06_char_lm [--routers top_k:k=1,top_k:k=2,top_p:p=0.4,top_any,
 //                       importance:k_max=4,stochastic,expert_choice,relu,
 //                       null_experts:k=4,null=8] [--steps 2000] [--batch 16] [--len 64]
-//                      [--seed 1] [--out char_lm]
+//                      [--seed 1] [--out char_lm] [--sweep top_k:k=2]
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include <moet/moet.hpp>
@@ -42,6 +47,8 @@ struct Config {
       "null_experts:k=4,null=8";
   long steps = 2000, batch = 16, len = 64, eval_windows = 256;
   std::uint64_t seed = 1;
+  // The router whose trained model is re-evaluated with other routing (k_sweep.md); "" = none.
+  std::string sweep = "top_k:k=2";
   std::string out = "char_lm";
 };
 
@@ -65,6 +72,116 @@ double bits_per_char(Model& model, const Config& cfg, const std::vector<int>& va
   mean_k.clear();
   for (const auto& ws : pass.ws) mean_k.push_back(ws.stats.mean_k);
   return examples::softmax_cross_entropy<S>(logits, w.targets, nullptr) / kLn2;
+}
+
+// One row of the k sweep: the trained weights evaluated with another routing.
+struct SweepRow {
+  std::string family, routing;
+  double bpc = 0, activated_params = 0;
+  std::vector<double> mean_k;
+};
+
+// Copies every parameter of `from` into `to` by name (same shapes: the routers of top-k, top-p
+// and importance gates are all W_r (d, E)), then repacks `to`'s experts.
+template <class From, class To>
+void copy_parameters(From& from, To& to) {
+  std::map<std::string, RowMatrix<S>> saved;
+  from.visit_parameters(
+      [&](std::string_view name, auto value, auto) { saved.emplace(std::string(name), value); });
+  to.visit_parameters([&](std::string_view name, auto value, auto) {
+    const auto it = saved.find(std::string(name));
+    if (it == saved.end() || it->second.rows() != value.rows() ||
+        it->second.cols() != value.cols()) {
+      throw moet::Error("k sweep: no parameter " + std::string(name) + " of that shape to copy");
+    }
+    value = it->second;
+  });
+  to.parameters_changed();
+}
+
+template <class Model>
+SweepRow sweep_row(Model& model, const Config& cfg, const std::vector<int>& val, std::string family,
+                   std::string routing) {
+  SweepRow row;
+  row.family = std::move(family);
+  row.routing = std::move(routing);
+  row.bpc = bits_per_char(model, cfg, val, row.mean_k);
+  for (int l = 0; l < model.shape().blocks; ++l) {
+    row.activated_params +=
+        row.mean_k[std::size_t(l)] * double(model.layer(l).experts().params_per_expert());
+  }
+  std::printf("  sweep %-28s %.4f bits/char, %.0f activated expert params / token\n",
+              row.routing.c_str(), row.bpc, row.activated_params);
+  return row;
+}
+
+// The k sweep of issue 16: the model trained with top-k evaluated, at the same weights, with
+// top-k at k = 1..4 (ctx overrides), top-p at several p and DA-MoE's importance budget at
+// several mean k (the same router weights driving those gates).
+template <class Trained>
+void k_sweep(Trained& trained, const Config& cfg, const examples::CharLmShape& shape,
+             const std::vector<int>& val) {
+  std::vector<SweepRow> rows;
+  const auto set_all = [](auto& model, const moet::RoutingOverrides& o) {
+    for (int l = 0; l < model.shape().blocks; ++l) model.layer(l).set_overrides(o);
+  };
+  for (const Index k : {1, 2, 3, 4}) {
+    set_all(trained, {.k = k});
+    rows.push_back(sweep_row(trained, cfg, val, "top-k", "top_k:k=" + std::to_string(k)));
+  }
+  set_all(trained, {});
+  using TopP = moet::TopPGate<S>;
+  examples::MoeCharLm<TopP> top_p(
+      shape,
+      [&](int) { return TopP({.model_dim = shape.model_dim, .num_experts = shape.experts}); },
+      cfg.seed);
+  copy_parameters(trained, top_p);
+  for (const double p : {0.2, 0.4, 0.6, 0.8, 0.9}) {
+    set_all(top_p, {.p = p});
+    char name[32];
+    std::snprintf(name, sizeof name, "top_p:p=%.1f", p);
+    rows.push_back(sweep_row(top_p, cfg, val, "top-p", name));
+  }
+  using Importance = moet::ImportanceGate<S>;
+  examples::MoeCharLm<Importance> importance(
+      shape,
+      [&](int) {
+        return Importance({.model_dim = shape.model_dim,
+                           .num_experts = shape.experts,
+                           .k_max = 4,
+                           .norm = moet::ImportanceNorm::kBudget,
+                           .renormalize = true});
+      },
+      cfg.seed);
+  copy_parameters(trained, importance);
+  for (const double k_avg : {1.0, 1.5, 2.0, 3.0}) {
+    set_all(importance, {.k_avg = k_avg});
+    char name[48];
+    std::snprintf(name, sizeof name, "importance:norm=budget,k_avg=%.1f", k_avg);
+    rows.push_back(sweep_row(importance, cfg, val, "importance (budget)", name));
+  }
+  std::filesystem::create_directories(cfg.out);
+  std::ofstream md(cfg.out + "/k_sweep.md");
+  md << "The `" << cfg.sweep << "` model evaluated with other routing at the same weights:\n\n"
+     << "| routing at evaluation | validation bits/char | mean k per block | activated expert "
+        "params / token |\n|---|---|---|---|\n";
+  std::vector<examples::Series> series;
+  for (const SweepRow& r : rows) {
+    std::string k;
+    char cell[64];
+    for (const double v : r.mean_k) {
+      std::snprintf(cell, sizeof cell, "%s%.2f", k.empty() ? "" : " / ", v);
+      k += cell;
+    }
+    std::snprintf(cell, sizeof cell, "%.3f", r.bpc);
+    md << "| `" << r.routing << "` | " << cell << " | " << k << " | "
+       << static_cast<long>(r.activated_params) << " |\n";
+    if (series.empty() || series.back().name != r.family) series.push_back({r.family, {}});
+    series.back().points.emplace_back(r.activated_params, r.bpc);
+  }
+  examples::save_scatter_chart(cfg.out + "/k_sweep.svg",
+                               "One trained " + cfg.sweep + " model, other routing at evaluation",
+                               "activated expert parameters / token", "bits / char", series);
 }
 
 template <class Gate, class MakeGate>
@@ -125,9 +242,12 @@ Result train(const Config& cfg, const std::string& spec, MakeGate&& make_gate,
     r.activated_params +=
         r.mean_k[std::size_t(l)] * double(model.layer(l).experts().params_per_expert());
   }
-  std::printf("%-20s validation %.3f bits/char  mean k", spec.c_str(), r.bpc);
+  std::printf("%-20s validation %.4f bits/char  mean k", spec.c_str(), r.bpc);
   for (const double k : r.mean_k) std::printf(" %.2f", k);
   std::printf("  %.0f ms/step\n", r.ms_per_step);
+  if constexpr (std::is_same_v<Gate, moet::TopKGate<S>>) {
+    if (spec == cfg.sweep) k_sweep(model, cfg, shape, val);
+  }
   return r;
 }
 
@@ -170,6 +290,7 @@ int main(int argc, char** argv) {
   examples::Flags flags;
   flags.add("--routers", cfg.routers).add("--steps", cfg.steps).add("--batch", cfg.batch);
   flags.add("--len", cfg.len).add("--seed", cfg.seed).add("--out", cfg.out);
+  flags.add("--sweep", cfg.sweep);
   if (!flags.parse(argc, argv)) return 2;
   if (!std::filesystem::is_directory(examples::kFortunesDir)) {
     std::fprintf(stderr, "the fortunes package is not installed (apt-get install it); skipped\n");

@@ -8,10 +8,11 @@
 # dataset-fashion-mnist and fortunes) with apt-get, builds the examples in Release with
 # -march=native in build/quality, then runs
 #   example_04_fashion_mnist   (Fashion-MNIST classifier, every router)
-#   example_06_char_lm         (character-level language model on the fortunes corpus)
-# with their default budgets (347 s of training, under 7 minutes with the build, on the
-# idle 2-core development VM; the budget is 10 minutes), and writes
-# <out>/quality.md (both tables) with <out>/fashion_mnist/*.svg and <out>/char_lm/*.svg.
+#   example_06_char_lm         (character-level language model on the fortunes corpus, every
+#                               router, then the k sweep of the trained top_k:k=2 model)
+# with their default budgets (9 routers each: 524 s with the build on the idle 2-core
+# development VM; the budget is 15 minutes), and writes <out>/quality.md (both tables and the
+# k sweep) with <out>/fashion_mnist/*.svg and <out>/char_lm/*.svg.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -53,5 +54,11 @@ seconds=$(( $(date +%s) - start ))
   cat "$out/char_lm/results.md"
   echo
   echo "Plots: char_lm/loss.svg, bpc_vs_k.svg"
+  echo
+  echo "## k sweep: one trained model, other routing at evaluation (example 06)"
+  echo
+  cat "$out/char_lm/k_sweep.md"
+  echo
+  echo "Plot: char_lm/k_sweep.svg"
 } > "$out/quality.md"
 echo "wrote $out/quality.md (${seconds} s)"

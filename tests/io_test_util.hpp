@@ -15,12 +15,7 @@
 
 #include <unistd.h>
 
-// Checks that `expr` throws a `moet::Error` (and nothing else) whose message matches `matcher`.
-#define CHECK_MOET_ERROR(expr, matcher) \
-  do {                                  \
-    CHECK_THROWS_AS(expr, moet::Error); \
-    CHECK_THROWS_WITH(expr, matcher);   \
-  } while (false)
+#include "check_error.hpp"
 
 namespace io_test {
 

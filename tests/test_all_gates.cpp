@@ -8,6 +8,8 @@
 
 #include "moet/moet.hpp"
 
+namespace test_all_gates {  // one per file: the unity build puts several files in one TU
+
 namespace {
 
 using moet::Index;
@@ -136,3 +138,5 @@ TEST_CASE("Every gate gives thread-count-independent output equal to the referen
                x, ctx);
   }
 }
+
+}  // namespace test_all_gates

@@ -27,12 +27,9 @@
 #include "moet/routing.hpp"
 #include "moet/tensor.hpp"
 
-// Checks that `expr` throws a `moet::Error` (and nothing else) whose message matches `matcher`.
-#define CHECK_MOET_ERROR(expr, matcher) \
-  do {                                  \
-    CHECK_THROWS_AS(expr, moet::Error); \
-    CHECK_THROWS_WITH(expr, matcher);   \
-  } while (false)
+#include "check_error.hpp"
+
+namespace test_bad_input {  // one per file: the unity build puts several files in one TU
 
 namespace {
 
@@ -1375,3 +1372,5 @@ TEST_CASE("A Routing reused after a failed route equals a fresh one", "[bad_inpu
     check_same_plan(reused, fresh);
   }
 }
+
+}  // namespace test_bad_input

@@ -26,11 +26,9 @@
 #include "moet/routing.hpp"
 #include "moet/tensor.hpp"
 
-#define CHECK_MOET_ERROR(expr, matcher) \
-  do {                                  \
-    CHECK_THROWS_AS(expr, moet::Error); \
-    CHECK_THROWS_WITH(expr, matcher);   \
-  } while (false)
+#include "check_error.hpp"
+
+namespace test_bad_input_edges {  // one per file: the unity build puts several files in one TU
 
 namespace {
 
@@ -356,3 +354,5 @@ TEST_CASE("MoELayer on denormal input routes like a zero input and returns finit
   CHECK(layer.stats().load == std::vector<Index>{5, 5, 0});
   CHECK(y.cwiseAbs().maxCoeff() <= 1e-30f);
 }
+
+}  // namespace test_bad_input_edges

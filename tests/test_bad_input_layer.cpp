@@ -37,12 +37,9 @@
 #include "moet/stats.hpp"
 #include "moet/tensor.hpp"
 
-// Checks that `expr` throws a `moet::Error` (and nothing else) whose message matches `matcher`.
-#define CHECK_MOET_ERROR(expr, matcher) \
-  do {                                  \
-    CHECK_THROWS_AS(expr, moet::Error); \
-    CHECK_THROWS_WITH(expr, matcher);   \
-  } while (false)
+#include "check_error.hpp"
+
+namespace test_bad_input_layer {  // one per file: the unity build puts several files in one TU
 
 namespace {
 
@@ -790,3 +787,5 @@ TEMPLATE_TEST_CASE("A dispatch workspace reused after an exception equals a fres
   CHECK(bit_identical(y2, y_fresh));
   check_close(y2, naive_layer(bank, x2, plan));
 }
+
+}  // namespace test_bad_input_layer

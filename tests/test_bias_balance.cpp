@@ -19,6 +19,8 @@
 
 #include "random_rows.hpp"
 
+namespace test_bias_balance {  // one per file: the unity build puts several files in one TU
+
 namespace {
 
 using Catch::Matchers::Contains;
@@ -250,3 +252,5 @@ TEST_CASE("bias balance: bad input", "[bias_balance]") {
     CHECK(bias_of(wide)[e] == (wide_loads[e] > 0 ? -0.1f : 0.1f));
   }
 }
+
+}  // namespace test_bias_balance

@@ -17,6 +17,8 @@
 
 #include "gate_cases.hpp"
 
+namespace test_concurrency {  // one per file: the unity build puts several files in one TU
+
 namespace {
 
 using gate_cases::bit_identical;
@@ -101,3 +103,5 @@ TEST_CASE("Concurrent const forward calls equal serial calls with the reference 
       moet::MoELayer<moet::TopKGate<float>, moet::SwiGluExperts<float>, moet::ReferenceDispatch>;
   check_concurrent(Layer(gate, experts(7)), gate_cases::ContextSpec{});
 }
+
+}  // namespace test_concurrency

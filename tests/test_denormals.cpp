@@ -21,6 +21,8 @@
 #include "moet/layer.hpp"
 #include "moet/train/optim.hpp"
 
+namespace test_denormals {  // one per file: the unity build puts several files in one TU
+
 #if MOET_HAS_MXCSR
 
 namespace {
@@ -290,3 +292,5 @@ TEST_CASE("denormals: no MXCSR on this target", "[denormals]") {
 }
 
 #endif
+
+}  // namespace test_denormals

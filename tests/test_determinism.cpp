@@ -19,6 +19,8 @@
 
 #include "gate_cases.hpp"
 
+namespace test_determinism {  // one per file: the unity build puts several files in one TU
+
 namespace {
 
 using gate_cases::bit_identical;
@@ -201,3 +203,5 @@ TEST_CASE(
     REQUIRE(reinterpret_cast<std::uintptr_t>(grow.data(n)) % 64 == 0);
   }
 }
+
+}  // namespace test_determinism

@@ -22,6 +22,8 @@
 #include "moet/experts/glu.hpp"
 #include "moet/routing.hpp"
 
+namespace test_dispatch {  // one per file: the unity build puts several files in one TU
+
 namespace {
 
 using Catch::Matchers::Contains;
@@ -477,3 +479,5 @@ TEST_CASE("Dispatchers reject inconsistent shapes and plans", "[dispatch][errors
                                                                   Contains("block_rows") &&
                                                                   Contains("got 0"));
 }
+
+}  // namespace test_dispatch

@@ -15,6 +15,8 @@
 #include "../examples/support/cli.hpp"
 #include "../examples/support/data.hpp"
 
+namespace test_example_data {  // one per file: the unity build puts several files in one TU
+
 namespace {
 
 using Bytes = std::vector<std::uint8_t>;
@@ -229,3 +231,5 @@ TEST_CASE("Example flags set their variables and reject bad command lines", "[ex
   CHECK(examples::split_list("a,b,,c,") == std::vector<std::string>{"a", "b", "c"});
   CHECK(examples::split_list("").empty());
 }
+
+}  // namespace test_example_data

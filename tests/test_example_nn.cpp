@@ -8,6 +8,8 @@
 
 #include "../examples/support/nn.hpp"
 
+namespace test_example_nn {  // one per file: the unity build puts several files in one TU
+
 namespace {
 
 using examples::Index;
@@ -185,3 +187,5 @@ TEST_CASE("softmax_cross_entropy matches its definition and finite differences",
   CHECK_THROWS_WITH(examples::softmax_cross_entropy<double>(logits, {0}, nullptr),
                     Catch::Matchers::Contains("1 labels for 3 rows"));
 }
+
+}  // namespace test_example_nn

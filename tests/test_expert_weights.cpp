@@ -32,6 +32,8 @@
 #include "moet/layer.hpp"
 #include "moet/train/optim.hpp"
 
+namespace test_expert_weights {  // one per file: the unity build puts several files in one TU
+
 namespace {
 
 using Catch::Matchers::Contains;
@@ -794,3 +796,5 @@ TEST_CASE("set_tensor_blocks refuses FFN biases", "[experts][weights][quant]") {
                                           std::span<const moet::detail::BlockQ8_0>(blocks)),
                     Contains("are not packed"));
 }
+
+}  // namespace test_expert_weights

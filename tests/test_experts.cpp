@@ -14,6 +14,8 @@
 #include "moet/experts/ffn.hpp"
 #include "moet/experts/glu.hpp"
 
+namespace test_experts {  // one per file: the unity build puts several files in one TU
+
 namespace {
 
 using moet::Index;
@@ -353,3 +355,5 @@ TEST_CASE("Expert forward on a block equals forward row by row", "[experts][glu]
   bank.forward(0, x.topRows(0), empty_ref, scratch);
   CHECK(empty.rows() == 0);
 }
+
+}  // namespace test_experts

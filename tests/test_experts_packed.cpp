@@ -27,6 +27,8 @@
 #include "moet/routing.hpp"
 #include "moet/train/optim.hpp"
 
+namespace test_experts_packed {  // one per file: the unity build puts several files in one TU
+
 namespace {
 
 using moet::Index;
@@ -408,3 +410,5 @@ TEST_CASE(
   }
   CHECK(bit_identical(outs[0], outs[1]));
 }
+
+}  // namespace test_experts_packed

@@ -9,11 +9,10 @@
 
 #include "moet/testing/gate_conformance.hpp"
 
+#include "example_03_gate.hpp"
 #include "gate_cases.hpp"
 
-// Example 03's gate, exactly as users read it (without its main).
-#define MOET_EXAMPLE_03_NO_MAIN
-#include "../examples/03_custom_gate.cpp"
+namespace test_gate_conformance {  // one per file: the unity build puts several files in one TU
 
 namespace {
 
@@ -100,3 +99,5 @@ TEST_CASE("The gate conformance check catches gates that break the contract",
   sums.weights_sum_to_one = true;
   CHECK(moet::testing::check_gate(FaultyGate<Fault::kNone>{}, sums).ok());
 }
+
+}  // namespace test_gate_conformance

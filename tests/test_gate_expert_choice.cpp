@@ -16,6 +16,8 @@
 
 #include "random_rows.hpp"
 
+namespace test_gate_expert_choice {  // one per file: the unity build puts several files in one TU
+
 namespace {
 
 using Catch::Matchers::Contains;
@@ -199,3 +201,5 @@ TEST_CASE("ExpertChoiceGate rejects bad options and overrides",
   CHECK_THROWS_WITH(gate.route(moet_test::random_rows(3, 4, 1), ctx, plan),
                     Contains("ExpertChoiceGate") && Contains("ctx.overrides.k"));
 }
+
+}  // namespace test_gate_expert_choice

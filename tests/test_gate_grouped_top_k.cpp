@@ -19,6 +19,8 @@
 #include "moet/gates/top_k.hpp"
 #include "moet/concepts.hpp"
 
+namespace test_gate_grouped_top_k {  // one per file: the unity build puts several files in one TU
+
 namespace {
 
 using Catch::Matchers::Contains;
@@ -468,3 +470,5 @@ TEST_CASE("GroupedTopKGate rejects bad options and input", "[gate][grouped_top_k
   std::vector<float> dw(std::size_t(plan.num_assignments()), 0.0f);
   CHECK_THROWS_WITH(gate.backward(ok, {}, plan, dw, {}, bad_dx), Contains("dx must be (3, 4)"));
 }
+
+}  // namespace test_gate_grouped_top_k

@@ -13,6 +13,8 @@
 #include "moet/config.hpp"
 #include "moet/gates/importance.hpp"
 
+namespace test_gate_importance {  // one per file: the unity build puts several files in one TU
+
 namespace {
 
 using Gate = moet::ImportanceGate<float>;
@@ -512,3 +514,5 @@ TEST_CASE("ImportanceGate plans are bit-identical for 1 and 2 threads",
   }
   CHECK(one.probs() == two.probs());
 }
+
+}  // namespace test_gate_importance

@@ -16,6 +16,8 @@
 
 #include "random_rows.hpp"
 
+namespace test_gate_null_experts {  // one per file: the unity build puts several files in one TU
+
 namespace {
 
 using Catch::Matchers::Contains;
@@ -277,3 +279,5 @@ TEST_CASE("NullExpertGate rejects bad options", "[gate][null_experts][bad_input]
   CHECK_THROWS_WITH(gate.all_probabilities(moet_test::random_rows(3, 4, 1), wrong),
                     Contains("NullExpertGate"));
 }
+
+}  // namespace test_gate_null_experts

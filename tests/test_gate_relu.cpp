@@ -17,6 +17,8 @@
 
 #include "random_rows.hpp"
 
+namespace test_gate_relu {  // one per file: the unity build puts several files in one TU
+
 namespace {
 
 using Catch::Matchers::Contains;
@@ -247,3 +249,5 @@ TEST_CASE("ReMoE training: the controller drives mean k to the target", "[train]
   INFO("mean k over the last 50 steps: " << late);
   CHECK(std::abs(late - kTarget) < 0.3);
 }
+
+}  // namespace test_gate_relu

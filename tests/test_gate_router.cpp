@@ -12,6 +12,8 @@
 
 #include "moet/gates/router.hpp"
 
+namespace test_gate_router {  // one per file: the unity build puts several files in one TU
+
 namespace {
 
 using Catch::Matchers::Contains;
@@ -125,3 +127,5 @@ TEST_CASE("RankedSelection writes around dropped entries and renormalises the su
   CHECK(plan.experts(1)[1] == 1);
   CHECK(plan.weights(1)[0] == 0.0f);
 }
+
+}  // namespace test_gate_router

@@ -11,6 +11,8 @@
 
 #include "moet/gates/spec.hpp"
 
+namespace test_gate_spec {  // one per file: the unity build puts several files in one TU
+
 namespace {
 
 using Catch::Contains;
@@ -289,16 +291,20 @@ class EveryExpertGate {
 };
 
 }  // namespace
+}  // namespace test_gate_spec
 
+// The traits specialisation lives in moet's namespace.
 template <class S>
-struct moet::GateSpecTraits<EveryExpertGate<S>> {
-  using O = typename EveryExpertGate<S>::Options;
+struct moet::GateSpecTraits<test_gate_spec::EveryExpertGate<S>> {
+  using O = typename test_gate_spec::EveryExpertGate<S>::Options;
   static constexpr const char* name = "every";
   static constexpr const char* summary = "every expert, one weight";
-  static std::vector<GateSpecKey<O>> keys() {
+  static std::vector<moet::GateSpecKey<O>> keys() {
     return {moet::spec_field<&O::weight>("weight", "the weight of every expert")};
   }
 };
+
+namespace test_gate_spec {
 
 TEST_CASE("A gate registers with a table and a GateList", "[gate][spec]") {
   using Gates = moet::GateList<moet::TopKGate, EveryExpertGate>;
@@ -319,3 +325,5 @@ TEST_CASE("A gate registers with a table and a GateList", "[gate][spec]") {
       (moet::with_gate<float, Gates>("top_p", kDim, kExperts, kSeed, [](auto) { return 0.0; })),
       Contains("valid gates: top_k, every"));
 }
+
+}  // namespace test_gate_spec

@@ -11,6 +11,8 @@
 #include "moet/detail/rng.hpp"
 #include "moet/gates/stochastic.hpp"
 
+namespace test_gate_stochastic {  // one per file: the unity build puts several files in one TU
+
 static_assert(moet::Gate<moet::StochasticGate<float>>, "StochasticGate<float> is a Gate");
 static_assert(moet::Gate<moet::StochasticGate<double>>, "StochasticGate<double> is a Gate");
 
@@ -277,3 +279,5 @@ TEST_CASE("StochasticGate plans do not depend on the thread count",
     REQUIRE(one.weights()[a] == two.weights()[a]);
   }
 }
+
+}  // namespace test_gate_stochastic

@@ -10,6 +10,8 @@
 #include "moet/detail/rng.hpp"
 #include "moet/gates/top_any.hpp"
 
+namespace test_gate_top_any {  // one per file: the unity build puts several files in one TU
+
 static_assert(moet::Gate<moet::TopAnyGate<float>>, "TopAnyGate<float> is a Gate");
 static_assert(moet::Gate<moet::TopAnyGate<double>>, "TopAnyGate<double> is a Gate");
 
@@ -576,3 +578,5 @@ TEST_CASE("TopAnyGate plans are bit-identical with 1 and 2 threads", "[gate][top
   check_same_plan(one, two);
   CHECK(one.num_assignments() > 0);
 }
+
+}  // namespace test_gate_top_any

@@ -14,6 +14,8 @@
 #include "moet/detail/rng.hpp"
 #include "moet/gates/top_k.hpp"
 
+namespace test_gate_top_k {  // one per file: the unity build puts several files in one TU
+
 namespace {
 
 using Gate = moet::TopKGate<float>;
@@ -608,3 +610,5 @@ TEST_CASE("TopKGate<double> routes in double", "[gate][top_k]") {
   CHECK(out.experts(0)[0] == 2);
   CHECK(out.weights(0)[0] == Approx(0.6).epsilon(1e-14));
 }
+
+}  // namespace test_gate_top_k

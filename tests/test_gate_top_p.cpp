@@ -13,6 +13,8 @@
 #include "moet/config.hpp"
 #include "moet/gates/top_p.hpp"
 
+namespace test_gate_top_p {  // one per file: the unity build puts several files in one TU
+
 namespace {
 
 using Gate = moet::TopPGate<float>;
@@ -320,3 +322,5 @@ TEST_CASE("TopPGate<double> cumulates in double", "[gate][top_p]") {
   CHECK(out.k(0) == 2);  // 0.5 <= 0.6 keeps the second; 0.8 > 0.6 stops
   CHECK(out.weights(0)[1] == Approx(0.3).epsilon(1e-14));
 }
+
+}  // namespace test_gate_top_p

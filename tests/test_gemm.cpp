@@ -20,6 +20,8 @@
 
 #include "gemm_test_util.hpp"
 
+namespace test_gemm {  // one per file: the unity build puts several files in one TU
+
 namespace {
 
 using namespace moet_test;  // NOLINT(google-build-using-namespace)
@@ -484,3 +486,5 @@ TEST_CASE("gemm_packed_at multiplies A given as its transpose, rows split freely
     }
   }
 }
+
+}  // namespace test_gemm

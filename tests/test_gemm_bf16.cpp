@@ -22,6 +22,8 @@
 
 #include "gemm_test_util.hpp"
 
+namespace test_gemm_bf16 {  // one per file: the unity build puts several files in one TU
+
 namespace {
 
 using namespace moet_test;  // NOLINT(google-build-using-namespace)
@@ -332,3 +334,5 @@ TEST_CASE("bf16 banks re-round after parameters_changed and reject what they can
                                              .weight_format = moet::WeightFormat::kBf16})),
       Catch::Contains("FfnExperts") && Catch::Contains("bf16"));
 }
+
+}  // namespace test_gemm_bf16

@@ -28,6 +28,8 @@
 
 #include "gemm_test_util.hpp"
 
+namespace test_gemm_quant {  // one per file: the unity build puts several files in one TU
+
 namespace {
 
 using namespace moet_test;  // NOLINT(google-build-using-namespace)
@@ -496,3 +498,5 @@ TEMPLATE_TEST_CASE("Ready blocks pack without re-quantising (GGUF's [out][in] ro
   CHECK_THROWS_WITH(from_blocks.pack_blocks(std::span<const Block>(blocks), k, n, isa),
                     Catch::Contains("non-finite scale"));
 }
+
+}  // namespace test_gemm_quant

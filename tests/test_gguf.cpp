@@ -21,6 +21,8 @@
 
 #include "io_test_util.hpp"
 
+namespace test_gguf {  // one per file: the unity build puts several files in one TU
+
 namespace {
 
 using Catch::Matchers::Contains;
@@ -623,3 +625,5 @@ TEST_CASE("GgufFile maps files from disk and keeps views valid across moves", "[
   CHECK(moved.tensor("q8_0").to_matrix()(1, 0) == q8_0_value(1, 0));
   CHECK(*moved.get_string("general.architecture") == "qwen2moe");
 }
+
+}  // namespace test_gguf

@@ -21,6 +21,8 @@
 
 #include "fd_util.hpp"
 
+namespace test_grad_experts {  // one per file: the unity build puts several files in one TU
+
 namespace {
 
 using moet::Index;
@@ -345,3 +347,5 @@ TEMPLATE_TEST_CASE("activation_value_and_derivative equals apply and derivative"
     CHECK(slope == TestType::derivative(v));
   }
 }
+
+}  // namespace test_grad_experts

@@ -32,6 +32,8 @@
 
 #include "fd_util.hpp"
 
+namespace test_grad_layer {  // one per file: the unity build puts several files in one TU
+
 namespace {
 
 using Catch::Matchers::Contains;
@@ -611,3 +613,5 @@ TEST_CASE("Gated shared experts are bit-identical for 1 and 2 threads and check 
                      moet::SharedExpertGate<S>({.model_dim = 8})),
       Contains("the shared-expert gate's model_dim is 8"));
 }
+
+}  // namespace test_grad_layer

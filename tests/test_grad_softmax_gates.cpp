@@ -25,9 +25,9 @@
 #include "moet/gates/top_k.hpp"
 #include "moet/gates/top_p.hpp"
 
-// Example 03's gate, exactly as users read it (without its main).
-#define MOET_EXAMPLE_03_NO_MAIN
-#include "../examples/03_custom_gate.cpp"
+#include "example_03_gate.hpp"
+
+namespace test_grad_softmax_gates {  // one per file: the unity build puts several files in one TU
 
 namespace {
 
@@ -532,3 +532,5 @@ TEST_CASE("Softmax gate backward rejects mismatched sizes and foreign plans",
   // Nothing was accumulated by the failed calls.
   CHECK(gate.router_grad().size() == 0);
 }
+
+}  // namespace test_grad_softmax_gates

@@ -16,6 +16,8 @@
 #include "moet/gates/top_any.hpp"
 #include "moet/train/top_any_losses.hpp"
 
+namespace test_grad_top_any {  // one per file: the unity build puts several files in one TU
+
 static_assert(moet::TrainableGate<moet::TopAnyGate<float>>, "TopAnyGate<float> is trainable");
 static_assert(moet::TrainableGate<moet::TopAnyGate<double>>, "TopAnyGate<double> is trainable");
 
@@ -810,3 +812,5 @@ TEST_CASE("TopAnyGate backward and aux loss accept an empty batch", "[gate][top_
   gate.on_training_forward(x, plan);
   CHECK(gate.training_forwards() == 1);
 }
+
+}  // namespace test_grad_top_any

@@ -17,6 +17,8 @@
 #include "moet/layer.hpp"
 #include "moet/train/optim.hpp"
 
+namespace test_hooks {  // one per file: the unity build puts several files in one TU
+
 namespace {
 
 using moet::Index;
@@ -132,3 +134,5 @@ TEST_CASE("The optimisers and MoELayer::parameters_changed call a declared param
   moet::notify_parameters_changed(layer.gate());
   CHECK(layer.gate().changes == 4);
 }
+
+}  // namespace test_hooks

@@ -24,6 +24,8 @@
 
 #include "io_test_util.hpp"
 
+namespace test_io_checkpoint {  // one per file: the unity build puts several files in one TU
+
 namespace {
 
 namespace fs = std::filesystem;
@@ -498,3 +500,5 @@ TEST_CASE("Layers loaded on 1 and 2 threads are identical", "[io][checkpoint][pa
   CHECK(outputs[0] == outputs[2]);
   CHECK(outputs[1] == outputs[3]);
 }
+
+}  // namespace test_io_checkpoint

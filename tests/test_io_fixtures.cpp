@@ -23,6 +23,8 @@
 #include "moet/io/safetensors.hpp"
 #include "moet/tensor.hpp"
 
+namespace test_io_fixtures {  // one per file: the unity build puts several files in one TU
+
 namespace {
 
 namespace fs = std::filesystem;
@@ -506,3 +508,5 @@ TEST_CASE("Every fixture GGUF file reads back as its script wrote it", "[io][fix
   }
   if (name == "deepseek2_q8_0") CHECK(arch.leading_dense_block_count == 1);
 }
+
+}  // namespace test_io_fixtures

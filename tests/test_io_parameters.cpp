@@ -18,6 +18,8 @@
 
 #include "io_test_util.hpp"
 
+namespace test_io_parameters {  // one per file: the unity build puts several files in one TU
+
 namespace {
 
 using Catch::Matchers::Contains;
@@ -123,3 +125,5 @@ TEST_CASE("load_parameters refuses a file of another architecture", "[io][parame
   CHECK_THROWS_WITH(moet::load_parameters(layer, tmp / "missing.safetensors"),
                     Contains("missing.safetensors"));
 }
+
+}  // namespace test_io_parameters

@@ -12,6 +12,8 @@
 
 #include "gemm_test_util.hpp"
 
+namespace test_kernel_isa {  // one per file: the unity build puts several files in one TU
+
 using moet::KernelIsa;
 using namespace moet_test;  // NOLINT(google-build-using-namespace)
 
@@ -85,3 +87,5 @@ TEST_CASE("Packed weights run the level they were packed for", "[isa][gemm]") {
                       Catch::Contains("not supported by this CPU"));
   }
 }
+
+}  // namespace test_kernel_isa

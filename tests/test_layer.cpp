@@ -26,6 +26,8 @@
 #include "moet/routing.hpp"
 #include "moet/stats.hpp"
 
+namespace test_layer {  // one per file: the unity build puts several files in one TU
+
 namespace {
 
 using Catch::Matchers::Contains;
@@ -469,3 +471,5 @@ TEST_CASE("MoELayer works with FFN experts in double", "[layer]") {
   CHECK((y - want).norm() <= 1e-12 * want.norm());
   CHECK(y.row(0).isZero(0.0));  // token 0 has k = 0
 }
+
+}  // namespace test_layer

@@ -17,6 +17,8 @@
 
 #include "random_rows.hpp"
 
+namespace test_lazy_grads {  // one per file: the unity build puts several files in one TU
+
 namespace {
 
 using moet::Index;
@@ -138,3 +140,5 @@ TEST_CASE("lazy zero_grad: grad() reads zeros of experts without rows", "[lazy_g
   CHECK(g.bottomRows(16).isZero(0.0f));
   CHECK(cbank.down_grad().bottomRows(24).isZero(0.0f));
 }
+
+}  // namespace test_lazy_grads

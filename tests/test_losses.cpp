@@ -17,6 +17,8 @@
 #include "moet/gates/top_p.hpp"
 #include "moet/train/losses.hpp"
 
+namespace test_losses {  // one per file: the unity build puts several files in one TU
+
 namespace {
 
 using Catch::Matchers::Contains;
@@ -503,3 +505,5 @@ TEST_CASE("Losses reject mismatched shapes and bad values", "[train][loss][bad_i
   CHECK_THROWS_WITH(plain.backward_noise_logits(x, right, right),
                     Contains("TopKGate::backward_noise_logits") && Contains("needs a noisy gate"));
 }
+
+}  // namespace test_losses

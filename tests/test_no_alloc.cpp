@@ -29,6 +29,8 @@
 #include "moet/layer.hpp"
 #include "moet/routing.hpp"
 
+namespace test_no_alloc {  // one per file: the unity build puts several files in one TU
+
 namespace {
 
 using moet::Index;
@@ -192,3 +194,5 @@ TEST_CASE("Dispatchers do not allocate after warm-up with one thread", "[no_allo
   check_dispatchers_do_not_allocate(experts);
   moet::set_num_threads(saved);
 }
+
+}  // namespace test_no_alloc

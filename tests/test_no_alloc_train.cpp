@@ -21,6 +21,8 @@
 #include "moet/gates/top_k.hpp"
 #include "moet/layer.hpp"
 
+namespace test_no_alloc_train {  // one per file: the unity build puts several files in one TU
+
 namespace {
 
 using moet::Index;
@@ -122,3 +124,5 @@ TEST_CASE("A warmed-up training step does not allocate: THOR, FFN experts", "[no
           moet::GeluFfnExperts<float>({.model_dim = 16, .hidden_dim = 24, .num_experts = 3})),
       ctx);
 }
+
+}  // namespace test_no_alloc_train

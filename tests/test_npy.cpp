@@ -13,6 +13,8 @@
 
 #include "io_test_util.hpp"
 
+namespace test_npy {  // one per file: the unity build puts several files in one TU
+
 namespace {
 
 using Catch::Matchers::Contains;
@@ -132,3 +134,5 @@ TEST_CASE("Every malformed npy file is a moet::Error naming the file", "[io][npy
     CHECK_MOET_ERROR(moet::read_npy(dir / "x.npy"), Contains("cannot open"));
   }
 }
+
+}  // namespace test_npy

@@ -12,6 +12,8 @@
 #include "moet/errors.hpp"
 #include "moet/train/optim.hpp"
 
+namespace test_optim {  // one per file: the unity build puts several files in one TU
+
 namespace {
 
 using moet::Index;
@@ -248,3 +250,5 @@ TEST_CASE("Optimiser steps are bit-identical for 1 and 2 threads", "[train][opti
   const auto s2 = three_steps<moet::Sgd<float>>(2, {.lr = 1e-1, .momentum = 0.9, .nesterov = true});
   CHECK(std::memcmp(s1.data(), s2.data(), sizeof(float) * static_cast<std::size_t>(s1.size())) == 0);
 }
+
+}  // namespace test_optim

@@ -25,6 +25,8 @@
 
 #include "random_rows.hpp"
 
+namespace test_route_overrides {  // one per file: the unity build puts several files in one TU
+
 namespace {
 
 using Catch::Matchers::Contains;
@@ -215,3 +217,5 @@ TEST_CASE("A layer's overrides route every call, a call's fields win", "[overrid
   layer.set_overrides({.p = 0.5});
   REQUIRE_THROWS_WITH(layer.forward(x), Contains("TopKGate") && Contains("ctx.overrides.p"));
 }
+
+}  // namespace test_route_overrides

@@ -4,6 +4,8 @@
 #include "moet/routing.hpp"
 #include "moet/stats.hpp"
 
+namespace test_routing {  // one per file: the unity build puts several files in one TU
+
 namespace {
 
 // Builds a plan from a list of per-token (expert, weight) lists.
@@ -70,3 +72,5 @@ TEST_CASE("compute_stats counts load, k histogram and balance", "[routing][stats
   CHECK(s.max_mean_load_ratio == Approx(2.0 / 1.5));
   CHECK(s.load_cv == Approx(0.5 / 1.5));
 }
+
+}  // namespace test_routing

@@ -18,6 +18,8 @@
 
 #include "io_test_util.hpp"
 
+namespace test_safetensors {  // one per file: the unity build puts several files in one TU
+
 namespace {
 
 using Catch::Matchers::Contains;
@@ -512,3 +514,5 @@ TEST_CASE("SafetensorsWriter refuses what it cannot write", "[io][safetensors]")
   ok.add("a", counting(1, 1));
   CHECK_MOET_ERROR(ok.write(dir / "no_such_dir" / "x.safetensors"), Contains("cannot create"));
 }
+
+}  // namespace test_safetensors

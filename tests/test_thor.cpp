@@ -15,6 +15,8 @@
 #include "moet/layer.hpp"
 #include "moet/train/thor.hpp"
 
+namespace test_thor {  // one per file: the unity build puts several files in one TU
+
 namespace {
 
 using Catch::Matchers::Contains;
@@ -164,3 +166,5 @@ TEST_CASE("ThorStep checks its arguments", "[thor][errors]") {
   CHECK_THROWS_WITH(thor.backward(layer, fewer, fewer, fewer, dx_fewer),
                     Contains("needs a forward"));
 }
+
+}  // namespace test_thor

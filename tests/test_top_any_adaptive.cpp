@@ -11,6 +11,8 @@
 #include "moet/gates/top_any.hpp"
 #include "moet/stats.hpp"
 
+namespace test_top_any_adaptive {  // one per file: the unity build puts several files in one TU
+
 namespace {
 
 using moet::Index;
@@ -342,3 +344,5 @@ TEST_CASE("TopAnyGate adaptive process rejects bad input", "[gate][top_any][adap
   gate.update_experts();
   CHECK_THROWS_WITH(gate.update_experts(), Contains("no recording"));
 }
+
+}  // namespace test_top_any_adaptive

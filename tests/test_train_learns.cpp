@@ -18,6 +18,8 @@
 #include "moet/train/thor.hpp"
 #include "moet/train/top_any_losses.hpp"
 
+namespace test_train_learns {  // one per file: the unity build puts several files in one TU
+
 namespace {
 
 using moet::Index;
@@ -280,3 +282,5 @@ TEST_CASE("Training is deterministic for a seed and a thread count", "[train][le
   CHECK(one.last_train == two.last_train);
   CHECK(one.final_loss == two.final_loss);
 }
+
+}  // namespace test_train_learns

@@ -12,19 +12,21 @@
 #               consumers), examples and benchmark smoke runs;
 #   2. release  the unit tests (ctest label `unit`) in a plain Release build (-O3, no -march:
 #               what a user gets by default; build/ci-release), run once per kernel level the
-#               CPU has (MOET_ISA=portable, avx2, ...: every level against the naive references);
-#   3. native   the unit tests in a Release build linked with moet::native (-march=native;
-#               build/ci-native);
-#   4. clang    the unit tests built by clang++ in Release (build/ci-clang);
-#   5. asan     the unit tests built by g++ with AddressSanitizer + UndefinedBehaviorSanitizer
+#               CPU has (MOET_ISA=portable, avx2, ...: every level against the naive references;
+#               test_gemm and test_gemm_bf16, label `kernel`, run every level by themselves and
+#               run once);
+#   3. clang    the unit tests built by clang++ in Release linked with moet::native
+#               (-march=native; build/ci-clang): the clang build and the native build in one
+#               (the g++ -march=native code is also compiled and run by test_mixed_isa);
+#   4. asan     the unit tests built by g++ with AddressSanitizer + UndefinedBehaviorSanitizer
 #               (preset `asan`, build/asan); any report fails the run;
-#   6. tsan     the unit tests built by clang++ 14 with ThreadSanitizer against LLVM's libomp,
+#   5. tsan     the unit tests built by clang++ 14 with ThreadSanitizer against LLVM's libomp,
 #               whose Archer tool tells TSan about OpenMP's synchronisation (preset `tsan`,
 #               build/tsan; g++'s libgomp is not instrumented and gives false reports);
-#   7. fuzz     the libFuzzer targets (preset `fuzz`, build/fuzz), each run for
+#   6. fuzz     the libFuzzer targets (preset `fuzz`, build/fuzz), each run for
 #               MOET_FUZZ_SECONDS (default 15) seconds from its seed corpus in tests/fuzz/corpus.
 #
-# Environment: MOET_TEST_STEPS="main release native clang asan tsan fuzz" (the default) selects
+# Environment: MOET_TEST_STEPS="main release clang asan tsan fuzz" (the default) selects
 # steps, e.g. MOET_TEST_STEPS=main for the quick run. Each step prints its wall time. Safe to
 # re-run: an up-to-date build is not rebuilt.
 set -euo pipefail
@@ -32,7 +34,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
-steps="${MOET_TEST_STEPS:-main release native clang asan tsan fuzz}"
+steps="${MOET_TEST_STEPS:-main release clang asan tsan fuzz}"
 jobs="$(nproc)"
 export MOET_FUZZ_SECONDS="${MOET_FUZZ_SECONDS:-15}"
 
@@ -88,22 +90,19 @@ step_release() {
   unit_tests_in "$build_dir" -DCMAKE_BUILD_TYPE=Release
   # Every kernel level the CPU has, each against the naive references (the kernel tests also
   # cover every level in any one run; this runs the banks, dispatchers and layers on each).
-  local isa
+  local isa exclude=()
   for isa in $("$build_dir/tests/moet_list_kernel_isas"); do
     echo "moet: unit tests with MOET_ISA=$isa" >&2
-    MOET_ISA="$isa" ctest --test-dir "$build_dir" -L unit --output-on-failure -j "$jobs"
+    MOET_ISA="$isa" ctest --test-dir "$build_dir" -L unit "${exclude[@]}" --output-on-failure \
+      -j "$jobs"
+    exclude=(-LE kernel)  # the kernel tests ran every level in the first run
   done
-}
-
-step_native() {
-  local build_dir=build/ci-native
-  unit_tests_in "$build_dir" -DCMAKE_BUILD_TYPE=Release -DMOET_TEST_NATIVE=ON
-  ctest --test-dir "$build_dir" -L unit --output-on-failure -j "$jobs"
 }
 
 step_clang() {
   local build_dir=build/ci-clang
-  unit_tests_in "$build_dir" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_COMPILER=clang++
+  unit_tests_in "$build_dir" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_COMPILER=clang++ \
+    -DMOET_TEST_NATIVE=ON
   ctest --test-dir "$build_dir" -L unit --output-on-failure -j "$jobs"
 }
 
@@ -135,7 +134,7 @@ step_fuzz() {
   ctest --preset fuzz -j "$jobs"
 }
 
-for step in main release native clang asan tsan fuzz; do
+for step in main release clang asan tsan fuzz; do
   if has_step "$step"; then
     run_step "$step" "step_$step"
   fi

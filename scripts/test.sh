@@ -13,8 +13,8 @@
 #   2. release  the unit tests (ctest label `unit`) in a plain Release build (-O3, no -march:
 #               what a user gets by default; build/ci-release), run once per kernel level the
 #               CPU has (MOET_ISA=portable, avx2, ...: every level against the naive references;
-#               test_gemm and test_gemm_bf16, label `kernel`, run every level by themselves and
-#               run once);
+#               test_gemm, test_gemm_bf16 and test_row_pack, label `kernel`, run every level
+#               by themselves and run once);
 #   3. clang    the unit tests built by clang++ in Release linked with moet::native
 #               (-march=native; build/ci-clang): the clang build and the native build in one
 #               (the g++ -march=native code is also compiled and run by test_mixed_isa);

@@ -27,6 +27,8 @@ using Reg = typename V::Reg;
 template <int M, int P>
 using Tile = Reg[static_cast<std::size_t>(M)][static_cast<std::size_t>(2 * P)];
 
+#include "moet/detail/kernels/row_pack.inl"
+
 /// Calls `f(std::integral_constant<int, I>{})` for `I = 0, ..., N - 1`, fully unrolled: the
 /// register arrays of the micro-kernels are indexed only by such constants, so the compiler
 /// keeps them in registers.
@@ -464,11 +466,13 @@ void run_packed_product(const PackedProduct<W>& op, Buffer<float>& scratch) {
     const Index rows = std::min(blk.row_block, n - i0);
     const Index groups = (rows + kMr - 1) / kMr;
     if constexpr (kMode == ProductMode::kIntegerDot) {
-      pack_quantized_row_groups(op.a + i0 * op.lda, op.lda, rows, op.k, groups, a_codes, a_scales,
-                                a_sums, op.a_k_stride);
+      pack_quantized_rows(op.a + i0 * op.lda, op.lda, rows, op.k, groups, a_codes, a_scales,
+                          a_sums, op.a_k_stride);
     } else if constexpr (kMode == ProductMode::kDequantize) {
       pack_row_groups(op.a + i0 * op.lda, op.lda, rows, op.k, groups, a_pack, k,  // zero pad
                       op.a_k_stride);
+    } else if constexpr (std::is_same_v<KernelW, Bf16>) {
+      pack_bf16_row_groups(op.a + i0 * op.lda, op.lda, rows, op.k, groups, a_pack, op.a_k_stride);
     } else {
       pack_row_groups(op.a + i0 * op.lda, op.lda, rows, op.k, groups, a_pack, -1,
                       op.a_k_stride);

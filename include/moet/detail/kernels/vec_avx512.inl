@@ -60,8 +60,78 @@ struct Vec {
   static MOET_ALWAYS_INLINE void bf16_pairs(const Bf16* p, Reg& even, Reg& odd) {
     const __m512i w = _mm512_loadu_si512(p);
     even = _mm512_castsi512_ps(_mm512_maskz_slli_epi32(kAll, w, 16));
-    odd = _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(static_cast<std::int32_t>(0xffff0000U))));
+    odd = _mm512_castsi512_ps(
+        _mm512_and_si512(w, _mm512_set1_epi32(static_cast<std::int32_t>(0xffff0000U))));
   }
+  /// `out[i] = to_bf16(p[i])` for the 16 floats at `p`, bit for bit (integer arithmetic, not
+  /// `vcvtneps2bf16`, which flushes subnormal inputs to zero).
+  static MOET_ALWAYS_INLINE void to_bf16(const float* p, Bf16* out) {
+    const __m512i u = _mm512_loadu_si512(p);
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(
+        _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
+    const __m512i lsb =
+        _mm512_and_si512(_mm512_maskz_srli_epi32(kAll, u, 16), _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb);
+    const __m512i quiet = _mm512_or_si512(u, _mm512_set1_epi32(0x00400000));
+    const __m512i bits =
+        _mm512_maskz_srli_epi32(kAll, _mm512_mask_blend_epi32(nan, rounded, quiet), 16);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_maskz_cvtepi32_epi16(kAll, bits));
+  }
+  /// One block of 32 floats at `x` quantised as `pack_quantized_row_groups` does, bit for bit:
+  /// codes `q[i] = round(x[i] / d)` (half away from zero) with `d = max|x| / 127` (NaN ignored
+  /// in the maximum, as `std::max` ignores a NaN second argument); returns `d` and sets `sum`.
+  static MOET_ALWAYS_INLINE float quantize_block(const float* x, std::int8_t* q,
+                                                 std::int32_t& sum) {
+    const __m512i abs_bits = _mm512_set1_epi32(0x7fffffff);
+    const __m512 lo = _mm512_loadu_ps(x);
+    const __m512 hi = _mm512_loadu_ps(x + 16);
+    const auto magnitude = [&](__m512 v) MOET_LAMBDA_INLINE {
+      return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), abs_bits));
+    };
+    // max(|x|, acc) keeps acc where |x| is NaN (the second operand is returned).
+    const __m512 amax = max(magnitude(hi), max(magnitude(lo), zero()));
+    const float d = hmax(amax) / 127.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    const auto codes = [&](__m512 v) MOET_LAMBDA_INLINE {
+      const __m512 s = _mm512_mul_ps(v, _mm512_set1_ps(id));
+      const __m512 t = trunc(s);
+      // |s - t| >= 1/2 (exact: |s| < 2^23): one step away from zero.
+      const __mmask16 away =
+          _mm512_cmp_ps_mask(magnitude(_mm512_sub_ps(s, t)), _mm512_set1_ps(0.5f), _CMP_GE_OQ);
+      const __m512i sign = _mm512_and_si512(_mm512_castps_si512(s), _mm512_set1_epi32(INT32_MIN));
+      const __m512 step =
+          _mm512_castsi512_ps(_mm512_or_si512(sign, _mm512_castps_si512(_mm512_set1_ps(1.0f))));
+      return _mm512_maskz_cvttps_epi32(kAll, _mm512_mask_add_ps(t, away, t, step));
+    };
+    const __m512i c_lo = codes(lo);
+    const __m512i c_hi = codes(hi);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_maskz_cvtepi32_epi8(kAll, c_lo));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_maskz_cvtepi32_epi8(kAll, c_hi));
+    sum = hsum(_mm512_add_epi32(c_lo, c_hi));
+    return d;
+  }
+  /// The largest lane of `x` (no NaN lanes), and the sum of `v`'s lanes (the `_mm512_reduce_*`
+  /// helpers of GCC 12 trip `-Wmaybe-uninitialized`).
+  static MOET_ALWAYS_INLINE float hmax(Reg x) {
+    x = max(x, _mm512_maskz_shuffle_f32x4(kAll, x, x, 0x4E));  // swap 256-bit halves
+    x = max(x, _mm512_maskz_shuffle_f32x4(kAll, x, x, 0xB1));  // swap 128-bit quarters
+    x = max(x, _mm512_maskz_permute_ps(kAll, x, 0x4E));        // swap 64-bit pairs
+    x = max(x, _mm512_maskz_permute_ps(kAll, x, 0xB1));        // swap neighbours
+    return _mm512_cvtss_f32(x);
+  }
+  static MOET_ALWAYS_INLINE std::int32_t hsum(__m512i v) {
+    v = _mm512_add_epi32(v, _mm512_maskz_shuffle_i32x4(kAll, v, v, 0x4E));
+    v = _mm512_add_epi32(v, _mm512_maskz_shuffle_i32x4(kAll, v, v, 0xB1));
+    v = _mm512_add_epi32(v, _mm512_maskz_shuffle_epi32(kAll, v, _MM_PERM_BADC));
+    v = _mm512_add_epi32(v, _mm512_maskz_shuffle_epi32(kAll, v, _MM_PERM_CDAB));
+    return _mm_cvtsi128_si32(_mm512_maskz_extracti32x4_epi32(0xF, v, 0));
+  }
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wsign-conversion"  // GCC 12's -O0 macro casts the mask to short
+  static MOET_ALWAYS_INLINE Reg trunc(Reg x) {
+    return _mm512_maskz_roundscale_ps(kAll, x, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+  }
+#pragma GCC diagnostic pop
 #if MOET_KERNEL_BF16_DOT
   /// The 16 bf16 pairs at `p`, as `vdpbf16ps` takes them.
   using PairReg = __m512bh;

@@ -12,7 +12,11 @@
 //   example_06_char_lm [--routers top_k:k=1,top_k:k=2,top_p:p=0.4,top_any,
 //                       importance:k_max=4,stochastic,expert_choice,relu,
 //                       null_experts:k=4,null=8] [--steps 2000] [--batch 16] [--len 64]
-//                      [--seed 1] [--out char_lm] [--sweep top_k:k=2]
+//                      [--seed 1] [--out char_lm] [--sweep top_k:k=2] [--bias-rate 1e-3]
+//
+// A gate with a selection-only score bias (grouped_top_k, e.g. grouped_top_k:k=2,renorm=1:
+// softmax top-2 in one group) trains with auxiliary-loss-free balancing (DeepSeek-V3) at
+// --bias-rate instead of a balance loss; --bias-rate 0 gives it Switch's loss instead.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -47,6 +51,9 @@ struct Config {
       "null_experts:k=4,null=8";
   long steps = 2000, batch = 16, len = 64, eval_windows = 256;
   std::uint64_t seed = 1;
+  // Auxiliary-loss-free balancing rate for gates with a score bias (grouped_top_k); 0 = train
+  // them with Switch's balance loss instead.
+  double bias_rate = 1e-3;
   // The router whose trained model is re-evaluated with other routing (k_sweep.md); "" = none.
   std::string sweep = "top_k:k=2";
   std::string out = "char_lm";
@@ -57,20 +64,26 @@ struct Result {
   double bpc = 0, train_bpc = 0, ms_per_step = 0, activated_params = 0;
   double train_k = 0, train_no_expert = 0;  // training routing over the last 10% of the steps
   std::vector<double> mean_k;               // per block, on the validation windows
+  std::vector<double> load_ratio;           // per block: max / mean expert load, validation
   examples::Series curve;                   // training bits per character (EMA) over steps
 };
 
 constexpr double kLn2 = 0.6931471805599453;
 
 // Validation bits per character on fixed windows, inference routing; fills the mean k per block.
+// With `load_ratio`, also the max / mean expert load per block.
 template <class Model>
 double bits_per_char(Model& model, const Config& cfg, const std::vector<int>& val,
-                     std::vector<double>& mean_k) {
+                     std::vector<double>& mean_k, std::vector<double>* load_ratio = nullptr) {
   typename Model::Pass pass;
   const examples::CharBatch w = examples::sample_windows(val, cfg.eval_windows, cfg.len, 999, 0);
   const RowMatrix<S>& logits = model.forward(w.inputs, cfg.eval_windows, cfg.len, {}, pass);
   mean_k.clear();
   for (const auto& ws : pass.ws) mean_k.push_back(ws.stats.mean_k);
+  if (load_ratio != nullptr) {
+    load_ratio->clear();
+    for (const auto& ws : pass.ws) load_ratio->push_back(ws.stats.max_mean_load_ratio);
+  }
   return examples::softmax_cross_entropy<S>(logits, w.targets, nullptr) / kLn2;
 }
 
@@ -190,6 +203,9 @@ Result train(const Config& cfg, const std::string& spec, MakeGate&& make_gate,
   constexpr bool kThor = std::is_same_v<Gate, moet::StochasticGate<S>>;
   using Model = examples::MoeCharLm<Gate>;
   Model model(shape, make_gate, cfg.seed);
+  if constexpr (moet::ScoreBiasGate<Gate, S>) {
+    if (cfg.bias_rate > 0) model.enable_loss_free_balancing(cfg.bias_rate);
+  }
   moet::AdamW<S> opt({.lr = 3e-3, .weight_decay = 0.0});
   typename Model::Pass pass[2];
   RowMatrix<S> d0, d1;
@@ -220,6 +236,7 @@ Result train(const Config& cfg, const std::string& spec, MakeGate&& make_gate,
       model.backward(pass[0], d0);
     }
     opt.step(model);
+    model.end_step();                  // loss-free balancing: the score bias moves after the step
     if (10 * step >= 9 * cfg.steps) {  // training-mode routing (top-any may give a token none)
       for (const auto& ws : pass[0].ws) {
         r.train_k += ws.stats.mean_k;
@@ -237,7 +254,7 @@ Result train(const Config& cfg, const std::string& spec, MakeGate&& make_gate,
   r.train_bpc = ema;
   r.train_k /= double(std::max<Index>(counted, 1));
   r.train_no_expert /= double(std::max<Index>(counted, 1));
-  r.bpc = bits_per_char(model, cfg, val, r.mean_k);
+  r.bpc = bits_per_char(model, cfg, val, r.mean_k, &r.load_ratio);
   for (int l = 0; l < shape.blocks; ++l) {
     r.activated_params +=
         r.mean_k[std::size_t(l)] * double(model.layer(l).experts().params_per_expert());
@@ -254,9 +271,10 @@ Result train(const Config& cfg, const std::string& spec, MakeGate&& make_gate,
 void write_report(const Config& cfg, const std::vector<Result>& results) {
   std::filesystem::create_directories(cfg.out);
   std::ofstream md(cfg.out + "/results.md");
-  md << "| router | validation bits/char | mean k per block | activated expert params / token | "
-        "ms / step | final train bits/char | training mean k / tokens with no expert |\n"
-        "|---|---|---|---|---|---|---|\n";
+  md << "| router | validation bits/char | mean k per block | max / mean load per block | "
+        "activated expert params / token | ms / step | final train bits/char | training mean k "
+        "/ tokens with no expert |\n"
+        "|---|---|---|---|---|---|---|---|\n";
   std::vector<examples::Series> curves, points;
   char cell[128];
   for (const Result& r : results) {
@@ -265,6 +283,12 @@ void write_report(const Config& cfg, const std::vector<Result>& results) {
       std::snprintf(cell, sizeof cell, "%s%.2f", k.empty() ? "" : " / ", v);
       k += cell;
     }
+    std::string loads;
+    for (const double v : r.load_ratio) {
+      std::snprintf(cell, sizeof cell, "%s%.2f", loads.empty() ? "" : " / ", v);
+      loads += cell;
+    }
+    k += " | " + loads;
     std::snprintf(cell, sizeof cell, " | %.0f | %.0f | %.3f | %.2f / %.1f%% |\n",
                   r.activated_params, r.ms_per_step, r.train_bpc, r.train_k,
                   100.0 * r.train_no_expert);
@@ -290,7 +314,7 @@ int main(int argc, char** argv) {
   examples::Flags flags;
   flags.add("--routers", cfg.routers).add("--steps", cfg.steps).add("--batch", cfg.batch);
   flags.add("--len", cfg.len).add("--seed", cfg.seed).add("--out", cfg.out);
-  flags.add("--sweep", cfg.sweep);
+  flags.add("--sweep", cfg.sweep).add("--bias-rate", cfg.bias_rate);
   if (!flags.parse(argc, argv)) return 2;
   if (!std::filesystem::is_directory(examples::kFortunesDir)) {
     std::fprintf(stderr, "the fortunes package is not installed (apt-get install it); skipped\n");

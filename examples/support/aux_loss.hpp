@@ -10,14 +10,19 @@
 /// - `ExpertChoiceGate`: none (every expert takes exactly C tokens);
 /// - `ReluGate` (ReMoE): the load-balanced L1 term with the adaptive coefficient, one
 ///   `ReluSparsityController` per model (target k = 2), summed over the layers;
-/// - `NullExpertGate` (AdaMoE): Switch's balance loss over real and null slots (alpha 1e-2).
+/// - `NullExpertGate` (AdaMoE): Switch's balance loss over real and null slots (alpha 1e-2);
+/// - a gate with a selection-only score bias (`GroupedTopKGate`) trained with auxiliary-loss-free
+///   balancing (`AuxState::loss_free`, DeepSeek-V3): none, the `LossFreeBalancer` of its layer
+///   moves the bias after each step; without it, Switch load balance as for `TopKGate`.
 
 #include <algorithm>
 #include <optional>
 #include <span>
 #include <type_traits>
+#include <vector>
 
 #include <moet/moet.hpp>
+#include <moet/train/bias_balance.hpp>
 #include <moet/train/losses.hpp>
 #include <moet/train/top_any_losses.hpp>
 
@@ -27,6 +32,8 @@ namespace examples {
 /// by every MoE layer of a model (docs/algorithms.md §16).
 struct AuxState {
   std::optional<moet::ReluSparsityController> relu;
+  /// Auxiliary-loss-free balancing: one balancer per MoE layer (empty: off).
+  std::vector<moet::LossFreeBalancer<float>> loss_free;
 
   /// Call once per training step before the layers' backward: moves ReMoE's coefficient by the
   /// plans the previous step recorded (a no-op on the first step and for other gates).
@@ -75,6 +82,16 @@ double backward_with_aux_loss(Layer& layer, typename Layer::Workspace& ws,
     scratch.setZero(plan.num_tokens(), gate.num_slots());
     const double value =
         moet::null_expert_balance_loss<S>(plan, all, scratch, {.k = gate.options().k});
+    run(moet::SoftmaxLossGrad<S>{.d_probs = view()});
+    return value;
+  } else if constexpr (moet::ScoreBiasGate<Gate, S>) {
+    if (!state.loss_free.empty()) {  // balanced by the score bias, not by a loss
+      run(moet::SoftmaxLossGrad<S>{});
+      return 0.0;
+    }
+    scratch.setZero(plan.num_tokens(), plan.num_experts());
+    const double value =
+        moet::load_balance_loss<S>(plan, scratch, moet::LoadBalanceOptions::switch_options());
     run(moet::SoftmaxLossGrad<S>{.d_probs = view()});
     return value;
   } else if constexpr (std::is_same_v<Gate, moet::TopAnyGate<S>>) {

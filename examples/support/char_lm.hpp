@@ -95,6 +95,7 @@ class MoeCharLm {
       const moet::RouteContext c = block_context(p, b);
       if (ctx.training) {
         layers_[b].forward_train(p.n2[b], p.y[b], c, p.ws[b]);
+        if (!aux_state_.loss_free.empty()) aux_state_.loss_free[b].record(p.ws[b].routing);
       } else {
         layers_[b].forward(p.n2[b], p.y[b], c, p.ws[b]);
       }
@@ -125,6 +126,23 @@ class MoeCharLm {
     embed_.backward(p.ids, dh);
     position_.backward(p.positions, dh);
     return aux;
+  }
+
+  /// Trains the gates' selection-only score bias with auxiliary-loss-free balancing (Wang et
+  /// al. 2024; DeepSeek-V3) at update rate `rate`, instead of a balance loss: each training
+  /// forward records its loads and `end_step` moves the bias. Needs a gate with a score bias.
+  void enable_loss_free_balancing(double rate) {
+    static_assert(moet::ScoreBiasGate<Gate, S>, "loss-free balancing needs a score-bias gate");
+    aux_state_.loss_free.assign(layers_.size(),
+                                moet::LossFreeBalancer<float>({.update_rate = rate}));
+  }
+  /// Call after each optimiser step: applies the loss-free balancers' bias updates (if any).
+  void end_step() {
+    if constexpr (moet::ScoreBiasGate<Gate, S>) {
+      for (std::size_t b = 0; b < aux_state_.loss_free.size(); ++b) {
+        aux_state_.loss_free[b].update(layers_[b].gate());
+      }
+    }
   }
 
   Layer& layer(int b) { return layers_[static_cast<std::size_t>(b)]; }

@@ -9,6 +9,7 @@
 /// for (const std::string& spec : moet::split_gate_specs(cfg.routers)) ...  // router lists
 /// ```
 
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <functional>
@@ -19,7 +20,8 @@
 
 namespace examples {
 
-/// A table of `--name value` flags, each bound to a variable (long, unsigned 64-bit or string).
+/// A table of `--name value` flags, each bound to a variable (long, unsigned 64-bit, double or
+/// string).
 class Flags {
  public:
   Flags& add(const std::string& name, long& target) {
@@ -28,6 +30,22 @@ class Flags {
   }
   Flags& add(const std::string& name, std::uint64_t& target) {
     setters_[name] = [&target](const std::string& v) { return parse_number(v, target); };
+    return *this;
+  }
+  /// A non-negative finite decimal (`1e-3`, `0.5`, `0`).
+  Flags& add(const std::string& name, double& target) {
+    setters_[name] = [&target](const std::string& v) {
+      std::size_t used = 0;
+      double value = 0;
+      try {
+        value = std::stod(v, &used);
+      } catch (const std::exception&) {  // not a number, or out of range
+        return false;
+      }
+      if (used != v.size() || !std::isfinite(value) || value < 0) return false;
+      target = value;
+      return true;
+    };
     return *this;
   }
   Flags& add(const std::string& name, std::string& target) {
@@ -39,7 +57,7 @@ class Flags {
   }
 
   /// Sets the bound variables from `argv`; false (after a message on stderr) on an unknown
-  /// flag, a flag without a value, or a value that is not a whole number where one is needed.
+  /// flag, a flag without a value, or a value that is not a number of the bound kind.
   bool parse(int argc, char** argv) const {
     for (int i = 1; i < argc; i += 2) {
       const std::string flag = argv[i];

@@ -56,6 +56,12 @@ double backward_with_aux_loss(Layer& layer, typename Layer::Workspace& ws,
   const auto view = [&] {
     return std::span<const S>(scratch.data(), static_cast<std::size_t>(scratch.size()));
   };
+  if constexpr (moet::ScoreBiasGate<Gate, S>) {
+    if (!state.loss_free.empty()) {  // balanced by the score bias, not by a loss
+      run(moet::SoftmaxLossGrad<S>{});
+      return 0.0;
+    }  // else Switch's loss, below
+  }
   if constexpr (std::is_same_v<Gate, moet::StochasticGate<S>>) {
     run(moet::NoLossGrad{});
     return 0.0;
@@ -82,16 +88,6 @@ double backward_with_aux_loss(Layer& layer, typename Layer::Workspace& ws,
     scratch.setZero(plan.num_tokens(), gate.num_slots());
     const double value =
         moet::null_expert_balance_loss<S>(plan, all, scratch, {.k = gate.options().k});
-    run(moet::SoftmaxLossGrad<S>{.d_probs = view()});
-    return value;
-  } else if constexpr (moet::ScoreBiasGate<Gate, S>) {
-    if (!state.loss_free.empty()) {  // balanced by the score bias, not by a loss
-      run(moet::SoftmaxLossGrad<S>{});
-      return 0.0;
-    }
-    scratch.setZero(plan.num_tokens(), plan.num_experts());
-    const double value =
-        moet::load_balance_loss<S>(plan, scratch, moet::LoadBalanceOptions::switch_options());
     run(moet::SoftmaxLossGrad<S>{.d_probs = view()});
     return value;
   } else if constexpr (std::is_same_v<Gate, moet::TopAnyGate<S>>) {

@@ -21,12 +21,12 @@
 #   3 experts, gates    experts/*, gates/* (neither includes the other)
 #   4 dispatch          dispatch/*
 #   5 layer             layer.hpp
-#   6 train, io         train/*, io/*
+#   6 train, io, mpi    train/*, io/*, mpi/*
 #   7 umbrella, testing moet.hpp, testing/*
 
 set(_moet_layer_names
   "foundation" "core protocol" "detail kernels" "experts and gates" "dispatch" "layer"
-  "train and io" "umbrella and testing")
+  "train, io and mpi" "umbrella and testing")
 set(_moet_layer_0
   "moet/(version|config|errors|tensor|kernel_isa)\\.hpp"
   "moet/detail/(buffer|parallel|rng|bf16|quant|select)\\.hpp")
@@ -37,7 +37,8 @@ set(_moet_layer_2
 set(_moet_layer_3 "moet/experts/[a-z0-9_]+\\.hpp" "moet/gates/[a-z0-9_]+\\.hpp")
 set(_moet_layer_4 "moet/dispatch/[a-z0-9_]+\\.hpp")
 set(_moet_layer_5 "moet/layer\\.hpp")
-set(_moet_layer_6 "moet/train/[a-z0-9_]+\\.hpp" "moet/io/[a-z0-9_]+\\.hpp")
+set(_moet_layer_6 "moet/train/[a-z0-9_]+\\.hpp" "moet/io/[a-z0-9_]+\\.hpp"
+  "moet/mpi/[a-z0-9_]+\\.hpp")
 set(_moet_layer_7 "moet/moet\\.hpp" "moet/testing/[a-z0-9_]+\\.hpp")
 
 # Sets ${out} to the layer of header path ${path} (moet/...), or -1 when the table has none.

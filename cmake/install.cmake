@@ -4,7 +4,7 @@
 #   <prefix>/include/moet/...                      the headers
 #   <prefix>/share/cmake/moet/moetConfig.cmake     find_package(moet) entry point
 #   <prefix>/share/cmake/moet/moetConfigVersion.cmake
-#   <prefix>/share/cmake/moet/moetTargets.cmake    moet::moet, moet::native (, moet::io)
+#   <prefix>/share/cmake/moet/moetTargets.cmake    moet::moet, moet::native (, moet::io, moet::mpi)
 #
 # moet is header-only, so the package is architecture independent and lives under share/.
 
@@ -21,6 +21,10 @@ install(TARGETS moet moet_native EXPORT moetTargets)
 if(MOET_HAS_IO)
   set_target_properties(moet_io PROPERTIES EXPORT_NAME io)
   install(TARGETS moet_io EXPORT moetTargets)
+endif()
+if(MOET_WITH_MPI)
+  set_target_properties(moet_mpi PROPERTIES EXPORT_NAME mpi)
+  install(TARGETS moet_mpi EXPORT moetTargets)
 endif()
 
 install(DIRECTORY "${PROJECT_SOURCE_DIR}/include/"

@@ -6,9 +6,10 @@
 # Installs missing build dependencies (Debian/Ubuntu, apt-get) first, then runs these steps and
 # exits non-zero when any of them fails:
 #
-#   1. main     configure build/ci (RelWithDebInfo, warnings as errors), build everything --
-#               tests, the header self-containment check, examples, benchmarks -- and run ctest:
-#               unit tests, packaging tests (install + find_package / add_subdirectory
+#   1. main     configure build/ci (RelWithDebInfo, warnings as errors, MOET_WITH_MPI), build
+#               everything -- tests, the header self-containment check, examples, benchmarks --
+#               and run ctest: unit tests, the expert-parallel tests under mpirun with 2, 3 and 4
+#               ranks (label `mpi`), packaging tests (install + find_package / add_subdirectory
 #               consumers), examples and benchmark smoke runs;
 #   2. release  the unit tests (ctest label `unit`) in a plain Release build (-O3, no -march:
 #               what a user gets by default; build/ci-release), run once per kernel level the
@@ -43,6 +44,9 @@ source "$root/scripts/ensure-packages.sh"
 packages=(g++ cmake ninja-build libeigen3-dev catch2 libbenchmark-dev libopenblas-dev libcli11-dev
   nlohmann-json3-dev zlib1g-dev dataset-fashion-mnist fortunes)
 case " $steps " in
+  *" main "*) packages+=(libopenmpi-dev openmpi-bin) ;;
+esac
+case " $steps " in
   *" tsan "* | *" fuzz "* | *" clang "*) packages+=(clang libomp-dev libclang-rt-14-dev) ;;
 esac
 moet_ensure_packages "${packages[@]}"
@@ -70,7 +74,8 @@ step_main() {
     -DMOET_WERROR=ON \
     -DMOET_BUILD_TESTS=ON \
     -DMOET_BUILD_EXAMPLES=ON \
-    -DMOET_BUILD_BENCHMARKS=ON
+    -DMOET_BUILD_BENCHMARKS=ON \
+    -DMOET_WITH_MPI=ON
   cmake --build "$build_dir" -j "$jobs"
   ctest --test-dir "$build_dir" --output-on-failure -j "$jobs"
 }

@@ -20,6 +20,74 @@
 
 namespace moet {
 
+namespace detail {
+
+/// Tokens per combine task (fixed, independent of the thread count).
+inline constexpr Index kCombineBlock = 64;
+
+/// `y_t = sum over t's slots, in slot order, of the row term(a)` of each assignment `a`: the
+/// first slot assigns, later slots add, a token routed nowhere gets 0. Parallel over fixed
+/// blocks of `kCombineBlock` tokens: the same bits for any thread count.
+template <class S, class Term>
+void combine_slots(const Routing<S>& routing, Rows<S>& y, Term&& term) {
+  const auto token_offsets = routing.offsets();
+  parallel_blocks(routing.num_tokens(), kCombineBlock, [&](Index begin, Index end) {
+    for (Index t = begin; t < end; ++t) {
+      const auto first = static_cast<std::size_t>(token_offsets[static_cast<std::size_t>(t)]);
+      const auto last = static_cast<std::size_t>(token_offsets[static_cast<std::size_t>(t + 1)]);
+      if (first == last) {
+        y.row(t).setZero();
+        continue;
+      }
+      y.row(t) = term(first);
+      for (std::size_t a = first + 1; a < last; ++a) y.row(t) += term(a);
+    }
+  });
+}
+
+/// The combine of an expert-major dispatch: `y_t = sum over t's slots of w_a *
+/// out[position(a)]`, slot order; `out` holds one row per assignment in `view`'s order.
+template <class S, class Out>
+void combine_weighted(const Routing<S>& routing, const ExpertMajor& view, const Out& out,
+                      Rows<S> y) {
+  const auto position = view.position();
+  const auto weights = routing.weights();
+  combine_slots(routing, y, [&](std::size_t a) { return weights[a] * out.row(position[a]); });
+}
+
+/// `y_t = sum over t's slots of rows[position(a)]` (unweighted), slot order: the input
+/// gradients of an expert-major backward.
+template <class S, class In>
+void combine_unweighted(const Routing<S>& routing, const ExpertMajor& view, const In& rows,
+                        Rows<S> y) {
+  const auto position = view.position();
+  combine_slots(routing, y, [&](std::size_t a) { return rows.row(position[a]); });
+}
+
+/// The combine weights' gradients: `d_weights[a] = dy_t · out[position(a)]` for every
+/// assignment `a` of token `t` (routing order), a scalar loop over the columns (the same bits
+/// wherever the rows sit), parallel over fixed token blocks.
+template <class S, class Out>
+void combine_weight_grads(const Routing<S>& routing, const ExpertMajor& view, const Out& out,
+                          const ConstRows<S>& dy, std::span<S> d_weights) {
+  const auto position = view.position();
+  const auto token_offsets = routing.offsets();
+  const Index model_dim = dy.cols();
+  parallel_blocks(routing.num_tokens(), kCombineBlock, [&](Index begin, Index end) {
+    for (Index t = begin; t < end; ++t) {
+      for (Index a = token_offsets[static_cast<std::size_t>(t)];
+           a < token_offsets[static_cast<std::size_t>(t + 1)]; ++a) {
+        const S* o = out.row(position[static_cast<std::size_t>(a)]).data();
+        S dot = S(0);
+        for (Index c = 0; c < model_dim; ++c) dot += dy(t, c) * o[c];
+        d_weights[static_cast<std::size_t>(a)] = dot;
+      }
+    }
+  });
+}
+
+}  // namespace detail
+
 /// The fast dispatcher. Per call:
 ///
 /// 1. builds the expert-major view of the plan (`ExpertMajor`: each expert's tokens in token
@@ -71,7 +139,7 @@ class GroupedDispatch {
   };
 
   /// Tokens per combine task (fixed, independent of the thread count).
-  static constexpr Index kCombineBlock = 64;
+  static constexpr Index kCombineBlock = detail::kCombineBlock;
 
   /// One expert task: expert-major entries `[begin, end)` of `expert`.
   struct Task {
@@ -151,7 +219,7 @@ class GroupedDispatch {
     }
 
     // 3. Combine per token in slot order.
-    combine(routing, ws.view, out, y);
+    detail::combine_weighted(routing, ws.view, out, y);
   }
 
   // --- training -------------------------------------------------------------------------
@@ -182,7 +250,7 @@ class GroupedDispatch {
       experts.forward_train(task.expert, in, out.middleRows(task.begin, n),
                             cache.middleRows(task.begin, n), scratch);
     });
-    combine(routing, ws.view, out, y);
+    detail::combine_weighted(routing, ws.view, out, y);
   }
 
   /// Backward of `forward_train` (same `experts`, `x`, `routing` and `ws`, nothing run on `ws`
@@ -206,7 +274,6 @@ class GroupedDispatch {
                 const Routing<typename X::Scalar>& routing, const ConstRows<typename X::Scalar>& dy,
                 Workspace<X>& ws, std::span<typename X::Scalar> d_weights,
                 Rows<typename X::Scalar> dx) const {
-    using S = typename X::Scalar;
     constexpr const char* kOp = "GroupedDispatch";
     detail::check_dispatch(kOp, experts, x, routing, dx, /*training=*/true);
     detail::require(dy.rows() == x.rows() && dy.cols() == x.cols(), kOp, "dy must have x's shape (",
@@ -231,20 +298,8 @@ class GroupedDispatch {
     auto din = detail::aligned_matrix(ws.expert_din, num_assignments, model_dim);
 
     // 1. Combine-weight gradients, token-major.
-    const auto position = ws.view.position();
+    detail::combine_weight_grads(routing, ws.view, out, dy, d_weights);
     const auto weights = routing.weights();
-    const auto token_offsets = routing.offsets();
-    detail::parallel_blocks(num_tokens, kCombineBlock, [&](Index begin, Index end) {
-      for (Index t = begin; t < end; ++t) {
-        for (Index a = token_offsets[static_cast<std::size_t>(t)];
-             a < token_offsets[static_cast<std::size_t>(t + 1)]; ++a) {
-          const S* o = out.row(position[static_cast<std::size_t>(a)]).data();
-          S dot = S(0);
-          for (Index c = 0; c < model_dim; ++c) dot += dy(t, c) * o[c];
-          d_weights[static_cast<std::size_t>(a)] = dot;
-        }
-      }
-    });
 
     // 2. One task per expert with tokens, its blocks in order.
     ws.active.clear();
@@ -281,7 +336,7 @@ class GroupedDispatch {
     });
 
     // 3. Input gradients per token, in slot order.
-    combine_rows(routing, ws.view, din, dx);
+    detail::combine_unweighted(routing, ws.view, din, dx);
   }
 
  private:
@@ -355,42 +410,6 @@ class GroupedDispatch {
           x, tokens.subspan(static_cast<std::size_t>(task.begin), static_cast<std::size_t>(n)), in);
       f(task, in, scratch.expert);
     });
-  }
-
-  // y_t = sum over t's slots, in slot order, of the row `term(a)` of assignment `a`: the first
-  // slot assigns, later slots add, and a token routed nowhere gets 0.
-  template <class S, class Term>
-  static void combine_slots(const Routing<S>& routing, Rows<S>& y, Term&& term) {
-    const auto token_offsets = routing.offsets();
-    detail::parallel_blocks(routing.num_tokens(), kCombineBlock, [&](Index begin, Index end) {
-      for (Index t = begin; t < end; ++t) {
-        const auto first = static_cast<std::size_t>(token_offsets[static_cast<std::size_t>(t)]);
-        const auto last = static_cast<std::size_t>(token_offsets[static_cast<std::size_t>(t + 1)]);
-        if (first == last) {
-          y.row(t).setZero();
-          continue;
-        }
-        y.row(t) = term(first);
-        for (std::size_t a = first + 1; a < last; ++a) y.row(t) += term(a);
-      }
-    });
-  }
-
-  // Step 3 of `run`: y_t = sum over t's slots of w_a * out[position(a)], in slot order.
-  template <class S, class Out>
-  static void combine(const Routing<S>& routing, const ExpertMajor& view, const Out& out,
-                      Rows<S> y) {
-    const auto position = view.position();
-    const auto weights = routing.weights();
-    combine_slots(routing, y, [&](std::size_t a) { return weights[a] * out.row(position[a]); });
-  }
-
-  // y_t = sum over t's slots of rows[position(a)] (unweighted), slot order.
-  template <class S, class In>
-  static void combine_rows(const Routing<S>& routing, const ExpertMajor& view, const In& rows,
-                           Rows<S> y) {
-    const auto position = view.position();
-    combine_slots(routing, y, [&](std::size_t a) { return rows.row(position[a]); });
   }
 
   Options options_{};

@@ -326,6 +326,10 @@ class MoELayer {
     detail::require(shared_gate_.has_value(), kOp, "this layer has no shared-expert gate");
     return *shared_gate_;
   }
+  SharedExpertGate<Scalar>& shared_gate() {
+    detail::require(shared_gate_.has_value(), kOp, "this layer has no shared-expert gate");
+    return *shared_gate_;
+  }
   /// The dispatcher.
   const D& dispatch() const { return dispatch_; }
 

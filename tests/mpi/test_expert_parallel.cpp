@@ -5,14 +5,22 @@
 // a rank without tokens and experts without tokens. Bad input on one rank must end, on every
 // rank, in the same moet::Error naming that rank (ctest's timeout catches a rank left waiting).
 //
+// Training: each rank's y and dx must equal the single-process layer's forward_train and
+// backward on its tokens; each routed expert's gradients, on its rank, the single-process
+// layer's after forward_train + backward on every rank's batch in rank order (accumulated);
+// the gate's and shared experts' gradients (and their SharedExpertGate's), after
+// GradientReducer::sum, the rank-order sum of the single-process gradients of each rank's batch.
+//
 // Every rank runs every test case in the same order (Catch2, fixed order), so the collectives
 // match; checks use CHECK, never REQUIRE, so that a failing rank keeps taking part.
 #define CATCH_CONFIG_RUNNER
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <type_traits>
 #include <vector>
 
@@ -22,6 +30,7 @@
 #include "moet/experts/glu.hpp"
 #include "moet/layer.hpp"
 #include "moet/mpi/expert_parallel.hpp"
+#include "moet/mpi/gradients.hpp"
 
 #include "gate_cases.hpp"
 
@@ -117,6 +126,41 @@ std::string error_of(F&& f) {
     return e.what();
   }
   return {};
+}
+
+// Copies of every gradient `module` visits whose name starts with one of `prefixes`, in order.
+// Visiting hands the weights out for writing, so the banks' packed copies are stale afterwards:
+// parameters_changed() repacks them (the same bits), as an optimiser step would.
+template <class M>
+std::vector<float> grads_of(M& module, std::vector<std::string> prefixes) {
+  std::vector<float> out;
+  module.visit_parameters([&](std::string_view name, auto, auto grad) {
+    for (const auto& p : prefixes) {
+      if (name.substr(0, p.size()) == p) {
+        out.insert(out.end(), grad.data(), grad.data() + grad.size());
+        return;
+      }
+    }
+  });
+  module.parameters_changed();
+  return out;
+}
+
+// The stacked gradients of experts [first, first + count) of a bank of `num_experts`, in
+// visit order (each stacked tensor holds its experts' blocks one after the other).
+std::vector<float> expert_grads(Bank& bank, Index first, Index count) {
+  std::vector<float> out;
+  const Index experts = bank.num_experts();
+  bank.visit_parameters([&](std::string_view, auto, auto grad) {
+    const Index per = grad.size() / experts;
+    out.insert(out.end(), grad.data() + first * per, grad.data() + (first + count) * per);
+  });
+  bank.parameters_changed();
+  return out;
+}
+
+bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
 }
 
 }  // namespace
@@ -294,6 +338,274 @@ TEST_CASE("Construction: disagreeing ranks make every rank throw the same error"
     CHECK(message.find("the partition has " + std::to_string(ranks + 1) + " ranks") !=
           std::string::npos);
     CHECK(same_on_every_rank(message));
+  }
+}
+
+TEST_CASE("Training, every trainable gate: y, dx and every gradient equal the single process",
+          "[mpi][train]") {
+  const int rank = world_rank();
+  const int ranks = world_size();
+  const Bank full = full_bank(gate_cases::kExperts, 31);
+  const Bank shared = full_bank(1, 32);
+  moet::mpi::GradientReducer reducer(MPI_COMM_WORLD);
+  for (const auto& part : partitions(ranks, gate_cases::kExperts)) {
+    gate_cases::for_each_gate(
+        6, [&](const std::string& name, const auto& gate, const gate_cases::ContextSpec& spec) {
+          using G = std::decay_t<decltype(gate)>;
+          if constexpr (moet::TrainableGate<G>) {
+            INFO(name << ", rank " << rank << " of " << ranks << ", partition starting "
+                      << part.count(0));
+            // The single process, on every rank's batch in rank order.
+            moet::MoELayer<G, Bank> single{G(gate), Bank(full), Bank(shared)};
+            typename moet::MoELayer<G, Bank>::Workspace single_ws;
+            single.zero_grad();
+            std::vector<float> replicated_sum;
+            Matrix expected_y, expected_dx;
+            for (int r = 0; r < ranks; ++r) {
+              const Index n = tokens_of(r);
+              const Matrix x = gate_cases::tokens(n, 100u + static_cast<std::uint32_t>(r));
+              const Matrix dy = gate_cases::tokens(n, 300u + static_cast<std::uint32_t>(r));
+              auto c = gate_cases::make_context(spec, n, 7u + static_cast<std::uint32_t>(r));
+              c.ctx.training = true;  // training forwards (TopAnyGate records only those)
+              single.gate().zero_grad();
+              single.shared_experts().zero_grad();
+              Matrix y(n, gate_cases::kModelDim), dx(n, gate_cases::kModelDim);
+              single.forward_train(x, y, c.ctx, single_ws);
+              single.backward(x, dy, c.ctx, single_ws, dx);
+              const auto g = grads_of(single, {"gate.", "shared."});
+              if (r == 0) {
+                replicated_sum = g;
+              } else {
+                for (std::size_t i = 0; i < g.size(); ++i) replicated_sum[i] += g[i];
+              }
+              if (r == rank) {
+                expected_y = y;
+                expected_dx = dx;
+              }
+            }
+
+            // This rank, expert-parallel.
+            const Index n = tokens_of(rank);
+            const Matrix x = gate_cases::tokens(n, 100u + static_cast<std::uint32_t>(rank));
+            const Matrix dy = gate_cases::tokens(n, 300u + static_cast<std::uint32_t>(rank));
+            auto c = gate_cases::make_context(spec, n, 7u + static_cast<std::uint32_t>(rank));
+            c.ctx.training = true;
+            ExpertParallelLayer<G, Bank> layer(MPI_COMM_WORLD, part, G(gate),
+                                               slice(full, part.first(rank), part.count(rank)),
+                                               Bank(shared));
+            typename ExpertParallelLayer<G, Bank>::Workspace ws;
+            layer.zero_grad();
+            Matrix y(n, gate_cases::kModelDim), dx(n, gate_cases::kModelDim);
+            CHECK(error_of([&] { layer.forward_train(x, y, c.ctx, ws); }).empty());
+            CHECK(error_of([&] { layer.backward(x, dy, c.ctx, ws, dx); }).empty());
+            CHECK(gate_cases::bit_identical(y, expected_y));
+            CHECK(gate_cases::bit_identical(dx, expected_dx));
+            if (layer.has_local_experts()) {
+              CHECK(same_bits(expert_grads(layer.local_experts(), 0, part.count(rank)),
+                              expert_grads(single.experts(), part.first(rank), part.count(rank))));
+            }
+            // Before the reduction each rank holds its own batch's replicated gradients.
+            reducer.sum(layer.replicated_parameters());
+            CHECK(same_bits(grads_of(layer, {"gate.", "shared."}), replicated_sum));
+          }
+        });
+  }
+}
+
+TEST_CASE("Gated shared experts: forward, training and gradients equal the single process",
+          "[mpi][train][shared_gate]") {
+  const int rank = world_rank();
+  const int ranks = world_size();
+  using Gate = moet::TopKGate<float>;
+  using Layer = ExpertParallelLayer<Gate, Bank>;
+  const Gate gate({.model_dim = gate_cases::kModelDim,
+                   .num_experts = gate_cases::kExperts,
+                   .k = 2,
+                   .init_seed = 5});
+  const Bank full = full_bank(gate_cases::kExperts, 41);
+  const Bank shared = full_bank(2, 42);
+  const moet::SharedExpertGate<float> shared_gate(
+      {.model_dim = gate_cases::kModelDim, .init_seed = 43});
+  moet::mpi::GradientReducer reducer(MPI_COMM_WORLD);
+  for (const auto& part : partitions(ranks, gate_cases::kExperts)) {
+    INFO("rank " << rank << " of " << ranks << ", partition starting " << part.count(0));
+    moet::MoELayer<Gate, Bank> single(gate, Bank(full), Bank(shared), shared_gate);
+    moet::MoELayer<Gate, Bank>::Workspace single_ws;
+    single.zero_grad();
+    std::vector<float> replicated_sum;
+    Matrix expected_y, expected_dx, expected_inference;
+    for (int r = 0; r < ranks; ++r) {
+      const Index n = tokens_of(r);
+      const Matrix x = gate_cases::tokens(n, 500u + static_cast<std::uint32_t>(r));
+      const Matrix dy = gate_cases::tokens(n, 600u + static_cast<std::uint32_t>(r));
+      single.gate().zero_grad();
+      single.shared_experts().zero_grad();
+      single.shared_gate().zero_grad();
+      Matrix y(n, gate_cases::kModelDim), dx(n, gate_cases::kModelDim);
+      single.forward_train(x, y, {}, single_ws);
+      single.backward(x, dy, {}, single_ws, dx);
+      const auto g = grads_of(single, {"gate.", "shared.", "shared_gate."});
+      if (r == 0) {
+        replicated_sum = g;
+      } else {
+        for (std::size_t i = 0; i < g.size(); ++i) replicated_sum[i] += g[i];
+      }
+      if (r == rank) {
+        expected_y = y;
+        expected_dx = dx;
+        expected_inference = single.forward(x);
+      }
+    }
+
+    const Index n = tokens_of(rank);
+    const Matrix x = gate_cases::tokens(n, 500u + static_cast<std::uint32_t>(rank));
+    const Matrix dy = gate_cases::tokens(n, 600u + static_cast<std::uint32_t>(rank));
+    Layer layer(MPI_COMM_WORLD, part, gate, slice(full, part.first(rank), part.count(rank)),
+                Bank(shared), shared_gate);
+    CHECK(layer.has_shared_gate());
+    Layer::Workspace ws;
+    Matrix y(n, gate_cases::kModelDim), dx(n, gate_cases::kModelDim);
+    CHECK(error_of([&] { layer.forward(x, y, {}, ws); }).empty());
+    CHECK(gate_cases::bit_identical(y, expected_inference));
+    layer.zero_grad();
+    CHECK(error_of([&] { layer.forward_train(x, y, {}, ws); }).empty());
+    CHECK(error_of([&] { layer.backward(x, dy, {}, ws, dx); }).empty());
+    CHECK(gate_cases::bit_identical(y, expected_y));
+    CHECK(gate_cases::bit_identical(dx, expected_dx));
+    if (layer.has_local_experts()) {
+      CHECK(same_bits(expert_grads(layer.local_experts(), 0, part.count(rank)),
+                      expert_grads(single.experts(), part.first(rank), part.count(rank))));
+    }
+    reducer.sum(layer.replicated_parameters());
+    CHECK(same_bits(grads_of(layer, {"gate.", "shared.", "shared_gate."}), replicated_sum));
+  }
+  {
+    INFO("rank 0 leaves the shared experts ungated: every rank throws the same error");
+    const auto part = ExpertPartition::even(gate_cases::kExperts, ranks);
+    const std::string message = error_of([&] {
+      if (rank == 0) {
+        Layer(MPI_COMM_WORLD, part, gate, slice(full, part.first(rank), part.count(rank)),
+              Bank(shared));
+      } else {
+        Layer(MPI_COMM_WORLD, part, gate, slice(full, part.first(rank), part.count(rank)),
+              Bank(shared), shared_gate);
+      }
+    });
+    CAPTURE(message);
+    CHECK(message.find("rank 1's partition, model_dim or shared experts differ") !=
+          std::string::npos);
+    CHECK(same_on_every_rank(message));
+  }
+}
+
+TEST_CASE("Training: a bad backward on one rank is the same error everywhere, then it works",
+          "[mpi][train][bad_input]") {
+  const int rank = world_rank();
+  const int ranks = world_size();
+  using Gate = moet::TopKGate<float>;
+  const Gate gate(
+      {.model_dim = gate_cases::kModelDim, .num_experts = gate_cases::kExperts, .k = 2});
+  const Bank full = full_bank(gate_cases::kExperts, 4);
+  const auto part = ExpertPartition::even(gate_cases::kExperts, ranks);
+  ExpertParallelLayer<Gate, Bank> layer(MPI_COMM_WORLD, part, gate,
+                                        slice(full, part.first(rank), part.count(rank)));
+  ExpertParallelLayer<Gate, Bank>::Workspace ws;
+  const Index n = 20;
+  const Matrix x = gate_cases::tokens(n, 5u + static_cast<std::uint32_t>(rank));
+  const Matrix dy = gate_cases::tokens(n, 9u + static_cast<std::uint32_t>(rank));
+  Matrix y(n, gate_cases::kModelDim), dx(n, gate_cases::kModelDim);
+  layer.zero_grad();
+  {
+    INFO("backward after a plain forward on the last rank");
+    if (rank == ranks - 1) {
+      layer.forward(x, y, {}, ws);
+    } else {
+      layer.forward_train(x, y, {}, ws);
+    }
+    // The ranks' calls differ (forward vs forward_train) but both are the same collectives.
+    const std::string message = error_of([&] { layer.backward(x, dy, {}, ws, dx); });
+    CAPTURE(message);
+    CHECK(message.find("rank " + std::to_string(ranks - 1) + " failed") != std::string::npos);
+    CHECK(message.find("needs a forward_train") != std::string::npos);
+    CHECK(same_on_every_rank(message));
+  }
+  layer.forward_train(x, y, {}, ws);
+  {
+    INFO("dy of the wrong shape on rank 0");
+    const Matrix short_dy = gate_cases::tokens(rank == 0 ? n - 1 : n, 9u);
+    const std::string message = error_of([&] { layer.backward(x, short_dy, {}, ws, dx); });
+    CAPTURE(message);
+    CHECK(message.find("rank 0 failed") != std::string::npos);
+    CHECK(message.find("dy must have x's shape") != std::string::npos);
+    CHECK(same_on_every_rank(message));
+  }
+  {
+    INFO("after the errors the gradients are those of one clean step");
+    layer.backward(x, dy, {}, ws, dx);
+    moet::MoELayer<Gate, Bank> single(gate, Bank(full));
+    single.zero_grad();
+    typename moet::MoELayer<Gate, Bank>::Workspace single_ws;
+    Matrix expected_dx(n, gate_cases::kModelDim);
+    single.forward_train(x, y, {}, single_ws);
+    single.backward(x, dy, {}, single_ws, expected_dx);
+    CHECK(gate_cases::bit_identical(dx, expected_dx));
+    CHECK(same_bits(grads_of(layer, {"gate."}), grads_of(single, {"gate."})));
+  }
+}
+
+namespace {
+// A module of `sizes[i]` scalars per tensor, values and gradients owned.
+struct Params {
+  using Scalar = float;
+  std::vector<Matrix> values, grads;
+  explicit Params(const std::vector<Index>& sizes) {
+    for (const Index n : sizes) {
+      values.emplace_back(Matrix::Zero(1, n));
+      grads.emplace_back(Matrix::Zero(1, n));
+    }
+  }
+  template <class F>
+  void visit_parameters(F&& f) {
+    for (std::size_t i = 0; i < values.size(); ++i) {
+      f(std::string_view("p"), moet::ParamMap<float>(values[i].data(), 1, values[i].cols()),
+        moet::ParamMap<float>(grads[i].data(), 1, grads[i].cols()));
+    }
+  }
+};
+}  // namespace
+
+TEST_CASE("GradientReducer adds in rank order, the same bits on every rank, and rejects",
+          "[mpi][gradients]") {
+  const int rank = world_rank();
+  const int ranks = world_size();
+  moet::mpi::GradientReducer reducer(MPI_COMM_WORLD);
+  // Values whose sum depends on the order of the additions: 1e8, then small terms.
+  const auto value = [](int r, Index i) {
+    return r == 0 ? 1e8f + static_cast<float>(i) : 3.0f + 0.25f * static_cast<float>(r + i % 7);
+  };
+  Params params({5, 0, 11, 1});  // 17 scalars: slices of 4 and 5 for 4 ranks
+  for (auto& g : params.grads) {
+    for (Index i = 0; i < g.cols(); ++i) g(0, i) = value(rank, i);
+  }
+  reducer.sum(params);
+  for (auto& g : params.grads) {
+    for (Index i = 0; i < g.cols(); ++i) {
+      float expected = value(0, i);
+      for (int r = 1; r < ranks; ++r) expected += value(r, i);
+      CHECK(g(0, i) == expected);
+    }
+  }
+  {
+    INFO("the last rank has one scalar more");
+    Params odd({5, rank == ranks - 1 ? 2 : 1});
+    odd.grads[0](0, 0) = 42.0f;
+    const std::string message = error_of([&] { reducer.sum(odd); });
+    CAPTURE(message);
+    CHECK(message.find("GradientReducer") != std::string::npos);
+    CHECK(message.find("rank " + std::to_string(ranks - 1) + " has 2 gradient tensors of 7") !=
+          std::string::npos);
+    CHECK(same_on_every_rank(message));
+    CHECK(odd.grads[0](0, 0) == 42.0f);  // nothing changed
   }
 }
 

@@ -20,7 +20,10 @@
 #               (-march=native; build/ci-clang): the clang build and the native build in one
 #               (the g++ -march=native code is also compiled and run by test_mixed_isa);
 #   4. asan     the unit tests built by g++ with AddressSanitizer + UndefinedBehaviorSanitizer
-#               (preset `asan`, build/asan); any report fails the run;
+#               (preset `asan`, build/asan, here with MOET_WITH_MPI), and the expert-parallel
+#               tests under mpirun with 2, 3 and 4 ranks in that build (leak checks on, Open
+#               MPI's own allocations suppressed by tests/mpi/lsan_openmpi.supp); any report
+#               fails the run;
 #   5. tsan     the unit tests built by clang++ 14 with ThreadSanitizer against LLVM's libomp,
 #               whose Archer tool tells TSan about OpenMP's synchronisation (preset `tsan`,
 #               build/tsan; g++'s libgomp is not instrumented and gives false reports);
@@ -44,7 +47,7 @@ source "$root/scripts/ensure-packages.sh"
 packages=(g++ cmake ninja-build libeigen3-dev catch2 libbenchmark-dev libopenblas-dev libcli11-dev
   nlohmann-json3-dev zlib1g-dev dataset-fashion-mnist fortunes)
 case " $steps " in
-  *" main "*) packages+=(libopenmpi-dev openmpi-bin) ;;
+  *" main "* | *" asan "*) packages+=(libopenmpi-dev openmpi-bin) ;;
 esac
 case " $steps " in
   *" tsan "* | *" fuzz "* | *" clang "*) packages+=(clang libomp-dev libclang-rt-14-dev) ;;
@@ -112,11 +115,13 @@ step_clang() {
 }
 
 # The sanitizer presets build only the unit tests (target moet_unit_tests) and run only the
-# tests labelled `unit`; their options (CMakePresets.json) make every report fatal:
-# ASan/UBSan abort (halt_on_error, -fno-sanitize-recover=all), TSan exits 66 at the first race.
+# tests labelled `unit` (asan also `mpi`: built with them when MOET_WITH_MPI is on); their
+# options (CMakePresets.json) make every report fatal: ASan/UBSan abort (halt_on_error,
+# -fno-sanitize-recover=all), TSan exits 66 at the first race.
 step_asan() {
-  cmake --preset asan
+  cmake --preset asan -DMOET_WITH_MPI=ON
   cmake --build --preset asan -j "$jobs"
+  # The unit tests and, built with them here, the expert-parallel tests (labels unit, mpi).
   ctest --preset asan -j "$jobs"
 }
 

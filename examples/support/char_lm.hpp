@@ -10,6 +10,8 @@
 /// ```
 /// Each MoE layer's `RouteContext` carries the attention probabilities of its own block's
 /// attention sublayer (what `ImportanceGate` reads, docs/algorithms.md §6) and the sequence length.
+/// `Layer` is the MoE layer type: `moet::MoELayer` by default, `moet::mpi::ExpertParallelLayer`
+/// in example 09 (built by the constructor's `make_layer`).
 
 #include <cstdint>
 #include <stdexcept>
@@ -29,11 +31,13 @@ struct CharLmShape {
   Index max_len = 256;  // longest window: rows of the learned position embedding
 };
 
-template <class Gate>
+template <class Gate, class LayerType = moet::MoELayer<Gate, moet::SwiGluExperts<float>>>
 class MoeCharLm {
  public:
   using S = float;
-  using Layer = moet::MoELayer<Gate, moet::SwiGluExperts<S>>;
+  using Scalar = S;
+  using Layer = LayerType;
+  using Bank = moet::SwiGluExperts<S>;
   using Attention = CausalSelfAttention<S>;
 
   /// One forward pass's activations (a THOR step keeps two).
@@ -46,8 +50,18 @@ class MoeCharLm {
     RowMatrix<S> final_norm, logits;
   };
 
+  /// `make_gate(block)` builds each block's gate; the experts are drawn from `seed`.
   template <class MakeGate>
   MoeCharLm(const CharLmShape& shape, MakeGate&& make_gate, std::uint64_t seed)
+      : MoeCharLm(shape, make_gate, seed, [](int, Gate gate, Bank experts) {
+          return Layer(std::move(gate), std::move(experts));
+        }) {}
+
+  /// As above; `make_layer(block, gate, experts)` builds each MoE layer from its gate and all
+  /// its experts (the same weights for any `Layer`).
+  template <class MakeGate, class MakeLayer>
+  MoeCharLm(const CharLmShape& shape, MakeGate&& make_gate, std::uint64_t seed,
+            MakeLayer&& make_layer)
       : shape_(shape),
         embed_(shape.vocab, shape.model_dim, 1.0, seed),
         position_(shape.max_len, shape.model_dim, 0.1, seed + 2),
@@ -60,10 +74,11 @@ class MoeCharLm {
       attention_.emplace_back(shape.model_dim, shape.heads, seed + 10 + ub);
       Gate gate = make_gate(b);
       const Index e = gate.num_experts();
-      layers_.emplace_back(std::move(gate), moet::SwiGluExperts<S>({.model_dim = shape.model_dim,
-                                                                    .hidden_dim = shape.hidden_dim,
-                                                                    .num_experts = e,
-                                                                    .init_seed = seed + 20 + ub}));
+      layers_.push_back(make_layer(b, std::move(gate),
+                                   Bank({.model_dim = shape.model_dim,
+                                         .hidden_dim = shape.hidden_dim,
+                                         .num_experts = e,
+                                         .init_seed = seed + 20 + ub})));
     }
   }
 
@@ -159,6 +174,37 @@ class MoeCharLm {
       attention_[b].zero_grad();
       layers_[b].zero_grad();
     }
+  }
+  /// Zeroes every gradient but the routed experts' (what data parallelism replicates).
+  void zero_replicated_grad() {
+    embed_.zero_grad();
+    position_.zero_grad();
+    final_norm_.zero_grad();
+    head_.zero_grad();
+    for (std::size_t b = 0; b < layers_.size(); ++b) {
+      norm1_[b].zero_grad();
+      norm2_[b].zero_grad();
+      attention_[b].zero_grad();
+      layers_[b].gate().zero_grad();
+    }
+  }
+  /// `visit_parameters` without the routed experts (`block<b>.moe.experts.*`), in the same
+  /// order; the experts are not touched (visiting them would mark their packed copies stale).
+  template <class F>
+  void visit_replicated_parameters(F&& f) {
+    embed_.visit_parameters(f, "embed.");
+    position_.visit_parameters(f, "position.");
+    for (std::size_t b = 0; b < layers_.size(); ++b) {
+      const std::string p = "block" + std::to_string(b) + ".";
+      norm1_[b].visit_parameters(f, p + "norm1.");
+      attention_[b].visit_parameters(f, p + "attn.");
+      norm2_[b].visit_parameters(f, p + "norm2.");
+      layers_[b].gate().visit_parameters([&](std::string_view name, auto value, auto grad) {
+        f(std::string_view(p + "moe.gate." + std::string(name)), value, grad);
+      });
+    }
+    final_norm_.visit_parameters(f, "final_norm.");
+    head_.visit_parameters(f, "head.");
   }
   template <class F>
   void visit_parameters(F&& f) {

@@ -160,13 +160,7 @@ class MoELayer {
     ws.train_tokens = -1;  // the training state of this workspace is overwritten
     gate_.route(x, call_context(ctx), ws.routing);
     dispatch_.run(experts_, x, ws.routing, y, ws.dispatch);
-    if (shared_gate_) {
-      add_gated_shared_experts(*shared_, *shared_gate_, x, y, ws.gated_shared);
-    } else if (shared_) {
-      for (Index s = 0; s < shared_->num_experts(); ++s) {
-        add_dense_expert(*shared_, s, Scalar(1), x, y, ws.shared);
-      }
-    }
+    detail::add_shared_experts(shared_, shared_gate_, x, y, ws.shared, ws.gated_shared);
     compute_stats(ws.routing, ws.stats);
     return ws.stats;
   }
@@ -199,11 +193,7 @@ class MoELayer {
     gate_.route(x, call_context(ctx), ws.routing);
     if constexpr (HookCheck<G>::kTrainingForward) gate_.on_training_forward(x, ws.routing);
     dispatch_.forward_train(experts_, x, ws.routing, y, ws.dispatch);
-    if (shared_gate_) {
-      add_gated_shared_experts_train(*shared_, *shared_gate_, x, y, ws.gated_shared);
-    } else if (shared_) {
-      add_dense_experts_train(*shared_, x, y, ws.shared);
-    }
+    detail::add_shared_experts_train(shared_, shared_gate_, x, y, ws.shared, ws.gated_shared);
     compute_stats(ws.routing, ws.stats);
     ws.train_tokens = x.rows();
     return ws.stats;
@@ -248,11 +238,7 @@ class MoELayer {
     dispatch_.backward(experts_, x, ws.routing, dy, ws.dispatch, d_weights, dx);
     gate_.backward(x, call_context(ctx), ws.routing, std::span<const Scalar>(d_weights), loss_grad,
                    dx);
-    if (shared_gate_) {
-      backward_gated_shared_experts(*shared_, *shared_gate_, x, dy, dx, ws.gated_shared);
-    } else if (shared_) {
-      backward_dense_experts(*shared_, x, dy, dx, ws.shared);
-    }
+    detail::backward_shared_experts(shared_, shared_gate_, x, dy, dx, ws.shared, ws.gated_shared);
   }
 
   /// The combine-weight gradients of the last `backward` on `ws` (one per assignment, routing

@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <string_view>
 
 #include "moet/concepts.hpp"
@@ -210,5 +211,52 @@ void backward_gated_shared_experts(X& shared, SharedExpertGate<typename X::Scala
   backward_dense_experts(shared, x, d_sum, dx, ws.dense);
   gate.backward(x, dz, dx);
 }
+
+namespace detail {
+
+// A layer's shared-expert step (MoELayer and the expert-parallel layer): nothing without shared
+// experts, each shared expert with weight 1, or their sum scaled by `gate` when there is one.
+template <Experts X>
+void add_shared_experts(const std::optional<X>& shared,
+                        const std::optional<SharedExpertGate<typename X::Scalar>>& gate,
+                        const ConstRows<typename X::Scalar>& x, Rows<typename X::Scalar> y,
+                        DenseWorkspace<X>& dense, GatedSharedWorkspace<X>& gated) {
+  if (gate) {
+    add_gated_shared_experts(*shared, *gate, x, y, gated);
+  } else if (shared) {
+    for (Index s = 0; s < shared->num_experts(); ++s) {
+      add_dense_expert(*shared, s, typename X::Scalar(1), x, y, dense);
+    }
+  }
+}
+
+// The training forward of that step.
+template <TrainableExperts X>
+void add_shared_experts_train(const std::optional<X>& shared,
+                              const std::optional<SharedExpertGate<typename X::Scalar>>& gate,
+                              const ConstRows<typename X::Scalar>& x, Rows<typename X::Scalar> y,
+                              DenseWorkspace<X>& dense, GatedSharedWorkspace<X>& gated) {
+  if (gate) {
+    add_gated_shared_experts_train(*shared, *gate, x, y, gated);
+  } else if (shared) {
+    add_dense_experts_train(*shared, x, y, dense);
+  }
+}
+
+// Its backward: accumulates the shared experts' (and their gate's) gradients, adds into `dx`.
+template <TrainableExperts X>
+void backward_shared_experts(std::optional<X>& shared,
+                             std::optional<SharedExpertGate<typename X::Scalar>>& gate,
+                             const ConstRows<typename X::Scalar>& x,
+                             const ConstRows<typename X::Scalar>& dy, Rows<typename X::Scalar> dx,
+                             DenseWorkspace<X>& dense, GatedSharedWorkspace<X>& gated) {
+  if (gate) {
+    backward_gated_shared_experts(*shared, *gate, x, dy, dx, gated);
+  } else if (shared) {
+    backward_dense_experts(*shared, x, dy, dx, dense);
+  }
+}
+
+}  // namespace detail
 
 }  // namespace moet

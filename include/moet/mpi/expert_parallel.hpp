@@ -301,13 +301,7 @@ class ExpertParallelLayer {
       });
     }
     return finish_forward(y, ws, t3, [&] {
-      if (shared_gate_) {
-        add_gated_shared_experts(*shared_, *shared_gate_, x, y, ws.gated_shared);
-      } else if (shared_) {
-        for (Index s = 0; s < shared_->num_experts(); ++s) {
-          add_dense_expert(*shared_, s, Scalar(1), x, y, ws.shared);
-        }
-      }
+      moet::detail::add_shared_experts(shared_, shared_gate_, x, y, ws.shared, ws.gated_shared);
     });
   }
 
@@ -336,11 +330,8 @@ class ExpertParallelLayer {
       });
     }
     const RoutingStats& stats = finish_forward(y, ws, t3, [&] {
-      if (shared_gate_) {
-        add_gated_shared_experts_train(*shared_, *shared_gate_, x, y, ws.gated_shared);
-      } else if (shared_) {
-        add_dense_experts_train(*shared_, x, y, ws.shared);
-      }
+      moet::detail::add_shared_experts_train(shared_, shared_gate_, x, y, ws.shared,
+                                             ws.gated_shared);
     });
     ws.train_tokens = x.rows();
     return stats;
@@ -416,11 +407,8 @@ class ExpertParallelLayer {
         comm_.get(), rank(), kOp, detail::outcome([&] {
           moet::detail::combine_unweighted(ws.routing, ws.view, din_back, dx);
           gate_.backward(x, ctx, ws.routing, std::span<const Scalar>(d_weights), loss_grad, dx);
-          if (shared_gate_) {
-            backward_gated_shared_experts(*shared_, *shared_gate_, x, dy, dx, ws.gated_shared);
-          } else if (shared_) {
-            backward_dense_experts(*shared_, x, dy, dx, ws.shared);
-          }
+          moet::detail::backward_shared_experts(shared_, shared_gate_, x, dy, dx, ws.shared,
+                                                ws.gated_shared);
         }));
   }
 

@@ -163,9 +163,11 @@ inline bool all_small(const moet::RowMatrix<float>& m, float bound) {
 /// experts: offsets start at 0 and never decrease, end at `num_assignments`; every expert id is
 /// in range and appears at most once per token; every weight is finite and in `[0, 1]`; every
 /// `k(t)` lies in `[k_lo, k_hi]`; `probs()` (when present) is `(num_tokens, num_experts)`,
-/// finite, in `[0, 1]`, and a distribution per row when the plan says so.
+/// finite, in `[0, 1]`, and a distribution per row when the plan says so. `max_weight` and
+/// `max_prob` raise the bounds of the weights and of `probs()` for a gate whose weights or
+/// scores are not probabilities (`GroupedTopKGate`'s `scaling_factor`, `ReluGate`'s `R`).
 inline void check_plan(const moet::Routing<float>& plan, Index num_tokens, Index num_experts,
-                       Index k_lo, Index k_hi) {
+                       Index k_lo, Index k_hi, float max_weight = 1.0f, float max_prob = 1.0f) {
   MOET_FUZZ_CHECK(plan.num_tokens() == num_tokens, "num_tokens %ld, want %ld",
                   static_cast<long>(plan.num_tokens()), static_cast<long>(num_tokens));
   MOET_FUZZ_CHECK(plan.num_experts() == num_experts, "num_experts %ld, want %ld",
@@ -189,9 +191,9 @@ inline void check_plan(const moet::Routing<float>& plan, Index num_tokens, Index
                       static_cast<long>(t), e);
       seen[static_cast<std::size_t>(e)] = 1;
       const float w = weights[j];
-      MOET_FUZZ_CHECK(std::isfinite(w) && w >= 0.0f && w <= 1.0f + 1e-5f,
-                      "token %ld slot %zu: weight %g not finite in [0, 1]", static_cast<long>(t), j,
-                      static_cast<double>(w));
+      MOET_FUZZ_CHECK(std::isfinite(w) && w >= 0.0f && w <= max_weight * (1.0f + 1e-5f),
+                      "token %ld slot %zu: weight %g not finite in [0, %g]", static_cast<long>(t),
+                      j, static_cast<double>(w), static_cast<double>(max_weight));
     }
     for (const auto e : ids) seen[static_cast<std::size_t>(e)] = 0;
   }
@@ -204,8 +206,9 @@ inline void check_plan(const moet::Routing<float>& plan, Index num_tokens, Index
       double sum = 0.0;
       for (Index e = 0; e < num_experts; ++e) {
         const float p = probs(t, e);
-        MOET_FUZZ_CHECK(std::isfinite(p) && p >= 0.0f && p <= 1.0f + 1e-5f, "probs(%ld, %ld) = %g",
-                        static_cast<long>(t), static_cast<long>(e), static_cast<double>(p));
+        MOET_FUZZ_CHECK(std::isfinite(p) && p >= 0.0f && p <= max_prob * (1.0f + 1e-5f),
+                        "probs(%ld, %ld) = %g", static_cast<long>(t), static_cast<long>(e),
+                        static_cast<double>(p));
         sum += static_cast<double>(p);
       }
       if (plan.probs_are_distribution) {
@@ -291,6 +294,77 @@ inline std::vector<std::int32_t> descending_order(const float* values, Index n) 
   std::stable_sort(order.begin(), order.end(),
                    [values](std::int32_t a, std::int32_t b) { return values[a] > values[b]; });
   return order;
+}
+
+/// `v` as moet's parallel tasks read and write it: a subnormal is 0 (of its sign) while
+/// `moet::flush_denormals()` is on (x86 only: flush-to-zero and denormals-are-zero in every
+/// task, docs/algorithms.md §10.5). A check that redoes a gate's float arithmetic outside those
+/// tasks flushes each operand and result with it to get the gate's bits.
+inline float flushed(float v) {
+#if defined(__SSE__) || defined(__x86_64__)
+  if (moet::flush_denormals() && v != 0.0f && std::abs(v) < std::numeric_limits<float>::min()) {
+    return std::copysign(0.0f, v);
+  }
+#endif
+  return v;
+}
+
+/// Checks a gate's router logits `z` `(T, n)` against `x` `(T, d)` times `w` `(d, n)` in double
+/// (subnormal operands read as 0 when flushing): each within `1e-5` of the sum of `|x_i w_i|`,
+/// plus a few `FLT_MIN` for flushed products.
+template <class X, class W, class Z>
+void check_logits(const X& x, const W& w, const Z& z) {
+  MOET_FUZZ_CHECK(z.rows() == x.rows() && z.cols() == w.cols() && x.cols() == w.rows(),
+                  "logits shape");
+  const double tiny = static_cast<double>(std::numeric_limits<float>::min()) *
+                      static_cast<double>(2 * (x.cols() + 1));
+  for (Index t = 0; t < z.rows(); ++t) {
+    for (Index e = 0; e < z.cols(); ++e) {
+      double ref = 0.0;
+      double mag = 0.0;
+      for (Index i = 0; i < x.cols(); ++i) {
+        const double term =
+            static_cast<double>(flushed(x(t, i))) * static_cast<double>(flushed(w(i, e)));
+        ref += term;
+        mag += std::abs(term);
+      }
+      const double got = static_cast<double>(z(t, e));
+      MOET_FUZZ_CHECK(std::isfinite(got) && std::abs(got - ref) <= 1e-5 * mag + tiny,
+                      "logit (%ld, %ld) = %g, x W in double %g", static_cast<long>(t),
+                      static_cast<long>(e), got, ref);
+    }
+  }
+}
+
+/// Checks that every row of `p` `(T, n)` is the softmax of the same row of `z` computed in
+/// double (max-subtracted), within `1e-5` plus `n FLT_EPSILON` (the float sum of `n`
+/// exponentials) plus `4 FLT_EPSILON max |z|` (the float softmax rounds `z_e - max z`, an
+/// absolute error that grows with the logits).
+template <class Z, class P>
+void check_softmax(const Z& z, const P& p) {
+  MOET_FUZZ_CHECK(p.rows() == z.rows() && p.cols() == z.cols(), "probabilities shape");
+  std::vector<double> ex(static_cast<std::size_t>(z.cols()));
+  for (Index t = 0; t < z.rows(); ++t) {
+    double top = -std::numeric_limits<double>::infinity();
+    double largest = 0.0;
+    for (Index e = 0; e < z.cols(); ++e) {
+      top = std::max(top, static_cast<double>(z(t, e)));
+      largest = std::max(largest, std::abs(static_cast<double>(z(t, e))));
+    }
+    const auto eps = static_cast<double>(std::numeric_limits<float>::epsilon());
+    const double tolerance = 1e-5 + static_cast<double>(z.cols()) * eps + 4.0 * eps * largest;
+    double sum = 0.0;
+    for (Index e = 0; e < z.cols(); ++e) {
+      ex[static_cast<std::size_t>(e)] = std::exp(static_cast<double>(z(t, e)) - top);
+      sum += ex[static_cast<std::size_t>(e)];
+    }
+    for (Index e = 0; e < z.cols(); ++e) {
+      const double want = ex[static_cast<std::size_t>(e)] / sum;
+      MOET_FUZZ_CHECK(std::abs(static_cast<double>(p(t, e)) - want) <= tolerance,
+                      "P(%ld, %ld) = %g, softmax in double %g", static_cast<long>(t),
+                      static_cast<long>(e), static_cast<double>(p(t, e)), want);
+    }
+  }
 }
 
 }  // namespace moet_fuzz

@@ -5,7 +5,8 @@ strings of different lengths plus all-zero and all-0xff inputs; libFuzzer mutate
 import os
 import random
 
-TARGETS = ["top_k", "top_p", "top_any", "importance", "stochastic", "dispatch"]
+TARGETS = ["top_k", "top_p", "top_any", "importance", "stochastic", "dispatch", "expert_choice",
+           "relu", "null_experts", "grouped_top_k"]
 here = os.path.dirname(os.path.abspath(__file__))
 for index, target in enumerate(TARGETS):
     out = os.path.join(here, "corpus", target)

@@ -219,7 +219,7 @@ TEST_CASE("bias balance: in a training loop through MoELayer", "[bias_balance]")
 }
 
 TEST_CASE("bias balance: bad input", "[bias_balance]") {
-  for (const double rate : {0.0, -1e-3, std::nan(""), HUGE_VAL}) {
+  for (const double rate : {0.0, -1e-3, std::nan(""), HUGE_VAL, 1e39}) {  // 1e39: Inf as float
     CHECK_THROWS_WITH(Balancer({.update_rate = rate}),
                       Contains("LossFreeBalancer") && Contains("update_rate"));
   }
@@ -251,6 +251,23 @@ TEST_CASE("bias balance: bad input", "[bias_balance]") {
   for (std::size_t e = 0; e < 8; ++e) {
     CHECK(bias_of(wide)[e] == (wide_loads[e] > 0 ? -0.1f : 0.1f));
   }
+
+  // A bias pushed past float's range by a huge rate (found by the fuzzer): an error naming the
+  // expert, gate and loads unchanged.
+  Gate pushed = one_hot_gate(moet::ExpertScoring::kSoftmax);
+  Balancer fast({.update_rate = 2e38});
+  pushed.route(one_hot_rows({0, 1}), {}, plan);
+  fast.record(plan);
+  fast.update(pushed);  // |b| = 2e38: still finite
+  const std::vector<float> before = bias_of(pushed);
+  CHECK(std::abs(before[0]) == 2e38f);
+  fast.record(plan);
+  CHECK_THROWS_WITH(fast.update(pushed), Contains("LossFreeBalancer") &&
+                                             Contains("update: the score bias of expert 0") &&
+                                             Contains("would become"));
+  CHECK(bias_of(pushed) == before);
+  CHECK(std::vector<std::int64_t>(fast.loads().begin(), fast.loads().end()) ==
+        std::vector<std::int64_t>{1, 1, 0, 0});
 }
 
 }  // namespace test_bias_balance

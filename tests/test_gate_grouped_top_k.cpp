@@ -435,9 +435,20 @@ TEST_CASE("GroupedTopKGate rejects bad options and input", "[gate][grouped_top_k
   o.groups_kept = 2;
   o.k = 2;
   CHECK_THROWS_WITH(make(o), Contains("kTopTwoSum needs groups of at least 2 experts, got 1"));
+  // One group ranks nothing: kTopTwoSum is accepted with groups of one expert (E = 1).
+  CHECK_NOTHROW(make(Gate::deepseek_v3_options(4, 1, 1, 1, 1, 1.0)));
   o = good;
   o.scaling_factor = 0.0;
-  CHECK_THROWS_WITH(make(o), Contains("scaling_factor must be finite and > 0, got 0"));
+  CHECK_THROWS_WITH(make(o), Contains("scaling_factor must be > 0 and finite in the gate's "
+                                      "scalar type, got 0"));
+  // Finite as a double but not as a float: past float's range, or rounding to 0 (found by
+  // the fuzzer: the weights became Inf).
+  for (const double f : {1e300, 1e39, 1e-300}) {
+    o.scaling_factor = f;
+    CHECK_THROWS_WITH(make(o), Contains("scaling_factor must be > 0 and finite"));
+  }
+  o.scaling_factor = 1e38;  // the largest decade float holds
+  CHECK_NOTHROW(make(o));
   o = good;
   o.model_dim = 0;
   CHECK_THROWS_AS(make(o), moet::Error);

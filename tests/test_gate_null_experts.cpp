@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <numeric>
 #include <vector>
 
@@ -274,6 +275,13 @@ TEST_CASE("NullExpertGate rejects bad options", "[gate][null_experts][bad_input]
   CHECK_THROWS_WITH(Gate({.model_dim = 4, .num_experts = 2, .num_null = 1, .k = 4}),
                     Contains("k must be in [1, num_experts + num_null = 3], got 4"));
   CHECK_THROWS_WITH(Gate({.model_dim = 4, .num_experts = 0}), Contains("num_experts must be >= 1"));
+  // A slot count past int32 (an overflow of num_experts + num_null before, found by the fuzzer).
+  for (const moet::Index null : {std::numeric_limits<moet::Index>::max(), moet::Index{1} << 31,
+                                 moet::Index{std::numeric_limits<std::int32_t>::max()}}) {
+    CHECK_THROWS_WITH(
+        Gate({.model_dim = 4, .num_experts = 2, .num_null = null}),
+        Contains("NullExpertGate") && Contains("num_experts + num_null must be at most"));
+  }
   Gate gate({.model_dim = 4, .num_experts = 2, .num_null = 2});
   RowMatrix<float> wrong(3, 3);
   CHECK_THROWS_WITH(gate.all_probabilities(moet_test::random_rows(3, 4, 1), wrong),

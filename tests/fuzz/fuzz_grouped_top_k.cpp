@@ -186,10 +186,13 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   const auto k_ok = [&](Index k) {
     return kept_ok && k >= 1 && k <= options.groups_kept * group_width;
   };
-  const bool valid_options =
-      k_ok(options.k) &&
-      (options.group_score != moet::GroupScore::kTopTwoSum || group_width >= 2) &&
-      std::isfinite(options.scaling_factor) && options.scaling_factor > 0.0;
+  const bool valid_options = k_ok(options.k) &&
+                             (options.group_score != moet::GroupScore::kTopTwoSum ||
+                              options.num_groups == 1 || group_width >= 2) &&
+                             std::isfinite(options.scaling_factor) &&
+                             options.scaling_factor > 0.0 &&
+                             std::isfinite(static_cast<float>(options.scaling_factor)) &&
+                             static_cast<float>(options.scaling_factor) > 0.0f;
   const bool valid_call = ctx.overrides.p == 0.0 && ctx.overrides.k_avg == 0.0 &&
                           (ctx.overrides.k == 0 || k_ok(ctx.overrides.k));
   const Index k = ctx.overrides.k != 0 ? ctx.overrides.k : options.k;
@@ -245,7 +248,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     const bool small = moet_fuzz::all_small(x, 1e3f) && moet_fuzz::all_small(gate.router(), 1e3f);
 
     std::optional<moet::LossFreeBalancer<float>> balancer;
-    const bool rate_ok = std::isfinite(rate) && rate > 0.0;
+    const bool rate_ok =
+        std::isfinite(rate) && rate > 0.0 && std::isfinite(static_cast<float>(rate));
     if (use_balancer) {
       try {
         balancer.emplace(moet::LossFreeBalancer<float>::Options{.update_rate = rate});
@@ -359,11 +363,31 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       for (const auto l : loads) total += l;
       const double mean = static_cast<double>(total) / static_cast<double>(num_experts);
       std::vector<float> want_bias(static_cast<std::size_t>(num_experts));
+      bool overflows = false;  // a bias past float's range: documented error, nothing changed
       for (Index e = 0; e < num_experts; ++e) {
         const auto load = static_cast<double>(loads[static_cast<std::size_t>(e)]);
         const double sign = mean > load ? 1.0 : (mean < load ? -1.0 : 0.0);
         want_bias[static_cast<std::size_t>(e)] = static_cast<float>(
             static_cast<double>(gate.score_bias()(0, e)) + (total > 0 ? rate * sign : 0.0));
+        overflows = overflows || !std::isfinite(want_bias[static_cast<std::size_t>(e)]);
+      }
+      if (overflows) {
+        const std::vector<float> before(gate.score_bias().data(),
+                                        gate.score_bias().data() + num_experts);
+        bool threw = false;
+        try {
+          balancer->update(gate);
+        } catch (const moet::Error&) {
+          threw = true;
+        }
+        MOET_FUZZ_CHECK(threw, "update took a bias past float's range (u %g)", rate);
+        for (Index e = 0; e < num_experts; ++e) {
+          MOET_FUZZ_CHECK(gate.score_bias()(0, e) == before[static_cast<std::size_t>(e)],
+                          "a refused update changed the bias of expert %ld", static_cast<long>(e));
+        }
+        MOET_FUZZ_CHECK(std::equal(loads.begin(), loads.end(), balancer->loads().begin()),
+                        "a refused update changed the loads");
+        return 0;
       }
       try {
         balancer->update(gate);

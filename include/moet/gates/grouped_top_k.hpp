@@ -123,11 +123,13 @@ class GroupedTopKGate : public SoftmaxGateBase<S> {
     Index num_groups = 1;
     /// Groups kept per token (`topk_group`), in `[1, num_groups]`.
     Index groups_kept = 1;
-    /// How a group is ranked (`topk_method`); `kTopTwoSum` needs groups of >= 2 experts.
+    /// How a group is ranked (`topk_method`); `kTopTwoSum` needs groups of >= 2 experts unless
+    /// `num_groups == 1` (one group: nothing is ranked).
     GroupScore group_score = GroupScore::kMax;
     /// Divide the selected scores by their sum (`norm_topk_prob`).
     bool renormalize = false;
-    /// `routed_scaling_factor`, finite and > 0.
+    /// `routed_scaling_factor`, > 0 and finite in `S` (a double past `S`'s range, or one that
+    /// rounds to 0 in `S`, is rejected).
     double scaling_factor = 1.0;
     /// When the factor applies (V3's rule by default).
     WeightScaling scaling = WeightScaling::kAfterNormalization;
@@ -433,8 +435,11 @@ class GroupedTopKGate : public SoftmaxGateBase<S> {
     detail::require(o.group_score != GroupScore::kTopTwoSum || o.num_groups == 1 || size >= 2, kOp,
                     "group_score kTopTwoSum needs groups of at least 2 experts, got ", size,
                     " (num_experts ", o.num_experts, ", num_groups ", o.num_groups, ")");
-    detail::require(std::isfinite(o.scaling_factor) && o.scaling_factor > 0.0, kOp,
-                    "scaling_factor must be finite and > 0, got ", o.scaling_factor);
+    detail::require(std::isfinite(o.scaling_factor) && o.scaling_factor > 0.0 &&
+                        std::isfinite(static_cast<S>(o.scaling_factor)) &&
+                        static_cast<S>(o.scaling_factor) > S(0),
+                    kOp, "scaling_factor must be > 0 and finite in the gate's scalar type, got ",
+                    o.scaling_factor);
     return o;
   }
 

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <span>
 
 #include "moet/concepts.hpp"
@@ -188,6 +189,11 @@ class NullExpertGate : public SoftmaxGateBase<S> {
   static Index slots_of(const Options& o) {
     detail::require(o.num_null >= 1, kOp, "num_null must be >= 1, got ", o.num_null);
     detail::require(o.num_experts >= 1, kOp, "num_experts must be >= 1, got ", o.num_experts);
+    // The slot count is a routing-plan index (int32 expert ids; the router's columns).
+    constexpr Index kMaxSlots = std::numeric_limits<std::int32_t>::max();
+    detail::require(o.num_experts <= kMaxSlots - o.num_null, kOp,
+                    "num_experts + num_null must be at most ", kMaxSlots, ", got ", o.num_experts,
+                    " + ", o.num_null);
     return o.num_experts + o.num_null;
   }
 

@@ -57,10 +57,13 @@ class LossFreeBalancer {
     double update_rate = 1e-3;
   };
 
-  /// Throws `moet::Error` naming `LossFreeBalancer` for a non-positive or non-finite rate.
+  /// Throws `moet::Error` naming `LossFreeBalancer` for a rate that is not positive and finite
+  /// in `S`.
   explicit LossFreeBalancer(const Options& options) : options_(options) {
-    detail::require(std::isfinite(options_.update_rate) && options_.update_rate > 0.0, kOp,
-                    "update_rate must be positive and finite, got ", options_.update_rate);
+    detail::require(std::isfinite(options_.update_rate) && options_.update_rate > 0.0 &&
+                        std::isfinite(static_cast<S>(options_.update_rate)),
+                    kOp, "update_rate must be positive and finite in the gate's scalar type, got ",
+                    options_.update_rate);
   }
 
   const Options& options() const { return options_; }
@@ -85,7 +88,8 @@ class LossFreeBalancer {
 
   /// Applies `b_e += u * sign(mean load - load_e)` to `gate`'s score bias and clears the loads.
   /// Nothing recorded (or only empty plans): no change. Throws `moet::Error` (gate and loads
-  /// unchanged) when the gate's expert count differs from the plans'.
+  /// unchanged) when the gate's expert count differs from the plans', or when a bias would
+  /// leave `S`'s finite range (a huge rate applied many times).
   template <class G>
   requires ScoreBiasGate<G, S>
   void update(G& gate) {
@@ -105,6 +109,9 @@ class LossFreeBalancer {
                             : diff < 0 ? -options_.update_rate
                                        : 0.0;
         bias_[e] = static_cast<S>(static_cast<double>(bias(0, static_cast<Index>(e))) + step);
+        detail::require(std::isfinite(bias_[e]), kOp, "update: the score bias of expert ", e,
+                        " would become ", bias_[e], " (bias ", bias(0, static_cast<Index>(e)),
+                        ", update_rate ", options_.update_rate, ")");
       }
       gate.set_score_bias(std::span<const S>(bias_.data(), bias_.size()));
     }

@@ -10,12 +10,17 @@
 //   example_04_fashion_mnist [--routers top_k:k=1,top_k:k=2,top_p:p=0.4,top_any,
 //                             importance:k_max=4,stochastic,expert_choice,relu,
 //                             null_experts:k=4,null=8] [--epochs 8] [--train 60000]
-//                            [--test 10000] [--batch 128] [--seed 1] [--out fashion_mnist]
+//                            [--test 10000] [--batch 128] [--seed 1 | --seeds 1,2,3]
+//                            [--out fashion_mnist]
+//
+// With --seeds the comparison runs once per seed into <out>/seed_<s>/, and <out>/summary.md
+// gives each router's mean and spread over the seeds (support/seeds.hpp).
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <map>
 #include <numeric>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -31,6 +36,7 @@
 #include "support/progress.hpp"
 #include "support/report.hpp"
 #include "support/routers.hpp"
+#include "support/seeds.hpp"
 
 namespace {
 
@@ -44,6 +50,9 @@ struct Config {
       "null_experts:k=4,null=8";
   long epochs = 8, train = 60000, test = 10000, batch = 128;
   std::uint64_t seed = 1;
+  // Several seeds ("1,2,3"): the whole comparison once per seed (results in <out>/seed_<s>/),
+  // then <out>/summary.md with the mean and spread of each router; "" = --seed alone.
+  std::string seeds;
   std::string out = "fashion_mnist";
   examples::ClassifierShape shape;
 };
@@ -221,6 +230,60 @@ void write_report(const Config& cfg, const std::vector<Result>& results) {
   std::printf("wrote %s/results.md and SVG plots\n", cfg.out.c_str());
 }
 
+// <out>/summary.md and summary.svg over the seeds: test accuracy as mean ± sd (range) per
+// router, each compared with top_k:k=1 and top_k:k=2 (different only when the ranges over the
+// seeds do not overlap).
+void write_summary(const Config& cfg, const std::vector<std::uint64_t>& seeds,
+                   const std::vector<std::vector<Result>>& runs) {
+  const std::size_t routers = runs.front().size();
+  const auto metric = [&](std::size_t i) {
+    std::vector<double> v;
+    for (const auto& run : runs) v.push_back(run[i].accuracy);
+    return examples::spread(v);
+  };
+  const auto find = [&](const std::string& name) {
+    for (std::size_t i = 0; i < routers; ++i)
+      if (runs.front()[i].router == name) return std::optional<examples::Spread>(metric(i));
+    return std::optional<examples::Spread>();
+  };
+  const auto top1 = find("top_k:k=1"), top2 = find("top_k:k=2");
+  std::ofstream md(cfg.out + "/summary.md");
+  md << "Test accuracy over " << seeds.size() << " seeds (";
+  for (std::size_t s = 0; s < seeds.size(); ++s) md << (s ? ", " : "") << seeds[s];
+  md << "): mean ± sample standard deviation (range). A router is better or worse than top-1 "
+        "or top-2 only when its range over the seeds does not overlap theirs.\n\n"
+     << "| router | test accuracy | mean k (layer 0 / 1) | activated expert params / image | s / "
+        "epoch (median) | vs `top_k:k=1` | vs `top_k:k=2` |\n|---|---|---|---|---|---|---|\n";
+  std::vector<examples::Series> points;
+  for (std::size_t i = 0; i < routers; ++i) {
+    const examples::Spread acc = metric(i);
+    const std::string& name = runs.front()[i].router;
+    double k[2] = {0, 0}, params = 0;
+    std::vector<double> seconds;
+    examples::Series series{runs.front()[i].router, {}};
+    for (const auto& run : runs) {
+      const double n = double(runs.size());
+      for (int l = 0; l < 2; ++l) k[l] += run[i].mean_k[l] / n;
+      params += run[i].activated_params / n;
+      seconds.push_back(run[i].seconds_per_epoch);
+      series.points.emplace_back(run[i].activated_params, run[i].accuracy);
+    }
+    std::sort(seconds.begin(), seconds.end());
+    points.push_back(std::move(series));
+    char cell[160];
+    std::snprintf(cell, sizeof cell, " | %.2f / %.2f | %.0f | %.1f | ", k[0], k[1], params,
+                  seconds[seconds.size() / 2]);
+    md << "| `" << runs.front()[i].router << "` | " << examples::format_spread(acc, 4) << cell
+       << (top1 && name != "top_k:k=1" ? examples::compare(acc, *top1, true) : std::string("-"))
+       << " | "
+       << (top2 && name != "top_k:k=2" ? examples::compare(acc, *top2, true) : std::string("-"))
+       << " |\n";
+  }
+  examples::save_scatter_chart(cfg.out + "/summary.svg", "Test accuracy, one point per seed",
+                               "activated expert parameters per image", "test accuracy", points);
+  std::printf("wrote %s/summary.md and summary.svg\n", cfg.out.c_str());
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -230,17 +293,36 @@ int main(int argc, char** argv) {
   flags.add("--test", cfg.test)
       .add("--batch", cfg.batch)
       .add("--seed", cfg.seed)
+      .add("--seeds", cfg.seeds)
       .add("--out", cfg.out);
   if (!flags.parse(argc, argv)) return 2;
+  std::vector<std::uint64_t> seeds{cfg.seed};
+  try {
+    if (!cfg.seeds.empty()) seeds = examples::parse_seeds(cfg.seeds);
+  } catch (const std::invalid_argument& e) {
+    std::fprintf(stderr, "%s\n", e.what());
+    return 2;
+  }
   if (!std::filesystem::exists(std::string(examples::kFashionMnistDir))) {
     std::fprintf(stderr, "dataset-fashion-mnist is not installed (apt-get install it); skipped\n");
     return 77;  // ctest's skip code
   }
   const examples::ImageSet tr = examples::load_fashion_mnist("train", cfg.train);
   const examples::ImageSet te = examples::load_fashion_mnist("t10k", cfg.test);
-  std::vector<Result> results;
-  for (const std::string& spec : moet::split_gate_specs(cfg.routers))
-    results.push_back(run(cfg, spec, tr, te));
-  write_report(cfg, results);
+  std::vector<std::vector<Result>> runs;
+  for (const std::uint64_t seed : seeds) {
+    Config one = cfg;
+    one.seed = seed;
+    if (!cfg.seeds.empty()) {
+      one.out = cfg.out + "/seed_" + std::to_string(seed);
+      std::printf("seed %llu\n", static_cast<unsigned long long>(seed));
+    }
+    std::vector<Result> results;
+    for (const std::string& spec : moet::split_gate_specs(cfg.routers))
+      results.push_back(run(one, spec, tr, te));
+    write_report(one, results);
+    runs.push_back(std::move(results));
+  }
+  if (!cfg.seeds.empty()) write_summary(cfg, seeds, runs);
   return 0;
 }

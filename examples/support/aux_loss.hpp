@@ -5,7 +5,8 @@
 /// - `TopKGate`, `ImportanceGate`: Switch load balance (alpha 1e-2, top-1 before dropping);
 /// - `TopPGate`: load balance over all selections plus the entropy ("dynamic") loss (beta 1e-4),
 ///   Huang et al. 2024;
-/// - `TopAnyGate`: DynMoE's diversity + simplicity + load balance + efficiency (coefficient 0.01);
+/// - `TopAnyGate`: DynMoE's diversity + simplicity + load balance + efficiency (coefficient
+///   `AuxState::dynmoe_coefficient`, 0.01 by default);
 /// - `StochasticGate` (THOR): none; its consistency loss is on the model's outputs;
 /// - `ExpertChoiceGate`: none (every expert takes exactly C tokens);
 /// - `ReluGate` (ReMoE): the load-balanced L1 term with the adaptive coefficient, one
@@ -34,6 +35,9 @@ struct AuxState {
   std::optional<moet::ReluSparsityController> relu;
   /// Auxiliary-loss-free balancing: one balancer per MoE layer (empty: off).
   std::vector<moet::LossFreeBalancer<float>> loss_free;
+  /// DynMoE's auxiliary-loss coefficient (`TopAnyAuxLossOptions::coefficient`; its default
+  /// 0.01 is the paper's and the code's).
+  float dynmoe_coefficient = 0.01f;
 
   /// Call once per training step before the layers' backward: moves ReMoE's coefficient by the
   /// plans the previous step recorded (a no-op on the first step and for other gates).
@@ -93,7 +97,8 @@ double backward_with_aux_loss(Layer& layer, typename Layer::Workspace& ws,
   } else if constexpr (std::is_same_v<Gate, moet::TopAnyGate<S>>) {
     scratch.setZero(plan.num_tokens(), plan.num_experts());
     const auto loss = moet::top_any_aux_loss<S>(
-        layer.gate(), plan, std::span<S>(scratch.data(), static_cast<std::size_t>(scratch.size())));
+        layer.gate(), plan, std::span<S>(scratch.data(), static_cast<std::size_t>(scratch.size())),
+        {.coefficient = static_cast<S>(state.dynmoe_coefficient)});
     run(moet::TopAnyLossGrad<S>{view()});
     return static_cast<double>(loss.value);
   } else {

@@ -151,6 +151,9 @@ class MoeCharLm {
     aux_state_.loss_free.assign(layers_.size(),
                                 moet::LossFreeBalancer<float>({.update_rate = rate}));
   }
+  /// DynMoE's auxiliary-loss coefficient for a `TopAnyGate` model (0.01 unless set; finite,
+  /// >= 0, else `top_any_aux_loss` throws at the first backward).
+  void set_dynmoe_coefficient(double c) { aux_state_.dynmoe_coefficient = static_cast<float>(c); }
   /// Call after each optimiser step: applies the loss-free balancers' bias updates (if any).
   void end_step() {
     if constexpr (moet::ScoreBiasGate<Gate, S>) {

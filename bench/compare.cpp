@@ -55,8 +55,15 @@ struct Config {
   std::vector<Index> tokens = {512};
   std::vector<int> threads = {0};  // 0: OpenMP's default
   int repeat = 5;
-  std::vector<std::string> gates = {"top_k:k=1", "top_k:k=2",          "top_p:p=0.4",
-                                    "top_any",   "importance:k_max=4", "stochastic"};
+  std::vector<std::string> gates = {"top_k:k=1",
+                                    "top_k:k=2",
+                                    "top_p:p=0.4",
+                                    "top_any",
+                                    "importance:k_max=4",
+                                    "stochastic",
+                                    "expert_choice",
+                                    "relu",
+                                    "null_experts:k=4,null=8"};
   std::vector<std::string> weights = {"f32"};  // WeightFormat names: one bank per format
   std::string inputs = "random";
   std::string json;

@@ -439,8 +439,24 @@ TEST_CASE("pack_transposed packs exactly what packing the explicit transpose pac
         return x.bytes() == y.bytes() && std::memcmp(x.data(), y.data(), x.bytes()) == 0;
       };
       moet::detail::PackedMatrix<float> a;
-      a.pack_transposed(w, isa);
+      CHECK(a.pack_transposed(w, isa));  // every value finite
       CHECK(same(a, moet::detail::PackedMatrix<float>(wt, isa)));
+      // A NaN or Inf anywhere (the 4 x 4 blocks of the x86 path or the rows and columns past
+      // them) is reported, and packed as it is.
+      for (const Index r : {Index{0}, rows / 2, rows - 1}) {
+        for (const Index c : {Index{0}, cols - 1}) {
+          for (const float bad :
+               {std::numeric_limits<float>::quiet_NaN(), -std::numeric_limits<float>::infinity()}) {
+            Matrix wb = w;
+            wb(r, c) = bad;
+            moet::detail::PackedMatrix<float> x;
+            INFO("non-finite at (" << r << ", " << c << ")");
+            CHECK_FALSE(x.pack_transposed(wb, isa));
+            const Matrix wbt = wb.transpose();
+            CHECK(same(x, moet::detail::PackedMatrix<float>(wbt, isa)));
+          }
+        }
+      }
       moet::detail::PackedMatrix<moet::detail::Bf16> b;
       b.pack_transposed(w, isa);
       CHECK(same(b, moet::detail::PackedMatrix<moet::detail::Bf16>(wt, isa)));

@@ -49,6 +49,7 @@
 #include "moet/detail/bf16.hpp"
 #include "moet/detail/buffer.hpp"
 #include "moet/detail/kernels/blocking.hpp"
+#include "moet/detail/kernels/elementwise.hpp"
 #include "moet/detail/kernels/epilogue.hpp"
 #include "moet/detail/kernels/packed.hpp"
 #include "moet/detail/kernels/vec_portable.hpp"
@@ -327,6 +328,13 @@ void glu_packed_raw(const ConstRows<float>& a, const PackedGluMatrix<W>& w, Rows
 /// one on x86 levels, `Silu::apply` on the portable one). `in` and `out` may be the same array.
 inline void silu_array(const float* in, float* out, Index n, KernelIsa isa = kernel_isa()) {
   MOET_DISPATCH_ISA(isa, silu_array<>(in, out, n));
+}
+
+/// AdamW's update of `n` float parameters on level `isa`'s vectors (`adamw_one` for each
+/// value; the arrays must not overlap): see kernels/elementwise.inl.
+inline void adamw_update(const AdamWCoefficients<float>& c, float* p, const float* g, float* m,
+                         float* v, Index n, KernelIsa isa = kernel_isa()) {
+  MOET_DISPATCH_ISA(isa, adamw_update(c, p, g, m, v, n));
 }
 
 }  // namespace moet::detail

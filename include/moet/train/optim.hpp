@@ -22,11 +22,15 @@
 #include <concepts>
 #include <cstddef>
 #include <string_view>
+#include <type_traits>
 #include <vector>
 
 #include "moet/concepts.hpp"
+#include "moet/detail/gemm.hpp"
+#include "moet/detail/kernels/elementwise.hpp"
 #include "moet/detail/parallel.hpp"
 #include "moet/errors.hpp"
+#include "moet/kernel_isa.hpp"
 #include "moet/tensor.hpp"
 
 namespace moet {
@@ -235,7 +239,10 @@ class Sgd {
 /// m ← β1 m + (1 − β1) g;   v ← β2 v + (1 − β2) g²
 /// p ← p − lr · (m / (1 − β1^t)) / (sqrt(v / (1 − β2^t)) + eps)
 /// ```
-/// Moments are kept in `S`; bias corrections are computed in double.
+/// Moments are kept in `S`; bias corrections are computed in double. Float parameters are
+/// updated by the vector kernel of the selected level (`kernel_isa()`, kernels/elementwise.inl:
+/// the same expressions, bound by memory); levels may differ in the last bits where the
+/// compiler fuses a multiply and an add, never between runs or thread counts.
 /// \tparam S scalar of the parameters.
 template <class S>
 class AdamW {
@@ -272,22 +279,26 @@ class AdamW {
   requires ParameterModule<M, S>
   void step(M& module) {
     const double t = static_cast<double>(state_.steps() + 1);
-    const auto decay = static_cast<S>(1.0 - options_.lr * options_.weight_decay);
-    const auto b1 = static_cast<S>(options_.beta1);
-    const auto b2 = static_cast<S>(options_.beta2);
-    const auto c1 = static_cast<S>(1.0 - std::pow(options_.beta1, t));
-    const auto c2 = static_cast<S>(1.0 - std::pow(options_.beta2, t));
-    const auto lr = static_cast<S>(options_.lr);
-    const auto eps = static_cast<S>(options_.eps);
+    const detail::AdamWCoefficients<S> c{
+        .decay = static_cast<S>(1.0 - options_.lr * options_.weight_decay),
+        .b1 = static_cast<S>(options_.beta1),
+        .one_minus_b1 = S(1) - static_cast<S>(options_.beta1),
+        .b2 = static_cast<S>(options_.beta2),
+        .one_minus_b2 = S(1) - static_cast<S>(options_.beta2),
+        .c1 = static_cast<S>(1.0 - std::pow(options_.beta1, t)),
+        .c2 = static_cast<S>(1.0 - std::pow(options_.beta2, t)),
+        .lr = static_cast<S>(options_.lr),
+        .eps = static_cast<S>(options_.eps)};
+    const KernelIsa isa = kernel_isa();
     state_.step(module, [&](S* p, const S* g, detail::TensorState<S>& state, Index n) {
       S* m = state.buffers[0].data();
       S* v = state.buffers[1].data();
       detail::parallel_blocks(n, detail::kElementwiseBlock, [&](Index b, Index e) {
-        for (Index j = b; j < e; ++j) {
-          p[j] *= decay;
-          m[j] = b1 * m[j] + (S(1) - b1) * g[j];
-          v[j] = b2 * v[j] + (S(1) - b2) * g[j] * g[j];
-          p[j] -= lr * (m[j] / c1) / (std::sqrt(v[j] / c2) + eps);
+        if constexpr (std::is_same_v<S, float>) {
+          // The vector kernel of the selected level (a plain loop stays scalar: std::sqrt).
+          detail::adamw_update(c, p + b, g + b, m + b, v + b, e - b, isa);
+        } else {
+          for (Index j = b; j < e; ++j) detail::adamw_one(c, p[j], g[j], m[j], v[j]);
         }
       });
     });

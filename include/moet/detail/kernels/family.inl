@@ -28,6 +28,7 @@ template <int M, int P>
 using Tile = Reg[static_cast<std::size_t>(M)][static_cast<std::size_t>(2 * P)];
 
 #include "moet/detail/kernels/row_pack.inl"
+#include "moet/detail/kernels/elementwise.inl"
 
 /// Calls `f(std::integral_constant<int, I>{})` for `I = 0, ..., N - 1`, fully unrolled: the
 /// register arrays of the micro-kernels are indexed only by such constants, so the compiler

@@ -24,7 +24,10 @@ struct Vec {
   static MOET_ALWAYS_INLINE Reg fma(Reg a, Reg b, Reg c) { return _mm256_fmadd_ps(a, b, c); }
   static MOET_ALWAYS_INLINE Reg mul(Reg a, Reg b) { return _mm256_mul_ps(a, b); }
   static MOET_ALWAYS_INLINE Reg add(Reg a, Reg b) { return _mm256_add_ps(a, b); }
+  static MOET_ALWAYS_INLINE Reg sub(Reg a, Reg b) { return _mm256_sub_ps(a, b); }
   static MOET_ALWAYS_INLINE Reg div(Reg a, Reg b) { return _mm256_div_ps(a, b); }
+  /// Correctly rounded square root (IEEE, like `std::sqrt`; no `errno`).
+  static MOET_ALWAYS_INLINE Reg sqrt(Reg a) { return _mm256_sqrt_ps(a); }
   static MOET_ALWAYS_INLINE Reg max(Reg a, Reg b) { return _mm256_max_ps(a, b); }
   /// `-|x|` (sets the sign bit).
   static MOET_ALWAYS_INLINE Reg neg_abs(Reg x) { return _mm256_or_ps(x, _mm256_set1_ps(-0.0f)); }

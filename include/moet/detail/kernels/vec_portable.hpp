@@ -9,6 +9,7 @@
 /// undefined behaviour in the source (UBSan clean; `-O2`, `-fno-tree-loop-vectorize` and clang
 /// gave 7). tests/test_gemm_bf16.cpp keeps that case.
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -40,6 +41,14 @@ struct Vec {
   static MOET_ALWAYS_INLINE Reg broadcast(const float* p) { return set1(*p); }
   /// `a * b + c`, rounded twice (a multiply, then an add).
   static MOET_ALWAYS_INLINE Reg fma(Reg a, Reg b, Reg c) { return a * b + c; }
+  static MOET_ALWAYS_INLINE Reg mul(Reg a, Reg b) { return a * b; }
+  static MOET_ALWAYS_INLINE Reg add(Reg a, Reg b) { return a + b; }
+  static MOET_ALWAYS_INLINE Reg sub(Reg a, Reg b) { return a - b; }
+  static MOET_ALWAYS_INLINE Reg div(Reg a, Reg b) { return a / b; }
+  /// Lane by lane `std::sqrt` (no portable vector square root).
+  static MOET_ALWAYS_INLINE Reg sqrt(Reg a) {
+    return Reg{std::sqrt(a[0]), std::sqrt(a[1]), std::sqrt(a[2]), std::sqrt(a[3])};
+  }
   /// The `kWidth` bf16 pairs at `p` as floats: `even` holds each pair's first element (row `k`),
   /// `odd` its second (row `k + 1`).
   static MOET_ALWAYS_INLINE void bf16_pairs(const Bf16* p, Reg& even, Reg& odd) {

@@ -321,36 +321,28 @@ class PackedPanels {
           }
         }
       } else if constexpr (std::is_same_v<W, float>) {
-        if (j_stride == 1) {
-          for (Index k = 0; k < rows_; ++k) {
-            const float* s = src + k * k_stride + j0;
-            std::copy(s, s + width, panel + k * nr + lane0);
-            for (Index c = 0; c < width; ++c) bad |= non_finite(s[c]);
-          }
-        } else {
-          // A transposed source: tiles of kTile rows, so that the tile's panel lines stay in
-          // L1 while each column's run of kTile contiguous source values is copied.
-          constexpr Index kTile = 16;
-          Index k_done = 0;  // rows [0, k_done) of columns [0, c_done) written by the SSE path
-          Index c_done = 0;
+        // A transposed source (a row-major one took the tiled path above): tiles of kTile rows,
+        // so that the tile's panel lines stay in L1 while each column's run of kTile contiguous
+        // source values is copied.
+        constexpr Index kTile = 16;
+        Index k_done = 0;  // rows [0, k_done) of columns [0, c_done) written by the SSE path
+        Index c_done = 0;
 #if MOET_X86
-          if (k_stride == 1) {
-            // 4 x 4 blocks transposed in SSE registers (any x86-64): the scalar loop below
-            // costs a load, a store and a check per value (54 of a 360 ms training step on S2).
-            k_done = rows_ / 4 * 4;
-            c_done = width / 4 * 4;
-            bad |=
-                transpose_blocks(src + j0 * j_stride, j_stride, k_done, c_done, panel + lane0, nr);
-          }
+        if (k_stride == 1) {
+          // 4 x 4 blocks transposed in SSE registers (any x86-64): the scalar loop below
+          // costs a load, a store and a check per value (54 of a 360 ms training step on S2).
+          k_done = rows_ / 4 * 4;
+          c_done = width / 4 * 4;
+          bad |= transpose_blocks(src + j0 * j_stride, j_stride, k_done, c_done, panel + lane0, nr);
+        }
 #endif
-          for (Index k0 = 0; k0 < rows_; k0 += kTile) {
-            const Index k1 = std::min(rows_, k0 + kTile);
-            for (Index c = 0; c < width; ++c) {
-              for (Index k = c < c_done ? std::max(k0, k_done) : k0; k < k1; ++k) {
-                const float v = at(k, j0 + c);
-                panel[k * nr + lane0 + c] = v;
-                bad |= non_finite(v);
-              }
+        for (Index k0 = 0; k0 < rows_; k0 += kTile) {
+          const Index k1 = std::min(rows_, k0 + kTile);
+          for (Index c = 0; c < width; ++c) {
+            for (Index k = c < c_done ? std::max(k0, k_done) : k0; k < k1; ++k) {
+              const float v = at(k, j0 + c);
+              panel[k * nr + lane0 + c] = v;
+              bad |= non_finite(v);
             }
           }
         }

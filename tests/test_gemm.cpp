@@ -467,6 +467,44 @@ TEST_CASE("pack_transposed packs exactly what packing the explicit transpose pac
   }
 }
 
+TEST_CASE("pack reports a NaN or Inf in any lane of any panel, whole or partial", "[gemm][pack]") {
+  const KernelIsa isa = GENERATE(from_range(supported_isas()));
+  INFO(kernel_isa_name(isa));
+  const Index nr = moet::detail::panel_width(isa);
+  // Two whole panels (the fixed-width copy) and a partial one; rows split between threads.
+  const Index rows = 37;
+  const Index cols = 2 * nr + 3;
+  const Matrix w = random_matrix(rows, cols, 21);
+  moet::detail::PackedMatrix<float> clean;
+  CHECK(clean.pack(w, isa));
+  moet::detail::PackedMatrix<moet::detail::Bf16> clean_bf16;
+  CHECK(clean_bf16.pack(w, isa));
+  for (const Index r : {Index{0}, Index{18}, rows - 1}) {
+    for (const Index c : {Index{0}, nr - 1, nr + 5, 2 * nr, cols - 1}) {
+      for (const float bad :
+           {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+        INFO("non-finite at (" << r << ", " << c << ")");
+        Matrix wb = w;
+        wb(r, c) = bad;
+        moet::detail::PackedMatrix<float> x;
+        CHECK_FALSE(x.pack(wb, isa));
+        for (Index k = 0; k < rows; ++k) {
+          for (Index j = 0; j < cols; ++j) {
+            const float v = x.packed_coeff(k, j);
+            if (k == r && j == c) {
+              CHECK(std::bit_cast<std::uint32_t>(v) == std::bit_cast<std::uint32_t>(bad));
+            } else {
+              CHECK(v == w(k, j));
+            }
+          }
+        }
+        moet::detail::PackedMatrix<moet::detail::Bf16> xb;
+        CHECK_FALSE(xb.pack(wb, isa));
+      }
+    }
+  }
+}
+
 TEST_CASE("gemm_packed_at multiplies A given as its transpose, rows split freely",
           "[gemm][train]") {
   const KernelIsa isa = GENERATE(from_range(supported_isas()));

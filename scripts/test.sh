@@ -20,7 +20,7 @@
 #               (-march=native; build/ci-clang): the clang build and the native build in one
 #               (the g++ -march=native code is also compiled and run by test_mixed_isa);
 #   4. asan     the unit tests built by g++ with AddressSanitizer + UndefinedBehaviorSanitizer
-#               (preset `asan`, build/asan, here with MOET_WITH_MPI), and the expert-parallel
+#               (without UBSan's vptr and null checks; preset `asan`, build/asan, here with MOET_WITH_MPI), and the expert-parallel
 #               tests under mpirun with 2, 3 and 4 ranks in that build (leak checks on, Open
 #               MPI's own allocations suppressed by tests/mpi/lsan_openmpi.supp); any report
 #               fails the run;

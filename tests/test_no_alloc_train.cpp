@@ -1,11 +1,13 @@
-// After a warm-up step, MoELayer training (zero_grad, forward_train, backward) runs without
-// touching the heap, like the inference path (harness as in test_no_alloc.cpp). Eigen's own
-// allocations are caught by EIGEN_RUNTIME_NO_MALLOC (its assertion is redirected to a counter,
-// since it is compiled out under NDEBUG), everything else (std::vector growth, Buffer growth) by
-// counting calls to a replaced global operator new while a flag is set. The flag is cleared before
-// any Catch2 assertion, which allocates itself.
+// After a warm-up step, MoELayer training (zero_grad, forward_train, backward, then an AdamW or
+// SGD step with its repack) runs without touching the heap, like the inference path (harness as in
+// test_no_alloc.cpp). Eigen's own allocations are caught by EIGEN_RUNTIME_NO_MALLOC (its assertion
+// is redirected to a counter, since it is compiled out under NDEBUG), everything else (std::vector
+// growth, Buffer growth) by counting calls to a replaced global operator new while a flag is set.
+// The flag is cleared before any Catch2 assertion, which allocates itself.
 
+// clang-format off
 #include "no_alloc_harness.hpp"  // first: it configures Eigen and replaces operator new
+// clang-format on
 
 #include <cstdint>
 #include <random>
@@ -20,6 +22,7 @@
 #include "moet/gates/stochastic.hpp"
 #include "moet/gates/top_k.hpp"
 #include "moet/layer.hpp"
+#include "moet/train/optim.hpp"
 
 namespace test_no_alloc_train {  // one per file: the unity build puts several files in one TU
 
@@ -37,8 +40,8 @@ moet::RowMatrix<S> random_rows(Index rows, Index cols, std::uint32_t seed) {
   return m;
 }
 
-// Warm-up step, then three steps (zero_grad, forward_train, backward) in a no-allocation
-// window. Small shapes: Eigen's product stays within its stack buffers.
+// Warm-up steps, then six steps (zero_grad, forward_train, backward, then AdamW or SGD) in a
+// no-allocation window. Small shapes: Eigen's product stays within its stack buffers.
 template <class Layer>
 void check_training_does_not_allocate(Layer layer, const moet::RouteContext& ctx) {
   const Index d = layer.model_dim();
@@ -46,15 +49,26 @@ void check_training_does_not_allocate(Layer layer, const moet::RouteContext& ctx
   const auto dy = random_rows<float>(48, d, 6u);
   moet::RowMatrix<float> y(48, d), dx(48, d);
   typename Layer::Workspace ws;
-  layer.zero_grad();
-  layer.forward_train(x, y, ctx, ws);
-  layer.backward(x, dy, ctx, ws, dx);
-  Window window;
-  window.open();
-  for (int repeat = 0; repeat < 3; ++repeat) {
+  moet::AdamW<float> adamw({.lr = 1e-3});
+  moet::Sgd<float> sgd({.lr = 1e-3, .momentum = 0.9});
+  const auto step = [&] {
     layer.zero_grad();
     layer.forward_train(x, y, ctx, ws);
     layer.backward(x, dy, ctx, ws, dx);
+  };
+  // Warm-up: the first step allocates the gradients, the transposed packs and each optimiser's
+  // state.
+  step();
+  adamw.step(layer);
+  step();
+  sgd.step(layer);
+  Window window;
+  window.open();
+  for (int repeat = 0; repeat < 3; ++repeat) {
+    step();
+    adamw.step(layer);  // the update, then parameters_changed(): the repack
+    step();
+    sgd.step(layer);
   }
   const auto counts = window.close();
   CHECK(counts.new_calls == 0);
@@ -95,12 +109,19 @@ void check_reserved_scratch_does_not_allocate(Bank bank, Index rows) {
 
 TEST_CASE("A reserved scratch runs an expert's forward_train and backward without allocating",
           "[no_alloc][train]") {
-  for (const Index rows : {Index{4}, Index{16}, Index{40}}) {
-    CAPTURE(rows);
-    check_reserved_scratch_does_not_allocate(
-        moet::SwiGluExperts<float>({.model_dim = 16, .hidden_dim = 24, .num_experts = 2}), rows);
-    check_reserved_scratch_does_not_allocate(
-        moet::GeluFfnExperts<float>({.model_dim = 24, .hidden_dim = 16, .num_experts = 2}), rows);
+  // bf16 banks run their backward on bf16 packs and bf16 rows of activations.
+  for (const auto format : {moet::WeightFormat::kF32, moet::WeightFormat::kBf16}) {
+    for (const Index rows : {Index{4}, Index{16}, Index{40}}) {
+      CAPTURE(moet::weight_format_name(format), rows);
+      check_reserved_scratch_does_not_allocate(
+          moet::SwiGluExperts<float>(
+              {.model_dim = 16, .hidden_dim = 24, .num_experts = 2, .weight_format = format}),
+          rows);
+      check_reserved_scratch_does_not_allocate(
+          moet::GeluFfnExperts<float>(
+              {.model_dim = 24, .hidden_dim = 16, .num_experts = 2, .weight_format = format}),
+          rows);
+    }
   }
 }
 
@@ -112,6 +133,17 @@ TEST_CASE("A warmed-up training step does not allocate: top-2, SwiGLU, shared ex
                      Experts({.model_dim = 16, .hidden_dim = 24, .num_experts = 6}),
                      Experts({.model_dim = 16, .hidden_dim = 8, .num_experts = 1}),
                      moet::GroupedDispatch({.block_rows = 16})),
+      {});
+}
+
+TEST_CASE("A warmed-up training step does not allocate: bf16 banks", "[no_alloc][train]") {
+  using Experts = moet::SwiGluExperts<float>;
+  constexpr auto kBf16 = moet::WeightFormat::kBf16;
+  check_training_does_not_allocate(
+      moet::MoELayer(
+          moet::TopKGate<float>(moet::TopKGate<float>::mixtral_options(16, 4)),
+          Experts({.model_dim = 16, .hidden_dim = 24, .num_experts = 4, .weight_format = kBf16}),
+          moet::GroupedDispatch({.block_rows = 16})),
       {});
 }
 

@@ -3,6 +3,10 @@
 /// `MoELayer`: the generic Mixture-of-Experts layer. Any gate, any expert bank, any dispatcher:
 /// check the input, route, dispatch, add the shared experts, keep the routing statistics.
 
+#include <algorithm>
+#include <array>
+#include <cstddef>
+#include <iterator>
 #include <optional>
 #include <span>
 #include <string>
@@ -262,13 +266,23 @@ class MoELayer {
   /// (concepts.hpp). For the optimisers in train/optim.hpp.
   template <class F>
   void visit_parameters(F&& f) requires TrainableGate<G> && TrainableExperts<X> {
-    std::string name;
+    // Names are composed in a stack buffer (a std::string would allocate for names past its
+    // small-string size on every step); a longer one goes through `spill`.
+    std::array<char, 128> buffer{};
+    std::string spill;
     const auto prefixed = [&](std::string_view prefix) {
-      return [&f, &name, prefix](std::string_view part, ParamMap<Scalar> value,
-                                 ParamMap<Scalar> grad) {
-        name.assign(prefix);
-        name.append(part);
-        f(std::string_view(name), value, grad);
+      return [&f, &buffer, &spill, prefix](std::string_view part, ParamMap<Scalar> value,
+                                           ParamMap<Scalar> grad) {
+        const std::size_t size = prefix.size() + part.size();
+        if (size <= buffer.size()) {
+          std::copy(prefix.begin(), prefix.end(), buffer.begin());
+          std::copy(part.begin(), part.end(), buffer.begin() + std::ssize(prefix));
+          f(std::string_view(buffer.data(), size), value, grad);
+        } else {
+          spill.assign(prefix);
+          spill.append(part);
+          f(std::string_view(spill), value, grad);
+        }
       };
     };
     gate_.visit_parameters(prefixed("gate."));

@@ -376,11 +376,15 @@ class GroupedDispatch {
     for (Index e = 0; e < ws.view.num_experts(); ++e) {
       num_tasks += (ws.view.load(e) + block - 1) / block;
     }
-    if (ws.tasks.size() < static_cast<std::size_t>(num_tasks)) {
-      ws.tasks.resize(static_cast<std::size_t>(num_tasks));
+    const auto offsets = ws.view.offsets();
+    // Sized for any routing of this many assignments (sum of ceil(load / block) is at most
+    // assignments / block + experts), so that a routing change between steps (the router
+    // trained) never grows it.
+    const Index bound = offsets.back() / block + ws.view.num_experts();
+    if (ws.tasks.size() < static_cast<std::size_t>(bound)) {
+      ws.tasks.resize(static_cast<std::size_t>(bound));
     }
     ws.num_tasks = num_tasks;
-    const auto offsets = ws.view.offsets();
     std::size_t next = 0;
     Index max_rows = 0;
     for (Index e = 0; e < ws.view.num_experts(); ++e) {

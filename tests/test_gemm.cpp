@@ -13,6 +13,7 @@
 #include <catch2/catch.hpp>
 
 #include "moet/activations.hpp"
+#include "moet/detail/bf16.hpp"
 #include "moet/detail/buffer.hpp"
 #include "moet/detail/gemm.hpp"
 #include "moet/errors.hpp"
@@ -467,7 +468,8 @@ TEST_CASE("pack_transposed packs exactly what packing the explicit transpose pac
   }
 }
 
-TEST_CASE("pack reports a NaN or Inf in any lane of any panel, whole or partial", "[gemm][pack]") {
+TEST_CASE("pack reports a NaN or Inf in any lane of any panel, whole or partial, transposed too",
+          "[gemm][pack]") {
   const KernelIsa isa = GENERATE(from_range(supported_isas()));
   INFO(kernel_isa_name(isa));
   const Index nr = moet::detail::panel_width(isa);
@@ -481,25 +483,41 @@ TEST_CASE("pack reports a NaN or Inf in any lane of any panel, whole or partial"
   CHECK(clean_bf16.pack(w, isa));
   for (const Index r : {Index{0}, Index{18}, rows - 1}) {
     for (const Index c : {Index{0}, nr - 1, nr + 5, 2 * nr, cols - 1}) {
+      // A quiet NaN, infinity, and a negative signalling NaN (bf16 must quieten it: truncated
+      // it would read as -infinity).
       for (const float bad :
-           {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
-        INFO("non-finite at (" << r << ", " << c << ")");
+           {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(),
+            std::bit_cast<float>(std::uint32_t{0xff800001u})}) {
+        INFO("non-finite " << std::bit_cast<std::uint32_t>(bad) << " at (" << r << ", " << c
+                           << ")");
         Matrix wb = w;
         wb(r, c) = bad;
+        const Matrix wbt = wb.transpose();
+        // pack of wb, and pack_transposed of its transpose (the backward's packs), float and
+        // bf16: each says the source was not finite and holds every value as to_packed gives
+        // it, the bad one bit for bit.
         moet::detail::PackedMatrix<float> x;
+        moet::detail::PackedMatrix<float> xt;
         CHECK_FALSE(x.pack(wb, isa));
+        CHECK_FALSE(xt.pack_transposed(wbt, isa));
+        moet::detail::PackedMatrix<moet::detail::Bf16> xb;
+        moet::detail::PackedMatrix<moet::detail::Bf16> xbt;
+        CHECK_FALSE(xb.pack(wb, isa));
+        CHECK_FALSE(xbt.pack_transposed(wbt, isa));
+        const auto bits = [](float v) { return std::bit_cast<std::uint32_t>(v); };
         for (Index k = 0; k < rows; ++k) {
           for (Index j = 0; j < cols; ++j) {
-            const float v = x.packed_coeff(k, j);
-            if (k == r && j == c) {
-              CHECK(std::bit_cast<std::uint32_t>(v) == std::bit_cast<std::uint32_t>(bad));
-            } else {
-              CHECK(v == w(k, j));
+            const float v = wb(k, j);
+            const float vb = moet::detail::round_to_bf16(v);
+            if (bits(x.packed_coeff(k, j)) != bits(v) || bits(xt.packed_coeff(k, j)) != bits(v) ||
+                bits(xb.packed_coeff(k, j)) != bits(vb) ||
+                bits(xbt.packed_coeff(k, j)) != bits(vb)) {
+              FAIL_CHECK("(" << k << ", " << j << "): " << x.packed_coeff(k, j) << " "
+                             << xt.packed_coeff(k, j) << " " << xb.packed_coeff(k, j) << " "
+                             << xbt.packed_coeff(k, j) << ", expected " << v << " and " << vb);
             }
           }
         }
-        moet::detail::PackedMatrix<moet::detail::Bf16> xb;
-        CHECK_FALSE(xb.pack(wb, isa));
       }
     }
   }

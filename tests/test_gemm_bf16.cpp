@@ -1,6 +1,7 @@
 // bf16 packed weights (detail/bf16.hpp, detail/gemm.hpp with W = Bf16): the rounding against
 // an independent round-to-8-bits oracle, packing, gemm_packed and glu_packed against double
-// products of the bf16-rounded operands, row independence (bit-identical rows), accumulate
+// products of the bf16-rounded operands (gemm_packed_at and pack_transposed too: the backward of a
+// bf16 bank), row independence (bit-identical rows), accumulate
 // mode and odd depths; then the expert banks with `WeightFormat::kBf16` against float banks
 // (the accuracy the README quotes) and their option checks.
 #include <cfenv>
@@ -157,6 +158,60 @@ TEST_CASE("bf16 gemm_packed equals the double product of the rounded operands", 
         Matrix acc = c0;
         moet::detail::gemm_packed(a, packed, acc, /*accumulate=*/true, scratch);
         REQUIRE(accumulate_error_ratio(acc, ar, br, c0) <= 1.0);
+      }
+    }
+  }
+}
+
+// The bf16 backward of a bf16 bank: dW = X^T dY with the activations dY packed as bf16 rows
+// (`gemm_packed_at`, K = tokens, odd K padded by a zero row) and dX = dY W^T on the weights
+// packed transposed as bf16.
+TEST_CASE("bf16 gemm_packed_at and pack_transposed equal products of the rounded operands",
+          "[bf16][gemm][train]") {
+  const KernelIsa isa = GENERATE(from_range(supported_isas()));
+  INFO(kernel_isa_name(isa));
+  moet::detail::Buffer<float> scratch;
+  std::uint32_t seed = 700;
+  for (const Index k : {1, 2, 7, 64, 301}) {  // K: tokens of a weight gradient
+    for (const Index n : {1, 5, 40, 150}) {   // rows of A: features
+      for (const Index cols : {3, 33}) {
+        const Matrix a_t = random_matrix(k, n, seed++);  // (K, n) = A^T
+        const Matrix b = random_matrix(k, cols, seed++);
+        const moet::detail::PackedMatrix<Bf16> packed{moet::ConstRows<float>(b), isa};
+        const Matrix a = a_t.transpose();
+        Matrix c(n, cols);
+        moet::detail::gemm_packed_at(a_t, packed, c, false, scratch);
+        INFO("K " << k << " n " << n << " cols " << cols);
+        const Matrix ar = rounded(a);
+        const Matrix br = rounded(b);
+        REQUIRE(scaled_error(c, naive_product(ar, br), ar, br) <= 1e-5);
+        // The same bits as gemm_packed on the explicit A; a block of A's rows alone gives the
+        // same rows; accumulate mode adds.
+        Matrix c2(n, cols);
+        moet::detail::gemm_packed(a, packed, c2, false, scratch);
+        REQUIRE(bit_identical(c, c2));
+        if (n >= 5) {
+          Matrix part(n - 3, cols);
+          moet::detail::gemm_packed_at(a_t.rightCols(n - 3), packed, part, false, scratch);
+          REQUIRE(bit_identical(part, c.bottomRows(n - 3)));
+          Matrix acc = c;
+          moet::detail::gemm_packed_at(a_t, packed, acc, true, scratch);
+          REQUIRE(accumulate_error_ratio(acc, ar, br, c) <= 1.0);
+        }
+        // pack_transposed of b^T holds b's rounded values, as pack of b does.
+        const Matrix bt = b.transpose();
+        moet::detail::PackedMatrix<Bf16> from_t;
+        CHECK(from_t.pack_transposed(moet::ConstRows<float>(bt), isa));
+        REQUIRE(from_t.rows() == k);
+        REQUIRE(from_t.cols() == cols);
+        for (Index i = 0; i < k; ++i) {
+          for (Index j = 0; j < cols; ++j) {
+            REQUIRE(from_t.packed_coeff(i, j) == static_cast<float>(br(i, j)));
+          }
+        }
+        Matrix c3(n, cols);
+        moet::detail::gemm_packed(a, from_t, c3, false, scratch);
+        REQUIRE(bit_identical(c3, c2));
       }
     }
   }

@@ -225,8 +225,8 @@ void check_packed_backward(FBank fb, DBank db, double rel, const std::string& ki
 
 TEST_CASE("backward on the packed kernels equals the double backward", "[experts][grad][packed]") {
   const moet::WeightFormat format = GENERATE(moet::WeightFormat::kF32, moet::WeightFormat::kBf16);
-  // bf16: forward_train runs the bf16 copy (the cache holds bf16 products), the backward the
-  // float weights.
+  // bf16: forward_train runs the bf16 copy (the cache holds bf16 products), the backward bf16
+  // products (the weights packed transposed as bf16, each product's rows rounded to bf16).
   const double rel = format == moet::WeightFormat::kF32 ? 1e-5 : 2e-2;
   INFO("weights " << moet::weight_format_name(format));
   for (const auto& [d, f] : {std::pair<Index, Index>{16, 32}, {13, 37}, {40, 72}}) {
@@ -268,11 +268,14 @@ TEST_CASE("packed_bytes counts the backward's transposed packs, per expert once 
   constexpr Index f = 40;
   moet::SwiGluExperts<float> bank(
       {.model_dim = d, .hidden_dim = f, .num_experts = 3, .weight_format = format});
-  // Oracle: each weight of expert 1, transposed explicitly and packed as floats.
+  // Oracle: each weight of expert 1, transposed explicitly and packed in the backward's element
+  // type (bf16 for a bf16 bank, float otherwise).
   std::size_t transposes = 0;
   for (const auto id : {moet::GluTensor::kGate, moet::GluTensor::kUp, moet::GluTensor::kDown}) {
     const RowMatrix<float> wt = bank.tensor(id, 1).transpose();
-    transposes += moet::detail::PackedMatrix<float>(wt).bytes();
+    transposes += format == moet::WeightFormat::kBf16
+                      ? moet::detail::PackedMatrix<moet::detail::Bf16>(wt).bytes()
+                      : moet::detail::PackedMatrix<float>(wt).bytes();
   }
   const std::size_t forward_only = bank.packed_bytes();
   const RowMatrix<float> in = random_rows(5, d, 61u).cast<float>();

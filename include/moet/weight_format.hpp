@@ -28,8 +28,9 @@ namespace moet {
 /// In every format the router, the combine and the master weights stay float: the optimisers
 /// update the bank's float weights and `parameters_changed()` re-rounds or re-quantises them;
 /// `forward_train` runs an f32 or bf16 copy (block formats: Eigen on the float weights) and
-/// `backward` the float weights, packed transposed; an `inference_only` bank keeps the packed
-/// copy alone.
+/// `backward` the float weights packed transposed (as bf16 for a bf16 bank, whose backward
+/// products all take bf16 operands, activations rounded per product, and accumulate in float;
+/// float otherwise); an `inference_only` bank keeps the packed copy alone.
 enum class WeightFormat { kF32, kBf16, kQ8_0, kQ4_0, kQ4_1 };
 
 /// Every format, in the enum's order.

@@ -150,7 +150,12 @@ class BankStore {
   void ensure_grad(const char* what) {
     require_training(what);
     grads.ensure_like(values, num_experts());
-    if (packed.enabled()) transposed.resize(num_experts());
+    if (!packed.enabled()) return;
+    if (backward_in_bf16()) {
+      transposed_bf16.resize(num_experts());
+    } else {
+      transposed.resize(num_experts());
+    }
   }
   // Opens the bank's `edit()` (see `ExpertBank::edit`).
   void begin_edit() {
@@ -471,23 +476,41 @@ class BankStore {
   std::vector<unsigned char> dirty;
   // Stale after visit_parameters() and during edit(); see PackedCopies.
   PackedCopies<S, Body::template Packed> packed;
-  // The backward's transposed weights (float banks that pack), sized by `ensure_grad`.
-  TransposedPacks<kNumTensors> transposed;
+  // The backward's transposed weights (float banks that pack; bf16 packs for a bf16 bank, float
+  // ones otherwise), sized by `ensure_grad`.
+  TransposedPacks<kNumTensors, float> transposed;
+  TransposedPacks<kNumTensors, Bf16> transposed_bf16;
 
-  /// Expert `e`'s transposed weight packs, repacked if the weights changed; null when the
+  /// Whether the backward's transposed packs are bf16 (a bf16 bank) rather than float.
+  bool backward_in_bf16() const { return packed.format() == WeightFormat::kBf16; }
+  /// Bytes of the backward's transposed packs.
+  std::size_t transposed_bytes() const { return transposed.bytes() + transposed_bf16.bytes(); }
+
+  /// Calls `run(packs)` with expert `e`'s transposed weight packs (a `const std::array<
+  /// PackedMatrix<W>, kNumTensors>&`, `W` bf16 for a bf16 bank, float otherwise), repacked first
+  /// if the weights changed, and returns true; returns false without calling it when the
   /// backward runs Eigen's products (double banks, no packing, a stale copy). Concurrent calls
-  /// for different experts are safe once `transposed` is sized.
-  const typename TransposedPacks<kNumTensors>::Expert* backward_packs(Index e) {
+  /// for different experts are safe once the packs are sized (`ensure_grad`).
+  template <class Run>
+  bool run_backward_packs(Index e, Run&& run) {
     if constexpr (kPackable) {
-      if (!packed.current() || e >= transposed.size()) return nullptr;
-      return &transposed.get(e, packed.generation(), [&](auto& packs) {
-        for (std::size_t t = 0; t < kNumTensors; ++t) {
-          if (!Body::kTensors[t].bias) packs[t].pack_transposed(block(static_cast<Tensor>(t), e));
-        }
-      });
+      if (!packed.current()) return false;
+      const auto with = [&](auto& packs) {
+        if (e >= packs.size()) return false;
+        run(packs.get(e, packed.generation(), [&](auto& expert) {
+          for (std::size_t t = 0; t < kNumTensors; ++t) {
+            if (!Body::kTensors[t].bias) {
+              expert[t].pack_transposed(block(static_cast<Tensor>(t), e));
+            }
+          }
+        }));
+        return true;
+      };
+      return backward_in_bf16() ? with(transposed_bf16) : with(transposed);
     } else {
       static_cast<void>(e);
-      return nullptr;
+      static_cast<void>(run);
+      return false;
     }
   }
 };

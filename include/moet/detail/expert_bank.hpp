@@ -194,6 +194,8 @@ class PackedCopies {
 
   /// True when the bank keeps packed copies (a float bank with `pack_weights`).
   bool enabled() const { return kPackable && pack_weights_; }
+  /// The format of the copies.
+  WeightFormat format() const { return format_; }
 
   /// Resizes the copy of the bank's format to `num_experts` experts, calls `pack(copy, e)` for
   /// every expert `e` in order (it packs expert `e`'s weights into `copy`, an `Expert<W>&`),

@@ -1,10 +1,11 @@
 #pragma once
 /// \file detail/transposed_packs.hpp
-/// The backward's packed weights: every expert's weight tensors packed transposed (`W^T`, float,
-/// from the float master weights whatever the bank's format), for the input-gradient products
-/// `dX = dY W^T` on the packed kernels. Packed lazily, by the backward of each expert, once per
-/// version of the weights (`PackedCopies::generation()`): a training step repacks each weight
-/// once, in the task that runs that expert.
+/// The backward's packed weights: every expert's weight tensors packed transposed (`W^T`, from
+/// the float master weights: bf16 for a bf16 bank, float otherwise), for the input-gradient
+/// products `dX = dY W^T` on the packed kernels; and `BackwardRows`, the packed activations of
+/// the weight-gradient products `dW = X^T dY` in the same element type. Packed lazily, by the
+/// backward of each expert, once per version of the weights (`PackedCopies::generation()`): a
+/// training step repacks each weight once, in the task that runs that expert.
 #include <array>
 #include <cstddef>
 #include <cstdint>
@@ -12,14 +13,16 @@
 
 #include "moet/config.hpp"
 #include "moet/detail/kernels/packed.hpp"
+#include "moet/weight_format.hpp"
 
 namespace moet::detail {
 
-/// `N` transposed packs per expert (indexed like the bank's tensors; biases stay empty).
-template <std::size_t N>
+/// `N` transposed packs of element type `W` (`float` or `Bf16`) per expert (indexed like the
+/// bank's tensors; biases stay empty).
+template <std::size_t N, class W = float>
 class TransposedPacks {
  public:
-  using Expert = std::array<PackedMatrix<float>, N>;
+  using Expert = std::array<PackedMatrix<W>, N>;
 
   /// Holds `num_experts` experts (new ones never packed). Not concurrently with `get`.
   void resize(Index num_experts) {
@@ -45,7 +48,7 @@ class TransposedPacks {
   std::size_t bytes() const {
     std::size_t total = 0;
     for (const Expert& x : experts_) {
-      for (const PackedMatrix<float>& m : x) total += m.bytes();
+      for (const PackedMatrix<W>& m : x) total += m.bytes();
     }
     return total;
   }
@@ -54,6 +57,25 @@ class TransposedPacks {
   static constexpr Index kNever = -1;
   std::vector<Expert> experts_;
   std::vector<Index> generations_;
+};
+
+/// A packed backward's activations (the `B` of `dW = X^T dY`, `gemm_packed_at`), in the element
+/// type of the weights it runs with: `like(wt)` is the one for transposed packs `wt`.
+struct BackwardRows {
+  PackedMatrix<float> f32;
+  PackedMatrix<Bf16> bf16;
+
+  PackedMatrix<float>& like(const PackedMatrix<float>& /*wt*/) { return f32; }
+  PackedMatrix<Bf16>& like(const PackedMatrix<Bf16>& /*wt*/) { return bf16; }
+
+  /// Reserves `rows x cols` for the backward of a bank of weight format `format`.
+  void reserve(Index rows, Index cols, WeightFormat format) {
+    if (format == WeightFormat::kBf16) {
+      bf16.reserve(rows, cols);
+    } else {
+      f32.reserve(rows, cols);
+    }
+  }
 };
 
 }  // namespace moet::detail

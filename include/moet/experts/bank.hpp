@@ -167,9 +167,10 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
   /// activations and bias adds are not counted).
   double flops_per_token() const { return Body::flops_per_token(model_dim(), hidden_dim()); }
   /// Bytes of the packed kernel copies (padding included; 0 without them), the backward's
-  /// transposed float packs included (made per expert by its first packed `backward`).
+  /// transposed packs included (made per expert by its first packed `backward`; bf16 for a bf16
+  /// bank, float otherwise).
   std::size_t packed_bytes() const {
-    std::size_t bytes = store_.transposed.bytes();
+    std::size_t bytes = store_.transposed_bytes();
     store_.packed.for_each([&](const auto& copy) { bytes += Body::packed_bytes(copy); });
     return bytes;
   }
@@ -295,7 +296,7 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
   /// Grows `scratch` for blocks of up to `max_rows` rows, so that `forward` on such blocks does
   /// not allocate. Optional: `forward` grows the scratch itself when needed.
   void reserve(Scratch& scratch, Index max_rows) const {
-    Body::reserve(scratch, max_rows, model_dim(), hidden_dim());
+    Body::reserve(scratch, max_rows, model_dim(), hidden_dim(), options_.weight_format);
     store_.packed.reserve(scratch.kernel, max_rows, model_dim(), hidden_dim());
   }
 
@@ -377,8 +378,9 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
   /// `forward_train`, `dout` = dL/dout `(n, model_dim)`. Accumulates expert `e`'s gradients
   /// (the body's formulas; the first call since `zero_grad` writes them) and **writes** `din` =
   /// dL/din `(n, model_dim)`: packed kernels on the float weights packed transposed per version
-  /// (`detail::TransposedPacks`) when the packed copy is current, else Eigen's. Allocates on
-  /// first use (call `zero_grad()` first when calls for different experts run concurrently;
+  /// (`detail::TransposedPacks`; a bf16 bank packs them as bf16 and runs every backward product
+  /// on bf16 operands, float accumulation) when the packed copy is current, else Eigen's. Allocates
+  /// on first use (call `zero_grad()` first when calls for different experts run concurrently;
   /// never two for one expert). Deterministic: each product's result depends only on its
   /// operands' shapes and values. Throws like `forward_train`.
   void backward(Index e, const ConstRows<S>& in, const ConstRows<S>& cache,
@@ -394,9 +396,10 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
     if (in.rows() == 0) return;
     const bool fresh = store_.grads.take_pending(e);
     if constexpr (std::is_same_v<S, float>) {
-      if (const auto* packs = store_.backward_packs(e)) {
-        Body::backward_packed(ExpertRef{store_, e}, GradRef{store_, e}, *packs, in, cache, dout,
-                              din, !fresh, scratch);
+      if (store_.run_backward_packs(e, [&](const auto& packs) {
+            Body::backward_packed(ExpertRef{store_, e}, GradRef{store_, e}, packs, in, cache, dout,
+                                  din, !fresh, scratch);
+          })) {
         return;
       }
     }

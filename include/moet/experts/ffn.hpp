@@ -14,8 +14,10 @@
 #include "moet/detail/expert_bank.hpp"
 #include "moet/detail/gather_scatter.hpp"
 #include "moet/detail/gemm.hpp"
+#include "moet/detail/transposed_packs.hpp"
 #include "moet/experts/bank.hpp"
 #include "moet/tensor.hpp"
+#include "moet/weight_format.hpp"
 
 namespace moet {
 
@@ -138,7 +140,7 @@ struct FfnBody {
   struct Scratch {
     detail::Buffer<S> hidden;
     detail::Buffer<float> kernel;
-    detail::PackedMatrix<float> rows;  // the packed backward's activations
+    detail::BackwardRows rows;  // the packed backward's activations
   };
 
   /// One expert's packed copies: `W1` `(model_dim, hidden_dim)`, `W2` `(hidden_dim,
@@ -163,12 +165,12 @@ struct FfnBody {
   static Index cache_width(Index /*d*/, Index f) { return f; }
 
   template <class S>
-  static void reserve(Scratch<S>& scratch, Index max_rows, Index d, Index f) {
+  static void reserve(Scratch<S>& scratch, Index max_rows, Index d, Index f, WeightFormat format) {
     detail::reserve_aligned(scratch.hidden, max_rows, f);
     if constexpr (std::is_same_v<S, float>) {
       // The packed backward: its rows of activations, and gemm_packed_at's workspace (output
       // rows up to max(d, f), inner dimension max_rows).
-      scratch.rows.reserve(max_rows, std::max(d, f));
+      scratch.rows.reserve(max_rows, std::max(d, f), format);
       detail::reserve_packed_scratch(scratch.kernel, std::max(d, f), max_rows);
     }
   }
@@ -319,20 +321,19 @@ struct FfnBody {
     constexpr auto kIn = static_cast<std::size_t>(FfnTensor::kInWeight);
     constexpr auto kOut = static_cast<std::size_t>(FfnTensor::kOutWeight);
     const KernelIsa isa = wt[kOut].isa();
+    auto& rows = scratch.rows.like(wt[kOut]);  // bf16 rows for bf16 weights
     auto h = detail::aligned_matrix(scratch.hidden, in.rows(), x.hidden_dim());  // h, then da
     activate(cache, h);
-    scratch.rows.pack(dout, isa);
-    detail::gemm_packed_at(h, scratch.rows, grads(FfnTensor::kOutWeight), accumulate,
-                           scratch.kernel);
+    rows.pack(dout, isa);
+    detail::gemm_packed_at(h, rows, grads(FfnTensor::kOutWeight), accumulate, scratch.kernel);
     detail::gemm_packed(dout, wt[kOut], h, false, scratch.kernel);  // dh
     if (!accumulate && x.bias()) {  // the bias rows are tiny: zero them, then add as before
       grads(FfnTensor::kInBias).setZero();
       grads(FfnTensor::kOutBias).setZero();
     }
     backward_rest(x, grads, cache, dout, h);
-    scratch.rows.pack(h, isa);
-    detail::gemm_packed_at(in, scratch.rows, grads(FfnTensor::kInWeight), accumulate,
-                           scratch.kernel);
+    rows.pack(h, isa);
+    detail::gemm_packed_at(in, rows, grads(FfnTensor::kInWeight), accumulate, scratch.kernel);
     detail::gemm_packed(h, wt[kIn], din, false, scratch.kernel);
   }
 

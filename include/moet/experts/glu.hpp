@@ -13,8 +13,10 @@
 #include "moet/detail/expert_bank.hpp"
 #include "moet/detail/gather_scatter.hpp"
 #include "moet/detail/gemm.hpp"
+#include "moet/detail/transposed_packs.hpp"
 #include "moet/experts/bank.hpp"
 #include "moet/tensor.hpp"
+#include "moet/weight_format.hpp"
 
 namespace moet {
 
@@ -124,7 +126,7 @@ struct GluBody {
     detail::Buffer<S> gate;
     detail::Buffer<S> up;
     detail::Buffer<float> kernel;
-    detail::PackedMatrix<float> rows;  // the packed backward's activations
+    detail::BackwardRows rows;  // the packed backward's activations
   };
 
   /// One expert's packed copies: gate and up `(model_dim, hidden_dim)` each, interleaved, and
@@ -146,14 +148,14 @@ struct GluBody {
   static Index cache_width(Index /*d*/, Index f) { return 2 * f; }
 
   template <class S>
-  static void reserve(Scratch<S>& scratch, Index max_rows, Index d, Index f) {
+  static void reserve(Scratch<S>& scratch, Index max_rows, Index d, Index f, WeightFormat format) {
     detail::reserve_aligned(scratch.gate, max_rows, f);
     detail::reserve_aligned(scratch.up, max_rows, f);
     if constexpr (std::is_same_v<S, float>) {
       // forward_train's raw gate and up products (whole panels), the backward's dout, dg, du.
       const Index half = detail::panel_width(kernel_isa()) / 2;
       detail::reserve_aligned(scratch.up, max_rows, 2 * half * ((f + half - 1) / half));
-      scratch.rows.reserve(max_rows, std::max(d, f));
+      scratch.rows.reserve(max_rows, std::max(d, f), format);
       detail::reserve_packed_scratch(scratch.kernel, std::max(d, f), max_rows);  // gemm_packed_at
     }
   }
@@ -340,17 +342,18 @@ struct GluBody {
     constexpr auto kDown = static_cast<std::size_t>(GluTensor::kDown);
     const Index f = x.hidden_dim();
     const KernelIsa isa = wt[kDown].isa();
+    auto& rows = scratch.rows.like(wt[kDown]);                    // bf16 rows for bf16 weights
     auto a = detail::aligned_matrix(scratch.gate, in.rows(), f);  // sigmoid(g), then dg
     auto b = detail::aligned_matrix(scratch.up, in.rows(), f);    // h, dh, then du
     backward_hidden(cache, a, b, f);
-    scratch.rows.pack(dout, isa);
-    detail::gemm_packed_at(b, scratch.rows, grads(GluTensor::kDown), accumulate, scratch.kernel);
+    rows.pack(dout, isa);
+    detail::gemm_packed_at(b, rows, grads(GluTensor::kDown), accumulate, scratch.kernel);
     detail::gemm_packed(dout, wt[kDown], b, false, scratch.kernel);  // dh
     backward_gates(cache, a, b, f);
-    scratch.rows.pack(a, isa);
-    detail::gemm_packed_at(in, scratch.rows, grads(GluTensor::kGate), accumulate, scratch.kernel);
-    scratch.rows.pack(b, isa);
-    detail::gemm_packed_at(in, scratch.rows, grads(GluTensor::kUp), accumulate, scratch.kernel);
+    rows.pack(a, isa);
+    detail::gemm_packed_at(in, rows, grads(GluTensor::kGate), accumulate, scratch.kernel);
+    rows.pack(b, isa);
+    detail::gemm_packed_at(in, rows, grads(GluTensor::kUp), accumulate, scratch.kernel);
     detail::gemm_packed(a, wt[kGate], din, false, scratch.kernel);
     detail::gemm_packed(b, wt[kUp], din, true, scratch.kernel);
   }

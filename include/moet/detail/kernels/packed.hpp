@@ -256,7 +256,8 @@ class PackedPanels {
         // start on even rows: a bf16 row pair never straddles two threads.
         parallel_ranges(rows_, kKGroup<W> == 2 ? 2 : 1, [&](Index k0, Index k1) {
           std::uint32_t bad = 0;
-          for (Index k = k0; k < k1; ++k) {
+          // bf16 takes rows two at a time (a lane's pair of rows is one 32-bit word).
+          for (Index k = k0; k < k1; k += kKGroup<W>) {
             const float* row = src + k * k_stride;
             for (Index p = 0; p < num_panels_; ++p) {
               const Index j0 = p * lanes;
@@ -276,9 +277,25 @@ class PackedPanels {
                   for (Index c = 0; c < width; ++c) bad |= non_finite(s[c]);
                 }
               } else {
-                Storage* out = panel + panel_offset<W>(k, lane0, nr);  // stride kKGroup per lane
-                for (Index c = 0; c < width; ++c) out[c * kKGroup<W>] = to_packed<W>(s[c]);
-                for (Index c = 0; c < width; ++c) bad |= non_finite(s[c]);
+                Storage* out = panel + panel_offset<W>(k, lane0, nr);  // stride 2 per lane
+                const bool pair = k + 1 < rows_;                       // else: the last, odd row
+                Index c0 = 0;
+#if MOET_X86
+                if (pair) {
+                  // 4 lanes' pairs rounded and interleaved per SSE store (the scalar loop
+                  // stores 16 bits at a time).
+                  c0 = width / 4 * 4;
+                  bad |= interleave_bf16_rows(s, s + k_stride, c0, out);
+                }
+#endif
+                for (Index c = c0; c < width; ++c) {
+                  out[2 * c] = to_packed<W>(s[c]);
+                  bad |= non_finite(s[c]);
+                  if (pair) {
+                    out[2 * c + 1] = to_packed<W>(s[k_stride + c]);
+                    bad |= non_finite(s[k_stride + c]);
+                  }
+                }
               }
             }
           }
@@ -349,9 +366,22 @@ class PackedPanels {
           }
         }
       } else {
+        Index k_done = 0;  // rows [0, k_done) of columns [0, c_done) written by the SSE path
+        Index c_done = 0;
+#if MOET_X86
+        if (k_stride == 1) {
+          // A lane's pair of rows (k, k + 1) is two adjacent source values: 4 lanes x 8 rows
+          // rounded and transposed as 32-bit pairs in SSE registers (the scalar loop below
+          // reads each value from another source row: 4x the time for the backward's packs).
+          k_done = rows_ / 8 * 8;
+          c_done = width / 4 * 4;
+          bad |= transpose_bf16_blocks(src + j0 * j_stride, j_stride, k_done, c_done,
+                                       panel + lane0 * kKGroup<W>, nr);
+        }
+#endif
         for (Index k = 0; k < rows_; ++k) {
           Storage* row = panel + panel_offset<W>(k, lane0, nr);  // stride kKGroup per lane
-          for (Index c = 0; c < width; ++c) {
+          for (Index c = k < k_done ? c_done : 0; c < width; ++c) {
             const float v = at(k, j0 + c);
             row[c * kKGroup<W>] = to_packed<W>(v);
             bad |= non_finite(v);
@@ -443,6 +473,74 @@ class PackedPanels {
       }
     }
     return _mm_movemask_ps(bad) != 0 ? 1U : 0U;
+  }
+
+  // bf16: rows `a` and `b` (rows k and k + 1 of K) of `cols` lanes (a multiple of 4) into
+  // their pair row `dst` (lane c's pair at `dst[2 c]`, `dst[2 c + 1]`), rounded as `to_bf16`
+  // does. Returns 1 when a value read is NaN or Inf.
+  static std::uint32_t interleave_bf16_rows(const float* a, const float* b, Index cols, Bf16* dst) {
+    __m128i bad = _mm_setzero_si128();
+    for (Index c = 0; c < cols; c += 4) {
+      const __m128i ra = bf16_round(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + c)), bad);
+      const __m128i rb = bf16_round(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + c)), bad);
+      // Upper halves: an arithmetic shift keeps them in int16's range, so the saturating pack
+      // copies their bits; then a's and b's bf16 alternate.
+      const __m128i ha = _mm_packs_epi32(_mm_srai_epi32(ra, 16), _mm_setzero_si128());
+      const __m128i hb = _mm_packs_epi32(_mm_srai_epi32(rb, 16), _mm_setzero_si128());
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 2 * c), _mm_unpacklo_epi16(ha, hb));
+    }
+    return _mm_movemask_epi8(bad) != 0 ? 1U : 0U;
+  }
+
+  // Four floats (as bits) rounded to bf16 as `to_bf16` does (nearest even; NaN quietened),
+  // each in the upper half of its 32-bit lane; ors into `bad` the lanes that are NaN or Inf.
+  static __m128i bf16_round(__m128i u, __m128i& bad) {
+    const __m128i exponent = _mm_set1_epi32(0x7f800000);
+    bad = _mm_or_si128(bad, _mm_cmpeq_epi32(_mm_and_si128(u, exponent), exponent));
+    const __m128i nan = _mm_cmpgt_epi32(_mm_and_si128(u, _mm_set1_epi32(0x7fffffff)), exponent);
+    const __m128i lsb = _mm_and_si128(_mm_srli_epi32(u, 16), _mm_set1_epi32(1));
+    const __m128i rounded = _mm_add_epi32(_mm_add_epi32(u, _mm_set1_epi32(0x7fff)), lsb);
+    return _mm_or_si128(_mm_and_si128(nan, _mm_or_si128(u, _mm_set1_epi32(0x00400000))),
+                        _mm_andnot_si128(nan, rounded));
+  }
+
+  // bf16: `dst[panel_offset(k, c, nr)] = to_bf16(src[c ld_src + k])` for `k < rows` (a
+  // multiple of 8), `c < cols` (a multiple of 4), `dst` at lane 0 of the lanes written. Each of
+  // 4 source rows gives 8 values (4 pairs of rows of K) rounded as `to_bf16` does (NaN
+  // quietened); the 4 x 4 pairs are transposed as 32-bit words, so that each store is one
+  // pair row of 4 lanes. Tiles of 128 rows as `transpose_blocks`. Returns 1 when a value read
+  // is NaN or Inf.
+  static std::uint32_t transpose_bf16_blocks(const float* src, Index ld_src, Index rows, Index cols,
+                                             Bf16* dst, Index nr) {
+    __m128i bad = _mm_setzero_si128();
+    // The 8 bf16 of a source row's values k .. k + 7, in order (4 pairs (k, k + 1) as 32-bit
+    // words): the arithmetic shift keeps each half in int16's range, so the saturating pack
+    // copies its bits.
+    const auto pairs = [&](const float* s) {
+      const __m128i lo = bf16_round(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s)), bad);
+      const __m128i hi = bf16_round(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + 4)), bad);
+      return _mm_castsi128_ps(_mm_packs_epi32(_mm_srai_epi32(lo, 16), _mm_srai_epi32(hi, 16)));
+    };
+    constexpr Index kTile = 128;
+    for (Index k0 = 0; k0 < rows; k0 += kTile) {
+      const Index k1 = std::min(rows, k0 + kTile);
+      for (Index c = 0; c < cols; c += 4) {
+        const float* s = src + c * ld_src;
+        for (Index k = k0; k < k1; k += 8) {
+          __m128 r0 = pairs(s + k);
+          __m128 r1 = pairs(s + ld_src + k);
+          __m128 r2 = pairs(s + 2 * ld_src + k);
+          __m128 r3 = pairs(s + 3 * ld_src + k);
+          _MM_TRANSPOSE4_PS(r0, r1, r2, r3);  // r_i: pair row k / 2 + i of lanes c .. c + 3
+          Bf16* d = dst + (k / 2) * 2 * nr + 2 * c;
+          _mm_storeu_ps(reinterpret_cast<float*>(d), r0);
+          _mm_storeu_ps(reinterpret_cast<float*>(d + 2 * nr), r1);
+          _mm_storeu_ps(reinterpret_cast<float*>(d + 4 * nr), r2);
+          _mm_storeu_ps(reinterpret_cast<float*>(d + 6 * nr), r3);
+        }
+      }
+    }
+    return _mm_movemask_epi8(bad) != 0 ? 1U : 0U;
   }
 #endif
 

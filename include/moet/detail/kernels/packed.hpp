@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <bit>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -238,11 +239,8 @@ class PackedPanels {
   bool write_lanes(const float* src, Index k_stride, Index j_stride, Index cols, Index lane0,
                    Index lanes) {
     const auto at = [&](Index k, Index j) { return src[k * k_stride + j * j_stride]; };
-    // Exponent bits all ones (NaN or Inf), or-ed over a run: branch-free, so it vectorises.
     const auto non_finite = [](float v) {
-      std::uint32_t bits;
-      std::memcpy(&bits, &v, sizeof bits);
-      return static_cast<std::uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
+      return non_finite_bits(std::bit_cast<std::uint32_t>(v));
     };
     std::atomic<bool> finite{true};
     const Index nr = panel_width();
@@ -408,18 +406,30 @@ class PackedPanels {
     return finite.load(std::memory_order_relaxed);
   }
 
-  // Copies `N` floats; returns 1 when one is NaN or Inf (exponent bits all ones), 0 otherwise.
+  // The one test for NaN or Inf of every pack: exponent bits all ones. 1 or 0, branch-free so
+  // that or-ing it over a run vectorises.
+  static constexpr std::uint32_t non_finite_bits(std::uint32_t bits) {
+    return static_cast<std::uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
+  }
+#if MOET_X86
+  // The same for four floats (as bits) in an SSE register: ors all-ones lanes into `bad`.
+  static void mark_non_finite(__m128i bits, __m128i& bad) {
+    const __m128i exponent = _mm_set1_epi32(0x7f800000);
+    bad = _mm_or_si128(bad, _mm_cmpeq_epi32(_mm_and_si128(bits, exponent), exponent));
+  }
+#endif
+
+  // Copies `N` floats; returns 1 when one is NaN or Inf, 0 otherwise.
   // Fixed-size and branch-free: on x86 in SSE registers (any x86-64), elsewhere a loop the
   // compilers vectorise.
-  template <int N>
+  template <std::size_t N>
   static std::uint32_t copy_checked(const float* src, float* dst) {
 #if MOET_X86
-    const __m128i exponent = _mm_set1_epi32(0x7f800000);
     __m128i bad = _mm_setzero_si128();
-    for (int i = 0; i < N; i += 4) {
+    for (std::size_t i = 0; i < N; i += 4) {
       const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), v);
-      bad = _mm_or_si128(bad, _mm_cmpeq_epi32(_mm_and_si128(v, exponent), exponent));
+      mark_non_finite(v, bad);
     }
     return _mm_movemask_epi8(bad) != 0 ? 1U : 0U;
 #else
@@ -427,9 +437,7 @@ class PackedPanels {
     std::memcpy(bits, src, sizeof bits);
     std::memcpy(dst, bits, sizeof bits);
     std::uint32_t bad = 0;
-    for (int i = 0; i < N; ++i) {
-      bad |= static_cast<std::uint32_t>((bits[i] & 0x7f800000u) == 0x7f800000u);
-    }
+    for (std::size_t i = 0; i < N; ++i) bad |= non_finite_bits(bits[i]);
     return bad;
 #endif
   }
@@ -442,13 +450,8 @@ class PackedPanels {
   // rows 23, 512 rows 29); returns 1 when a value read is NaN or Inf (exponent bits all ones).
   static std::uint32_t transpose_blocks(const float* src, Index ld_src, Index rows, Index cols,
                                         float* dst, Index ld_dst) {
-    const __m128 exponent = _mm_castsi128_ps(_mm_set1_epi32(0x7f800000));
-    __m128 bad = _mm_setzero_ps();
-    const auto check = [&](__m128 v) {
-      const __m128 e = _mm_and_ps(v, exponent);
-      bad = _mm_or_ps(
-          bad, _mm_castsi128_ps(_mm_cmpeq_epi32(_mm_castps_si128(e), _mm_castps_si128(exponent))));
-    };
+    __m128i bad = _mm_setzero_si128();
+    const auto check = [&](__m128 v) { mark_non_finite(_mm_castps_si128(v), bad); };
     constexpr Index kTile = 128;
     for (Index k0 = 0; k0 < rows; k0 += kTile) {
       const Index k1 = std::min(rows, k0 + kTile);
@@ -472,7 +475,7 @@ class PackedPanels {
         }
       }
     }
-    return _mm_movemask_ps(bad) != 0 ? 1U : 0U;
+    return _mm_movemask_epi8(bad) != 0 ? 1U : 0U;
   }
 
   // bf16: rows `a` and `b` (rows k and k + 1 of K) of `cols` lanes (a multiple of 4) into
@@ -495,8 +498,8 @@ class PackedPanels {
   // Four floats (as bits) rounded to bf16 as `to_bf16` does (nearest even; NaN quietened),
   // each in the upper half of its 32-bit lane; ors into `bad` the lanes that are NaN or Inf.
   static __m128i bf16_round(__m128i u, __m128i& bad) {
+    mark_non_finite(u, bad);
     const __m128i exponent = _mm_set1_epi32(0x7f800000);
-    bad = _mm_or_si128(bad, _mm_cmpeq_epi32(_mm_and_si128(u, exponent), exponent));
     const __m128i nan = _mm_cmpgt_epi32(_mm_and_si128(u, _mm_set1_epi32(0x7fffffff)), exponent);
     const __m128i lsb = _mm_and_si128(_mm_srli_epi32(u, 16), _mm_set1_epi32(1));
     const __m128i rounded = _mm_add_epi32(_mm_add_epi32(u, _mm_set1_epi32(0x7fff)), lsb);

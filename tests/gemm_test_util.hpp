@@ -9,6 +9,9 @@
 #include <stdexcept>
 #include <vector>
 
+#include <catch2/catch.hpp>
+
+#include "moet/detail/buffer.hpp"
 #include "moet/detail/gemm.hpp"
 #include "moet/kernel_isa.hpp"
 #include "moet/tensor.hpp"
@@ -158,6 +161,45 @@ double glu_error_ratio(const Matrix& h, const Matrix& a, const Matrix& wg, const
     }
   }
   return worst;  // <= 1 passes
+}
+
+// gemm_packed_at (A given as its transpose `a_t` (K, n): the weight-gradient products, K the
+// tokens) with B packed as `W`, for K in `depths`, n in {1, 5, 40, 150}, 3 and 33 columns:
+// within the GEMM bound of the double product of the operands as the kernels see them
+// (`round(m)`: `m` itself for float, rounded to bf16 for Bf16); bit-identical to gemm_packed on
+// the explicit A; a block of A's rows (columns of a_t) alone gives the same rows; accumulate
+// mode adds to the old C.
+template <class W, class Round>
+void check_gemm_packed_at(KernelIsa isa, const std::vector<Index>& depths, std::uint32_t seed,
+                          Round round) {
+  moet::detail::Buffer<float> scratch;
+  for (const Index k : depths) {
+    for (const Index n : {1, 5, 40, 150}) {
+      for (const Index cols : {3, 33}) {
+        const Matrix a_t = random_matrix(k, n, seed++);  // (K, n) = A^T
+        const Matrix b = random_matrix(k, cols, seed++);
+        const moet::detail::PackedMatrix<W> packed{moet::ConstRows<float>(b), isa};
+        const Matrix a = a_t.transpose();
+        const Matrix ar = round(a);
+        const Matrix br = round(b);
+        Matrix c(n, cols);
+        moet::detail::gemm_packed_at(a_t, packed, c, false, scratch);
+        INFO("K " << k << " n " << n << " cols " << cols);
+        REQUIRE(scaled_error(c, naive_product(ar, br), ar, br) <= 1e-5);
+        Matrix c2(n, cols);
+        moet::detail::gemm_packed(a, packed, c2, false, scratch);
+        REQUIRE(bit_identical(c, c2));
+        if (n >= 5) {
+          Matrix part(n - 3, cols);
+          moet::detail::gemm_packed_at(a_t.rightCols(n - 3), packed, part, false, scratch);
+          REQUIRE(bit_identical(part, c.bottomRows(n - 3)));
+          Matrix acc = c;
+          moet::detail::gemm_packed_at(a_t, packed, acc, true, scratch);
+          REQUIRE(accumulate_error_ratio(acc, ar, br, c) <= 1.0);
+        }
+      }
+    }
+  }
 }
 
 }  // namespace moet_test

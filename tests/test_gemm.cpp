@@ -527,36 +527,7 @@ TEST_CASE("gemm_packed_at multiplies A given as its transpose, rows split freely
           "[gemm][train]") {
   const KernelIsa isa = GENERATE(from_range(supported_isas()));
   INFO(kernel_isa_name(isa));
-  moet::detail::Buffer<float> scratch;
-  std::uint32_t seed = 900;
-  for (const Index k : {1, 7, 64, 300}) {       // K: tokens of a weight gradient
-    for (const Index n : {1, 5, 40, 150}) {     // rows of A: features
-      for (const Index cols : {3, 33}) {
-        const Matrix a_t = random_matrix(k, n, seed++);  // (K, n) = A^T
-        const Matrix b = random_matrix(k, cols, seed++);
-        const moet::detail::PackedMatrix<float> packed(b, isa);
-        const Matrix a = a_t.transpose();
-        Matrix c(n, cols);
-        moet::detail::gemm_packed_at(a_t, packed, c, false, scratch);
-        INFO("K " << k << " n " << n << " cols " << cols);
-        REQUIRE(scaled_error(c, naive_product(a, b), a, b) <= 1e-5);
-        // The same as gemm_packed on the explicit A, bit for bit, and a block of A's rows (a
-        // column block of a_t) alone gives the same rows.
-        Matrix c2(n, cols);
-        moet::detail::gemm_packed(a, packed, c2, false, scratch);
-        REQUIRE(bit_identical(c, c2));
-        if (n >= 5) {
-          Matrix part(n - 3, cols);
-          moet::detail::gemm_packed_at(a_t.rightCols(n - 3), packed, part, false, scratch);
-          REQUIRE(bit_identical(part, c.bottomRows(n - 3)));
-          // Accumulate mode adds.
-          Matrix acc = c;
-          moet::detail::gemm_packed_at(a_t, packed, acc, true, scratch);
-          REQUIRE(scaled_error(acc, naive_product(a, b) * 2.0, a, b) <= 2e-5);
-        }
-      }
-    }
-  }
+  check_gemm_packed_at<float>(isa, {1, 7, 64, 300}, 900, [](const Matrix& m) { return m; });
 }
 
 }  // namespace test_gemm

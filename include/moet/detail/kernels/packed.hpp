@@ -337,52 +337,40 @@ class PackedPanels {
             write_block(panel, b0 / kQuantBlock, lane0 + c, block);
           }
         }
-      } else if constexpr (std::is_same_v<W, float>) {
-        // A transposed source (a row-major one took the tiled path above): tiles of kTile rows,
-        // so that the tile's panel lines stay in L1 while each column's run of kTile contiguous
-        // source values is copied.
-        constexpr Index kTile = 16;
+      } else {
+        // A transposed source, float or bf16 (a row-major one took the path above).
         Index k_done = 0;  // rows [0, k_done) of columns [0, c_done) written by the SSE path
         Index c_done = 0;
 #if MOET_X86
         if (k_stride == 1) {
-          // 4 x 4 blocks transposed in SSE registers (any x86-64): the scalar loop below
-          // costs a load, a store and a check per value (54 of a 360 ms training step on S2).
-          k_done = rows_ / 4 * 4;
+          // Blocks transposed in SSE registers (any x86-64): the scalar loop below costs a
+          // load, a store and a check per value, each from another source row (54 of a 360 ms
+          // training step on S2 for float; 4x the time of this for bf16's packs). Float: 4 x 4
+          // blocks; bf16: a lane's pair of rows (k, k + 1) is two adjacent source values, so 4
+          // lanes x 8 rows are rounded and transposed as 32-bit pairs.
           c_done = width / 4 * 4;
-          bad |= transpose_blocks(src + j0 * j_stride, j_stride, k_done, c_done, panel + lane0, nr);
+          if constexpr (std::is_same_v<W, float>) {
+            k_done = rows_ / 4 * 4;
+            bad |=
+                transpose_blocks(src + j0 * j_stride, j_stride, k_done, c_done, panel + lane0, nr);
+          } else {
+            k_done = rows_ / 8 * 8;
+            bad |= transpose_bf16_blocks(src + j0 * j_stride, j_stride, k_done, c_done,
+                                         panel + lane0 * kKGroup<W>, nr);
+          }
         }
 #endif
+        // The rest (every value off x86), in tiles of kTile rows, so that the tile's panel lines
+        // stay in L1 while each column's run of kTile contiguous source values is copied.
+        constexpr Index kTile = 16;
         for (Index k0 = 0; k0 < rows_; k0 += kTile) {
           const Index k1 = std::min(rows_, k0 + kTile);
           for (Index c = 0; c < width; ++c) {
             for (Index k = c < c_done ? std::max(k0, k_done) : k0; k < k1; ++k) {
               const float v = at(k, j0 + c);
-              panel[k * nr + lane0 + c] = v;
+              panel[panel_offset<W>(k, lane0 + c, nr)] = to_packed<W>(v);
               bad |= non_finite(v);
             }
-          }
-        }
-      } else {
-        Index k_done = 0;  // rows [0, k_done) of columns [0, c_done) written by the SSE path
-        Index c_done = 0;
-#if MOET_X86
-        if (k_stride == 1) {
-          // A lane's pair of rows (k, k + 1) is two adjacent source values: 4 lanes x 8 rows
-          // rounded and transposed as 32-bit pairs in SSE registers (the scalar loop below
-          // reads each value from another source row: 4x the time for the backward's packs).
-          k_done = rows_ / 8 * 8;
-          c_done = width / 4 * 4;
-          bad |= transpose_bf16_blocks(src + j0 * j_stride, j_stride, k_done, c_done,
-                                       panel + lane0 * kKGroup<W>, nr);
-        }
-#endif
-        for (Index k = 0; k < rows_; ++k) {
-          Storage* row = panel + panel_offset<W>(k, lane0, nr);  // stride kKGroup per lane
-          for (Index c = k < k_done ? c_done : 0; c < width; ++c) {
-            const float v = at(k, j0 + c);
-            row[c * kKGroup<W>] = to_packed<W>(v);
-            bad |= non_finite(v);
           }
         }
       }
@@ -443,6 +431,20 @@ class PackedPanels {
   }
 
 #if MOET_X86
+  // The transposing packs' walk: `block(k, c)` for every block of 4 columns `c` (of the
+  // destination: source rows) by `kStep` rows `k`, in tiles of 128 rows (see
+  // `transpose_blocks`); `rows` a multiple of `kStep`, `cols` of 4.
+  template <Index kStep, class Block>
+  static void for_each_tile_block(Index rows, Index cols, Block&& block) {
+    constexpr Index kTile = 128;
+    for (Index k0 = 0; k0 < rows; k0 += kTile) {
+      const Index k1 = std::min(rows, k0 + kTile);
+      for (Index c = 0; c < cols; c += 4) {
+        for (Index k = k0; k < k1; k += kStep) block(k, c);
+      }
+    }
+  }
+
   // `dst[k ld_dst + c] = src[c ld_src + k]` for `k < rows`, `c < cols` (both multiples of 4),
   // in 4 x 4 blocks through SSE registers, tiles of 128 rows at a time (the tile's 16 KiB of
   // destination lines stay in L1 while each source row gives 512 contiguous bytes; for an S2
@@ -452,29 +454,23 @@ class PackedPanels {
                                         float* dst, Index ld_dst) {
     __m128i bad = _mm_setzero_si128();
     const auto check = [&](__m128 v) { mark_non_finite(_mm_castps_si128(v), bad); };
-    constexpr Index kTile = 128;
-    for (Index k0 = 0; k0 < rows; k0 += kTile) {
-      const Index k1 = std::min(rows, k0 + kTile);
-      for (Index c = 0; c < cols; c += 4) {
-        const float* s = src + c * ld_src;
-        for (Index k = k0; k < k1; k += 4) {
-          __m128 r0 = _mm_loadu_ps(s + k);
-          __m128 r1 = _mm_loadu_ps(s + ld_src + k);
-          __m128 r2 = _mm_loadu_ps(s + 2 * ld_src + k);
-          __m128 r3 = _mm_loadu_ps(s + 3 * ld_src + k);
-          check(r0);
-          check(r1);
-          check(r2);
-          check(r3);
-          _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
-          float* d = dst + k * ld_dst + c;
-          _mm_storeu_ps(d, r0);
-          _mm_storeu_ps(d + ld_dst, r1);
-          _mm_storeu_ps(d + 2 * ld_dst, r2);
-          _mm_storeu_ps(d + 3 * ld_dst, r3);
-        }
-      }
-    }
+    for_each_tile_block<4>(rows, cols, [&](Index k, Index c) {
+      const float* s = src + c * ld_src + k;
+      __m128 r0 = _mm_loadu_ps(s);
+      __m128 r1 = _mm_loadu_ps(s + ld_src);
+      __m128 r2 = _mm_loadu_ps(s + 2 * ld_src);
+      __m128 r3 = _mm_loadu_ps(s + 3 * ld_src);
+      check(r0);
+      check(r1);
+      check(r2);
+      check(r3);
+      _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+      float* d = dst + k * ld_dst + c;
+      _mm_storeu_ps(d, r0);
+      _mm_storeu_ps(d + ld_dst, r1);
+      _mm_storeu_ps(d + 2 * ld_dst, r2);
+      _mm_storeu_ps(d + 3 * ld_dst, r3);
+    });
     return _mm_movemask_epi8(bad) != 0 ? 1U : 0U;
   }
 
@@ -524,25 +520,19 @@ class PackedPanels {
       const __m128i hi = bf16_round(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + 4)), bad);
       return _mm_castsi128_ps(_mm_packs_epi32(_mm_srai_epi32(lo, 16), _mm_srai_epi32(hi, 16)));
     };
-    constexpr Index kTile = 128;
-    for (Index k0 = 0; k0 < rows; k0 += kTile) {
-      const Index k1 = std::min(rows, k0 + kTile);
-      for (Index c = 0; c < cols; c += 4) {
-        const float* s = src + c * ld_src;
-        for (Index k = k0; k < k1; k += 8) {
-          __m128 r0 = pairs(s + k);
-          __m128 r1 = pairs(s + ld_src + k);
-          __m128 r2 = pairs(s + 2 * ld_src + k);
-          __m128 r3 = pairs(s + 3 * ld_src + k);
-          _MM_TRANSPOSE4_PS(r0, r1, r2, r3);  // r_i: pair row k / 2 + i of lanes c .. c + 3
-          Bf16* d = dst + (k / 2) * 2 * nr + 2 * c;
-          _mm_storeu_ps(reinterpret_cast<float*>(d), r0);
-          _mm_storeu_ps(reinterpret_cast<float*>(d + 2 * nr), r1);
-          _mm_storeu_ps(reinterpret_cast<float*>(d + 4 * nr), r2);
-          _mm_storeu_ps(reinterpret_cast<float*>(d + 6 * nr), r3);
-        }
-      }
-    }
+    for_each_tile_block<8>(rows, cols, [&](Index k, Index c) {
+      const float* s = src + c * ld_src + k;
+      __m128 r0 = pairs(s);
+      __m128 r1 = pairs(s + ld_src);
+      __m128 r2 = pairs(s + 2 * ld_src);
+      __m128 r3 = pairs(s + 3 * ld_src);
+      _MM_TRANSPOSE4_PS(r0, r1, r2, r3);  // r_i: pair row k / 2 + i of lanes c .. c + 3
+      Bf16* d = dst + (k / 2) * 2 * nr + 2 * c;
+      _mm_storeu_ps(reinterpret_cast<float*>(d), r0);
+      _mm_storeu_ps(reinterpret_cast<float*>(d + 2 * nr), r1);
+      _mm_storeu_ps(reinterpret_cast<float*>(d + 4 * nr), r2);
+      _mm_storeu_ps(reinterpret_cast<float*>(d + 6 * nr), r3);
+    });
     return _mm_movemask_epi8(bad) != 0 ? 1U : 0U;
   }
 #endif

@@ -344,10 +344,11 @@ class PackedPanels {
 #if MOET_X86
         if (k_stride == 1) {
           // Blocks transposed in SSE registers (any x86-64): the scalar loop below costs a
-          // load, a store and a check per value, each from another source row (54 of a 360 ms
-          // training step on S2 for float; 4x the time of this for bf16's packs). Float: 4 x 4
-          // blocks; bf16: a lane's pair of rows (k, k + 1) is two adjacent source values, so 4
-          // lanes x 8 rows are rounded and transposed as 32-bit pairs.
+          // load, a store and a check per value, each from another source row (float: 54 of a
+          // 360 ms training step on S2; bf16: with it, a bf16 bank's bf16 backward was no faster
+          // than the float one, 186-197 ms, and 135 ms with this and the paired row-major
+          // path). Float: 4 x 4 blocks; bf16: a lane's pair of rows (k, k + 1) is two adjacent
+          // source values, so 4 lanes x 8 rows are rounded and transposed as 32-bit pairs.
           c_done = width / 4 * 4;
           if constexpr (std::is_same_v<W, float>) {
             k_done = rows_ / 4 * 4;

@@ -22,7 +22,12 @@
 
 #include "moet/errors.hpp"
 
-#if defined(__x86_64__) || defined(__i386__)
+// MOET_X86: whether the x86 kernel levels, cpuid and the SSE packing paths are compiled. Defining
+// MOET_DISABLE_X86 (every translation unit of a program alike: the inline functions differ)
+// compiles an x86 build as one for another CPU: portable kernels and scalar packing only. The
+// tests build test_gemm* that way (test_portable_build), so the branches every non-x86 build
+// takes are compiled and run by CI, not only on such machines.
+#if (defined(__x86_64__) || defined(__i386__)) && !defined(MOET_DISABLE_X86)
 #include <cpuid.h>
 #define MOET_X86 1
 #else

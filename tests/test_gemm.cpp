@@ -523,6 +523,44 @@ TEST_CASE("pack reports a NaN or Inf in any lane of any panel, whole or partial,
   }
 }
 
+TEST_CASE("Packs of 8 MiB or more (streaming stores) hold every value and report a NaN",
+          "[gemm][pack]") {
+  const KernelIsa isa = GENERATE(from_range(supported_isas()));
+  INFO(kernel_isa_name(isa));
+  const Index nr = moet::detail::panel_width(isa);
+  // Whole panels and a partial one, K odd: the float pack is 8.4 MB and more (the threshold
+  // of the streaming stores); each GLU half alike.
+  const Index rows = 1031;
+  const Index cols = 2048 + nr + 3;
+  const Matrix w = random_matrix(rows, cols, 77);
+  const Matrix u = random_matrix(rows, cols, 78);
+  const auto bits = [](float v) { return std::bit_cast<std::uint32_t>(v); };
+  for (const bool with_nan : {false, true}) {
+    Matrix wb = w;
+    if (with_nan) wb(rows / 2, nr + 1) = std::numeric_limits<float>::quiet_NaN();
+    moet::detail::PackedMatrix<float> x;
+    CHECK(x.pack(wb, isa) == !with_nan);
+    REQUIRE(x.bytes() >= (std::size_t{8} << 20));
+    // The same bytes as the transposing pack of the transpose (plain stores, another walk).
+    const Matrix wbt = wb.transpose();
+    moet::detail::PackedMatrix<float> xt;
+    CHECK(xt.pack_transposed(wbt, isa) == !with_nan);
+    CHECK(x.bytes() == xt.bytes());
+    CHECK(std::memcmp(x.data(), xt.data(), x.bytes()) == 0);
+    // The GLU matrix writes half panels: every gate and up value at its place.
+    const moet::detail::PackedGluMatrix<float> g(wb, u, isa);
+    Index wrong = 0;
+    for (Index k = 0; k < rows; ++k) {
+      for (Index j = 0; j < cols; ++j) {
+        wrong += bits(x.packed_coeff(k, j)) != bits(wb(k, j));
+        wrong += bits(g.packed_coeff(k, j, false)) != bits(wb(k, j));
+        wrong += bits(g.packed_coeff(k, j, true)) != bits(u(k, j));
+      }
+    }
+    CHECK(wrong == 0);
+  }
+}
+
 TEST_CASE("gemm_packed_at multiplies A given as its transpose, rows split freely",
           "[gemm][train]") {
   const KernelIsa isa = GENERATE(from_range(supported_isas()));

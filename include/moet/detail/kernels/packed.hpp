@@ -252,9 +252,10 @@ class PackedPanels {
         // panel walking down K, 35-47 ms; tiles of 16 rows by 64 panels handed out
         // dynamically, 26-29 ms; this, 17-21 ms (a plain copy of the bytes: 11-13 ms). Ranges
         // start on even rows: a bf16 row pair never straddles two threads.
-        // Float panels of 8 MiB or more (an S2 weight tensor: 14.7 MB; never the backward's
-        // activation rows) are written with streaming stores, whole 64-byte lines that skip the
-        // cache and the read-for-ownership: what the next product reads from memory anyway.
+        // Float panels of 8 MiB or more (an S2 weight tensor: 14.7 MB; the backward's
+        // activation rows, 128 per block by default, only from d_ff 16384 on) are written with
+        // streaming stores, whole 64-byte lines that skip the cache and the read-for-ownership:
+        // what the next product reads from memory anyway.
         // Repacking an S2 bank (2 threads, 8 runs of each alternated): 27-33 ms, median 29,
         // with plain stores; 14-25 ms, median 20, with these. bf16 packing gained nothing
         // (bound by its rounding), so it keeps plain stores.

@@ -15,8 +15,9 @@
 #               what a user gets by default; build/ci-release), run once per kernel level the
 #               CPU has (MOET_ISA=portable, avx2, ...: every level against the naive references;
 #               test_gemm, test_gemm_bf16 and test_row_pack, label `kernel`, run every level
-#               by themselves and run once; so does test_portable_build, the kernel tests
-#               compiled as for a CPU that is not x86, MOET_DISABLE_X86, in every build step);
+#               by themselves and run once; test_portable_build, the kernel tests compiled
+#               as for a CPU that is not x86, MOET_DISABLE_X86, runs in the main and clang
+#               steps, not here);
 #   3. clang    the unit tests built by clang++ in Release linked with moet::native
 #               (-march=native; build/ci-clang): the clang build and the native build in one
 #               (the g++ -march=native code is also compiled and run by test_mixed_isa);
@@ -97,7 +98,7 @@ unit_tests_in() {
 
 step_release() {
   local build_dir=build/ci-release
-  unit_tests_in "$build_dir" -DCMAKE_BUILD_TYPE=Release
+  unit_tests_in "$build_dir" -DCMAKE_BUILD_TYPE=Release -DMOET_TEST_PORTABLE_BUILD=OFF
   # Every kernel level the CPU has, each against the naive references (the kernel tests also
   # cover every level in any one run; this runs the banks, dispatchers and layers on each).
   local isa exclude=()

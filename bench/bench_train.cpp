@@ -4,6 +4,9 @@
 //   BM_Forward          inference forward (the reference time)
 //   BM_ForwardTrain     forward_train (forward + the cache backward needs)
 //   BM_ForwardBackward  forward_train + backward (no zero_grad, no optimiser step)
+//   BM_ForwardBackwardHot  the same with expert 0 every token's first choice (counter
+//                       `max_load`: its rows over the mean load)
+//   BM_ForwardBackwardTwoExpertsHot  the same on an E = 2, top-1 layer, every row on expert 0
 //   BM_TrainStep        zero_grad + forward_train + backward + AdamW step (after a whole
 //                       warm-up step)
 //   BM_TrainStepSaturated  the same with a saturated router (subnormal router probabilities),
@@ -51,11 +54,12 @@ struct Setup {
   RowMatrix<S> dx;
   Layer::Workspace ws;
 
-  Setup(Index d, Index f, Index tokens, moet::WeightFormat format)
-      : layer(moet::TopKGate<S>(moet::TopKGate<S>::mixtral_options(d, kExperts)),
+  Setup(Index d, Index f, Index tokens, moet::WeightFormat format, Index experts = kExperts,
+        Index k = 2)
+      : layer(moet::TopKGate<S>(gate_options(d, experts, k)),
               moet::SwiGluExperts<S>({.model_dim = d,
                                       .hidden_dim = f,
-                                      .num_experts = kExperts,
+                                      .num_experts = experts,
                                       .init_seed = 1,
                                       .weight_format = format})),
         x(tokens, d),
@@ -66,7 +70,31 @@ struct Setup {
     for (Index i = 0; i < x.size(); ++i) x.data()[i] = static_cast<S>(rng.normal());
     for (Index i = 0; i < dy.size(); ++i) dy.data()[i] = static_cast<S>(1e-3 * rng.normal());
   }
+  static moet::TopKGate<S>::Options gate_options(Index d, Index experts, Index k) {
+    auto options = moet::TopKGate<S>::mixtral_options(d, experts);
+    options.k = k;
+    return options;
+  }
   void forward() { layer.forward(x, y, {}, ws); }
+  // Every token's first choice becomes expert 0 (its router column 0.2, inputs shifted by 0.5):
+  // one hot expert holding half of the assignments (top-2) or all of them (top-1).
+  void make_expert_0_hot() {
+    x.array() += S(0.5);
+    layer.visit_parameters(
+        [](std::string_view name, moet::ParamMap<S> value, moet::ParamMap<S> /*grad*/) {
+          if (name.find("router") != std::string_view::npos) value.col(0).setConstant(S(0.2));
+        });
+    layer.parameters_changed();
+  }
+  // Counter `max_load`: the most rows any expert got, over the mean load of the experts.
+  void add_load_counter(benchmark::State& state) {
+    std::vector<Index> load(static_cast<std::size_t>(layer.num_experts()), 0);
+    for (const std::int32_t e : ws.routing.experts()) ++load[static_cast<std::size_t>(e)];
+    const double mean = static_cast<double>(ws.routing.num_assignments()) /
+                        static_cast<double>(layer.num_experts());
+    state.counters["max_load"] =
+        static_cast<double>(*std::max_element(load.begin(), load.end())) / mean;
+  }
   void forward_backward() {
     layer.forward_train(x, y, {}, ws);
     layer.backward(x, dy, {}, ws, dx);
@@ -181,6 +209,28 @@ void BM_TrainStep(benchmark::State& state) {
   });
 }
 
+// BM_ForwardBackward where fewer experts than threads hold most rows, the case where a backward
+// of one task per expert would leave cores idle: expert 0 hot (every token's first choice) at
+// E = 8 top-2, and an E = 2 layer, top-1, with expert 0 hot (all rows on one expert).
+void BM_ForwardBackwardHot(benchmark::State& state) {
+  Setup s = make(state);
+  s.make_expert_0_hot();
+  s.layer.zero_grad();
+  s.forward_backward();
+  timed_against_forward(state, s, [&] { s.forward_backward(); });
+  s.add_load_counter(state);
+}
+void BM_ForwardBackwardTwoExpertsHot(benchmark::State& state) {
+  Setup s(state.range(0), state.range(1), state.range(2),
+          state.range(3) != 0 ? moet::WeightFormat::kBf16 : moet::WeightFormat::kF32,
+          /*experts=*/2, /*k=*/1);
+  s.make_expert_0_hot();
+  s.layer.zero_grad();
+  s.forward_backward();
+  timed_against_forward(state, s, [&] { s.forward_backward(); });
+  s.add_load_counter(state);
+}
+
 // BM_TrainStep with a saturated router: every token's input is shifted by +0.5 and the router's
 // column for expert 0 set to 0.2, so at S2 expert 0's logit is about 100 above the others and the
 // other experts' probabilities are subnormal under IEEE arithmetic. Counter `subnormal_weights`:
@@ -191,12 +241,7 @@ void train_step_saturated(benchmark::State& state, bool flush) {
   const bool before = moet::flush_denormals();
   moet::set_flush_denormals(flush);
   Setup s = make(state);
-  s.x.array() += S(0.5);
-  s.layer.visit_parameters(
-      [](std::string_view name, moet::ParamMap<S> value, moet::ParamMap<S> /*grad*/) {
-        if (name.find("router") != std::string_view::npos) value.col(0).setConstant(S(0.2));
-      });
-  s.layer.parameters_changed();
+  s.make_expert_0_hot();
   moet::AdamW<S> opt({.lr = 1e-5});
   s.layer.zero_grad();
   s.forward_backward();
@@ -232,6 +277,8 @@ void shapes(benchmark::internal::Benchmark* b) {
 BENCHMARK(BM_Forward)->Apply(shapes);
 BENCHMARK(BM_ForwardTrain)->Apply(shapes);
 BENCHMARK(BM_ForwardBackward)->Apply(shapes);
+BENCHMARK(BM_ForwardBackwardHot)->Apply(shapes);
+BENCHMARK(BM_ForwardBackwardTwoExpertsHot)->Apply(shapes);
 BENCHMARK(BM_TrainStep)->Apply(shapes);
 BENCHMARK(BM_TrainStepSaturated)->Apply(shapes);
 BENCHMARK(BM_TrainStepSaturatedIeee)->Apply(shapes);

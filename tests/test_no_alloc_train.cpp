@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <random>
 #include <utility>
+#include <vector>
 
 #include <catch2/catch.hpp>
 
@@ -22,6 +23,7 @@
 #include "moet/gates/stochastic.hpp"
 #include "moet/gates/top_k.hpp"
 #include "moet/layer.hpp"
+#include "moet/routing.hpp"
 #include "moet/train/optim.hpp"
 
 namespace test_no_alloc_train {  // one per file: the unity build puts several files in one TU
@@ -105,7 +107,67 @@ void check_reserved_scratch_does_not_allocate(Bank bank, Index rows) {
   CHECK(counts.eigen_violations == 0);
 }
 
+// A plan of `tokens` tokens, one expert each: token t goes to expert `expert_of(t)`.
+template <class F>
+moet::Routing<float> one_each(Index tokens, Index experts, F&& expert_of) {
+  moet::Routing<float> r;
+  r.reset(tokens, experts);
+  for (Index t = 0; t < tokens; ++t) r.counts()[static_cast<std::size_t>(t)] = 1;
+  r.commit_counts();
+  for (Index t = 0; t < tokens; ++t) {
+    r.experts(t)[0] = static_cast<std::int32_t>(expert_of(t));
+    r.weights(t)[0] = 0.5f;
+  }
+  return r;
+}
+
+// GroupedDispatch's split backward after a warm-up on a balanced plan, then on plans with as many
+// assignments spread differently (one hot expert: more blocks; every expert's rows contiguous):
+// its pieces and packs were sized for the most blocks such a plan can have. Only the backward
+// is in the window (the forward's task list may grow with the number of blocks).
+template <class Bank>
+void check_split_backward_does_not_allocate(Bank bank) {
+  REQUIRE(bank.backward_split_products() > 0);
+  const Index d = bank.model_dim();
+  const Index n = bank.num_experts();
+  constexpr Index kTokens = 64;  // the balanced warm-up has whole blocks of 16
+  const auto x = random_rows<float>(kTokens, d, 9u);
+  const auto dy = random_rows<float>(kTokens, d, 10u);
+  moet::RowMatrix<float> y(kTokens, d), dx(kTokens, d);
+  std::vector<float> d_weights(kTokens);
+  const moet::GroupedDispatch dispatch({.block_rows = 16});
+  typename moet::GroupedDispatch::Workspace<Bank> ws;
+  const auto balanced = one_each(kTokens, n, [&](Index t) { return t % n; });
+  const auto hot = one_each(kTokens, n, [&](Index t) { return t % 7 == 0 ? 1 : 0; });
+  const auto ragged = one_each(kTokens, n, [&](Index t) { return t < n * 15 ? t / 15 : n - 1; });
+  bank.zero_grad();
+  dispatch.forward_train(bank, x, balanced, y, ws);
+  dispatch.backward(bank, x, balanced, dy, ws, d_weights, dx);
+  for (const auto* plan : {&hot, &ragged, &balanced}) {
+    bank.zero_grad();
+    dispatch.forward_train(bank, x, *plan, y, ws);
+    Window window;
+    window.open();
+    dispatch.backward(bank, x, *plan, dy, ws, d_weights, dx);
+    dispatch.backward(bank, x, *plan, dy, ws, d_weights, dx);  // accumulating
+    const auto counts = window.close();
+    CHECK(counts.new_calls == 0);
+    CHECK(counts.eigen_violations == 0);
+  }
+}
+
 }  // namespace
+
+TEST_CASE("The split backward does not allocate after a warm-up of as many assignments",
+          "[no_alloc][train]") {
+  for (const auto format : {moet::WeightFormat::kF32, moet::WeightFormat::kBf16}) {
+    CAPTURE(moet::weight_format_name(format));
+    check_split_backward_does_not_allocate(moet::SwiGluExperts<float>(
+        {.model_dim = 16, .hidden_dim = 24, .num_experts = 4, .weight_format = format}));
+    check_split_backward_does_not_allocate(moet::GeluFfnExperts<float>(
+        {.model_dim = 24, .hidden_dim = 16, .num_experts = 3, .weight_format = format}));
+  }
+}
 
 TEST_CASE("A reserved scratch runs an expert's forward_train and backward without allocating",
           "[no_alloc][train]") {

@@ -10,7 +10,7 @@
 ///   optimisers take).
 /// - Optional hooks (`Hooks`, `HookCheck`): `TrainingForwardHook`, `ParametersChangedHook`,
 ///   `AdaptiveExpertsHook`, `ReadinessHook`, `ScratchReserveHook`, `LazyGradientHook`,
-///   `ColumnSplitHook`, and
+///   `ColumnSplitHook`, `BackwardSplitHook`, and
 ///   `ActivationValueAndDerivativeHook` for activation policies. A type
 ///   that declares `static constexpr moet::Hooks kHooks{...}` gets a compile error for a
 ///   declared hook it lacks (a misspelt name) and for a hook-named member it did not declare;
@@ -290,6 +290,36 @@ concept ColumnSplitHook = requires(const X& x, int stage, Index e,
   x.forward_stage(stage, e, in, out, panels, scratch);
 };
 
+/// Expert-bank hook: the backward in thread-count-independent pieces, so that every core works
+/// however few experts got rows (a hot expert, two experts) while each weight gradient stays one
+/// sum over the expert's rows in order. `backward_split_products()` is the number `P` of
+/// weight-gradient products `dW = A^T B` of an expert (0 when the split is unavailable now: the
+/// dispatcher then calls `backward`); `backward_split_width()` the scalars per routed row that the
+/// row pieces keep for them; `backward_grad_rows(p)` the rows of product `p`'s gradient. Per
+/// expert with rows, `backward_prepare(e)` runs once (no other call for `e` concurrently) and
+/// returns whether its gradients accumulate (false: the first products since `zero_grad` write
+/// them). Then, per block of rows, `backward_rows(e, in, cache, dout, din, rows, scratch)` writes
+/// `din` and the kept `rows` `(n, backward_split_width())`, and `backward_pack(e, p, dout, rows,
+/// pack)` packs each product's `B` for the block (`backward_reserve_pack(p, rows, pack)` sizes
+/// a pack beforehand). Then, per slice `[begin, end)` of a
+/// product's gradient rows, `backward_weights(e, p, in, dout, rows, pack, begin, end, accumulate,
+/// scratch)` for every block in order. Calls for different pieces may run concurrently.
+template <class X>
+concept BackwardSplitHook = requires(X& x, const X& cx, Index e, int p, bool accumulate,
+                                     const ConstRows<typename X::Scalar>& in,
+                                     Rows<typename X::Scalar> out, typename X::BackwardPack& pack,
+                                     const typename X::BackwardPack& cpack,
+                                     typename X::Scratch& scratch) {
+  { cx.backward_split_products() } -> std::convertible_to<int>;
+  { cx.backward_split_width() } -> std::convertible_to<Index>;
+  { cx.backward_grad_rows(p) } -> std::convertible_to<Index>;
+  { x.backward_prepare(e) } -> std::convertible_to<bool>;
+  x.backward_rows(e, in, in, in, out, out, scratch);
+  cx.backward_reserve_pack(p, e, pack);
+  x.backward_pack(e, p, in, in, pack);
+  x.backward_weights(e, p, in, in, in, cpack, e, e, accumulate, scratch);
+};
+
 /// Which optional hooks a type has, declared as `static constexpr moet::Hooks kHooks{...};`.
 /// Declaring is optional but recommended: a declared hook that the type does not satisfy
 /// (a misspelt name, a wrong signature) and a hook-named member left undeclared are compile
@@ -319,6 +349,9 @@ struct Hooks {
   bool ensure_grad = false;
   /// `ColumnSplitHook`: `stage_panels(stage)`, `forward_stage(stage, e, in, out, panels, scratch)`.
   bool column_split = false;
+  /// `BackwardSplitHook`: `backward_split_products()`, `backward_prepare(e)`, `backward_rows`,
+  /// `backward_pack`, `backward_weights`, ...
+  bool backward_split = false;
 };
 
 namespace detail {
@@ -366,6 +399,11 @@ concept NamesColumnSplit = requires {
   &T::forward_stage;
 }
 || requires { &T::stage_panels; };
+template <class T>
+concept NamesBackwardSplit = requires {
+  &T::backward_split_products;
+}
+|| requires { &T::backward_prepare; };
 
 // Whether moet calls the hook: declared (kHooks), or, without kHooks, satisfied.
 constexpr bool uses_hook(bool declares, bool declared, bool satisfied) {
@@ -457,6 +495,18 @@ struct HookCheck {
                 "this type has forward_stage or stage_panels but its kHooks does not declare "
                 "them: add .column_split = true to kHooks");
 
+  static_assert(!kDeclares || !kDeclared.backward_split || BackwardSplitHook<T>,
+                "this type declares kHooks.backward_split, but lacks one of "
+                "backward_split_products(), backward_split_width(), backward_grad_rows(p), "
+                "backward_prepare(e), backward_rows, backward_pack or backward_weights with the "
+                "signatures of BackwardSplitHook: is a name misspelt or a signature wrong?");
+  static_assert(!detail::NamesBackwardSplit<T> || BackwardSplitHook<T>,
+                "this type has backward_split_products or backward_prepare but not the whole "
+                "backward-split hook (BackwardSplitHook): complete or rename it");
+  static_assert(!kDeclares || kDeclared.backward_split || !detail::NamesBackwardSplit<T>,
+                "this type has backward_split_products or backward_prepare but its kHooks does "
+                "not declare them: add .backward_split = true to kHooks");
+
   /// True once the checks above passed (naming it instantiates them).
   static constexpr bool kChecked = true;
   /// Whether moet calls each hook of `T` (declared in `kHooks`, or, without `kHooks`, present).
@@ -474,6 +524,8 @@ struct HookCheck {
       detail::uses_hook(kDeclares, kDeclared.ensure_grad, LazyGradientHook<T>);
   static constexpr bool kColumnSplit =
       detail::uses_hook(kDeclares, kDeclared.column_split, ColumnSplitHook<T>);
+  static constexpr bool kBackwardSplit =
+      detail::uses_hook(kDeclares, kDeclared.backward_split, BackwardSplitHook<T>);
 };
 
 /// Calls `module.parameters_changed()` when `module` has that hook (see `HookCheck`): what the

@@ -67,6 +67,8 @@ struct BackwardRows {
 
   PackedMatrix<float>& like(const PackedMatrix<float>& /*wt*/) { return f32; }
   PackedMatrix<Bf16>& like(const PackedMatrix<Bf16>& /*wt*/) { return bf16; }
+  const PackedMatrix<float>& like(const PackedMatrix<float>& /*wt*/) const { return f32; }
+  const PackedMatrix<Bf16>& like(const PackedMatrix<Bf16>& /*wt*/) const { return bf16; }
 
   /// Reserves `rows x cols` for the backward of a bank of weight format `format`.
   void reserve(Index rows, Index cols, WeightFormat format) {
@@ -77,5 +79,20 @@ struct BackwardRows {
     }
   }
 };
+
+/// One weight-gradient product `dW = A^T B` of the split backward (`BackwardSplitHook`): the
+/// gradient of weight tensor `tensor` from operands `a` and `b`, each `kSplitIn` (the expert's
+/// input rows), `kSplitDout` (its dL/dout rows) or `j >= 0`: columns `[j f, (j + 1) f)` of the
+/// rows its row pieces kept (`f` the hidden width); and the bias `bias` (a tensor index, or
+/// `kSplitNoBias`) whose gradient is the column sum of `b`.
+struct SplitProduct {
+  std::size_t tensor = 0;
+  int a = 0;
+  int b = 0;
+  int bias = -1;
+};
+inline constexpr int kSplitIn = -1;
+inline constexpr int kSplitDout = -2;
+inline constexpr int kSplitNoBias = -1;
 
 }  // namespace moet::detail

@@ -5,12 +5,15 @@
 /// backward, each parallel over fixed row blocks so the bits do not depend on the thread count.
 
 #include <algorithm>
+#include <cstdint>
+#include <span>
 #include <vector>
 
 #include "moet/concepts.hpp"
 #include "moet/detail/buffer.hpp"
 #include "moet/detail/gather_scatter.hpp"
 #include "moet/detail/parallel.hpp"
+#include "moet/dispatch/backward_split.hpp"
 #include "moet/dispatch/column_split.hpp"
 #include "moet/errors.hpp"
 #include "moet/tensor.hpp"
@@ -34,6 +37,11 @@ struct DenseWorkspace {
   detail::Buffer<typename X::Scalar> din;
   /// Training only: tokens of the last `forward_train_dense_experts` (-1 before the first).
   Index train_tokens = -1;
+  /// Training only: the split backward's buffers (dispatch/backward_split.hpp), and its view of
+  /// the experts' rows (expert `e`'s at `e * num_tokens`).
+  detail::BackwardSplitWorkspace<X> split;
+  std::vector<Index> split_offsets;
+  std::vector<std::int32_t> split_experts;
 };
 
 /// Rows per `add_dense_expert` task (fixed, independent of the thread count).
@@ -127,9 +135,11 @@ void add_dense_experts_train(const X& experts, const ConstRows<typename X::Scala
 
 /// Backward of `add_dense_experts_train` (same `experts`, `x` and `ws`): accumulates every
 /// expert's weight gradients for `dL/dy = dy` `(num_tokens, model_dim)` and **adds** dL/dx into
-/// `dx` `(num_tokens, model_dim)`. One task per expert over its row blocks in order (weight
-/// gradients bit-identical for any thread count), each writing its own dL/dx rows, then
-/// `dx += sum_e din_e` in expert order per token block. Throws `moet::Error` naming
+/// `dx` `(num_tokens, model_dim)`. Banks with the split backward (`BackwardSplitHook`) run it
+/// in pieces over every expert's row blocks (dispatch/backward_split.hpp: every core busy for
+/// one shared expert); others one task per expert over its row blocks in order. Either way the
+/// weight gradients are bit-identical for any thread count; each expert writes its own dL/dx
+/// rows, then `dx += sum_e din_e` in expert order per token block. Throws `moet::Error` naming
 /// `backward_dense_experts` when the shapes disagree, `dx` overlaps `x` or `dy`, or `ws` holds
 /// no `add_dense_experts_train` of `x.rows()` tokens.
 template <TrainableExperts X>
@@ -159,15 +169,33 @@ void backward_dense_experts(X& experts, const ConstRows<typename X::Scalar>& x,
   if constexpr (HookCheck<X>::kEnsureGrad) experts.ensure_grad();
   auto cache = ws.cache.matrix(num_experts * num_tokens, experts.cache_width());
   auto din = detail::aligned_matrix(ws.din, num_experts * num_tokens, model_dim);
-  detail::parallel_for(num_experts, [&](Index e) {
-    auto& scratch = ws.threads[static_cast<std::size_t>(detail::thread_id())];
-    for (Index begin = 0; begin < num_tokens; begin += kDenseRowBlock) {
-      const Index n = std::min(kDenseRowBlock, num_tokens - begin);
-      experts.backward(e, x.middleRows(begin, n), cache.middleRows(e * num_tokens + begin, n),
-                       dy.middleRows(begin, n), din.middleRows(e * num_tokens + begin, n),
-                       scratch.expert);
+  ws.split_offsets.resize(static_cast<std::size_t>(num_experts) + 1);
+  ws.split_experts.resize(static_cast<std::size_t>(num_experts));
+  for (Index e = 0; e <= num_experts; ++e) {
+    ws.split_offsets[static_cast<std::size_t>(e)] = e * num_tokens;
+    if (e < num_experts) {
+      ws.split_experts[static_cast<std::size_t>(e)] = static_cast<std::int32_t>(e);
     }
-  });
+  }
+  const auto rows_of = [&](Index begin, Index n, auto&& in, auto&& dout) {
+    const Index t = begin % num_tokens;  // blocks never cross experts
+    in = x.middleRows(t, n);
+    dout = dy.middleRows(t, n);
+  };
+  if (!detail::split_backward(experts, std::span<const Index>(ws.split_offsets),
+                              std::span<const std::int32_t>(ws.split_experts), kDenseRowBlock,
+                              ConstRows<typename X::Scalar>(cache), din, ws.split, ws.threads,
+                              rows_of)) {
+    detail::parallel_for(num_experts, [&](Index e) {
+      auto& scratch = ws.threads[static_cast<std::size_t>(detail::thread_id())];
+      for (Index begin = 0; begin < num_tokens; begin += kDenseRowBlock) {
+        const Index n = std::min(kDenseRowBlock, num_tokens - begin);
+        experts.backward(e, x.middleRows(begin, n), cache.middleRows(e * num_tokens + begin, n),
+                         dy.middleRows(begin, n), din.middleRows(e * num_tokens + begin, n),
+                         scratch.expert);
+      }
+    });
+  }
   detail::parallel_blocks(num_tokens, kDenseRowBlock, [&](Index begin, Index end) {
     for (Index e = 0; e < num_experts; ++e) {
       dx.middleRows(begin, end - begin) += din.middleRows(e * num_tokens + begin, end - begin);

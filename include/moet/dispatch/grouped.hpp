@@ -13,6 +13,7 @@
 #include "moet/detail/buffer.hpp"
 #include "moet/detail/gather_scatter.hpp"
 #include "moet/detail/parallel.hpp"
+#include "moet/dispatch/backward_split.hpp"
 #include "moet/dispatch/column_split.hpp"
 #include "moet/errors.hpp"
 #include "moet/routing.hpp"
@@ -172,8 +173,10 @@ class GroupedDispatch {
     /// Training only (`backward`): every assignment's dL/d(expert input), expert-major
     /// `(num_assignments, model_dim)`.
     detail::Buffer<typename X::Scalar> expert_din;
-    /// Training only: the experts with at least one assignment (one backward task each).
+    /// Training only: the experts with at least one assignment.
     std::vector<std::int32_t> active;
+    /// Training only: the split backward's buffers (dispatch/backward_split.hpp).
+    detail::BackwardSplitWorkspace<X> split;
   };
 
   /// Default options (128-row blocks).
@@ -258,12 +261,14 @@ class GroupedDispatch {
   ///
   /// 1. writes `d_weights[a] = dy_t · out_a` for every assignment `a` (routing order), the
   ///    gradient of the combine weights (a scalar loop: the same bits wherever the rows sit);
-  /// 2. runs one task per expert with tokens: over the expert's rows in blocks of
-  ///    `block_rows`, **in order**, gathers `x` and `dout = w_a dy_t` and calls
-  ///    `experts.backward` (accumulating the expert's weight gradients, writing the rows'
-  ///    input gradients). One task per expert makes every expert's gradient sum run in a
-  ///    fixed order, so the weight gradients are bit-identical for any thread count; the price
-  ///    is parallelism bounded by the number of experts with tokens;
+  /// 2. runs the experts' backward on the rows `x_t` with `dout = w_a dy_t`: for a bank with the
+  ///    split backward that can run it now (`BackwardSplitHook`: float banks with current
+  ///    packed weights), in pieces that fill every core however few experts have rows
+  ///    (dispatch/backward_split.hpp: row blocks of `block_rows`, then slices of every weight
+  ///    gradient, each element one sum over the expert's rows in order); otherwise one task per
+  ///    expert with tokens over its rows in blocks of `block_rows`, **in order**, calling
+  ///    `experts.backward` (parallelism bounded by the number of experts with tokens). Either
+  ///    way every gradient sum runs in a fixed order: bit-identical for any thread count;
   /// 3. **writes** `dx_t = sum over t's slots, in slot order, of din_a` (0 for `k = 0`).
   ///
   /// Throws `moet::Error` naming `GroupedDispatch` when the shapes disagree (`dy`, `dx` of `x`'s
@@ -317,6 +322,19 @@ class GroupedDispatch {
     const auto tokens = ws.view.tokens();
     const auto assignments = ws.view.assignments();
     const Index block = options_.block_rows;
+    const auto gather = [&](Index begin, Index n, auto&& in, auto&& dout) {
+      for (Index r = 0; r < n; ++r) {
+        const auto j = static_cast<std::size_t>(begin + r);
+        in.row(r) = x.row(tokens[j]);
+        dout.row(r) = weights[static_cast<std::size_t>(assignments[j])] * dy.row(tokens[j]);
+      }
+    };
+    if (detail::split_backward(experts, offsets, ws.active, block,
+                               ConstRows<typename X::Scalar>(cache), din, ws.split, ws.threads,
+                               gather)) {
+      detail::combine_unweighted(routing, ws.view, din, dx);
+      return;
+    }
     detail::parallel_for(static_cast<Index>(ws.active.size()), [&](Index i) {
       const std::int32_t e = ws.active[static_cast<std::size_t>(i)];
       auto& scratch = ws.threads[static_cast<std::size_t>(detail::thread_id())];
@@ -325,11 +343,7 @@ class GroupedDispatch {
         const Index n = std::min(block, end - begin);
         auto in = detail::aligned_matrix(scratch.rows_in, n, model_dim);     // (n, model_dim)
         auto dout = detail::aligned_matrix(scratch.rows_out, n, model_dim);  // (n, model_dim)
-        for (Index r = 0; r < n; ++r) {
-          const auto j = static_cast<std::size_t>(begin + r);
-          in.row(r) = x.row(tokens[j]);
-          dout.row(r) = weights[static_cast<std::size_t>(assignments[j])] * dy.row(tokens[j]);
-        }
+        gather(begin, n, in, dout);
         experts.backward(e, in, cache.middleRows(begin, n), dout, din.middleRows(begin, n),
                          scratch.expert);
       }

@@ -107,7 +107,8 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
                                 .check_ready = true,
                                 .reserve = true,
                                 .ensure_grad = true,
-                                .column_split = true};
+                                .column_split = true,
+                                .backward_split = true};
 
   /// Construction options. Designated initialisers must keep this order.
   struct Options {
@@ -407,6 +408,129 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
     Body::backward(ExpertRef{store_, e}, GradRef{store_, e}, in, cache, dout, din, scratch);
   }
 
+  // --- the split backward (concepts.hpp's `BackwardSplitHook`) -------------------------------
+
+  /// The packed `B` operand of one weight-gradient product for one block of an expert's rows.
+  using BackwardPack = detail::BackwardRows;
+
+  /// Weight-gradient products per expert of the split backward (`Body::kSplitProducts`), or 0
+  /// when it cannot run now (double banks, no packing, a stale packed copy): the dispatcher then
+  /// calls `backward`. `backward`'s formulas and products; every weight gradient one chain over
+  /// the expert's rows in order, as `backward` on all of them in one call.
+  int backward_split_products() const {
+    if constexpr (std::is_same_v<S, float>) {
+      return store_.packed.current() ? static_cast<int>(Body::kSplitProducts.size()) : 0;
+    } else {
+      return 0;
+    }
+  }
+  /// Scalars per routed row that `backward_rows` keeps (`Body::split_width`).
+  Index backward_split_width() const { return Body::split_width(model_dim(), hidden_dim()); }
+  /// Rows of product `p`'s weight gradient (the slices of `backward_weights` split them).
+  Index backward_grad_rows(int p) const {
+    return store_.rows(Body::kSplitProducts[static_cast<std::size_t>(p)].tensor);
+  }
+
+  /// Once per expert with rows, before its other split calls, and never concurrently with
+  /// another call for `e`: repacks `e`'s transposed weights if they changed, and returns whether
+  /// its gradients accumulate (false for the first backward since `zero_grad`: written then).
+  /// Allocates the gradients on first use. Throws like `backward`.
+  bool backward_prepare(Index e) {
+    MOET_ASSERT(e >= 0 && e < num_experts(), "expert id out of range");
+    store_.require_ready("backward", true);
+    ensure_grad();
+    const bool current = store_.run_backward_packs(e, [](const auto& /*packs*/) {});
+    detail::require(current, "ExpertBank::backward_prepare",
+                    "the split backward needs current packed weights (backward_split_products() "
+                    "is 0)");
+    return !store_.grads.take_pending(e);
+  }
+
+  /// The row piece of the split backward for `n` of expert `e`'s rows (`in`, `cache`, `dout` as
+  /// `backward` takes them): **writes** `din` `(n, model_dim)` and the kept `rows`
+  /// `(n, backward_split_width())`. After `backward_prepare(e)`; pieces of one
+  /// expert may run concurrently.
+  void backward_rows(Index e, const ConstRows<S>& in, const ConstRows<S>& cache,
+                     const ConstRows<S>& dout, Rows<S> din, Rows<S> rows, Scratch& scratch) {
+    MOET_ASSERT(e >= 0 && e < num_experts(), "expert id out of range");
+    MOET_ASSERT(in.cols() == model_dim() && cache.rows() == in.rows() &&
+                    cache.cols() == cache_width() && dout.rows() == in.rows() &&
+                    dout.cols() == model_dim() && din.rows() == in.rows() &&
+                    din.cols() == model_dim() && rows.rows() == in.rows() &&
+                    rows.cols() == backward_split_width(),
+                "ExpertBank::backward_rows shape mismatch");
+    if constexpr (std::is_same_v<S, float>) {
+      if (in.rows() == 0) return;
+      const bool ran = store_.run_backward_packs(e, [&](const auto& packs) {
+        Body::backward_rows_packed(ExpertRef{store_, e}, packs, in, cache, dout, din, rows,
+                                   scratch);
+      });
+      detail::require(ran, "ExpertBank::backward_rows", "the packed weights are not current");
+    } else {
+      static_cast<void>(scratch);
+      detail::require(false, "ExpertBank::backward_rows", "the split backward is float only");
+    }
+  }
+
+  /// Reserves `pack` for product `p`'s `B` on up to `rows` rows (packing them then allocates
+  /// nothing).
+  void backward_reserve_pack(int p, Index rows, BackwardPack& pack) const {
+    const detail::SplitProduct& product = Body::kSplitProducts[static_cast<std::size_t>(p)];
+    const Index cols = product.b < 0 ? model_dim() : hidden_dim();
+    pack.reserve(rows, cols, options_.weight_format);
+  }
+
+  /// Packs product `p`'s `B` for a block of expert `e`'s rows (its `dout` and kept `rows`) into
+  /// `pack` (allocating nothing when `backward_reserve_pack` reserved it for as many rows).
+  /// After `backward_rows` of those rows.
+  void backward_pack(Index e, int p, const ConstRows<S>& dout, const ConstRows<S>& rows,
+                     BackwardPack& pack) {
+    const detail::SplitProduct& product = Body::kSplitProducts[static_cast<std::size_t>(p)];
+    const ConstRows<S> b = split_operand(product.b, dout, rows);
+    if constexpr (std::is_same_v<S, float>) {
+      store_.run_backward_packs(e, [&](const auto& packs) {
+        const auto& wt = packs[product.tensor];
+        pack.like(wt).pack(b, wt.isa());
+      });
+    } else {
+      static_cast<void>(e);
+      static_cast<void>(b);
+      static_cast<void>(pack);
+    }
+  }
+
+  /// Rows `[begin, end)` of product `p`'s weight gradient of expert `e` for one block of its
+  /// rows, **written** (or, with `accumulate`, added): `A^T B` over the block's rows in order,
+  /// `A` from the block's `in` or kept `rows`, `B` the block's `pack` (`backward_pack`). Called
+  /// for the blocks in row order, the first with the expert's `accumulate` and the rest with
+  /// true, every element is one chain over the expert's rows in order; slices of one product may
+  /// run concurrently and any slicing gives the same bits. Then adds (or writes) the bias
+  /// gradient of `p`, if any, when `begin == 0`: the column sum of `B` in row order.
+  void backward_weights(Index e, int p, const ConstRows<S>& in, const ConstRows<S>& dout,
+                        const ConstRows<S>& rows, const BackwardPack& pack, Index begin, Index end,
+                        bool accumulate, Scratch& scratch) {
+    const detail::SplitProduct& product = Body::kSplitProducts[static_cast<std::size_t>(p)];
+    const ConstRows<S> a = split_operand(product.a, in, rows);
+    MOET_ASSERT(begin >= 0 && begin <= end && end <= a.cols(),
+                "ExpertBank::backward_weights slice out of range");
+    if constexpr (std::is_same_v<S, float>) {
+      auto grad = GradRef{store_, e}(static_cast<Tensor>(product.tensor));
+      store_.run_backward_packs(e, [&](const auto& packs) {
+        detail::gemm_packed_at(a.middleCols(begin, end - begin), pack.like(packs[product.tensor]),
+                               grad.middleRows(begin, end - begin), accumulate, scratch.kernel);
+      });
+    } else {
+      static_cast<void>(pack);
+      static_cast<void>(scratch);
+    }
+    if (begin == 0 && product.bias != detail::kSplitNoBias && has_bias()) {
+      const ConstRows<S> b = split_operand(product.b, dout, rows);
+      auto db = GradRef{store_, e}(static_cast<Tensor>(product.bias));  // (1, cols)
+      if (!accumulate) db.setZero();
+      for (Index r = 0; r < b.rows(); ++r) db.row(0) += b.row(r);
+    }
+  }
+
   /// Sets every gradient to zero (allocating them on first use), writing nothing: an expert's
   /// first `backward` writes its gradients, readers (`grad`, `visit_parameters`) the zeros of
   /// experts that got no rows (detail/grad_stacks.hpp). Throws `moet::Error` if inference-only.
@@ -486,6 +610,13 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
   using Store = detail::BankStore<S, Body>;
   using ExpertRef = typename Store::ExpertRef;
   using GradRef = typename Store::GradRef;
+
+  // Operand `which` of a split product (detail::SplitProduct): `kSplitIn` / `kSplitDout` is
+  // `io`, `j >= 0` columns `[j f, (j + 1) f)` of the kept rows.
+  ConstRows<S> split_operand(int which, const ConstRows<S>& io, const ConstRows<S>& rows) const {
+    if (which < 0) return io;
+    return rows.middleCols(static_cast<Index>(which) * hidden_dim(), hidden_dim());
+  }
 
   static constexpr std::size_t index(Tensor t) { return static_cast<std::size_t>(t); }
 

@@ -337,6 +337,38 @@ struct FfnBody {
     detail::gemm_packed(h, wt[kIn], din, false, scratch.kernel);
   }
 
+  /// The split backward (`BackwardSplitHook`): per routed row it keeps `[h | da]`
+  /// (`2 hidden_dim`), and the gradients are `dW2 = h^T dout`, `db2 = sum dout`,
+  /// `dW1 = in^T da`, `db1 = sum da`.
+  static Index split_width(Index /*d*/, Index f) { return 2 * f; }
+  static constexpr std::array<detail::SplitProduct, 2> kSplitProducts = {{
+      {static_cast<std::size_t>(FfnTensor::kOutWeight), 0, detail::kSplitDout,
+       static_cast<int>(FfnTensor::kOutBias)},
+      {static_cast<std::size_t>(FfnTensor::kInWeight), detail::kSplitIn, 1,
+       static_cast<int>(FfnTensor::kInBias)},
+  }};
+
+  /// The row piece of the split backward on the packed kernels: `backward_packed`'s formulas
+  /// without the weight and bias gradients, writing `din` and `rows = [h | da]`
+  /// `(n, 2 hidden_dim)`.
+  template <class X, class T>
+  static void backward_rows_packed(const X& x, const T& wt, const ConstRows<float>& in,
+                                   const ConstRows<float>& cache, const ConstRows<float>& dout,
+                                   Rows<float> din, Rows<float> rows, Scratch<float>& scratch) {
+    static_cast<void>(in);
+    constexpr auto kIn = static_cast<std::size_t>(FfnTensor::kInWeight);
+    constexpr auto kOut = static_cast<std::size_t>(FfnTensor::kOutWeight);
+    const Index f = x.hidden_dim();
+    Rows<float> h = rows.leftCols(f);
+    Rows<float> da = rows.rightCols(f);
+    activate(cache, h);
+    detail::gemm_packed(dout, wt[kOut], da, false, scratch.kernel);  // dh
+    for (Index r = 0; r < da.rows(); ++r) {
+      for (Index j = 0; j < f; ++j) da(r, j) *= Act::template derivative<float>(cache(r, j));
+    }
+    detail::gemm_packed(da, wt[kIn], din, false, scratch.kernel);
+  }
+
  private:
   // Given `h = dh`: `h = da = dh ⊙ Act'(a)`, and the bias gradients (column sums in row order:
   // a fixed order, the same bits every run).

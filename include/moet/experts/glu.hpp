@@ -358,6 +358,37 @@ struct GluBody {
     detail::gemm_packed(b, wt[kUp], din, true, scratch.kernel);
   }
 
+  /// The split backward (`BackwardSplitHook`): per routed row it keeps `[h | dg | du]`
+  /// (`3 hidden_dim`), and the weight gradients are `dWd = h^T dout`, `dWg = in^T dg`,
+  /// `dWu = in^T du`.
+  static Index split_width(Index /*d*/, Index f) { return 3 * f; }
+  static constexpr std::array<detail::SplitProduct, 3> kSplitProducts = {{
+      {static_cast<std::size_t>(GluTensor::kDown), 0, detail::kSplitDout, detail::kSplitNoBias},
+      {static_cast<std::size_t>(GluTensor::kGate), detail::kSplitIn, 1, detail::kSplitNoBias},
+      {static_cast<std::size_t>(GluTensor::kUp), detail::kSplitIn, 2, detail::kSplitNoBias},
+  }};
+
+  /// The row piece of the split backward on the packed kernels: `backward_packed`'s formulas
+  /// without the weight gradients, writing `din` and `rows = [h | dg | du]` `(n, 3 hidden_dim)`.
+  template <class X, class T>
+  static void backward_rows_packed(const X& x, const T& wt, const ConstRows<float>& in,
+                                   const ConstRows<float>& cache, const ConstRows<float>& dout,
+                                   Rows<float> din, Rows<float> rows, Scratch<float>& scratch) {
+    static_cast<void>(in);
+    constexpr auto kGate = static_cast<std::size_t>(GluTensor::kGate);
+    constexpr auto kUp = static_cast<std::size_t>(GluTensor::kUp);
+    constexpr auto kDown = static_cast<std::size_t>(GluTensor::kDown);
+    const Index f = x.hidden_dim();
+    Rows<float> h = rows.leftCols(f);
+    Rows<float> a = rows.middleCols(f, f);  // sigmoid(g), then dg
+    Rows<float> b = rows.rightCols(f);      // dh, then du
+    backward_hidden(cache, a, h, f);
+    detail::gemm_packed(dout, wt[kDown], b, false, scratch.kernel);  // dh
+    backward_gates(cache, a, b, f);
+    detail::gemm_packed(a, wt[kGate], din, false, scratch.kernel);
+    detail::gemm_packed(b, wt[kUp], din, true, scratch.kernel);
+  }
+
  private:
   // The backward's first pass over the cache `[g | u]`: `b = h = Act(g) ⊙ u` and, for SiLU,
   // `a = sigmoid(g)` (one vectorised pass; `h = s g u`, within rounding of the forward's).

@@ -120,10 +120,10 @@ void combine_weight_grads(const Routing<S>& routing, const ExpertMajor& view, co
 ///
 /// Training: `forward_train` is `run` keeping every assignment's expert output and expert
 /// cache in the workspace; `backward` computes the combine-weight gradients, runs the experts'
-/// backward (one task per expert with tokens, its blocks in order: deterministic weight
-/// gradients, parallel over experts) and combines the input gradients per token in slot
-/// order. dispatch/dense.hpp's `add_dense_experts_train` / `backward_dense_experts` do the same for
-/// shared experts.
+/// backward (in thread-count-independent pieces, dispatch/backward_split.hpp, or one task per
+/// expert with tokens for banks without that hook: deterministic weight gradients either way)
+/// and combines the input gradients per token in slot order. dispatch/dense.hpp's
+/// `add_dense_experts_train` / `backward_dense_experts` do the same for shared experts.
 ///
 /// ```cpp
 /// moet::GroupedDispatch dispatch;
@@ -306,7 +306,7 @@ class GroupedDispatch {
     detail::combine_weight_grads(routing, ws.view, out, dy, d_weights);
     const auto weights = routing.weights();
 
-    // 2. One task per expert with tokens, its blocks in order.
+    // 2. The experts' backward: split, or one task per expert with tokens, its blocks in order.
     ws.active.clear();
     Index max_rows = 0;
     for (Index e = 0; e < ws.view.num_experts(); ++e) {

@@ -34,6 +34,7 @@
 #include "moet/detail/gather_scatter.hpp"
 #include "moet/detail/parallel.hpp"
 #include "moet/detail/select.hpp"
+#include "moet/dispatch/backward_split.hpp"
 #include "moet/dispatch/dense.hpp"
 #include "moet/dispatch/grouped.hpp"
 #include "moet/dispatch/shared_gate.hpp"
@@ -135,8 +136,10 @@ class ExpertPartition {
 ///
 /// **Training** (`forward_train`, `backward`, collective like `forward`): the rows' output
 /// gradients travel to the experts' ranks with the rows' layout, each rank runs its experts'
-/// backward (one task per local expert: its source ranks in rank order, each one's blocks in
-/// order), and the input gradients come back. What equals what, bit for bit:
+/// backward (each expert's gradient summed over its source ranks in rank order, each one's
+/// blocks in order; split into thread-count-independent pieces as the single-process backward
+/// is, dispatch/backward_split.hpp), and the input gradients come back. What equals what, bit for
+/// bit:
 /// - each rank's `y` and `dx` equal the single-process layer's `forward_train` and `backward`
 ///   on that rank's tokens;
 /// - each routed expert's gradients, on the rank that holds it, equal a single-process layer's
@@ -224,6 +227,7 @@ class ExpertParallelLayer {
     // Training only.
     moet::detail::Buffer<Scalar> cache, recv_dout, expert_din, din_back, d_weights;
     std::vector<Index> active;  // local experts with rows
+    moet::detail::BackwardSplitWorkspace<X> split;  // the split backward's buffers
     Index train_tokens = -1;    // tokens of the last forward_train, -1 after a forward
   };
 
@@ -392,8 +396,8 @@ class ExpertParallelLayer {
         MPI_Alltoallv(send.data(), ws.send_counts.data(), ws.send_displs.data(), type, dout.data(),
                       ws.recv_counts.data(), ws.recv_displs.data(), type, comm_.get()),
         kOp, "MPI_Alltoallv");
-    // 3. This rank's experts: one task per expert, its source ranks in order, each one's blocks
-    // in order (GroupedDispatch's order within each source rank's rows).
+    // 3. This rank's experts: every expert's gradient over its source ranks in order, each
+    // one's blocks in order (GroupedDispatch's order within each source rank's rows).
     auto din = ws.expert_din.matrix(ws.received, d);
     if (ws.received > 0) backward_local(dout, din, ws);
     // 4. The input gradients back, combined per token in slot order; then the gate and the
@@ -711,23 +715,15 @@ class ExpertParallelLayer {
     });
   }
 
-  // Backward step 3: one task per local expert with rows, over its tasks in order (source
-  // ranks in rank order, blocks in order): deterministic weight gradients.
+  // Backward step 3: the local experts' backward over the received rows, every expert's
+  // gradient summed over its tasks in order (source ranks in rank order, blocks in order):
+  // split into thread-count-independent pieces (dispatch/backward_split.hpp, the tasks as row
+  // pieces) when the bank can, else one task per local expert with rows.
   template <class Dout, class Din>
   void backward_local(const Dout& dout, Din& din, Workspace& ws) {
     const Index count = partition_.count(rank());
-    ws.active.clear();
     Index max_rows = 0;
-    for (Index i = 0; i < count; ++i) {
-      bool any = false;
-      for (const Task& task : ws.tasks) {
-        if (task.expert == i) {
-          any = true;
-          max_rows = std::max(max_rows, task.rows);
-        }
-      }
-      if (any) ws.active.push_back(i);
-    }
+    for (const Task& task : ws.tasks) max_rows = std::max(max_rows, task.rows);
     X& experts = *local_;
     moet::detail::prepare_thread_scratch(experts, ws.threads, max_rows, /*gather=*/true,
                                          /*output=*/true);
@@ -735,6 +731,36 @@ class ExpertParallelLayer {
     const Index d = model_dim();
     const auto recv = ws.recv_rows.matrix(ws.received, d);
     const auto cache = ws.cache.matrix(ws.received, experts.cache_width());
+    if constexpr (HookCheck<X>::kBackwardSplit) {
+      // As many pieces as any plan of as many rows can have: a block per `block_rows` rows,
+      // plus a partial one per (source rank, local expert).
+      const Index block = options_.block_rows;
+      const Index max_pieces =
+          (ws.received + block - 1) / block +
+          std::min(ws.received, static_cast<Index>(num_ranks()) * std::max<Index>(count, 1));
+      auto& pieces = ws.split.row_pieces;
+      pieces.reserve(static_cast<std::size_t>(max_pieces));
+      pieces.clear();
+      for (const Task& task : ws.tasks) pieces.push_back({task.expert, task.begin, task.rows});
+      const auto fill = [&](Index begin, Index n, auto&& in, auto&& grad) {
+        in = recv.middleRows(begin, n);
+        grad = dout.middleRows(begin, n);
+      };
+      if (moet::detail::split_backward_pieces(experts, ws.received, max_pieces, block,
+                                              ConstRows<Scalar>(cache), Rows<Scalar>(din), ws.split,
+                                              ws.threads, fill)) {
+        return;
+      }
+    }
+    ws.active.clear();
+    for (Index i = 0; i < count; ++i) {
+      for (const Task& task : ws.tasks) {
+        if (task.expert == i) {
+          ws.active.push_back(i);
+          break;
+        }
+      }
+    }
     moet::detail::parallel_for(static_cast<Index>(ws.active.size()), [&](Index a) {
       const Index e = ws.active[static_cast<std::size_t>(a)];
       auto& scratch = ws.threads[static_cast<std::size_t>(moet::detail::thread_id())];

@@ -107,6 +107,14 @@ Eigen::Map<Eigen::Matrix<S, 1, Eigen::Dynamic>> row_vector(Eigen::Map<RowMatrix<
   return Eigen::Map<Eigen::Matrix<S, 1, Eigen::Dynamic>>(m.data(), m.cols());
 }
 
+/// Adds every row of `rows` `(n, cols)` to the row `sum` `(1, cols)`, one row at a time in
+/// row order: a fixed order, the same bits every run (the FFN body's bias gradients, in the
+/// per-expert backward and in the split one alike).
+template <class Sum, class Rows>
+void add_rows(Sum&& sum, const Rows& rows) {
+  for (Index r = 0; r < rows.rows(); ++r) sum.row(0) += rows.row(r);
+}
+
 /// Sets `grad` to zeros shaped like `value` unless it has that shape already (the banks' lazily
 /// allocated gradients; a no-op once allocated).
 template <class S>

@@ -527,7 +527,7 @@ class ExpertBank : public Body::template Views<ExpertBank<S, Body>>,
       const ConstRows<S> b = split_operand(product.b, dout, rows);
       auto db = GradRef{store_, e}(static_cast<Tensor>(product.bias));  // (1, cols)
       if (!accumulate) db.setZero();
-      for (Index r = 0; r < b.rows(); ++r) db.row(0) += b.row(r);
+      detail::add_rows(db, b);
     }
   }
 

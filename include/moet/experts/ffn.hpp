@@ -363,29 +363,29 @@ struct FfnBody {
     Rows<float> da = rows.rightCols(f);
     activate(cache, h);
     detail::gemm_packed(dout, wt[kOut], da, false, scratch.kernel);  // dh
-    for (Index r = 0; r < da.rows(); ++r) {
-      for (Index j = 0; j < f; ++j) da(r, j) *= Act::template derivative<float>(cache(r, j));
-    }
+    times_derivative(cache, da);                                     // da
     detail::gemm_packed(da, wt[kIn], din, false, scratch.kernel);
   }
 
  private:
-  // Given `h = dh`: `h = da = dh ⊙ Act'(a)`, and the bias gradients (column sums in row order:
-  // a fixed order, the same bits every run).
+  // Given `h = dh`: `h = da = dh ⊙ Act'(a)`, and the bias gradients (column sums in row order,
+  // `detail::add_rows`, as the split backward's `backward_weights` sums them).
   template <class X, class G, class Cache, class Dout, class H>
   static void backward_rest(const X& x, const G& grads, const Cache& cache, const Dout& dout,
                             H& h) {
-    using S = typename H::Scalar;
-    for (Index r = 0; r < h.rows(); ++r) {
-      for (Index j = 0; j < h.cols(); ++j) h(r, j) *= Act::template derivative<S>(cache(r, j));
-    }
+    times_derivative(cache, h);
     if (x.bias()) {
-      auto db1 = grads(FfnTensor::kInBias);   // (1, hidden_dim)
-      auto db2 = grads(FfnTensor::kOutBias);  // (1, model_dim)
-      for (Index r = 0; r < h.rows(); ++r) {
-        db1.row(0) += h.row(r);
-        db2.row(0) += dout.row(r);
-      }
+      detail::add_rows(grads(FfnTensor::kInBias), h);      // (1, hidden_dim)
+      detail::add_rows(grads(FfnTensor::kOutBias), dout);  // (1, model_dim)
+    }
+  }
+
+  // dh ⊙ Act'(a) in place, from the cached pre-activations `a`, one scalar at a time.
+  template <class Cache, class H>
+  static void times_derivative(const Cache& cache, H& dh) {
+    using S = typename H::Scalar;
+    for (Index r = 0; r < dh.rows(); ++r) {
+      for (Index j = 0; j < dh.cols(); ++j) dh(r, j) *= Act::template derivative<S>(cache(r, j));
     }
   }
 

@@ -83,8 +83,8 @@ requires(HookCheck<X>::kBackwardSplit) struct BackwardSplitWorkspace<X> {
 /// `cache` is `forward_train`'s at those positions, `din` `(num_rows, model_dim)` gets every
 /// row's input gradient. `max_pieces` is the most pieces a later call of as many rows can
 /// have: the packs are reserved for it, so that such a call does not allocate. `threads`
-/// prepared (`prepare_thread_scratch`) for `block` rows. Returns false, having done nothing,
-/// when the bank cannot split now (the caller then runs `experts.backward` per expert).
+/// prepared (`prepare_thread_scratch`) for the largest piece's rows. Returns false, having done
+/// nothing, when the bank cannot split now (the caller then runs `experts.backward` per expert).
 template <class X, class Fill>
 bool split_backward_pieces(X& experts, Index num_rows, Index max_pieces, Index block,
                            const ConstRows<typename X::Scalar>& cache, Rows<typename X::Scalar> din,

@@ -5,9 +5,13 @@
 // combine-weight gradients and every parameter gradient; a second backward adds the same
 // gradients again; experts without rows keep zero gradients; and 1, 2 and 3 threads give the
 // same bits, for a hot expert, an idle one and a two-expert layer; the dense (shared-expert)
-// backward the same way for one and three experts.
+// backward the same way for one and three experts; and split_backward_pieces with the
+// expert-parallel layer's interleaved (rank-major) pieces gives the expert-major split's bits.
+#include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstring>
+#include <span>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -15,6 +19,7 @@
 #include <catch2/catch.hpp>
 
 #include "moet/config.hpp"
+#include "moet/dispatch/backward_split.hpp"
 #include "moet/dispatch/dense.hpp"
 #include "moet/dispatch/grouped.hpp"
 #include "moet/experts/ffn.hpp"
@@ -206,6 +211,25 @@ Result train_dense(Bank& bank, const RowMatrix<float>& x, const RowMatrix<float>
   return r;
 }
 
+// One split backward called directly (`call(ws, threads, din)`: split_backward or
+// split_backward_pieces over `rows` rows in blocks of up to `block`), `passes` times on one
+// workspace after `zero_grad`: din `(rows, model_dim)`, then every gradient stack.
+template <class Bank, class Call>
+std::vector<RowMatrix<double>> split_directly(Bank& bank, Index rows, Index block, int passes,
+                                              Call&& call) {
+  moet::detail::BackwardSplitWorkspace<Bank> ws;
+  std::vector<moet::detail::ExpertThreadScratch<Bank>> threads;
+  moet::detail::prepare_thread_scratch(bank, threads, block, /*gather=*/true, /*output=*/true);
+  RowMatrix<float> din = RowMatrix<float>::Zero(rows, bank.model_dim());
+  require_split(bank);
+  bank.zero_grad();
+  for (int i = 0; i < passes; ++i) REQUIRE(call(ws, threads, moet::Rows<float>(din)));
+  std::vector<RowMatrix<double>> out;
+  out.emplace_back(din.cast<double>());
+  for (auto& g : grads_of(bank)) out.emplace_back(std::move(g));
+  return out;
+}
+
 }  // namespace
 
 TEST_CASE(
@@ -317,6 +341,168 @@ TEST_CASE("The split backward gives the same bits for 1, 2 and 3 threads",
       for (std::size_t i = 0; i < one_ffn.tensors.size(); ++i) {
         INFO("ffn tensor " << i);
         CHECK(same_bits(one_ffn.tensors[i], many_ffn.tensors[i]));
+      }
+    }
+  }
+}
+
+TEST_CASE(
+    "split_backward_pieces with interleaved (rank-major) pieces equals the expert-major split, "
+    "bit for bit",
+    "[dispatch][grad][split][pieces]") {
+  const ThreadGuard guard;
+  const moet::WeightFormat format = GENERATE(moet::WeightFormat::kF32, moet::WeightFormat::kBf16);
+  const double rel = format == moet::WeightFormat::kF32 ? 2e-5 : 2e-2;
+  INFO("weights " << moet::weight_format_name(format));
+  constexpr Index kExperts = 4;
+  constexpr Index kBlock = 8;
+  constexpr int kPasses = 2;  // the second adds the same gradients (the accumulate path)
+  // hidden_dim 288: the down product's 288 gradient rows are 2 slices.
+  moet::SwiGluExperts<float> fb({.model_dim = 32,
+                                 .hidden_dim = 288,
+                                 .num_experts = kExperts,
+                                 .init_seed = 19,
+                                 .weight_format = format});
+  const Index d = fb.model_dim();
+  // Rows per (source rank, expert), as the expert-parallel layer receives them: rank-major,
+  // expert 2 gets none. Each expert's segments but its last are whole blocks, so that its pieces
+  // are cut as split_backward cuts its expert-major rows (37, 20, 0, 29 rows).
+  const std::array<std::array<Index, kExperts>, 3> segments = {
+      {{16, 8, 0, 0}, {8, 0, 0, 16}, {13, 12, 0, 13}}};
+  std::vector<Index> offsets(kExperts + 1, 0);  // expert-major
+  for (const auto& rank : segments) {
+    for (std::size_t e = 0; e < kExperts; ++e) offsets[e + 1] += rank[e];
+  }
+  for (std::size_t e = 0; e < kExperts; ++e) offsets[e + 1] += offsets[e];
+  const Index rows = offsets.back();
+  std::vector<std::int32_t> active;
+  for (std::size_t e = 0; e < kExperts; ++e) {
+    if (offsets[e + 1] > offsets[e]) active.push_back(static_cast<std::int32_t>(e));
+  }
+  // The rank-major position of every expert-major row, and the pieces in the layer's order: for
+  // each source rank, for each expert, its segment in blocks.
+  std::vector<Index> position(static_cast<std::size_t>(rows));
+  std::vector<std::array<Index, 3>> pieces;
+  std::vector<Index> seen(kExperts, 0);
+  Index next = 0;
+  for (const auto& rank : segments) {
+    for (std::size_t e = 0; e < kExperts; ++e) {
+      for (Index i = 0; i < rank[e]; i += kBlock) {
+        pieces.push_back({static_cast<Index>(e), next + i, std::min(kBlock, rank[e] - i)});
+      }
+      for (Index i = 0; i < rank[e]; ++i) {
+        position[static_cast<std::size_t>(offsets[e] + seen[e]++)] = next++;
+      }
+    }
+  }
+  // The pieces interleave, and each expert's are split_backward's blocks, in row order.
+  REQUIRE(pieces[2][0] == 1);
+  REQUIRE(pieces[3][0] == 0);
+  for (std::size_t e = 0; e < kExperts; ++e) {
+    Index r = offsets[e];
+    for (const auto& [pe, begin, n] : pieces) {
+      if (pe != static_cast<Index>(e)) continue;
+      REQUIRE(n == std::min(kBlock, offsets[e + 1] - r));
+      REQUIRE(begin == position[static_cast<std::size_t>(r)]);
+      r += n;
+    }
+    REQUIRE(r == offsets[e + 1]);
+  }
+
+  // Expert-major inputs and forward_train's cache, and the same rows rank-major.
+  const RowMatrix<float> in = random_rows(rows, d, 41);
+  const RowMatrix<float> dout = random_rows(rows, d, 42);
+  RowMatrix<float> cache(rows, fb.cache_width());
+  {
+    RowMatrix<float> out(rows, d);
+    typename moet::SwiGluExperts<float>::Scratch scratch;
+    fb.reserve(scratch, rows);
+    for (const std::int32_t e : active) {
+      const Index begin = offsets[static_cast<std::size_t>(e)];
+      const Index n = offsets[static_cast<std::size_t>(e) + 1] - begin;
+      fb.forward_train(e, in.middleRows(begin, n), out.middleRows(begin, n),
+                       cache.middleRows(begin, n), scratch);
+    }
+  }
+  RowMatrix<float> in_ranks(rows, d);
+  RowMatrix<float> dout_ranks(rows, d);
+  RowMatrix<float> cache_ranks(rows, cache.cols());
+  for (Index j = 0; j < rows; ++j) {
+    const Index p = position[static_cast<std::size_t>(j)];
+    in_ranks.row(p) = in.row(j);
+    dout_ranks.row(p) = dout.row(j);
+    cache_ranks.row(p) = cache.row(j);
+  }
+
+  const auto expert_major = [&](auto& ws, auto& threads, moet::Rows<float> din) {
+    const auto fill = [&](Index begin, Index n, auto&& x, auto&& g) {
+      x = in.middleRows(begin, n);
+      g = dout.middleRows(begin, n);
+    };
+    return moet::detail::split_backward(fb, std::span<const Index>(offsets),
+                                        std::span<const std::int32_t>(active), kBlock,
+                                        moet::ConstRows<float>(cache), din, ws, threads, fill);
+  };
+  const auto interleaved = [&](auto& ws, auto& threads, moet::Rows<float> din) {
+    ws.row_pieces.assign(pieces.begin(), pieces.end());
+    const auto fill = [&](Index begin, Index n, auto&& x, auto&& g) {
+      x = in_ranks.middleRows(begin, n);
+      g = dout_ranks.middleRows(begin, n);
+    };
+    return moet::detail::split_backward_pieces(fb, rows, static_cast<Index>(pieces.size()), kBlock,
+                                               moet::ConstRows<float>(cache_ranks), din, ws,
+                                               threads, fill);
+  };
+
+  // The double oracle: the per-expert backward on each expert's rows in one call.
+  moet::SwiGluExperts<double> db({.model_dim = 32, .hidden_dim = 288, .num_experts = kExperts});
+  copy_weights(fb, db);
+  std::vector<RowMatrix<double>> oracle;
+  {
+    const RowMatrix<double> ind = in.cast<double>();
+    const RowMatrix<double> doutd = dout.cast<double>();
+    RowMatrix<double> out(rows, d);
+    RowMatrix<double> cached(rows, db.cache_width());
+    RowMatrix<double> din = RowMatrix<double>::Zero(rows, d);
+    typename moet::SwiGluExperts<double>::Scratch scratch;
+    db.zero_grad();
+    for (const std::int32_t e : active) {
+      const Index begin = offsets[static_cast<std::size_t>(e)];
+      const Index n = offsets[static_cast<std::size_t>(e) + 1] - begin;
+      db.forward_train(e, ind.middleRows(begin, n), out.middleRows(begin, n),
+                       cached.middleRows(begin, n), scratch);
+      for (int i = 0; i < kPasses; ++i) {
+        db.backward(e, ind.middleRows(begin, n), cached.middleRows(begin, n),
+                    doutd.middleRows(begin, n), din.middleRows(begin, n), scratch);
+      }
+    }
+    oracle.emplace_back(din);
+    for (auto& g : grads_of(db)) oracle.emplace_back(std::move(g));
+  }
+
+  std::vector<RowMatrix<double>> first;
+  for (const int threads : {1, 2}) {
+    INFO("threads " << threads);
+    moet::set_num_threads(threads);
+    const std::vector<RowMatrix<double>> want =
+        split_directly(fb, rows, kBlock, kPasses, expert_major);
+    std::vector<RowMatrix<double>> got = split_directly(fb, rows, kBlock, kPasses, interleaved);
+    RowMatrix<double> din(rows, d);  // the interleaved din back in expert-major order
+    for (Index j = 0; j < rows; ++j) din.row(j) = got[0].row(position[static_cast<std::size_t>(j)]);
+    got[0] = din;
+    if (first.empty()) first = want;
+    REQUIRE(got.size() == want.size());
+    REQUIRE(got.size() == oracle.size());
+    for (std::size_t i = 0; i < got.size(); ++i) {
+      INFO("tensor " << i << " (0 din, then the gradients)");
+      CHECK(same_bits(got[i], want[i]));
+      CHECK(same_bits(want[i], first[i]));
+      const double err = (got[i] - oracle[i]).norm();
+      INFO("relative error " << err / (oracle[i].norm() + 1e-30));
+      CHECK(err <= rel * oracle[i].norm() + 1e-12);
+      if (i > 0) {  // the idle expert's gradients stay exactly zero
+        const Index per = got[i].rows() / kExperts;
+        CHECK(got[i].middleRows(2 * per, per).isZero(0.0));
       }
     }
   }

@@ -154,7 +154,7 @@ Columns (one row per gate, one table per series and weight format):
   vs_ceil         GFLOP/s over the ceiling's (no physical limit: moet's kernels may beat it)
   peak            GFLOP/s over the FMA peak; limit 1 (2 for bf16 weights on AVX512-BF16, whose
                   dot products do two multiply-adds per lane; 4 for q8_0/q4_0/q4_1 on the VNNI
-                  level, whose 8-bit dot products do four per 32-bit lane)
+                  levels, whose 8-bit dot products do four per 32-bit lane)
   roof            memory-roofline time (packed weight bytes of the experts the batch touches, over
                   the bandwidth) over the median time; limit 1
   router          the gate's routing time over the layer time; limit 100%
@@ -334,7 +334,7 @@ float sum_block(moet::KernelIsa isa, const float* x, Index n) {
 #if defined(__x86_64__) || defined(__i386__)
   if (isa == moet::KernelIsa::kAvx512 || isa == moet::KernelIsa::kAvx512Bf16)
     return sum_avx512(x, n);
-  if (isa == moet::KernelIsa::kAvx2) return sum_avx2(x, n);
+  if (isa == moet::KernelIsa::kAvx2 || isa == moet::KernelIsa::kAvx2Vnni) return sum_avx2(x, n);
 #endif
   static_cast<void>(isa);
   return sum_portable(x, n);
@@ -1017,11 +1017,12 @@ int main(int argc, char** argv) {
         if (banks.size() > 1) std::printf("weights %s\n", c.weights[w].c_str());
         const std::size_t series_begin = rows.size();
         // bf16 dot products (vdpbf16ps) do two multiply-adds per lane: twice the FMA peak;
-        // 8-bit ones (vpdpbusd, the block formats on the top level) four.
+        // 8-bit ones (vpdpbusd, the block formats on the levels with VNNI) four.
         const bool top_level = moet::kernel_isa() == moet::KernelIsa::kAvx512Bf16;
+        const bool vnni = top_level || moet::kernel_isa() == moet::KernelIsa::kAvx2Vnni;
         const bool bf16_dot = c.weights[w] == "bf16" && top_level;
-        const bool int8_dot = top_level && (c.weights[w] == "q8_0" || c.weights[w] == "q4_0" ||
-                                            c.weights[w] == "q4_1");
+        const bool int8_dot =
+            vnni && (c.weights[w] == "q8_0" || c.weights[w] == "q4_0" || c.weights[w] == "q4_1");
         for (const auto& spec : c.gates) {
           Row row = run_gate(spec, c, bank, x, importance, memory);
           row.threads = used;

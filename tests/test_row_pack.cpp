@@ -35,6 +35,8 @@ void with_level(KernelIsa isa, F&& f) {
                &d::isa_avx512bf16::pack_quantized_rows<>);
     case KernelIsa::kAvx512:
       return f(&d::isa_avx512::pack_bf16_row_groups<>, &d::isa_avx512::pack_quantized_rows<>);
+    case KernelIsa::kAvx2Vnni:
+      return f(&d::isa_avx2vnni::pack_bf16_row_groups<>, &d::isa_avx2vnni::pack_quantized_rows<>);
     case KernelIsa::kAvx2:
       return f(&d::isa_avx2::pack_bf16_row_groups<>, &d::isa_avx2::pack_quantized_rows<>);
 #endif

@@ -8,9 +8,10 @@
 /// weights remember the level they were packed for, so a bank packed in one translation unit
 /// runs the same kernels from any other, whatever `-march` either was compiled with.
 ///
-/// `MOET_ISA=portable|avx2|avx512|avx512bf16` in the environment, read at the first call, lowers
-/// the level (for tests, benchmarks and bug reports); a level above what the CPU has cannot be
-/// forced and runs the CPU's best. Any other value is a `moet::Error` at the first use.
+/// `MOET_ISA=portable|avx2|avx2vnni|avx512|avx512bf16` in the environment, read at the first
+/// call, lowers the level (for tests, benchmarks and bug reports) to the best level the CPU has
+/// at or below the one named; a level above the CPU's best cannot be forced. Any other value is a
+/// `moet::Error` at the first use.
 ///
 /// ```cpp
 /// std::printf("moet kernels: %s\n", moet::kernel_isa_name(moet::kernel_isa()));
@@ -38,26 +39,44 @@ namespace moet {
 
 /// A level of the dense kernels, from the portable loops up. Each level's CPU requirements:
 ///
-/// | level          | instructions                                    | float kernels | bf16 weights          |
-/// |----------------|-------------------------------------------------|---------------|-----------------------|
-/// | `kPortable`    | none (plain C++ vector types)                   | 4-wide        | converted in registers|
-/// | `kAvx2`        | AVX2, FMA                                       | 8-wide FMA    | converted in registers|
-/// | `kAvx512`      | AVX-512 F, BW, DQ, VL                           | 16-wide FMA   | converted in registers|
-/// | `kAvx512Bf16`  | `kAvx512`, AVX512-BF16 and AVX512-VNNI          | 16-wide FMA   | `vdpbf16ps`           |
+/// | level          | instructions                                 | float kernels | bf16 weights
+/// | block formats        |
+/// |----------------|----------------------------------------------|---------------|-----------------------|----------------------|
+/// | `kPortable`    | none (plain C++ vector types)                | 4-wide        | converted in
+/// registers| dequantised          | | `kAvx2`        | AVX2, FMA | 8-wide FMA    | converted in
+/// registers| dequantised          | | `kAvx2Vnni`    | `kAvx2`, F16C and AVX-VNNI | as `kAvx2` |
+/// as `kAvx2`            | 256-bit `vpdpbusd`   | | `kAvx512`      | AVX-512 F, BW, DQ, VL |
+/// 16-wide FMA   | converted in registers| dequantised          | | `kAvx512Bf16`  | `kAvx512`,
+/// AVX512-BF16 and AVX512-VNNI       | 16-wide FMA   | `vdpbf16ps`           | 512-bit `vpdpbusd` |
 ///
-/// Block-quantised weights (`Q8_0`, `Q4_0`, `Q4_1`) run 8-bit integer dot products
-/// (`vpdpbusd`) on `kAvx512Bf16` and are dequantised to float in registers elsewhere.
-enum class KernelIsa : std::uint8_t { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
+/// Block-quantised weights (`Q8_0`, `Q4_0`, `Q4_1`) run 8-bit integer dot products where the
+/// level has them and are dequantised to float K block by K block elsewhere.
+///
+/// The levels are not a chain: `kAvx2Vnni` (AVX-VNNI, the VEX form of the 8-bit dot product:
+/// Alder Lake and later Intel cores, AMD Zen 5) is not implied by `kAvx512` or `kAvx512Bf16`
+/// (Skylake-X, Ice Lake and Zen 4 have AVX-512 without it). A CPU supports a set of levels
+/// (`kernel_isa_supported`); `cpu_kernel_isa()` is the highest of them.
+enum class KernelIsa : std::uint8_t {
+  kPortable = 0,
+  kAvx2 = 1,
+  kAvx2Vnni = 2,
+  kAvx512 = 3,
+  kAvx512Bf16 = 4
+};
 
 /// Every level, lowest first.
 inline constexpr KernelIsa kAllKernelIsas[] = {KernelIsa::kPortable, KernelIsa::kAvx2,
-                                               KernelIsa::kAvx512, KernelIsa::kAvx512Bf16};
+                                               KernelIsa::kAvx2Vnni, KernelIsa::kAvx512,
+                                               KernelIsa::kAvx512Bf16};
 
-/// `"portable"`, `"avx2"`, `"avx512"` or `"avx512bf16"` (the `MOET_ISA` spelling).
+/// `"portable"`, `"avx2"`, `"avx2vnni"`, `"avx512"` or `"avx512bf16"` (the `MOET_ISA`
+/// spelling).
 constexpr const char* kernel_isa_name(KernelIsa isa) {
   switch (isa) {
     case KernelIsa::kAvx2:
       return "avx2";
+    case KernelIsa::kAvx2Vnni:
+      return "avx2vnni";
     case KernelIsa::kAvx512:
       return "avx512";
     case KernelIsa::kAvx512Bf16:
@@ -80,38 +99,58 @@ inline std::uint64_t read_xcr0() {
 }
 #endif
 
-/// The best level this CPU (and its operating system, which must save the vector registers)
-/// supports.
-inline KernelIsa detect_cpu_kernel_isa() {
+/// A set of levels, bit `1 << level`.
+using KernelIsaSet = std::uint32_t;
+
+/// The set holding `isa`.
+constexpr KernelIsaSet kernel_isa_bit(KernelIsa isa) {
+  return KernelIsaSet{1} << static_cast<unsigned>(isa);
+}
+
+/// The levels this CPU (and its operating system, which must save the vector registers)
+/// supports; always holds `kPortable`.
+inline KernelIsaSet detect_cpu_kernel_isas() {
+  KernelIsaSet set = kernel_isa_bit(KernelIsa::kPortable);
 #if MOET_X86
   unsigned a = 0;
   unsigned b = 0;
   unsigned c = 0;
   unsigned d = 0;
-  if (__get_cpuid(1, &a, &b, &c, &d) == 0) return KernelIsa::kPortable;
+  if (__get_cpuid(1, &a, &b, &c, &d) == 0) return set;
   const bool fma = (c >> 12) & 1U;
   const bool osxsave = (c >> 27) & 1U;
   const bool avx = (c >> 28) & 1U;
-  if (!(osxsave && avx && fma)) return KernelIsa::kPortable;
+  const bool f16c = (c >> 29) & 1U;
+  if (!(osxsave && avx && fma)) return set;
   const std::uint64_t xcr0 = read_xcr0();
   const bool ymm_state = (xcr0 & 0x6U) == 0x6U;     // SSE and AVX state
   const bool zmm_state = (xcr0 & 0xe6U) == 0xe6U;   // and opmask, ZMM_Hi256, Hi16_ZMM
-  if (!ymm_state || __get_cpuid_count(7, 0, &a, &b, &c, &d) == 0) return KernelIsa::kPortable;
+  if (!ymm_state || __get_cpuid_count(7, 0, &a, &b, &c, &d) == 0) return set;
   const bool avx2 = (b >> 5) & 1U;
   const bool avx512 = ((b >> 16) & 1U) && ((b >> 17) & 1U) && ((b >> 30) & 1U) &&
                       ((b >> 31) & 1U);  // F, DQ, BW, VL
-  if (!avx2) return KernelIsa::kPortable;
-  if (!(avx512 && zmm_state)) return KernelIsa::kAvx2;
-  // The top level also needs AVX512-VNNI (leaf 7, ECX bit 11; every CPU with BF16 has it) and
-  // AVX512-BF16 (leaf 7, sub-leaf 1, EAX bit 5).
-  const bool vnni = (c >> 11) & 1U;
-  if (vnni && __get_cpuid_count(7, 1, &a, &b, &c, &d) != 0 && ((a >> 5) & 1U)) {
-    return KernelIsa::kAvx512Bf16;
-  }
-  return KernelIsa::kAvx512;
-#else
-  return KernelIsa::kPortable;
+  // AVX512-VNNI: leaf 7, ECX bit 11 (every CPU with AVX512-BF16 has it).
+  const bool avx512_vnni = (c >> 11) & 1U;
+  if (!avx2) return set;
+  set |= kernel_isa_bit(KernelIsa::kAvx2);
+  // Leaf 7, sub-leaf 1, EAX: bit 4 AVX-VNNI, bit 5 AVX512-BF16.
+  unsigned leaf71 = 0;
+  if (__get_cpuid_count(7, 1, &a, &b, &c, &d) != 0) leaf71 = a;
+  if (f16c && ((leaf71 >> 4) & 1U)) set |= kernel_isa_bit(KernelIsa::kAvx2Vnni);
+  if (!(avx512 && zmm_state)) return set;
+  set |= kernel_isa_bit(KernelIsa::kAvx512);
+  if (avx512_vnni && ((leaf71 >> 5) & 1U)) set |= kernel_isa_bit(KernelIsa::kAvx512Bf16);
 #endif
+  return set;
+}
+
+/// The highest level of `set` at or below `limit` (`kPortable` when none is).
+constexpr KernelIsa best_kernel_isa(KernelIsaSet set, KernelIsa limit = KernelIsa::kAvx512Bf16) {
+  for (auto level = static_cast<int>(limit); level > 0; --level) {
+    const auto isa = static_cast<KernelIsa>(level);
+    if ((set & kernel_isa_bit(isa)) != 0) return isa;
+  }
+  return KernelIsa::kPortable;
 }
 
 /// The level named `name` (the `MOET_ISA` spelling); throws `moet::Error` naming `what` and the
@@ -120,35 +159,44 @@ inline KernelIsa parse_kernel_isa(std::string_view name, const char* what) {
   for (const KernelIsa isa : kAllKernelIsas) {
     if (name == kernel_isa_name(isa)) return isa;
   }
-  fail("kernel_isa", what, " must be one of portable, avx2, avx512, avx512bf16; got '", name,
-       "'");
+  fail("kernel_isa", what, " must be one of portable, avx2, avx2vnni, avx512, avx512bf16; got '",
+       name, "'");
 }
 
-/// `cpu` lowered to the level `MOET_ISA` names, if set (never raised above `cpu`).
-inline KernelIsa select_kernel_isa(KernelIsa cpu, const char* env) {
-  if (env == nullptr || *env == '\0') return cpu;
-  const KernelIsa wanted = parse_kernel_isa(env, "MOET_ISA");
-  return wanted < cpu ? wanted : cpu;
+/// The level to run given the CPU's levels `cpu` and `MOET_ISA` (`env`, may be null): the
+/// highest level of `cpu` at or below the one `env` names, or the highest of all when unset.
+inline KernelIsa select_kernel_isa(KernelIsaSet cpu, const char* env) {
+  if (env == nullptr || *env == '\0') return best_kernel_isa(cpu);
+  return best_kernel_isa(cpu, parse_kernel_isa(env, "MOET_ISA"));
 }
 
 }  // namespace detail
 
-/// The best level this CPU supports (ignores `MOET_ISA`). Detected once.
-inline KernelIsa cpu_kernel_isa() {
-  static const KernelIsa isa = detail::detect_cpu_kernel_isa();
-  return isa;
+namespace detail {
+/// The levels this CPU supports. Detected once.
+inline KernelIsaSet cpu_kernel_isas() {
+  static const KernelIsaSet set = detect_cpu_kernel_isas();
+  return set;
 }
+}  // namespace detail
 
-/// The level moet's kernels run on: `cpu_kernel_isa()`, lowered by `MOET_ISA` when set. Chosen
+/// The best level this CPU supports (ignores `MOET_ISA`).
+inline KernelIsa cpu_kernel_isa() { return detail::best_kernel_isa(detail::cpu_kernel_isas()); }
+
+/// The level moet's kernels run on: `cpu_kernel_isa()`, or the best supported level at or below
+/// the one `MOET_ISA` names when set. Chosen
 /// once, at the first call (thread-safe); throws `moet::Error` when `MOET_ISA` holds an unknown
 /// name.
 inline KernelIsa kernel_isa() {
-  static const KernelIsa isa =
-      detail::select_kernel_isa(cpu_kernel_isa(), std::getenv("MOET_ISA"));  // NOLINT(concurrency-mt-unsafe)
+  static const KernelIsa isa = detail::select_kernel_isa(
+      detail::cpu_kernel_isas(), std::getenv("MOET_ISA"));  // NOLINT(concurrency-mt-unsafe)
   return isa;
 }
 
-/// True when this CPU can run kernels of level `isa`.
-inline bool kernel_isa_supported(KernelIsa isa) { return isa <= cpu_kernel_isa(); }
+/// True when this CPU can run kernels of level `isa` (not implied by a higher level: see
+/// `KernelIsa`).
+inline bool kernel_isa_supported(KernelIsa isa) {
+  return (detail::cpu_kernel_isas() & detail::kernel_isa_bit(isa)) != 0;
+}
 
 }  // namespace moet

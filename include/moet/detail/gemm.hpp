@@ -73,10 +73,39 @@ namespace moet::detail::isa_portable {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #endif
+#define MOET_KERNEL_NS isa_avx2
+#define MOET_KERNEL_I8_DOT 0
 #include "moet/detail/kernels/vec_avx2.inl"
 namespace moet::detail::isa_avx2 {
 #include "moet/detail/kernels/family.inl"
 }  // namespace moet::detail::isa_avx2
+#undef MOET_KERNEL_NS
+#undef MOET_KERNEL_I8_DOT
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+// AVX2 + AVX-VNNI: only the block formats' products run this level's own code (the float and
+// bf16 products and the elementwise kernels of `kAvx2Vnni` are `kAvx2`'s, see
+// MOET_DISPATCH_PRODUCT), so only those are instantiated here.
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c,avxvnni"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avxvnni")
+#endif
+#define MOET_KERNEL_NS isa_avx2vnni
+#define MOET_KERNEL_I8_DOT 1
+#define MOET_KERNEL_QUANTIZED_ONLY 1
+#include "moet/detail/kernels/vec_avx2.inl"
+namespace moet::detail::isa_avx2vnni {
+#include "moet/detail/kernels/family.inl"
+}  // namespace moet::detail::isa_avx2vnni
+#undef MOET_KERNEL_NS
+#undef MOET_KERNEL_I8_DOT
+#undef MOET_KERNEL_QUANTIZED_ONLY
 #if defined(__clang__)
 #pragma clang attribute pop
 #else
@@ -130,24 +159,36 @@ namespace moet::detail::isa_avx512bf16 {
 
 namespace moet::detail {
 
-/// Returns `call` (an entry point of kernels/family.inl) of the kernel level `isa`.
+/// Returns `call` (an entry point of kernels/family.inl) of the kernel level `isa`;
+/// `kAvx2Vnni` runs `kAvx2`'s (its own code is only the block formats' products).
 #if MOET_X86
-#define MOET_DISPATCH_ISA(isa, call)                   \
-  switch (isa) {                                       \
-    case ::moet::KernelIsa::kAvx512Bf16:               \
-      return ::moet::detail::isa_avx512bf16::call;     \
-    case ::moet::KernelIsa::kAvx512:                   \
-      return ::moet::detail::isa_avx512::call;         \
-    case ::moet::KernelIsa::kAvx2:                     \
-      return ::moet::detail::isa_avx2::call;           \
-    case ::moet::KernelIsa::kPortable:                 \
-      break;                                           \
-  }                                                    \
+#define MOET_DISPATCH_ISA(isa, call)               \
+  switch (isa) {                                   \
+    case ::moet::KernelIsa::kAvx512Bf16:           \
+      return ::moet::detail::isa_avx512bf16::call; \
+    case ::moet::KernelIsa::kAvx512:               \
+      return ::moet::detail::isa_avx512::call;     \
+    case ::moet::KernelIsa::kAvx2Vnni:             \
+    case ::moet::KernelIsa::kAvx2:                 \
+      return ::moet::detail::isa_avx2::call;       \
+    case ::moet::KernelIsa::kPortable:             \
+      break;                                       \
+  }                                                \
   return ::moet::detail::isa_portable::call
+/// The same for a product on packed weights of type `W` (a template parameter of the caller):
+/// `kAvx2Vnni` runs its own kernels for the block formats and `kAvx2`'s for float and bf16.
+#define MOET_DISPATCH_PRODUCT(isa, W, call)        \
+  if constexpr (::moet::detail::kIsQuantized<W>) { \
+    if ((isa) == ::moet::KernelIsa::kAvx2Vnni) {   \
+      return ::moet::detail::isa_avx2vnni::call;   \
+    }                                              \
+  }                                                \
+  MOET_DISPATCH_ISA(isa, call)
 #else
 #define MOET_DISPATCH_ISA(isa, call) \
   static_cast<void>(isa);            \
   return ::moet::detail::isa_portable::call
+#define MOET_DISPATCH_PRODUCT(isa, W, call) MOET_DISPATCH_ISA(isa, call)
 #endif
 
 /// True when the storage spans of two row-major views overlap.
@@ -217,7 +258,7 @@ void gemm_packed(const ConstRows<float>& a, const PackedMatrix<W>& b, Rows<float
       .ldo = c.outerStride(),
       .out_cols = std::min(c.cols() - std::min(c.cols(), first * width), count * width),
       .accumulate = accumulate};
-  MOET_DISPATCH_ISA(b.isa(), gemm(product, scratch));
+  MOET_DISPATCH_PRODUCT(b.isa(), W, gemm(product, scratch));
 }
 
 /// `C = A B` (or `C += A B`) with `A` given as its transpose: `a_t` `(K, n)` row-major, so
@@ -246,7 +287,7 @@ void gemm_packed_at(const ConstRows<float>& a_t, const PackedMatrix<W>& b, Rows<
                                  .ldo = c.outerStride(),
                                  .out_cols = c.cols(),
                                  .accumulate = accumulate};
-  MOET_DISPATCH_ISA(b.isa(), gemm(product, scratch));
+  MOET_DISPATCH_PRODUCT(b.isa(), W, gemm(product, scratch));
 }
 
 /// The fused gated-linear-unit product `H = Act(A Wg) ⊙ (A Wu)`: both products share each
@@ -292,7 +333,7 @@ void glu_packed(const ConstRows<float>& a, const PackedGluMatrix<W>& w, Rows<flo
       .ldo = h.outerStride(),
       .out_cols = std::min(h.cols() - std::min(h.cols(), first * width), count * width),
       .accumulate = false};
-  MOET_DISPATCH_ISA(w.isa(), template glu<Act>(product, scratch));
+  MOET_DISPATCH_PRODUCT(w.isa(), W, template glu<Act>(product, scratch));
 }
 
 /// The raw products `A Wg` and `A Wu` of a packed gated-linear-unit matrix, in its packed
@@ -321,7 +362,7 @@ void glu_packed_raw(const ConstRows<float>& a, const PackedGluMatrix<W>& w, Rows
                                  .ldo = wide.outerStride(),
                                  .out_cols = cols,
                                  .accumulate = false};
-  MOET_DISPATCH_ISA(w.isa(), gemm(product, scratch));
+  MOET_DISPATCH_PRODUCT(w.isa(), W, gemm(product, scratch));
 }
 
 /// `out[i] = silu(in[i])` for `i < n` with the SiLU of level `isa`'s kernels (the vectorised

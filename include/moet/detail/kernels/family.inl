@@ -591,12 +591,14 @@ void glu(const PackedProduct<W>& op, Buffer<float>& scratch) {
   MOET_KERNEL_INSTANCE void glu<Gelu, W>(const PackedProduct<W>&, Buffer<float>&);     \
   MOET_KERNEL_INSTANCE void glu<GeluTanh, W>(const PackedProduct<W>&, Buffer<float>&); \
   MOET_KERNEL_INSTANCE void glu<Relu, W>(const PackedProduct<W>&, Buffer<float>&);
+#if !defined(MOET_KERNEL_QUANTIZED_ONLY)  // (a level that runs only the block formats' products)
 MOET_KERNEL_INSTANCES_FOR(float)
 MOET_KERNEL_INSTANCES_FOR(Bf16)
+MOET_KERNEL_INSTANCE void silu_array<V>(const float*, float*, Index);
+#endif
 MOET_KERNEL_INSTANCES_FOR(Q8_0)
 MOET_KERNEL_INSTANCES_FOR(Q4_0)
 MOET_KERNEL_INSTANCES_FOR(Q4_1)
-MOET_KERNEL_INSTANCE void silu_array<V>(const float*, float*, Index);
 #undef MOET_KERNEL_INSTANCES_FOR
 #undef MOET_KERNEL_INSTANCE
 #endif

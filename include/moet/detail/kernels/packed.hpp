@@ -51,6 +51,7 @@ namespace moet::detail {
 constexpr Index panel_width(KernelIsa isa) {
   switch (isa) {
     case KernelIsa::kAvx2:
+    case KernelIsa::kAvx2Vnni:
       return 16;
     case KernelIsa::kAvx512:
     case KernelIsa::kAvx512Bf16:

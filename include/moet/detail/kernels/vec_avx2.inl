@@ -1,11 +1,13 @@
-// Included once, by detail/gemm.hpp, inside its AVX2 target region.
+// No include guard: included once per AVX2 level, in that level's namespace.
 /// \file detail/kernels/vec_avx2.inl
-/// The registers of the AVX2 + FMA kernel level (`KernelIsa::kAvx2`): one `__m256` holds 8
-/// floats. Included by detail/gemm.hpp inside a `target("avx2,fma")` region only.
+/// The registers of the AVX2 + FMA kernel levels (`KernelIsa::kAvx2`, and `kAvx2Vnni`, which
+/// adds AVX-VNNI's 256-bit `vpdpbusd` for block-quantised weights): one `__m256` holds 8
+/// floats. Included by detail/gemm.hpp inside `target("avx2,fma,...")` regions only;
+/// `MOET_KERNEL_I8_DOT` selects the level (defined to 1 for `kAvx2Vnni`).
 
 // (Every header it needs is included by detail/gemm.hpp before the target region.)
 
-namespace moet::detail::isa_avx2 {
+namespace moet::detail::MOET_KERNEL_NS {
 
 /// AVX2 + FMA: 8 floats per register.
 struct Vec {
@@ -13,7 +15,7 @@ struct Vec {
   static constexpr int kWidth = 8;
   static constexpr bool kVectorSilu = true;
   static constexpr bool kDotBf16 = false;
-  static constexpr bool kDotI8 = false;
+  static constexpr bool kDotI8 = MOET_KERNEL_I8_DOT;
 
   static MOET_ALWAYS_INLINE Reg zero() { return _mm256_setzero_ps(); }
   static MOET_ALWAYS_INLINE Reg set1(float v) { return _mm256_set1_ps(v); }
@@ -71,19 +73,107 @@ struct Vec {
         reinterpret_cast<__m128i*>(out),
         _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1)));
   }
+#if MOET_KERNEL_I8_DOT
+  /// One block of 32 floats at `x` quantised as `pack_quantized_row_groups` does, bit for bit:
+  /// codes `q[i] = round(x[i] / d)` (half away from zero) with `d = max|x| / 127` (NaN ignored
+  /// in the maximum, as `std::max` ignores a NaN second argument); returns `d` and sets `sum`.
+  static MOET_ALWAYS_INLINE float quantize_block(const float* x, std::int8_t* q,
+                                                 std::int32_t& sum) {
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    Reg v[4];
+    // max(|x|, acc) keeps acc where |x| is NaN (the second operand is returned).
+    Reg amax = zero();
+    for (int i = 0; i < 4; ++i) {
+      v[i] = _mm256_loadu_ps(x + 8 * i);
+      amax = max(_mm256_and_ps(v[i], abs_mask), amax);
+    }
+    // The largest lane (no NaN lanes left).
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float d = _mm_cvtss_f32(m4) / 127.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    __m256i c[4];
+    __m256i total = _mm256_setzero_si256();
+    for (int i = 0; i < 4; ++i) {
+      const Reg s = _mm256_mul_ps(v[i], _mm256_set1_ps(id));
+      const Reg t = _mm256_round_ps(s, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+      // |s - t| >= 1/2 (exact: |s| < 2^23): one step away from zero.
+      const Reg away =
+          _mm256_cmp_ps(_mm256_and_ps(_mm256_sub_ps(s, t), abs_mask), set1(0.5f), _CMP_GE_OQ);
+      const Reg step = _mm256_or_ps(_mm256_andnot_ps(abs_mask, s), set1(1.0f));  // copysign(1, s)
+      c[i] = _mm256_cvttps_epi32(_mm256_add_ps(t, _mm256_and_ps(away, step)));
+      total = _mm256_add_epi32(total, c[i]);
+    }
+    // int32 -> int8 (every code is in [-127, 127]: no saturation); the packs interleave the
+    // 128-bit halves, the permutation restores the order.
+    const __m256i bytes =
+        _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
+    _mm256_storeu_si256(
+        reinterpret_cast<__m256i*>(q),
+        _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+    s4 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+    sum = _mm_cvtsi128_si32(s4);
+    return d;
+  }
+
+  /// 8 int32 lanes (the integer kernels of the block formats).
+  using IReg = __m256i;
+  static MOET_ALWAYS_INLINE IReg izero() { return _mm256_setzero_si256(); }
+  static MOET_ALWAYS_INLINE IReg iset1(std::int32_t v) { return _mm256_set1_epi32(v); }
+  static MOET_ALWAYS_INLINE IReg isub(IReg a, IReg b) { return _mm256_sub_epi32(a, b); }
+  static MOET_ALWAYS_INLINE Reg to_float(IReg v) { return _mm256_cvtepi32_ps(v); }
+  /// 32 bytes at `p`.
+  static MOET_ALWAYS_INLINE IReg load_bytes(const std::uint8_t* p) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  }
+  /// The 32-bit word at `p` (4 signed codes) in every lane.
+  static MOET_ALWAYS_INLINE IReg broadcast_word(const std::int8_t* p) {
+    std::int32_t word = 0;
+    std::memcpy(&word, p, sizeof word);
+    return _mm256_set1_epi32(word);
+  }
+  /// Per lane, `acc + sum_i u[i] s[i]` over its 4 bytes: unsigned `u`, signed `s` (exact).
+  static MOET_ALWAYS_INLINE IReg dot_u8s8(IReg acc, IReg u, IReg s) {
+    return _mm256_dpbusd_avx_epi32(acc, u, s);
+  }
+  /// The low and high nibble of every byte, as bytes.
+  static MOET_ALWAYS_INLINE IReg low_nibbles(IReg v) {
+    return _mm256_and_si256(v, _mm256_set1_epi32(0x0f0f0f0f));
+  }
+  static MOET_ALWAYS_INLINE IReg high_nibbles(IReg v) {
+    return _mm256_and_si256(_mm256_srli_epi32(v, 4), _mm256_set1_epi32(0x0f0f0f0f));
+  }
+  /// 8 half floats at `p` as floats.
+  static MOET_ALWAYS_INLINE Reg load_halves(const std::uint8_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+#endif
 };
 
-/// Blocking of the AVX2 level: 6 x 16 float tiles (12 accumulators, 2 of B, 1 broadcast of 16
+/// Blocking of the AVX2 levels: 6 x 16 float tiles (12 accumulators, 2 of B, 1 broadcast of 16
 /// ymm registers; 12 independent FMA chains cover the 4-cycle latency of two FMA pipes); bf16
-/// tiles of 4 rows (8 accumulators, 4 split B registers, 2 broadcasts).
+/// tiles of 4 rows (8 accumulators, 4 split B registers, 2 broadcasts); the integer kernels of
+/// the block formats (`kAvx2Vnni`) 4 x 16 tiles (8 int32 sums live through a block, 2
+/// registers of codes and 1 broadcast, 4 more for the nibbles of the 4-bit formats; the 8 float
+/// accumulators are touched once per block of 32 rows). Few-row calls take 2 panels of `Q8_0`,
+/// 1 of the 4-bit formats (one sequential stream, as on the AVX-512 levels).
 struct Traits {
   using V = Vec;
   static constexpr Index kNr = 2 * Vec::kWidth;
   template <class W>
-  static constexpr int kMr = std::is_same_v<W, Bf16> ? 4 : 6;
+  static constexpr int kMr = std::is_same_v<W, Bf16> ? 4
+                             : kIsQuantized<W>       ? 4
+                                                     : 6;
   template <class W>
   static constexpr int few_row_panels(int m) {
-    if constexpr (std::is_same_v<W, Bf16>) {
+    if constexpr (std::is_same_v<W, Q4_0> || std::is_same_v<W, Q4_1>) {
+      return 1;
+    } else if constexpr (kIsQuantized<W>) {
+      return m <= 2 ? 2 : 1;
+    } else if constexpr (std::is_same_v<W, Bf16>) {
       return m == 1 ? 2 : 1;
     } else {
       return m == 1 ? 4 : m == 2 ? 3 : m == 3 ? 2 : 1;  // <= 12 accumulators
@@ -91,4 +181,4 @@ struct Traits {
   }
 };
 
-}  // namespace moet::detail::isa_avx2
+}  // namespace moet::detail::MOET_KERNEL_NS

@@ -332,8 +332,7 @@ __attribute__((target("avx512f"))) float sum_avx512(const float* x, Index n) {
 /// Sum of `n` floats on the vectors of kernel level `isa`.
 float sum_block(moet::KernelIsa isa, const float* x, Index n) {
 #if defined(__x86_64__) || defined(__i386__)
-  if (isa == moet::KernelIsa::kAvx512 || isa == moet::KernelIsa::kAvx512Bf16)
-    return sum_avx512(x, n);
+  if (isa >= moet::KernelIsa::kAvx512) return sum_avx512(x, n);
   if (isa == moet::KernelIsa::kAvx2 || isa == moet::KernelIsa::kAvx2Vnni) return sum_avx2(x, n);
 #endif
   static_cast<void>(isa);
@@ -1019,7 +1018,8 @@ int main(int argc, char** argv) {
         // bf16 dot products (vdpbf16ps) do two multiply-adds per lane: twice the FMA peak;
         // 8-bit ones (vpdpbusd, the block formats on the levels with VNNI) four.
         const bool top_level = moet::kernel_isa() == moet::KernelIsa::kAvx512Bf16;
-        const bool vnni = top_level || moet::kernel_isa() == moet::KernelIsa::kAvx2Vnni;
+        const bool vnni = top_level || moet::kernel_isa() == moet::KernelIsa::kAvx512Vnni ||
+                          moet::kernel_isa() == moet::KernelIsa::kAvx2Vnni;
         const bool bf16_dot = c.weights[w] == "bf16" && top_level;
         const bool int8_dot =
             vnni && (c.weights[w] == "q8_0" || c.weights[w] == "q4_0" || c.weights[w] == "q4_1");

@@ -49,7 +49,8 @@ __attribute__((target("f16c"))) float f16c_value(std::uint16_t h) {
 // True when the kernel level multiplies block-format weights with 8-bit integer dot products
 // (and so quantises the activations); the other levels dequantise the weights to float.
 bool integer_dot(KernelIsa isa) {
-  return isa == KernelIsa::kAvx512Bf16 || isa == KernelIsa::kAvx2Vnni;
+  return isa == KernelIsa::kAvx512Bf16 || isa == KernelIsa::kAvx512Vnni ||
+         isa == KernelIsa::kAvx2Vnni;
 }
 
 // The activations an integer-dot level multiplies: each row's blocks of 32 quantised to 8 bits

@@ -46,17 +46,20 @@ TEST_CASE("cpuid detection agrees with the compiler's CPU probe", "[isa]") {
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-  const bool bf16 = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni");
+  const bool avx512_vnni = __builtin_cpu_supports("avx512vnni");
+  const bool bf16 = __builtin_cpu_supports("avx512bf16") && avx512_vnni;
   const bool vnni = avx2 && cpu_has_avx_vnni();  // (every CPU with AVX-VNNI has F16C)
-  const KernelIsa want = avx2 && avx512 && bf16 ? KernelIsa::kAvx512Bf16
-                         : avx2 && avx512       ? KernelIsa::kAvx512
-                         : vnni                 ? KernelIsa::kAvx2Vnni
-                         : avx2                 ? KernelIsa::kAvx2
-                                                : KernelIsa::kPortable;
+  const KernelIsa want = avx2 && avx512 && bf16          ? KernelIsa::kAvx512Bf16
+                         : avx2 && avx512 && avx512_vnni ? KernelIsa::kAvx512Vnni
+                         : avx2 && avx512                ? KernelIsa::kAvx512
+                         : vnni                          ? KernelIsa::kAvx2Vnni
+                         : avx2                          ? KernelIsa::kAvx2
+                                                         : KernelIsa::kPortable;
   CHECK(cpu == want);
   CHECK(moet::kernel_isa_supported(KernelIsa::kAvx2) == avx2);
   CHECK(moet::kernel_isa_supported(KernelIsa::kAvx2Vnni) == vnni);
   CHECK(moet::kernel_isa_supported(KernelIsa::kAvx512) == (avx2 && avx512));
+  CHECK(moet::kernel_isa_supported(KernelIsa::kAvx512Vnni) == (avx2 && avx512 && avx512_vnni));
   CHECK(moet::kernel_isa_supported(KernelIsa::kAvx512Bf16) == (avx2 && avx512 && bf16));
 #else
   CHECK(cpu == KernelIsa::kPortable);
@@ -74,18 +77,22 @@ TEST_CASE("MOET_ISA picks the best level the CPU has at or below the one named",
     for (const KernelIsa isa : levels) s |= kernel_isa_bit(isa);
     return s;
   };
-  // CPUs as they exist: Haswell, Alder Lake (AVX-VNNI, no AVX-512), Skylake-X, Zen 4 (AVX-512
-  // and BF16 without AVX-VNNI), Zen 5 / Sapphire Rapids (everything).
+  // CPUs as they exist: Haswell, Alder Lake (AVX-VNNI, no AVX-512), Skylake-X, Ice Lake
+  // (AVX512-VNNI), Zen 4 (AVX-512 and BF16 without AVX-VNNI), Zen 5 / Sapphire Rapids
+  // (everything).
   const KernelIsaSet haswell = set({KernelIsa::kAvx2});
   const KernelIsaSet alder_lake = set({KernelIsa::kAvx2, KernelIsa::kAvx2Vnni});
   const KernelIsaSet skylake_x = set({KernelIsa::kAvx2, KernelIsa::kAvx512});
-  const KernelIsaSet zen4 = set({KernelIsa::kAvx2, KernelIsa::kAvx512, KernelIsa::kAvx512Bf16});
-  const KernelIsaSet zen5 =
-      set({KernelIsa::kAvx2, KernelIsa::kAvx2Vnni, KernelIsa::kAvx512, KernelIsa::kAvx512Bf16});
+  const KernelIsaSet ice_lake = set({KernelIsa::kAvx2, KernelIsa::kAvx512, KernelIsa::kAvx512Vnni});
+  const KernelIsaSet zen4 =
+      set({KernelIsa::kAvx2, KernelIsa::kAvx512, KernelIsa::kAvx512Vnni, KernelIsa::kAvx512Bf16});
+  const KernelIsaSet zen5 = set({KernelIsa::kAvx2, KernelIsa::kAvx2Vnni, KernelIsa::kAvx512,
+                                 KernelIsa::kAvx512Vnni, KernelIsa::kAvx512Bf16});
   // Unset: the highest level.
   CHECK(select_kernel_isa(haswell, nullptr) == KernelIsa::kAvx2);
   CHECK(select_kernel_isa(alder_lake, "") == KernelIsa::kAvx2Vnni);
   CHECK(select_kernel_isa(skylake_x, nullptr) == KernelIsa::kAvx512);
+  CHECK(select_kernel_isa(ice_lake, nullptr) == KernelIsa::kAvx512Vnni);
   CHECK(select_kernel_isa(zen4, nullptr) == KernelIsa::kAvx512Bf16);
   CHECK(select_kernel_isa(zen5, nullptr) == KernelIsa::kAvx512Bf16);
   // Named: that level where the CPU has it, else the best one below it; never a higher one.
@@ -96,6 +103,10 @@ TEST_CASE("MOET_ISA picks the best level the CPU has at or below the one named",
   CHECK(select_kernel_isa(alder_lake, "avx512bf16") == KernelIsa::kAvx2Vnni);
   CHECK(select_kernel_isa(haswell, "avx2vnni") == KernelIsa::kAvx2);
   CHECK(select_kernel_isa(skylake_x, "avx512bf16") == KernelIsa::kAvx512);
+  CHECK(select_kernel_isa(skylake_x, "avx512vnni") == KernelIsa::kAvx512);
+  CHECK(select_kernel_isa(ice_lake, "avx512bf16") == KernelIsa::kAvx512Vnni);
+  CHECK(select_kernel_isa(ice_lake, "avx2vnni") == KernelIsa::kAvx2);
+  CHECK(select_kernel_isa(zen5, "avx512vnni") == KernelIsa::kAvx512Vnni);
   CHECK(select_kernel_isa(zen4, "portable") == KernelIsa::kPortable);
   CHECK(select_kernel_isa(kernel_isa_bit(KernelIsa::kPortable), "avx2") == KernelIsa::kPortable);
   // Every set and every name: a level of the set, at or below the one named, with no level of
@@ -112,9 +123,10 @@ TEST_CASE("MOET_ISA picks the best level the CPU has at or below the one named",
     }
   }
   CHECK_THROWS_AS(select_kernel_isa(haswell, "avx3"), moet::Error);
-  CHECK_THROWS_WITH(select_kernel_isa(haswell, "AVX2"),
-                    Catch::Contains("MOET_ISA") && Catch::Contains("'AVX2'") &&
-                        Catch::Contains("portable, avx2, avx2vnni, avx512, avx512bf16"));
+  CHECK_THROWS_WITH(
+      select_kernel_isa(haswell, "AVX2"),
+      Catch::Contains("MOET_ISA") && Catch::Contains("'AVX2'") &&
+          Catch::Contains("portable, avx2, avx2vnni, avx512, avx512vnni, avx512bf16"));
   // What this process runs: the CPU's levels filtered by the environment it was started with.
   CHECK(moet::kernel_isa() ==
         select_kernel_isa(moet::detail::cpu_kernel_isas(), std::getenv("MOET_ISA")));
@@ -128,6 +140,7 @@ TEST_CASE("Names round-trip", "[isa]") {
   }
   CHECK(std::string(moet::kernel_isa_name(KernelIsa::kAvx512Bf16)) == "avx512bf16");
   CHECK(std::string(moet::kernel_isa_name(KernelIsa::kAvx2Vnni)) == "avx2vnni");
+  CHECK(std::string(moet::kernel_isa_name(KernelIsa::kAvx512Vnni)) == "avx512vnni");
 }
 
 TEST_CASE("Packed weights run the level they were packed for", "[isa][gemm]") {

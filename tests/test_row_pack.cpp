@@ -33,6 +33,9 @@ void with_level(KernelIsa isa, F&& f) {
     case KernelIsa::kAvx512Bf16:
       return f(&d::isa_avx512bf16::pack_bf16_row_groups<>,
                &d::isa_avx512bf16::pack_quantized_rows<>);
+    case KernelIsa::kAvx512Vnni:
+      return f(&d::isa_avx512vnni::pack_bf16_row_groups<>,
+               &d::isa_avx512vnni::pack_quantized_rows<>);
     case KernelIsa::kAvx512:
       return f(&d::isa_avx512::pack_bf16_row_groups<>, &d::isa_avx512::pack_quantized_rows<>);
     case KernelIsa::kAvx2Vnni:

@@ -8,10 +8,10 @@
 /// weights remember the level they were packed for, so a bank packed in one translation unit
 /// runs the same kernels from any other, whatever `-march` either was compiled with.
 ///
-/// `MOET_ISA=portable|avx2|avx2vnni|avx512|avx512bf16` in the environment, read at the first
-/// call, lowers the level (for tests, benchmarks and bug reports) to the best level the CPU has
-/// at or below the one named; a level above the CPU's best cannot be forced. Any other value is a
-/// `moet::Error` at the first use.
+/// `MOET_ISA=portable|avx2|avx2vnni|avx512|avx512vnni|avx512bf16` in the environment, read at the
+/// first call, lowers the level (for tests, benchmarks and bug reports) to the best level the CPU
+/// has at or below the one named; a level above the CPU's best cannot be forced. Any other value is
+/// a `moet::Error` at the first use.
 ///
 /// ```cpp
 /// std::printf("moet kernels: %s\n", moet::kernel_isa_name(moet::kernel_isa()));
@@ -39,38 +39,40 @@ namespace moet {
 
 /// A level of the dense kernels, from the portable loops up. Each level's CPU requirements:
 ///
-/// | level          | instructions                                 | float kernels | bf16 weights
-/// | block formats        |
-/// |----------------|----------------------------------------------|---------------|-----------------------|----------------------|
-/// | `kPortable`    | none (plain C++ vector types)                | 4-wide        | converted in
-/// registers| dequantised          | | `kAvx2`        | AVX2, FMA | 8-wide FMA    | converted in
-/// registers| dequantised          | | `kAvx2Vnni`    | `kAvx2`, F16C and AVX-VNNI | as `kAvx2` |
-/// as `kAvx2`            | 256-bit `vpdpbusd`   | | `kAvx512`      | AVX-512 F, BW, DQ, VL |
-/// 16-wide FMA   | converted in registers| dequantised          | | `kAvx512Bf16`  | `kAvx512`,
-/// AVX512-BF16 and AVX512-VNNI       | 16-wide FMA   | `vdpbf16ps`           | 512-bit `vpdpbusd` |
+/// | level         | instructions               | float / bf16 weights      | block formats      |
+/// |---------------|----------------------------|---------------------------|--------------------|
+/// | `kPortable`   | none (C++ vector types)    | 4-wide / pairs split      | dequantised        |
+/// | `kAvx2`       | AVX2, FMA                  | 8-wide FMA / pairs split  | dequantised        |
+/// | `kAvx2Vnni`   | `kAvx2`, F16C, AVX-VNNI    | `kAvx2`'s                 | 8-lane `vpdpbusd`  |
+/// | `kAvx512`     | AVX-512 F, BW, DQ, VL      | 16-wide FMA / pairs split | dequantised        |
+/// | `kAvx512Vnni` | `kAvx512`, AVX512-VNNI     | `kAvx512`'s               | 16-lane `vpdpbusd` |
+/// | `kAvx512Bf16` | `kAvx512Vnni`, AVX512-BF16 | 16-wide FMA / `vdpbf16ps` | 16-lane `vpdpbusd` |
 ///
 /// Block-quantised weights (`Q8_0`, `Q4_0`, `Q4_1`) run 8-bit integer dot products where the
 /// level has them and are dequantised to float K block by K block elsewhere.
 ///
 /// The levels are not a chain: `kAvx2Vnni` (AVX-VNNI, the VEX form of the 8-bit dot product:
-/// Alder Lake and later Intel cores, AMD Zen 5) is not implied by `kAvx512` or `kAvx512Bf16`
-/// (Skylake-X, Ice Lake and Zen 4 have AVX-512 without it). A CPU supports a set of levels
-/// (`kernel_isa_supported`); `cpu_kernel_isa()` is the highest of them.
+/// Alder Lake and later Intel cores, AMD Zen 5) is not implied by the AVX-512 levels (Skylake-X,
+/// Cascade Lake, Ice Lake and Zen 4 have AVX-512 without it). `kAvx512Vnni` is Cascade Lake,
+/// Ice Lake, Tiger Lake and Rocket Lake's level; every CPU of `kAvx512Bf16` has it. A CPU
+/// supports a set of levels (`kernel_isa_supported`); `cpu_kernel_isa()` is the highest of
+/// them.
 enum class KernelIsa : std::uint8_t {
   kPortable = 0,
   kAvx2 = 1,
   kAvx2Vnni = 2,
   kAvx512 = 3,
-  kAvx512Bf16 = 4
+  kAvx512Vnni = 4,
+  kAvx512Bf16 = 5
 };
 
 /// Every level, lowest first.
-inline constexpr KernelIsa kAllKernelIsas[] = {KernelIsa::kPortable, KernelIsa::kAvx2,
-                                               KernelIsa::kAvx2Vnni, KernelIsa::kAvx512,
-                                               KernelIsa::kAvx512Bf16};
+inline constexpr KernelIsa kAllKernelIsas[] = {KernelIsa::kPortable,   KernelIsa::kAvx2,
+                                               KernelIsa::kAvx2Vnni,   KernelIsa::kAvx512,
+                                               KernelIsa::kAvx512Vnni, KernelIsa::kAvx512Bf16};
 
-/// `"portable"`, `"avx2"`, `"avx2vnni"`, `"avx512"` or `"avx512bf16"` (the `MOET_ISA`
-/// spelling).
+/// `"portable"`, `"avx2"`, `"avx2vnni"`, `"avx512"`, `"avx512vnni"` or `"avx512bf16"` (the
+/// `MOET_ISA` spelling).
 constexpr const char* kernel_isa_name(KernelIsa isa) {
   switch (isa) {
     case KernelIsa::kAvx2:
@@ -79,6 +81,8 @@ constexpr const char* kernel_isa_name(KernelIsa isa) {
       return "avx2vnni";
     case KernelIsa::kAvx512:
       return "avx512";
+    case KernelIsa::kAvx512Vnni:
+      return "avx512vnni";
     case KernelIsa::kAvx512Bf16:
       return "avx512bf16";
     case KernelIsa::kPortable:
@@ -139,7 +143,9 @@ inline KernelIsaSet detect_cpu_kernel_isas() {
   if (f16c && ((leaf71 >> 4) & 1U)) set |= kernel_isa_bit(KernelIsa::kAvx2Vnni);
   if (!(avx512 && zmm_state)) return set;
   set |= kernel_isa_bit(KernelIsa::kAvx512);
-  if (avx512_vnni && ((leaf71 >> 5) & 1U)) set |= kernel_isa_bit(KernelIsa::kAvx512Bf16);
+  if (!avx512_vnni) return set;
+  set |= kernel_isa_bit(KernelIsa::kAvx512Vnni);
+  if ((leaf71 >> 5) & 1U) set |= kernel_isa_bit(KernelIsa::kAvx512Bf16);
 #endif
   return set;
 }
@@ -159,8 +165,9 @@ inline KernelIsa parse_kernel_isa(std::string_view name, const char* what) {
   for (const KernelIsa isa : kAllKernelIsas) {
     if (name == kernel_isa_name(isa)) return isa;
   }
-  fail("kernel_isa", what, " must be one of portable, avx2, avx2vnni, avx512, avx512bf16; got '",
-       name, "'");
+  fail("kernel_isa", what,
+       " must be one of portable, avx2, avx2vnni, avx512, avx512vnni, avx512bf16; got '", name,
+       "'");
 }
 
 /// The level to run given the CPU's levels `cpu` and `MOET_ISA` (`env`, may be null): the

@@ -122,12 +122,41 @@ namespace moet::detail::isa_avx2vnni {
 #endif
 #define MOET_KERNEL_NS isa_avx512
 #define MOET_KERNEL_BF16_DOT 0
+#define MOET_KERNEL_I8_DOT 0
 #include "moet/detail/kernels/vec_avx512.inl"
 namespace moet::detail::isa_avx512 {
 #include "moet/detail/kernels/family.inl"
 }  // namespace moet::detail::isa_avx512
 #undef MOET_KERNEL_NS
 #undef MOET_KERNEL_BF16_DOT
+#undef MOET_KERNEL_I8_DOT
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+// AVX-512 + AVX512-VNNI: as for AVX2 + AVX-VNNI, only the block formats' products.
+#if defined(__clang__)
+#pragma clang attribute push(                                                               \
+    __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni"))), \
+    apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")
+#endif
+#define MOET_KERNEL_NS isa_avx512vnni
+#define MOET_KERNEL_BF16_DOT 0
+#define MOET_KERNEL_I8_DOT 1
+#define MOET_KERNEL_QUANTIZED_ONLY 1
+#include "moet/detail/kernels/vec_avx512.inl"
+namespace moet::detail::isa_avx512vnni {
+#include "moet/detail/kernels/family.inl"
+}  // namespace moet::detail::isa_avx512vnni
+#undef MOET_KERNEL_NS
+#undef MOET_KERNEL_BF16_DOT
+#undef MOET_KERNEL_I8_DOT
+#undef MOET_KERNEL_QUANTIZED_ONLY
 #if defined(__clang__)
 #pragma clang attribute pop
 #else
@@ -144,12 +173,14 @@ namespace moet::detail::isa_avx512 {
 #endif
 #define MOET_KERNEL_NS isa_avx512bf16
 #define MOET_KERNEL_BF16_DOT 1
+#define MOET_KERNEL_I8_DOT 1
 #include "moet/detail/kernels/vec_avx512.inl"
 namespace moet::detail::isa_avx512bf16 {
 #include "moet/detail/kernels/family.inl"
 }  // namespace moet::detail::isa_avx512bf16
 #undef MOET_KERNEL_NS
 #undef MOET_KERNEL_BF16_DOT
+#undef MOET_KERNEL_I8_DOT
 #if defined(__clang__)
 #pragma clang attribute pop
 #else
@@ -159,13 +190,15 @@ namespace moet::detail::isa_avx512bf16 {
 
 namespace moet::detail {
 
-/// Returns `call` (an entry point of kernels/family.inl) of the kernel level `isa`;
-/// `kAvx2Vnni` runs `kAvx2`'s (its own code is only the block formats' products).
+/// Returns `call` (an entry point of kernels/family.inl) of the kernel level `isa`; `kAvx2Vnni`
+/// and `kAvx512Vnni` run `kAvx2`'s and `kAvx512`'s (their own code is only the block formats'
+/// products).
 #if MOET_X86
 #define MOET_DISPATCH_ISA(isa, call)               \
   switch (isa) {                                   \
     case ::moet::KernelIsa::kAvx512Bf16:           \
       return ::moet::detail::isa_avx512bf16::call; \
+    case ::moet::KernelIsa::kAvx512Vnni:           \
     case ::moet::KernelIsa::kAvx512:               \
       return ::moet::detail::isa_avx512::call;     \
     case ::moet::KernelIsa::kAvx2Vnni:             \
@@ -176,11 +209,15 @@ namespace moet::detail {
   }                                                \
   return ::moet::detail::isa_portable::call
 /// The same for a product on packed weights of type `W` (a template parameter of the caller):
-/// `kAvx2Vnni` runs its own kernels for the block formats and `kAvx2`'s for float and bf16.
+/// the VNNI levels run their own kernels for the block formats and their base level's for float
+/// and bf16.
 #define MOET_DISPATCH_PRODUCT(isa, W, call)        \
   if constexpr (::moet::detail::kIsQuantized<W>) { \
     if ((isa) == ::moet::KernelIsa::kAvx2Vnni) {   \
       return ::moet::detail::isa_avx2vnni::call;   \
+    }                                              \
+    if ((isa) == ::moet::KernelIsa::kAvx512Vnni) { \
+      return ::moet::detail::isa_avx512vnni::call; \
     }                                              \
   }                                                \
   MOET_DISPATCH_ISA(isa, call)

@@ -54,6 +54,7 @@ constexpr Index panel_width(KernelIsa isa) {
     case KernelIsa::kAvx2Vnni:
       return 16;
     case KernelIsa::kAvx512:
+    case KernelIsa::kAvx512Vnni:
     case KernelIsa::kAvx512Bf16:
       return 32;
     case KernelIsa::kPortable:

@@ -1,9 +1,10 @@
 // No include guard: included once per AVX-512 level, in that level's namespace.
 /// \file detail/kernels/vec_avx512.inl
-/// The registers of the AVX-512 kernel levels (`KernelIsa::kAvx512`, and `kAvx512Bf16`, which
-/// adds `vdpbf16ps` for bf16 weights): one `__m512` holds 16 floats. Included by
-/// detail/gemm.hpp inside `target("avx512f,...")` regions only; `MOET_KERNEL_BF16_DOT` selects
-/// the level (defined to 1 for `kAvx512Bf16`).
+/// The registers of the AVX-512 kernel levels (`KernelIsa::kAvx512`; `kAvx512Vnni`, which adds
+/// `vpdpbusd` for block-quantised weights; `kAvx512Bf16`, which adds `vdpbf16ps` for bf16 weights
+/// too): one `__m512` holds 16 floats. Included by detail/gemm.hpp inside
+/// `target("avx512f,...")` regions only; `MOET_KERNEL_I8_DOT` and `MOET_KERNEL_BF16_DOT` select
+/// the level.
 
 // (Every header it needs is included by detail/gemm.hpp before the target region.)
 
@@ -16,7 +17,7 @@ struct Vec {
   static constexpr bool kVectorSilu = true;
   /// `vdpbf16ps` for bf16 weights and `vpdpbusd` for block-quantised ones (the top level).
   static constexpr bool kDotBf16 = MOET_KERNEL_BF16_DOT;
-  static constexpr bool kDotI8 = MOET_KERNEL_BF16_DOT;
+  static constexpr bool kDotI8 = MOET_KERNEL_I8_DOT;
   /// Every lane. The zero-masked forms of some intrinsics are used with it because GCC 12's
   /// unmasked ones pass `_mm512_undefined_ps()` through and trip `-Wmaybe-uninitialized`.
   static constexpr __mmask16 kAll = 0xFFFF;
@@ -151,7 +152,8 @@ struct Vec {
   static MOET_ALWAYS_INLINE Reg dot_pairs(Reg acc, PairReg a, PairReg b) {
     return _mm512_dpbf16_ps(acc, a, b);
   }
-
+#endif
+#if MOET_KERNEL_I8_DOT
   /// 16 int32 lanes (the integer kernels of the block formats).
   using IReg = __m512i;
   static MOET_ALWAYS_INLINE IReg izero() { return _mm512_setzero_si512(); }

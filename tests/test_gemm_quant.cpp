@@ -246,6 +246,9 @@ TEMPLATE_TEST_CASE("Block-format gemm_packed and glu_packed equal double product
           Matrix h(n, n_cols);
           moet::detail::glu_packed<moet::Silu>(a, glu, h, scratch);
           REQUIRE(glu_error_ratio(h, ax, gq, uq, silu_ref) <= 1.0);
+          // An activation without a vector form (the epilogue's lane-by-lane path).
+          moet::detail::glu_packed<moet::Gelu>(a, glu, h, scratch);
+          REQUIRE(glu_error_ratio(h, ax, gq, uq, gelu_ref) <= 1.0);
         }
       }
     }

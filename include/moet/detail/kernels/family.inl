@@ -104,27 +104,31 @@ MOET_ALWAYS_INLINE void load_tile(Tile<M, P>& acc, const float* c_in, Index ldc_
   });
 }
 
+/// `dst[i] = Act(g[i]) * u[i]` for the `V::kWidth` lanes of one gate and one up register.
+template <class Act, class Vv = V>
+MOET_ALWAYS_INLINE void store_glu(Reg g, Reg u, float* dst) {
+  constexpr int kW = V::kWidth;
+  if constexpr (Vv::kVectorSilu && std::is_same_v<Act, Silu>) {
+    Vv::store(dst, Vv::mul(silu<Vv>(g), u));
+  } else {
+    // Any other activation (and the portable level): its scalar `apply`, lane by lane.
+    alignas(kPackAlignBytes) float gs[static_cast<std::size_t>(kW)];
+    alignas(kPackAlignBytes) float us[static_cast<std::size_t>(kW)];
+    V::store(gs, g);
+    V::store(us, u);
+    for (int i = 0; i < kW; ++i) dst[i] = Act::template apply<float>(gs[i]) * us[i];
+  }
+}
+
 /// The epilogue: stores `acc` (raw) or `Act(gate) * up` to `out`.
 template <int M, int P, class Epi, class Vv = V>
 MOET_ALWAYS_INLINE void store_tile(Tile<M, P>& acc, float* out, Index ldo) {
   constexpr int kW = V::kWidth;
   if constexpr (kIsGluEpilogue<Epi>) {
-    using Act = typename Epi::Activation;
     static_for<M>([&](auto r) MOET_LAMBDA_INLINE {
       static_for<P>([&](auto p) MOET_LAMBDA_INLINE {
-        const Reg g = acc[r][2 * p];
-        const Reg u = acc[r][2 * p + 1];
-        float* dst = out + r * ldo + p * kW;
-        if constexpr (Vv::kVectorSilu && std::is_same_v<Act, Silu>) {
-          Vv::store(dst, Vv::mul(silu<Vv>(g), u));
-        } else {
-          // Any other activation (and the portable level): its scalar `apply`, lane by lane.
-          alignas(kPackAlignBytes) float gs[static_cast<std::size_t>(kW)];
-          alignas(kPackAlignBytes) float us[static_cast<std::size_t>(kW)];
-          V::store(gs, g);
-          V::store(us, u);
-          for (int i = 0; i < kW; ++i) dst[i] = Act::template apply<float>(gs[i]) * us[i];
-        }
+        store_glu<typename Epi::Activation, Vv>(acc[r][2 * p], acc[r][2 * p + 1],
+                                                out + r * ldo + p * kW);
       });
     });
   } else {
@@ -132,6 +136,22 @@ MOET_ALWAYS_INLINE void store_tile(Tile<M, P>& acc, float* out, Index ldo) {
       static_for<2 * P>([&](auto q)
                             MOET_LAMBDA_INLINE { V::store(out + r * ldo + q * kW, acc[r][q]); });
     });
+  }
+}
+
+/// The GLU epilogue of `store_tile` applied to `m` rows of `p` panels of raw accumulators stored
+/// at `raw` (row stride `ld`): the same operations on the same values, so the same bits. The
+/// integer kernels run with the raw epilogue only and apply this afterwards, so that each tile
+/// shape is compiled once instead of once per activation (their compile time, not their speed,
+/// is what the activations multiplied).
+template <class Act, class Vv = V>
+void store_glu_rows(const float* raw, Index ld, int m, int p, float* out, Index ldo) {
+  constexpr int kW = V::kWidth;
+  for (int r = 0; r < m; ++r) {
+    for (int q = 0; q < p; ++q) {
+      store_glu<Act, Vv>(V::load(raw + r * ld + 2 * q * kW),
+                         V::load(raw + r * ld + (2 * q + 1) * kW), out + r * ldo + q * kW);
+    }
   }
 }
 
@@ -509,6 +529,11 @@ void run_packed_product(const PackedProduct<W>& op, Buffer<float>& scratch) {
             Index ld_in = 0;
             const Index valid = std::min(op.out_cols - j * kOutWidth, p * kOutWidth);
             alignas(kPackAlignBytes) float in_tile[static_cast<std::size_t>(kMr * kNr)];
+            // The integer kernels' raw sums before the GLU epilogue: at most 2 panels.
+            static_assert(kMode != ProductMode::kIntegerDot ||
+                          Traits::template few_row_panels<KernelW>(1) <= 2);
+            alignas(kPackAlignBytes) float raw_tile[static_cast<std::size_t>(
+                Glu && kMode == ProductMode::kIntegerDot ? kMr * 2 * kNr : 1)];
             if (!first) {
               c_in = part;
               ld_in = part_ld;
@@ -528,10 +553,17 @@ void run_packed_product(const PackedProduct<W>& op, Buffer<float>& scratch) {
             const auto kernel = [&]<class Epi>(Epi /*tag*/, int pp, float* o, Index ldo_out) {
               if constexpr (kMode == ProductMode::kIntegerDot) {
                 const Index b_off = (g0 * nb) + (k0 / kQuantBlock) * gm;
-                run_quantized_micro_kernel<Epi, W>(m, pp, k_len, a_codes + g0 * k + k0 * gm,
-                                                   a_scales + b_off, a_sums + b_off, b_block,
-                                                   op.b_stride, pf_offset, c_in, ld_in, o,
-                                                   ldo_out);
+                const auto run = [&](float* dst, Index ld) {
+                  run_quantized_micro_kernel<RawEpilogue, W>(
+                      m, pp, k_len, a_codes + g0 * k + k0 * gm, a_scales + b_off, a_sums + b_off,
+                      b_block, op.b_stride, pf_offset, c_in, ld_in, dst, ld);
+                };
+                if constexpr (kIsGluEpilogue<Epi>) {  // raw sums, then the GLU (store_glu_rows)
+                  run(raw_tile, pp * kNr);
+                  store_glu_rows<typename Epi::Activation>(raw_tile, pp * kNr, m, pp, o, ldo_out);
+                } else {
+                  run(o, ldo_out);
+                }
               } else if constexpr (kMode == ProductMode::kDequantize) {
                 run_micro_kernel<Epi>(m, pp, k_len, a_pack + g0 * k + k0 * gm, tile,
                                       k_len * kNr, k_len * kNr, c_in, ld_in, o, ldo_out);

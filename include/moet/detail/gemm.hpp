@@ -9,11 +9,12 @@
 /// micro-kernels and driver, and this file compiles that family once per level and dispatches.
 ///
 /// Runtime selection: every level (`KernelIsa`: portable, AVX2 + FMA, AVX-512,
-/// AVX-512 + BF16) is compiled into every translation unit through the compilers' target
-/// attributes (`#pragma GCC target`, `#pragma clang attribute`), whatever `-march` the unit
-/// uses; nothing of a level runs unless the CPU has it. Packed weights are laid out for one
-/// level (`kernel_isa()` when packed) and each product runs the kernels of its weights' level,
-/// so packing and kernels agree whichever translation unit did which.
+/// AVX-512 + BF16, and for the block formats AVX2 + AVX-VNNI and AVX-512 + VNNI) is compiled
+/// into every translation unit through the compilers' target attributes (`#pragma GCC
+/// target`, `#pragma clang attribute`), whatever `-march` the unit uses; nothing of a level
+/// runs unless the CPU has it. Packed weights are laid out for one level (`kernel_isa()` when
+/// packed) and each product runs the kernels of its weights' level, so packing and kernels
+/// agree whichever translation unit did which.
 ///
 /// Determinism: every output element is one sequential chain over `k = 0, 1, ..., K - 1` (pairs
 /// of rows for bf16), starting from 0 (or from the old `C` in accumulate mode); K blocking only

@@ -8,10 +8,10 @@
 /// weights remember the level they were packed for, so a bank packed in one translation unit
 /// runs the same kernels from any other, whatever `-march` either was compiled with.
 ///
-/// `MOET_ISA=portable|avx2|avx2vnni|avx512|avx512vnni|avx512bf16` in the environment, read at the
-/// first call, lowers the level (for tests, benchmarks and bug reports) to the best level the CPU
-/// has at or below the one named; a level above the CPU's best cannot be forced. Any other value is
-/// a `moet::Error` at the first use.
+/// `MOET_ISA=portable|avx2|avx2vnni|avx512|avx512vnni|avx512bf16` in the environment, read at
+/// the first call, lowers the level (for tests, benchmarks and bug reports) to the best level
+/// the CPU has at or below the one named; a level above the CPU's best cannot be forced. Any
+/// other value is a `moet::Error` at the first use.
 ///
 /// ```cpp
 /// std::printf("moet kernels: %s\n", moet::kernel_isa_name(moet::kernel_isa()));
@@ -177,9 +177,6 @@ inline KernelIsa select_kernel_isa(KernelIsaSet cpu, const char* env) {
   return best_kernel_isa(cpu, parse_kernel_isa(env, "MOET_ISA"));
 }
 
-}  // namespace detail
-
-namespace detail {
 /// The levels this CPU supports. Detected once.
 inline KernelIsaSet cpu_kernel_isas() {
   static const KernelIsaSet set = detect_cpu_kernel_isas();
@@ -191,9 +188,8 @@ inline KernelIsaSet cpu_kernel_isas() {
 inline KernelIsa cpu_kernel_isa() { return detail::best_kernel_isa(detail::cpu_kernel_isas()); }
 
 /// The level moet's kernels run on: `cpu_kernel_isa()`, or the best supported level at or below
-/// the one `MOET_ISA` names when set. Chosen
-/// once, at the first call (thread-safe); throws `moet::Error` when `MOET_ISA` holds an unknown
-/// name.
+/// the one `MOET_ISA` names when set. Chosen once, at the first call (thread-safe); throws
+/// `moet::Error` when `MOET_ISA` holds an unknown name.
 inline KernelIsa kernel_isa() {
   static const KernelIsa isa = detail::select_kernel_isa(
       detail::cpu_kernel_isas(), std::getenv("MOET_ISA"));  // NOLINT(concurrency-mt-unsafe)

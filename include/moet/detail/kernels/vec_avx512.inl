@@ -33,7 +33,7 @@ struct Vec {
   static MOET_ALWAYS_INLINE Reg sub(Reg a, Reg b) { return _mm512_sub_ps(a, b); }
   static MOET_ALWAYS_INLINE Reg div(Reg a, Reg b) { return _mm512_div_ps(a, b); }
   /// Correctly rounded square root (IEEE, like `std::sqrt`; no `errno`).
-  static MOET_ALWAYS_INLINE Reg sqrt(Reg a) { return _mm512_sqrt_ps(a); }
+  static MOET_ALWAYS_INLINE Reg sqrt(Reg a) { return _mm512_maskz_sqrt_ps(kAll, a); }
   static MOET_ALWAYS_INLINE Reg max(Reg a, Reg b) { return _mm512_maskz_max_ps(kAll, a, b); }
   static MOET_ALWAYS_INLINE Reg neg_abs(Reg x) {
     return _mm512_castsi512_ps(

@@ -11,8 +11,9 @@
 #               0.6 of the time), build
 #               everything -- tests, the header self-containment check, examples, benchmarks --
 #               and run ctest: unit tests, the expert-parallel tests under mpirun with 2, 3 and 4
-#               ranks (label `mpi`), packaging tests (install + find_package / add_subdirectory
-#               consumers), examples and benchmark smoke runs;
+#               ranks and their no-allocation check with 2 and 3 (label `mpi`), packaging tests
+#               (install + find_package / add_subdirectory consumers), examples and benchmark
+#               smoke runs;
 #   2. release  the unit tests (ctest label `unit`) in a plain Release build (-O3, no -march:
 #               what a user gets by default; build/ci-release), run once per kernel level the
 #               CPU has (MOET_ISA=portable, avx2, ...: every level against the naive references;
@@ -25,7 +26,7 @@
 #               (the g++ -march=native code is also compiled and run by test_mixed_isa);
 #   4. asan     the unit tests built by g++ with AddressSanitizer + UndefinedBehaviorSanitizer
 #               (without UBSan's vptr and null checks; preset `asan`, build/asan, here with MOET_WITH_MPI), and the expert-parallel
-#               tests under mpirun with 2, 3 and 4 ranks in that build (leak checks on, Open
+#               tests under mpirun (label `mpi`) in that build (leak checks on, Open
 #               MPI's own allocations suppressed by tests/mpi/lsan_openmpi.supp); any report
 #               fails the run;
 #   5. tsan     the unit tests built by clang++ 14 with ThreadSanitizer against LLVM's libomp,

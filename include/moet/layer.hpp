@@ -3,13 +3,9 @@
 /// `MoELayer`: the generic Mixture-of-Experts layer. Any gate, any expert bank, any dispatcher:
 /// check the input, route, dispatch, add the shared experts, keep the routing statistics.
 
-#include <algorithm>
-#include <array>
 #include <cstddef>
-#include <iterator>
 #include <optional>
 #include <span>
-#include <string>
 #include <string_view>
 #include <type_traits>
 #include <utility>
@@ -17,6 +13,7 @@
 #include "moet/concepts.hpp"
 #include "moet/context.hpp"
 #include "moet/detail/gather_scatter.hpp"
+#include "moet/detail/param_names.hpp"
 #include "moet/detail/select.hpp"
 #include "moet/dispatch/dense.hpp"
 #include "moet/dispatch/grouped.hpp"
@@ -266,24 +263,11 @@ class MoELayer {
   /// (concepts.hpp). For the optimisers in train/optim.hpp.
   template <class F>
   void visit_parameters(F&& f) requires TrainableGate<G> && TrainableExperts<X> {
-    // Names are composed in a stack buffer (a std::string would allocate for names past its
-    // small-string size on every step); a longer one goes through `spill`.
-    std::array<char, 128> buffer{};
-    std::string spill;
+    // Names composed without allocating (detail/param_names.hpp): an optimiser step stays off
+    // the heap.
+    detail::ParamNamer namer;
     const auto prefixed = [&](std::string_view prefix) {
-      return [&f, &buffer, &spill, prefix](std::string_view part, ParamMap<Scalar> value,
-                                           ParamMap<Scalar> grad) {
-        const std::size_t size = prefix.size() + part.size();
-        if (size <= buffer.size()) {
-          std::copy(prefix.begin(), prefix.end(), buffer.begin());
-          std::copy(part.begin(), part.end(), buffer.begin() + std::ssize(prefix));
-          f(std::string_view(buffer.data(), size), value, grad);
-        } else {
-          spill.assign(prefix);
-          spill.append(part);
-          f(std::string_view(spill), value, grad);
-        }
-      };
+      return detail::prefixed_visitor<Scalar>(f, namer, prefix);
     };
     gate_.visit_parameters(prefixed("gate."));
     experts_.visit_parameters(prefixed("experts."));

@@ -33,28 +33,19 @@
 #include "moet/mpi/gradients.hpp"
 
 #include "gate_cases.hpp"
+#include "mpi_test_main.hpp"  // world_rank(), world_size(), main()
 
 namespace {
 
 using moet::Index;
 using moet::mpi::ExpertParallelLayer;
 using moet::mpi::ExpertPartition;
+using mpi_test::world_rank;
+using mpi_test::world_size;
 using Bank = moet::SwiGluExperts<float>;
 using Matrix = moet::RowMatrix<float>;
 
 constexpr Index kHidden = 24;
-
-int world_rank() {
-  int rank = 0;
-  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-  return rank;
-}
-
-int world_size() {
-  int size = 0;
-  MPI_Comm_size(MPI_COMM_WORLD, &size);
-  return size;
-}
 
 Bank full_bank(Index num_experts, std::uint64_t seed) {
   return Bank({.model_dim = gate_cases::kModelDim,
@@ -607,14 +598,4 @@ TEST_CASE("GradientReducer adds in rank order, the same bits on every rank, and 
     CHECK(same_on_every_rank(message));
     CHECK(odd.grads[0](0, 0) == 42.0f);  // nothing changed
   }
-}
-
-int main(int argc, char** argv) {
-  int provided = 0;
-  MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
-  const int result = Catch::Session().run(argc, argv);
-  int worst = 0;
-  MPI_Allreduce(&result, &worst, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
-  MPI_Finalize();
-  return worst;
 }

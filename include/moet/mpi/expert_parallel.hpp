@@ -33,6 +33,7 @@
 #include "moet/detail/buffer.hpp"
 #include "moet/detail/gather_scatter.hpp"
 #include "moet/detail/parallel.hpp"
+#include "moet/detail/param_names.hpp"
 #include "moet/detail/select.hpp"
 #include "moet/dispatch/backward_split.hpp"
 #include "moet/dispatch/dense.hpp"
@@ -209,8 +210,10 @@ class ExpertParallelLayer {
   };
 
   /// Everything one call writes besides `y` (and `dx`); reuse it across calls (storage only
-  /// grows). Between `forward_train` and `backward` it holds the received rows, the experts'
-  /// caches and the returned outputs.
+  /// grows, to the largest receipt it held: a call that receives at most as many rows from
+  /// each rank for each local expert as an earlier one allocates nothing). Between
+  /// `forward_train` and `backward` it holds the received rows, the experts' caches and the
+  /// returned outputs.
   struct Workspace {
     Routing<Scalar> routing;
     ExpertMajor view;
@@ -516,14 +519,9 @@ class ExpertParallelLayer {
 
   template <class F>
   void visit(F& f, bool local) {
-    std::string name;
+    moet::detail::ParamNamer namer;  // no allocation: an optimiser step stays off the heap
     const auto prefixed = [&](std::string_view prefix) {
-      return [&f, &name, prefix](std::string_view part, ParamMap<Scalar> value,
-                                 ParamMap<Scalar> grad) {
-        name.assign(prefix);
-        name.append(part);
-        f(std::string_view(name), value, grad);
-      };
+      return moet::detail::prefixed_visitor<Scalar>(f, namer, prefix);
     };
     gate_.visit_parameters(prefixed("gate."));
     if (local && local_) local_->visit_parameters(prefixed("experts."));

@@ -72,7 +72,8 @@ class GradientReducer {
     std::string failure;
     {
       const long long mine[2] = {tensors, static_cast<long long>(total)};
-      std::vector<long long> all(2 * static_cast<std::size_t>(ranks));
+      auto& all = shapes_;  // kept: a warmed-up step does not allocate
+      all.assign(2 * static_cast<std::size_t>(ranks), 0);
       detail::check_mpi(
           MPI_Allgather(mine, 2, MPI_LONG_LONG, all.data(), 2, MPI_LONG_LONG, comm_.get()), kOp,
           "MPI_Allgather");
@@ -151,6 +152,7 @@ class GradientReducer {
   }
 
   Communicator comm_;
+  std::vector<long long> shapes_;  // every rank's tensor and scalar counts
   std::vector<int> counts_, displs_, slice_counts_, slice_displs_;
   moet::detail::Buffer<float> packed_f_, slices_f_;
   moet::detail::Buffer<double> packed_d_, slices_d_;

@@ -65,128 +65,45 @@ namespace moet::detail::isa_portable {
 }  // namespace moet::detail::isa_portable
 
 #if MOET_X86
-// Each level's code is compiled for its instruction set alone: the region's functions (lambdas
-// and template instantiations included) carry the target attribute.
-
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#endif
+// Each level's code is compiled for its instruction set alone (kernels/level.inl).
 #define MOET_KERNEL_NS isa_avx2
+#define MOET_KERNEL_TARGET "avx2,fma"
+#define MOET_KERNEL_WIDTH 256
 #define MOET_KERNEL_I8_DOT 0
-#include "moet/detail/kernels/vec_avx2.inl"
-namespace moet::detail::isa_avx2 {
-#include "moet/detail/kernels/family.inl"
-}  // namespace moet::detail::isa_avx2
-#undef MOET_KERNEL_NS
-#undef MOET_KERNEL_I8_DOT
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+#include "moet/detail/kernels/level.inl"
 
 // AVX2 + AVX-VNNI: only the block formats' products run this level's own code (the float and
 // bf16 products and the elementwise kernels of `kAvx2Vnni` are `kAvx2`'s, see
 // MOET_DISPATCH_PRODUCT), so only those are instantiated here.
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c,avxvnni"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c,avxvnni")
-#endif
 #define MOET_KERNEL_NS isa_avx2vnni
+#define MOET_KERNEL_TARGET "avx2,fma,f16c,avxvnni"
+#define MOET_KERNEL_WIDTH 256
 #define MOET_KERNEL_I8_DOT 1
 #define MOET_KERNEL_QUANTIZED_ONLY 1
-#include "moet/detail/kernels/vec_avx2.inl"
-namespace moet::detail::isa_avx2vnni {
-#include "moet/detail/kernels/family.inl"
-}  // namespace moet::detail::isa_avx2vnni
-#undef MOET_KERNEL_NS
-#undef MOET_KERNEL_I8_DOT
-#undef MOET_KERNEL_QUANTIZED_ONLY
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+#include "moet/detail/kernels/level.inl"
 
-#if defined(__clang__)
-#pragma clang attribute push(                                                             \
-    __attribute__((target("avx2,fma,avx512f,avx512bw,avx512dq,avx512vl"))), \
-    apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,avx512f,avx512bw,avx512dq,avx512vl")
-#endif
 #define MOET_KERNEL_NS isa_avx512
+#define MOET_KERNEL_TARGET "avx2,fma,avx512f,avx512bw,avx512dq,avx512vl"
+#define MOET_KERNEL_WIDTH 512
 #define MOET_KERNEL_BF16_DOT 0
 #define MOET_KERNEL_I8_DOT 0
-#include "moet/detail/kernels/vec_avx512.inl"
-namespace moet::detail::isa_avx512 {
-#include "moet/detail/kernels/family.inl"
-}  // namespace moet::detail::isa_avx512
-#undef MOET_KERNEL_NS
-#undef MOET_KERNEL_BF16_DOT
-#undef MOET_KERNEL_I8_DOT
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+#include "moet/detail/kernels/level.inl"
 
 // AVX-512 + AVX512-VNNI: as for AVX2 + AVX-VNNI, only the block formats' products.
-#if defined(__clang__)
-#pragma clang attribute push(                                                               \
-    __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni"))), \
-    apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")
-#endif
 #define MOET_KERNEL_NS isa_avx512vnni
+#define MOET_KERNEL_TARGET "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni"
+#define MOET_KERNEL_WIDTH 512
 #define MOET_KERNEL_BF16_DOT 0
 #define MOET_KERNEL_I8_DOT 1
 #define MOET_KERNEL_QUANTIZED_ONLY 1
-#include "moet/detail/kernels/vec_avx512.inl"
-namespace moet::detail::isa_avx512vnni {
-#include "moet/detail/kernels/family.inl"
-}  // namespace moet::detail::isa_avx512vnni
-#undef MOET_KERNEL_NS
-#undef MOET_KERNEL_BF16_DOT
-#undef MOET_KERNEL_I8_DOT
-#undef MOET_KERNEL_QUANTIZED_ONLY
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+#include "moet/detail/kernels/level.inl"
 
-#if defined(__clang__)
-#pragma clang attribute push(                                                                    \
-    __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx512vnni"))), \
-    apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx512vnni")
-#endif
 #define MOET_KERNEL_NS isa_avx512bf16
+#define MOET_KERNEL_TARGET "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx512vnni"
+#define MOET_KERNEL_WIDTH 512
 #define MOET_KERNEL_BF16_DOT 1
 #define MOET_KERNEL_I8_DOT 1
-#include "moet/detail/kernels/vec_avx512.inl"
-namespace moet::detail::isa_avx512bf16 {
-#include "moet/detail/kernels/family.inl"
-}  // namespace moet::detail::isa_avx512bf16
-#undef MOET_KERNEL_NS
-#undef MOET_KERNEL_BF16_DOT
-#undef MOET_KERNEL_I8_DOT
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+#include "moet/detail/kernels/level.inl"
 #endif  // MOET_X86
 
 namespace moet::detail {

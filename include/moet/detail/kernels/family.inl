@@ -1,5 +1,6 @@
-// No include guard: detail/gemm.hpp includes this file once per kernel level, inside that
-// level's namespace (`MOET_KERNEL_NS`) and target region, after the level's `Vec` and `Traits`.
+// No include guard: included once per kernel level (by detail/gemm.hpp for the portable one,
+// by kernels/level.inl for the x86 ones), inside that level's namespace and target region,
+// after the level's `Vec` and `Traits`.
 /// \file detail/kernels/family.inl
 /// One kernel level's packed products: the micro-kernels (register tiles over `Traits::V`),
 /// the blocked driver, and the entry points detail/gemm.hpp dispatches to.

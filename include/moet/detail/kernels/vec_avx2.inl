@@ -2,7 +2,7 @@
 /// \file detail/kernels/vec_avx2.inl
 /// The registers of the AVX2 + FMA kernel levels (`KernelIsa::kAvx2`, and `kAvx2Vnni`, which
 /// adds AVX-VNNI's 256-bit `vpdpbusd` for block-quantised weights): one `__m256` holds 8
-/// floats. Included by detail/gemm.hpp inside `target("avx2,fma,...")` regions only;
+/// floats. Included by kernels/level.inl inside `target("avx2,fma,...")` regions only;
 /// `MOET_KERNEL_I8_DOT` selects the level (defined to 1 for `kAvx2Vnni`).
 
 // (Every header it needs is included by detail/gemm.hpp before the target region.)

@@ -2,7 +2,7 @@
 /// \file detail/kernels/vec_avx512.inl
 /// The registers of the AVX-512 kernel levels (`KernelIsa::kAvx512`; `kAvx512Vnni`, which adds
 /// `vpdpbusd` for block-quantised weights; `kAvx512Bf16`, which adds `vdpbf16ps` for bf16 weights
-/// too): one `__m512` holds 16 floats. Included by detail/gemm.hpp inside
+/// too): one `__m512` holds 16 floats. Included by kernels/level.inl inside
 /// `target("avx512f,...")` regions only; `MOET_KERNEL_I8_DOT` and `MOET_KERNEL_BF16_DOT` select
 /// the level.
 

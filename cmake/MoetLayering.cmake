@@ -16,8 +16,8 @@
 #   0 foundation        version config errors tensor kernel_isa; detail/ buffer parallel rng
 #                       bf16 quant select
 #   1 core protocol     routing context stats concepts activations weight_format
-#   2 detail kernels    detail/ gemm kernels/* gather_scatter softmax_router expert_bank
-#                       bank_store grad_stacks weights transposed_packs param_names
+#   2 detail kernels    instantiate_kernels; detail/ gemm kernels/* gather_scatter softmax_router
+#                       expert_bank bank_store grad_stacks weights transposed_packs param_names
 #   3 experts, gates    experts/*, gates/* (neither includes the other)
 #   4 dispatch          dispatch/*
 #   5 layer             layer.hpp
@@ -32,6 +32,7 @@ set(_moet_layer_0
   "moet/detail/(buffer|parallel|rng|bf16|quant|select)\\.hpp")
 set(_moet_layer_1 "moet/(routing|context|stats|concepts|activations|weight_format)\\.hpp")
 set(_moet_layer_2
+  "moet/instantiate_kernels\\.hpp"
   "moet/detail/(gemm|gather_scatter|softmax_router|expert_bank|bank_store|grad_stacks|weights|transposed_packs|param_names)\\.hpp"
   "moet/detail/kernels/[a-z0-9_]+\\.(hpp|inl)")
 set(_moet_layer_3 "moet/experts/[a-z0-9_]+\\.hpp" "moet/gates/[a-z0-9_]+\\.hpp")

@@ -32,6 +32,9 @@
 /// other levels split each pair into two floats in registers (a shift and a mask) and use two
 /// multiply-adds.
 
+// Seen by moet/instantiate_kernels.hpp, which must come first to instantiate the kernels.
+#define MOET_DETAIL_GEMM_HPP 1
+
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif

@@ -13,9 +13,9 @@
 /// target_sources(my_model PRIVATE moet_kernels.cpp)  # #include <moet/instantiate_kernels.hpp>
 /// ```
 ///
-/// A program whose units do not all agree still links and runs correctly (a unit without the
-/// macro compiles its own copies, which are the same code); a program that defines the macro
-/// but never includes this header fails to link (undefined `moet::detail::isa_*` kernels).
+/// A unit compiled without the macro still works beside them (it compiles its own copies of
+/// the kernels it uses, as without this header); a program that defines the macro but never
+/// includes this header fails to link (undefined `moet::detail::isa_*` kernels).
 
 #if defined(MOET_DETAIL_GEMM_HPP)
 #error "moet/instantiate_kernels.hpp must come before every other moet header of its unit"

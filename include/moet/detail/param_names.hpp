@@ -1,5 +1,5 @@
 #pragma once
-/// \file moet/detail/param_names.hpp
+/// \file detail/param_names.hpp
 /// Parameter names of composed modules (`MoELayer`, `mpi::ExpertParallelLayer`): each part's
 /// `visit_parameters` names its tensors (`weight`, `gate`, ...) and the module hands them on
 /// as `prefix + name` (`gate.weight`, `experts.gate`, ...) without allocating, so that an
@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstddef>
 #include <iterator>
 #include <string>
 #include <string_view>

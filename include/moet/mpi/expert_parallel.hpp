@@ -210,8 +210,8 @@ class ExpertParallelLayer {
   };
 
   /// Everything one call writes besides `y` (and `dx`); reuse it across calls (storage only
-  /// grows, to the largest receipt it held: a call that receives at most as many rows from
-  /// each rank for each local expert as an earlier one allocates nothing). Between
+  /// grows: a call with no more tokens on this rank, and no more rows received from each rank
+  /// for each local expert, than an earlier one allocates nothing). Between
   /// `forward_train` and `backward` it holds the received rows, the experts' caches and the
   /// returned outputs.
   struct Workspace {

@@ -16,7 +16,9 @@
 /// Few rows (`n <= kGemmFewRows = 8`: decode, small batches) are one row block with no K
 /// blocking: the weights stream from memory once, with software prefetch 16 KiB ahead. With
 /// `n <= Mr` (one row group) a kernel call covers several panels (the level's
-/// `few_row_panels`) so that enough independent FMA chains hide the FMA latency.
+/// `few_row_panels`) so that enough independent FMA chains hide the FMA latency. Calls of more
+/// rows take the level's `kManyMr`-row groups and `kManyPanels` panels per kernel call (the
+/// AVX-512 float kernels: 6 rows, 2 panels, fewer loads per FMA than 8 rows of one panel).
 
 #include <algorithm>
 #include <cstddef>
@@ -88,6 +90,7 @@ struct PackedBlocking {
   Index row_block = 0;  // rows per row block
   Index kc = 0;         // rows of B per K block
   Index chunk = 0;      // panels per column chunk
+  Index mr = 0;         // most rows per row group
   int panels = 1;       // panels per micro-kernel call
 };
 
@@ -101,20 +104,25 @@ inline Index gemm_row_block(Index n, Index mr) {
 }
 
 /// The blocking of `n` rows of depth `k` (padded) over `num_panels` panels, for a level whose
-/// row groups hold at most `mr` rows and whose one-group calls cover `one_group_panels` panels.
+/// few-row calls take row groups of at most `mr` rows (one-group calls covering
+/// `one_group_panels` panels) and whose other calls take groups of at most `many_mr` rows and
+/// `many_panels` panels per micro-kernel call.
 inline PackedBlocking packed_blocking(Index n, Index k, Index num_panels, Index mr,
-                                      int one_group_panels) {
+                                      int one_group_panels, Index many_mr, int many_panels) {
   PackedBlocking b;
   b.few = n <= kGemmFewRows;
   if (b.few) {
     b.row_block = n;
+    b.mr = mr;
     const bool one_group = n <= mr;
     // One group uses each weight once: no K blocking. Two groups share blocks through L2.
     b.kc = one_group || k <= kGemmFewRowsKc ? std::max<Index>(k, 1) : kGemmFewRowsKc;
     b.panels = one_group ? one_group_panels : 1;
   } else {
-    b.row_block = gemm_row_block(n, mr);
+    b.mr = many_mr;
+    b.row_block = gemm_row_block(n, many_mr);
     b.kc = kGemmKc;
+    b.panels = many_panels;
   }
   b.chunk = b.kc >= k ? std::max<Index>(num_panels, 1) : kGemmChunkPanels;
   return b;

@@ -362,7 +362,8 @@ void dequantize_panels(const std::uint8_t* b, Index b_stride, int p, Index k_len
   }
 }
 
-/// Runs the `m`-row micro-kernel over `p` panels (`p` is 1 or `few_row_panels(m)`).
+/// Runs the `m`-row micro-kernel over `p` panels: `p` is 1, `few_row_panels(m)`, or
+/// `Traits::kManyPanels` (calls with several row groups, `m <= kManyMr`).
 template <class Epi, class W>
 MOET_ALWAYS_INLINE void run_micro_kernel(int m, int p, Index kc, const W* a, const W* b,
                                          Index b_stride, Index pf_offset, const float* c_in,
@@ -370,12 +371,26 @@ MOET_ALWAYS_INLINE void run_micro_kernel(int m, int p, Index kc, const W* a, con
   static_for<Traits::template kMr<W>>([&](auto i) MOET_LAMBDA_INLINE {
     constexpr int kRows = i + 1;
     constexpr int kPanels = Traits::template few_row_panels<W>(kRows);
+    constexpr int kMany = Traits::template kManyPanels<W>;
+    constexpr bool kHasMany = kMany > 1 && kMany != kPanels && kRows <= Traits::template kManyMr<W>;
     if (m != kRows) return;
     if (p == 1) {
       micro_kernel<kRows, 1, Epi>(kc, a, b, b_stride, pf_offset, c_in, ldc_in, out, ldo);
-    } else if constexpr (kPanels > 1) {
-      micro_kernel<kRows, kPanels, Epi>(kc, a, b, b_stride, pf_offset, c_in, ldc_in, out, ldo);
+      return;
     }
+    if constexpr (kPanels > 1) {
+      if (p == kPanels) {
+        micro_kernel<kRows, kPanels, Epi>(kc, a, b, b_stride, pf_offset, c_in, ldc_in, out, ldo);
+        return;
+      }
+    }
+    if constexpr (kHasMany) {
+      if (p == kMany) {
+        micro_kernel<kRows, kMany, Epi>(kc, a, b, b_stride, pf_offset, c_in, ldc_in, out, ldo);
+        return;
+      }
+    }
+    MOET_ASSERT(false, "no micro-kernel of this shape");
   });
 }
 
@@ -430,7 +445,9 @@ void run_packed_product(const PackedProduct<W>& op, Buffer<float>& scratch) {
 
   const int one_group_panels = Traits::template few_row_panels<KernelW>(
       static_cast<int>(std::min<Index>(std::max<Index>(n, 1), kMr)));
-  PackedBlocking blk = packed_blocking(n, k, op.num_panels, kMr, one_group_panels);
+  PackedBlocking blk =
+      packed_blocking(n, k, op.num_panels, kMr, one_group_panels, Traits::template kManyMr<KernelW>,
+                      Traits::template kManyPanels<KernelW>);
   if constexpr (kMode == ProductMode::kDequantize) {
     // The dequantised K block lives in the scratch tile: at most kGemmKc rows.
     if (blk.kc > kGemmKc) {
@@ -486,7 +503,7 @@ void run_packed_product(const PackedProduct<W>& op, Buffer<float>& scratch) {
 
   for (Index i0 = 0; i0 < n; i0 += blk.row_block) {
     const Index rows = std::min(blk.row_block, n - i0);
-    const Index groups = (rows + kMr - 1) / kMr;
+    const Index groups = (rows + blk.mr - 1) / blk.mr;
     if constexpr (kMode == ProductMode::kIntegerDot) {
       pack_quantized_rows(op.a + i0 * op.lda, op.lda, rows, op.k, groups, a_codes, a_scales,
                           a_sums, op.a_k_stride);
@@ -520,8 +537,8 @@ void run_packed_product(const PackedProduct<W>& op, Buffer<float>& scratch) {
             row_group(rows, groups, g, g0, gm);
             const int m = static_cast<int>(gm);
             // Far prefetch: the first group of a few-row call runs ahead along its own stream;
-            // every other call fetches the same K block of the next panel, needed next.
-            const Index pf_offset = blk.few && g == 0 ? kStreamPrefetch : op.b_stride;
+            // every other call fetches the same K block of the panels needed next.
+            const Index pf_offset = blk.few && g == 0 ? kStreamPrefetch : p * op.b_stride;
             // Where the running sums come from: zero, the old C (accumulate), or the scratch.
             float* out_tile = op.out + (i0 + g0) * op.ldo + j * kOutWidth;  // (gm, p * width)
             float* part =

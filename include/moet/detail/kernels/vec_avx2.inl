@@ -167,6 +167,11 @@ struct Traits {
   static constexpr int kMr = std::is_same_v<W, Bf16> ? 4
                              : kIsQuantized<W>       ? 4
                                                      : 6;
+  /// Rows and panels per tile of calls with several row groups: the same tiles.
+  template <class W>
+  static constexpr int kManyMr = kMr<W>;
+  template <class W>
+  static constexpr int kManyPanels = 1;
   template <class W>
   static constexpr int few_row_panels(int m) {
     if constexpr (std::is_same_v<W, Q4_0> || std::is_same_v<W, Q4_1>) {

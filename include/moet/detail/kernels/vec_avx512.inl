@@ -186,9 +186,10 @@ struct Vec {
 #endif
 };
 
-/// Blocking of the AVX-512 levels: 8 x 32 tiles (16 accumulators of 32 zmm registers) for
-/// float and for `vdpbf16ps`; with bf16 pairs split in registers, 8 rows take 16 accumulators,
-/// 4 split B registers and 2 broadcasts; the integer kernels take 6 x 32 tiles (24
+/// Blocking of the AVX-512 levels: float calls of several row groups take 6 x 64 tiles (two
+/// panels: 24 accumulators of 32 zmm registers, 4 of B, 1 broadcast), other float calls and
+/// `vdpbf16ps` 8 x 32 tiles (16 accumulators); with bf16 pairs split in registers, 8 rows take 16
+/// accumulators, 4 split B registers and 2 broadcasts; the integer kernels take 6 x 32 tiles (24
 /// accumulators, 4 registers of codes, 2 of scales). One- and two-row calls (decode) of the
 /// 4-bit formats run one panel per call (q8_0 two): a 4-bit panel is short (32 columns x 1024
 /// rows: 18 KiB), and two read side by side are two streams of which the second starts cold at
@@ -204,6 +205,17 @@ struct Traits {
   /// two int32 accumulators per panel).
   template <class W>
   static constexpr int kMr = kIsQuantized<W> ? 6 : 8;
+  /// Rows and panels per tile of calls with several row groups (`n > kGemmFewRows`): 6 x 64
+  /// for float, 10 loads per 24 FMAs where 8 x 32 issues 10 per 16 (measured on a Xeon with
+  /// AVX512-BF16, one core, S2: the float products at 128 and 512 rows 1.09-1.26x faster, medians
+  /// of 6 runs side by side with the 8 x 32 build). The other types keep their `kMr x 32`
+  /// tiles: one `vdpbf16ps` takes the issue time of four FMAs there, so loads do not set its
+  /// speed (0.94-1.05x with 6 x 64); the split-pair bf16 and integer kernels have no registers
+  /// left for a second panel.
+  template <class W>
+  static constexpr int kManyMr = std::is_same_v<W, float> ? 6 : kMr<W>;
+  template <class W>
+  static constexpr int kManyPanels = std::is_same_v<W, float> ? 2 : 1;
   template <class W>
   static constexpr int few_row_panels(int m) {
     if constexpr (std::is_same_v<W, Q4_0> || std::is_same_v<W, Q4_1>) {

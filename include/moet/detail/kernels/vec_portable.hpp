@@ -69,6 +69,11 @@ struct Traits {
   static constexpr Index kNr = 2 * Vec::kWidth;
   template <class W>
   static constexpr int kMr = std::is_same_v<W, Bf16> ? 4 : 6;
+  /// Rows and panels per tile of calls with several row groups: the same tiles.
+  template <class W>
+  static constexpr int kManyMr = kMr<W>;
+  template <class W>
+  static constexpr int kManyPanels = 1;
   /// Panels a one-group call (`m <= kMr` rows) covers: at least 8 independent chains.
   template <class W>
   static constexpr int few_row_panels(int m) {

@@ -5,7 +5,8 @@
 # STEP=install   configure moet from MOET_SOURCE_DIR into WORK_DIR/build (tests, benchmarks and
 #                examples off, install on), build it and install it into PREFIX.
 # STEP=consumer  configure the project in PROJECT_DIR into WORK_DIR/build (passing PREFIX as
-#                CMAKE_PREFIX_PATH and MOET_SOURCE_DIR), build it and run WORK_DIR/build/<RUN>.
+#                CMAKE_PREFIX_PATH and MOET_SOURCE_DIR), build it and run WORK_DIR/build/<RUN>
+#                (RUN: one program or a comma-separated list).
 # STEP=version   check the installed version file: 0.<minor> is found, other minors and
 #                majors are rejected (SameMinorVersion before 1.0).
 #
@@ -96,12 +97,16 @@ elseif(STEP STREQUAL "consumer")
   endif()
   moet_run("${CMAKE_COMMAND}" -S "${PROJECT_DIR}" -B "${_build_dir}" ${_configure_args} ${_consumer_args})
   moet_run("${CMAKE_COMMAND}" --build "${_build_dir}" --config "${BUILD_TYPE}")
-  # Single-config generators put the program in the build dir, multi-config ones below it.
-  set(_program "${_build_dir}/${RUN}")
-  if(NOT EXISTS "${_program}" AND NOT EXISTS "${_program}.exe")
-    set(_program "${_build_dir}/${BUILD_TYPE}/${RUN}")
-  endif()
-  moet_run("${_program}")
+  # RUN: one program, or several separated by commas, run in that order. Single-config
+  # generators put a program in the build dir, multi-config ones below it.
+  string(REPLACE "," ";" _runs "${RUN}")
+  foreach(_run IN LISTS _runs)
+    set(_program "${_build_dir}/${_run}")
+    if(NOT EXISTS "${_program}" AND NOT EXISTS "${_program}.exe")
+      set(_program "${_build_dir}/${BUILD_TYPE}/${_run}")
+    endif()
+    moet_run("${_program}")
+  endforeach()
 
 elseif(STEP STREQUAL "version")
   if(NOT DEFINED PREFIX OR NOT DEFINED MOET_VERSION)

@@ -41,6 +41,8 @@
 #include "moet/kernel_isa.hpp"
 #include "moet/tensor.hpp"
 
+#include "openblas_core.hpp"
+
 namespace {
 
 using moet::Index;
@@ -274,6 +276,7 @@ void run_benchmark(benchmark::State& state, Op op, Impl impl, int shape_id, Inde
 }  // namespace
 
 int main(int argc, char** argv) {
+  moet::bench::choose_openblas_core(argv);
   Eigen::setNbThreads(1);
 #if defined(MOET_BENCH_OPENBLAS)
   openblas_set_num_threads(1);
@@ -297,6 +300,7 @@ int main(int argc, char** argv) {
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::AddCustomContext("moet_kernels", moet::kernel_isa_name(moet::kernel_isa()));
+  benchmark::AddCustomContext("openblas_kernels", moet::bench::openblas_core());
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
   return 0;

@@ -2,8 +2,8 @@
 #   cmake -DEXE=<moet-compare> -DMODE=help -P check_compare.cmake
 #     --help exits 0 and explains the flags, the shapes, the columns and every gate key.
 #   cmake -DEXE=<moet-compare> -DMODE=json -DJSON=<file> -P check_compare.cmake
-#     the JSON a smoke run wrote: an object with meta (commit, CPU, ISA, compiler, seed, repeat)
-#     and results whose integers are printed as integers.
+#     the JSON a smoke run wrote: an object with meta (commit, CPU, ISA, compiler, OpenBLAS
+#     kernels, seed, repeat) and results whose integers are printed as integers.
 if(MODE STREQUAL "help")
   execute_process(COMMAND "${EXE}" --help RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
   if(NOT rc EQUAL 0)
@@ -20,7 +20,7 @@ if(MODE STREQUAL "help")
   endforeach()
 elseif(MODE STREQUAL "json")
   file(READ "${JSON}" doc)
-  foreach(key commit cpu_model kernel_isa compiler cxx_flags seed repeat shape)
+  foreach(key commit cpu_model kernel_isa compiler cxx_flags openblas_core seed repeat shape)
     string(JSON value ERROR_VARIABLE error GET "${doc}" meta ${key})
     if(error)
       message(FATAL_ERROR "${JSON}: meta.${key}: ${error}")

@@ -39,6 +39,7 @@
 
 #include "bench_common.hpp"
 #include "build_info.hpp"  // MOET_BUILD_COMMIT, MOET_BUILD_CXX_FLAGS, MOET_BUILD_TYPE (CMake)
+#include "openblas_core.hpp"
 #include "svg.hpp"
 
 namespace {
@@ -139,7 +140,10 @@ their weights from DRAM. Each series (T, threads) also measures, in the same pro
 bandwidth (a parallel sum over 128 MiB, best of 5) and the FMA peak (12 independent FMA chains
 per thread), both on the vector width of the kernels in use whatever the build's flags, and the
 OpenBLAS ceiling (top-2's FLOPs as an equal split of 2T rows over the experts, three
-single-threaded cblas_sgemm per expert, experts in parallel; n/a when built without OpenBLAS).
+single-threaded cblas_sgemm per expert, experts in parallel; n/a when built without OpenBLAS;
+the header names OpenBLAS's kernels: where OpenBLAS falls back to its SSE3 Prescott ones on an
+AVX-512 or AVX2 CPU it does not know, and OPENBLAS_CORETYPE is unset, moet-compare re-runs
+itself with OPENBLAS_CORETYPE=SkylakeX or Haswell).
 
 Shapes (--shape; --d-model, --d-ff, --experts override its sizes and make it "custom"):
 )" + shapes +
@@ -690,6 +694,7 @@ void write_json(const std::string& path, const Config& c, const std::vector<Row>
       {"cxx_flags", MOET_BUILD_CXX_FLAGS},
       {"build_type", MOET_BUILD_TYPE},
       {"openblas", moet::bench::Ceiling::available()},
+      {"openblas_core", moet::bench::openblas_core()},
       {"seed", c.seed},
       {"repeat", c.repeat},
       {"flush", c.flush},
@@ -955,6 +960,7 @@ void write_svg(const std::string& path, const Config& c, const std::vector<Row>&
 }  // namespace
 
 int main(int argc, char** argv) {
+  moet::bench::choose_openblas_core(argv);
   const Config c = parse(argc, argv);
   std::string formats;
   for (const auto& w : c.weights) formats += (formats.empty() ? "" : ", ") + w;
@@ -966,9 +972,10 @@ int main(int argc, char** argv) {
       c.inputs.c_str(), c.repeat, c.flush ? " (caches flushed)" : "",
       static_cast<unsigned long long>(c.seed), moet::kernel_isa_name(moet::kernel_isa()),
       moet::kernel_isa() == moet::cpu_kernel_isa() ? "" : " (lowered by MOET_ISA)");
-  std::printf("commit %s, %s, %s %s (%s), %u hardware threads\n", MOET_BUILD_COMMIT,
-              cpu_model().c_str(), compiler().c_str(), MOET_BUILD_TYPE, MOET_BUILD_CXX_FLAGS,
-              std::thread::hardware_concurrency());
+  std::printf("commit %s, %s, %s %s (%s), %u hardware threads, OpenBLAS kernels %s\n",
+              MOET_BUILD_COMMIT, cpu_model().c_str(), compiler().c_str(), MOET_BUILD_TYPE,
+              MOET_BUILD_CXX_FLAGS, std::thread::hardware_concurrency(),
+              moet::bench::openblas_core().c_str());
   // One bank per weight format, the same float weights (same seed).
   std::vector<Bank> banks;
   for (const auto& w : c.weights) {

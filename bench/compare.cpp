@@ -690,6 +690,7 @@ void write_json(const std::string& path, const Config& c, const std::vector<Row>
       {"cpu_threads", std::thread::hardware_concurrency()},
       {"kernel_isa", moet::kernel_isa_name(moet::kernel_isa())},
       {"kernel_isa_cpu", moet::kernel_isa_name(moet::cpu_kernel_isa())},
+      {"kernel_isa_default", moet::kernel_isa_name(moet::default_kernel_isa())},
       {"compiler", compiler()},
       {"cxx_flags", MOET_BUILD_CXX_FLAGS},
       {"build_type", MOET_BUILD_TYPE},
@@ -971,7 +972,7 @@ int main(int argc, char** argv) {
       static_cast<long>(c.hidden_dim), static_cast<long>(c.num_experts), formats.c_str(),
       c.inputs.c_str(), c.repeat, c.flush ? " (caches flushed)" : "",
       static_cast<unsigned long long>(c.seed), moet::kernel_isa_name(moet::kernel_isa()),
-      moet::kernel_isa() == moet::cpu_kernel_isa() ? "" : " (lowered by MOET_ISA)");
+      moet::kernel_isa() == moet::default_kernel_isa() ? "" : " (set by MOET_ISA)");
   std::printf("commit %s, %s, %s %s (%s), %u hardware threads, OpenBLAS kernels %s\n",
               MOET_BUILD_COMMIT, cpu_model().c_str(), compiler().c_str(), MOET_BUILD_TYPE,
               MOET_BUILD_CXX_FLAGS, std::thread::hardware_concurrency(),

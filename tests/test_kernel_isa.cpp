@@ -61,6 +61,11 @@ TEST_CASE("cpuid detection agrees with the compiler's CPU probe", "[isa]") {
   CHECK(moet::kernel_isa_supported(KernelIsa::kAvx512) == (avx2 && avx512));
   CHECK(moet::kernel_isa_supported(KernelIsa::kAvx512Vnni) == (avx2 && avx512 && avx512_vnni));
   CHECK(moet::kernel_isa_supported(KernelIsa::kAvx512Bf16) == (avx2 && avx512 && bf16));
+  // The default level avoids vdpbf16ps on Intel CPUs (the compiler's vendor probe as oracle).
+  CHECK(moet::detail::cpu_bf16_dot_is_slow() == (__builtin_cpu_is("intel") != 0));
+  CHECK(
+      moet::default_kernel_isa() ==
+      (cpu == KernelIsa::kAvx512Bf16 && __builtin_cpu_is("intel") ? KernelIsa::kAvx512Vnni : cpu));
 #else
   CHECK(cpu == KernelIsa::kPortable);
 #endif
@@ -95,6 +100,15 @@ TEST_CASE("MOET_ISA picks the best level the CPU has at or below the one named",
   CHECK(select_kernel_isa(ice_lake, nullptr) == KernelIsa::kAvx512Vnni);
   CHECK(select_kernel_isa(zen4, nullptr) == KernelIsa::kAvx512Bf16);
   CHECK(select_kernel_isa(zen5, nullptr) == KernelIsa::kAvx512Bf16);
+  // Unset on a CPU whose vdpbf16ps is slow (Intel): the best level below kAvx512Bf16; named:
+  // as on any CPU, kAvx512Bf16 included.
+  CHECK(select_kernel_isa(zen5, nullptr, true) == KernelIsa::kAvx512Vnni);
+  CHECK(select_kernel_isa(zen4, "", true) == KernelIsa::kAvx512Vnni);
+  CHECK(select_kernel_isa(ice_lake, nullptr, true) == KernelIsa::kAvx512Vnni);
+  CHECK(select_kernel_isa(skylake_x, nullptr, true) == KernelIsa::kAvx512);
+  CHECK(select_kernel_isa(alder_lake, nullptr, true) == KernelIsa::kAvx2Vnni);
+  CHECK(select_kernel_isa(zen5, "avx512bf16", true) == KernelIsa::kAvx512Bf16);
+  CHECK(select_kernel_isa(zen5, "avx512", true) == KernelIsa::kAvx512);
   // Named: that level where the CPU has it, else the best one below it; never a higher one.
   CHECK(select_kernel_isa(zen5, "avx2vnni") == KernelIsa::kAvx2Vnni);
   CHECK(select_kernel_isa(zen4, "avx2vnni") == KernelIsa::kAvx2);
@@ -128,8 +142,12 @@ TEST_CASE("MOET_ISA picks the best level the CPU has at or below the one named",
       Catch::Contains("MOET_ISA") && Catch::Contains("'AVX2'") &&
           Catch::Contains("portable, avx2, avx2vnni, avx512, avx512vnni, avx512bf16"));
   // What this process runs: the CPU's levels filtered by the environment it was started with.
-  CHECK(moet::kernel_isa() ==
-        select_kernel_isa(moet::detail::cpu_kernel_isas(), std::getenv("MOET_ISA")));
+  CHECK(moet::kernel_isa() == select_kernel_isa(moet::detail::cpu_kernel_isas(),
+                                                std::getenv("MOET_ISA"),
+                                                moet::detail::cpu_bf16_dot_is_slow()));
+  CHECK(moet::default_kernel_isa() == select_kernel_isa(moet::detail::cpu_kernel_isas(), nullptr,
+                                                        moet::detail::cpu_bf16_dot_is_slow()));
+  CHECK(moet::default_kernel_isa() <= moet::cpu_kernel_isa());
   CHECK(moet::kernel_isa_supported(moet::kernel_isa()));
   CHECK(moet::kernel_isa() <= moet::cpu_kernel_isa());
 }

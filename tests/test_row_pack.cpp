@@ -48,6 +48,29 @@ void with_level(KernelIsa isa, F&& f) {
   }
 }
 
+// The float-row bf16 packer of `isa` (the rows of bf16 products on levels without
+// `vdpbf16ps`).
+using FloatRowPacker = void (*)(const float*, Index, Index, Index, Index, float*, Index);
+FloatRowPacker float_row_packer(KernelIsa isa) {
+  namespace d = moet::detail;
+  switch (isa) {
+#if defined(__x86_64__) || defined(__i386__)
+    case KernelIsa::kAvx512Bf16:
+      return &d::isa_avx512bf16::pack_bf16_float_row_groups<>;
+    case KernelIsa::kAvx512Vnni:
+      return &d::isa_avx512vnni::pack_bf16_float_row_groups<>;
+    case KernelIsa::kAvx512:
+      return &d::isa_avx512::pack_bf16_float_row_groups<>;
+    case KernelIsa::kAvx2Vnni:
+      return &d::isa_avx2vnni::pack_bf16_float_row_groups<>;
+    case KernelIsa::kAvx2:
+      return &d::isa_avx2::pack_bf16_float_row_groups<>;
+#endif
+    default:
+      return &d::isa_portable::pack_bf16_float_row_groups<>;
+  }
+}
+
 // Rows of random floats of every magnitude mixed with the delicate values; with `quant`, finite
 // multiples of 1/2 in [-127, 127] (see the quantisation case).
 std::vector<float> test_rows(Index rows, Index k, std::uint32_t seed, bool quant) {
@@ -211,6 +234,47 @@ TEST_CASE("8-bit row quantisation rounds halves away from zero", "[gemm][quant]"
       }
       CHECK(sum == want_sum);
     });
+  }
+}
+
+TEST_CASE("bf16 float-row packing holds the bf16 pairs' values bit for bit on every level",
+          "[gemm][bf16]") {
+  // Element (kk, r) of a float-row group ([kp][m]) is from_bf16 of element (kk / 2, r, kk % 2)
+  // of the scalar bf16 pair packing ([kp / 2][m][2]); the pad of an odd k is zero in both.
+  for (const KernelIsa isa : supported_isas()) {
+    const FloatRowPacker packer = float_row_packer(isa);
+    for (const Index k : kDepths) {
+      for (const Index rows : kRowCounts) {
+        for (const Index k_stride : {Index{1}, rows + 2}) {
+          const Index groups = (rows + 1) / 2;
+          // k_stride 1: rows `lda` apart; otherwise column kk of row r at r + kk k_stride.
+          const Index lda = k_stride == 1 ? k + 3 : 1;
+          const auto a = test_rows(k_stride == 1 ? rows : k, k_stride == 1 ? lda : k_stride,
+                                   static_cast<std::uint32_t>(k * 7 + rows), false);
+          const Index kp = moet::detail::padded_depth<Bf16>(k);
+          std::vector<Bf16> pairs(static_cast<std::size_t>(rows * kp), Bf16{0x5555});
+          std::vector<float> got(static_cast<std::size_t>(rows * kp), 7.0f);
+          moet::detail::pack_row_groups(a.data(), lda, rows, k, groups, pairs.data(), -1, k_stride);
+          packer(a.data(), lda, rows, k, groups, got.data(), k_stride);
+          INFO(kernel_isa_name(isa) << ": k " << k << " rows " << rows << " k_stride " << k_stride);
+          for (Index g = 0; g < groups; ++g) {
+            Index first = 0;
+            Index m = 0;
+            moet::detail::row_group(rows, groups, g, first, m);
+            for (Index kk = 0; kk < kp; ++kk) {
+              for (Index r = 0; r < m; ++r) {
+                const Bf16 pair =
+                    pairs[static_cast<std::size_t>(first * kp + (kk / 2) * 2 * m + 2 * r + kk % 2)];
+                const float want = moet::detail::from_bf16(pair);
+                const float value = got[static_cast<std::size_t>(first * kp + kk * m + r)];
+                INFO("group " << g << " row " << r << " column " << kk);
+                REQUIRE(std::bit_cast<std::uint32_t>(value) == std::bit_cast<std::uint32_t>(want));
+              }
+            }
+          }
+        }
+      }
+    }
   }
 }
 

@@ -8,10 +8,14 @@
 /// weights remember the level they were packed for, so a bank packed in one translation unit
 /// runs the same kernels from any other, whatever `-march` either was compiled with.
 ///
+/// The default is the CPU's best level, except on Intel CPUs with AVX512-BF16, which run
+/// `avx512vnni`: there one `vdpbf16ps` takes the issue time of four FMAs, and bf16 products on
+/// FMAs (bf16 weights split into floats in registers) ran 1.6x faster (`default_kernel_isa`).
+///
 /// `MOET_ISA=portable|avx2|avx2vnni|avx512|avx512vnni|avx512bf16` in the environment, read at
-/// the first call, lowers the level (for tests, benchmarks and bug reports) to the best level
-/// the CPU has at or below the one named; a level above the CPU's best cannot be forced. Any
-/// other value is a `moet::Error` at the first use.
+/// the first call, picks the level instead (for tests, benchmarks and bug reports): the best
+/// level the CPU has at or below the one named; a level above the CPU's best cannot be forced.
+/// Any other value is a `moet::Error` at the first use.
 ///
 /// ```cpp
 /// std::printf("moet kernels: %s\n", moet::kernel_isa_name(moet::kernel_isa()));
@@ -171,10 +175,38 @@ inline KernelIsa parse_kernel_isa(std::string_view name, const char* what) {
 }
 
 /// The level to run given the CPU's levels `cpu` and `MOET_ISA` (`env`, may be null): the
-/// highest level of `cpu` at or below the one `env` names, or the highest of all when unset.
-inline KernelIsa select_kernel_isa(KernelIsaSet cpu, const char* env) {
-  if (env == nullptr || *env == '\0') return best_kernel_isa(cpu);
+/// highest level of `cpu` at or below the one `env` names; when unset, the highest of all, or
+/// the highest below `kAvx512Bf16` when `slow_bf16_dot` (see `cpu_bf16_dot_is_slow`).
+inline KernelIsa select_kernel_isa(KernelIsaSet cpu, const char* env, bool slow_bf16_dot = false) {
+  if (env == nullptr || *env == '\0') {
+    return best_kernel_isa(cpu, slow_bf16_dot ? KernelIsa::kAvx512Vnni : KernelIsa::kAvx512Bf16);
+  }
   return best_kernel_isa(cpu, parse_kernel_isa(env, "MOET_ISA"));
+}
+
+/// Whether this CPU's `vdpbf16ps` is too slow to prefer over FMAs on split bf16 pairs: true on
+/// Intel (cpuid vendor "GenuineIntel"). Measured on a Xeon of family 6, model 207 (AVX512-BF16,
+/// AMX): one `vdpbf16ps` took the issue time of four `vfmadd231ps` (0.77 against 0.19 ns per
+/// instruction, 24 independent chains), so its 32 multiply-adds run at half the FMA rate, and
+/// S2 bf16 products of 128 and 512 rows ran 1.6x faster on the `avx512vnni` level's split
+/// pairs (131-137 against 82 GFLOP/s, one core). AMD's Zen 4 and Zen 5 keep `vdpbf16ps`, which
+/// ran faster than float FMAs there (README, bf16 expert weights).
+inline bool detect_slow_bf16_dot() {
+#if MOET_X86
+  unsigned a = 0;
+  unsigned b = 0;
+  unsigned c = 0;
+  unsigned d = 0;
+  if (__get_cpuid(0, &a, &b, &c, &d) == 0) return false;
+  // The vendor string is EBX, EDX, ECX: "Genu" "ineI" "ntel".
+  return b == 0x756e6547U && d == 0x49656e69U && c == 0x6c65746eU;
+#else
+  return false;
+#endif
+}
+inline bool cpu_bf16_dot_is_slow() {
+  static const bool slow = detect_slow_bf16_dot();
+  return slow;
 }
 
 /// The levels this CPU supports. Detected once.
@@ -187,12 +219,21 @@ inline KernelIsaSet cpu_kernel_isas() {
 /// The best level this CPU supports (ignores `MOET_ISA`).
 inline KernelIsa cpu_kernel_isa() { return detail::best_kernel_isa(detail::cpu_kernel_isas()); }
 
-/// The level moet's kernels run on: `cpu_kernel_isa()`, or the best supported level at or below
-/// the one `MOET_ISA` names when set. Chosen once, at the first call (thread-safe); throws
+/// The level moet runs on this CPU when `MOET_ISA` is unset: `cpu_kernel_isa()`, or
+/// `kAvx512Vnni` on Intel CPUs with AVX512-BF16 (see the file comment).
+inline KernelIsa default_kernel_isa() {
+  return detail::select_kernel_isa(detail::cpu_kernel_isas(), nullptr,
+                                   detail::cpu_bf16_dot_is_slow());
+}
+
+/// The level moet's kernels run on: `default_kernel_isa()`, or the best supported level at or
+/// below the one `MOET_ISA` names when set. Chosen once, at the first call (thread-safe); throws
 /// `moet::Error` when `MOET_ISA` holds an unknown name.
 inline KernelIsa kernel_isa() {
-  static const KernelIsa isa = detail::select_kernel_isa(
-      detail::cpu_kernel_isas(), std::getenv("MOET_ISA"));  // NOLINT(concurrency-mt-unsafe)
+  static const KernelIsa isa =
+      detail::select_kernel_isa(detail::cpu_kernel_isas(),
+                                std::getenv("MOET_ISA"),  // NOLINT(concurrency-mt-unsafe)
+                                detail::cpu_bf16_dot_is_slow());
   return isa;
 }
 

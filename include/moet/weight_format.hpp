@@ -15,8 +15,9 @@ namespace moet {
 /// - `kF32`: float copies; `forward` is exact float arithmetic (one FMA chain per output).
 /// - `kBf16`: bfloat16 copies (half the bytes: decode, which streams the weights from memory,
 ///   runs up to twice as fast). `forward` rounds the weights and each product's input rows to
-///   bf16 and accumulates in float (`vdpbf16ps` where the CPU has AVX512-BF16, the pairs split
-///   in registers elsewhere). Expect a relative error of a few 1e-3 against `kF32`
+///   bf16 and accumulates in float (`vdpbf16ps` on the `avx512bf16` kernel level; elsewhere,
+///   Intel CPUs by default included, FMAs on the weight pairs split into floats in registers).
+///   Expect a relative error of a few 1e-3 against `kF32`
 ///   (tests/test_gemm_bf16.cpp measures and bounds it).
 /// - `kQ8_0`, `kQ4_0`, `kQ4_1`: ggml's block formats (detail/quant.hpp): each column's blocks of
 ///   32 weights along the input dimension share a half-precision scale (and, for `kQ4_1`, a

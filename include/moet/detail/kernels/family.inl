@@ -13,7 +13,8 @@
 /// ```
 /// with `B(k, c)` the element `panel_offset(k, c % nr)` of panel `c / nr` (panels `b_stride`
 /// elements apart, `b` already offset to the first row of the K block) and, for bf16,
-/// `a(r, k)` element `k M + 2 r + k % 2` of the packed row group (`[k / 2][M][2]`; `kc` even).
+/// `a(r, k)` element `k M + 2 r + k % 2` of the packed row group (`[k / 2][M][2]`; `kc` even;
+/// float rows `[k][M]`, element `k M + r`, where `kFloatRowsForBf16`).
 /// `fma` rounds once on the x86 levels and twice (multiply, add) on the portable one; the bf16
 /// pair sum is one `vdpbf16ps` (exact products, the hardware's rounding) on `kAvx512Bf16` and
 /// two multiply-adds, odd row first, elsewhere. Then the epilogue writes `out` (row stride
@@ -169,8 +170,12 @@ MOET_ALWAYS_INLINE void prefetch_panels(const W* const (&bp)[static_cast<std::si
 }
 
 /// The micro-kernel: an `M x P nr` tile over `kc` rows of `P` panels (see the file comment).
-template <int M, int P, class Epi, class W, class Vv = V>
-MOET_NOINLINE void micro_kernel(Index kc, const W* a, const W* b, Index b_stride, Index pf_offset,
+/// `A` is the element type of the packed rows: `W`, or float for bf16 weights on a level
+/// without `vdpbf16ps` (`kFloatRowsForBf16`: the rows hold bf16-rounded values laid out
+/// `[k][M]`, so each multiply-add's operand is one broadcast load instead of a scalar
+/// conversion; the same values, so the same bits as bf16 rows).
+template <int M, int P, class Epi, class W, class Vv = V, class A = W>
+MOET_NOINLINE void micro_kernel(Index kc, const A* a, const W* b, Index b_stride, Index pf_offset,
                                 const float* c_in, Index ldc_in, float* out, Index ldo) {
   constexpr int kW = V::kWidth;
   constexpr int kRegs = 2 * P;  // registers per row: two per panel
@@ -214,8 +219,15 @@ MOET_NOINLINE void micro_kernel(Index kc, const W* a, const W* b, Index b_stride
           V::bf16_pairs(bp[q / 2] + (q % 2) * 2 * kW, even[q], odd[q]);
         });
         static_for<M>([&](auto r) MOET_LAMBDA_INLINE {
-          const Reg a0 = V::set1(from_bf16(a[2 * r]));
-          const Reg a1 = V::set1(from_bf16(a[2 * r + 1]));
+          Reg a0;
+          Reg a1;
+          if constexpr (std::is_same_v<A, float>) {  // rows k and k + 1 of the [k][M] layout
+            a0 = V::broadcast(a + r);
+            a1 = V::broadcast(a + M + r);
+          } else {
+            a0 = V::set1(from_bf16(a[2 * r]));
+            a1 = V::set1(from_bf16(a[2 * r + 1]));
+          }
           static_for<kRegs>([&](auto q) MOET_LAMBDA_INLINE {
             acc[r][q] = V::fma(a0, even[q], V::fma(a1, odd[q], acc[r][q]));
           });
@@ -364,8 +376,8 @@ void dequantize_panels(const std::uint8_t* b, Index b_stride, int p, Index k_len
 
 /// Runs the `m`-row micro-kernel over `p` panels: `p` is 1, `few_row_panels(m)`, or
 /// `Traits::kManyPanels` (calls with several row groups, `m <= kManyMr`).
-template <class Epi, class W>
-MOET_ALWAYS_INLINE void run_micro_kernel(int m, int p, Index kc, const W* a, const W* b,
+template <class Epi, class W, class A>
+MOET_ALWAYS_INLINE void run_micro_kernel(int m, int p, Index kc, const A* a, const W* b,
                                          Index b_stride, Index pf_offset, const float* c_in,
                                          Index ldc_in, float* out, Index ldo) {
   static_for<Traits::template kMr<W>>([&](auto i) MOET_LAMBDA_INLINE {
@@ -425,15 +437,22 @@ inline constexpr ProductMode kProductMode =
     : Vv::kDotI8     ? ProductMode::kIntegerDot
                      : ProductMode::kDequantize;
 
+/// Whether this level packs the rows of `A` for bf16 weights as floats holding the bf16-rounded
+/// values (levels without `vdpbf16ps`: see `micro_kernel`) rather than as bf16 pairs.
+template <class W, class Vv = V>
+inline constexpr bool kFloatRowsForBf16 = std::is_same_v<W, Bf16> && !Vv::kDotBf16;
+
 /// The blocked loop nest shared by `gemm` (`Glu = false`) and `glu`, for weights of any packed
-/// type (`W`): bf16 packs `A` as bf16; the block formats quantise `A` per block for the integer
-/// kernels or dequantise the weights (see `ProductMode`); the reduction runs over
-/// `padded_depth(k)` rows.
+/// type (`W`): bf16 packs `A` as bf16 (as bf16-rounded floats where `kFloatRowsForBf16`); the block
+/// formats quantise `A` per block for the integer kernels or dequantise the weights (see
+/// `ProductMode`); the reduction runs over `padded_depth(k)` rows.
 template <bool Glu, class Act, class W>
 void run_packed_product(const PackedProduct<W>& op, Buffer<float>& scratch) {
   constexpr ProductMode kMode = kProductMode<W>;
   // The element type the rows of A are packed as, and the kernels' view of the weights.
   using KernelW = std::conditional_t<kMode == ProductMode::kDequantize, float, W>;
+  // The element type of the packed rows of A.
+  using RowW = std::conditional_t<kFloatRowsForBf16<W>, float, KernelW>;
   using Storage = typename PackFormat<W>::Storage;
   constexpr Index kNr = Traits::kNr;
   constexpr Index kMr = Traits::template kMr<KernelW>;
@@ -461,7 +480,7 @@ void run_packed_product(const PackedProduct<W>& op, Buffer<float>& scratch) {
   // the quantised codes with a float scale and an int32 sum per row and block.
   const Index a_bytes = kMode == ProductMode::kIntegerDot
                             ? block_rows * (k + 8 * nb)
-                            : block_rows * k * static_cast<Index>(sizeof(KernelW));
+                            : block_rows * k * static_cast<Index>(sizeof(RowW));
   const Index packed_a = (a_bytes / static_cast<Index>(sizeof(float)) + 15) / 16 * 16;
   const Index part_ld = blk.chunk * kNr;  // running sums: (block_rows, chunk * kNr)
   const bool blocked = blk.kc < k;        // K blocks > 1: running sums go through scratch
@@ -472,7 +491,7 @@ void run_packed_product(const PackedProduct<W>& op, Buffer<float>& scratch) {
   if (misalign != 0) base += (kPackAlignBytes - misalign) / sizeof(float);
   // (block_rows, k) as packed row groups; bf16 rows and quantised codes start their lifetime
   // in the float storage.
-  KernelW* a_pack = nullptr;
+  RowW* a_pack = nullptr;
   std::int8_t* a_codes = nullptr;
   float* a_scales = nullptr;
   std::int32_t* a_sums = nullptr;
@@ -481,10 +500,10 @@ void run_packed_product(const PackedProduct<W>& op, Buffer<float>& scratch) {
     a_scales = base + (block_rows * k + 3) / 4;
     a_sums = ::new (static_cast<void*>(a_scales + block_rows * nb))
         std::int32_t[static_cast<std::size_t>(block_rows * nb)];
-  } else if constexpr (std::is_same_v<KernelW, float>) {
+  } else if constexpr (std::is_same_v<RowW, float>) {
     a_pack = base;
   } else {
-    a_pack = ::new (static_cast<void*>(base)) KernelW[static_cast<std::size_t>(block_rows * k)];
+    a_pack = ::new (static_cast<void*>(base)) RowW[static_cast<std::size_t>(block_rows * k)];
   }
   float* partial = base + packed_a;  // running sums of one column chunk (when blocked)
   // The dequantised weights of the current K block (kDequantize).
@@ -510,6 +529,9 @@ void run_packed_product(const PackedProduct<W>& op, Buffer<float>& scratch) {
     } else if constexpr (kMode == ProductMode::kDequantize) {
       pack_row_groups(op.a + i0 * op.lda, op.lda, rows, op.k, groups, a_pack, k,  // zero pad
                       op.a_k_stride);
+    } else if constexpr (kFloatRowsForBf16<W>) {
+      pack_bf16_float_row_groups(op.a + i0 * op.lda, op.lda, rows, op.k, groups, a_pack,
+                                 op.a_k_stride);
     } else if constexpr (std::is_same_v<KernelW, Bf16>) {
       pack_bf16_row_groups(op.a + i0 * op.lda, op.lda, rows, op.k, groups, a_pack, op.a_k_stride);
     } else {

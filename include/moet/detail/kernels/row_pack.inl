@@ -66,6 +66,39 @@ inline void pack_bf16_row_groups(const float* a, Index lda, Index rows, Index k,
   }
 }
 
+/// `pack_row_groups` into floats holding the bf16-rounded values, `from_bf16(to_bf16(x))`: the
+/// rows of bf16 products on levels without `vdpbf16ps` (`kFloatRowsForBf16`). Group `g` at
+/// `dst + first padded_depth<Bf16>(k)`, laid out `[padded_depth<Bf16>(k)][m]`, an odd `k`
+/// padded with a zero row.
+template <class Vv = V>
+inline void pack_bf16_float_row_groups(const float* a, Index lda, Index rows, Index k, Index groups,
+                                       float* dst, Index k_stride) {
+  const Index kp = padded_depth<Bf16>(k);
+  constexpr Index kChunk = 256;
+  Bf16 buf[kChunk];
+  for (Index g = 0; g < groups; ++g) {
+    Index first = 0;
+    Index m = 0;
+    row_group(rows, groups, g, first, m);
+    float* group = dst + first * kp;
+    for (Index r = 0; r < m; ++r) {
+      const float* src = a + (first + r) * lda;
+      if (k_stride == 1) {
+        for (Index c0 = 0; c0 < k; c0 += kChunk) {
+          const Index len = std::min(kChunk, k - c0);
+          round_to_bf16<Vv>(src + c0, len, buf);
+          for (Index i = 0; i < len; ++i) group[(c0 + i) * m + r] = from_bf16(buf[i]);
+        }
+      } else {
+        for (Index kk = 0; kk < k; ++kk) {
+          group[kk * m + r] = from_bf16(to_bf16(src[kk * k_stride]));
+        }
+      }
+      for (Index kk = k; kk < kp; ++kk) group[kk * m + r] = 0.0f;
+    }
+  }
+}
+
 /// The vector form of `pack_quantized_rows` (levels with `Vv::quantize_block`).
 template <class Vv>
 inline void pack_quantized_vector(const float* a, Index lda, Index rows, Index k, Index groups,

@@ -189,8 +189,9 @@ inline KernelIsa select_kernel_isa(KernelIsaSet cpu, const char* env, bool slow_
 /// AMX): one `vdpbf16ps` took the issue time of four `vfmadd231ps` (0.77 against 0.19 ns per
 /// instruction, 24 independent chains), so its 32 multiply-adds run at half the FMA rate, and
 /// S2 bf16 products of 128 and 512 rows ran 1.6x faster on the `avx512vnni` level's split
-/// pairs (131-137 against 82 GFLOP/s, one core). AMD's Zen 4 and Zen 5 keep `vdpbf16ps`, which
-/// ran faster than float FMAs there (README, bf16 expert weights).
+/// pairs (medians 131-134 against 80-82 GFLOP/s, one core). AMD CPUs keep `vdpbf16ps`: on a
+/// Zen 5 EPYC bf16 layers ran 1.8x f32 at T = 512 (Zen 4 not measured; README, bf16 expert
+/// weights).
 inline bool detect_slow_bf16_dot() {
 #if MOET_X86
   unsigned a = 0;

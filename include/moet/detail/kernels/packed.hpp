@@ -275,7 +275,9 @@ class PackedPanels {
               const float* s = row + j0;
               if constexpr (std::is_same_v<W, float>) {
                 // A whole panel row has a width known here (a call to memmove and a check
-                // loop per 64-128 bytes cost 3x the time of a plain copy).
+                // loop per 64-128 bytes cost 3x the time of a plain copy; per 32 bytes, the
+                // halves of an AVX2 GLU panel, an S2 bank's float repack took 277-328 ms
+                // against 181-205 with the fixed width: bench_train BM_Repack, MOET_ISA=avx2).
                 float* out = panel + k * nr + lane0;
                 if (width == 32 && stream) {
                   bad |= copy_checked<32, true>(s, out);
@@ -285,6 +287,8 @@ class PackedPanels {
                   bad |= copy_checked<16, true>(s, out);
                 } else if (width == 16) {
                   bad |= copy_checked<16>(s, out);
+                } else if (width == 8) {  // half a panel of an AVX2 GLU pair
+                  bad |= copy_checked<8>(s, out);
                 } else {
                   std::copy(s, s + width, out);
                   for (Index c = 0; c < width; ++c) bad |= non_finite(s[c]);

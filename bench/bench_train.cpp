@@ -9,6 +9,8 @@
 //   BM_ForwardBackwardTwoExpertsHot  the same on an E = 2, top-1 layer, every row on expert 0
 //   BM_TrainStep        zero_grad + forward_train + backward + AdamW step (after a whole
 //                       warm-up step)
+//   BM_Repack           parameters_changed(): the check and repack of the packed copies that
+//                       ends every optimiser step
 //   BM_TrainStepSaturated  the same with a saturated router (subnormal router probabilities),
 //                       subnormals flushed in moet's tasks (the default)
 //   BM_TrainStepSaturatedIeee  the same with moet::set_flush_denormals(false): IEEE gradual
@@ -209,6 +211,16 @@ void BM_TrainStep(benchmark::State& state) {
   });
 }
 
+void BM_Repack(benchmark::State& state) {
+  Setup s = make(state);
+  s.layer.parameters_changed();  // warm-up: the packed storage exists and stays
+  for (auto _ : state) {
+    s.layer.parameters_changed();
+    benchmark::ClobberMemory();
+  }
+  state.counters["threads"] = moet::num_threads();
+}
+
 // BM_ForwardBackward where fewer experts than threads hold most rows, the case where a backward
 // of one task per expert would leave cores idle: expert 0 hot (every token's first choice) at
 // E = 8 top-2, and an E = 2 layer, top-1, with expert 0 hot (all rows on one expert).
@@ -280,6 +292,7 @@ BENCHMARK(BM_ForwardBackward)->Apply(shapes);
 BENCHMARK(BM_ForwardBackwardHot)->Apply(shapes);
 BENCHMARK(BM_ForwardBackwardTwoExpertsHot)->Apply(shapes);
 BENCHMARK(BM_TrainStep)->Apply(shapes);
+BENCHMARK(BM_Repack)->Apply(shapes);
 BENCHMARK(BM_TrainStepSaturated)->Apply(shapes);
 BENCHMARK(BM_TrainStepSaturatedIeee)->Apply(shapes);
 

@@ -4,11 +4,14 @@
 // bf16 bank), row independence (bit-identical rows), accumulate
 // mode and odd depths; then the expert banks with `WeightFormat::kBf16` against float banks
 // (the accuracy the README quotes) and their option checks.
+#include <bit>
 #include <cfenv>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <catch2/catch.hpp>
@@ -108,6 +111,56 @@ TEST_CASE("bf16 packing holds the rounded weights, zero padded", "[bf16][gemm]")
         }
       }
     }
+  }
+}
+
+TEST_CASE(
+    "bf16 packs of 8 MiB or more (streaming stores) hold every rounded value and report a NaN",
+    "[bf16][gemm][pack]") {
+  const KernelIsa isa = GENERATE(from_range(supported_isas()));
+  INFO(kernel_isa_name(isa));
+  const Index nr = moet::detail::panel_width(isa);
+  // Whole panels and a partial one, K odd (its last row has no pair): 8.4 MB and more, the
+  // threshold of the streaming stores; each GLU half alike.
+  const Index rows = 2049;
+  const Index cols = 2048 + nr + 3;
+  Matrix w = random_matrix(rows, cols, 79);
+  const Matrix u = random_matrix(rows, cols, 80);
+  // Values where rounding is delicate, in the streamed panels and in the partial one: ties
+  // (to even, down and up), a value rounding up into the next binade.
+  const auto from_bits = [](std::uint32_t b) { return std::bit_cast<float>(b); };
+  const std::vector<std::pair<Index, float>> special = {{1, from_bits(0x3f808000U)},
+                                                        {2, from_bits(0x3f818000U)},
+                                                        {nr + 5, from_bits(0x3fffffffU)},
+                                                        {cols - 1, from_bits(0xbf818000U)}};
+  for (const auto& [j, v] : special) w(rows - 1, j) = w(rows / 3, j) = v;
+  for (const bool with_nan : {false, true}) {
+    Matrix wb = w;
+    if (with_nan) wb(rows / 2, nr + 1) = std::numeric_limits<float>::quiet_NaN();
+    INFO("NaN " << with_nan);
+    moet::detail::PackedMatrix<Bf16> x;
+    CHECK(x.pack(wb, isa) == !with_nan);
+    REQUIRE(x.bytes() >= (std::size_t{8} << 20));
+    // The same bytes as the transposing pack of the transpose (plain stores, another walk).
+    const Matrix wbt = wb.transpose();
+    moet::detail::PackedMatrix<Bf16> xt;
+    CHECK(xt.pack_transposed(wbt, isa) == !with_nan);
+    REQUIRE(x.bytes() == xt.bytes());
+    CHECK(std::memcmp(x.data(), xt.data(), x.bytes()) == 0);
+    // Every value against the oracle (a NaN stays a NaN); the GLU matrix writes half panels.
+    const moet::detail::PackedGluMatrix<Bf16> g(wb, u, isa);
+    const auto same = [](float packed, float v) {
+      return std::isnan(v) ? std::isnan(packed) : static_cast<double>(packed) == round8(v);
+    };
+    Index wrong = 0;
+    for (Index k = 0; k < rows; ++k) {
+      for (Index j = 0; j < cols; ++j) {
+        wrong += !same(x.packed_coeff(k, j), wb(k, j));
+        wrong += !same(g.packed_coeff(k, j, false), wb(k, j));
+        wrong += !same(g.packed_coeff(k, j, true), u(k, j));
+      }
+    }
+    CHECK(wrong == 0);
   }
 }
 

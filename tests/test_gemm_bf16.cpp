@@ -114,19 +114,18 @@ TEST_CASE("bf16 packing holds the rounded weights, zero padded", "[bf16][gemm]")
   }
 }
 
-TEST_CASE(
-    "bf16 packs of 8 MiB or more (streaming stores) hold every rounded value and report a NaN",
-    "[bf16][gemm][pack]") {
+TEST_CASE("bf16 packs of 8 MiB or more hold every rounded value and report a NaN",
+          "[bf16][gemm][pack]") {
   const KernelIsa isa = GENERATE(from_range(supported_isas()));
   INFO(kernel_isa_name(isa));
   const Index nr = moet::detail::panel_width(isa);
-  // Whole panels and a partial one, K odd (its last row has no pair): 8.4 MB and more, the
-  // threshold of the streaming stores; each GLU half alike.
+  // Whole panels and a partial one, K odd (its last row has no pair): 8.4 MB and more, the size
+  // from which float packs stream (bf16 ones keep plain stores, README); each GLU half alike.
   const Index rows = 2049;
   const Index cols = 2048 + nr + 3;
   Matrix w = random_matrix(rows, cols, 79);
   const Matrix u = random_matrix(rows, cols, 80);
-  // Values where rounding is delicate, in the streamed panels and in the partial one: ties
+  // Values where rounding is delicate, in whole panels and in the partial one: ties
   // (to even, down and up), a value rounding up into the next binade.
   const auto from_bits = [](std::uint32_t b) { return std::bit_cast<float>(b); };
   const std::vector<std::pair<Index, float>> special = {{1, from_bits(0x3f808000U)},

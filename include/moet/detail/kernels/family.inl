@@ -20,9 +20,9 @@
 /// two multiply-adds, odd row first, elsewhere. Then the epilogue writes `out` (row stride
 /// `ldo`): raw, or `Act(gate) * up` for the fused GLU. `c_in` may equal `out` (every accumulator
 /// is loaded before any store). The kernels prefetch, at each step and for each panel, the
-/// line `pf_offset` elements past the current row into L2 (the weights needed next; every line
-/// of the step for the block formats and for one- or two-row tiles) and the line 1 KiB past it
-/// into L1; prefetches never fault, so the targets may lie past the end.
+/// lines `pf_offset` elements past the current step into L2 (the weights needed next: every
+/// line the step reads) and the line 1 KiB past it into L1; prefetches never fault, so the
+/// targets may lie past the end.
 
 using V = Traits::V;
 using Reg = typename V::Reg;
@@ -173,9 +173,9 @@ MOET_ALWAYS_INLINE void prefetch_panels(const W* const (&bp)[static_cast<std::si
 /// The far prefetch of `prefetch_panels` fetches one cache line per panel and step; a step that
 /// reads `kStepBytes` of a panel (two lines of float or bf16 on the AVX-512 levels, 9 or 17 for
 /// a block of q4_0 or q8_0) also needs its other lines: this fetches them (into L2, the same
-/// distance ahead). Decode streams its weights from DRAM once, and on the Intel Xeon VM the
-/// hardware prefetcher alone left part of each step's lines to demand misses (README,
-/// "Decode prefetch").
+/// distance ahead). Few-row calls stream their weights from memory once, and on the Intel Xeon
+/// VM the hardware prefetcher alone left part of each step's lines to demand misses that did
+/// not overlap the arithmetic (README, "Decode prefetch"); many-row calls lost nothing measurable.
 template <Index kStepBytes, int P, class W>
 MOET_ALWAYS_INLINE void prefetch_step_lines(const W* const (&bp)[static_cast<std::size_t>(P)],
                                             Index pf_offset) {
@@ -208,9 +208,7 @@ MOET_NOINLINE void micro_kernel(Index kc, const A* a, const W* b, Index b_stride
   if constexpr (std::is_same_v<W, float>) {
     for (Index k = 0; k < kc; ++k) {
       prefetch_panels<P>(bp, pf_offset);
-      // One or two rows (decode): every line of the step (measured: README, "Decode prefetch").
-      if constexpr (M <= 2)
-        prefetch_step_lines<Traits::kNr * Index{sizeof(float)}, P>(bp, pf_offset);
+      prefetch_step_lines<Traits::kNr * Index{sizeof(float)}, P>(bp, pf_offset);
       Reg bv[kRegCount];
       static_for<kRegs>([&](auto q) MOET_LAMBDA_INLINE { bv[q] = V::load(bp[q / 2] + (q % 2) * kW); });
       static_for<M>([&](auto r) MOET_LAMBDA_INLINE {
@@ -225,7 +223,7 @@ MOET_NOINLINE void micro_kernel(Index kc, const A* a, const W* b, Index b_stride
     constexpr Index kStep = 2 * Traits::kNr;  // elements of one row pair of a panel
     for (Index k = 0; k < kc; k += 2) {
       prefetch_panels<P>(bp, pf_offset);
-      if constexpr (M <= 2) prefetch_step_lines<kStep * Index{sizeof(W)}, P>(bp, pf_offset);
+      prefetch_step_lines<kStep * Index{sizeof(W)}, P>(bp, pf_offset);
       if constexpr (Vv::kDotBf16) {
         typename Vv::PairReg bv[kRegCount];
         static_for<kRegs>([&](auto q) MOET_LAMBDA_INLINE {

@@ -4,7 +4,9 @@
 #include <algorithm>
 #include <bit>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <random>
 #include <stdexcept>
 #include <vector>
@@ -200,6 +202,34 @@ void check_gemm_packed_at(KernelIsa isa, const std::vector<Index>& depths, std::
       }
     }
   }
+}
+
+// The checks of a large pack (8 MiB and more): packing `w` as `W` succeeds exactly when
+// `valid` (a NaN fails it) and gives at least 8 MiB; the transposing pack of `w`'s transpose
+// (another walk, plain stores) gives the same bytes; and every value of the row-major pack and
+// of both halves of the GLU pack of (`w`, `u`) satisfies `same(packed, original)` (the caller's
+// oracle: equal bits for float, round to 8 bits for bf16). Returns the number of values that do
+// not.
+template <class W, class Same>
+Index check_large_pack(const Matrix& w, const Matrix& u, KernelIsa isa, bool valid, Same same) {
+  moet::detail::PackedMatrix<W> x;
+  CHECK(x.pack(w, isa) == valid);
+  REQUIRE(x.bytes() >= (std::size_t{8} << 20));
+  const Matrix wt = w.transpose();
+  moet::detail::PackedMatrix<W> xt;
+  CHECK(xt.pack_transposed(wt, isa) == valid);
+  REQUIRE(x.bytes() == xt.bytes());
+  CHECK(std::memcmp(x.data(), xt.data(), x.bytes()) == 0);
+  const moet::detail::PackedGluMatrix<W> g(w, u, isa);
+  Index wrong = 0;
+  for (Index k = 0; k < w.rows(); ++k) {
+    for (Index j = 0; j < w.cols(); ++j) {
+      wrong += !same(x.packed_coeff(k, j), w(k, j));
+      wrong += !same(g.packed_coeff(k, j, false), w(k, j));
+      wrong += !same(g.packed_coeff(k, j, true), u(k, j));
+    }
+  }
+  return wrong;
 }
 
 }  // namespace moet_test

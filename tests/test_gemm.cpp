@@ -538,26 +538,9 @@ TEST_CASE("Packs of 8 MiB or more (streaming stores) hold every value and report
   for (const bool with_nan : {false, true}) {
     Matrix wb = w;
     if (with_nan) wb(rows / 2, nr + 1) = std::numeric_limits<float>::quiet_NaN();
-    moet::detail::PackedMatrix<float> x;
-    CHECK(x.pack(wb, isa) == !with_nan);
-    REQUIRE(x.bytes() >= (std::size_t{8} << 20));
-    // The same bytes as the transposing pack of the transpose (plain stores, another walk).
-    const Matrix wbt = wb.transpose();
-    moet::detail::PackedMatrix<float> xt;
-    CHECK(xt.pack_transposed(wbt, isa) == !with_nan);
-    CHECK(x.bytes() == xt.bytes());
-    CHECK(std::memcmp(x.data(), xt.data(), x.bytes()) == 0);
-    // The GLU matrix writes half panels: every gate and up value at its place.
-    const moet::detail::PackedGluMatrix<float> g(wb, u, isa);
-    Index wrong = 0;
-    for (Index k = 0; k < rows; ++k) {
-      for (Index j = 0; j < cols; ++j) {
-        wrong += bits(x.packed_coeff(k, j)) != bits(wb(k, j));
-        wrong += bits(g.packed_coeff(k, j, false)) != bits(wb(k, j));
-        wrong += bits(g.packed_coeff(k, j, true)) != bits(u(k, j));
-      }
-    }
-    CHECK(wrong == 0);
+    // Both packs, the transposing one's bytes and every gate and up value of the GLU pack.
+    const auto same = [&](float packed, float v) { return bits(packed) == bits(v); };
+    CHECK(check_large_pack<float>(wb, u, isa, !with_nan, same) == 0);
   }
 }
 

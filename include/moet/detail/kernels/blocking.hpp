@@ -59,7 +59,8 @@ inline constexpr Index kGemmFewRowsKc = 4096;
 /// Far prefetch (into L2) along the weight stream of few-row calls, in floats' worth of bytes:
 /// 4096 floats = 16 KiB ahead per panel stream, which covers the DRAM latency of a loaded VM at
 /// ~40 GB/s (measured on the EPYC development machine: shorter distances lose bandwidth,
-/// longer ones gain nothing).
+/// longer ones gain nothing; on the Xeon VM, with every line of a step prefetched, 8 KiB gained
+/// nothing and 32 KiB was slower).
 inline constexpr Index kGemmStreamPrefetch = 4096;
 /// Near prefetch (into L1) along every weight panel, in floats' worth of bytes: 1 KiB ahead.
 inline constexpr Index kGemmNearPrefetch = 256;

@@ -158,33 +158,24 @@ void store_glu_rows(const float* raw, Index ld, int m, int p, float* out, Index 
   }
 }
 
-/// Prefetches, for each of the `P` panel streams, the far target into L2 and the near one
-/// (1 KiB ahead) into L1.
-template <int P, class W>
+/// Prefetches, for each of the `P` panel streams, the step `pf_offset` elements ahead into L2
+/// (far) and the line 1 KiB ahead into L1 (near). A step reads `kStepBytes` of a panel: two
+/// cache lines of float or bf16 on the AVX-512 levels, 9 or 17 for a block of q4_0 or q8_0; the
+/// far prefetch fetches every one of them. Few-row calls stream their weights from memory once,
+/// and on the Intel Xeon VM the hardware prefetcher alone left part of each step's lines to
+/// demand misses that did not overlap the arithmetic (README, "Decode prefetch"); many-row
+/// calls lost nothing measurable.
+template <Index kStepBytes, int P, class W>
 MOET_ALWAYS_INLINE void prefetch_panels(const W* const (&bp)[static_cast<std::size_t>(P)],
                                         Index pf_offset) {
   constexpr Index kNear = kGemmNearPrefetch * static_cast<Index>(sizeof(float) / sizeof(W));
-  static_for<P>([&](auto p) MOET_LAMBDA_INLINE {
-    __builtin_prefetch(bp[p] + pf_offset, 0, 2);
-    __builtin_prefetch(bp[p] + kNear, 0, 3);
-  });
-}
-
-/// The far prefetch of `prefetch_panels` fetches one cache line per panel and step; a step that
-/// reads `kStepBytes` of a panel (two lines of float or bf16 on the AVX-512 levels, 9 or 17 for
-/// a block of q4_0 or q8_0) also needs its other lines: this fetches them (into L2, the same
-/// distance ahead). Few-row calls stream their weights from memory once, and on the Intel Xeon
-/// VM the hardware prefetcher alone left part of each step's lines to demand misses that did
-/// not overlap the arithmetic (README, "Decode prefetch"); many-row calls lost nothing measurable.
-template <Index kStepBytes, int P, class W>
-MOET_ALWAYS_INLINE void prefetch_step_lines(const W* const (&bp)[static_cast<std::size_t>(P)],
-                                            Index pf_offset) {
   constexpr Index kLine = 64 / static_cast<Index>(sizeof(W));  // elements per cache line
   constexpr int kLines = static_cast<int>((kStepBytes + 63) / 64);
   static_for<P>([&](auto p) MOET_LAMBDA_INLINE {
-    static_for<kLines - 1>([&](auto l) MOET_LAMBDA_INLINE {
-      __builtin_prefetch(bp[p] + pf_offset + (l + 1) * kLine, 0, 2);
+    static_for<kLines>([&](auto l) MOET_LAMBDA_INLINE {
+      __builtin_prefetch(bp[p] + pf_offset + l * kLine, 0, 2);
     });
+    __builtin_prefetch(bp[p] + kNear, 0, 3);
   });
 }
 
@@ -207,8 +198,7 @@ MOET_NOINLINE void micro_kernel(Index kc, const A* a, const W* b, Index b_stride
   static_for<P>([&](auto p) MOET_LAMBDA_INLINE { bp[p] = b + p * b_stride; });
   if constexpr (std::is_same_v<W, float>) {
     for (Index k = 0; k < kc; ++k) {
-      prefetch_panels<P>(bp, pf_offset);
-      prefetch_step_lines<Traits::kNr * Index{sizeof(float)}, P>(bp, pf_offset);
+      prefetch_panels<Traits::kNr * Index{sizeof(float)}, P>(bp, pf_offset);
       Reg bv[kRegCount];
       static_for<kRegs>([&](auto q) MOET_LAMBDA_INLINE { bv[q] = V::load(bp[q / 2] + (q % 2) * kW); });
       static_for<M>([&](auto r) MOET_LAMBDA_INLINE {
@@ -222,8 +212,7 @@ MOET_NOINLINE void micro_kernel(Index kc, const A* a, const W* b, Index b_stride
     // A register of bf16 pairs covers kW lanes: 2 kW elements.
     constexpr Index kStep = 2 * Traits::kNr;  // elements of one row pair of a panel
     for (Index k = 0; k < kc; k += 2) {
-      prefetch_panels<P>(bp, pf_offset);
-      prefetch_step_lines<kStep * Index{sizeof(W)}, P>(bp, pf_offset);
+      prefetch_panels<kStep * Index{sizeof(W)}, P>(bp, pf_offset);
       if constexpr (Vv::kDotBf16) {
         typename Vv::PairReg bv[kRegCount];
         static_for<kRegs>([&](auto q) MOET_LAMBDA_INLINE {
@@ -290,8 +279,7 @@ MOET_NOINLINE void quantized_micro_kernel(Index kc, const std::int8_t* a, const 
   const std::uint8_t* bp[static_cast<std::size_t>(P)];
   static_for<P>([&](auto p) MOET_LAMBDA_INLINE { bp[p] = b + p * b_stride; });
   for (Index k = 0; k < kc; k += kQuantBlock) {
-    prefetch_panels<P>(bp, pf_offset);
-    prefetch_step_lines<kBlockUnits, P>(bp, pf_offset);  // a block is 9-17 lines of a panel
+    prefetch_panels<kBlockUnits, P>(bp, pf_offset);  // a block is 9-17 lines of a panel
     IReg isum[static_cast<std::size_t>(M)][kRegCount];
     static_for<M>([&](auto r) MOET_LAMBDA_INLINE {
       static_for<kRegs>([&](auto q) MOET_LAMBDA_INLINE { isum[r][q] = Vv::izero(); });

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The same comparison from two builds of moet-compare, interleaved: build/release (the default
 # flags, what linking moet::moet gives) and build/release-native (-march=native everywhere).
-# Runs them alternately ROUNDS times (default 3), then prints, per token count, weight format
-# and gate, the median over the rounds of each build's median time and their ratio:
+# Runs them alternately ROUNDS times (default 4; an odd count is rounded up so that each runs
+# first equally often), then prints, per token count, weight format and gate, the median over
+# the rounds of each build's median time and their ratio:
 #
 #   bash scripts/compare_builds.sh [moet-compare arguments...]
-#   ROUNDS=5 bash scripts/compare_builds.sh --tokens 1,32,512 --weights f32,bf16
+#   ROUNDS=6 bash scripts/compare_builds.sh --tokens 1,32,512 --weights f32,bf16
 #
 # Each round runs both programs back to back in the same conditions (same flush, same inputs);
 # alternating the order (A B, B A, ...) keeps either from always running second. Besides the
@@ -23,7 +24,11 @@ source "$root/scripts/ensure-packages.sh"
 moet_ensure_packages g++ cmake ninja-build libeigen3-dev libbenchmark-dev libopenblas-dev \
   libcli11-dev nlohmann-json3-dev python3
 
-rounds="${ROUNDS:-3}"
+rounds="${ROUNDS:-4}"
+if ((rounds % 2 == 1)); then  # each program runs first in as many rounds as the other
+  rounds=$((rounds + 1))
+  echo "ROUNDS rounded up to $rounds so that each build runs first equally often" >&2
+fi
 jobs="$(nproc)"
 for variant in release:OFF release-native:ON; do
   dir="build/${variant%%:*}"

@@ -30,7 +30,9 @@ if ((rounds % 2 == 1)); then  # each program runs first in as many rounds as the
   echo "ROUNDS rounded up to $rounds so that each build runs first equally often" >&2
 fi
 jobs="$(nproc)"
-for variant in release:OFF release-native:ON; do
+variants=(release:OFF release-native:ON)
+if [[ "${CONTROL:-0}" == 1 ]]; then variants=(release:OFF); fi  # A/A: the default build only
+for variant in "${variants[@]}"; do
   dir="build/${variant%%:*}"
   cmake -S . -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOET_BUILD_TESTS=OFF \
     -DMOET_BUILD_EXAMPLES=OFF -DMOET_BUILD_BENCHMARKS=ON -DMOET_BENCH_NATIVE="${variant##*:}" >/dev/null

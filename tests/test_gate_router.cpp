@@ -2,15 +2,21 @@
 // weights, RankedSelection's ranking, keep rule, drops and weights. The gates built on it have
 // their own tests; example 03's gate is checked by finite differences in
 // test_grad_softmax_gates.cpp and by the conformance check in test_gate_conformance.cpp.
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <span>
+#include <string_view>
 #include <vector>
 
 #include <catch2/catch.hpp>
 
+#include "moet/concepts.hpp"
+#include "moet/detail/gemm.hpp"
 #include "moet/gates/router.hpp"
+#include "moet/gates/top_k.hpp"
+#include "moet/kernel_isa.hpp"
 
 namespace test_gate_router {  // one per file: the unity build puts several files in one TU
 
@@ -26,7 +32,93 @@ RowMatrix<float> tokens(Index rows, Index cols) {
   return x;
 }
 
+// Largest |z - x W| over all entries, against a double-precision reference, and the bound
+// 2 K eps sum_k |x_k| |w_k| that any order of float multiply-adds meets.
+void check_logits_near(const RowMatrix<float>& x, const RowMatrix<float>& w,
+                       const RowMatrix<float>& z) {
+  REQUIRE(z.rows() == x.rows());
+  REQUIRE(z.cols() == w.cols());
+  const double eps = std::numeric_limits<float>::epsilon();
+  for (Index t = 0; t < x.rows(); ++t) {
+    for (Index e = 0; e < w.cols(); ++e) {
+      double ref = 0.0;
+      double mag = 0.0;
+      for (Index k = 0; k < x.cols(); ++k) {
+        ref += static_cast<double>(x(t, k)) * static_cast<double>(w(k, e));
+        mag += std::abs(static_cast<double>(x(t, k)) * static_cast<double>(w(k, e)));
+      }
+      INFO("token " << t << " expert " << e);
+      CHECK(std::abs(static_cast<double>(z(t, e)) - ref) <=
+            2.0 * static_cast<double>(x.cols()) * eps * mag);
+    }
+  }
+}
+
+// The logits the packed kernels give for `w` (gemm_packed on a fresh PackedMatrix, one call).
+RowMatrix<float> packed_logits(const RowMatrix<float>& x, const RowMatrix<float>& w) {
+  const moet::detail::PackedMatrix<float> packed(w);
+  moet::detail::Buffer<float> scratch;
+  RowMatrix<float> z(x.rows(), w.cols());
+  moet::detail::gemm_packed(x, packed, z, /*accumulate=*/false, scratch);
+  return z;
+}
+
+bool same_bits(float a, float b) {
+  return std::bit_cast<std::uint32_t>(a) == std::bit_cast<std::uint32_t>(b);
+}
+
 }  // namespace
+
+TEST_CASE(
+    "SoftmaxRouter's logits run the selected kernels on W_r packed, repacked by "
+    "parameters_changed",
+    "[gate][router]") {
+  // Odd sizes: a partial panel of experts and a tail of the model dimension.
+  moet::SoftmaxRouter<float> router("MyGate", 37, 19, 5);
+  const RowMatrix<float> x = tokens(150, 37);  // three row blocks, the last partial
+  const RowMatrix<float> w = router.weights();
+  RowMatrix<float> z(150, 19);
+  router.logits(x, z);
+  check_logits_near(x, w, z);
+  const bool vector_level = moet::kernel_isa() != moet::KernelIsa::kPortable;
+  if (vector_level) {
+    // The packed kernels' bits: the same as one gemm_packed call over all rows, and every row
+    // computed alone has the bits it has inside the batch.
+    const RowMatrix<float> expect = packed_logits(x, w);
+    RowMatrix<float> one(1, 19);
+    for (Index t = 0; t < 150; ++t) {
+      router.logits(x.middleRows(t, 1), one);
+      for (Index e = 0; e < 19; ++e) {
+        INFO("token " << t << " expert " << e);
+        CHECK(same_bits(z(t, e), expect(t, e)));
+        CHECK(same_bits(one(0, e), z(t, e)));
+      }
+    }
+  }
+
+  // Writing W_r through visit_parameters: correct logits at once (Eigen's product on the new
+  // weights), the packed kernels' bits again after parameters_changed.
+  router.visit_parameters([](std::string_view, moet::ParamMap<float> value, moet::ParamMap<float>) {
+    for (Index i = 0; i < value.size(); ++i) value.data()[i] = 0.5f * value.data()[i] - 0.01f;
+  });
+  const RowMatrix<float> w2 = router.weights();
+  CHECK(w2(0, 0) != w(0, 0));
+  router.logits(x, z);
+  check_logits_near(x, w2, z);
+  router.parameters_changed();
+  router.logits(x, z);
+  check_logits_near(x, w2, z);
+  if (vector_level) {
+    const RowMatrix<float> expect = packed_logits(x, w2);
+    for (Index t = 0; t < 150; ++t) {
+      for (Index e = 0; e < 19; ++e) CHECK(same_bits(z(t, e), expect(t, e)));
+    }
+  }
+
+  // The optimisers and load_parameters reach it through the gates' hook.
+  STATIC_REQUIRE(moet::ParametersChangedHook<moet::TopKGate<float>>);
+  STATIC_REQUIRE(moet::ParametersChangedHook<moet::SoftmaxRouter<float>>);
+}
 
 TEST_CASE("SoftmaxRouter writes P = softmax(x W_r) with the bits of its logits", "[gate][router]") {
   const moet::SoftmaxRouter<float> router("MyGate", 6, 4, 9);

@@ -31,7 +31,10 @@ static_assert(!moet::TrainingForwardHook<moet::TopKGate<float>>);
 static_assert(!moet::TrainingForwardHook<moet::TopPGate<float>>);
 static_assert(!moet::TrainingForwardHook<moet::ImportanceGate<float>>);
 static_assert(!moet::TrainingForwardHook<moet::StochasticGate<float>>);
-static_assert(!moet::HookCheck<moet::TopKGate<float>>::kParametersChanged);
+// The softmax gates repack their router weights (a packed copy for the selected kernels).
+static_assert(moet::HookCheck<moet::TopKGate<float>>::kParametersChanged &&
+              moet::HookCheck<moet::TopPGate<float>>::kParametersChanged &&
+              moet::HookCheck<moet::ImportanceGate<float>>::kParametersChanged);
 using Bank = moet::SwiGluExperts<float>;
 static_assert(moet::ParametersChangedHook<Bank> && moet::ReadinessHook<Bank> &&
               moet::ScratchReserveHook<Bank> && moet::LazyGradientHook<Bank>);

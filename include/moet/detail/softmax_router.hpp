@@ -17,10 +17,13 @@
 #include <limits>
 #include <span>
 #include <string_view>
+#include <type_traits>
 #include <utility>
+#include <variant>
 
 #include "moet/concepts.hpp"
 #include "moet/detail/buffer.hpp"
+#include "moet/detail/gemm.hpp"
 #include "moet/detail/parallel.hpp"
 #include "moet/detail/rng.hpp"
 #include "moet/detail/select.hpp"
@@ -227,10 +230,27 @@ void check_softmax_backward(const char* op, const ConstRows<S>& x, Index model_d
   }
 }
 
+/// The grow-only workspace of the calling thread for the router's packed products (the rows of
+/// `x` packed for `gemm_packed`; one per thread, kept for the thread's life, so a warmed-up
+/// thread does not allocate).
+inline Buffer<float>& router_thread_scratch() {
+  thread_local Buffer<float> scratch;
+  return scratch;
+}
+
 /// One router matrix `W` `(model_dim, num_experts)` of a linear map `z = x W`, with its
 /// gradient: the parameter handling shared by `SoftmaxRouter` (`W_r`) and noisy top-k's
 /// `W_noise`. The gradient stays `(0, 0)` until first used; `grad()` then allocates it, zero,
 /// with the shape of `W`.
+///
+/// Float weights also keep a packed copy for the selected kernel level (`PackedMatrix<float>`,
+/// packed by the constructor, `set`, `set_zero` and `repack`), so `forward` runs the runtime
+/// selected kernels (`gemm_packed`) whatever flags the including unit was compiled with
+/// (Eigen's product is only as wide as the unit's `-march`: SSE2 in a plain Release build).
+/// `visit` hands the weights out for writing and marks the copy stale; until `repack`
+/// (the gates' `parameters_changed`, which the optimisers and `load_parameters` call) `forward`
+/// computes with Eigen's product on the weights themselves: the same values, rounded as Eigen
+/// rounds. Double weights, and the portable level, always take Eigen's product.
 template <class S>
 class RouterWeights {
  public:
@@ -238,7 +258,7 @@ class RouterWeights {
   /// noise).
   RouterWeights() = default;
   /// Takes `weights` `(model_dim, num_experts)` as `W`.
-  explicit RouterWeights(RowMatrix<S> weights) : weights_(std::move(weights)) {}
+  explicit RouterWeights(RowMatrix<S> weights) : weights_(std::move(weights)) { repack(); }
 
   /// The weights `W` `(model_dim, num_experts)`.
   const RowMatrix<S>& weights() const { return weights_; }
@@ -262,10 +282,31 @@ class RouterWeights {
     } else {
       weights_ = w;
     }
+    repack();
   }
 
   /// Makes `W` a zero `(rows, cols)` matrix (noisy top-k's initial `W_noise`).
-  void set_zero(Index rows, Index cols) { weights_.setZero(rows, cols); }
+  void set_zero(Index rows, Index cols) {
+    weights_.setZero(rows, cols);
+    repack();
+  }
+
+  /// Packs `W` again after it was written through `visit` (float weights on a vector level;
+  /// otherwise there is no copy and this only clears the stale mark).
+  void repack() {
+    if constexpr (std::is_same_v<S, float>) {
+      const KernelIsa isa = kernel_isa();
+      if (isa != KernelIsa::kPortable && weights_.size() > 0) {
+        packed_.pack(ConstRows<float>(weights_), isa);
+        packed_current_ = true;
+        return;
+      }
+    }
+    packed_current_ = false;
+  }
+
+  /// Whether `forward` runs on the packed copy (float weights, a vector level, not stale).
+  bool packed_current() const { return packed_current_; }
 
   /// The gradient of `W` `(model_dim, num_experts)`; `(0, 0)` until the first `zero_grad()`
   /// or backward.
@@ -280,10 +321,22 @@ class RouterWeights {
   /// Sets the gradient to zero (allocating it on first use).
   void zero_grad() { grad_.setZero(weights_.rows(), weights_.cols()); }
 
-  /// Writes `z = x W` `(num_tokens, num_experts)` into `z` (`router_product`, so every caller
-  /// gets the same bits).
+  /// Writes `z = x W` `(num_tokens, num_experts)` into `z`, every caller with the same bits:
+  /// on the packed copy when it is current (`gemm_packed`, in parallel over fixed blocks of
+  /// token rows; a row's bits depend on neither the other rows nor the thread count), otherwise
+  /// with `router_product` (Eigen).
   template <class Out>
   void forward(const ConstRows<S>& x, Out&& z) const {
+    if constexpr (std::is_same_v<S, float>) {
+      if (packed_current_) {
+        parallel_blocks(x.rows(), kRouterRowBlock, [&](Index begin, Index end) {
+          gemm_packed(ConstRows<float>(x.middleRows(begin, end - begin)), packed_,
+                      Rows<float>(z.middleRows(begin, end - begin)), /*accumulate=*/false,
+                      router_thread_scratch());
+        });
+        return;
+      }
+    }
     router_product(x, weights_, z);
   }
 
@@ -293,9 +346,11 @@ class RouterWeights {
     linear_backward<S>(x, weights_, dz, grad(), dx);
   }
 
-  /// Calls `f(name, W, dW)` (allocating the gradient on first use).
+  /// Calls `f(name, W, dW)` (allocating the gradient on first use); `W` is handed out for
+  /// writing, so the packed copy is stale until `repack`.
   template <class F>
   void visit(std::string_view name, F&& f) {
+    packed_current_ = false;
     RowMatrix<S>& g = grad();
     f(name, ParamMap<S>(weights_.data(), weights_.rows(), weights_.cols()),
       ParamMap<S>(g.data(), g.rows(), g.cols()));
@@ -304,6 +359,10 @@ class RouterWeights {
  private:
   RowMatrix<S> weights_;  // (model_dim, num_experts)
   RowMatrix<S> grad_;     // (model_dim, num_experts), or (0, 0) before the first use
+  // Float weights: W packed for `kernel_isa()`, used by `forward` while current (see the class
+  // comment). Empty for double weights.
+  std::conditional_t<std::is_same_v<S, float>, PackedMatrix<float>, std::monostate> packed_;
+  bool packed_current_ = false;
 };
 
 /// Writes dL/dz `(num_tokens, num_experts)` into `dz` (overwriting it) for a plan whose weights

@@ -111,11 +111,16 @@ class SoftmaxRouter {
   /// Allocates the gradient (zero) on first use; a no-op afterwards (a backward that adds
   /// nothing, such as an empty batch's, still leaves the gradient allocated).
   void allocate_grad() { weights_.grad(); }
-  /// Calls `f("router.weight", W_r, dW_r)` (allocating the gradient on first use).
+  /// Calls `f("router.weight", W_r, dW_r)` (allocating the gradient on first use). `W_r` is
+  /// handed out for writing: until `parameters_changed()` the logits are Eigen's product on it
+  /// instead of the packed kernels' (the same values, other rounding; see `RouterWeights`).
   template <class F>
   void visit_parameters(F&& f) {
     weights_.visit(std::string_view("router.weight"), f);
   }
+  /// Repacks `W_r` for the selected kernels after it was written through `visit_parameters`
+  /// (the optimisers' `step`, `load_parameters` and `MoELayer::parameters_changed` call it).
+  void parameters_changed() { weights_.repack(); }
 
   // --- forward -----------------------------------------------------------------------------
 
@@ -273,6 +278,9 @@ class SoftmaxGateBase {
   void visit_parameters(F&& f) {
     router_.visit_parameters(f);
   }
+  /// Repacks `W_r` after it was written through `visit_parameters` (see
+  /// `SoftmaxRouter::parameters_changed`).
+  void parameters_changed() { router_.parameters_changed(); }
 
  protected:
   explicit SoftmaxGateBase(SoftmaxRouter<S> router) : router_(std::move(router)) {}

@@ -222,6 +222,12 @@ class TopKGate : public SoftmaxGateBase<S> {
     if (options_.noisy) noise_.visit(std::string_view("router.noise_weight"), f);
   }
 
+  /// Repacks `W_r` and `W_noise` after they were written through `visit_parameters`.
+  void parameters_changed() {
+    this->router_.parameters_changed();
+    noise_.repack();
+  }
+
   /// Backward of `route(x, ctx, routing)` (see the class notes for the gradient treatment):
   /// `x` and `ctx` are those of the `route` call, `d_weights` holds dL/dw per assignment
   /// (routing order, `routing.num_assignments()` values), `loss_grad` the optional auxiliary

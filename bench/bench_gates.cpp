@@ -5,7 +5,14 @@
 //   ./bench_gates --benchmark_out=gates.json --benchmark_out_format=json
 //
 // Counters: tokens/s, mean_k (experts per token the gate chose), threads.
+//
+// BM_router_product: the router's product `z = x W_r` alone (d = 1024, one thread) for E = 8,
+// 16, 64 experts and T = 1, 32, 512 tokens, on moet's packed kernels (`RouterWeights::forward`,
+// E >= kPackedRouterMinExperts) and on Eigen's product with this build's flags
+// (`router_product`): the measurement behind kPackedRouterMinExperts.
 #include <benchmark/benchmark.h>
+
+#include "moet/detail/softmax_router.hpp"
 
 #include "bench_suite.hpp"
 
@@ -42,6 +49,43 @@ void BM_route(benchmark::State& state) {
 }
 
 MOET_BENCH_EVERY_GATE(BM_route);
+
+// range(0): experts, range(1): tokens, range(2): 1 = packed kernels, 0 = Eigen.
+void BM_router_product(benchmark::State& state) {
+  const Index experts = state.range(0);
+  const Index tokens = state.range(1);
+  const bool packed = state.range(2) != 0;
+  const int saved = moet::num_threads();
+  moet::set_num_threads(1);
+  const auto x = moet::bench::random_tokens(tokens, 1024, 7);
+  const moet::detail::RouterWeights<float> weights(moet::bench::random_tokens(1024, experts, 9));
+  if (packed && !weights.packed_current()) {
+    state.SkipWithError("no packed copy (fewer experts than kPackedRouterMinExperts, or portable)");
+  }
+  moet::RowMatrix<float> z(tokens, experts);
+  for (auto _ : state) {
+    if (packed) {
+      weights.forward(x, z);
+    } else {
+      moet::detail::router_product(moet::ConstRows<float>(x), weights.weights(), z);
+    }
+    benchmark::DoNotOptimize(z.data());
+  }
+  state.counters["tokens/s"] =
+      benchmark::Counter(static_cast<double>(tokens) * static_cast<double>(state.iterations()),
+                         benchmark::Counter::kIsRate);
+  state.SetLabel(packed ? "packed" : "eigen");
+  moet::set_num_threads(saved);
+}
+void router_product_args(benchmark::internal::Benchmark* b) {
+  for (const Index experts : {8, 16, 64}) {
+    for (const Index tokens : {1, 32, 512}) {
+      b->Args({experts, tokens, 0});
+      if (experts >= moet::detail::kPackedRouterMinExperts) b->Args({experts, tokens, 1});
+    }
+  }
+}
+BENCHMARK(BM_router_product)->Apply(router_product_args);
 
 }  // namespace
 

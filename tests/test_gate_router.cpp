@@ -115,6 +115,13 @@ TEST_CASE(
     }
   }
 
+  // Fewer than kPackedRouterMinExperts experts stay on Eigen's product; double never packs.
+  const Index few = moet::detail::kPackedRouterMinExperts;
+  CHECK(!moet::detail::RouterWeights<float>(RowMatrix<float>::Ones(37, few - 1)).packed_current());
+  CHECK(moet::detail::RouterWeights<float>(RowMatrix<float>::Ones(37, few)).packed_current() ==
+        vector_level);
+  CHECK(!moet::detail::RouterWeights<double>(RowMatrix<double>::Ones(37, few)).packed_current());
+
   // The optimisers and load_parameters reach it through the gates' hook.
   STATIC_REQUIRE(moet::ParametersChangedHook<moet::TopKGate<float>>);
   STATIC_REQUIRE(moet::ParametersChangedHook<moet::SoftmaxRouter<float>>);

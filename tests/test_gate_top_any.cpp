@@ -1,6 +1,7 @@
 // TopAnyGate (DynMoE top-any gating, docs/algorithms.md §4.1, §4.2, §4.4, §4.8).
 #include <cmath>
 #include <cstdint>
+#include <string_view>
 #include <vector>
 
 #include <catch2/catch.hpp>
@@ -9,6 +10,7 @@
 #include "moet/config.hpp"
 #include "moet/detail/rng.hpp"
 #include "moet/gates/top_any.hpp"
+#include "moet/kernel_isa.hpp"
 
 namespace test_gate_top_any {  // one per file: the unity build puts several files in one TU
 
@@ -189,6 +191,53 @@ TEST_CASE("TopAnyGate routing equals a naive cosine-threshold reference", "[gate
   CHECK(ambiguous < 5);
   CHECK(multi > 10);  // the case exercises variable k
   if (!training) CHECK(fallbacks > 5);
+}
+
+TEST_CASE(
+    "TopAnyGate scores run the packed kernels: a token's bits alone equal its bits in a "
+    "batch, and parameters_changed repacks written embeddings",
+    "[gate][top_any]") {
+  const Index d = 37;
+  const Index emax = 24;  // >= kPackedRouterMinExperts: W is packed on a vector level
+  const Index num_tokens = 150;
+  Gate gate({.model_dim = d, .num_experts = emax, .initial_experts = 20, .init_seed = 5});
+  const auto x = random_tokens(num_tokens, d, 11);
+  moet::RouteContext ctx;
+  const bool vector_level = moet::kernel_isa() != moet::KernelIsa::kPortable;
+  const auto check = [&](bool packed) {
+    moet::Routing<float> out;
+    gate.route(x, ctx, out);
+    const auto ref = reference(x, gate);
+    moet::Routing<float> one;
+    for (Index t = 0; t < num_tokens; ++t) {
+      gate.route(x.middleRows(t, 1), ctx, one);
+      for (Index e = 0; e < emax; ++e) {
+        INFO("token " << t << " slot " << e);
+        CHECK(double(out.probs()(t, e)) ==
+              Approx(ref.s[std::size_t(t)][std::size_t(e)]).margin(1e-6));
+        if (packed) CHECK(one.probs()(0, e) == out.probs()(t, e));
+      }
+    }
+  };
+  CHECK(gate.cosine_router().packed_product() == vector_level);
+  check(vector_level);
+  // Write W through visit_parameters: right scores at once (Eigen's product), the packed
+  // kernels' bits again after parameters_changed.
+  gate.visit_parameters(
+      [](std::string_view name, moet::ParamMap<float> value, moet::ParamMap<float>) {
+        if (name != "embeddings") return;
+        for (Index i = 0; i < value.size(); ++i) {
+          value.data()[i] = 1.5f * value.data()[i] + 0.01f * static_cast<float>(i % 7);
+        }
+      });
+  CHECK_FALSE(gate.cosine_router().packed_product());
+  check(false);
+  gate.parameters_changed();
+  CHECK(gate.cosine_router().packed_product() == vector_level);
+  check(vector_level);
+  // Fewer slots than a kernel panel's worth stay on Eigen's product.
+  const Gate small({.model_dim = d, .num_experts = moet::detail::kPackedRouterMinExperts - 1});
+  CHECK_FALSE(small.cosine_router().packed_product());
 }
 
 TEST_CASE("TopAnyGate weights are 1/k and sum to 1 over routed tokens", "[gate][top_any]") {

@@ -230,6 +230,13 @@ void check_softmax_backward(const char* op, const ConstRows<S>& x, Index model_d
   }
 }
 
+/// The fewest experts (columns of `W`) for which a float router keeps `W` packed and runs
+/// `gemm_packed`: a kernel panel is 16 (AVX2) or 32 (AVX-512) columns wide, and with fewer than
+/// 16 columns the padded panel and the packing of the rows of `x` cost more than Eigen's product
+/// saves (measured on an Intel Xeon with AVX-512, d = 1024: 4 and 8 experts ran 1.2-1.9x slower
+/// packed than Eigen's SSE2 product, 16 experts 0.7-0.8x, 64 experts 0.2-0.4x).
+inline constexpr Index kPackedRouterMinExperts = 16;
+
 /// The grow-only workspace of the calling thread for the router's packed products (the rows of
 /// `x` packed for `gemm_packed`; one per thread, kept for the thread's life, so a warmed-up
 /// thread does not allocate).
@@ -238,19 +245,71 @@ inline Buffer<float>& router_thread_scratch() {
   return scratch;
 }
 
+/// The product `z = x W` of a router matrix `W` `(model_dim, num_experts)` (`RouterWeights`'
+/// `W`, the cosine router's embeddings), with a packed copy of `W` for the runtime-selected
+/// kernels when `W` is float with at least `kPackedRouterMinExperts` columns and the level is
+/// not portable. The owner of `W` calls `repack(W)` whenever it writes `W` and `mark_stale()`
+/// when it hands `W` out for writing; while the copy is not current, `forward` is Eigen's
+/// product (`router_product`) on `W` itself: the same values, rounded as Eigen rounds.
+template <class S>
+class RouterProduct {
+ public:
+  /// Packs `w` (or drops the copy when `w` does not qualify); the copy is current afterwards.
+  void repack(const RowMatrix<S>& w) {
+    if constexpr (std::is_same_v<S, float>) {
+      const KernelIsa isa = kernel_isa();
+      if (isa != KernelIsa::kPortable && w.rows() > 0 && w.cols() >= kPackedRouterMinExperts) {
+        packed_.pack(ConstRows<float>(w), isa);
+        current_ = true;
+        return;
+      }
+    }
+    current_ = false;
+  }
+  /// `W` was handed out for writing: `forward` takes Eigen's product until `repack`.
+  void mark_stale() { current_ = false; }
+  /// Whether `forward` runs on the packed copy.
+  bool current() const { return current_; }
+
+  /// Writes `z = x w` `(num_tokens, num_experts)` into `z`; `w` must be the matrix last
+  /// repacked while the copy is current. On the packed copy: `gemm_packed` in parallel over
+  /// fixed blocks of `kRouterRowBlock` token rows (a row's bits depend on neither the other
+  /// rows nor the thread count); otherwise `router_product` (Eigen).
+  template <class Out>
+  void forward(const ConstRows<S>& x, const RowMatrix<S>& w, Out&& z) const {
+    if constexpr (std::is_same_v<S, float>) {
+      if (current_) {
+        parallel_blocks(x.rows(), kRouterRowBlock, [&](Index begin, Index end) {
+          gemm_packed(ConstRows<float>(x.middleRows(begin, end - begin)), packed_,
+                      Rows<float>(z.middleRows(begin, end - begin)), /*accumulate=*/false,
+                      router_thread_scratch());
+        });
+        return;
+      }
+    }
+    router_product(x, w, z);
+  }
+
+ private:
+  // W packed for `kernel_isa()` (float only; empty for double).
+  std::conditional_t<std::is_same_v<S, float>, PackedMatrix<float>, std::monostate> packed_;
+  bool current_ = false;
+};
+
 /// One router matrix `W` `(model_dim, num_experts)` of a linear map `z = x W`, with its
 /// gradient: the parameter handling shared by `SoftmaxRouter` (`W_r`) and noisy top-k's
 /// `W_noise`. The gradient stays `(0, 0)` until first used; `grad()` then allocates it, zero,
 /// with the shape of `W`.
 ///
-/// Float weights also keep a packed copy for the selected kernel level (`PackedMatrix<float>`,
-/// packed by the constructor, `set`, `set_zero` and `repack`), so `forward` runs the runtime
+/// Float weights with at least `kPackedRouterMinExperts` columns also keep a packed copy for
+/// the selected kernel level (`PackedMatrix<float>`, packed by the constructor, `set`,
+/// `set_zero` and `repack`), so `forward` runs the runtime
 /// selected kernels (`gemm_packed`) whatever flags the including unit was compiled with
 /// (Eigen's product is only as wide as the unit's `-march`: SSE2 in a plain Release build).
 /// `visit` hands the weights out for writing and marks the copy stale; until `repack`
 /// (the gates' `parameters_changed`, which the optimisers and `load_parameters` call) `forward`
 /// computes with Eigen's product on the weights themselves: the same values, rounded as Eigen
-/// rounds. Double weights, and the portable level, always take Eigen's product.
+/// rounds. Double weights, fewer columns, and the portable level always take Eigen's product.
 template <class S>
 class RouterWeights {
  public:
@@ -291,22 +350,14 @@ class RouterWeights {
     repack();
   }
 
-  /// Packs `W` again after it was written through `visit` (float weights on a vector level;
-  /// otherwise there is no copy and this only clears the stale mark).
-  void repack() {
-    if constexpr (std::is_same_v<S, float>) {
-      const KernelIsa isa = kernel_isa();
-      if (isa != KernelIsa::kPortable && weights_.size() > 0) {
-        packed_.pack(ConstRows<float>(weights_), isa);
-        packed_current_ = true;
-        return;
-      }
-    }
-    packed_current_ = false;
-  }
+  /// Packs `W` again after it was written through `visit` (float weights of at least
+  /// `kPackedRouterMinExperts` columns on a vector level; otherwise there is no copy and `forward`
+  /// stays on Eigen's product).
+  void repack() { product_.repack(weights_); }
 
-  /// Whether `forward` runs on the packed copy (float weights, a vector level, not stale).
-  bool packed_current() const { return packed_current_; }
+  /// Whether `forward` runs on the packed copy (float weights, enough columns, a vector level,
+  /// not stale).
+  bool packed_current() const { return product_.current(); }
 
   /// The gradient of `W` `(model_dim, num_experts)`; `(0, 0)` until the first `zero_grad()`
   /// or backward.
@@ -327,17 +378,7 @@ class RouterWeights {
   /// with `router_product` (Eigen).
   template <class Out>
   void forward(const ConstRows<S>& x, Out&& z) const {
-    if constexpr (std::is_same_v<S, float>) {
-      if (packed_current_) {
-        parallel_blocks(x.rows(), kRouterRowBlock, [&](Index begin, Index end) {
-          gemm_packed(ConstRows<float>(x.middleRows(begin, end - begin)), packed_,
-                      Rows<float>(z.middleRows(begin, end - begin)), /*accumulate=*/false,
-                      router_thread_scratch());
-        });
-        return;
-      }
-    }
-    router_product(x, weights_, z);
+    product_.forward(x, weights_, z);
   }
 
   /// Backward of `forward`: accumulates `dW += x^T dz` and adds `dx += dz W^T` (see
@@ -350,7 +391,7 @@ class RouterWeights {
   /// writing, so the packed copy is stale until `repack`.
   template <class F>
   void visit(std::string_view name, F&& f) {
-    packed_current_ = false;
+    product_.mark_stale();
     RowMatrix<S>& g = grad();
     f(name, ParamMap<S>(weights_.data(), weights_.rows(), weights_.cols()),
       ParamMap<S>(g.data(), g.rows(), g.cols()));
@@ -359,10 +400,7 @@ class RouterWeights {
  private:
   RowMatrix<S> weights_;  // (model_dim, num_experts)
   RowMatrix<S> grad_;     // (model_dim, num_experts), or (0, 0) before the first use
-  // Float weights: W packed for `kernel_isa()`, used by `forward` while current (see the class
-  // comment). Empty for double weights.
-  std::conditional_t<std::is_same_v<S, float>, PackedMatrix<float>, std::monostate> packed_;
-  bool packed_current_ = false;
+  RouterProduct<S> product_;  // z = x W, on a packed copy of W when it qualifies
 };
 
 /// Writes dL/dz `(num_tokens, num_experts)` into `dz` (overwriting it) for a plan whose weights

@@ -15,15 +15,16 @@
 #include <Eigen/Core>
 #include <Eigen/QR>
 
+#include "moet/concepts.hpp"
 #include "moet/detail/buffer.hpp"
 #include "moet/detail/parallel.hpp"
 #include "moet/detail/rng.hpp"
 #include "moet/detail/select.hpp"
+#include "moet/detail/softmax_router.hpp"
 #include "moet/detail/weights.hpp"
 #include "moet/errors.hpp"
 #include "moet/routing.hpp"
 #include "moet/tensor.hpp"
-#include "moet/concepts.hpp"
 
 namespace moet {
 
@@ -114,6 +115,7 @@ class CosineRouter {
     log_temperature_ = std::log(options.temperature);
     embeddings_ = detail::orthogonal_gate_embeddings<S>(options.model_dim, options.num_experts,
                                                         options.init_seed);
+    product_.repack(embeddings_);
     thresholds_ = Vector<S>::Zero(options.num_experts);
   }
 
@@ -141,6 +143,7 @@ class CosineRouter {
     } else {
       embeddings_ = w;
     }
+    product_.repack(embeddings_);
   }
   /// Thresholds `theta` `(num_experts)`.
   Eigen::Map<const Vector<S>> thresholds() const {
@@ -158,6 +161,7 @@ class CosineRouter {
   void reset_slot(Index e, const Vector<S>& direction, S norm) {
     embeddings_.col(e) = direction / norm;
     thresholds_[e] = S(0);
+    product_.repack(embeddings_);
   }
 
   /// The logit scale `tau` in use: the fixed one, or `exp(min(log_t, log 100))`.
@@ -225,7 +229,7 @@ class CosineRouter {
       if (mask[e] != S(0)) max_norm_w = std::max(max_norm_w, norm_w[e]);
     }
     if (num_tokens == 0) return;
-    detail::router_product(x, embeddings_, scores);  // raw x W, turned in place into s
+    product_.forward(x, embeddings_, scores);  // raw x W, turned in place into s
     detail::parallel_blocks(num_tokens, kTokenBlock, [&](Index begin, Index end) {
       bool bad = false;
       for (Index t = begin; t < end; ++t) {
@@ -390,6 +394,7 @@ class CosineRouter {
   /// `log_temperature` (`log_t`, `(1, 1)`), in that order (concepts.hpp).
   template <class F>
   void visit_parameters(F&& f) {
+    product_.mark_stale();  // W is handed out for writing
     ensure_grads();
     const Index d = model_dim();
     const Index emax = num_experts();
@@ -402,6 +407,15 @@ class CosineRouter {
         ParamMap<S>(&grad_log_temperature_, 1, 1));
     }
   }
+
+  /// Repacks `W` for the selected kernels after it was written through `visit_parameters`
+  /// (until then the raw products `x W` are Eigen's: the same values, other rounding; see
+  /// `detail::RouterProduct`).
+  void parameters_changed() { product_.repack(embeddings_); }
+  /// Whether the raw products `x W` run on the packed copy of `W` (float, at least
+  /// `detail::kPackedRouterMinExperts` slots, a vector kernel level, not written through
+  /// `visit_parameters` since the last `parameters_changed()` or setter).
+  bool packed_product() const { return product_.current(); }
 
   /// Throws `moet::Error` (as `op`) unless the parameters have their construction shapes.
   void check_shapes(const char* op) const {
@@ -438,6 +452,7 @@ class CosineRouter {
   S temperature_ = S(1);          // the fixed tau
   S log_temperature_ = S(0);      // log_t, the parameter with trainable_temperature
   RowMatrix<S> embeddings_;       // (model_dim, num_experts)
+  detail::RouterProduct<S> product_;  // x W, on a packed copy of W when it qualifies
   Vector<S> thresholds_;          // (num_experts)
   RowMatrix<S> grad_embeddings_;  // (model_dim, num_experts)
   Vector<S> grad_thresholds_;     // (num_experts)

@@ -402,6 +402,9 @@ class TopAnyGate {
   void visit_parameters(F&& f) {
     router_.visit_parameters(std::forward<F>(f));
   }
+  /// Repacks the gate embeddings after they were written through `visit_parameters`
+  /// (`CosineRouter::parameters_changed`).
+  void parameters_changed() { router_.parameters_changed(); }
 
   // ---------------------------------------------------------------------------------------
   // The adaptive process (docs/algorithms.md §4.5-4.6), run by `TopAnyAdaptive`.

@@ -157,8 +157,9 @@ Columns (one row per gate, one table per series and weight format):
   GFLOP/s         6 d_model d_ff FLOPs per routed assignment, over the median time
   vs_ceil         GFLOP/s over the ceiling's (no physical limit: moet's kernels may beat it)
   peak            GFLOP/s over the FMA peak; limit 1 (2 for bf16 weights on AVX512-BF16, whose
-                  dot products do two multiply-adds per lane; 4 for q8_0/q4_0/q4_1 on the VNNI
-                  levels, whose 8-bit dot products do four per 32-bit lane)
+                  dot products do two multiply-adds per lane; 4 for q8_0/q4_0/q4_1 on the levels
+                  with 8-bit dot products, which do four per 32-bit lane: VNNI, and AVX2's
+                  vpmaddubsw)
   roof            memory-roofline time (packed weight bytes of the experts the batch touches, over
                   the bandwidth) over the median time; limit 1
   router          the gate's routing time over the layer time; limit 100%
@@ -1024,10 +1025,12 @@ int main(int argc, char** argv) {
         if (banks.size() > 1) std::printf("weights %s\n", c.weights[w].c_str());
         const std::size_t series_begin = rows.size();
         // bf16 dot products (vdpbf16ps) do two multiply-adds per lane: twice the FMA peak;
-        // 8-bit ones (vpdpbusd, the block formats on the levels with VNNI) four.
+        // 8-bit ones (vpdpbusd on the levels with VNNI; vpmaddubsw, 16 lanes of two on kAvx2)
+        // four.
         const bool top_level = moet::kernel_isa() == moet::KernelIsa::kAvx512Bf16;
         const bool vnni = top_level || moet::kernel_isa() == moet::KernelIsa::kAvx512Vnni ||
-                          moet::kernel_isa() == moet::KernelIsa::kAvx2Vnni;
+                          moet::kernel_isa() == moet::KernelIsa::kAvx2Vnni ||
+                          moet::kernel_isa() == moet::KernelIsa::kAvx2;
         const bool bf16_dot = c.weights[w] == "bf16" && top_level;
         const bool int8_dot =
             vnni && (c.weights[w] == "q8_0" || c.weights[w] == "q4_0" || c.weights[w] == "q4_1");

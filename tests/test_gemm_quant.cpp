@@ -47,10 +47,11 @@ __attribute__((target("f16c"))) float f16c_value(std::uint16_t h) {
 #endif
 
 // True when the kernel level multiplies block-format weights with 8-bit integer dot products
-// (and so quantises the activations); the other levels dequantise the weights to float.
+// (and so quantises the activations: vpdpbusd, or vpmaddubsw on kAvx2); the other levels
+// (portable, kAvx512) dequantise the weights to float.
 bool integer_dot(KernelIsa isa) {
   return isa == KernelIsa::kAvx512Bf16 || isa == KernelIsa::kAvx512Vnni ||
-         isa == KernelIsa::kAvx2Vnni;
+         isa == KernelIsa::kAvx2Vnni || isa == KernelIsa::kAvx2;
 }
 
 // The activations an integer-dot level multiplies: each row's blocks of 32 quantised to 8 bits
@@ -252,6 +253,55 @@ TEMPLATE_TEST_CASE("Block-format gemm_packed and glu_packed equal double product
         }
       }
     }
+  }
+}
+
+TEST_CASE("8-bit blocks at the code extremes multiply exactly on every level", "[quant][gemm]") {
+  // A file's q8_0 blocks may hold -128, which moet's own quantiser never writes, and rows of
+  // +-127 against +-127 activations make the largest pair sums: 2 * 128 * 127 = 32512. A byte
+  // dot product that saturates 16-bit pair sums (vpmaddubsw on unsigned codes q + 128) or
+  // negates -128 in 8 bits would miss the double product here.
+  using Block = moet::detail::BlockQ8_0;
+  const KernelIsa isa = GENERATE(from_range(supported_isas()));
+  INFO(kernel_isa_name(isa));
+  const Index k = 96;  // 3 blocks
+  const Index n_cols = 33;
+  const Index nb = k / kQuantBlock;
+  std::vector<Block> blocks(static_cast<std::size_t>(n_cols * nb));
+  for (Index j = 0; j < n_cols; ++j) {
+    for (Index blk = 0; blk < nb; ++blk) {
+      Block& block = blocks[static_cast<std::size_t>(j * nb + blk)];
+      block.d = moet::detail::to_f16(0.25f * static_cast<float>(1 + (j + blk) % 3));
+      for (Index i = 0; i < kQuantBlock; ++i) {
+        // Pairs of neighbours (the pairs vpmaddubsw sums): (-128, -128), (127, 127),
+        // (-128, 127), (-127, 1 or -128), rotating with the pair, column and block.
+        const Index pick = (i / 2 + j + blk) % 4;
+        const bool second = i % 2 == 1;
+        block.qs[i] = static_cast<std::int8_t>(pick == 0   ? -128
+                                               : pick == 1 ? 127
+                                               : pick == 2 ? (second ? 127 : -128)
+                                               : second    ? (j % 2 == 0 ? -128 : 1)
+                                                           : -127);
+      }
+    }
+  }
+  moet::detail::PackedMatrix<moet::detail::Q8_0> packed;
+  packed.pack_blocks(std::span<const Block>(blocks), k, n_cols, isa);
+  const Matrix bq = dequantized(packed);
+  REQUIRE(bq(0, 0) == -128.0f * 0.25f);
+  moet::detail::Buffer<float> scratch;
+  for (const Index n : {Index{1}, Index{2}, Index{3}, Index{5}, Index{9}}) {
+    // Activations +-1 (quantised to +-127 exactly), each row's signs following one column's
+    // weights, so that every pair of products has the same sign: the largest sums.
+    Matrix a(n, k);
+    for (Index r = 0; r < n; ++r) {
+      for (Index i = 0; i < k; ++i) a(r, i) = bq(i, (r * 7) % n_cols) < 0.0f ? -1.0f : 1.0f;
+    }
+    const Matrix ax = integer_dot(isa) ? quantized_activations(a) : a;  // codes +-127
+    Matrix c(n, n_cols);
+    moet::detail::gemm_packed(a, packed, c, false, scratch);
+    INFO("rows " << n);
+    CHECK(scaled_error(c, naive_product(ax, bq), ax, bq) <= 1e-5);
   }
 }
 

@@ -21,18 +21,32 @@ using moet::KernelIsa;
 using namespace moet_test;  // NOLINT(google-build-using-namespace)
 
 #if defined(__x86_64__) || defined(__i386__)
-// AVX-VNNI, from an oracle independent of moet's cpuid reading: GCC's __builtin_cpu_supports
-// knows it, clang 14's does not (there: the kernel's flags in /proc/cpuinfo; false elsewhere).
-bool cpu_has_avx_vnni() {
-#if defined(__clang__)
+// Whether the kernel lists `flag` among the CPU's flags in /proc/cpuinfo (false elsewhere).
+bool cpuinfo_has_flag(const std::string& flag) {
   std::ifstream cpuinfo("/proc/cpuinfo");
   std::string line;
   while (std::getline(cpuinfo, line)) {
-    if (line.rfind("flags", 0) == 0) return (line + " ").find(" avx_vnni ") != std::string::npos;
+    if (line.rfind("flags", 0) == 0)
+      return (line + " ").find(" " + flag + " ") != std::string::npos;
   }
   return false;
+}
+
+// AVX-VNNI and F16C, from oracles independent of moet's cpuid reading: GCC's
+// __builtin_cpu_supports knows them, clang 14's does not (there: the kernel's flags in
+// /proc/cpuinfo).
+bool cpu_has_avx_vnni() {
+#if defined(__clang__)
+  return cpuinfo_has_flag("avx_vnni");
 #else
   return __builtin_cpu_supports("avxvnni") != 0;
+#endif
+}
+bool cpu_has_f16c() {
+#if defined(__clang__)
+  return cpuinfo_has_flag("f16c");
+#else
+  return __builtin_cpu_supports("f16c") != 0;
 #endif
 }
 #endif
@@ -43,12 +57,13 @@ TEST_CASE("cpuid detection agrees with the compiler's CPU probe", "[isa]") {
 #if defined(__x86_64__) || defined(__i386__)
   // An independent oracle: libgcc / compiler-rt's __builtin_cpu_supports (it also checks that
   // the OS saves the registers).
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx2 =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c();
   const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
   const bool avx512_vnni = __builtin_cpu_supports("avx512vnni");
   const bool bf16 = __builtin_cpu_supports("avx512bf16") && avx512_vnni;
-  const bool vnni = avx2 && cpu_has_avx_vnni();  // (every CPU with AVX-VNNI has F16C)
+  const bool vnni = avx2 && cpu_has_avx_vnni();
   const KernelIsa want = avx2 && avx512 && bf16          ? KernelIsa::kAvx512Bf16
                          : avx2 && avx512 && avx512_vnni ? KernelIsa::kAvx512Vnni
                          : avx2 && avx512                ? KernelIsa::kAvx512

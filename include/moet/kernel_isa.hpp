@@ -46,14 +46,18 @@ namespace moet {
 /// | level         | instructions               | float / bf16 weights      | block formats      |
 /// |---------------|----------------------------|---------------------------|--------------------|
 /// | `kPortable`   | none (C++ vector types)    | 4-wide / pairs split      | dequantised        |
-/// | `kAvx2`       | AVX2, FMA                  | 8-wide FMA / pairs split  | dequantised        |
+/// | `kAvx2`       | AVX2, FMA, F16C            | 8-wide FMA / pairs split  | 8-lane `vpmaddubsw`|
 /// | `kAvx2Vnni`   | `kAvx2`, F16C, AVX-VNNI    | `kAvx2`'s                 | 8-lane `vpdpbusd`  |
 /// | `kAvx512`     | AVX-512 F, BW, DQ, VL      | 16-wide FMA / pairs split | dequantised        |
 /// | `kAvx512Vnni` | `kAvx512`, AVX512-VNNI     | `kAvx512`'s               | 16-lane `vpdpbusd` |
 /// | `kAvx512Bf16` | `kAvx512Vnni`, AVX512-BF16 | 16-wide FMA / `vdpbf16ps` | 16-lane `vpdpbusd` |
 ///
 /// Block-quantised weights (`Q8_0`, `Q4_0`, `Q4_1`) run 8-bit integer dot products where the
-/// level has them and are dequantised to float K block by K block elsewhere.
+/// level has them (`vpdpbusd`; on `kAvx2` `vpmaddubsw` + `vpmaddwd`, the AVX2 CPUs without
+/// VNNI such as Haswell to Skylake and Zen 1-3) and are dequantised to float K block by K
+/// block elsewhere (`kPortable`, and `kAvx512`: Skylake-X without VNNI). Every AVX2 CPU has
+/// F16C (Ivy Bridge and Piledriver brought it before AVX2); `kAvx2` requires it for the block
+/// formats' half-precision scales.
 ///
 /// The levels are not a chain: `kAvx2Vnni` (AVX-VNNI, the VEX form of the 8-bit dot product:
 /// Alder Lake and later Intel cores, AMD Zen 5) is not implied by the AVX-512 levels (Skylake-X,
@@ -139,12 +143,12 @@ inline KernelIsaSet detect_cpu_kernel_isas() {
                       ((b >> 31) & 1U);  // F, DQ, BW, VL
   // AVX512-VNNI: leaf 7, ECX bit 11 (every CPU with AVX512-BF16 has it).
   const bool avx512_vnni = (c >> 11) & 1U;
-  if (!avx2) return set;
+  if (!(avx2 && f16c)) return set;
   set |= kernel_isa_bit(KernelIsa::kAvx2);
   // Leaf 7, sub-leaf 1, EAX: bit 4 AVX-VNNI, bit 5 AVX512-BF16.
   unsigned leaf71 = 0;
   if (__get_cpuid_count(7, 1, &a, &b, &c, &d) != 0) leaf71 = a;
-  if (f16c && ((leaf71 >> 4) & 1U)) set |= kernel_isa_bit(KernelIsa::kAvx2Vnni);
+  if ((leaf71 >> 4) & 1U) set |= kernel_isa_bit(KernelIsa::kAvx2Vnni);
   if (!(avx512 && zmm_state)) return set;
   set |= kernel_isa_bit(KernelIsa::kAvx512);
   if (!avx512_vnni) return set;

@@ -8,7 +8,7 @@
 /// kernels/blocking.hpp blocks a call, kernels/family.inl holds one kernel level's
 /// micro-kernels and driver, and this file compiles that family once per level and dispatches.
 ///
-/// Runtime selection: every level (`KernelIsa`: portable, AVX2 + FMA, AVX-512,
+/// Runtime selection: every level (`KernelIsa`: portable, AVX2 + FMA + F16C, AVX-512,
 /// AVX-512 + BF16, and for the block formats AVX2 + AVX-VNNI and AVX-512 + VNNI) is compiled
 /// into every translation unit through the compilers' target attributes (`#pragma GCC
 /// target`, `#pragma clang attribute`), whatever `-march` the unit uses; nothing of a level
@@ -70,9 +70,9 @@ namespace moet::detail::isa_portable {
 #if MOET_X86
 // Each level's code is compiled for its instruction set alone (kernels/level.inl).
 #define MOET_KERNEL_NS isa_avx2
-#define MOET_KERNEL_TARGET "avx2,fma"
+#define MOET_KERNEL_TARGET "avx2,fma,f16c"
 #define MOET_KERNEL_WIDTH 256
-#define MOET_KERNEL_I8_DOT 0
+#define MOET_KERNEL_I8_DOT 2
 #include "moet/detail/kernels/level.inl"
 
 // AVX2 + AVX-VNNI: only the block formats' products run this level's own code (the float and

@@ -250,12 +250,15 @@ MOET_NOINLINE void micro_kernel(Index kc, const A* a, const W* b, Index b_stride
   store_tile<M, P, Epi>(acc, out, ldo);
 }
 
-/// The integer micro-kernel of the block formats (levels with `vpdpbusd`, `Vv::kDotI8`): an
-/// `M x P nr` tile over `kc` rows (whole blocks of 32) of `P` panels. Per block `b`, lane `c`
-/// and row `r`: `isum = sum_i code(c, i) qx(r, i)` exactly in int32 (the stored codes are
-/// unsigned, `q + offset`), then
+/// The integer micro-kernel of the block formats (levels with 8-bit dot products,
+/// `Vv::kDotI8`: `vpdpbusd`, or `vpmaddubsw` + `vpmaddwd` on `kAvx2`): an `M x P nr` tile over
+/// `kc` rows (whole blocks of 32) of `P` panels. Per block `b`, lane `c` and row `r`:
+/// `isum = sum_i code(c, i) qx(r, i)` exactly in int32 (the stored codes are unsigned,
+/// `q + offset`; `kAvx2` takes the 8-bit codes as the signed `q` and `offset` as 0, the same
+/// difference `isum - offset sx(r)` exactly, so the same bits as `vpdpbusd`), then
 /// ```
-/// acc(r, c) = fma(float(isum - offset sx(r)), d(c) dx(r), acc(r, c))     [+ fma(m(c), dx(r) sx(r), acc) for Q4_1]
+/// acc(r, c) = fma(float(isum - offset sx(r)), d(c) dx(r), acc(r, c))     [+ fma(m(c), dx(r) sx(r),
+/// acc) for Q4_1]
 /// ```
 /// with `qx`, `dx`, `sx` the row's quantised values, scale and code sum (`a`, `ad`, `as`: the
 /// group's arrays from `pack_quantized_row_groups`, already offset to the first block), and
@@ -272,7 +275,9 @@ MOET_NOINLINE void quantized_micro_kernel(Index kc, const std::int8_t* a, const 
   constexpr auto kRegCount = static_cast<std::size_t>(kRegs);
   constexpr Index kNr = Traits::kNr;
   constexpr Index kBlockUnits = kNr * PackFormat<W>::kUnitsPerLane;  // one block row of a panel
-  constexpr int kOffset = PackFormat<W>::kCodeOffset;
+  // 8-bit codes as signed values (`vpmaddubsw` levels: `Vv::dot_signed`), so no offset.
+  constexpr bool kSignedQ8 = std::is_same_v<W, Q8_0> && Vv::kDotI8Madd;
+  constexpr int kOffset = kSignedQ8 ? 0 : PackFormat<W>::kCodeOffset;
 
   Tile<M, P> acc;
   load_tile<M, P>(acc, c_in, ldc_in);
@@ -284,7 +289,23 @@ MOET_NOINLINE void quantized_micro_kernel(Index kc, const std::int8_t* a, const 
     static_for<M>([&](auto r) MOET_LAMBDA_INLINE {
       static_for<kRegs>([&](auto q) MOET_LAMBDA_INLINE { isum[r][q] = Vv::izero(); });
     });
-    if constexpr (std::is_same_v<W, Q8_0>) {
+    if constexpr (kSignedQ8) {
+      for (int grp = 0; grp < 8; ++grp) {
+        IReg ws[kRegCount];  // the codes as signed q
+        IReg wa[kRegCount];  // |q|
+        static_for<kRegs>([&](auto q) MOET_LAMBDA_INLINE {
+          ws[q] = Vv::signed_codes(
+              Vv::load_bytes(bp[q / 2] + L::codes(0, kNr) + grp * 4 * kNr + (q % 2) * 4 * kW));
+          wa[q] = Vv::abs_bytes(ws[q]);
+        });
+        static_for<M>([&](auto r) MOET_LAMBDA_INLINE {
+          const IReg xv = Vv::broadcast_word(a + grp * 4 * M + 4 * r);
+          static_for<kRegs>([&](auto q) MOET_LAMBDA_INLINE {
+            isum[r][q] = Vv::dot_signed(isum[r][q], wa[q], ws[q], xv);
+          });
+        });
+      }
+    } else if constexpr (std::is_same_v<W, Q8_0>) {
       for (int grp = 0; grp < 8; ++grp) {
         IReg wv[kRegCount];
         static_for<kRegs>([&](auto q) MOET_LAMBDA_INLINE {

@@ -3,7 +3,9 @@
 /// The registers of the AVX2 + FMA kernel levels (`KernelIsa::kAvx2`, and `kAvx2Vnni`, which
 /// adds AVX-VNNI's 256-bit `vpdpbusd` for block-quantised weights): one `__m256` holds 8
 /// floats. Included by kernels/level.inl inside `target("avx2,fma,...")` regions only;
-/// `MOET_KERNEL_I8_DOT` selects the level (defined to 1 for `kAvx2Vnni`).
+/// `MOET_KERNEL_I8_DOT` selects the 8-bit dot product of the level: 1 for `kAvx2Vnni`
+/// (`vpdpbusd`), 2 for `kAvx2` (`vpmaddubsw` + `vpmaddwd`, exact while each pair of byte
+/// products fits int16; see `dot_u8s8` and `dot_signed`).
 
 // (Every header it needs is included by detail/gemm.hpp before the target region.)
 
@@ -15,7 +17,10 @@ struct Vec {
   static constexpr int kWidth = 8;
   static constexpr bool kVectorSilu = true;
   static constexpr bool kDotBf16 = false;
-  static constexpr bool kDotI8 = MOET_KERNEL_I8_DOT;
+  static constexpr bool kDotI8 = MOET_KERNEL_I8_DOT != 0;
+  /// The 8-bit dot product is `vpmaddubsw` + `vpmaddwd` (no VNNI): 8-bit codes run signed
+  /// (`dot_signed`), since an unsigned code times an activation can overflow int16 in pairs.
+  static constexpr bool kDotI8Madd = MOET_KERNEL_I8_DOT == 2;
 
   static MOET_ALWAYS_INLINE Reg zero() { return _mm256_setzero_ps(); }
   static MOET_ALWAYS_INLINE Reg set1(float v) { return _mm256_set1_ps(v); }
@@ -135,10 +140,32 @@ struct Vec {
     std::memcpy(&word, p, sizeof word);
     return _mm256_set1_epi32(word);
   }
+#if MOET_KERNEL_I8_DOT == 1
   /// Per lane, `acc + sum_i u[i] s[i]` over its 4 bytes: unsigned `u`, signed `s` (exact).
   static MOET_ALWAYS_INLINE IReg dot_u8s8(IReg acc, IReg u, IReg s) {
     return _mm256_dpbusd_avx_epi32(acc, u, s);
   }
+#else
+  /// Per lane, `acc + sum_i u[i] s[i]` over its 4 bytes: unsigned `u`, signed `s`, exact when
+  /// every pair sum `u[2i] s[2i] + u[2i+1] s[2i+1]` fits int16 (`vpmaddubsw` saturates it):
+  /// `u <= 128` with `s` in `[-127, 127]` (4-bit codes, `dot_signed`'s magnitudes).
+  static MOET_ALWAYS_INLINE IReg dot_u8s8(IReg acc, IReg u, IReg s) {
+    const __m256i pairs = _mm256_maddubs_epi16(u, s);  // int16 pair sums
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+  }
+  /// The stored 8-bit codes `q + 128` as the signed values `q` (flips each byte's top bit).
+  static MOET_ALWAYS_INLINE IReg signed_codes(IReg codes) {
+    return _mm256_xor_si256(codes, _mm256_set1_epi8(static_cast<char>(0x80)));
+  }
+  /// `|w|` of signed bytes, read as unsigned (`-128` gives `0x80`, which is 128).
+  static MOET_ALWAYS_INLINE IReg abs_bytes(IReg w) { return _mm256_sign_epi8(w, w); }
+  /// Per lane, `acc + sum_i w[i] x[i]` over its 4 bytes of signed `w` (`w_abs = abs_bytes(w)`)
+  /// and signed `x` in `[-127, 127]` (the quantised activations), exact: as
+  /// `|w[i]| (sign(w[i]) x[i])`, each pair at most `2 * 128 * 127 = 32512` in magnitude.
+  static MOET_ALWAYS_INLINE IReg dot_signed(IReg acc, IReg w_abs, IReg w, IReg x) {
+    return dot_u8s8(acc, w_abs, _mm256_sign_epi8(x, w));
+  }
+#endif
   /// The low and high nibble of every byte, as bytes.
   static MOET_ALWAYS_INLINE IReg low_nibbles(IReg v) {
     return _mm256_and_si256(v, _mm256_set1_epi32(0x0f0f0f0f));
@@ -156,10 +183,12 @@ struct Vec {
 /// Blocking of the AVX2 levels: 6 x 16 float tiles (12 accumulators, 2 of B, 1 broadcast of 16
 /// ymm registers; 12 independent FMA chains cover the 4-cycle latency of two FMA pipes); bf16
 /// tiles of 4 rows (8 accumulators, 4 split B registers, 2 broadcasts); the integer kernels of
-/// the block formats (`kAvx2Vnni`) 4 x 16 tiles (8 int32 sums live through a block, 2
-/// registers of codes and 1 broadcast, 4 more for the nibbles of the 4-bit formats; the 8 float
-/// accumulators are touched once per block of 32 rows). Few-row calls take 2 panels of `Q8_0`,
-/// 1 of the 4-bit formats (one sequential stream, as on the AVX-512 levels).
+/// the block formats 4 x 16 tiles (8 int32 sums live through a block, 2 registers of codes and
+/// 1 broadcast, 4 more for the nibbles of the 4-bit formats or, on `kAvx2`, for the signed
+/// 8-bit codes and their magnitudes; the 8 float accumulators are touched once per block of 32
+/// rows). Few-row calls take 2 panels of `Q8_0` (up to 2 rows with `vpdpbusd`, 1 row with
+/// `vpmaddubsw`, whose signed codes take twice the registers), 1 of the 4-bit formats (one
+/// sequential stream, as on the AVX-512 levels).
 struct Traits {
   using V = Vec;
   static constexpr Index kNr = 2 * Vec::kWidth;
@@ -177,7 +206,7 @@ struct Traits {
     if constexpr (std::is_same_v<W, Q4_0> || std::is_same_v<W, Q4_1>) {
       return 1;
     } else if constexpr (kIsQuantized<W>) {
-      return m <= 2 ? 2 : 1;
+      return m <= (Vec::kDotI8Madd ? 1 : 2) ? 2 : 1;
     } else if constexpr (std::is_same_v<W, Bf16>) {
       return m == 1 ? 2 : 1;
     } else {

@@ -18,6 +18,7 @@ struct Vec {
   /// `vdpbf16ps` for bf16 weights and `vpdpbusd` for block-quantised ones (the top level).
   static constexpr bool kDotBf16 = MOET_KERNEL_BF16_DOT;
   static constexpr bool kDotI8 = MOET_KERNEL_I8_DOT;
+  static constexpr bool kDotI8Madd = false;  // (the 8-bit dot product is `vpdpbusd`)
   /// Every lane. The zero-masked forms of some intrinsics are used with it because GCC 12's
   /// unmasked ones pass `_mm512_undefined_ps()` through and trip `-Wmaybe-uninitialized`.
   static constexpr __mmask16 kAll = 0xFFFF;

@@ -29,6 +29,7 @@ struct Vec {
   static constexpr bool kDotBf16 = false;
   /// No 8-bit integer dot products: block-quantised weights are dequantised to float.
   static constexpr bool kDotI8 = false;
+  static constexpr bool kDotI8Madd = false;
 
   static MOET_ALWAYS_INLINE Reg zero() { return Reg{}; }
   static MOET_ALWAYS_INLINE Reg set1(float v) { return Reg{v, v, v, v}; }

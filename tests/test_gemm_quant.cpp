@@ -305,6 +305,44 @@ TEST_CASE("8-bit blocks at the code extremes multiply exactly on every level", "
   }
 }
 
+TEST_CASE("4-bit blocks at the code extremes multiply exactly on every level", "[quant][gemm]") {
+  // Codes 15 (q = 7) or 0 (q = -8) throughout, against +-127 activations of the same sign: the
+  // largest sums a block can make (32 * 15 * 127 = 60960 in unsigned codes), which a kernel
+  // that keeps more than a block's pair sums in 16 bits would overflow.
+  using Block = moet::detail::BlockQ4_0;
+  const KernelIsa isa = GENERATE(from_range(supported_isas()));
+  INFO(kernel_isa_name(isa));
+  const Index k = 128;  // 4 blocks
+  const Index n_cols = 17;
+  const Index nb = k / kQuantBlock;
+  std::vector<Block> blocks(static_cast<std::size_t>(n_cols * nb));
+  for (Index j = 0; j < n_cols; ++j) {
+    for (Index blk = 0; blk < nb; ++blk) {
+      Block& block = blocks[static_cast<std::size_t>(j * nb + blk)];
+      block.d = moet::detail::to_f16(0.5f);
+      const bool high = (j + blk / 2) % 2 == 0;  // columns alternate between 15 and 0
+      for (std::uint8_t& byte : block.qs) byte = high ? 0xff : 0x00;
+    }
+  }
+  moet::detail::PackedMatrix<moet::detail::Q4_0> packed;
+  packed.pack_blocks(std::span<const Block>(blocks), k, n_cols, isa);
+  const Matrix bq = dequantized(packed);
+  REQUIRE(bq(0, 0) == 3.5f);
+  REQUIRE(bq(0, 1) == -4.0f);
+  moet::detail::Buffer<float> scratch;
+  for (const Index n : {Index{1}, Index{4}, Index{6}}) {
+    Matrix a(n, k);
+    for (Index r = 0; r < n; ++r) {
+      for (Index i = 0; i < k; ++i) a(r, i) = bq(i, (r * 5) % n_cols) < 0.0f ? -1.0f : 1.0f;
+    }
+    const Matrix ax = integer_dot(isa) ? quantized_activations(a) : a;
+    Matrix c(n, n_cols);
+    moet::detail::gemm_packed(a, packed, c, false, scratch);
+    INFO("rows " << n);
+    CHECK(scaled_error(c, naive_product(ax, bq), ax, bq) <= 1e-5);
+  }
+}
+
 TEMPLATE_TEST_CASE("Block-format rows are bit-identical alone and inside any block",
                    "[quant][gemm][determinism]", moet::detail::Q8_0, moet::detail::Q4_0,
                    moet::detail::Q4_1) {

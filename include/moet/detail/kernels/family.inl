@@ -332,8 +332,21 @@ MOET_NOINLINE void quantized_micro_kernel(Index kc, const std::int8_t* a, const 
           const IReg x_lo = Vv::broadcast_word(a + w * 4 * M + 4 * r);
           const IReg x_hi = Vv::broadcast_word(a + (w + 4) * 4 * M + 4 * r);
           static_for<kRegs>([&](auto q) MOET_LAMBDA_INLINE {
-            isum[r][q] = Vv::dot_u8s8(Vv::dot_u8s8(isum[r][q], lo[q], x_lo), hi[q], x_hi);
+            if constexpr (Vv::kDotI8Madd) {
+              // int16 pair sums (4-bit codes: at most 2 * 15 * 127 = 3810 each; the 8 of a
+              // block at most 30480): widened to int32 once per block, below.
+              isum[r][q] = Vv::add_pairs(isum[r][q], Vv::add_pairs(Vv::pair_sums(lo[q], x_lo),
+                                                                   Vv::pair_sums(hi[q], x_hi)));
+            } else {
+              isum[r][q] = Vv::dot_u8s8(Vv::dot_u8s8(isum[r][q], lo[q], x_lo), hi[q], x_hi);
+            }
           });
+        });
+      }
+      if constexpr (Vv::kDotI8Madd) {
+        static_for<M>([&](auto r) MOET_LAMBDA_INLINE {
+          static_for<kRegs>([&](auto q)
+                                MOET_LAMBDA_INLINE { isum[r][q] = Vv::widen_pairs(isum[r][q]); });
         });
       }
     }

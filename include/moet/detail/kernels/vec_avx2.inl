@@ -150,8 +150,15 @@ struct Vec {
   /// every pair sum `u[2i] s[2i] + u[2i+1] s[2i+1]` fits int16 (`vpmaddubsw` saturates it):
   /// `u <= 128` with `s` in `[-127, 127]` (4-bit codes, `dot_signed`'s magnitudes).
   static MOET_ALWAYS_INLINE IReg dot_u8s8(IReg acc, IReg u, IReg s) {
-    const __m256i pairs = _mm256_maddubs_epi16(u, s);  // int16 pair sums
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+    return _mm256_add_epi32(acc, widen_pairs(pair_sums(u, s)));
+  }
+  /// The 16 int16 pair sums `u[2i] s[2i] + u[2i+1] s[2i+1]` (saturating: see `dot_u8s8`).
+  static MOET_ALWAYS_INLINE IReg pair_sums(IReg u, IReg s) { return _mm256_maddubs_epi16(u, s); }
+  /// Lanewise int16 sum (wrapping: the caller bounds it).
+  static MOET_ALWAYS_INLINE IReg add_pairs(IReg a, IReg b) { return _mm256_add_epi16(a, b); }
+  /// Per 32-bit lane, the sum of its two int16 halves, exactly.
+  static MOET_ALWAYS_INLINE IReg widen_pairs(IReg p) {
+    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
   }
   /// The stored 8-bit codes `q + 128` as the signed values `q` (flips each byte's top bit).
   static MOET_ALWAYS_INLINE IReg signed_codes(IReg codes) {

@@ -6,10 +6,14 @@
 //
 // Counters: tokens/s, mean_k (experts per token the gate chose), threads.
 //
-// BM_router_product: the router's product `z = x W_r` alone (d = 1024, one thread) for E = 8,
-// 16, 64 experts and T = 1, 32, 512 tokens, on moet's packed kernels (`RouterWeights::forward`,
-// E >= kPackedRouterMinExperts) and on Eigen's product with this build's flags
-// (`router_product`): the measurement behind kPackedRouterMinExperts.
+// BM_router_product: the router's product `z = x W_r` alone (d = 1024, one thread) for E = 4,
+// 8, 16, 64 experts and T = 1, 32, 512 tokens, on moet's packed kernels and on Eigen's product
+// with this build's flags (`router_product`): the measurement behind kPackedRouterMinExperts.
+// The packed runs take `RouterWeights::forward` from kPackedRouterMinExperts experts up and,
+// below it (where the router itself keeps Eigen's product), the same loop written out:
+// `gemm_packed` over blocks of kRouterRowBlock rows on W packed for the selected level.
+#include <algorithm>
+
 #include <benchmark/benchmark.h>
 
 #include "moet/detail/softmax_router.hpp"
@@ -59,12 +63,23 @@ void BM_router_product(benchmark::State& state) {
   moet::set_num_threads(1);
   const auto x = moet::bench::random_tokens(tokens, 1024, 7);
   const moet::detail::RouterWeights<float> weights(moet::bench::random_tokens(1024, experts, 9));
-  if (packed && !weights.packed_current()) {
-    state.SkipWithError("no packed copy (fewer experts than kPackedRouterMinExperts, or portable)");
+  const bool direct = packed && !weights.packed_current();  // below the threshold
+  if (direct && moet::kernel_isa() == moet::KernelIsa::kPortable) {
+    state.SkipWithError("no packed kernels on the portable level");
   }
+  moet::detail::PackedMatrix<float> w_packed;
+  if (direct) w_packed.pack(moet::ConstRows<float>(weights.weights()), moet::kernel_isa());
+  moet::detail::Buffer<float> scratch;
   moet::RowMatrix<float> z(tokens, experts);
   for (auto _ : state) {
-    if (packed) {
+    if (direct) {
+      for (Index begin = 0; begin < tokens; begin += moet::detail::kRouterRowBlock) {
+        const Index rows = std::min(moet::detail::kRouterRowBlock, tokens - begin);
+        moet::detail::gemm_packed(moet::ConstRows<float>(x.middleRows(begin, rows)), w_packed,
+                                  moet::Rows<float>(z.middleRows(begin, rows)),
+                                  /*accumulate=*/false, scratch);
+      }
+    } else if (packed) {
       weights.forward(x, z);
     } else {
       moet::detail::router_product(moet::ConstRows<float>(x), weights.weights(), z);
@@ -74,14 +89,16 @@ void BM_router_product(benchmark::State& state) {
   state.counters["tokens/s"] =
       benchmark::Counter(static_cast<double>(tokens) * static_cast<double>(state.iterations()),
                          benchmark::Counter::kIsRate);
-  state.SetLabel(packed ? "packed" : "eigen");
+  state.SetLabel(direct   ? "packed (gemm_packed, below the threshold)"
+                 : packed ? "packed"
+                          : "eigen");
   moet::set_num_threads(saved);
 }
 void router_product_args(benchmark::internal::Benchmark* b) {
-  for (const Index experts : {8, 16, 64}) {
+  for (const Index experts : {4, 8, 16, 64}) {
     for (const Index tokens : {1, 32, 512}) {
       b->Args({experts, tokens, 0});
-      if (experts >= moet::detail::kPackedRouterMinExperts) b->Args({experts, tokens, 1});
+      b->Args({experts, tokens, 1});
     }
   }
 }

@@ -32,7 +32,7 @@ RowMatrix<float> tokens(Index rows, Index cols) {
   return x;
 }
 
-// Largest |z - x W| over all entries, against a double-precision reference, and the bound
+// Checks every entry of z against a double-precision x W: |z - x W| within the bound
 // 2 K eps sum_k |x_k| |w_k| that any order of float multiply-adds meets.
 void check_logits_near(const RowMatrix<float>& x, const RowMatrix<float>& w,
                        const RowMatrix<float>& z) {

@@ -233,8 +233,12 @@ void check_softmax_backward(const char* op, const ConstRows<S>& x, Index model_d
 /// The fewest experts (columns of `W`) for which a float router keeps `W` packed and runs
 /// `gemm_packed`: a kernel panel is 16 (AVX2) or 32 (AVX-512) columns wide, and with fewer than
 /// 16 columns the padded panel and the packing of the rows of `x` cost more than Eigen's product
-/// saves (measured on an Intel Xeon with AVX-512, d = 1024: 4 and 8 experts ran 1.2-1.9x slower
-/// packed than Eigen's SSE2 product, 16 experts 0.7-0.8x, 64 experts 0.2-0.4x).
+/// saves. `BM_router_product` (bench/bench_gates.cpp, d = 1024, one thread, medians of 5;
+/// packed time over Eigen's SSE2 time at T = 1 / 32 / 512): on a Zen 3 EPYC (`avx2`,
+/// 2026-12-07) 4 experts 1.03 / 1.65 / 1.32, 8 experts 0.84 / 1.37 / 2.71, 16 experts 1.10 /
+/// 0.79 / 1.03, 64 experts 1.27 / 0.52 / 0.58; on an Intel Xeon with AVX-512 (a throwaway
+/// program of the same loop, 2026-12-06) 4 and 8 experts 1.2-1.9, 16 experts 0.7-0.8, 64
+/// experts 0.2-0.4.
 inline constexpr Index kPackedRouterMinExperts = 16;
 
 /// The grow-only workspace of the calling thread for the router's packed products (the rows of

@@ -8,8 +8,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <random>
+#include <span>
 #include <string_view>
 #include <vector>
 
@@ -256,6 +258,30 @@ TEMPLATE_TEST_CASE("Block-format gemm_packed and glu_packed equal double product
   }
 }
 
+// Packs `blocks` (`n_cols` columns of `k` rows each, GGUF's [out][in] order) for `isa` and
+// checks gemm_packed against the double product of what the level multiplies, for `n` rows of
+// +-1 activations (quantised to +-127), row r taking the signs of column (r * step) % n_cols so
+// that every product of that column is positive: the largest sums the blocks can make.
+template <class W>
+void check_sign_aligned_rows(KernelIsa isa, const std::vector<typename W::Block>& blocks, Index k,
+                             Index n_cols, std::initializer_list<Index> rows, Index step) {
+  moet::detail::PackedMatrix<W> packed;
+  packed.pack_blocks(std::span<const typename W::Block>(blocks), k, n_cols, isa);
+  const Matrix bq = dequantized(packed);
+  moet::detail::Buffer<float> scratch;
+  for (const Index n : rows) {
+    Matrix a(n, k);
+    for (Index r = 0; r < n; ++r) {
+      for (Index i = 0; i < k; ++i) a(r, i) = bq(i, (r * step) % n_cols) < 0.0f ? -1.0f : 1.0f;
+    }
+    const Matrix ax = integer_dot(isa) ? quantized_activations(a) : a;
+    Matrix c(n, n_cols);
+    moet::detail::gemm_packed(a, packed, c, false, scratch);
+    INFO("rows " << n);
+    CHECK(scaled_error(c, naive_product(ax, bq), ax, bq) <= 1e-5);
+  }
+}
+
 TEST_CASE("8-bit blocks at the code extremes multiply exactly on every level", "[quant][gemm]") {
   // A file's q8_0 blocks may hold -128, which moet's own quantiser never writes, and rows of
   // +-127 against +-127 activations make the largest pair sums: 2 * 128 * 127 = 32512. A byte
@@ -285,24 +311,8 @@ TEST_CASE("8-bit blocks at the code extremes multiply exactly on every level", "
       }
     }
   }
-  moet::detail::PackedMatrix<moet::detail::Q8_0> packed;
-  packed.pack_blocks(std::span<const Block>(blocks), k, n_cols, isa);
-  const Matrix bq = dequantized(packed);
-  REQUIRE(bq(0, 0) == -128.0f * 0.25f);
-  moet::detail::Buffer<float> scratch;
-  for (const Index n : {Index{1}, Index{2}, Index{3}, Index{5}, Index{9}}) {
-    // Activations +-1 (quantised to +-127 exactly), each row's signs following one column's
-    // weights, so that every pair of products has the same sign: the largest sums.
-    Matrix a(n, k);
-    for (Index r = 0; r < n; ++r) {
-      for (Index i = 0; i < k; ++i) a(r, i) = bq(i, (r * 7) % n_cols) < 0.0f ? -1.0f : 1.0f;
-    }
-    const Matrix ax = integer_dot(isa) ? quantized_activations(a) : a;  // codes +-127
-    Matrix c(n, n_cols);
-    moet::detail::gemm_packed(a, packed, c, false, scratch);
-    INFO("rows " << n);
-    CHECK(scaled_error(c, naive_product(ax, bq), ax, bq) <= 1e-5);
-  }
+  REQUIRE(moet::detail::block_value(blocks[0], 0) == -128.0f * 0.25f);
+  check_sign_aligned_rows<moet::detail::Q8_0>(isa, blocks, k, n_cols, {1, 2, 3, 5, 9}, 7);
 }
 
 TEST_CASE("4-bit blocks at the code extremes multiply exactly on every level", "[quant][gemm]") {
@@ -324,23 +334,9 @@ TEST_CASE("4-bit blocks at the code extremes multiply exactly on every level", "
       for (std::uint8_t& byte : block.qs) byte = high ? 0xff : 0x00;
     }
   }
-  moet::detail::PackedMatrix<moet::detail::Q4_0> packed;
-  packed.pack_blocks(std::span<const Block>(blocks), k, n_cols, isa);
-  const Matrix bq = dequantized(packed);
-  REQUIRE(bq(0, 0) == 3.5f);
-  REQUIRE(bq(0, 1) == -4.0f);
-  moet::detail::Buffer<float> scratch;
-  for (const Index n : {Index{1}, Index{4}, Index{6}}) {
-    Matrix a(n, k);
-    for (Index r = 0; r < n; ++r) {
-      for (Index i = 0; i < k; ++i) a(r, i) = bq(i, (r * 5) % n_cols) < 0.0f ? -1.0f : 1.0f;
-    }
-    const Matrix ax = integer_dot(isa) ? quantized_activations(a) : a;
-    Matrix c(n, n_cols);
-    moet::detail::gemm_packed(a, packed, c, false, scratch);
-    INFO("rows " << n);
-    CHECK(scaled_error(c, naive_product(ax, bq), ax, bq) <= 1e-5);
-  }
+  REQUIRE(moet::detail::block_value(blocks[0], 0) == 3.5f);
+  REQUIRE(moet::detail::block_value(blocks[static_cast<std::size_t>(nb)], 0) == -4.0f);
+  check_sign_aligned_rows<moet::detail::Q4_0>(isa, blocks, k, n_cols, {1, 4, 6}, 5);
 }
 
 TEMPLATE_TEST_CASE("Block-format rows are bit-identical alone and inside any block",

@@ -43,14 +43,14 @@ namespace moet {
 
 /// A level of the dense kernels, from the portable loops up. Each level's CPU requirements:
 ///
-/// | level         | instructions               | float / bf16 weights      | block formats      |
-/// |---------------|----------------------------|---------------------------|--------------------|
-/// | `kPortable`   | none (C++ vector types)    | 4-wide / pairs split      | dequantised        |
-/// | `kAvx2`       | AVX2, FMA, F16C            | 8-wide FMA / pairs split  | 8-lane `vpmaddubsw`|
-/// | `kAvx2Vnni`   | `kAvx2`, F16C, AVX-VNNI    | `kAvx2`'s                 | 8-lane `vpdpbusd`  |
-/// | `kAvx512`     | AVX-512 F, BW, DQ, VL      | 16-wide FMA / pairs split | dequantised        |
-/// | `kAvx512Vnni` | `kAvx512`, AVX512-VNNI     | `kAvx512`'s               | 16-lane `vpdpbusd` |
-/// | `kAvx512Bf16` | `kAvx512Vnni`, AVX512-BF16 | 16-wide FMA / `vdpbf16ps` | 16-lane `vpdpbusd` |
+/// | level         | instructions               | float / bf16 weights      | block formats       |
+/// |---------------|----------------------------|---------------------------|---------------------|
+/// | `kPortable`   | none (C++ vector types)    | 4-wide / pairs split      | dequantised         |
+/// | `kAvx2`       | AVX2, FMA, F16C            | 8-wide FMA / pairs split  | 8-lane `vpmaddubsw` |
+/// | `kAvx2Vnni`   | `kAvx2`, AVX-VNNI          | `kAvx2`'s                 | 8-lane `vpdpbusd`   |
+/// | `kAvx512`     | AVX-512 F, BW, DQ, VL      | 16-wide FMA / pairs split | dequantised         |
+/// | `kAvx512Vnni` | `kAvx512`, AVX512-VNNI     | `kAvx512`'s               | 16-lane `vpdpbusd`  |
+/// | `kAvx512Bf16` | `kAvx512Vnni`, AVX512-BF16 | 16-wide FMA / `vdpbf16ps` | 16-lane `vpdpbusd`  |
 ///
 /// Block-quantised weights (`Q8_0`, `Q4_0`, `Q4_1`) run 8-bit integer dot products where the
 /// level has them (`vpdpbusd`; on `kAvx2` `vpmaddubsw` + `vpmaddwd`, the AVX2 CPUs without

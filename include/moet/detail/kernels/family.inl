@@ -257,8 +257,8 @@ MOET_NOINLINE void micro_kernel(Index kc, const A* a, const W* b, Index b_stride
 /// `q + offset`; `kAvx2` takes the 8-bit codes as the signed `q` and `offset` as 0, the same
 /// difference `isum - offset sx(r)` exactly, so the same bits as `vpdpbusd`), then
 /// ```
-/// acc(r, c) = fma(float(isum - offset sx(r)), d(c) dx(r), acc(r, c))     [+ fma(m(c), dx(r) sx(r),
-/// acc) for Q4_1]
+/// acc(r, c) = fma(float(isum - offset sx(r)), d(c) dx(r), acc(r, c))
+/// acc(r, c) = fma(m(c), dx(r) sx(r), acc(r, c))                       (then, for Q4_1 only)
 /// ```
 /// with `qx`, `dx`, `sx` the row's quantised values, scale and code sum (`a`, `ad`, `as`: the
 /// group's arrays from `pack_quantized_row_groups`, already offset to the first block), and

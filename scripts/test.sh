@@ -6,45 +6,50 @@
 # Installs missing build dependencies (Debian/Ubuntu, apt-get) first, then runs these steps and
 # exits non-zero when any of them fails:
 #
-#   1. main     configure build/ci (RelWithDebInfo, warnings as errors, MOET_WITH_MPI; line-table
-#               debug information, -g1, instead of CMake's -g: the same code, compiled in about
-#               0.6 of the time), build
-#               everything -- tests, the header self-containment check, examples, benchmarks --
-#               and run ctest: unit tests, the expert-parallel tests under mpirun with 2, 3 and 4
-#               ranks and their no-allocation check with 2 and 3 (label `mpi`), packaging tests
-#               (install + find_package / add_subdirectory consumers), examples and benchmark
-#               smoke runs;
-#   2. release  the unit tests (ctest label `unit`) in a plain Release build (-O3, no -march:
-#               what a user gets by default; build/ci-release), run once per kernel level the
-#               CPU has (MOET_ISA=portable, avx2, ...: every level against the naive references;
-#               test_gemm, test_gemm_bf16 and test_row_pack, label `kernel`, run every level
-#               by themselves and run once; test_portable_build, the kernel tests compiled
-#               as for a CPU that is not x86, MOET_DISABLE_X86, runs in the main and clang
-#               steps, not here);
-#   3. clang    the unit tests built by clang++ in Release linked with moet::native
-#               (-march=native; build/ci-clang): the clang build and the native build in one
-#               (the g++ -march=native code is also compiled and run by test_mixed_isa);
-#   4. asan     the unit tests built by g++ with AddressSanitizer + UndefinedBehaviorSanitizer
-#               (without UBSan's vptr and null checks; preset `asan`, build/asan, here with MOET_WITH_MPI), and the expert-parallel
-#               tests under mpirun (label `mpi`) in that build (leak checks on, Open
-#               MPI's own allocations suppressed by tests/mpi/lsan_openmpi.supp); any report
-#               fails the run;
-#   5. tsan     the unit tests built by clang++ 14 with ThreadSanitizer against LLVM's libomp,
-#               whose Archer tool tells TSan about OpenMP's synchronisation (preset `tsan`,
-#               build/tsan; g++'s libgomp is not instrumented and gives false reports);
-#   6. fuzz     the libFuzzer targets (preset `fuzz`, build/fuzz), each run for
-#               MOET_FUZZ_SECONDS (here 10 by default; the preset's own default is 15) seconds
-#               from its seed corpus in tests/fuzz/corpus.
+#   1. main   configure build/ci: a plain Release build (-O3, no -march: what a user gets by
+#             default), warnings as errors, MOET_WITH_MPI; build everything -- unit tests, the
+#             header self-containment check, examples, benchmarks -- and run ctest: unit tests
+#             (test_portable_build among them: the kernel tests compiled as for a CPU that is not
+#             x86, MOET_DISABLE_X86; test_mixed_isa: g++'s -march=native code in one program with
+#             the plain code), the expert-parallel tests under mpirun with 2, 3 and 4 ranks and
+#             their no-allocation check with 2 and 3 (label `mpi`), packaging tests (install +
+#             find_package / add_subdirectory consumers), examples and benchmark smoke runs; then
+#             the unit tests again once per further kernel level the CPU has (MOET_ISA=portable,
+#             avx2, ...; ctest ran them at the default, highest level; the kernel tests, label
+#             `kernel`, run every level by themselves and are not repeated);
+#   2. clang  the unit tests built by clang++ in RelWithDebInfo (-O2 -g1) linked with
+#             moet::native (-march=native; build/ci-clang): the clang, RelWithDebInfo and native
+#             builds in one;
+#   3. asan   clang++ with AddressSanitizer + UndefinedBehaviorSanitizer (without UBSan's vptr and
+#             null checks; preset `asan`, build/asan, here with MOET_WITH_MPI and
+#             MOET_BUILD_FUZZERS): the unit tests, the expert-parallel tests under mpirun (label
+#             `mpi`; leak checks on, Open MPI's own allocations suppressed by
+#             tests/mpi/lsan_openmpi.supp) and every libFuzzer target for MOET_FUZZ_SECONDS (here
+#             10 by default) from its seed corpus in tests/fuzz/corpus (label `fuzz`; the fuzzers
+#             link the same sanitized kernel instances as the tests); any report fails the run;
+#   4. tsan   the unit tests built by clang++ 14 with ThreadSanitizer against LLVM's libomp,
+#             whose Archer tool tells TSan about OpenMP's synchronisation (preset `tsan`,
+#             build/tsan; g++'s libgomp is not instrumented and gives false reports).
 #
-# Environment: MOET_TEST_STEPS="main release clang asan tsan fuzz" (the default) selects
-# steps, e.g. MOET_TEST_STEPS=main for the quick run. Each step prints its wall time. Safe to
-# re-run: an up-to-date build is not rebuilt.
+# Environment: MOET_TEST_STEPS="main clang asan tsan" (the default) selects steps, e.g.
+# MOET_TEST_STEPS=main for the quick run. Each step prints its wall time. Safe to re-run: an
+# up-to-date build is not rebuilt.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
-steps="${MOET_TEST_STEPS:-main release clang asan tsan fuzz}"
+steps="${MOET_TEST_STEPS:-main clang asan tsan}"
+for step in $steps; do
+  case "$step" in
+    main | clang | asan | tsan) ;;
+    *)
+      echo "moet: unknown step '$step' in MOET_TEST_STEPS (steps: main clang asan tsan; the" \
+        "per-level unit-test runs are part of main, the fuzzers part of asan)" >&2
+      exit 2
+      ;;
+  esac
+done
 jobs="$(nproc)"
 export MOET_FUZZ_SECONDS="${MOET_FUZZ_SECONDS:-10}"
 
@@ -56,7 +61,7 @@ case " $steps " in
   *" main "* | *" asan "*) packages+=(libopenmpi-dev openmpi-bin) ;;
 esac
 case " $steps " in
-  *" tsan "* | *" fuzz "* | *" clang "*) packages+=(clang libomp-dev libclang-rt-14-dev) ;;
+  *" tsan "* | *" asan "* | *" clang "*) packages+=(clang libomp-dev libclang-rt-14-dev) ;;
 esac
 moet_ensure_packages "${packages[@]}"
 
@@ -79,8 +84,7 @@ run_step() {
 step_main() {
   local build_dir=build/ci
   cmake -S . -B "$build_dir" -G Ninja \
-    -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-    "-DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-O2 -g1 -DNDEBUG" \
+    -DCMAKE_BUILD_TYPE=Release \
     -DMOET_WERROR=ON \
     -DMOET_BUILD_TESTS=ON \
     -DMOET_BUILD_EXAMPLES=ON \
@@ -88,47 +92,37 @@ step_main() {
     -DMOET_WITH_MPI=ON
   cmake --build "$build_dir" -j "$jobs"
   ctest --test-dir "$build_dir" --output-on-failure -j "$jobs"
-}
-
-# The unit tests (target moet_unit_tests, ctest label `unit`) in another configuration: $1 is the
-# build directory, the other arguments go to cmake.
-unit_tests_in() {
-  local build_dir="$1"
-  shift
-  cmake -S . -B "$build_dir" -G Ninja -DMOET_WERROR=ON -DMOET_BUILD_TESTS=ON \
-    -DMOET_BUILD_EXAMPLES=OFF -DMOET_BUILD_BENCHMARKS=OFF -DMOET_INSTALL=OFF "$@"
-  cmake --build "$build_dir" -j "$jobs" --target moet_unit_tests
-}
-
-step_release() {
-  local build_dir=build/ci-release
-  unit_tests_in "$build_dir" -DCMAKE_BUILD_TYPE=Release -DMOET_TEST_PORTABLE_BUILD=OFF
-  # Every kernel level the CPU has, each against the naive references (the kernel tests also
-  # cover every level in any one run; this runs the banks, dispatchers and layers on each).
-  local isa exclude=()
-  for isa in $("$build_dir/tests/moet_list_kernel_isas"); do
+  # The unit tests once per further kernel level the CPU has (the run above used the level
+  # moet picks by default): the banks, dispatchers and layers on each level against the naive
+  # references. The kernel tests (label `kernel`) covered every level in that run.
+  local isa
+  for isa in $("$build_dir/tests/moet_list_kernel_isas" --others); do
     echo "moet: unit tests with MOET_ISA=$isa" >&2
-    MOET_ISA="$isa" ctest --test-dir "$build_dir" -L unit "${exclude[@]}" --output-on-failure \
+    MOET_ISA="$isa" ctest --test-dir "$build_dir" -L unit -LE kernel --output-on-failure \
       -j "$jobs"
-    exclude=(-LE kernel)  # the kernel tests ran every level in the first run
   done
 }
 
 step_clang() {
   local build_dir=build/ci-clang
-  unit_tests_in "$build_dir" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_COMPILER=clang++ \
-    -DMOET_TEST_NATIVE=ON
+  cmake -S . -B "$build_dir" -G Ninja -DMOET_WERROR=ON -DMOET_BUILD_TESTS=ON \
+    -DMOET_BUILD_EXAMPLES=OFF -DMOET_BUILD_BENCHMARKS=OFF -DMOET_INSTALL=OFF \
+    -DCMAKE_BUILD_TYPE=RelWithDebInfo "-DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-O2 -g1 -DNDEBUG" \
+    -DCMAKE_CXX_COMPILER=clang++ -DMOET_TEST_NATIVE=ON \
+    -DMOET_TEST_PORTABLE_BUILD=OFF -DMOET_TEST_MIXED_ISA=OFF
+  cmake --build "$build_dir" -j "$jobs" --target moet_unit_tests
   ctest --test-dir "$build_dir" -L unit --output-on-failure -j "$jobs"
 }
 
-# The sanitizer presets build only the unit tests (target moet_unit_tests) and run only the
-# tests labelled `unit` (asan also `mpi`: built with them when MOET_WITH_MPI is on); their
-# options (CMakePresets.json) make every report fatal: ASan/UBSan abort (halt_on_error,
-# -fno-sanitize-recover=all), TSan exits 66 at the first race.
+# The sanitizer presets build the unit tests (target moet_unit_tests; asan here also the
+# expert-parallel tests and the fuzzers, target moet_fuzzers) and run the tests labelled `unit`
+# (asan also `mpi` and `fuzz`); their options (CMakePresets.json) make every report fatal:
+# ASan/UBSan abort (halt_on_error, -fno-sanitize-recover=all), TSan exits 66 at the first race.
 step_asan() {
-  cmake --preset asan -DMOET_WITH_MPI=ON
-  cmake --build --preset asan -j "$jobs"
-  # The unit tests and, built with them here, the expert-parallel tests (labels unit, mpi).
+  cmake --preset asan -DMOET_WITH_MPI=ON -DMOET_BUILD_FUZZERS=ON \
+    -DMOET_FUZZ_SECONDS="$MOET_FUZZ_SECONDS"
+  cmake --build build/asan -j "$jobs" --target moet_unit_tests moet_fuzzers
+  # Each fuzzer runs on one core for MOET_FUZZ_SECONDS; ctest runs one test per core.
   ctest --preset asan -j "$jobs"
 }
 
@@ -144,14 +138,7 @@ step_tsan() {
   ctest --preset tsan -j "$jobs"
 }
 
-step_fuzz() {
-  cmake --preset fuzz -DMOET_FUZZ_SECONDS="$MOET_FUZZ_SECONDS"
-  cmake --build --preset fuzz -j "$jobs"
-  # Each fuzzer runs on one core for MOET_FUZZ_SECONDS; ctest runs one per core.
-  ctest --preset fuzz -j "$jobs"
-}
-
-for step in main release clang asan tsan fuzz; do
+for step in main clang asan tsan; do
   if has_step "$step"; then
     run_step "$step" "step_$step"
   fi

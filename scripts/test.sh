@@ -15,7 +15,7 @@
 #             their no-allocation check with 2 and 3 (label `mpi`), packaging tests (install +
 #             find_package / add_subdirectory consumers), examples and benchmark smoke runs; then
 #             the unit tests again once per further kernel level the CPU has (MOET_ISA=portable,
-#             avx2, ...; ctest ran them at the default, highest level; the kernel tests, label
+#             avx2, ...; ctest ran them at the level moet picks by default; the kernel tests, label
 #             `kernel`, run every level by themselves and are not repeated);
 #   2. clang  the unit tests built by clang++ in RelWithDebInfo (-O2 -g1) linked with
 #             moet::native (-march=native; build/ci-clang): the clang, RelWithDebInfo and native

@@ -12,6 +12,7 @@
 // The packed runs take `RouterWeights::forward` from kPackedRouterMinExperts experts up and,
 // below it (where the router itself keeps Eigen's product), the same loop written out:
 // `gemm_packed` over blocks of kRouterRowBlock rows on W packed for the selected level.
+// BM_router_backward: the router's backward products the same way (E = 16, 64; T = 32, 512).
 #include <algorithm>
 
 #include <benchmark/benchmark.h>
@@ -103,6 +104,47 @@ void router_product_args(benchmark::internal::Benchmark* b) {
   }
 }
 BENCHMARK(BM_router_product)->Apply(router_product_args);
+
+// range(0): experts, range(1): tokens, range(2): 1 = packed kernels, 0 = Eigen. The router's
+// backward products alone (`dW += x^T dz`, `dx += dz W^T`, d = 1024, one thread): through
+// `RouterWeights::backward` (the packed kernels from kPackedRouterMinExperts experts up) and
+// through `linear_backward` (Eigen with this build's flags).
+void BM_router_backward(benchmark::State& state) {
+  const Index experts = state.range(0);
+  const Index tokens = state.range(1);
+  const bool packed = state.range(2) != 0;
+  const int saved = moet::num_threads();
+  moet::set_num_threads(1);
+  const auto x = moet::bench::random_tokens(tokens, 1024, 7);
+  const auto dz = moet::bench::random_tokens(tokens, experts, 8);
+  moet::detail::RouterWeights<float> weights(moet::bench::random_tokens(1024, experts, 9));
+  weights.zero_grad();
+  moet::RowMatrix<float> grad = moet::RowMatrix<float>::Zero(1024, experts);
+  moet::RowMatrix<float> dx = moet::RowMatrix<float>::Zero(tokens, 1024);
+  for (auto _ : state) {
+    if (packed) {
+      weights.backward(moet::ConstRows<float>(x), moet::ConstRows<float>(dz), dx);
+    } else {
+      moet::detail::linear_backward<float>(moet::ConstRows<float>(x), weights.weights(),
+                                           moet::ConstRows<float>(dz), grad, dx);
+    }
+    benchmark::DoNotOptimize(dx.data());
+  }
+  state.counters["tokens/s"] =
+      benchmark::Counter(static_cast<double>(tokens) * static_cast<double>(state.iterations()),
+                         benchmark::Counter::kIsRate);
+  state.SetLabel(packed && weights.packed_current() ? "packed" : "eigen");
+  moet::set_num_threads(saved);
+}
+void router_backward_args(benchmark::internal::Benchmark* b) {
+  for (const Index experts : {16, 64}) {
+    for (const Index tokens : {32, 512}) {
+      b->Args({experts, tokens, 0});
+      b->Args({experts, tokens, 1});
+    }
+  }
+}
+BENCHMARK(BM_router_backward)->Apply(router_backward_args);
 
 }  // namespace
 

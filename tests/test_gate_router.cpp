@@ -13,7 +13,9 @@
 #include <catch2/catch.hpp>
 
 #include "moet/concepts.hpp"
+#include "moet/config.hpp"
 #include "moet/detail/gemm.hpp"
+#include "moet/detail/softmax_router.hpp"
 #include "moet/gates/router.hpp"
 #include "moet/gates/top_k.hpp"
 #include "moet/kernel_isa.hpp"
@@ -125,6 +127,138 @@ TEST_CASE(
   // The optimisers and load_parameters reach it through the gates' hook.
   STATIC_REQUIRE(moet::ParametersChangedHook<moet::TopKGate<float>>);
   STATIC_REQUIRE(moet::ParametersChangedHook<moet::SoftmaxRouter<float>>);
+}
+
+namespace {
+
+// RouterWeights<float>::backward of `num_tokens` tokens on a (37, 19) router (a partial panel
+// of experts; several column blocks of dW with a tail; token blocks of dx, the last partial)
+// against double, at 1 and 2 threads, on the packed kernels' bits, accumulating, and stale.
+void check_router_backward(Index num_tokens) {
+  constexpr Index dim = 37;
+  constexpr Index experts = 19;
+  RowMatrix<float> w(dim, experts);
+  for (Index i = 0; i < w.size(); ++i) w.data()[i] = static_cast<float>((i * 29) % 13) / 7 - 0.9f;
+  const RowMatrix<float> x = tokens(num_tokens, dim);
+  RowMatrix<float> dz(num_tokens, experts);
+  for (Index i = 0; i < dz.size(); ++i) {
+    dz.data()[i] = static_cast<float>((i * 17) % 23) / 11 - 1.05f;
+  }
+  RowMatrix<float> dx0(num_tokens, dim);  // what dx holds before: the backward adds to it
+  for (Index i = 0; i < dx0.size(); ++i) dx0.data()[i] = static_cast<float>(i % 5) / 4 - 0.5f;
+  const bool vector_level = moet::kernel_isa() != moet::KernelIsa::kPortable;
+
+  // One backward on a fresh RouterWeights at `threads`, after `before(weights)`: dW (from 0,
+  // then from one earlier call when `twice`) and dx (from dx0).
+  const auto run = [&](int threads, bool twice, auto&& before, RowMatrix<float>& dw,
+                       RowMatrix<float>& dx) {
+    const int saved = moet::num_threads();
+    moet::set_num_threads(threads);
+    moet::detail::RouterWeights<float> weights(w);
+    before(weights);
+    dx = dx0;
+    weights.backward(x, dz, dx);
+    if (twice) {
+      RowMatrix<float> unused = dx0;
+      weights.backward(x, dz, unused);
+    }
+    dw = weights.grad();
+    moet::set_num_threads(saved);
+  };
+  const auto nothing = [](moet::detail::RouterWeights<float>&) {};
+  RowMatrix<float> dw1, dx1, dw2, dx2;
+  run(1, false, nothing, dw1, dx1);
+  run(2, false, nothing, dw2, dx2);
+
+  // Against double: every entry within 2 K eps sum |terms| (K the length of its chain).
+  const double eps = std::numeric_limits<float>::epsilon();
+  for (Index i = 0; i < dim; ++i) {
+    for (Index e = 0; e < experts; ++e) {
+      double ref = 0.0;
+      double mag = 0.0;
+      for (Index t = 0; t < num_tokens; ++t) {
+        ref += static_cast<double>(x(t, i)) * static_cast<double>(dz(t, e));
+        mag += std::abs(static_cast<double>(x(t, i)) * static_cast<double>(dz(t, e)));
+      }
+      INFO("dW row " << i << " expert " << e);
+      CHECK(std::abs(static_cast<double>(dw1(i, e)) - ref) <=
+            2.0 * static_cast<double>(num_tokens) * eps * mag);
+    }
+  }
+  for (Index t = 0; t < num_tokens; ++t) {
+    for (Index i = 0; i < dim; ++i) {
+      double ref = dx0(t, i);
+      double mag = std::abs(ref);
+      for (Index e = 0; e < experts; ++e) {
+        ref += static_cast<double>(dz(t, e)) * static_cast<double>(w(i, e));
+        mag += std::abs(static_cast<double>(dz(t, e)) * static_cast<double>(w(i, e)));
+      }
+      INFO("dx token " << t << " column " << i);
+      CHECK(std::abs(static_cast<double>(dx1(t, i)) - ref) <= 2.0 * (experts + 1) * eps * mag);
+    }
+  }
+  CHECK(dw1 == dw2);
+  CHECK(dx1 == dx2);
+
+  if (vector_level) {
+    // The packed kernels' bits. dW from zero: from `experts` tokens up the product dz^T x on
+    // x packed, transposed; below, x^T dz on dz packed (both one gemm_packed_at over all of
+    // it). dx: one gemm_packed over all tokens on W^T packed.
+    moet::detail::Buffer<float> scratch;
+    RowMatrix<float> expect_dw = RowMatrix<float>::Zero(dim, experts);
+    if (num_tokens >= experts) {
+      const moet::detail::PackedMatrix<float> packed_x(x);
+      RowMatrix<float> dw_t(experts, dim);
+      moet::detail::gemm_packed_at(dz, packed_x, dw_t, /*accumulate=*/false, scratch);
+      expect_dw = dw_t.transpose();
+    } else {
+      const moet::detail::PackedMatrix<float> packed_dz(dz);
+      moet::detail::gemm_packed_at(x, packed_dz, expect_dw, /*accumulate=*/true, scratch);
+    }
+    moet::detail::PackedMatrix<float> packed_wt;
+    packed_wt.pack_transposed(w);
+    RowMatrix<float> expect_dx = dx0;
+    moet::detail::gemm_packed(dz, packed_wt, expect_dx, /*accumulate=*/true, scratch);
+    for (Index i = 0; i < dw1.size(); ++i) CHECK(same_bits(dw1.data()[i], expect_dw.data()[i]));
+    for (Index i = 0; i < dx1.size(); ++i) CHECK(same_bits(dx1.data()[i], expect_dx.data()[i]));
+  }
+
+  // A second call adds to dW (twice the sum within rounding) and to a fresh dx the same bits.
+  RowMatrix<float> dw_twice, dx_twice;
+  run(2, true, nothing, dw_twice, dx_twice);
+  CHECK(dx_twice == dx1);
+  CHECK((dw_twice - 2.0f * dw1).norm() <= 1e-5f * dw1.norm());
+
+  // Handed out for writing (stale), the backward takes Eigen's products on the weights
+  // themselves: the same values within rounding; repacked, the kernels' bits again.
+  RowMatrix<float> dw_stale, dx_stale, dw_repacked, dx_repacked;
+  const auto stale = [](moet::detail::RouterWeights<float>& weights) {
+    weights.visit("w", [](std::string_view, moet::ParamMap<float>, moet::ParamMap<float>) {});
+    CHECK(!weights.packed_current());
+  };
+  run(2, false, stale, dw_stale, dx_stale);
+  CHECK((dw_stale - dw1).norm() <= 1e-5f * dw1.norm());
+  CHECK((dx_stale - dx1).norm() <= 1e-5f * dx1.norm());
+  run(
+      2, false,
+      [&](moet::detail::RouterWeights<float>& weights) {
+        stale(weights);
+        weights.repack();
+      },
+      dw_repacked, dx_repacked);
+  CHECK(dw_repacked == dw1);
+  CHECK(dx_repacked == dx1);
+}
+
+}  // namespace
+
+TEST_CASE(
+    "RouterWeights' backward runs the selected kernels: dW += x^T dz and dx += dz W^T against "
+    "double, the same bits at 1 and 2 threads",
+    "[train][grad][gate][router]") {
+  SECTION("150 tokens: dW as (dz^T x)^T on x packed") { check_router_backward(150); }
+  SECTION("19 tokens, as many as experts") { check_router_backward(19); }
+  SECTION("7 tokens: dW as x^T dz on dz packed") { check_router_backward(7); }
 }
 
 TEST_CASE("SoftmaxRouter writes P = softmax(x W_r) with the bits of its logits", "[gate][router]") {

@@ -446,6 +446,12 @@ TEST_CASE("Softmax gate backward gives the same bits at 1 and 2 threads",
     float_backward(gate, {}, 1, g1, dx1);
     float_backward(gate, {}, 2, g2, dx2);
   }
+  SECTION("TopKGate with 24 experts (the router's products on the packed kernels)") {
+    auto o = moet::TopKGate<float>::gshard_options(dim, 24);
+    moet::TopKGate<float> gate(o);
+    float_backward(gate, {}, 1, g1, dx1);
+    float_backward(gate, {}, 2, g2, dx2);
+  }
   SECTION("TopPGate") {
     moet::TopPGate<float> gate({.model_dim = dim, .num_experts = experts, .p = 0.5});
     float_backward(gate, {}, 1, g1, dx1);

@@ -198,6 +198,25 @@ TEST_CASE("A warmed-up training step does not allocate: top-2, SwiGLU, shared ex
       {});
 }
 
+TEST_CASE("A warmed-up training step does not allocate: a packed router of 16 experts",
+          "[no_alloc][train]") {
+  // kPackedRouterMinExperts experts: the router's forward and backward products run on the
+  // packed kernels (W_r, W_r^T and dz packed, thread-local workspaces), dW in two column
+  // blocks.
+  // Top-16 of 16: every expert gets every token in every step, so the steps' updates of W_r
+  // cannot send an expert more rows, or a first row, after the warm-up.
+  using Experts = moet::SwiGluExperts<float>;
+  constexpr Index experts = moet::detail::kPackedRouterMinExperts;
+  auto options = moet::TopKGate<float>::mixtral_options(32, experts);
+  options.k = experts;
+  moet::TopKGate<float> gate(options);
+  check_training_does_not_allocate(
+      moet::MoELayer(std::move(gate),
+                     Experts({.model_dim = 32, .hidden_dim = 8, .num_experts = experts}),
+                     moet::GroupedDispatch({.block_rows = 16})),
+      {});
+}
+
 TEST_CASE("A warmed-up training step does not allocate: bf16 banks", "[no_alloc][train]") {
   using Experts = moet::SwiGluExperts<float>;
   constexpr auto kBf16 = moet::WeightFormat::kBf16;

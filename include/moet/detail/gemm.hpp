@@ -223,28 +223,32 @@ void gemm_packed(const ConstRows<float>& a, const PackedMatrix<W>& b, Rows<float
 /// `A = a_t^T` `(n, K)` (the weight-gradient products of training, `dW = X^T dY`, take the
 /// activations `X` `(tokens, in)` as `a_t`: `K` is the token count). Otherwise as
 /// `gemm_packed`: each output is one chain over `k = 0 .. K - 1` in order, whatever the row
-/// blocking, so splitting the `n` rows of `A` (columns of `a_t`) between threads keeps the bits.
+/// blocking, so splitting the `n` rows of `A` (columns of `a_t`) between threads keeps the bits;
+/// `panels` splits the columns of `B` and `C` (see `PanelRange`) as in `gemm_packed`.
 template <class W>
 void gemm_packed_at(const ConstRows<float>& a_t, const PackedMatrix<W>& b, Rows<float> c,
-                    bool accumulate, Buffer<float>& scratch) {
+                    bool accumulate, Buffer<float>& scratch, PanelRange panels = {}) {
   constexpr const char* kOp = "gemm_packed_at";
   require(a_t.rows() == b.rows(), kOp, "A^T has ", a_t.rows(), " rows but B has ", b.rows(),
           " rows");
   require(c.rows() == a_t.cols() && c.cols() == b.cols(), kOp, "C must be (", a_t.cols(), ", ",
           b.cols(), "), got (", c.rows(), ", ", c.cols(), ")");
   require(!views_overlap(a_t, c), kOp, "C must not overlap A^T");
-  const PackedProduct<W> product{.a = a_t.data(),
-                                 .lda = 1,
-                                 .a_k_stride = a_t.outerStride(),
-                                 .n = a_t.cols(),
-                                 .k = a_t.rows(),
-                                 .b = b.data(),
-                                 .b_stride = b.panel_stride(),
-                                 .num_panels = b.num_panels(),
-                                 .out = c.data(),
-                                 .ldo = c.outerStride(),
-                                 .out_cols = c.cols(),
-                                 .accumulate = accumulate};
+  const auto [first, count] = panel_span(kOp, panels, b.num_panels());
+  const Index width = b.panel_width();
+  const PackedProduct<W> product{
+      .a = a_t.data(),
+      .lda = 1,
+      .a_k_stride = a_t.outerStride(),
+      .n = a_t.cols(),
+      .k = a_t.rows(),
+      .b = b.data() + first * b.panel_stride(),
+      .b_stride = b.panel_stride(),
+      .num_panels = count,
+      .out = c.data() + first * width,
+      .ldo = c.outerStride(),
+      .out_cols = std::min(c.cols() - std::min(c.cols(), first * width), count * width),
+      .accumulate = accumulate};
   MOET_DISPATCH_PRODUCT(b.isa(), W, gemm(product, scratch));
 }
 

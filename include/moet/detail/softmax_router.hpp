@@ -6,9 +6,10 @@
 /// softmax pass that writes `P = softmax(x W_r)` into the plan, and the backward row kernels.
 ///
 /// Backward: per-token row kernels turn dL/dw (combine weights) and dL/dP into dL/dz through the
-/// softmax, then `linear_backward` accumulates `dW += x^T dz` and adds `dx += dz W^T`. Every
-/// split is fixed (token blocks for `dx`, model-dim column blocks for `dW`, each block reducing
-/// over all tokens in one product), so the bits do not depend on the thread count.
+/// softmax, then `RouterProduct::backward` accumulates `dW += x^T dz` and adds `dx += dz W^T`
+/// (on the packed kernels where the forward's product is, else `linear_backward`). Every split
+/// is fixed (token blocks for `dx`, model-dim column blocks for `dW`, each block reducing over
+/// all tokens in one product), so the bits do not depend on the thread count.
 
 #include <algorithm>
 #include <atomic>
@@ -241,6 +242,12 @@ void check_softmax_backward(const char* op, const ConstRows<S>& x, Index model_d
 /// experts 0.2-0.4.
 inline constexpr Index kPackedRouterMinExperts = 16;
 
+/// Panels of model-dim columns per task of the router's packed weight-gradient product
+/// (`RouterProduct::backward`): each task packs the rows of `dz^T` once for its panels, so
+/// fewer, wider tasks pack less (one panel per task: 1.1-1.8x slower than 8 at d = 1024, E =
+/// 16 and 64, T = 32 and 512, one thread; AMD EPYC Zen 5 VM, `avx512bf16`, 2026-12-07).
+inline constexpr Index kRouterGradPanels = 8;
+
 /// The grow-only workspace of the calling thread for the router's packed products (the rows of
 /// `x` packed for `gemm_packed`; one per thread, kept for the thread's life, so a warmed-up
 /// thread does not allocate).
@@ -260,6 +267,7 @@ class RouterProduct {
  public:
   /// Packs `w` (or drops the copy when `w` does not qualify); the copy is current afterwards.
   void repack(const RowMatrix<S>& w) {
+    transposed_current_ = false;
     if constexpr (std::is_same_v<S, float>) {
       const KernelIsa isa = kernel_isa();
       if (isa != KernelIsa::kPortable && w.rows() > 0 && w.cols() >= kPackedRouterMinExperts) {
@@ -270,8 +278,12 @@ class RouterProduct {
     }
     current_ = false;
   }
-  /// `W` was handed out for writing: `forward` takes Eigen's product until `repack`.
-  void mark_stale() { current_ = false; }
+  /// `W` was handed out for writing: `forward` and `backward` take Eigen's products until
+  /// `repack`.
+  void mark_stale() {
+    current_ = false;
+    transposed_current_ = false;
+  }
   /// Whether `forward` runs on the packed copy.
   bool current() const { return current_; }
 
@@ -294,10 +306,73 @@ class RouterProduct {
     router_product(x, w, z);
   }
 
+  /// Backward of `forward`: accumulates `dw += x^T dz` and adds `dx += dz w^T`, deterministic
+  /// for any thread count. While the packed copy is current, both products run on the packed
+  /// kernels of its level, split into fixed blocks:
+  /// - `dx`: `gemm_packed` of `dz` on `w^T` (packed once per version of `w`) in blocks of
+  ///   `kRouterRowBlock` token rows, each element one chain over the experts in order.
+  /// - `dw`, from `num_experts` tokens up: `(dz^T x)^T`, the product with `x` packed as `B` (one
+  ///   pass over `x`), in blocks of `kRouterGradPanels` panels of model-dim columns, each
+  ///   element one chain over the tokens in order, added to `dw` through a transpose. Below
+  ///   that (a few tokens, many experts): `x^T dz` with `dz` packed (`gemm_packed_at`), in
+  ///   blocks of `kGradColumnBlock` rows of `dw`, each chain continuing from `dw`. Measured
+  ///   (`BM_router_backward`, d = 1024, one thread) against Eigen's SSE2 product: see
+  ///   bench/bench_gates.cpp.
+  /// The packed operands' storage is kept, so a call on no more tokens than an earlier one
+  /// allocates nothing. Otherwise (stale copy, double, few experts, portable level)
+  /// `linear_backward` (Eigen).
+  void backward(const ConstRows<S>& x, const RowMatrix<S>& w, const ConstRows<S>& dz,
+                RowMatrix<S>& dw, Rows<S> dx) {
+    if constexpr (std::is_same_v<S, float>) {
+      if (current_) {
+        if (x.rows() == 0) return;
+        const KernelIsa isa = packed_.isa();
+        const Index num_tokens = x.rows();
+        const Index model_dim = x.cols();
+        const Index num_experts = dz.cols();
+        if (num_tokens >= num_experts) {
+          x_packed_.pack(x, isa);  // (num_tokens, model_dim)
+          auto dw_t = dw_t_.matrix(num_experts, model_dim);
+          const Index width = x_packed_.panel_width();
+          parallel_blocks(x_packed_.num_panels(), kRouterGradPanels, [&](Index p0, Index p1) {
+            gemm_packed_at(dz, x_packed_, Rows<float>(dw_t), /*accumulate=*/false,
+                           router_thread_scratch(), PanelRange{p0, p1});
+            const Index c0 = p0 * width;
+            const Index c1 = std::min(model_dim, p1 * width);
+            dw.middleRows(c0, c1 - c0) += dw_t.middleCols(c0, c1 - c0).transpose();
+          });
+        } else {
+          dz_packed_.pack(dz, isa);  // (num_tokens, num_experts)
+          parallel_blocks(model_dim, kGradColumnBlock, [&](Index begin, Index end) {
+            gemm_packed_at(ConstRows<float>(x.middleCols(begin, end - begin)), dz_packed_,
+                           Rows<float>(dw.middleRows(begin, end - begin)), /*accumulate=*/true,
+                           router_thread_scratch());
+          });
+        }
+        if (!transposed_current_) {
+          packed_t_.pack_transposed(ConstRows<float>(w), isa);  // W^T (num_experts, model_dim)
+          transposed_current_ = true;
+        }
+        parallel_blocks(num_tokens, kRouterRowBlock, [&](Index begin, Index end) {
+          gemm_packed(ConstRows<float>(dz.middleRows(begin, end - begin)), packed_t_,
+                      Rows<float>(dx.middleRows(begin, end - begin)), /*accumulate=*/true,
+                      router_thread_scratch());
+        });
+        return;
+      }
+    }
+    linear_backward<S>(x, w, dz, dw, dx);
+  }
+
  private:
-  // W packed for `kernel_isa()` (float only; empty for double).
-  std::conditional_t<std::is_same_v<S, float>, PackedMatrix<float>, std::monostate> packed_;
+  using Packed = std::conditional_t<std::is_same_v<S, float>, PackedMatrix<float>, std::monostate>;
+  Packed packed_;       // W packed for `kernel_isa()` (float only; empty for double)
+  Packed packed_t_;     // W^T for the backward's `dx` (packed on first use per version of W)
+  Packed dz_packed_;    // the last backward's dz (few tokens)
+  Packed x_packed_;     // the last backward's x (as many tokens as experts, or more)
+  Buffer<float> dw_t_;  // (num_experts, model_dim): dz^T x before it is added to dw
   bool current_ = false;
+  bool transposed_current_ = false;
 };
 
 /// One router matrix `W` `(model_dim, num_experts)` of a linear map `z = x W`, with its
@@ -307,13 +382,14 @@ class RouterProduct {
 ///
 /// Float weights with at least `kPackedRouterMinExperts` columns also keep a packed copy for
 /// the selected kernel level (`PackedMatrix<float>`, packed by the constructor, `set`,
-/// `set_zero` and `repack`), so `forward` runs the runtime
-/// selected kernels (`gemm_packed`) whatever flags the including unit was compiled with
+/// `set_zero` and `repack`), so `forward` and `backward` run the runtime selected kernels
+/// (`gemm_packed`, `gemm_packed_at`) whatever flags the including unit was compiled with
 /// (Eigen's product is only as wide as the unit's `-march`: SSE2 in a plain Release build).
 /// `visit` hands the weights out for writing and marks the copy stale; until `repack`
 /// (the gates' `parameters_changed`, which the optimisers and `load_parameters` call) `forward`
-/// computes with Eigen's product on the weights themselves: the same values, rounded as Eigen
-/// rounds. Double weights, fewer columns, and the portable level always take Eigen's product.
+/// and `backward` compute with Eigen's products on the weights themselves: the same values,
+/// rounded as Eigen rounds. Double weights, fewer columns, and the portable level always take
+/// Eigen's products.
 template <class S>
 class RouterWeights {
  public:
@@ -385,10 +461,11 @@ class RouterWeights {
     product_.forward(x, weights_, z);
   }
 
-  /// Backward of `forward`: accumulates `dW += x^T dz` and adds `dx += dz W^T` (see
-  /// `linear_backward`), allocating the gradient on first use.
+  /// Backward of `forward`: accumulates `dW += x^T dz` and adds `dx += dz W^T`, allocating the
+  /// gradient on first use: on the packed kernels while the packed copy is current, else
+  /// `linear_backward` (`RouterProduct::backward`).
   void backward(const ConstRows<S>& x, const ConstRows<S>& dz, Rows<S> dx) {
-    linear_backward<S>(x, weights_, dz, grad(), dx);
+    product_.backward(x, weights_, dz, grad(), dx);
   }
 
   /// Calls `f(name, W, dW)` (allocating the gradient on first use); `W` is handed out for

@@ -175,6 +175,24 @@ inline std::pair<Index, Index> panel_span(const char* op, PanelRange range, Inde
   return {range.begin, end - range.begin};
 }
 
+/// The `B` and `C` side of a product on `b`'s panels `panels` (after the shape checks): the
+/// panels' start, count and stride, `C`'s matching columns; the caller fills in `A`.
+template <class W>
+PackedProduct<W> panel_product(const char* op, const PackedMatrix<W>& b, Rows<float> c,
+                               PanelRange panels, bool accumulate) {
+  const auto [first, count] = panel_span(op, panels, b.num_panels());
+  const Index width = b.panel_width();
+  PackedProduct<W> product;
+  product.b = b.data() + first * b.panel_stride();
+  product.b_stride = b.panel_stride();
+  product.num_panels = count;
+  product.out = c.data() + first * width;
+  product.ldo = c.outerStride();
+  product.out_cols = std::min(c.cols() - std::min(c.cols(), first * width), count * width);
+  product.accumulate = accumulate;
+  return product;
+}
+
 /// `C = A B` (or `C += A B` with `accumulate`) for a packed right-hand side, single-threaded
 /// (callers parallelise over independent tasks; no OpenMP inside), on the kernels of the level
 /// `b` was packed for.
@@ -202,20 +220,11 @@ void gemm_packed(const ConstRows<float>& a, const PackedMatrix<W>& b, Rows<float
   require(c.rows() == a.rows() && c.cols() == b.cols(), kOp, "C must be (", a.rows(), ", ",
           b.cols(), "), got (", c.rows(), ", ", c.cols(), ")");
   require(!views_overlap(a, c), kOp, "C must not overlap A");
-  const auto [first, count] = panel_span(kOp, panels, b.num_panels());
-  const Index width = b.panel_width();
-  const PackedProduct<W> product{
-      .a = a.data(),
-      .lda = a.outerStride(),
-      .n = a.rows(),
-      .k = a.cols(),
-      .b = b.data() + first * b.panel_stride(),
-      .b_stride = b.panel_stride(),
-      .num_panels = count,
-      .out = c.data() + first * width,
-      .ldo = c.outerStride(),
-      .out_cols = std::min(c.cols() - std::min(c.cols(), first * width), count * width),
-      .accumulate = accumulate};
+  PackedProduct<W> product = panel_product(kOp, b, c, panels, accumulate);
+  product.a = a.data();
+  product.lda = a.outerStride();
+  product.n = a.rows();
+  product.k = a.cols();
   MOET_DISPATCH_PRODUCT(b.isa(), W, gemm(product, scratch));
 }
 
@@ -234,21 +243,12 @@ void gemm_packed_at(const ConstRows<float>& a_t, const PackedMatrix<W>& b, Rows<
   require(c.rows() == a_t.cols() && c.cols() == b.cols(), kOp, "C must be (", a_t.cols(), ", ",
           b.cols(), "), got (", c.rows(), ", ", c.cols(), ")");
   require(!views_overlap(a_t, c), kOp, "C must not overlap A^T");
-  const auto [first, count] = panel_span(kOp, panels, b.num_panels());
-  const Index width = b.panel_width();
-  const PackedProduct<W> product{
-      .a = a_t.data(),
-      .lda = 1,
-      .a_k_stride = a_t.outerStride(),
-      .n = a_t.cols(),
-      .k = a_t.rows(),
-      .b = b.data() + first * b.panel_stride(),
-      .b_stride = b.panel_stride(),
-      .num_panels = count,
-      .out = c.data() + first * width,
-      .ldo = c.outerStride(),
-      .out_cols = std::min(c.cols() - std::min(c.cols(), first * width), count * width),
-      .accumulate = accumulate};
+  PackedProduct<W> product = panel_product(kOp, b, c, panels, accumulate);
+  product.a = a_t.data();
+  product.lda = 1;
+  product.a_k_stride = a_t.outerStride();
+  product.n = a_t.cols();
+  product.k = a_t.rows();
   MOET_DISPATCH_PRODUCT(b.isa(), W, gemm(product, scratch));
 }
 

@@ -12,12 +12,17 @@
 // The packed runs take `RouterWeights::forward` from kPackedRouterMinExperts experts up and,
 // below it (where the router itself keeps Eigen's product), the same loop written out:
 // `gemm_packed` over blocks of kRouterRowBlock rows on W packed for the selected level.
-// BM_router_backward: the router's backward products the same way (E = 16, 64; T = 32, 512).
+// BM_router_backward: the router's backward products the same way (E = 16, 64; T = 32, 512);
+// BM_cosine_backward: the cosine router's (DynMoE's) whole backward the same way.
 #include <algorithm>
+#include <cstdint>
+#include <string_view>
+#include <vector>
 
 #include <benchmark/benchmark.h>
 
 #include "moet/detail/softmax_router.hpp"
+#include "moet/gates/cosine_router.hpp"
 
 #include "bench_suite.hpp"
 
@@ -145,6 +150,49 @@ void router_backward_args(benchmark::internal::Benchmark* b) {
   }
 }
 BENCHMARK(BM_router_backward)->Apply(router_backward_args);
+
+// range(0): slots, range(1): tokens, range(2): 1 = packed kernels, 0 = Eigen. DynMoE's cosine
+// router's backward alone (`CosineRouter::backward`, d = 1024, one thread, every dL/ds and
+// dL/dr nonzero): on the packed kernels (from kPackedRouterMinExperts slots up), or with W
+// handed out for writing first (`visit_parameters`), which keeps it on the scalar pass and
+// Eigen's products until `parameters_changed()`.
+void BM_cosine_backward(benchmark::State& state) {
+  const Index slots = state.range(0);
+  const Index tokens = state.range(1);
+  const bool packed = state.range(2) != 0;
+  const int saved = moet::num_threads();
+  moet::set_num_threads(1);
+  const auto x = moet::bench::random_tokens(tokens, 1024, 7);
+  const auto ds = moet::bench::random_tokens(tokens, slots, 8);
+  const auto dr = moet::bench::random_tokens(tokens, slots, 9);
+  moet::CosineRouter<float> router({.model_dim = 1024, .num_experts = slots});
+  const std::vector<float> mask(static_cast<std::size_t>(slots), 1.0f);
+  std::vector<float> slot(static_cast<std::size_t>(2 * slots));
+  std::vector<std::int32_t> block_bad(
+      static_cast<std::size_t>(tokens / moet::CosineRouter<float>::kTokenBlock + 1));
+  moet::RowMatrix<float> scores(tokens, slots);
+  router.score(moet::ConstRows<float>(x), mask.data(),
+               Eigen::Map<moet::RowMatrix<float>>(scores.data(), tokens, slots), slot.data(),
+               block_bad.data());
+  if (!packed) {
+    router.visit_parameters([](std::string_view, moet::ParamMap<float>, moet::ParamMap<float>) {});
+  }
+  router.zero_grad();
+  moet::RowMatrix<float> dx = moet::RowMatrix<float>::Zero(tokens, 1024);
+  for (auto _ : state) {
+    auto grads = router.score_grads(tokens);  // the backward turns them into dL/dcos in place
+    grads.d_scores = ds;
+    grads.d_r = dr;
+    router.backward(moet::ConstRows<float>(x), scores, router.fire_levels(), dx);
+    benchmark::DoNotOptimize(dx.data());
+  }
+  state.counters["tokens/s"] =
+      benchmark::Counter(static_cast<double>(tokens) * static_cast<double>(state.iterations()),
+                         benchmark::Counter::kIsRate);
+  state.SetLabel(router.packed_product() ? "packed" : "eigen");
+  moet::set_num_threads(saved);
+}
+BENCHMARK(BM_cosine_backward)->Apply(router_backward_args);
 
 }  // namespace
 

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <string_view>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -14,6 +15,7 @@
 #include "moet/config.hpp"
 #include "moet/detail/rng.hpp"
 #include "moet/gates/top_any.hpp"
+#include "moet/kernel_isa.hpp"
 #include "moet/train/top_any_losses.hpp"
 
 namespace test_grad_top_any {  // one per file: the unity build puts several files in one TU
@@ -439,9 +441,11 @@ TEST_CASE("TopAnyGate visits embeddings and thresholds with their gradients",
 TEST_CASE("TopAnyGate backward is bit-identical with 1 and 2 threads",
           "[gate][top_any][grad][parallel]") {
   const auto variant = GENERATE(moet::TopAnyVariant::kDeepSpeed, moet::TopAnyVariant::kTutel);
-  const Index num_tokens = 1300, d = 24, emax = 12;
+  // 24 slots: the router's products on the packed kernels (from kPackedRouterMinExperts).
+  const Index emax = GENERATE(Index{12}, Index{24});
+  const Index num_tokens = 1300, d = 24;
   moet::TopAnyGate<float> gate(
-      {.model_dim = d, .num_experts = emax, .initial_experts = 10, .variant = variant});
+      {.model_dim = d, .num_experts = emax, .initial_experts = emax - 2, .variant = variant});
   gate.set_thresholds(moet::Vector<float>::Constant(gate.num_experts(), 0.1f));
   const moet::RowMatrix<float> x = random_matrix(num_tokens, d, 5).cast<float>();
   moet::RouteContext ctx;
@@ -469,6 +473,91 @@ TEST_CASE("TopAnyGate backward is bit-identical with 1 and 2 threads",
   CHECK(std::get<1>(one) == std::get<1>(two));
   CHECK(std::get<2>(one) == std::get<2>(two));
   CHECK_FALSE(std::get<1>(one).isZero(0.0f));
+}
+
+namespace {
+
+// What CosineRouter<S>::backward gives for tokens `x`, dL/ds `ds` and dL/dr `dr` (double
+// values, cast to S), after scoring `x`; with `stale`, W is handed out for writing first (the
+// scalar pass on Eigen's products).
+template <class S>
+struct CosineGrads {
+  moet::RowMatrix<S> dx, embeddings;
+  moet::Vector<S> thresholds;
+  S log_temperature = S(0);
+};
+template <class S>
+CosineGrads<S> cosine_backward(moet::CosineRouter<S>& router, const Mat& x_d, const Mat& ds,
+                               const Mat& dr, bool stale) {
+  const Index num_tokens = x_d.rows();
+  const Index emax = router.num_experts();
+  const moet::RowMatrix<S> x = x_d.cast<S>();
+  const std::vector<S> mask(static_cast<std::size_t>(emax), S(1));
+  std::vector<S> slot(static_cast<std::size_t>(2 * emax));
+  std::vector<std::int32_t> block_bad(
+      static_cast<std::size_t>(num_tokens / moet::CosineRouter<S>::kTokenBlock + 1));
+  moet::RowMatrix<S> scores(num_tokens, emax);
+  router.score(x, mask.data(), Eigen::Map<moet::RowMatrix<S>>(scores.data(), num_tokens, emax),
+               slot.data(), block_bad.data());
+  if (stale) {
+    router.visit_parameters([](std::string_view, moet::ParamMap<S>, moet::ParamMap<S>) {});
+  }
+  router.zero_grad();
+  auto grads = router.score_grads(num_tokens);
+  grads.d_scores = ds.cast<S>();
+  grads.d_r = dr.cast<S>();
+  const S* const level = router.fire_levels();
+  moet::RowMatrix<S> dx = moet::RowMatrix<S>::Zero(num_tokens, x.cols());
+  router.backward(x, scores, level, dx);
+  return {dx, router.embeddings_grad(), router.thresholds_grad(), router.log_temperature_grad()};
+}
+
+template <class A>
+double relative_error(const A& got, const Mat& want) {
+  return (got.template cast<double>() - want).norm() / want.norm();
+}
+
+}  // namespace
+
+TEST_CASE("CosineRouter backward on the packed kernels matches the double router",
+          "[gate][top_any][grad]") {
+  // 300 tokens (two token blocks, the second partial), d = 40 (a partial panel), 24 slots (a
+  // partial panel), trainable temperature, nonzero thresholds; zeros in dL/ds (skipped pairs)
+  // and one token with no gradient at all.
+  constexpr Index num_tokens = 300, d = 40, emax = 24;
+  const moet::CosineRouter<double>::Options options{
+      .model_dim = d, .num_experts = emax, .temperature = 2.0, .trainable_temperature = true};
+  moet::CosineRouter<double> router_d(options);
+  moet::CosineRouter<float> router_f(
+      {.model_dim = d, .num_experts = emax, .temperature = 2.0f, .trainable_temperature = true});
+  const Mat w = random_matrix(d, emax, 11, 0.3);
+  const Vec theta = 0.2 * random_matrix(emax, 1, 12);
+  router_d.set_embeddings("test", w, moet::WeightLayout::kInOut);
+  router_d.set_thresholds(theta);
+  router_f.set_embeddings("test", w.cast<float>(), moet::WeightLayout::kInOut);
+  router_f.set_thresholds(theta.cast<float>());
+  const Mat x = random_matrix(num_tokens, d, 13);
+  Mat ds = random_matrix(num_tokens, emax, 14);
+  const Mat dr = random_matrix(num_tokens, emax, 15);
+  for (Index i = 0; i < ds.size(); i += 5) ds.data()[i] = 0.0;
+  ds.row(7).setZero();
+  const bool vector_level = moet::kernel_isa() != moet::KernelIsa::kPortable;
+  CHECK(router_f.packed_product() == vector_level);
+
+  const auto want = cosine_backward(router_d, x, ds, dr, false);
+  REQUIRE(want.embeddings.norm() > 0.0);
+  REQUIRE(want.log_temperature != 0.0);
+  for (const bool stale : {false, true}) {
+    INFO((stale ? "Eigen's products (stale W)" : "the packed kernels"));
+    const auto got = cosine_backward(router_f, x, ds, dr, stale);
+    CHECK(relative_error(got.dx, want.dx) < 1e-5);
+    CHECK(relative_error(got.embeddings, want.embeddings) < 1e-5);
+    CHECK(relative_error(got.thresholds, want.thresholds) < 1e-5);
+    CHECK(std::abs(double(got.log_temperature) - want.log_temperature) <
+          1e-5 * std::abs(want.log_temperature));
+    CHECK(got.dx.row(7).isZero(0.0f));
+    router_f.parameters_changed();
+  }
 }
 
 TEST_CASE("TopAnyGate backward rejects mismatched input", "[gate][top_any][grad][errors]") {

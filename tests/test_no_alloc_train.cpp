@@ -21,6 +21,7 @@
 #include "moet/experts/ffn.hpp"
 #include "moet/experts/glu.hpp"
 #include "moet/gates/stochastic.hpp"
+#include "moet/gates/top_any.hpp"
 #include "moet/gates/top_k.hpp"
 #include "moet/layer.hpp"
 #include "moet/routing.hpp"
@@ -215,6 +216,26 @@ TEST_CASE("A warmed-up training step does not allocate: a packed router of 16 ex
                      Experts({.model_dim = 32, .hidden_dim = 8, .num_experts = experts}),
                      moet::GroupedDispatch({.block_rows = 16})),
       {});
+}
+
+TEST_CASE("A warmed-up training step does not allocate: DynMoE's cosine router of 16 slots",
+          "[no_alloc][train]") {
+  // 16 slots: the cosine router's products on the packed kernels (W, Wn^T and x packed, y in
+  // router scratch). Thresholds far below every score: every slot fires for every token in
+  // every step, so the steps cannot send an expert more rows, or a first row, after the
+  // warm-up.
+  using Experts = moet::SwiGluExperts<float>;
+  constexpr Index experts = moet::detail::kPackedRouterMinExperts;
+  moet::TopAnyGate<float> gate(
+      {.model_dim = 32, .num_experts = experts, .initial_experts = experts});
+  gate.set_thresholds(moet::Vector<float>::Constant(experts, -50.0f));
+  moet::RouteContext ctx;
+  ctx.training = true;
+  check_training_does_not_allocate(
+      moet::MoELayer(std::move(gate),
+                     Experts({.model_dim = 32, .hidden_dim = 8, .num_experts = experts}),
+                     moet::GroupedDispatch({.block_rows = 16})),
+      ctx);
 }
 
 TEST_CASE("A warmed-up training step does not allocate: bf16 banks", "[no_alloc][train]") {

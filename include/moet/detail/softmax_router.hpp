@@ -286,6 +286,11 @@ class RouterProduct {
   }
   /// Whether `forward` runs on the packed copy.
   bool current() const { return current_; }
+  /// The kernel level of the packed copy (meaningful while `current()`).
+  KernelIsa isa() const {
+    if constexpr (std::is_same_v<S, float>) return packed_.isa();
+    return KernelIsa::kPortable;
+  }
 
   /// Writes `z = x w` `(num_tokens, num_experts)` into `z`; `w` must be the matrix last
   /// repacked while the copy is current. On the packed copy: `gemm_packed` in parallel over

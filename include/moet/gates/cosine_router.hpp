@@ -7,10 +7,13 @@
 /// §4.1-4.3.
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <string_view>
+#include <type_traits>
+#include <variant>
 
 #include <Eigen/Core>
 #include <Eigen/QR>
@@ -302,48 +305,79 @@ class CosineRouter {
     S* const inv_norm_x = d_r.data() + num_tokens * emax;  // (T)
     S* const block_d_tau = inv_norm_x + num_tokens;        // (num_blocks): dL/dtau through s
 
+    // On the packed kernels (float, the raw product x W on its packed copy): Wn^T packed as
+    // the B of dx's product.
+    bool packed = false;
+    S* y_rows = nullptr;  // (T, model_dim): y = dL/dcos Wn^T, packed only
+    if constexpr (std::is_same_v<S, float>) {
+      if (product_.current()) {
+        packed = true;
+        wn_packed_.pack(ConstRows<float>(wn_t), product_.isa());  // (num_experts, model_dim)
+        y_rows = y_scratch_.data(num_tokens * d);  // pass 1's tasks write their rows of y
+      }
+    }
+
     // Pass 1, over token blocks: dL/dcos per (token, slot), and dx.
     detail::parallel_blocks(num_tokens, kTokenBlock, [&](Index begin, Index end) {
       S d_tau = S(0);  // sum_t,e dL/ds s (1 - s) cos = sum_t projection_t / tau
-      for (Index t = begin; t < end; ++t) {
-        const S raw_norm_x = x.row(t).norm();
-        const S norm_x = std::max(raw_norm_x, kNormEps);
-        inv_norm_x[t] = S(1) / norm_x;
-        S projection = S(0);  // sum_e dL/dcos[t,e] cos[t,e] = u . (dL/du)
-        bool any = false;
-        for (Index e = 0; e < emax; ++e) {
-          const S ds = d_cos(t, e);
-          if (ds == S(0)) continue;
-          const S s = scores(t, e);
-          const S dcos = tau * s * (S(1) - s) * ds;
-          d_cos(t, e) = dcos;
-          if (dcos == S(0)) continue;
-          any = true;
-          dx.row(t) += (dcos / norm_x) * wn_t.row(e);
-          projection += dcos * (x.row(t).dot(wn_t.row(e)) / norm_x);
+      if (packed) {
+        token_block_backward_packed(x, scores, tau, d_cos, inv_norm_x, y_rows, begin, end, dx,
+                                    d_tau);
+      } else {
+        for (Index t = begin; t < end; ++t) {
+          const S raw_norm_x = x.row(t).norm();
+          const S norm_x = std::max(raw_norm_x, kNormEps);
+          inv_norm_x[t] = S(1) / norm_x;
+          S projection = S(0);  // sum_e dL/dcos[t,e] cos[t,e] = u . (dL/du)
+          bool any = false;
+          for (Index e = 0; e < emax; ++e) {
+            const S ds = d_cos(t, e);
+            if (ds == S(0)) continue;
+            const S s = scores(t, e);
+            const S dcos = tau * s * (S(1) - s) * ds;
+            d_cos(t, e) = dcos;
+            if (dcos == S(0)) continue;
+            any = true;
+            dx.row(t) += (dcos / norm_x) * wn_t.row(e);
+            projection += dcos * (x.row(t).dot(wn_t.row(e)) / norm_x);
+          }
+          // d(x / ||x||)/dx = (I - u u^T) / ||x||; below the floor, x / eps has derivative I /
+          // eps.
+          if (any && raw_norm_x > kNormEps) {
+            dx.row(t) -= (projection / (norm_x * norm_x)) * x.row(t);
+          }
+          d_tau += projection / tau;
         }
-        // d(x / ||x||)/dx = (I - u u^T) / ||x||; below the floor, x / eps has derivative I / eps.
-        if (any && raw_norm_x > kNormEps) {
-          dx.row(t) -= (projection / (norm_x * norm_x)) * x.row(t);
-        }
-        d_tau += projection / tau;
       }
       block_d_tau[begin / kTokenBlock] = d_tau;
     });
 
     // Pass 2, over slots: dL/dWn_e = sum_t dL/dcos[t,e] x_t / ||x_t|| in token order, then
-    // through the column normalisation; dL/dtheta_e from sum_t dL/dr[t,e].
+    // through the column normalisation; dL/dtheta_e from sum_t dL/dr[t,e]. Packed: the sums
+    // for every slot at once, (dz^T x) with dz = dL/dcos / ||x|| (pass 1 scaled it) and x
+    // packed, in fixed blocks of panels of model-dim columns.
     auto g_wn_t = slot_rows.bottomRows(emax);  // (num_experts, model_dim): dL/dWn transposed
+    if constexpr (std::is_same_v<S, float>) {
+      if (packed) {
+        x_packed_.pack(x, product_.isa());  // (num_tokens, model_dim)
+        detail::parallel_blocks(
+            x_packed_.num_panels(), detail::kRouterGradPanels, [&](Index p0, Index p1) {
+              detail::gemm_packed_at(ConstRows<float>(d_cos), x_packed_, Rows<float>(g_wn_t),
+                                     /*accumulate=*/false, detail::router_thread_scratch(),
+                                     PanelRange{p0, p1});
+            });
+      }
+    }
     detail::parallel_for(emax, [&](Index e) {
       auto acc = g_wn_t.row(e);
-      acc.setZero();
+      if (!packed) acc.setZero();
       S sum_r = S(0);
       bool any = false;
       for (Index t = 0; t < num_tokens; ++t) {
         sum_r += d_r(t, e);
         const S c = d_cos(t, e);
         if (c == S(0)) continue;
-        acc += (c * inv_norm_x[t]) * x.row(t);
+        if (!packed) acc += (c * inv_norm_x[t]) * x.row(t);
         any = true;
       }
       const S thr = level[e];
@@ -438,6 +472,69 @@ class CosineRouter {
                     "temperature must be finite and > 0, got ", tau);
   }
 
+  // Pass 1 of `backward` on the packed kernels for tokens [begin, end): turns dL/ds into
+  // dL/dcos in `d_cos` (as the scalar pass does), then y = dL/dcos Wn^T for the block in one
+  // `gemm_packed` on Wn^T packed (each value one chain over the slots in order), then per token
+  // with p = x . y / ||x|| (= sum_e dL/dcos[t,e] cos[t,e]): dx += y / ||x|| - p x / ||x||^2 (the
+  // second term above the norm floor only), and scales the token's dL/dcos by 1 / ||x|| for
+  // pass 2's product. Adds sum_t p / tau to `d_tau`.
+  template <class DCos>
+  void token_block_backward_packed(const ConstRows<S>& x,
+                                   const Eigen::Ref<const RowMatrix<S>>& scores, S tau, DCos& d_cos,
+                                   S* inv_norm_x, S* y_rows, Index begin, Index end, Rows<S> dx,
+                                   S& d_tau) {
+    if constexpr (std::is_same_v<S, float>) {
+      const Index emax = num_experts();
+      const Index d = model_dim();
+      const Index rows = end - begin;
+      std::array<S, kTokenBlock> norm_x;
+      std::array<bool, kTokenBlock> any;
+      for (Index t = begin; t < end; ++t) {
+        const auto i = static_cast<std::size_t>(t - begin);
+        norm_x[i] = std::max(x.row(t).norm(), kNormEps);
+        inv_norm_x[t] = S(1) / norm_x[i];
+        any[i] = false;
+        for (Index e = 0; e < emax; ++e) {
+          const S ds = d_cos(t, e);
+          if (ds == S(0)) continue;
+          const S s = scores(t, e);
+          const S dcos = tau * s * (S(1) - s) * ds;
+          d_cos(t, e) = dcos;
+          any[i] = any[i] || dcos != S(0);
+        }
+      }
+      // y for the block, in rows [begin, end) of the (T, model_dim) scratch.
+      auto y = Eigen::Map<RowMatrix<S>>(y_rows + begin * d, rows, d);
+      detail::gemm_packed(ConstRows<float>(d_cos.middleRows(begin, rows)), wn_packed_,
+                          Rows<float>(y), /*accumulate=*/false, detail::router_thread_scratch());
+      for (Index t = begin; t < end; ++t) {
+        const auto i = static_cast<std::size_t>(t - begin);
+        const S inv = inv_norm_x[t];
+        if (any[i]) {
+          const auto y_t = y.row(t - begin);
+          const S projection = x.row(t).dot(y_t) * inv;  // sum_e dL/dcos[t,e] cos[t,e]
+          dx.row(t) += inv * y_t;
+          // Above the norm floor (norm_x is the raw norm): the projection term of
+          // d(x / ||x||)/dx = (I - u u^T) / ||x||.
+          if (norm_x[i] > kNormEps) dx.row(t) -= (projection / (norm_x[i] * norm_x[i])) * x.row(t);
+          d_tau += projection / tau;
+        }
+        d_cos.row(t) *= inv;
+      }
+    } else {
+      static_cast<void>(x);
+      static_cast<void>(scores);
+      static_cast<void>(tau);
+      static_cast<void>(d_cos);
+      static_cast<void>(inv_norm_x);
+      static_cast<void>(y_rows);
+      static_cast<void>(begin);
+      static_cast<void>(end);
+      static_cast<void>(dx);
+      static_cast<void>(d_tau);
+    }
+  }
+
   void ensure_grads() {
     const Index d = model_dim();
     const Index emax = num_experts();
@@ -460,6 +557,12 @@ class CosineRouter {
   detail::Buffer<S> slot_scratch_;   // (3 * num_experts): fire levels, norms, dL/dtau per slot
   detail::Buffer<S> wn_scratch_;     // (2 * num_experts, model_dim)
   detail::Buffer<S> token_scratch_;  // (2 T num_experts + T + token blocks)
+  // The packed backward (float, W packed): Wn^T, the last backward's x, y = dL/dcos Wn^T.
+  using Packed =
+      std::conditional_t<std::is_same_v<S, float>, detail::PackedMatrix<float>, std::monostate>;
+  Packed wn_packed_;             // (num_experts, model_dim)
+  Packed x_packed_;              // (num_tokens, model_dim)
+  detail::Buffer<S> y_scratch_;  // (T, model_dim)
 };
 
 }  // namespace moet

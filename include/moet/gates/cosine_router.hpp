@@ -328,16 +328,11 @@ class CosineRouter {
           const S raw_norm_x = x.row(t).norm();
           const S norm_x = std::max(raw_norm_x, kNormEps);
           inv_norm_x[t] = S(1) / norm_x;
+          const bool any = token_d_cos(scores, tau, d_cos, t);
           S projection = S(0);  // sum_e dL/dcos[t,e] cos[t,e] = u . (dL/du)
-          bool any = false;
-          for (Index e = 0; e < emax; ++e) {
-            const S ds = d_cos(t, e);
-            if (ds == S(0)) continue;
-            const S s = scores(t, e);
-            const S dcos = tau * s * (S(1) - s) * ds;
-            d_cos(t, e) = dcos;
+          for (Index e = 0; any && e < emax; ++e) {
+            const S dcos = d_cos(t, e);
             if (dcos == S(0)) continue;
-            any = true;
             dx.row(t) += (dcos / norm_x) * wn_t.row(e);
             projection += dcos * (x.row(t).dot(wn_t.row(e)) / norm_x);
           }
@@ -472,6 +467,23 @@ class CosineRouter {
                     "temperature must be finite and > 0, got ", tau);
   }
 
+  // Turns token t's dL/ds into dL/dcos = tau s (1 - s) dL/ds in place (zeros stay zeros);
+  // true when any slot's dL/dcos is non-zero. Both passes of `backward` start from it.
+  template <class DCos>
+  static bool token_d_cos(const Eigen::Ref<const RowMatrix<S>>& scores, S tau, DCos& d_cos,
+                          Index t) {
+    bool any = false;
+    for (Index e = 0; e < d_cos.cols(); ++e) {
+      const S ds = d_cos(t, e);
+      if (ds == S(0)) continue;
+      const S s = scores(t, e);
+      const S dcos = tau * s * (S(1) - s) * ds;
+      d_cos(t, e) = dcos;
+      any = any || dcos != S(0);
+    }
+    return any;
+  }
+
   // Pass 1 of `backward` on the packed kernels for tokens [begin, end): turns dL/ds into
   // dL/dcos in `d_cos` (as the scalar pass does), then y = dL/dcos Wn^T for the block in one
   // `gemm_packed` on Wn^T packed (each value one chain over the slots in order), then per token
@@ -484,7 +496,6 @@ class CosineRouter {
                                    S* inv_norm_x, S* y_rows, Index begin, Index end, Rows<S> dx,
                                    S& d_tau) {
     if constexpr (std::is_same_v<S, float>) {
-      const Index emax = num_experts();
       const Index d = model_dim();
       const Index rows = end - begin;
       std::array<S, kTokenBlock> norm_x;
@@ -493,15 +504,7 @@ class CosineRouter {
         const auto i = static_cast<std::size_t>(t - begin);
         norm_x[i] = std::max(x.row(t).norm(), kNormEps);
         inv_norm_x[t] = S(1) / norm_x[i];
-        any[i] = false;
-        for (Index e = 0; e < emax; ++e) {
-          const S ds = d_cos(t, e);
-          if (ds == S(0)) continue;
-          const S s = scores(t, e);
-          const S dcos = tau * s * (S(1) - s) * ds;
-          d_cos(t, e) = dcos;
-          any[i] = any[i] || dcos != S(0);
-        }
+        any[i] = token_d_cos(scores, tau, d_cos, t);
       }
       // y for the block, in rows [begin, end) of the (T, model_dim) scratch.
       auto y = Eigen::Map<RowMatrix<S>>(y_rows + begin * d, rows, d);

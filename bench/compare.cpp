@@ -1025,15 +1025,13 @@ int main(int argc, char** argv) {
         if (banks.size() > 1) std::printf("weights %s\n", c.weights[w].c_str());
         const std::size_t series_begin = rows.size();
         // bf16 dot products (vdpbf16ps) do two multiply-adds per lane: twice the FMA peak;
-        // 8-bit ones (vpdpbusd on the levels with VNNI; vpmaddubsw, 16 lanes of two on kAvx2)
-        // four.
+        // 8-bit ones (vpdpbusd on the levels with VNNI; vpmaddubsw, lanes of two, on kAvx2
+        // and kAvx512: every x86 level) four.
         const bool top_level = moet::kernel_isa() == moet::KernelIsa::kAvx512Bf16;
-        const bool vnni = top_level || moet::kernel_isa() == moet::KernelIsa::kAvx512Vnni ||
-                          moet::kernel_isa() == moet::KernelIsa::kAvx2Vnni ||
-                          moet::kernel_isa() == moet::KernelIsa::kAvx2;
+        const bool int_dot_level = moet::kernel_isa() != moet::KernelIsa::kPortable;
         const bool bf16_dot = c.weights[w] == "bf16" && top_level;
-        const bool int8_dot =
-            vnni && (c.weights[w] == "q8_0" || c.weights[w] == "q4_0" || c.weights[w] == "q4_1");
+        const bool int8_dot = int_dot_level && (c.weights[w] == "q8_0" || c.weights[w] == "q4_0" ||
+                                                c.weights[w] == "q4_1");
         for (const auto& spec : c.gates) {
           Row row = run_gate(spec, c, bank, x, importance, memory);
           row.threads = used;

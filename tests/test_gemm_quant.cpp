@@ -49,12 +49,9 @@ __attribute__((target("f16c"))) float f16c_value(std::uint16_t h) {
 #endif
 
 // True when the kernel level multiplies block-format weights with 8-bit integer dot products
-// (and so quantises the activations: vpdpbusd, or vpmaddubsw on kAvx2); the other levels
-// (portable, kAvx512) dequantise the weights to float.
-bool integer_dot(KernelIsa isa) {
-  return isa == KernelIsa::kAvx512Bf16 || isa == KernelIsa::kAvx512Vnni ||
-         isa == KernelIsa::kAvx2Vnni || isa == KernelIsa::kAvx2;
-}
+// (and so quantises the activations: vpdpbusd on the VNNI levels, vpmaddubsw + vpmaddwd on
+// kAvx2 and kAvx512); the portable level dequantises the weights to float.
+bool integer_dot(KernelIsa isa) { return isa != KernelIsa::kPortable; }
 
 // The activations an integer-dot level multiplies: each row's blocks of 32 quantised to 8 bits
 // with a float scale max|x| / 127, rounded half away from zero (written out independently of
@@ -363,6 +360,55 @@ TEMPLATE_TEST_CASE("Block-format rows are bit-identical alone and inside any blo
       INFO("rows " << n << " from " << first);
       REQUIRE(bit_identical(c, c_all.middleRows(first, n)));
       REQUIRE(bit_identical(h, h_all.middleRows(first, n)));
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE("Every integer-dot level gives the bits of every other",
+                   "[quant][gemm][determinism]", moet::detail::Q8_0, moet::detail::Q4_0,
+                   moet::detail::Q4_1) {
+  // vpmaddubsw + vpmaddwd (kAvx2, kAvx512) make the int32 block sums of vpdpbusd exactly and
+  // every level then runs one float chain per output over the blocks in order, whatever its
+  // width and tiles: the products must agree bit for bit (the first integer level this CPU
+  // has is the reference). The double-product test above bounds each level; this one catches
+  // a level whose integer sums are off by less than that bound (a saturated pair, a lost sign).
+  using W = TestType;
+  std::vector<KernelIsa> levels;
+  for (const KernelIsa isa : supported_isas()) {
+    if (integer_dot(isa)) levels.push_back(isa);
+  }
+  if (levels.size() < 2) {
+    WARN("skipped: fewer than two integer-dot levels on this CPU");
+    return;
+  }
+  moet::detail::Buffer<float> scratch;
+  std::uint32_t seed = 40;
+  for (const Index k : {Index{32}, Index{100}, Index{520}}) {
+    for (const Index n_cols : {Index{17}, Index{100}}) {
+      const Matrix b = random_matrix(k, n_cols, seed++);
+      const Matrix wu = random_matrix(k, n_cols, seed++);
+      for (const Index n : {Index{1}, Index{2}, Index{5}, Index{13}, Index{150}}) {
+        const Matrix a = random_matrix(n, k, seed++);
+        Matrix c_ref(n, n_cols);
+        Matrix h_ref(n, n_cols);
+        for (std::size_t i = 0; i < levels.size(); ++i) {
+          const moet::detail::PackedMatrix<W> packed(b, levels[i]);
+          const moet::detail::PackedGluMatrix<W> glu(b, wu, levels[i]);
+          Matrix c(n, n_cols);
+          Matrix h(n, n_cols);
+          moet::detail::gemm_packed(a, packed, c, false, scratch);
+          moet::detail::glu_packed(a, glu, h, scratch);
+          if (i == 0) {
+            c_ref = c;
+            h_ref = h;
+            continue;
+          }
+          INFO(kernel_isa_name(levels[i]) << " against " << kernel_isa_name(levels[0]) << ": n "
+                                          << n << " k " << k << " cols " << n_cols);
+          REQUIRE(bit_identical(c, c_ref));
+          REQUIRE(bit_identical(h, h_ref));
+        }
+      }
     }
   }
 }

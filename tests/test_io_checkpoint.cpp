@@ -80,13 +80,10 @@ void check_routing(const Layer& layer, const Matrix& x, const Json& want_ids) {
   }
 }
 
-// True when the block-format kernels multiply 8-bit quantised activations (VNNI, or
-// vpmaddubsw on kAvx2).
-bool integer_dot() {
-  const moet::KernelIsa isa = moet::kernel_isa();
-  return isa == moet::KernelIsa::kAvx512Bf16 || isa == moet::KernelIsa::kAvx512Vnni ||
-         isa == moet::KernelIsa::kAvx2Vnni || isa == moet::KernelIsa::kAvx2;
-}
+// True when the block-format kernels multiply 8-bit quantised activations: every x86 level
+// (vpdpbusd with VNNI, vpmaddubsw + vpmaddwd on kAvx2 and kAvx512); the portable level
+// dequantises the weights.
+bool integer_dot() { return moet::kernel_isa() != moet::KernelIsa::kPortable; }
 
 // Each row's blocks of 32 quantised to 8 bits (scale max|x| / 127, round half away from zero),
 // as the integer-dot kernels do; unchanged on the other levels.

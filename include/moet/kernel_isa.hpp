@@ -48,14 +48,14 @@ namespace moet {
 /// | `kPortable`   | none (C++ vector types)    | 4-wide / pairs split      | dequantised         |
 /// | `kAvx2`       | AVX2, FMA, F16C            | 8-wide FMA / pairs split  | 8-lane `vpmaddubsw` |
 /// | `kAvx2Vnni`   | `kAvx2`, AVX-VNNI          | `kAvx2`'s                 | 8-lane `vpdpbusd`   |
-/// | `kAvx512`     | AVX-512 F, BW, DQ, VL      | 16-wide FMA / pairs split | dequantised         |
+/// | `kAvx512`     | AVX-512 F, BW, DQ, VL      | 16-wide FMA / pairs split | 16-lane `vpmaddubsw`|
 /// | `kAvx512Vnni` | `kAvx512`, AVX512-VNNI     | `kAvx512`'s               | 16-lane `vpdpbusd`  |
 /// | `kAvx512Bf16` | `kAvx512Vnni`, AVX512-BF16 | 16-wide FMA / `vdpbf16ps` | 16-lane `vpdpbusd`  |
 ///
 /// Block-quantised weights (`Q8_0`, `Q4_0`, `Q4_1`) run 8-bit integer dot products where the
-/// level has them (`vpdpbusd`; on `kAvx2` `vpmaddubsw` + `vpmaddwd`, the AVX2 CPUs without
-/// VNNI such as Haswell to Skylake and Zen 1-3) and are dequantised to float K block by K
-/// block elsewhere (`kPortable`, and `kAvx512`: Skylake-X without VNNI). Every AVX2 CPU has
+/// level has them (`vpdpbusd`; on `kAvx2` and `kAvx512` `vpmaddubsw` + `vpmaddwd`, exact like it:
+/// the AVX2 CPUs without VNNI such as Haswell to Skylake and Zen 1-3, and Skylake-X) and are
+/// dequantised to float K block by K block on `kPortable`. Every AVX2 CPU has
 /// F16C (Ivy Bridge and Piledriver brought it before AVX2); `kAvx2` requires it for the block
 /// formats' half-precision scales.
 ///

@@ -21,12 +21,11 @@ namespace moet {
 ///   (tests/test_gemm_bf16.cpp measures and bounds it).
 /// - `kQ8_0`, `kQ4_0`, `kQ4_1`: ggml's block formats (detail/quant.hpp): each column's blocks of
 ///   32 weights along the input dimension share a half-precision scale (and, for `kQ4_1`, a
-///   minimum); 8.5, 4.5 and 5 bits per weight. On the kernel levels with 8-bit dot products
-///   (`avx512bf16`, `avx512vnni`: AVX512-VNNI; `avx2vnni`: AVX-VNNI, the 256-bit form; `avx2`:
-///   `vpmaddubsw` + `vpmaddwd`, exact like them) the products run on integer dot products with
-///   each row of the activations quantised per block of 32 to 8 bits on the fly, as llama.cpp
-///   does; the other levels (`avx512` without VNNI, portable) dequantise the weights to float
-///   in the kernels (float activations).
+///   minimum); 8.5, 4.5 and 5 bits per weight. On every x86 kernel level the products run on
+///   8-bit integer dot products (`vpdpbusd` with AVX512-VNNI or AVX-VNNI; `vpmaddubsw` +
+///   `vpmaddwd`, exact like it, on `avx2` and `avx512`) with each row of the activations
+///   quantised per block of 32 to 8 bits on the fly, as llama.cpp does; the portable level
+///   dequantises the weights to float in the kernels (float activations).
 ///
 /// In every format the router, the combine and the master weights stay float: the optimisers
 /// update the bank's float weights and `parameters_changed()` re-rounds or re-quantises them;

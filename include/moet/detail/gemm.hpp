@@ -89,7 +89,7 @@ namespace moet::detail::isa_portable {
 #define MOET_KERNEL_TARGET "avx2,fma,avx512f,avx512bw,avx512dq,avx512vl"
 #define MOET_KERNEL_WIDTH 512
 #define MOET_KERNEL_BF16_DOT 0
-#define MOET_KERNEL_I8_DOT 0
+#define MOET_KERNEL_I8_DOT 2
 #include "moet/detail/kernels/level.inl"
 
 // AVX-512 + AVX512-VNNI: as for AVX2 + AVX-VNNI, only the block formats' products.

@@ -251,11 +251,11 @@ MOET_NOINLINE void micro_kernel(Index kc, const A* a, const W* b, Index b_stride
 }
 
 /// The integer micro-kernel of the block formats (levels with 8-bit dot products,
-/// `Vv::kDotI8`: `vpdpbusd`, or `vpmaddubsw` + `vpmaddwd` on `kAvx2`): an `M x P nr` tile over
-/// `kc` rows (whole blocks of 32) of `P` panels. Per block `b`, lane `c` and row `r`:
+/// `Vv::kDotI8`: `vpdpbusd`, or `vpmaddubsw` + `vpmaddwd` on `kAvx2` and `kAvx512`): an `M x P nr`
+/// tile over `kc` rows (whole blocks of 32) of `P` panels. Per block `b`, lane `c` and row `r`:
 /// `isum = sum_i code(c, i) qx(r, i)` exactly in int32 (the stored codes are unsigned,
-/// `q + offset`; `kAvx2` takes the 8-bit codes as the signed `q` and `offset` as 0, the same
-/// difference `isum - offset sx(r)` exactly, so the same bits as `vpdpbusd`), then
+/// `q + offset`; `kAvx2` and `kAvx512` take the 8-bit codes as the signed `q` and `offset` as 0,
+/// the same difference `isum - offset sx(r)` exactly, so the same bits as `vpdpbusd`), then
 /// ```
 /// acc(r, c) = fma(float(isum - offset sx(r)), d(c) dx(r), acc(r, c))
 /// acc(r, c) = fma(m(c), dx(r) sx(r), acc(r, c))                       (then, for Q4_1 only)

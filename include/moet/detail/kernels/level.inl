@@ -12,7 +12,7 @@
 /// | `MOET_KERNEL_TARGET` | the target string (`"avx2,fma"`, ...) |
 /// | `MOET_KERNEL_WIDTH` | 256 (`Vec` of vec_avx2.inl) or 512 (vec_avx512.inl) |
 /// | `MOET_KERNEL_BF16_DOT` | 1: `vdpbf16ps` for bf16 weights (512 only) |
-/// | `MOET_KERNEL_I8_DOT` | 0: dequantise; 1: `vpdpbusd`; 2: `vpmaddubsw` (256 only) |
+/// | `MOET_KERNEL_I8_DOT` | 0: dequantise; 1: `vpdpbusd`; 2: `vpmaddubsw` + `vpmaddwd` |
 /// | `MOET_KERNEL_QUANTIZED_ONLY` | defined: instantiate only the block formats' products |
 ///
 /// and this file undefines them all.

@@ -1,10 +1,10 @@
 // No include guard: included once per AVX-512 level, in that level's namespace.
 /// \file detail/kernels/vec_avx512.inl
-/// The registers of the AVX-512 kernel levels (`KernelIsa::kAvx512`; `kAvx512Vnni`, which adds
-/// `vpdpbusd` for block-quantised weights; `kAvx512Bf16`, which adds `vdpbf16ps` for bf16 weights
-/// too): one `__m512` holds 16 floats. Included by kernels/level.inl inside
-/// `target("avx512f,...")` regions only; `MOET_KERNEL_I8_DOT` and `MOET_KERNEL_BF16_DOT` select
-/// the level.
+/// The registers of the AVX-512 kernel levels (`KernelIsa::kAvx512`, whose 8-bit dot product
+/// is `vpmaddubsw` + `vpmaddwd`; `kAvx512Vnni`, which adds `vpdpbusd` for block-quantised weights;
+/// `kAvx512Bf16`, which adds `vdpbf16ps` for bf16 weights too): one `__m512` holds 16 floats.
+/// Included by kernels/level.inl inside `target("avx512f,...")` regions only; `MOET_KERNEL_I8_DOT`
+/// and `MOET_KERNEL_BF16_DOT` select the level.
 
 // (Every header it needs is included by detail/gemm.hpp before the target region.)
 
@@ -17,8 +17,10 @@ struct Vec {
   static constexpr bool kVectorSilu = true;
   /// `vdpbf16ps` for bf16 weights and `vpdpbusd` for block-quantised ones (the top level).
   static constexpr bool kDotBf16 = MOET_KERNEL_BF16_DOT;
-  static constexpr bool kDotI8 = MOET_KERNEL_I8_DOT;
-  static constexpr bool kDotI8Madd = false;  // (the 8-bit dot product is `vpdpbusd`)
+  static constexpr bool kDotI8 = MOET_KERNEL_I8_DOT != 0;
+  /// `kAvx512` (no VNNI): the 8-bit dot product is `vpmaddubsw` + `vpmaddwd` as on `kAvx2`,
+  /// 8-bit codes signed (`dot_signed`); the VNNI levels use `vpdpbusd`.
+  static constexpr bool kDotI8Madd = MOET_KERNEL_I8_DOT == 2;
   /// Every lane. The zero-masked forms of some intrinsics are used with it because GCC 12's
   /// unmasked ones pass `_mm512_undefined_ps()` through and trip `-Wmaybe-uninitialized`.
   static constexpr __mmask16 kAll = 0xFFFF;
@@ -169,10 +171,43 @@ struct Vec {
     std::memcpy(&word, p, sizeof word);
     return _mm512_set1_epi32(word);
   }
+#if MOET_KERNEL_I8_DOT == 1
   /// Per lane, `acc + sum_i u[i] s[i]` over its 4 bytes: unsigned `u`, signed `s` (exact).
   static MOET_ALWAYS_INLINE IReg dot_u8s8(IReg acc, IReg u, IReg s) {
     return _mm512_dpbusd_epi32(acc, u, s);
   }
+#else
+  /// Per lane, `acc + sum_i u[i] s[i]` over its 4 bytes: unsigned `u`, signed `s`, exact when
+  /// every pair sum `u[2i] s[2i] + u[2i+1] s[2i+1]` fits int16 (`vpmaddubsw` saturates it):
+  /// `u <= 128` with `s` in `[-127, 127]` (4-bit codes, `dot_signed`'s magnitudes).
+  static MOET_ALWAYS_INLINE IReg dot_u8s8(IReg acc, IReg u, IReg s) {
+    return _mm512_add_epi32(acc, widen_pairs(pair_sums(u, s)));
+  }
+  /// The 32 int16 pair sums `u[2i] s[2i] + u[2i+1] s[2i+1]` (saturating: see `dot_u8s8`).
+  static MOET_ALWAYS_INLINE IReg pair_sums(IReg u, IReg s) { return _mm512_maddubs_epi16(u, s); }
+  /// Lanewise int16 sum (wrapping: the caller bounds it).
+  static MOET_ALWAYS_INLINE IReg add_pairs(IReg a, IReg b) { return _mm512_add_epi16(a, b); }
+  /// Per 32-bit lane, the sum of its two int16 halves, exactly.
+  static MOET_ALWAYS_INLINE IReg widen_pairs(IReg p) {
+    return _mm512_madd_epi16(p, _mm512_set1_epi16(1));
+  }
+  /// The stored 8-bit codes `q + 128` as the signed values `q` (flips each byte's top bit).
+  static MOET_ALWAYS_INLINE IReg signed_codes(IReg codes) {
+    return _mm512_xor_si512(codes, _mm512_set1_epi8(static_cast<char>(0x80)));
+  }
+  /// `|w|` of signed bytes, read as unsigned (`-128` gives `0x80`, which is 128).
+  static MOET_ALWAYS_INLINE IReg abs_bytes(IReg w) { return _mm512_abs_epi8(w); }
+  /// Per lane, `acc + sum_i w[i] x[i]` over its 4 bytes of signed `w` (`w_abs = abs_bytes(w)`)
+  /// and signed `x` in `[-127, 127]` (the quantised activations), exact: as
+  /// `|w[i]| (sign(w[i]) x[i])`, each pair at most `2 * 128 * 127 = 32512` in magnitude.
+  /// AVX-512 has no `vpsignb`: `x` is negated (`0 - x`, exact in `[-127, 127]`) where `w` is
+  /// negative; where `w` is 0, `|w|` makes the product 0 whatever `x` holds.
+  static MOET_ALWAYS_INLINE IReg dot_signed(IReg acc, IReg w_abs, IReg w, IReg x) {
+    const IReg x_signed =
+        _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);
+    return dot_u8s8(acc, w_abs, x_signed);
+  }
+#endif
   /// The low and high nibble of every byte, as bytes.
   static MOET_ALWAYS_INLINE IReg low_nibbles(IReg v) {
     return _mm512_and_si512(v, _mm512_set1_epi32(0x0f0f0f0f));

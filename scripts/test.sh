@@ -17,21 +17,25 @@
 #             the unit tests again once per further kernel level the CPU has (MOET_ISA=portable,
 #             avx2, ...; ctest ran them at the level moet picks by default; the kernel tests, label
 #             `kernel`, run every level by themselves and are not repeated);
-#   2. clang  the unit tests built by clang++ in RelWithDebInfo (-O2 -g1) linked with
-#             moet::native (-march=native; build/ci-clang): the clang, RelWithDebInfo and native
-#             builds in one;
-#   3. asan   clang++ with AddressSanitizer + UndefinedBehaviorSanitizer (without UBSan's vptr and
+#   2. clang  the unit tests built by clang++ in Release (-O3) linked with moet::native
+#             (-march=native; build/ci-clang): the clang Release and the native builds in one;
+#   3. relwithdebinfo
+#             the unit tests built by g++ with RelWithDebInfo's code generation (-O2 -DNDEBUG;
+#             build/ci-o2): the build type CMake projects and IDEs default to. Without -g, which
+#             only costs compile time here: GCC generates the same code with and without it
+#             (what -fcompare-debug checks);
+#   4. asan   clang++ with AddressSanitizer + UndefinedBehaviorSanitizer (without UBSan's vptr and
 #             null checks; preset `asan`, build/asan, here with MOET_WITH_MPI and
 #             MOET_BUILD_FUZZERS): the unit tests, the expert-parallel tests under mpirun (label
 #             `mpi`; leak checks on, Open MPI's own allocations suppressed by
 #             tests/mpi/lsan_openmpi.supp) and every libFuzzer target for MOET_FUZZ_SECONDS (here
 #             10 by default) from its seed corpus in tests/fuzz/corpus (label `fuzz`; the fuzzers
 #             link the same sanitized kernel instances as the tests); any report fails the run;
-#   4. tsan   the unit tests built by clang++ 14 with ThreadSanitizer against LLVM's libomp,
+#   5. tsan   the unit tests built by clang++ 14 with ThreadSanitizer against LLVM's libomp,
 #             whose Archer tool tells TSan about OpenMP's synchronisation (preset `tsan`,
 #             build/tsan; g++'s libgomp is not instrumented and gives false reports).
 #
-# Environment: MOET_TEST_STEPS="main clang asan tsan" (the default) selects steps, e.g.
+# Environment: MOET_TEST_STEPS="main clang relwithdebinfo asan tsan" (the default) selects steps, e.g.
 # MOET_TEST_STEPS=main for the quick run. Each step prints its wall time. Safe to re-run: an
 # up-to-date build is not rebuilt.
 set -euo pipefail
@@ -39,12 +43,13 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
-steps="${MOET_TEST_STEPS:-main clang asan tsan}"
+steps="${MOET_TEST_STEPS:-main clang relwithdebinfo asan tsan}"
 for step in $steps; do
   case "$step" in
-    main | clang | asan | tsan) ;;
+    main | clang | relwithdebinfo | asan | tsan) ;;
     *)
-      echo "moet: unknown step '$step' in MOET_TEST_STEPS (steps: main clang asan tsan; the" \
+      echo "moet: unknown step '$step' in MOET_TEST_STEPS (steps: main clang relwithdebinfo" \
+        "asan tsan; the" \
         "per-level unit-test runs are part of main, the fuzzers part of asan)" >&2
       exit 2
       ;;
@@ -103,15 +108,25 @@ step_main() {
   done
 }
 
-step_clang() {
-  local build_dir=build/ci-clang
+# Builds the unit tests in $1 with the further CMake arguments and runs them.
+unit_tests_build() {
+  local build_dir="$1"
+  shift
   cmake -S . -B "$build_dir" -G Ninja -DMOET_WERROR=ON -DMOET_BUILD_TESTS=ON \
     -DMOET_BUILD_EXAMPLES=OFF -DMOET_BUILD_BENCHMARKS=OFF -DMOET_INSTALL=OFF \
-    -DCMAKE_BUILD_TYPE=RelWithDebInfo "-DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-O2 -g1 -DNDEBUG" \
-    -DCMAKE_CXX_COMPILER=clang++ -DMOET_TEST_NATIVE=ON \
-    -DMOET_TEST_PORTABLE_BUILD=OFF -DMOET_TEST_MIXED_ISA=OFF
+    -DMOET_TEST_PORTABLE_BUILD=OFF -DMOET_TEST_MIXED_ISA=OFF "$@"
   cmake --build "$build_dir" -j "$jobs" --target moet_unit_tests
   ctest --test-dir "$build_dir" -L unit --output-on-failure -j "$jobs"
+}
+
+step_clang() {
+  unit_tests_build build/ci-clang -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_COMPILER=clang++ \
+    -DMOET_TEST_NATIVE=ON
+}
+
+step_relwithdebinfo() {
+  unit_tests_build build/ci-o2 -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+    "-DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-O2 -DNDEBUG"
 }
 
 # The sanitizer presets build the unit tests (target moet_unit_tests; asan here also the
@@ -138,7 +153,7 @@ step_tsan() {
   ctest --preset tsan -j "$jobs"
 }
 
-for step in main clang asan tsan; do
+for step in main clang relwithdebinfo asan tsan; do
   if has_step "$step"; then
     run_step "$step" "step_$step"
   fi

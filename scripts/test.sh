@@ -21,7 +21,7 @@
 #             (-march=native; build/ci-clang): the clang Release and the native builds in one;
 #   3. relwithdebinfo
 #             the unit tests built by g++ with RelWithDebInfo's code generation (-O2 -DNDEBUG;
-#             build/ci-o2): the build type CMake projects and IDEs default to. Without -g, which
+#             build/ci-o2): -O2, between main's -O3 and the sanitizers' -O1. Without -g, which
 #             only costs compile time here: GCC generates the same code with and without it
 #             (what -fcompare-debug checks);
 #   4. asan   clang++ with AddressSanitizer + UndefinedBehaviorSanitizer (without UBSan's vptr and

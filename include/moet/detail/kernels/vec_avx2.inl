@@ -213,7 +213,10 @@ struct Traits {
     if constexpr (std::is_same_v<W, Q4_0> || std::is_same_v<W, Q4_1>) {
       return 1;
     } else if constexpr (kIsQuantized<W>) {
-      return m <= (Vec::kDotI8Madd ? 1 : 2) ? 2 : 1;
+      // Two panels for one or two rows with VNNI; one without it (vpmaddubsw + vpmaddwd): decode
+      // (S2 top-2 q8_0, T = 1, Zen 5, 4 rounds alternated) avx2 0.85-0.92 -> 0.50-0.66 ms with one
+      // panel; with VNNI one and two panels time the same within noise.
+      return !Vec::kDotI8Madd && m <= 2 ? 2 : 1;
     } else if constexpr (std::is_same_v<W, Bf16>) {
       return m == 1 ? 2 : 1;
     } else {

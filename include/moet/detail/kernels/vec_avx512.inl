@@ -257,7 +257,10 @@ struct Traits {
     if constexpr (std::is_same_v<W, Q4_0> || std::is_same_v<W, Q4_1>) {
       return 1;
     } else if constexpr (kIsQuantized<W>) {
-      return m <= 2 ? 2 : 1;
+      // Two panels for one or two rows with VNNI; one without it (vpmaddubsw + vpmaddwd): decode
+      // (S2 top-2 q8_0, T = 1, Zen 5, 4 rounds alternated) avx512 0.63-0.82 -> 0.61-0.68 ms with
+      // one panel; with VNNI one and two panels time the same within noise.
+      return !Vec::kDotI8Madd && m <= 2 ? 2 : 1;
     } else if constexpr (std::is_same_v<W, Bf16> && !Vec::kDotBf16) {
       return m == 1 ? 4 : m == 2 ? 3 : m <= 4 ? 2 : 1;  // accumulators + 4 P split registers
     } else {

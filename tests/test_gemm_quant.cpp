@@ -178,7 +178,8 @@ TEMPLATE_TEST_CASE("Block quantisers stay within half a step and handle edge blo
 }
 
 TEMPLATE_TEST_CASE("Block-format packing holds each column's quantised blocks, every level",
-                   "[quant][pack]", moet::detail::Q8_0, moet::detail::Q4_0, moet::detail::Q4_1) {
+                   "[quant][pack][every_level]", moet::detail::Q8_0, moet::detail::Q4_0,
+                   moet::detail::Q4_1) {
   using W = TestType;
   const KernelIsa isa = GENERATE(from_range(supported_isas()));
   INFO(kernel_isa_name(isa));
@@ -214,9 +215,10 @@ TEMPLATE_TEST_CASE("Block-format packing holds each column's quantised blocks, e
                     Catch::Contains("half precision") && Catch::Contains("column 1"));
 }
 
-TEMPLATE_TEST_CASE("Block-format gemm_packed and glu_packed equal double products of what the "
-                   "level multiplies",
-                   "[quant][gemm]", moet::detail::Q8_0, moet::detail::Q4_0, moet::detail::Q4_1) {
+TEMPLATE_TEST_CASE(
+    "Block-format gemm_packed and glu_packed equal double products of what the "
+    "level multiplies",
+    "[quant][gemm][every_level]", moet::detail::Q8_0, moet::detail::Q4_0, moet::detail::Q4_1) {
   using W = TestType;
   const KernelIsa isa = GENERATE(from_range(supported_isas()));
   INFO(kernel_isa_name(isa) << " " << W::kName);
@@ -279,7 +281,8 @@ void check_sign_aligned_rows(KernelIsa isa, const std::vector<typename W::Block>
   }
 }
 
-TEST_CASE("8-bit blocks at the code extremes multiply exactly on every level", "[quant][gemm]") {
+TEST_CASE("8-bit blocks at the code extremes multiply exactly on every level",
+          "[quant][gemm][every_level]") {
   // A file's q8_0 blocks may hold -128, which moet's own quantiser never writes, and rows of
   // +-127 against +-127 activations make the largest pair sums: 2 * 128 * 127 = 32512. A byte
   // dot product that saturates 16-bit pair sums (vpmaddubsw on unsigned codes q + 128) or
@@ -312,7 +315,8 @@ TEST_CASE("8-bit blocks at the code extremes multiply exactly on every level", "
   check_sign_aligned_rows<moet::detail::Q8_0>(isa, blocks, k, n_cols, {1, 2, 3, 5, 9}, 7);
 }
 
-TEST_CASE("4-bit blocks at the code extremes multiply exactly on every level", "[quant][gemm]") {
+TEST_CASE("4-bit blocks at the code extremes multiply exactly on every level",
+          "[quant][gemm][every_level]") {
   // Codes 15 (q = 7) or 0 (q = -8) throughout, against +-127 activations of the same sign: the
   // largest sums a block can make (32 * 15 * 127 = 60960 in unsigned codes), which a kernel
   // that keeps more than a block's pair sums in 16 bits would overflow.
@@ -337,8 +341,8 @@ TEST_CASE("4-bit blocks at the code extremes multiply exactly on every level", "
 }
 
 TEMPLATE_TEST_CASE("Block-format rows are bit-identical alone and inside any block",
-                   "[quant][gemm][determinism]", moet::detail::Q8_0, moet::detail::Q4_0,
-                   moet::detail::Q4_1) {
+                   "[quant][gemm][determinism][every_level]", moet::detail::Q8_0,
+                   moet::detail::Q4_0, moet::detail::Q4_1) {
   using W = TestType;
   const KernelIsa isa = GENERATE(from_range(supported_isas()));
   INFO(kernel_isa_name(isa));
@@ -365,8 +369,8 @@ TEMPLATE_TEST_CASE("Block-format rows are bit-identical alone and inside any blo
 }
 
 TEMPLATE_TEST_CASE("Every integer-dot level gives the bits of every other",
-                   "[quant][gemm][determinism]", moet::detail::Q8_0, moet::detail::Q4_0,
-                   moet::detail::Q4_1) {
+                   "[quant][gemm][determinism][every_level]", moet::detail::Q8_0,
+                   moet::detail::Q4_0, moet::detail::Q4_1) {
   // vpmaddubsw + vpmaddwd (kAvx2, kAvx512) make the int32 block sums of vpdpbusd exactly and
   // every level then runs one float chain per output over the blocks in order, whatever its
   // width and tiles: the products must agree bit for bit (the first integer level this CPU
@@ -414,7 +418,7 @@ TEMPLATE_TEST_CASE("Every integer-dot level gives the bits of every other",
 }
 
 TEMPLATE_TEST_CASE("A product over some column panels writes exactly those columns, bit for bit",
-                   "[gemm][quant][determinism][panels]", float, moet::detail::Bf16,
+                   "[gemm][quant][determinism][panels][every_level]", float, moet::detail::Bf16,
                    moet::detail::Q8_0, moet::detail::Q4_0, moet::detail::Q4_1) {
   using W = TestType;
   const KernelIsa isa = GENERATE(from_range(supported_isas()));
@@ -597,7 +601,8 @@ TEST_CASE("Block-format banks against float banks with the same weights (README'
 }
 
 TEMPLATE_TEST_CASE("Ready blocks pack without re-quantising (GGUF's [out][in] rows of blocks)",
-                   "[quant][pack]", moet::detail::Q8_0, moet::detail::Q4_0, moet::detail::Q4_1) {
+                   "[quant][pack][every_level]", moet::detail::Q8_0, moet::detail::Q4_0,
+                   moet::detail::Q4_1) {
   using W = TestType;
   using Block = typename W::Block;
   const KernelIsa isa = GENERATE(from_range(supported_isas()));

@@ -633,6 +633,30 @@ void run_packed_product(const PackedProduct<W>& op, Buffer<float>& scratch) {
                 ld_in = kNr;
               }
             }
+            // An accumulating call starts by loading its tile of the old C: the next call's
+            // tile (the next row group of these panels, or the first of the next panels) is
+            // fetched into L1 for writing while this one runs. The weight gradients' products
+            // (`gemm_packed_at`, K = one row block of 128) otherwise waited for every tile from
+            // memory: 140 -> 170 GFLOP/s on one Zen 5 core. Prefetching the tiles that the last
+            // K block only stores gained nothing measurable.
+            if (c_in == out_tile) {
+              Index nf = 0;
+              Index nm = 0;
+              const float* next = nullptr;
+              if (g + 1 < groups) {
+                row_group(rows, groups, g + 1, nf, nm);
+                next = out_tile + (nf - g0) * op.ldo;
+              } else if (j + p < j1) {
+                row_group(rows, groups, 0, nf, nm);
+                next = op.out + (i0 + nf) * op.ldo + (j + p) * kOutWidth;
+              }
+              const Index lines = valid * Index{sizeof(float)} / 64;
+              for (Index r = 0; next != nullptr && r < nm; ++r) {
+                for (Index l = 0; l < lines; ++l) {
+                  __builtin_prefetch(next + r * op.ldo + l * (64 / Index{sizeof(float)}), 1, 3);
+                }
+              }
+            }
             // One micro-kernel call of this mode: `pp` panels into `o` (row stride `ldo_out`).
             const auto kernel = [&]<class Epi>(Epi /*tag*/, int pp, float* o, Index ldo_out) {
               if constexpr (kMode == ProductMode::kIntegerDot) {

@@ -278,4 +278,45 @@ TEST_CASE("bf16 float-row packing holds the bf16 pairs' values bit for bit on ev
   }
 }
 
+TEST_CASE("row packing of A given as its transpose puts A(r, kk) where the layouts say", "[gemm]") {
+  // The oracle is the layouts' definition (kernels/packed.hpp): float group g at
+  // dst + first kp, element (kk, r) at kk m + r, columns [k, kp) zero; bf16 at
+  // (kk / 2) 2 m + 2 r + kk % 2, an odd k's pad zero. A(r, kk) = a_t[kk k_stride + r].
+  for (const Index k : {Index{1}, Index{2}, Index{7}, Index{33}, Index{130}}) {
+    for (const Index rows : kRowCounts) {
+      const Index k_stride = rows + 5;  // a row of the transpose longer than A's columns
+      const auto a_t = test_rows(k, k_stride, static_cast<std::uint32_t>(k * 13 + rows), false);
+      for (const Index groups : {Index{1}, (rows + 1) / 2, rows}) {
+        const Index kp = k + 3;  // the float form's zero pad
+        std::vector<float> f(static_cast<std::size_t>(rows * kp), 7.0f);
+        moet::detail::pack_row_groups(a_t.data(), 1, rows, k, groups, f.data(), kp, k_stride);
+        const Index kb = moet::detail::padded_depth<Bf16>(k);
+        std::vector<Bf16> b(static_cast<std::size_t>(rows * kb), Bf16{0x5555});
+        moet::detail::pack_row_groups(a_t.data(), 1, rows, k, groups, b.data(), -1, k_stride);
+        INFO("k " << k << " rows " << rows << " groups " << groups);
+        for (Index g = 0; g < groups; ++g) {
+          Index first = 0;
+          Index m = 0;
+          moet::detail::row_group(rows, groups, g, first, m);
+          for (Index r = 0; r < m; ++r) {
+            for (Index kk = 0; kk < kp; ++kk) {
+              const float want =
+                  kk < k ? a_t[static_cast<std::size_t>(kk * k_stride + first + r)] : 0.0f;
+              INFO("group " << g << " row " << r << " column " << kk);
+              REQUIRE(std::bit_cast<std::uint32_t>(
+                          f[static_cast<std::size_t>(first * kp + kk * m + r)]) ==
+                      std::bit_cast<std::uint32_t>(want));
+              if (kk < kb) {
+                const Bf16 got =
+                    b[static_cast<std::size_t>(first * kb + (kk / 2) * 2 * m + 2 * r + kk % 2)];
+                REQUIRE(got.bits == moet::detail::to_bf16(want).bits);
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
 }  // namespace test_row_pack

@@ -81,18 +81,20 @@ inline void pack_bf16_float_row_groups(const float* a, Index lda, Index rows, In
     Index m = 0;
     row_group(rows, groups, g, first, m);
     float* group = dst + first * kp;
+    if (k_stride != 1) {  // A given as its transpose: along its rows (see pack_row_groups)
+      for (Index kk = 0; kk < k; ++kk) {
+        const float* src = a + first * lda + kk * k_stride;
+        for (Index r = 0; r < m; ++r) group[kk * m + r] = from_bf16(to_bf16(src[r * lda]));
+      }
+      std::fill(group + k * m, group + kp * m, 0.0f);
+      continue;
+    }
     for (Index r = 0; r < m; ++r) {
       const float* src = a + (first + r) * lda;
-      if (k_stride == 1) {
-        for (Index c0 = 0; c0 < k; c0 += kChunk) {
-          const Index len = std::min(kChunk, k - c0);
-          round_to_bf16<Vv>(src + c0, len, buf);
-          for (Index i = 0; i < len; ++i) group[(c0 + i) * m + r] = from_bf16(buf[i]);
-        }
-      } else {
-        for (Index kk = 0; kk < k; ++kk) {
-          group[kk * m + r] = from_bf16(to_bf16(src[kk * k_stride]));
-        }
+      for (Index c0 = 0; c0 < k; c0 += kChunk) {
+        const Index len = std::min(kChunk, k - c0);
+        round_to_bf16<Vv>(src + c0, len, buf);
+        for (Index i = 0; i < len; ++i) group[(c0 + i) * m + r] = from_bf16(buf[i]);
       }
       for (Index kk = k; kk < kp; ++kk) group[kk * m + r] = 0.0f;
     }

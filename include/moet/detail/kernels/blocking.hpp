@@ -11,7 +11,8 @@
 ///       for each panel of the chunk                its weight block stays in L1 ...
 ///         for each row group (<= Mr rows)          ... while every row group reuses it
 ///           micro-kernel: acc (+)= A_group B_block in registers; prefetch the next panel's
-///           block into L2 (and 1 KiB ahead into L1)
+///           block into L2 (and 1 KiB ahead into L1); a call that adds to the old C first
+///           prefetches the next call's tile of C into L1
 /// ```
 /// Few rows (`n <= kGemmFewRows = 8`: decode, small batches) are one row block with no K
 /// blocking: the weights stream from memory once, with software prefetch 16 KiB ahead. With

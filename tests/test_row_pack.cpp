@@ -109,6 +109,24 @@ std::vector<float> test_rows(Index rows, Index k, std::uint32_t seed, bool quant
 const std::vector<Index> kDepths = {1, 2, 15, 16, 17, 31, 32, 33, 255, 256, 257, 513, 1031};
 const std::vector<Index> kRowCounts = {1, 2, 3, 5, 8, 13};
 
+// Calls `f(first, m, r, kk)` for every row `r` of every packed row group (rows `first .. first +
+// m`) of `rows` rows in `groups` groups, and every column `kk < depth`, with the group and the
+// position in INFO.
+template <class F>
+void for_each_packed(Index rows, Index groups, Index depth, F&& f) {
+  for (Index g = 0; g < groups; ++g) {
+    Index first = 0;
+    Index m = 0;
+    moet::detail::row_group(rows, groups, g, first, m);
+    for (Index r = 0; r < m; ++r) {
+      for (Index kk = 0; kk < depth; ++kk) {
+        INFO("group " << g << " row " << r << " column " << kk);
+        f(first, m, r, kk);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 TEST_CASE("bf16 row packing equals the scalar packing bit for bit on every level", "[gemm][bf16]") {
@@ -257,21 +275,13 @@ TEST_CASE("bf16 float-row packing holds the bf16 pairs' values bit for bit on ev
           moet::detail::pack_row_groups(a.data(), lda, rows, k, groups, pairs.data(), -1, k_stride);
           packer(a.data(), lda, rows, k, groups, got.data(), k_stride);
           INFO(kernel_isa_name(isa) << ": k " << k << " rows " << rows << " k_stride " << k_stride);
-          for (Index g = 0; g < groups; ++g) {
-            Index first = 0;
-            Index m = 0;
-            moet::detail::row_group(rows, groups, g, first, m);
-            for (Index kk = 0; kk < kp; ++kk) {
-              for (Index r = 0; r < m; ++r) {
-                const Bf16 pair =
-                    pairs[static_cast<std::size_t>(first * kp + (kk / 2) * 2 * m + 2 * r + kk % 2)];
-                const float want = moet::detail::from_bf16(pair);
-                const float value = got[static_cast<std::size_t>(first * kp + kk * m + r)];
-                INFO("group " << g << " row " << r << " column " << kk);
-                REQUIRE(std::bit_cast<std::uint32_t>(value) == std::bit_cast<std::uint32_t>(want));
-              }
-            }
-          }
+          for_each_packed(rows, groups, kp, [&](Index first, Index m, Index r, Index kk) {
+            const Bf16 pair =
+                pairs[static_cast<std::size_t>(first * kp + (kk / 2) * 2 * m + 2 * r + kk % 2)];
+            const float want = moet::detail::from_bf16(pair);
+            const float value = got[static_cast<std::size_t>(first * kp + kk * m + r)];
+            REQUIRE(std::bit_cast<std::uint32_t>(value) == std::bit_cast<std::uint32_t>(want));
+          });
         }
       }
     }
@@ -294,26 +304,18 @@ TEST_CASE("row packing of A given as its transpose puts A(r, kk) where the layou
         std::vector<Bf16> b(static_cast<std::size_t>(rows * kb), Bf16{0x5555});
         moet::detail::pack_row_groups(a_t.data(), 1, rows, k, groups, b.data(), -1, k_stride);
         INFO("k " << k << " rows " << rows << " groups " << groups);
-        for (Index g = 0; g < groups; ++g) {
-          Index first = 0;
-          Index m = 0;
-          moet::detail::row_group(rows, groups, g, first, m);
-          for (Index r = 0; r < m; ++r) {
-            for (Index kk = 0; kk < kp; ++kk) {
-              const float want =
-                  kk < k ? a_t[static_cast<std::size_t>(kk * k_stride + first + r)] : 0.0f;
-              INFO("group " << g << " row " << r << " column " << kk);
-              REQUIRE(std::bit_cast<std::uint32_t>(
-                          f[static_cast<std::size_t>(first * kp + kk * m + r)]) ==
-                      std::bit_cast<std::uint32_t>(want));
-              if (kk < kb) {
-                const Bf16 got =
-                    b[static_cast<std::size_t>(first * kb + (kk / 2) * 2 * m + 2 * r + kk % 2)];
-                REQUIRE(got.bits == moet::detail::to_bf16(want).bits);
-              }
-            }
+        for_each_packed(rows, groups, kp, [&](Index first, Index m, Index r, Index kk) {
+          const float want =
+              kk < k ? a_t[static_cast<std::size_t>(kk * k_stride + first + r)] : 0.0f;
+          REQUIRE(
+              std::bit_cast<std::uint32_t>(f[static_cast<std::size_t>(first * kp + kk * m + r)]) ==
+              std::bit_cast<std::uint32_t>(want));
+          if (kk < kb) {
+            const Bf16 got =
+                b[static_cast<std::size_t>(first * kb + (kk / 2) * 2 * m + 2 * r + kk % 2)];
+            REQUIRE(got.bits == moet::detail::to_bf16(want).bits);
           }
-        }
+        });
       }
     }
   }
